@@ -1,0 +1,93 @@
+"""Extension registry: Envoy extension name / type URL -> factory.
+
+Extensions register themselves at import time (``moorline.filters`` imports
+every built-in module); the core looks factories up here and never imports a
+filter by name.
+
+Categories: ``network`` (network filters), ``http`` (HTTP filters),
+``listener`` (listener filters), ``access_logger``.
+
+A factory is called as ``factory(config, ctx, path)`` where ``config`` is the
+unpacked proto message (or ``OpaqueAny`` for types xds-protos does not know,
+or ``None`` when the filter has no typed_config), ``ctx`` a
+``moorline.config.context.BuildContext`` and ``path`` the field path used
+in errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from moorline.config.errors import ConfigError
+
+Factory = Callable[[Any, Any, str], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Extension:
+    category: str
+    names: tuple[str, ...]
+    type_urls: tuple[str, ...]
+    factory: Factory
+
+
+_by_name: dict[tuple[str, str], Extension] = {}
+_by_type: dict[tuple[str, str], Extension] = {}
+
+# Extension types that only matter to Envoy or Istio's telemetry: accepted as
+# no-ops with a notice, never silently dropped. Keyed by type URL suffix or name.
+NOOP_EXTENSIONS: dict[str, str] = {
+    "istio.alpn": "Istio ALPN override filter (moorline negotiates ALPN itself)",
+    "istio.metadata_exchange": "Istio metadata exchange (telemetry only)",
+    "istio.stats": "Istio stats plugin (moorline keeps Envoy-named stats)",
+    "envoy.filters.http.wasm": "WebAssembly filter (not supported yet; skipped)",
+    "envoy.filters.network.wasm": "WebAssembly filter (not supported yet; skipped)",
+    "stats.PluginConfig": "Istio stats plugin config",
+    "istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig": "Istio ALPN filter config",
+    "envoy.tcp.metadataexchange.config.MetadataExchange": "Istio TCP metadata exchange",
+    "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig": "gRPC stats filter (stats only)",
+}
+
+
+def register(category: str, names: list[str] | tuple[str, ...], type_urls: list[str] | tuple[str, ...], factory: Factory) -> None:
+    ext = Extension(category, tuple(names), tuple(_type_name(t) for t in type_urls), factory)
+    for n in ext.names:
+        _by_name[(category, n)] = ext
+    for t in ext.type_urls:
+        _by_type[(category, t)] = ext
+
+
+def _type_name(type_url: str) -> str:
+    return type_url.rsplit("/", 1)[-1]
+
+
+def lookup(category: str, name: str, type_url: str | None) -> Extension | None:
+    """Find an extension: the type URL wins (as in Envoy), then the name."""
+    if type_url:
+        ext = _by_type.get((category, _type_name(type_url)))
+        if ext is not None:
+            return ext
+    return _by_name.get((category, name))
+
+
+def noop_reason(name: str, type_url: str | None) -> str | None:
+    if type_url:
+        r = NOOP_EXTENSIONS.get(_type_name(type_url))
+        if r is not None:
+            return r
+    return NOOP_EXTENSIONS.get(name)
+
+
+def require(category: str, name: str, type_url: str | None, path: str) -> Extension:
+    ext = lookup(category, name, type_url)
+    if ext is None:
+        what = f"type {_type_name(type_url)!r}" if type_url else f"name {name!r}"
+        raise ConfigError(path, f"unknown or unsupported {category} extension ({what})")
+    return ext
+
+
+def load_builtin() -> None:
+    """Import every built-in extension module so they register."""
+    import moorline.filters  # noqa: F401

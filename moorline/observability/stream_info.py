@@ -1,0 +1,89 @@
+"""Per-request (or per-connection, for L4) facts that access logs read.
+
+The connection manager fills one ``StreamInfo`` per stream; access loggers
+receive it after the stream ends and format it off the request path.
+"""
+
+from __future__ import annotations
+
+from moorline.protocol.headers import HeaderMap
+
+# Envoy response flags (short form as printed by %RESPONSE_FLAGS%).
+NO_ROUTE = "NR"
+NO_HEALTHY_UPSTREAM = "UH"
+UPSTREAM_CONNECTION_FAILURE = "UF"
+UPSTREAM_REQUEST_TIMEOUT = "UT"
+UPSTREAM_REMOTE_RESET = "UR"
+UPSTREAM_CONNECTION_TERMINATION = "UC"
+UPSTREAM_OVERFLOW = "UO"
+UPSTREAM_RETRY_LIMIT_EXCEEDED = "URX"
+LOCAL_RESET = "LR"
+DOWNSTREAM_CONNECTION_TERMINATION = "DC"
+STREAM_IDLE_TIMEOUT = "SI"
+NO_CLUSTER_FOUND = "NC"
+DOWNSTREAM_PROTOCOL_ERROR = "DPE"
+UPSTREAM_PROTOCOL_ERROR = "UPE"
+DURATION_TIMEOUT = "DT"
+
+
+class StreamInfo:
+    __slots__ = (
+        "start_time",  # wall clock, seconds since epoch (time.time())
+        "start_mono",  # loop.time() at start
+        "end_mono",  # loop.time() at end (None while running)
+        "first_upstream_rx_mono",
+        "protocol",  # "HTTP/1.1", "HTTP/1.0", "HTTP/2", or None for L4
+        "request_headers",  # HeaderMap with ":method", ":path", ":authority" pseudo-headers
+        "response_headers",  # HeaderMap or None
+        "response_trailers",
+        "response_code",  # int, 0 when none was sent
+        "response_code_details",
+        "response_flags",  # list[str] of the short flags above
+        "bytes_received",
+        "bytes_sent",
+        "upstream_host",  # "ip:port" or None
+        "upstream_cluster",  # cluster name or None
+        "upstream_local_address",
+        "upstream_transport_failure_reason",
+        "downstream_remote_address",  # "ip:port"
+        "downstream_local_address",
+        "request_id",
+        "route_name",
+        "connection_id",
+        "attempt_count",
+        "requested_server_name",
+    )
+
+    def __init__(self, start_time: float, start_mono: float) -> None:
+        self.start_time = start_time
+        self.start_mono = start_mono
+        self.end_mono: float | None = None
+        self.first_upstream_rx_mono: float | None = None
+        self.protocol: str | None = None
+        self.request_headers: HeaderMap | None = None
+        self.response_headers: HeaderMap | None = None
+        self.response_trailers: HeaderMap | None = None
+        self.response_code = 0
+        self.response_code_details: str | None = None
+        self.response_flags: list[str] = []
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.upstream_host: str | None = None
+        self.upstream_cluster: str | None = None
+        self.upstream_local_address: str | None = None
+        self.upstream_transport_failure_reason: str | None = None
+        self.downstream_remote_address: str | None = None
+        self.downstream_local_address: str | None = None
+        self.request_id: str | None = None
+        self.route_name: str | None = None
+        self.connection_id = 0
+        self.attempt_count = 0
+        self.requested_server_name: str | None = None
+
+    def duration_ms(self) -> int | None:
+        if self.end_mono is None:
+            return None
+        return int((self.end_mono - self.start_mono) * 1000)
+
+    def flags_str(self) -> str:
+        return ",".join(self.response_flags) if self.response_flags else "-"
