@@ -51,7 +51,12 @@ NOOP_EXTENSIONS: dict[str, str] = {
 }
 
 
-def register(category: str, names: list[str] | tuple[str, ...], type_urls: list[str] | tuple[str, ...], factory: Factory) -> None:
+def register(
+    category: str,
+    names: list[str] | tuple[str, ...],
+    type_urls: list[str] | tuple[str, ...],
+    factory: Factory,
+) -> None:
     ext = Extension(category, tuple(names), tuple(_type_name(t) for t in type_urls), factory)
     for n in ext.names:
         _by_name[(category, n)] = ext

@@ -80,7 +80,7 @@ class Histogram:
     number of buckets, not by the number of samples.
     """
 
-    __slots__ = ("name", "buckets", "counts", "sum", "count")
+    __slots__ = ("buckets", "count", "counts", "name", "sum")
     kind = "histogram"
 
     def __init__(self, name: str, buckets: tuple[float, ...] = DEFAULT_BUCKETS) -> None:
@@ -162,7 +162,7 @@ class Store:
 class Scope:
     """A name prefix over a store: ``scope('cluster.foo.').counter('upstream_rq_total')``."""
 
-    __slots__ = ("store", "prefix")
+    __slots__ = ("prefix", "store")
 
     def __init__(self, store: Store, prefix: str) -> None:
         if prefix and not prefix.endswith("."):
@@ -181,3 +181,18 @@ class Scope:
 
     def scope(self, prefix: str) -> Scope:
         return Scope(self.store, self.prefix + prefix)
+
+
+def listener_stat_prefix(host: str, port: int | None, stat_prefix: str = "") -> str:
+    """Envoy's stats scope for a listener: ``listener.<address>.``.
+
+    The address is ``ip:port`` with every ``:`` made ``_`` (``listener.127.0.0.1_10000.``,
+    ``listener.[__1]_10000.``), or the listener's ``stat_prefix`` when it has one; the
+    Prometheus renderer's ``envoy_listener_address`` tag expects exactly this form.
+    """
+    if stat_prefix:
+        return f"listener.{stat_prefix}."
+    if port is None:  # pipe: the path stands for the address
+        return f"listener.{host.replace(':', '_')}."
+    addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"listener.{addr.replace(':', '_')}."

@@ -28,30 +28,30 @@ DURATION_TIMEOUT = "DT"
 
 class StreamInfo:
     __slots__ = (
-        "start_time",  # wall clock, seconds since epoch (time.time())
-        "start_mono",  # loop.time() at start
+        "attempt_count",
+        "bytes_received",
+        "bytes_sent",
+        "connection_id",
+        "downstream_local_address",
+        "downstream_remote_address",  # "ip:port"
         "end_mono",  # loop.time() at end (None while running)
         "first_upstream_rx_mono",
         "protocol",  # "HTTP/1.1", "HTTP/1.0", "HTTP/2", or None for L4
         "request_headers",  # HeaderMap with ":method", ":path", ":authority" pseudo-headers
-        "response_headers",  # HeaderMap or None
-        "response_trailers",
+        "request_id",
+        "requested_server_name",
         "response_code",  # int, 0 when none was sent
         "response_code_details",
         "response_flags",  # list[str] of the short flags above
-        "bytes_received",
-        "bytes_sent",
-        "upstream_host",  # "ip:port" or None
+        "response_headers",  # HeaderMap or None
+        "response_trailers",
+        "route_name",
+        "start_mono",  # loop.time() at start
+        "start_time",  # wall clock, seconds since epoch (time.time())
         "upstream_cluster",  # cluster name or None
+        "upstream_host",  # "ip:port" or None
         "upstream_local_address",
         "upstream_transport_failure_reason",
-        "downstream_remote_address",  # "ip:port"
-        "downstream_local_address",
-        "request_id",
-        "route_name",
-        "connection_id",
-        "attempt_count",
-        "requested_server_name",
     )
 
     def __init__(self, start_time: float, start_mono: float) -> None:

@@ -9,6 +9,7 @@ scan beats building a dict per request.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from collections.abc import Set as AbstractSet
 
 
 class HeaderMap:
@@ -66,7 +67,7 @@ class HeaderMap:
         h[:] = [p for p in h if p[0] != name]
         return len(h) != n
 
-    def remove_many(self, names: frozenset[bytes] | set[bytes]) -> None:
+    def remove_many(self, names: AbstractSet[bytes]) -> None:
         self._h[:] = [p for p in self._h if p[0] not in names]
 
     def items(self) -> list[tuple[bytes, bytes]]:

@@ -1,0 +1,87 @@
+"""What a network filter learns about an accepted downstream connection."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+# One process-wide id sequence, like Envoy's connection ids (shown in logs and access logs).
+_next_id = itertools.count(1).__next__
+
+DEFAULT_BUFFER_LIMIT = 1024 * 1024  # Envoy's per_connection_buffer_limit_bytes default (1 MiB)
+
+
+def next_connection_id() -> int:
+    return _next_id()
+
+
+class ConnInfo:
+    """Facts about one downstream connection, filled by the listener.
+
+    ``local`` / ``remote`` are ``(ip, port)`` tuples for TCP, or the socket path (``str``) for
+    pipes. ``server_name`` and ``alpn`` are filled by listener filters (TLS inspector); they stay
+    ``None`` until those exist.
+
+    The terminal network filter owns the connection and must call ``notify_closed()`` exactly
+    when it is gone (calling it again is harmless): the listener's active-connection gauge, destroy
+    counter and length histogram hang off it.
+    """
+
+    __slots__ = (
+        "alpn",
+        "buffer_limit",
+        "connection_id",
+        "listener_name",
+        "local",
+        "on_close",
+        "remote",
+        "server_name",
+        "start_mono",
+    )
+
+    def __init__(
+        self,
+        local: tuple[str, int] | str,
+        remote: tuple[str, int] | str,
+        listener_name: str,
+        connection_id: int | None = None,
+        buffer_limit: int = DEFAULT_BUFFER_LIMIT,
+        server_name: str | None = None,
+        alpn: list[str] | None = None,
+        on_close: Callable[[], None] | None = None,
+        start_mono: float = 0.0,
+    ) -> None:
+        self.local = local
+        self.remote = remote
+        self.listener_name = listener_name
+        self.connection_id = next_connection_id() if connection_id is None else connection_id
+        self.buffer_limit = buffer_limit
+        self.server_name = server_name
+        self.alpn = alpn
+        self.on_close = on_close
+        self.start_mono = start_mono  # loop.time() at accept; 0.0 when unknown
+
+    def notify_closed(self) -> None:
+        """Run the ``on_close`` callback once; later calls do nothing."""
+        cb = self.on_close
+        if cb is not None:
+            self.on_close = None
+            cb()
+
+    def remote_str(self) -> str:
+        return _fmt(self.remote)
+
+    def local_str(self) -> str:
+        return _fmt(self.local)
+
+    def __repr__(self) -> str:
+        return f"ConnInfo(#{self.connection_id} {self.remote_str()} -> {self.local_str()} on {self.listener_name!r})"
+
+
+def _fmt(a: tuple[str, int] | str) -> str:
+    if isinstance(a, str):
+        return a
+    host, port = a[0], a[1]
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"

@@ -1,0 +1,810 @@
+"""HTTP/1.1 codec, sans-IO, on httptools (llhttp).
+
+The three promises h11 makes, and where each one is kept here:
+
+* **No IO.** Nothing here touches a socket, the event loop or the clock. ``feed(bytes)`` drives
+  callbacks on a *target* object; the encoders return ``bytes``. The caller owns the transport.
+* **Linear time.** llhttp is a single-pass state machine. Python work is per message, per header
+  and per body span, never per byte. One caveat inherited from httptools: it concatenates the
+  pieces of one header line that arrive in separate ``feed`` calls, so a header trickled a few
+  bytes per call costs O(header size) per call; the size bound below caps that constant.
+* **Bounded memory.** No body is ever buffered: body spans go to ``target.on_body`` as llhttp
+  finds them. What can accumulate is the head (request line/URL, header pieces held by httptools,
+  our header list) and the trailer section. Two bounds hold them, both in ``_Parser``:
+  - exact, Envoy style (``_hsize``, checked in ``on_url``/``on_header``): URL + names + values
+    may not exceed ``Limits.max_header_bytes`` and there may be at most ``Limits.max_headers``
+    headers (431; trailers get the same allowance, counted separately);
+  - raw (``_raw``, checked in ``feed`` *before* bytes reach llhttp): the bytes fed while a head,
+    a chunk-size line or a trailer section is incomplete may not exceed ``_raw_max``
+    (2 x max_header_bytes + 4 x max_headers + 4 KiB, room for delimiters and whitespace). This is
+    what keeps a header that never ends, fed one byte at a time, from growing without limit.
+    The raw count starts at the first ``feed`` that begins inside the head, so the part of a head
+    that shares a ``feed`` with the previous message adds at most one read to the bound.
+
+Design notes:
+* httptools exposes no pause/resume, so ``RequestParser`` has none: one ``feed`` delivers every
+  pipelined request it holds. The caller queues what it cannot serve yet.
+* httptools cannot be told that a response has no body (HEAD, CONNECT 2xx). ``ResponseParser``
+  finds the end of such a head itself (the first CRLFCRLF, which strict llhttp guarantees is the
+  end), feeds llhttp exactly the head, completes the message and starts a fresh llhttp parser.
+* Upgrades (WebSocket, CONNECT) end parsing after the head: ``feed`` returns the bytes after the
+  head and ``on_message_complete`` is *not* called (Envoy's model: the tunnel is the body).
+* Transfer-Encoding other than exactly ``chunked`` is answered with 501 (Envoy's choice, RFC 9112
+  6.1 "not understood"); Content-Length together with Transfer-Encoding with 400.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
+
+from httptools import (
+    HttpParserCallbackError,
+    HttpParserError,
+    HttpParserUpgrade,
+    HttpRequestParser,
+    HttpResponseParser,
+)
+
+from moorline.protocol.headers import HeaderMap
+
+__all__ = [
+    "ALLOW",
+    "DROP_HEADER",
+    "HOP_BY_HOP",
+    "LAST_CHUNK",
+    "REJECT_REQUEST",
+    "HttpProtocolError",
+    "Limits",
+    "RequestHead",
+    "RequestParser",
+    "ResponseHead",
+    "ResponseParser",
+    "encode_chunk",
+    "encode_last_chunk",
+    "encode_request_head",
+    "encode_response_head",
+    "encode_trailers",
+]
+
+# Envoy's HttpProtocolOptions.HeadersWithUnderscoresAction, same numbers.
+ALLOW = 0
+REJECT_REQUEST = 1
+DROP_HEADER = 2
+
+# Headers that describe one hop and never cross the proxy: the set Envoy's connection manager
+# strips (ConnectionManagerUtility). ``te: trailers`` is the caller's business (gRPC needs it
+# upstream); ``upgrade``/``connection`` are re-added by the caller for upgrades it forwards.
+HOP_BY_HOP: frozenset[bytes] = frozenset(
+    (b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding", b"upgrade")
+)
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+_CODEC_ERROR = "http1.codec_error"
+_TOO_LARGE = "http1.headers_too_large"
+_TOO_MANY = "http1.too_many_headers"
+_BAD_TE = "http1.invalid_transfer_encoding"
+_CL_AND_TE = "http1.content_length_and_chunked_not_allowed"
+_UNDERSCORE = "http1.unexpected_underscore"
+_BAD_CHARS = "http1.invalid_characters"
+_BODY_DISALLOWED = "http1.body_disallowed"
+_MISSING_HOST = "missing_host_header"
+_UPSTREAM_EOF = "upstream closed mid-message"
+
+_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
+_CRLF2 = b"\r\n\r\n"
+
+# llhttp's error reasons that deserve a more precise answer than "400 http1.codec_error".
+_LLHTTP_ERRORS: dict[str, tuple[int, str]] = {
+    "Content-Length can't be present with Transfer-Encoding": (400, _CL_AND_TE),
+    "Transfer-Encoding can't be present with Content-Length": (400, _CL_AND_TE),
+    "Invalid `Transfer-Encoding` header value": (501, _BAD_TE),
+    "Request has invalid `Transfer-Encoding`": (501, _BAD_TE),
+    "Invalid HTTP version": (505, _CODEC_ERROR),
+    "Invalid header value char": (400, _BAD_CHARS),
+    "Invalid header field char": (400, _BAD_CHARS),
+    "Invalid header token": (400, _BAD_CHARS),
+}
+
+
+class HttpProtocolError(Exception):
+    """The peer broke HTTP/1.1. ``status_hint`` is what to answer, ``detail`` Envoy's
+    response_code_details string. A parser that raised it is dead: every later ``feed`` raises
+    the same error."""
+
+    def __init__(self, status_hint: int, detail: str) -> None:
+        super().__init__(status_hint, detail)
+        self.status_hint = status_hint
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.status_hint} {self.detail}"
+
+
+class Limits:
+    """Parser limits, read once when a parser is built."""
+
+    __slots__ = ("headers_with_underscores", "max_header_bytes", "max_headers")
+
+    def __init__(
+        self,
+        max_header_bytes: int = 60 * 1024,
+        max_headers: int = 100,
+        headers_with_underscores: int = ALLOW,
+    ) -> None:
+        self.max_header_bytes = max_header_bytes  # Envoy max_request_headers_kb (60) -> 431
+        self.max_headers = max_headers  # Envoy max_headers_count (100) -> 431
+        self.headers_with_underscores = headers_with_underscores
+
+    def __repr__(self) -> str:
+        return (
+            f"Limits(max_header_bytes={self.max_header_bytes}, max_headers={self.max_headers}, "
+            f"headers_with_underscores={self.headers_with_underscores})"
+        )
+
+
+# Envoy's upstream defaults: 80 KiB (MAX_RESPONSE_HEADERS_KB) and 100 headers.
+_RESPONSE_LIMITS = Limits(max_header_bytes=80 * 1024)
+
+
+class RequestHead:
+    __slots__ = (
+        "chunked",
+        "content_length",
+        "expect_continue",
+        "header_bytes",
+        "headers",
+        "keep_alive",
+        "method",
+        "target",
+        "upgrade",
+        "version",
+    )
+
+    def __init__(
+        self,
+        method: bytes,
+        target: bytes,
+        version: bytes,
+        headers: HeaderMap,
+        keep_alive: bool,
+        content_length: int | None,
+        chunked: bool,
+        upgrade: bool,
+        expect_continue: bool,
+        header_bytes: int,
+    ) -> None:
+        self.method = method
+        self.target = target  # raw request-target: origin, absolute, authority (CONNECT) or "*"
+        self.version = version
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.content_length = content_length
+        self.chunked = chunked
+        self.upgrade = upgrade
+        self.expect_continue = expect_continue
+        # Wire size assuming single spaces around ": " (exact for canonical heads).
+        self.header_bytes = header_bytes
+
+    def __repr__(self) -> str:
+        return (
+            f"RequestHead({self.method!r}, {self.target!r}, {self.version!r}, {self.headers!r}, "
+            f"keep_alive={self.keep_alive}, content_length={self.content_length}, "
+            f"chunked={self.chunked}, upgrade={self.upgrade}, expect_continue={self.expect_continue})"
+        )
+
+
+class ResponseHead:
+    __slots__ = (
+        "chunked",
+        "content_length",
+        "header_bytes",
+        "headers",
+        "keep_alive",
+        "reason",
+        "status",
+        "upgrade",
+        "version",
+    )
+
+    def __init__(
+        self,
+        status: int,
+        reason: bytes,
+        version: bytes,
+        headers: HeaderMap,
+        keep_alive: bool,
+        content_length: int | None,
+        chunked: bool,
+        upgrade: bool,
+        header_bytes: int,
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.version = version
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.content_length = content_length
+        self.chunked = chunked
+        # 101 Switching Protocols, or a 2xx answer to CONNECT: the connection is now a tunnel.
+        self.upgrade = upgrade
+        self.header_bytes = header_bytes
+
+    def __repr__(self) -> str:
+        return (
+            f"ResponseHead({self.status}, {self.reason!r}, {self.version!r}, {self.headers!r}, "
+            f"keep_alive={self.keep_alive}, content_length={self.content_length}, "
+            f"chunked={self.chunked}, upgrade={self.upgrade})"
+        )
+
+
+# Parser states (``_st``): which bound applies to the next fed bytes.
+_HEAD = 0  # between messages or inside a head: raw bound
+_BODY = 1  # Content-Length / read-until-close body: unbounded stream, nothing buffered
+_CHUNKED = 2  # chunked body: raw bound on size lines and trailers, reset per chunk
+
+
+class _Parser:
+    """State and machinery shared by both directions; subclasses add the llhttp callbacks."""
+
+    __slots__ = (
+        "_bad",
+        "_chunked",
+        "_cl",
+        "_dead",
+        "_error",
+        "_h",
+        "_hsize",
+        "_max_bytes",
+        "_max_n",
+        "_p",
+        "_raw",
+        "_raw_max",
+        "_st",
+        "_t",
+        "_t_body",
+        "_tr",
+        "_trsize",
+        "_upgrade",
+    )
+
+    _p: Any  # the httptools parser, built by the subclass (it must exist before feeding)
+
+    def __init__(self, target: Any, limits: Limits, bad_status: int) -> None:
+        self._t = target
+        self._t_body = target.on_body
+        self._bad = bad_status  # 400 downstream, 502 upstream
+        self._max_bytes = limits.max_header_bytes
+        self._max_n = limits.max_headers
+        self._raw_max = 2 * limits.max_header_bytes + 4 * limits.max_headers + 4096
+        self._raw = 0
+        self._st = _HEAD
+        self._dead = False  # errored (``_error`` set) or switched to a tunnel
+        self._error: HttpProtocolError | None = None
+        self._upgrade = False
+        self._h: list[tuple[bytes, bytes]] = []
+        self._hsize = 0
+        self._cl: int | None = None
+        self._chunked = False
+        self._tr: list[tuple[bytes, bytes]] | None = None
+        self._trsize = 0
+
+    # -- feeding ------------------------------------------------------------------------------
+    def _feed(self, data: Any) -> bytes | None:
+        if self._st != _BODY:
+            raw = self._raw + len(data)
+            if raw > self._raw_max:
+                return self._feed_bounded(data)
+            self._raw = raw
+        try:
+            self._p.feed_data(data)
+        except HttpParserUpgrade as e:
+            return self._upgraded(data, e.args[0])
+        except HttpParserError as e:
+            raise self._fail(e) from None
+        return None
+
+    def _feed_bounded(self, data: Any) -> bytes | None:
+        """Feed ``data`` without letting an unfinished head/trailer grow past ``_raw_max``.
+
+        Feed only what the bound still allows; if the parser made progress (head finished, body
+        bytes consumed, chunk completed), continue with the rest, else the head is too large."""
+        mv = memoryview(data)
+        while mv:
+            if self._st == _BODY:
+                return self._feed(mv)
+            room = self._raw_max - self._raw
+            if len(mv) <= room:
+                return self._feed(mv)
+            if room <= 0:
+                raise self._die(431 if self._bad == 400 else self._bad, _TOO_LARGE)
+            self._raw = self._raw_max
+            piece = mv[:room]
+            try:
+                self._p.feed_data(piece)
+            except HttpParserUpgrade as e:
+                left = self._upgraded(piece, e.args[0])
+                return left + bytes(mv[room:])
+            except HttpParserError as e:
+                raise self._fail(e) from None
+            if self._raw >= self._raw_max:
+                raise self._die(431 if self._bad == 400 else self._bad, _TOO_LARGE)
+            mv = mv[room:]
+        return None
+
+    def _upgraded(self, data: Any, offset: int) -> bytes:
+        self._dead = True
+        return bytes(data[offset:])
+
+    def _fail(self, e: Exception) -> HttpProtocolError:
+        """Turn an httptools error into our error (or re-raise a bug from the target)."""
+        if self._error is not None:  # raised by one of our callbacks
+            return self._error
+        ctx = e.__context__
+        if isinstance(e, HttpParserCallbackError) and ctx is not None:
+            # The target raised: a bug upstairs, not the peer's fault. Keep the parser dead and
+            # let the original exception through.
+            self._dead = True
+            self._error = HttpProtocolError(500, "http1.callback_error")
+            raise ctx
+        status, detail = _LLHTTP_ERRORS.get(str(e), (400, _CODEC_ERROR))
+        if self._bad != 400:
+            status = self._bad
+        return self._die(status, detail)
+
+    def _die(self, status: int, detail: str) -> HttpProtocolError:
+        err = HttpProtocolError(status, detail)
+        self._error = err
+        self._dead = True
+        return err
+
+    def _after_death(self, data: Any) -> bytes:
+        if self._error is not None:
+            raise self._error
+        return bytes(data)  # tunnel: everything is payload
+
+    # -- shared callbacks ---------------------------------------------------------------------
+    def on_body(self, body: bytes) -> None:
+        self._raw -= len(body)
+        self._t_body(body)
+
+    def on_chunk_complete(self) -> None:
+        self._raw = 0
+
+    def _too_large(self, size: int) -> None:
+        bad = 431 if self._bad == 400 else self._bad
+        if size > self._max_bytes:
+            raise self._die(bad, _TOO_LARGE)
+        raise self._die(bad, _TOO_MANY)
+
+    def _trailer(self, name: bytes, value: bytes) -> None:
+        tr = self._tr
+        if tr is None:
+            tr = self._tr = []
+        tr.append((name, value))
+        size = self._trsize = self._trsize + len(name) + len(value)
+        if size > self._max_bytes or len(tr) > self._max_n:
+            self._too_large(size)
+
+    def _content_length(self, value: bytes) -> None:
+        # llhttp has already refused signs, junk, overflow and duplicates; isdigit keeps int()
+        # from accepting what it alone would (b"1_0", b" 1").
+        if not value.isdigit():
+            raise self._die(self._bad, _CODEC_ERROR)
+        n = int(value)
+        if self._cl is not None and self._cl != n:
+            raise self._die(self._bad, _CODEC_ERROR)
+        self._cl = n
+
+    def _transfer_encoding(self, value: bytes) -> None:
+        # Envoy accepts exactly one coding, "chunked"; anything else is "not implemented".
+        if self._chunked or value.lower() != b"chunked":
+            raise self._die(501 if self._bad == 400 else self._bad, _BAD_TE)
+        self._chunked = True
+
+
+_REQ_SPECIAL = frozenset((b"content-length", b"transfer-encoding", b"host", b"expect"))
+_RESP_SPECIAL = frozenset((b"content-length", b"transfer-encoding"))
+
+
+class RequestParser(_Parser):
+    """Parses requests (downstream side). See the module docstring for the callback contract."""
+
+    __slots__ = ("_expect", "_host", "_underscores", "_url")
+
+    def __init__(self, target: Any, limits: Limits | None = None) -> None:
+        if limits is None:
+            limits = Limits()
+        super().__init__(target, limits, 400)
+        self._underscores = limits.headers_with_underscores
+        self._url = b""
+        self._host = False
+        self._expect = False
+        self._p = HttpRequestParser(self)
+
+    def feed(self, data: bytes) -> bytes | None:
+        """Parse ``data``; returns the bytes after the head of an upgrade/CONNECT, else None."""
+        if self._dead:
+            return self._after_death(data)
+        return self._feed(data)
+
+    # -- llhttp callbacks (called by httptools) -----------------------------------------------
+    def on_url(self, url: bytes) -> None:
+        u = self._url = self._url + url
+        self._hsize += len(url)
+        if len(u) > self._max_bytes:
+            raise self._die(431, _TOO_LARGE)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        value = value.rstrip(b" \t")  # llhttp drops leading OWS only
+        if self._st:
+            if self._underscores and b"_" in name and self._drop_underscore():
+                return
+            self._trailer(name, value)
+            return
+        size = self._hsize = self._hsize + len(name) + len(value)
+        if self._underscores and b"_" in name and self._drop_underscore():
+            if size > self._max_bytes:
+                self._too_large(size)
+            return
+        h = self._h
+        h.append((name, value))
+        if size > self._max_bytes or len(h) > self._max_n:
+            self._too_large(size)
+        if name in _REQ_SPECIAL:
+            if name == b"content-length":
+                self._content_length(value)
+            elif name == b"transfer-encoding":
+                self._transfer_encoding(value)
+            elif name == b"host":
+                if self._host:  # RFC 9112 3.2: more than one Host -> 400
+                    raise self._die(400, _CODEC_ERROR)
+                self._host = True
+            elif value.lower() == b"100-continue":
+                self._expect = True
+
+    def _drop_underscore(self) -> bool:
+        if self._underscores == REJECT_REQUEST:
+            raise self._die(400, _UNDERSCORE)
+        return True
+
+    def on_headers_complete(self) -> None:
+        p = self._p
+        ver = _VERSIONS.get(p.get_http_version())
+        if ver is None:
+            # "GET /" (HTTP/0.9) is malformed for us; "HTTP/2.0" is a version we do not speak.
+            raise self._die(400 if p.get_http_version() == "0.9" else 505, _CODEC_ERROR)
+        method = p.get_method()
+        url = self._url
+        upgrade = p.should_upgrade()  # Connection: upgrade + Upgrade, or CONNECT
+        if method == b"CONNECT":
+            if self._chunked:
+                raise self._die(501, _BAD_TE)
+            if self._cl:
+                raise self._die(400, _BODY_DISALLOWED)
+        elif not self._host and ver == b"1.1" and (url[:1] == b"/" or url == b"*"):
+            # Absolute-form carries its own authority (Envoy takes :authority from it).
+            raise self._die(400, _MISSING_HOST)
+        h = self._h
+        head = RequestHead(
+            method,
+            url,
+            ver,
+            HeaderMap.wrap(h),
+            p.should_keep_alive(),
+            self._cl,
+            self._chunked,
+            upgrade,
+            self._expect and ver == b"1.1",  # RFC 9110 10.1.1: ignore it from HTTP/1.0
+            self._hsize + len(method) + 14 + 4 * len(h),
+        )
+        self._st = _CHUNKED if self._chunked else _BODY
+        self._raw = 0
+        self._upgrade = upgrade
+        # Fresh per-message state for the next request on this connection.
+        self._h = []
+        self._hsize = 0
+        self._url = b""
+        self._cl = None
+        self._chunked = self._host = self._expect = False
+        self._t.on_request_head(head)
+
+    def on_message_complete(self) -> None:
+        self._st = _HEAD
+        self._raw = 0
+        if self._upgrade:
+            return  # the tunnel is the body; llhttp stops right after this
+        tr = self._tr
+        if tr is None:
+            self._t.on_message_complete(None)
+            return
+        self._tr = None
+        self._trsize = 0
+        self._t.on_message_complete(HeaderMap.wrap(tr))
+
+
+class ResponseParser(_Parser):
+    """Parses responses (upstream side). Call ``expect(method)`` before each response."""
+
+    __slots__ = (
+        "_connect_2xx",
+        "_eof_body",
+        "_forced",
+        "_msg_open",
+        "_reason",
+        "_scan",
+        "_status",
+        "_tail",
+    )
+
+    def __init__(self, target: Any, limits: Limits | None = None) -> None:
+        super().__init__(target, limits or _RESPONSE_LIMITS, 502)
+        self._reason = b""
+        self._status = 0
+        self._msg_open = False
+        self._eof_body = False
+        # 0: llhttp frames the response; 1: answer to HEAD; 2: answer to CONNECT. In 1 and 2 we
+        # find the end of the head ourselves (see module docstring).
+        self._scan = 0
+        self._tail = 0  # bytes of a CRLFCRLF seen at the end of the previous feed (0..3)
+        self._forced = False  # head of a HEAD answer seen: complete it without a body
+        self._connect_2xx = False
+        self._p = HttpResponseParser(self)
+
+    def expect(self, method: bytes) -> None:
+        """Name the method of the request whose response comes next."""
+        if method == b"HEAD":
+            self._scan = 1
+        elif method == b"CONNECT":
+            self._scan = 2
+        else:
+            self._scan = 0
+            return
+        self._tail = 0
+
+    def feed(self, data: bytes) -> bytes | None:
+        """Parse ``data``; returns the bytes after a 101 / CONNECT 2xx head, else None."""
+        if self._dead:
+            return self._after_death(data)
+        if self._scan:
+            return self._feed_scan(data)
+        return self._feed(data)
+
+    def feed_eof(self) -> None:
+        """The upstream closed its side: finish a read-until-close body, or fail."""
+        if self._dead:
+            if self._error is not None:
+                raise self._error
+            return
+        if not self._msg_open:
+            return
+        if self._st == _BODY and self._eof_body:
+            self._msg_open = False
+            self._dead = True
+            self._error = HttpProtocolError(502, _UPSTREAM_EOF)  # nothing may follow EOF
+            self._t.on_message_complete(None)
+            return
+        raise self._die(502, _UPSTREAM_EOF)
+
+    # -- HEAD / CONNECT framing ---------------------------------------------------------------
+    def _head_end(self, data: bytes) -> int:
+        """Index just past the first CRLFCRLF in the stream (``data`` continues the previous
+        feed), or -1 with ``_tail`` updated."""
+        t = self._tail
+        if t:
+            i = (_CRLF2[:t] + data[:3]).find(_CRLF2)
+            if i >= 0:
+                self._tail = 0
+                return i + 4 - t
+        i = data.find(_CRLF2)
+        if i >= 0:
+            self._tail = 0
+            return i + 4
+        s = (_CRLF2[:t] + data)[-3:] if len(data) < 3 else data[-3:]
+        self._tail = 3 if s == b"\r\n\r" else 2 if s.endswith(b"\r\n") else 1 if s.endswith(b"\r") else 0
+        return -1
+
+    def _feed_scan(self, data: bytes) -> bytes | None:
+        while data:
+            if not self._scan:
+                return self._feed(data)
+            end = self._head_end(data)
+            if end < 0:
+                return self._feed(data)
+            piece, data = data[:end], data[end:]
+            left = self._feed(piece)
+            if left is not None:  # 101 inside the piece
+                return left + data
+            if self._connect_2xx:
+                self._dead = True
+                return data
+            if self._forced:
+                self._forced = False
+                self._scan = 0
+                if self._msg_open:  # llhttp waits for a body that HEAD answers never carry
+                    self._msg_open = False
+                    self._st = _HEAD
+                    self._raw = 0
+                    tr = self._tr  # always None: no body, no trailers
+                    self._tr = None
+                    self._p = HttpResponseParser(self)
+                    self._t.on_message_complete(tr)
+        return None
+
+    # -- llhttp callbacks ---------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        # Stays set across 1xx interim responses: until the final response completes, EOF is
+        # an error.
+        self._msg_open = True
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        value = value.rstrip(b" \t")
+        if self._st:
+            self._trailer(name, value)
+            return
+        h = self._h
+        h.append((name, value))
+        size = self._hsize = self._hsize + len(name) + len(value)
+        if size > self._max_bytes or len(h) > self._max_n:
+            self._too_large(size)
+        if name in _RESP_SPECIAL:
+            if name == b"content-length":
+                self._content_length(value)
+            else:
+                self._transfer_encoding(value)
+
+    def on_headers_complete(self) -> None:
+        p = self._p
+        ver = _VERSIONS.get(p.get_http_version())
+        if ver is None:
+            raise self._die(502, _CODEC_ERROR)
+        status = p.get_status_code()
+        h = self._h
+        scan = self._scan
+        upgrade = status == 101 and p.should_upgrade()
+        if scan and status >= 200:
+            keep_alive = _keep_alive(ver, h)  # llhttp would assume a read-until-close body
+            if scan == 1:
+                self._forced = True
+            elif status < 300:
+                self._connect_2xx = upgrade = True
+                keep_alive = False
+            else:
+                self._scan = 0  # a refused CONNECT is an ordinary response with a body
+                keep_alive = p.should_keep_alive()
+        else:
+            keep_alive = p.should_keep_alive()
+        chunked = self._chunked
+        cl = self._cl
+        head = ResponseHead(
+            status,
+            self._reason,
+            ver,
+            HeaderMap.wrap(h),
+            keep_alive,
+            cl,
+            chunked,
+            upgrade,
+            self._hsize + len(self._reason) + 17 + 4 * len(h),
+        )
+        if status < 200 or status == 204 or status == 304 or self._forced:
+            self._st = _HEAD  # no body follows
+            self._eof_body = False
+        else:
+            self._st = _CHUNKED if chunked else _BODY
+            self._eof_body = not chunked and cl is None
+        self._raw = 0
+        self._status = status
+        self._h = []
+        self._hsize = 0
+        self._reason = b""
+        self._cl = None
+        self._chunked = False
+        self._t.on_response_head(head)
+
+    def on_message_complete(self) -> None:
+        self._st = _HEAD
+        self._raw = 0
+        if self._status < 200 or self._connect_2xx:
+            # Interim (1xx): the final response is still to come (101 ends parsing here).
+            # CONNECT 2xx: the tunnel is the body.
+            return
+        self._msg_open = False
+        tr = self._tr
+        if tr is None:
+            self._t.on_message_complete(None)
+            return
+        self._tr = None
+        self._trsize = 0
+        self._t.on_message_complete(HeaderMap.wrap(tr))
+
+
+def _keep_alive(version: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
+    """HTTP/1.x persistence from the Connection header (for heads llhttp cannot judge)."""
+    tokens: set[bytes] = set()
+    for k, v in headers:
+        if k == b"connection":
+            tokens.update(t.strip().lower() for t in v.split(b","))
+    if version == b"1.1":
+        return b"close" not in tokens
+    return b"keep-alive" in tokens
+
+
+# -- encoders ---------------------------------------------------------------------------------
+
+
+def _reason_for(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode("latin-1")
+    except ValueError:
+        return b"Unknown"  # what Envoy writes for a code it has no name for
+
+
+# Status lines for HTTP/1.1 with the standard reason, built once.
+_STATUS_LINES = {int(s): b"HTTP/1.1 %d %s\r\n" % (s, _reason_for(s)) for s in HTTPStatus}
+
+
+def _pairs(headers: HeaderMap | list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    return headers.items() if isinstance(headers, HeaderMap) else headers
+
+
+def encode_request_head(
+    method: bytes,
+    target: bytes,
+    headers: HeaderMap | list[tuple[bytes, bytes]],
+    version: bytes = b"1.1",
+) -> bytes:
+    """Request line + headers + blank line. Names and values are written as given; the caller
+    guarantees they hold no CR/LF (parsed ones cannot)."""
+    parts = [method, b" ", target, b" HTTP/", version, b"\r\n"]
+    for k, v in _pairs(headers):
+        parts += (k, b": ", v, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def encode_response_head(
+    status: int,
+    headers: HeaderMap | list[tuple[bytes, bytes]],
+    reason: bytes | None = None,
+    version: bytes = b"1.1",
+) -> bytes:
+    """Status line (standard reason phrase when ``reason`` is None) + headers + blank line."""
+    line = _STATUS_LINES.get(status) if reason is None and version == b"1.1" else None
+    if line is None:
+        if reason is None:
+            reason = _reason_for(status)
+        line = b"HTTP/%s %d %s\r\n" % (version, status, reason)
+    parts = [line]
+    for k, v in _pairs(headers):
+        parts += (k, b": ", v, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def encode_chunk(data: bytes) -> bytes:
+    """One chunk; ``b""`` encodes to ``b""`` so it can never end the body by accident."""
+    if not data:
+        return b""
+    return b"".join((b"%x\r\n" % len(data), data, b"\r\n"))
+
+
+def encode_last_chunk(trailers: HeaderMap | list[tuple[bytes, bytes]] | None = None) -> bytes:
+    """The last chunk, with the trailer section when there are trailers."""
+    if not trailers:
+        return LAST_CHUNK
+    parts = [b"0\r\n"]
+    for k, v in _pairs(trailers):
+        parts += (k, b": ", v, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+# docs/INTERNALS.md names it so.
+encode_trailers = encode_last_chunk

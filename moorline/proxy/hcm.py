@@ -1,0 +1,911 @@
+"""HTTP connection manager: ``envoy.filters.network.http_connection_manager``.
+
+``HcmConfig`` is the compiled ``HttpConnectionManager`` proto. Each accepted
+connection gets a codec connection (``moorline.stream.http1_server``); each
+request on it an ``ActiveStream``, which walks the request lifecycle
+(MOSN's phases, named here):
+
+1. ``decode_headers``: downstream headers arrive; connection-manager header
+   handling (x-forwarded-*, x-request-id, hop-by-hop removal);
+2. route match (cached on the stream; filters may clear it);
+3. decoder filters (config order), then the router (terminal): choose the
+   cluster and host, get a pooled upstream connection, send the request;
+4. upstream response through the encoder filters (reverse order) to the
+   downstream codec;
+5. end: stats, access log, the connection moves on to the next request.
+
+Local replies (no route, no healthy upstream, timeouts, protocol errors) go
+through ``send_local_reply``, which applies ``local_reply_config``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from typing import Any
+
+from moorline.config import registry
+from moorline.config.context import BuildContext
+from moorline.config.errors import ConfigError
+from moorline.config.util import opt_bool, opt_duration_s, opt_uint
+from moorline.observability import stream_info as flags
+from moorline.observability.stats import Counter, Gauge, Histogram
+from moorline.observability.stream_info import StreamInfo
+from moorline.protocol.headers import HeaderMap
+from moorline.protocol.http1 import HttpProtocolError, Limits
+from moorline.proxy.filter import CONTINUE, HttpFilter
+from moorline.proxy.local_reply import LocalReplyConfig
+from moorline.proxy.route_table import DIRECT_RESPONSE, REDIRECT, RouteTable
+
+HCM_TYPE = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+ROUTER_NAMES = ("envoy.filters.http.router", "envoy.router")
+ROUTER_TYPE = "envoy.extensions.filters.http.router.v3.Router"
+
+# Request headers that never travel to the upstream (hop-by-hop, RFC 9110 7.6.1).
+_REQ_HOP = frozenset(
+    (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te", b"host")
+)
+
+_HTTP_SCHEME = b"http"
+
+
+class HcmStats:
+    """``http.<stat_prefix>.*`` stats, looked up once per listener."""
+
+    downstream_cx_total: Counter
+    downstream_cx_http1_total: Counter
+    downstream_cx_destroy: Counter
+    downstream_cx_idle_timeout: Counter
+    downstream_cx_protocol_error: Counter
+    downstream_cx_rx_bytes_total: Counter
+    downstream_cx_tx_bytes_total: Counter
+    downstream_cx_max_duration_reached: Counter
+    downstream_cx_upgrades_total: Counter
+    downstream_rq_total: Counter
+    downstream_rq_http1_total: Counter
+    downstream_rq_1xx: Counter
+    downstream_rq_2xx: Counter
+    downstream_rq_3xx: Counter
+    downstream_rq_4xx: Counter
+    downstream_rq_5xx: Counter
+    downstream_rq_completed: Counter
+    downstream_rq_timeout: Counter
+    downstream_rq_header_timeout: Counter
+    downstream_rq_idle_timeout: Counter
+    downstream_rq_too_large: Counter
+    downstream_rq_rx_reset: Counter
+    downstream_rq_tx_reset: Counter
+    downstream_rq_non_relative_path: Counter
+    downstream_rq_ws_on_non_ws_route: Counter
+    no_route: Counter
+    no_cluster: Counter
+    rq_direct_response: Counter
+    rq_redirect: Counter
+    rq_total: Counter
+    rq_reset_after_downstream_response_started: Counter
+    downstream_cx_active: Gauge
+    downstream_rq_active: Gauge
+    downstream_cx_upgrades_active: Gauge
+    downstream_rq_time: Histogram
+    downstream_cx_length_ms: Histogram
+    rq_class: tuple[Counter, ...]
+
+    COUNTERS = (
+        "downstream_cx_total",
+        "downstream_cx_http1_total",
+        "downstream_cx_destroy",
+        "downstream_cx_idle_timeout",
+        "downstream_cx_protocol_error",
+        "downstream_cx_rx_bytes_total",
+        "downstream_cx_tx_bytes_total",
+        "downstream_cx_max_duration_reached",
+        "downstream_cx_upgrades_total",
+        "downstream_rq_total",
+        "downstream_rq_http1_total",
+        "downstream_rq_1xx",
+        "downstream_rq_2xx",
+        "downstream_rq_3xx",
+        "downstream_rq_4xx",
+        "downstream_rq_5xx",
+        "downstream_rq_completed",
+        "downstream_rq_timeout",
+        "downstream_rq_header_timeout",
+        "downstream_rq_idle_timeout",
+        "downstream_rq_too_large",
+        "downstream_rq_rx_reset",
+        "downstream_rq_tx_reset",
+        "downstream_rq_non_relative_path",
+        "downstream_rq_ws_on_non_ws_route",
+        "no_route",
+        "no_cluster",
+        "rq_direct_response",
+        "rq_redirect",
+        "rq_total",
+        "rq_reset_after_downstream_response_started",
+    )
+    GAUGES = ("downstream_cx_active", "downstream_rq_active", "downstream_cx_upgrades_active")
+    HISTOGRAMS = ("downstream_rq_time", "downstream_cx_length_ms")
+    __slots__ = COUNTERS + GAUGES + HISTOGRAMS + ("rq_class",)
+
+    def __init__(self, scope: Any) -> None:
+        for n in self.COUNTERS:
+            setattr(self, n, scope.counter(n))
+        for n in self.GAUGES:
+            setattr(self, n, scope.gauge(n))
+        for n in self.HISTOGRAMS:
+            setattr(self, n, scope.histogram(n))
+        self.rq_class = (
+            self.downstream_rq_1xx,
+            self.downstream_rq_1xx,
+            self.downstream_rq_2xx,
+            self.downstream_rq_3xx,
+            self.downstream_rq_4xx,
+            self.downstream_rq_5xx,
+        )
+
+
+class HcmConfig:
+    """Compiled ``HttpConnectionManager``."""
+
+    def __init__(self, proto: Any, ctx: BuildContext, path: str) -> None:
+        from moorline.config.loader import unpack_any
+        from moorline.observability.access_log import compile_access_logs
+
+        self.ctx = ctx
+        self.stat_prefix = proto.stat_prefix
+        if not self.stat_prefix:
+            raise ConfigError(f"{path}.stat_prefix", "stat_prefix is required")
+        self.stats = HcmStats(ctx.stats.scope(f"http.{self.stat_prefix}."))
+        codec = proto.codec_type
+        # AUTO=0, HTTP1=1, HTTP2=2, HTTP3=3
+        if codec in (2, 3):
+            raise ConfigError(
+                f"{path}.codec_type", "HTTP/2 and HTTP/3 downstream codecs are not supported yet"
+            )
+        kind = proto.WhichOneof("route_specifier")
+        if kind == "route_config":
+            self.route_table = RouteTable.compile(proto.route_config, f"{path}.route_config")
+            for n in self.route_table.notices:
+                ctx.notice(n)
+        elif kind == "rds":
+            raise ConfigError(f"{path}.rds", "RDS needs an xDS control plane, which is not supported yet")
+        elif kind is None:
+            raise ConfigError(path, "one of route_config or rds is required")
+        else:
+            raise ConfigError(f"{path}.{kind}", f"{kind} is not supported")
+
+        # filters: router must be last
+        self.filter_factories: list[Any] = []
+        fl = list(proto.http_filters)
+        if not fl:
+            raise ConfigError(f"{path}.http_filters", "http_filters must end with envoy.filters.http.router")
+        for i, f in enumerate(fl):
+            fpath = f"{path}.http_filters[{i}]"
+            type_url = f.typed_config.type_url if f.HasField("typed_config") else None
+            is_router = f.name in ROUTER_NAMES or (type_url or "").endswith(ROUTER_TYPE)
+            if is_router:
+                if i != len(fl) - 1:
+                    raise ConfigError(fpath, "the router filter must be the last HTTP filter")
+                continue
+            if i == len(fl) - 1:
+                raise ConfigError(
+                    fpath, "the last HTTP filter must be the router (envoy.filters.http.router)"
+                )
+            reason = registry.noop_reason(f.name, type_url)
+            if reason is not None:
+                ctx.notice(f"{fpath} ({f.name}): accepted as a no-op: {reason}")
+                continue
+            ext = registry.lookup("http", f.name, type_url)
+            if ext is None:
+                if f.is_optional:
+                    ctx.notice(f"{fpath} ({f.name}): optional filter not supported, skipped")
+                    continue
+                raise ConfigError(fpath, f"unknown or unsupported HTTP filter {f.name!r}")
+            cfg = unpack_any(f.typed_config, f"{fpath}.typed_config") if type_url else None
+            self.filter_factories.append(ext.factory(cfg, ctx, fpath))
+
+        # limits
+        cho = proto.common_http_protocol_options
+        lim = Limits()
+        kb = opt_uint(proto, "max_request_headers_kb", 60)
+        assert kb is not None
+        if kb == 0 or kb > 8192:
+            raise ConfigError(f"{path}.max_request_headers_kb", "must be between 1 and 8192")
+        lim.max_header_bytes = kb * 1024
+        if proto.HasField("common_http_protocol_options"):
+            mh = opt_uint(cho, "max_headers_count", 100)
+            lim.max_headers = mh or 100
+            lim.headers_with_underscores = int(cho.headers_with_underscores_action)
+        self.limits = lim
+        self.idle_timeout = (
+            opt_duration_s(cho, "idle_timeout", 3600.0)
+            if proto.HasField("common_http_protocol_options")
+            else 3600.0
+        )
+        self.max_connection_duration = (
+            opt_duration_s(cho, "max_connection_duration", None)
+            if proto.HasField("common_http_protocol_options")
+            else None
+        )
+        self.max_stream_duration = (
+            opt_duration_s(cho, "max_stream_duration", None)
+            if proto.HasField("common_http_protocol_options")
+            else None
+        )
+        self.stream_idle_timeout = opt_duration_s(proto, "stream_idle_timeout", 300.0)
+        self.request_timeout = opt_duration_s(proto, "request_timeout", None)
+        self.request_headers_timeout = opt_duration_s(proto, "request_headers_timeout", None)
+        periods = [
+            t
+            for t in (
+                self.idle_timeout,
+                self.stream_idle_timeout,
+                self.request_timeout,
+                self.request_headers_timeout,
+                self.max_connection_duration,
+                self.max_stream_duration,
+            )
+            if t
+        ]
+        # One lazily re-armed timer per connection checks every deadline; its period bounds
+        # how late a timeout can fire (a tenth of the shortest, between 10 ms and 1 s).
+        self.timer_period = max(0.01, min(1.0, min(periods) / 10)) if periods else 0.0
+
+        # headers
+        self.server_name = (proto.server_name or "moorline").encode()
+        self.server_header_transformation = int(proto.server_header_transformation)  # 0 OVERWRITE
+        self.use_remote_address = opt_bool(proto, "use_remote_address", False)
+        self.skip_xff_append = proto.skip_xff_append
+        self.xff_num_trusted_hops = proto.xff_num_trusted_hops
+        self.generate_request_id = opt_bool(proto, "generate_request_id", True)
+        self.preserve_external_request_id = proto.preserve_external_request_id
+        self.accept_http_10 = (
+            proto.http_protocol_options.accept_http_10 if proto.HasField("http_protocol_options") else False
+        )
+        self.default_host_for_http_10 = (
+            proto.http_protocol_options.default_host_for_http_10.encode()
+            if proto.HasField("http_protocol_options")
+            else b""
+        )
+        self.websocket = any(u.upgrade_type.lower() == "websocket" for u in proto.upgrade_configs)
+        self.upgrade_types = frozenset(u.upgrade_type.lower().encode() for u in proto.upgrade_configs)
+        self.local_reply = (
+            LocalReplyConfig.compile(proto.local_reply_config, f"{path}.local_reply_config")
+            if (proto.HasField("local_reply_config"))
+            else LocalReplyConfig.empty()
+        )
+        self.access_logs = compile_access_logs(list(proto.access_log), ctx, f"{path}.access_log")
+        if proto.HasField("tracing"):
+            ctx.notice(f"{path}.tracing: tracing is not supported yet; ignored")
+        self.draining = False
+        self.connections: set[Any] = set()
+        self.cluster_manager = ctx.cluster_manager
+        self.hostname = os.uname().nodename
+
+    # -- network filter terminal ------------------------------------------
+    terminal = True
+
+    def on_accept(self, sock: Any, info: Any) -> None:
+        from moorline.stream.http1_server import Http1ServerConnection
+
+        loop = asyncio.get_event_loop()
+        task = loop.create_task(loop.connect_accepted_socket(lambda: Http1ServerConnection(self, info), sock))
+        task.add_done_callback(_accept_done)
+
+    def drain(self) -> None:
+        """Stop keep-alive: in-flight responses get ``connection: close``; idle connections close."""
+        self.draining = True
+        for c in list(self.connections):
+            if c.stream is None:
+                c.close()
+
+    def active_requests(self) -> int:
+        return sum(1 for c in self.connections if c.stream is not None)
+
+
+def _accept_done(t: asyncio.Task) -> None:
+    if not t.cancelled():
+        t.exception()  # connection reset during accept: nothing to do
+
+
+def _hcm_factory(cfg: Any, ctx: BuildContext, path: str) -> HcmConfig:
+    if cfg is None:
+        raise ConfigError(f"{path}.typed_config", "typed_config is required")
+    return HcmConfig(cfg, ctx, f"{path}.typed_config")
+
+
+registry.register(
+    "network",
+    ["envoy.filters.network.http_connection_manager", "envoy.http_connection_manager"],
+    ["type.googleapis.com/" + HCM_TYPE],
+    _hcm_factory,
+)
+
+
+class ActiveStream:
+    """One request/response exchange on a downstream connection."""
+
+    __slots__ = (
+        "buffered_body",
+        "buffered_end",
+        "buffered_trailers",
+        "cfg",
+        "conn",
+        "deadline",
+        "decoder_pos",
+        "done",
+        "encoder_stopped",
+        "filters",
+        "headers",
+        "info",
+        "is_grpc",
+        "last_activity",
+        "method",
+        "request_complete",
+        "response_complete",
+        "response_started",
+        "route",
+        "route_cached",
+        "router",
+        "upgrade",
+        "version",
+    )
+
+    def __init__(self, conn: Any, head: Any) -> None:
+        self.conn = conn
+        cfg = self.cfg = conn.cfg
+        loop_time = conn.last_activity
+        info = self.info = StreamInfo(time.time(), loop_time)
+        info.downstream_remote_address = conn.remote_str
+        info.downstream_local_address = conn.local_str
+        info.connection_id = conn.info.connection_id
+        self.version = head.version
+        self.method = head.method
+        self.route: Any = None
+        self.route_cached = False
+        self.router: Any = None
+        self.filters: list[HttpFilter] | None = None
+        self.request_complete = False
+        self.response_started = False
+        self.response_complete = False
+        self.decoder_pos = 0
+        self.encoder_stopped = False
+        self.buffered_body: list[bytes] | None = None
+        self.buffered_trailers: HeaderMap | None = None
+        self.buffered_end = False
+        self.deadline = 0.0
+        self.last_activity = loop_time
+        self.is_grpc = False
+        self.upgrade = False
+        self.done = False
+        st = cfg.stats
+        st.downstream_rq_total.value += 1
+        st.downstream_rq_http1_total.value += 1
+        st.downstream_rq_active.value += 1
+        if cfg.request_timeout:
+            self.deadline = loop_time + cfg.request_timeout
+
+    # -- phase 1: downstream headers --------------------------------------
+    def decode_headers(self, head: Any) -> None:
+        cfg = self.cfg
+        info = self.info
+        info.protocol = "HTTP/1.1" if head.version == b"1.1" else "HTTP/1.0"
+        raw = head.headers._h
+        authority = None
+        target = head.target
+        method = head.method
+        if head.version == b"1.0" and not cfg.accept_http_10:
+            self.send_local_reply(426, b"", flags.DOWNSTREAM_PROTOCOL_ERROR, "low_version")
+            return
+        # Build the header map: pseudo-headers first, then the rest without hop-by-hop ones.
+        conn_tokens: list[bytes] | None = None
+        rest: list[tuple[bytes, bytes]] = []
+        for k, v in raw:
+            if k in _REQ_HOP:
+                if k == b"host":
+                    if authority is None:
+                        authority = v
+                elif k == b"connection":
+                    conn_tokens = [t.strip().lower() for t in v.split(b",")]
+                elif k == b"upgrade":
+                    rest.append((k, v))
+                elif k == b"te":
+                    # Only "trailers" survives (gRPC needs it).
+                    if b"trailers" in v.lower():
+                        rest.append((b"te", b"trailers"))
+                continue
+            rest.append((k, v))
+        if target[:1] != b"/":
+            if method == b"CONNECT":
+                authority = authority or target
+            elif target == b"*" and method == b"OPTIONS":
+                pass
+            else:
+                # absolute-form: take the authority and path out of it
+                scheme_sep = target.find(b"://")
+                if scheme_sep < 0:
+                    cfg.stats.downstream_rq_non_relative_path.value += 1
+                    self.send_local_reply(404, b"", flags.NO_ROUTE, "absolute_path_rejected")
+                    return
+                rest_t = target[scheme_sep + 3 :]
+                slash = rest_t.find(b"/")
+                authority = rest_t if slash < 0 else rest_t[:slash]
+                target = b"/" if slash < 0 else rest_t[slash:]
+        if authority is None:
+            if head.version == b"1.0" and cfg.default_host_for_http_10:
+                authority = cfg.default_host_for_http_10
+            else:
+                authority = b""
+        upgrade = head.upgrade and method != b"CONNECT"
+        if conn_tokens:
+            drop = {t for t in conn_tokens if t not in (b"close", b"keep-alive", b"upgrade")}
+            if drop:
+                rest = [p for p in rest if p[0] not in drop]
+        if upgrade:
+            rest.append((b"connection", b"upgrade"))
+        elif head.upgrade is False:
+            rest = [p for p in rest if p[0] != b"upgrade"]
+        h = [(b":method", method), (b":scheme", _HTTP_SCHEME), (b":authority", authority), (b":path", target)]
+        h.extend(rest)
+        headers = self.headers = HeaderMap.wrap(h)
+        info.request_headers = headers
+        self.upgrade = upgrade
+        # x-forwarded-for / x-forwarded-proto
+        if cfg.use_remote_address:
+            remote = self.conn.info.remote
+            ip = remote[0].encode() if isinstance(remote, tuple) else b"127.0.0.1"
+            if not cfg.skip_xff_append:
+                xff = headers.get(b"x-forwarded-for")
+                headers.set(b"x-forwarded-for", xff + b", " + ip if xff else ip)
+            headers.set(b"x-forwarded-proto", _HTTP_SCHEME)
+        elif b"x-forwarded-proto" not in headers:
+            headers.add(b"x-forwarded-proto", _HTTP_SCHEME)
+        # x-request-id
+        rid = headers.get(b"x-request-id")
+        if rid is None or (cfg.use_remote_address and not cfg.preserve_external_request_id and False):
+            if cfg.generate_request_id:
+                rid = str(uuid.uuid4()).encode()
+                headers.set(b"x-request-id", rid)
+        if rid is not None:
+            info.request_id = rid.decode("latin-1")
+        ct = headers.get(b"content-type")
+        self.is_grpc = ct is not None and ct.startswith(b"application/grpc")
+        if head.content_length == 0 and not head.chunked and not upgrade:
+            # No body: the request ends with its headers.
+            end_stream = True
+        elif head.content_length is None and not head.chunked and not upgrade:
+            end_stream = True
+        else:
+            end_stream = False
+        self._run_decoders_headers(end_stream)
+
+    def _match_route(self) -> Any:
+        if not self.route_cached:
+            self.route_cached = True
+            h = self.headers
+            hh = h._h
+            rt = self.cfg.route_table
+            authority = hh[2][1]
+            if rt.vhost_header is not None:
+                authority = h.get(rt.vhost_header) or authority
+            self.route = rt.match(authority, b"" if hh[0][1] == b"CONNECT" else hh[3][1], hh[0][1], h)
+        return self.route
+
+    def route_for_filters(self) -> Any:
+        return self._match_route()
+
+    def clear_route_cache(self) -> None:
+        self.route_cached = False
+        self.route = None
+
+    def _run_decoders_headers(self, end_stream: bool) -> None:
+        factories = self.cfg.filter_factories
+        if factories:
+            fl = self.filters = []
+            for f in factories:
+                inst = f(self)
+                inst.set_callbacks(self)  # type: ignore[arg-type]
+                fl.append(inst)
+            for i, f in enumerate(fl):
+                self.decoder_pos = i + 1
+                if (
+                    f.decode_headers(self.headers, end_stream) != CONTINUE
+                    or self.done
+                    or self.response_started
+                ):
+                    if not end_stream:
+                        self.buffered_body = []
+                    self.decoder_pos = i
+                    if end_stream:
+                        self.request_complete = True
+                    return
+        if end_stream:
+            self.request_complete = True
+        self._route_request(end_stream)
+
+    def continue_decoding(self) -> None:
+        fl = self.filters or []
+        i = self.decoder_pos + 1
+        end_stream = self.request_complete and self.buffered_body is None
+        for j in range(i, len(fl)):
+            self.decoder_pos = j
+            if fl[j].decode_headers(self.headers, end_stream) != CONTINUE or self.done:
+                return
+        self.decoder_pos = len(fl)
+        body = self.buffered_body
+        self.buffered_body = None
+        if body is not None:
+            data = b"".join(body)
+            self._route_request(False)
+            if self.router is not None:
+                self.router.decode_data(data, self.request_complete and self.buffered_trailers is None)
+                if self.buffered_trailers is not None:
+                    self.router.decode_trailers(self.buffered_trailers)
+        else:
+            self._route_request(end_stream)
+
+    # -- phase 2/3: route and router ---------------------------------------
+    def _route_request(self, end_stream: bool) -> None:
+        if self.done or self.response_started:
+            return
+        route = self._match_route()
+        cfg = self.cfg
+        if route is None:
+            cfg.stats.no_route.value += 1
+            self.send_local_reply(404, b"", flags.NO_ROUTE, "route_not_found")
+            return
+        self.info.route_name = route.name or None
+        kind = route.kind
+        if kind == DIRECT_RESPONSE:
+            cfg.stats.rq_direct_response.value += 1
+            self.send_local_reply(
+                route.direct_status, route.direct_body, None, "direct_response", route=route
+            )
+            return
+        if kind == REDIRECT:
+            cfg.stats.rq_redirect.value += 1
+            hh = self.headers._h
+            status, location = route.redirect_location(hh[1][1], hh[2][1], hh[3][1])
+            self.send_local_reply(
+                status, b"", None, "via_redirect", extra=[(b"location", location)], route=route
+            )
+            return
+        if self.upgrade:
+            upg = (self.headers.get(b"upgrade") or b"").lower()
+            enabled = route.upgrade_configs.get(upg)
+            if enabled is None:
+                enabled = upg in cfg.upgrade_types
+            if not enabled:
+                cfg.stats.downstream_rq_ws_on_non_ws_route.value += 1
+                self.send_local_reply(403, b"", None, "upgrade_failed")
+                return
+        from moorline.proxy.router import Router
+
+        self.router = Router(self, route)
+        self.router.decode_headers(self.headers, end_stream)
+
+    # -- downstream body -----------------------------------------------------
+    def decode_data(self, data: bytes, end_stream: bool) -> None:
+        self.info.bytes_received += len(data)
+        if self.done:
+            return
+        if self.buffered_body is not None:
+            self.buffered_body.append(data)
+            if sum(len(b) for b in self.buffered_body) > self.conn.info.buffer_limit:
+                self.cfg.stats.downstream_rq_too_large.value += 1
+                self.send_local_reply(413, b"Payload Too Large", None, "request_payload_too_large")
+            return
+        fl = self.filters
+        if fl:
+            for f in fl:
+                if f.decode_data(data, end_stream) != CONTINUE:
+                    return
+        r = self.router
+        if r is not None:
+            r.decode_data(data, end_stream)
+
+    def decode_complete(self, trailers: HeaderMap | None) -> None:
+        self.request_complete = True
+        if self.done and self.response_complete:
+            return
+        if self.buffered_body is not None:
+            self.buffered_trailers = trailers
+            return
+        if trailers:
+            fl = self.filters
+            if fl:
+                for f in fl:
+                    if f.decode_trailers(trailers) != CONTINUE:
+                        return
+            if self.router is not None:
+                self.router.decode_trailers(trailers)
+        else:
+            fl = self.filters
+            if fl:
+                for f in fl:
+                    if f.decode_data(b"", True) != CONTINUE:
+                        return
+            if self.router is not None:
+                self.router.decode_data(b"", True)
+        if self.response_complete:
+            self._finish()
+
+    def on_tunnel_data(self, data: bytes, end_stream: bool) -> None:
+        self.info.bytes_received += len(data)
+        if self.router is not None:
+            self.router.decode_tunnel(data, end_stream)
+
+    # -- phase 4: response -----------------------------------------------------
+    def encode_1xx(self, headers: HeaderMap) -> None:
+        self.conn.encode_headers(headers, False, self.version)
+
+    def encode_headers(self, headers: HeaderMap, end_stream: bool) -> None:
+        if self.done or self.response_started:
+            return
+        self.response_started = True
+        cfg = self.cfg
+        info = self.info
+        fl = self.filters
+        if fl:
+            for f in reversed(fl):
+                if f.encode_headers(headers, end_stream) != CONTINUE:
+                    break
+        status = int(headers._h[0][1])
+        info.response_code = status
+        info.response_headers = headers
+        if cfg.server_header_transformation == 0:
+            headers.set(b"server", cfg.server_name)
+        elif cfg.server_header_transformation == 1 and b"server" not in headers:
+            headers.add(b"server", cfg.server_name)
+        if b"date" not in headers:
+            from moorline.stream.http1_server import http_date
+
+            headers.add(b"date", http_date())
+        cfg.stats.rq_class[status // 100 if status < 600 else 5].value += 1
+        if status == 101:
+            self.conn.start_tunnel()
+            cfg.stats.downstream_cx_upgrades_total.value += 1
+        self.conn.encode_headers(headers, end_stream, self.version)
+        if end_stream:
+            self._response_done()
+
+    def encode_data(self, data: bytes, end_stream: bool) -> None:
+        if self.done:
+            return
+        self.info.bytes_sent += len(data)
+        self.cfg.stats.downstream_cx_tx_bytes_total.value += len(data)
+        fl = self.filters
+        if fl:
+            for f in reversed(fl):
+                f.encode_data(data, end_stream)
+        self.conn.encode_data(data, end_stream)
+        if end_stream:
+            self._response_done()
+
+    def encode_trailers(self, trailers: HeaderMap) -> None:
+        if self.done:
+            return
+        self.info.response_trailers = trailers
+        fl = self.filters
+        if fl:
+            for f in reversed(fl):
+                f.encode_trailers(trailers)
+        self.conn.encode_trailers(trailers)
+        self._response_done()
+
+    def _response_done(self) -> None:
+        self.response_complete = True
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        info = self.info
+        cfg = self.cfg
+        loop_time = self.conn.loop.time()
+        info.end_mono = loop_time
+        st = cfg.stats
+        st.downstream_rq_active.value -= 1
+        st.downstream_rq_completed.value += 1
+        st.downstream_rq_time.record((loop_time - info.start_mono) * 1000)
+        r = self.router
+        if r is not None:
+            r.on_stream_done()
+        fl = self.filters
+        if fl:
+            for f in fl:
+                f.on_destroy()
+        for al in cfg.access_logs:
+            al.log(info)
+
+    # -- local replies ----------------------------------------------------------
+    def send_local_reply(
+        self,
+        status: int,
+        body: bytes = b"",
+        flag: str | None = None,
+        details: str | None = None,
+        extra: list[tuple[bytes, bytes]] | None = None,
+        route: Any = None,
+    ) -> None:
+        info = self.info
+        if flag is not None:
+            info.response_flags.append(flag)
+        info.response_code_details = details
+        if self.response_started:
+            # Too late for a reply: reset the stream (close the connection).
+            self.cfg.stats.rq_reset_after_downstream_response_started.value += 1
+            self.reset_stream()
+            return
+        if self.router is not None and details not in ("direct_response", "via_redirect"):
+            pass
+        status, body, ctype = self.cfg.local_reply.apply(status, body, self, info)
+        grpc = self.is_grpc
+        h: list[tuple[bytes, bytes]]
+        if grpc:
+            # Trailers-only gRPC answer, as Envoy.
+            h = [
+                (b":status", b"200"),
+                (b"content-type", b"application/grpc"),
+                (b"grpc-status", _grpc_status_for(status)),
+                (b"grpc-message", body or b""),
+            ]
+            body = b""
+        else:
+            h = [(b":status", str(status).encode())]
+            if body:
+                h.append((b"content-type", ctype or b"text/plain"))
+            h.append((b"content-length", str(len(body)).encode()))
+        if extra:
+            h.extend(extra)
+        headers = HeaderMap.wrap(h)
+        if route is not None:
+            route.apply_response_headers(headers)
+        if not self.request_complete:
+            # The request body would follow; the connection cannot be reused.
+            self.conn.resp_keep_alive = False
+        if self.method == b"HEAD":
+            body = b""
+        if body:
+            self.encode_headers(headers, False)
+            self.encode_data(body, True)
+        else:
+            self.encode_headers(headers, True)
+
+    def protocol_error(self, e: HttpProtocolError) -> None:
+        self.conn.resp_keep_alive = False
+        self.send_local_reply(e.status_hint, b"", flags.DOWNSTREAM_PROTOCOL_ERROR, e.detail)
+
+    def reset_stream(self) -> None:
+        """Abort the exchange: close the downstream connection and the upstream request."""
+        self.cfg.stats.downstream_rq_tx_reset.value += 1
+        self.info.response_flags.append(flags.LOCAL_RESET) if not self.info.response_flags else None
+        r = self.router
+        if r is not None:
+            r.reset()
+        self.conn.stream = None
+        self.conn.abort()
+        self._finish()
+
+    def on_downstream_reset(self) -> None:
+        """The downstream connection closed while this stream was active."""
+        if self.done:
+            return
+        self.cfg.stats.downstream_rq_rx_reset.value += 1
+        if not self.response_complete:
+            self.info.response_flags.append(flags.DOWNSTREAM_CONNECTION_TERMINATION)
+        r = self.router
+        if r is not None:
+            r.reset()
+        self._finish()
+
+    # -- flow control ------------------------------------------------------------
+    def on_downstream_write_paused(self) -> None:
+        if self.router is not None:
+            self.router.pause_upstream()
+
+    def on_downstream_write_resumed(self) -> None:
+        if self.router is not None:
+            self.router.resume_upstream()
+
+    def pause_downstream(self) -> None:
+        self.conn.pause_reading()
+
+    def resume_downstream(self) -> None:
+        if not self.conn.backlog:
+            self.conn.resume_reading()
+
+    # -- timers (checked by the connection's lazy timer) ----------------------
+    def check_timeouts(self, now: float) -> bool:
+        cfg = self.cfg
+        if self.deadline and now >= self.deadline and not self.response_started:
+            cfg.stats.downstream_rq_timeout.value += 1
+            self.send_local_reply(408, b"request timeout", None, "request_overall_timeout")
+            return True
+        if (
+            cfg.stream_idle_timeout
+            and now - max(self.last_activity, self.conn.last_activity) >= cfg.stream_idle_timeout
+        ):
+            cfg.stats.downstream_rq_idle_timeout.value += 1
+            self.info.response_flags.append(flags.STREAM_IDLE_TIMEOUT)
+            if self.response_started:
+                self.reset_stream()
+            else:
+                self.send_local_reply(408, b"stream timeout", None, "stream_idle_timeout")
+            return True
+        if cfg.max_stream_duration and now - self.info.start_mono >= cfg.max_stream_duration:
+            self.info.response_flags.append(flags.DURATION_TIMEOUT)
+            if self.response_started:
+                self.reset_stream()
+            else:
+                self.send_local_reply(408, b"downstream duration timeout", None, "max_duration_timeout")
+            return True
+        return False
+
+    def touch(self) -> None:
+        self.last_activity = self.conn.loop.time()
+
+
+# gRPC status for an HTTP status, as Envoy maps local replies (grpc_utility.cc).
+_GRPC_FOR_HTTP = {
+    400: b"13",
+    401: b"16",
+    403: b"7",
+    404: b"12",
+    429: b"14",
+    502: b"14",
+    503: b"14",
+    504: b"14",
+}
+
+
+def _grpc_status_for(status: int) -> bytes:
+    return _GRPC_FOR_HTTP.get(status, b"2")
+
+
+def protocol_error_reply(conn: Any, e: HttpProtocolError) -> None:
+    """A request the codec rejected before a stream existed: answer and close."""
+    from moorline.protocol.http1 import RequestHead
+
+    head = RequestHead.__new__(RequestHead)
+    _fill_dummy_head(head)
+    conn.close_after_response = True
+    conn.resp_keep_alive = False
+    conn.resp_no_body = False
+    s = ActiveStream(conn, head)
+    conn.stream = s
+    s.headers = HeaderMap.wrap(
+        [(b":method", b""), (b":scheme", b"http"), (b":authority", b""), (b":path", b"")]
+    )
+    s.info.request_headers = s.headers
+    s.info.protocol = "HTTP/1.1"
+    s.request_complete = True
+    s.send_local_reply(e.status_hint, b"", flags.DOWNSTREAM_PROTOCOL_ERROR, e.detail)
+    conn.close()
+
+
+def timeout_reply(conn: Any, details: bytes) -> None:
+    conn.cfg.stats.downstream_rq_header_timeout.value += 1
+    protocol_error_reply(conn, HttpProtocolError(408, details.decode()))
+
+
+def _fill_dummy_head(head: Any) -> None:
+    for name, value in (
+        ("method", b""),
+        ("target", b"/"),
+        ("version", b"1.1"),
+        ("headers", HeaderMap()),
+        ("keep_alive", False),
+        ("content_length", None),
+        ("chunked", False),
+        ("upgrade", False),
+        ("expect_continue", False),
+        ("header_bytes", 0),
+    ):
+        try:
+            setattr(head, name, value)
+        except AttributeError:
+            pass

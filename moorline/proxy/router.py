@@ -1,0 +1,577 @@
+"""The router: the terminal HTTP filter (``envoy.filters.http.router``).
+
+One ``Router`` per routed stream. It picks the cluster and host, takes an
+upstream connection from the host's pool, streams the request out and the
+response back, and applies the route's timeout and retry policy.
+
+Request body and retries: a retry must resend the body, so while a retry
+policy is active the body is kept, up to the connection's buffer limit
+(Envoy's rule). A body that outgrows the limit is released and the request
+is no longer retried. Retries happen only once the downstream request is
+complete and before any response byte went downstream.
+
+Timeouts: the route timeout (default 15 s) starts when the downstream request
+is complete, as in Envoy; the per-try timeout starts with each attempt's
+request being complete.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from moorline.observability import stream_info as flags
+from moorline.protocol.headers import HeaderMap
+from moorline.proxy.route_table import (
+    RETRY_5XX,
+    RETRY_CONNECT_FAILURE,
+    RETRY_GATEWAY_ERROR,
+    RETRY_RESET,
+)
+from moorline.stream.http1_client import pool_for
+
+_UPSTREAM_ERR = b"upstream connect error or disconnect/reset before headers. reset reason: "
+
+# Concurrent retries per cluster, for the max_retries circuit breaker.
+_active_retries: dict[str, int] = {}
+
+
+def _grpc_timeout_s(v: bytes) -> float | None:
+    """Parse a grpc-timeout header value ("100m", "5S")."""
+    if not v:
+        return None
+    unit = v[-1:]
+    try:
+        n = int(v[:-1])
+    except ValueError:
+        return None
+    mult = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}.get(unit)
+    if mult is None:
+        return None
+    return n * mult
+
+
+class Router:
+    __slots__ = (
+        "attempt_start",
+        "attempts",
+        "backoff_handle",
+        "body",
+        "body_bytes",
+        "cluster",
+        "conn",
+        "done",
+        "downstream_end",
+        "downstream_paused",
+        "headers",
+        "host",
+        "is_retry",
+        "loop",
+        "pending",
+        "per_try_handle",
+        "policy",
+        "response_started",
+        "retain",
+        "retries_left",
+        "route",
+        "sent_idx",
+        "stream",
+        "timeout",
+        "timeout_handle",
+        "trailers",
+        "tried",
+        "tunnel",
+    )
+
+    def __init__(self, stream: Any, route: Any) -> None:
+        self.stream = stream
+        self.route = route
+        self.cluster: Any = None
+        self.loop = stream.conn.loop
+        self.headers: HeaderMap = stream.headers
+        self.conn: Any = None
+        self.pending: Any = None
+        self.host: Any = None
+        self.policy = route.retry
+        self.retries_left = self.policy.num_retries if self.policy is not None else 0
+        self.tried: set[Any] | None = None
+        self.body: list[bytes] = []
+        self.body_bytes = 0
+        self.sent_idx = 0
+        self.retain = self.retries_left > 0
+        self.trailers: HeaderMap | None = None
+        self.downstream_end = False
+        self.timeout = route.timeout
+        self.timeout_handle: Any = None
+        self.per_try_handle: Any = None
+        self.backoff_handle: Any = None
+        self.attempt_start = 0.0
+        self.response_started = False
+        self.done = False
+        self.downstream_paused = False
+        self.tunnel = False
+        self.is_retry = False
+        self.attempts = 0
+
+    # -- downstream events -------------------------------------------------
+    def decode_headers(self, headers: HeaderMap, end_stream: bool) -> None:
+        stream = self.stream
+        route = self.route
+        name = route.pick_cluster(headers)
+        cm = stream.cfg.cluster_manager
+        cluster = cm.get(name) if (name and cm is not None) else None
+        if cluster is None:
+            stream.cfg.stats.no_cluster.value += 1
+            self.done = True
+            stream.send_local_reply(
+                route.cluster_not_found_response_code, b"", flags.NO_CLUSTER_FOUND, "cluster_not_found"
+            )
+            return
+        self.cluster = cluster
+        stream.info.upstream_cluster = cluster.name
+        hh = headers._h
+        new_path = route.rewrite_path(hh[3][1])
+        if new_path is not None:
+            headers.add(b"x-envoy-original-path", hh[3][1])
+            hh[3] = (b":path", new_path)
+        host_rewrite = route.host_rewrite_for(name)
+        if host_rewrite is not None:
+            hh[2] = (b":authority", host_rewrite)
+        elif route.host_rewrite_header is not None:
+            v = headers.get(route.host_rewrite_header)
+            if v:
+                hh[2] = (b":authority", v)
+        route.apply_request_headers(headers, name)
+        if stream.is_grpc and route.max_grpc_timeout is not None:
+            gt = headers.get(b"grpc-timeout")
+            t = _grpc_timeout_s(gt) if gt else None
+            if t is not None:
+                mx = route.max_grpc_timeout
+                self.timeout = min(t, mx) if mx else t
+        if self.tunnel or stream.upgrade:
+            self.tunnel = True
+            self.retain = False
+            self.retries_left = 0
+        self.downstream_end = end_stream
+        if end_stream:
+            self._start_global_timer()
+        self._start_attempt()
+
+    def decode_data(self, data: bytes, end_stream: bool) -> None:
+        if self.done:
+            return
+        if data:
+            self.body.append(data)
+            self.body_bytes += len(data)
+        if end_stream:
+            self.downstream_end = True
+            self._start_global_timer()
+        conn = self.conn
+        limit = self.stream.conn.info.buffer_limit
+        if self.retain and self.body_bytes > limit:
+            # Too big to keep for a retry: stream it and stop retrying.
+            self.retain = False
+        if conn is not None:
+            if data or end_stream:
+                if self.sent_idx < len(self.body) - (1 if data else 0):
+                    self._flush_body(end_stream and self.trailers is None)
+                else:
+                    conn.send_data(data, end_stream)
+                    self.sent_idx = len(self.body)
+            if not self.retain:
+                self.body.clear()
+                self.sent_idx = 0
+            if end_stream:
+                self._start_per_try_timer()
+        elif self.body_bytes > limit and not self.downstream_paused:
+            # Waiting for a connection: hold at most the buffer limit, then push back.
+            self.downstream_paused = True
+            self.stream.pause_downstream()
+
+    def decode_trailers(self, trailers: HeaderMap) -> None:
+        if self.done:
+            return
+        self.trailers = trailers
+        self.downstream_end = True
+        self._start_global_timer()
+        if self.conn is not None:
+            self._flush_body(False)
+            self.conn.send_trailers(trailers)
+            self._start_per_try_timer()
+
+    def decode_tunnel(self, data: bytes, end_stream: bool) -> None:
+        if self.conn is not None:
+            self.conn.send_data(data, end_stream)
+        elif data:
+            self.body.append(data)
+            self.body_bytes += len(data)
+
+    def _flush_body(self, end_stream: bool) -> None:
+        conn = self.conn
+        body = self.body
+        n = len(body)
+        i = self.sent_idx
+        if i < n:
+            conn.send_data(b"".join(body[i:]) if n - i > 1 else body[i], end_stream)
+        elif end_stream:
+            conn.send_data(b"", True)
+        self.sent_idx = n
+
+    # -- attempts --------------------------------------------------------------
+    def _start_attempt(self) -> None:
+        self.backoff_handle = None
+        if self.done:
+            return
+        stream = self.stream
+        cluster = self.cluster
+        policy = self.policy
+        exclude = self.tried if (policy is not None and policy.retry_host_predicate_previous_hosts) else None
+        host = cluster.choose_host(exclude)
+        if host is None:
+            self._local_failure(503, b"no healthy upstream", flags.NO_HEALTHY_UPSTREAM, "no_healthy_upstream")
+            return
+        st = cluster.stats
+        if st.upstream_rq_active.value >= cluster.max_requests:
+            st.upstream_rq_pending_overflow.value += 1
+            self._local_failure(503, _UPSTREAM_ERR + b"overflow", flags.UPSTREAM_OVERFLOW, "overflow")
+            return
+        self.host = host
+        if self.route.auto_host_rewrite:
+            self.headers._h[2] = (b":authority", host.hostname.encode())
+        self.attempts += 1
+        stream.info.attempt_count = self.attempts
+        stream.info.upstream_host = host.addr_str
+        if policy is not None:
+            if self.tried is None:
+                self.tried = set()
+            self.tried.add(host)
+        st.upstream_rq_total.value += 1
+        st.upstream_rq_active.value += 1
+        host.active_rq += 1
+        self.attempt_start = self.loop.time()
+        self.pending = pool_for(host, self.loop).new_stream(self)
+
+    def on_pool_ready(self, conn: Any) -> None:
+        self.pending = None
+        if self.done:
+            conn.pool.on_connection_idle(conn)
+            return
+        self.conn = conn
+        end = self.downstream_end and not self.body and self.trailers is None
+        conn.send_headers(self, self.headers, end)
+        self.sent_idx = 0
+        if self.body:
+            self._flush_body(self.downstream_end and self.trailers is None)
+        if self.trailers is not None:
+            conn.send_trailers(self.trailers)
+        if not self.retain:
+            self.body.clear()
+            self.sent_idx = 0
+        if self.downstream_paused:
+            self.downstream_paused = False
+            self.stream.resume_downstream()
+        if self.downstream_end:
+            self._start_per_try_timer()
+
+    def on_pool_failure(self, reason: str, detail: str | None) -> None:
+        self.pending = None
+        if self.done:
+            return
+        self._end_attempt()
+        if reason == "overflow":
+            self._local_failure(503, _UPSTREAM_ERR + b"overflow", flags.UPSTREAM_OVERFLOW, "overflow")
+            return
+        self.stream.info.upstream_transport_failure_reason = detail
+        if self._maybe_retry_reset(connect_failure=True):
+            return
+        body = _UPSTREAM_ERR + b"connection failure"
+        if detail:
+            body += b", transport failure reason: " + detail.encode()
+        self._local_failure(
+            503,
+            body,
+            flags.UPSTREAM_CONNECTION_FAILURE,
+            "upstream_reset_before_response_started{connection_failure}",
+        )
+
+    # -- upstream events ---------------------------------------------------------
+    def on_upstream_1xx(self, headers: HeaderMap) -> None:
+        # Envoy answers 100-continue itself and does not forward upstream 1xx by default.
+        return
+
+    def on_upstream_headers(self, headers: HeaderMap, end_stream: bool) -> None:
+        if self.done:
+            return
+        status = int(headers._h[0][1])
+        policy = self.policy
+        if (
+            policy is not None
+            and self.retries_left > 0
+            and self.downstream_end
+            and (self.retain or (not self.body_bytes))
+        ):
+            gs = headers.get(b"grpc-status")
+            grpc = int(gs) if gs is not None and gs.isdigit() else None
+            if policy.should_retry_status(status, grpc) and self._retry():
+                return
+        now = self.loop.time()
+        cluster = self.cluster
+        cluster.stats.rq_status(status)
+        self.response_started = True
+        self._cancel_per_try()
+        stream = self.stream
+        if stream.info.first_upstream_rx_mono is None:
+            stream.info.first_upstream_rx_mono = now
+        headers.add(b"x-envoy-upstream-service-time", str(int((now - self.attempt_start) * 1000)).encode())
+        self.route.apply_response_headers(headers, self.cluster.name)
+        if self.is_retry:
+            cluster.stats.upstream_rq_retry_success.value += 1
+            self.is_retry = False
+        if status == 101:
+            self.tunnel = True
+        if end_stream:
+            # Release the upstream side first: finishing the downstream stream ends this router.
+            self._upstream_complete()
+        stream.encode_headers(headers, end_stream)
+
+    def on_upstream_upgrade(self, leftover: bytes) -> None:
+        if leftover and not self.done:
+            self.stream.conn.encode_data(leftover, False)
+        # Body bytes the client sent before the 101 (pipelined after the handshake).
+        if self.body and self.conn is not None:
+            self.conn.send_data(b"".join(self.body), False)
+            self.body.clear()
+
+    def on_upstream_data(self, data: bytes, end_stream: bool) -> None:
+        if self.done:
+            return
+        if self.tunnel:
+            self.stream.info.bytes_sent += len(data)
+            self.stream.conn.encode_data(data, end_stream)
+            return
+        if end_stream:
+            self._upstream_complete()
+        self.stream.encode_data(data, end_stream)
+
+    def on_upstream_trailers(self, trailers: HeaderMap) -> None:
+        if self.done:
+            return
+        self._upstream_complete()
+        self.stream.encode_trailers(trailers)
+
+    def on_upstream_reset(self, reason: str) -> None:
+        if self.done:
+            return
+        conn = self.conn
+        self.conn = None
+        if conn is not None:
+            conn.abort()
+        self._end_attempt()
+        stream = self.stream
+        if self.response_started:
+            stream.info.response_flags.append(flags.UPSTREAM_REMOTE_RESET)
+            self.done = True
+            self._cancel_timers()
+            stream.reset_stream()
+            return
+        if reason.startswith("protocol error"):
+            self.cluster.stats.upstream_rq_rx_reset.value += 1
+            self._local_failure(
+                502,
+                _UPSTREAM_ERR + b"protocol error",
+                flags.UPSTREAM_PROTOCOL_ERROR,
+                "upstream_reset_before_response_started{protocol_error}",
+            )
+            return
+        self.cluster.stats.upstream_rq_rx_reset.value += 1
+        if self._maybe_retry_reset(connect_failure=False):
+            return
+        self._local_failure(
+            503,
+            _UPSTREAM_ERR + b"connection termination",
+            flags.UPSTREAM_CONNECTION_TERMINATION,
+            "upstream_reset_before_response_started{connection_termination}",
+        )
+
+    def on_upstream_write_paused(self) -> None:
+        self.stream.pause_downstream()
+
+    def on_upstream_write_resumed(self) -> None:
+        self.stream.resume_downstream()
+
+    def pause_upstream(self) -> None:
+        if self.conn is not None:
+            self.conn.pause_reading()
+
+    def resume_upstream(self) -> None:
+        if self.conn is not None:
+            self.conn.resume_reading()
+
+    # -- completion ----------------------------------------------------------------
+    def _end_attempt(self) -> None:
+        """Release the per-attempt counters (the attempt failed or finished)."""
+        host = self.host
+        if host is not None:
+            self.host = None
+            host.active_rq -= 1
+            st = self.cluster.stats
+            st.upstream_rq_active.value -= 1
+            st.upstream_rq_completed.value += 1
+
+    def _upstream_complete(self) -> None:
+        now = self.loop.time()
+        self.cluster.stats.upstream_rq_time.record((now - self.attempt_start) * 1000)
+        self._cancel_timers()
+        self._end_attempt()
+        conn = self.conn
+        self.conn = None
+        self.done = True
+        if conn is not None:
+            conn.release()
+
+    def on_stream_done(self) -> None:
+        """The downstream stream finished (normally or by reset)."""
+        if not self.done:
+            self.reset()
+
+    def reset(self) -> None:
+        """Abandon the upstream side (downstream went away or the stream was reset)."""
+        if self.done and self.conn is None and self.pending is None:
+            return
+        self.done = True
+        self._cancel_timers()
+        if self.backoff_handle is not None:
+            self.backoff_handle.cancel()
+            self.backoff_handle = None
+        if self.pending is not None:
+            self.pending.cancel()
+            self.pending = None
+            st = self.cluster.stats
+            st.upstream_rq_cancelled.value += 1
+        conn = self.conn
+        self.conn = None
+        if conn is not None:
+            self.cluster.stats.upstream_rq_tx_reset.value += 1
+            conn.abort()
+        self._end_attempt()
+
+    def _local_failure(self, status: int, body: bytes, flag: str, details: str) -> None:
+        self.done = True
+        self._cancel_timers()
+        stream = self.stream
+        if self.response_started:
+            stream.info.response_flags.append(flag)
+            stream.reset_stream()
+            return
+        stream.send_local_reply(status, body, flag, details)
+
+    # -- retries -------------------------------------------------------------------
+    def _retry_allowed(self) -> bool:
+        if self.retries_left <= 0 or not self.downstream_end or self.response_started:
+            return False
+        if self.body_bytes and not self.retain:
+            return False
+        st = self.cluster.stats
+        name = self.cluster.name
+        if _active_retries.get(name, 0) >= self.cluster.max_retries:
+            st.upstream_rq_retry_overflow.value += 1
+            return False
+        return True
+
+    def _maybe_retry_reset(self, connect_failure: bool) -> bool:
+        policy = self.policy
+        if policy is None:
+            return False
+        on = policy.retry_on
+        want = RETRY_5XX | RETRY_GATEWAY_ERROR | RETRY_RESET
+        if connect_failure:
+            want |= RETRY_CONNECT_FAILURE
+        if not on & want:
+            return False
+        return self._retry()
+
+    def _retry(self) -> bool:
+        if not self._retry_allowed():
+            if self.retries_left <= 0 and self.policy is not None:
+                self.cluster.stats.upstream_rq_retry_limit_exceeded.value += 1
+            return False
+        self.retries_left -= 1
+        self.cluster.stats.upstream_rq_retry.value += 1
+        self.is_retry = True
+        self._cancel_per_try()
+        conn = self.conn
+        self.conn = None
+        if conn is not None:
+            conn.abort()
+        self._end_attempt()
+        name = self.cluster.name
+        _active_retries[name] = _active_retries.get(name, 0) + 1
+        attempt = self.cluster.stats.upstream_rq_retry.value
+        delay = self.policy.backoff(self.attempts - 1, random.random()) if self.policy else 0.0
+        del attempt
+
+        def go() -> None:
+            _active_retries[name] = _active_retries.get(name, 1) - 1
+            self._start_attempt()
+
+        self.backoff_handle = self.loop.call_later(delay, go)
+        return True
+
+    # -- timers --------------------------------------------------------------------
+    def _start_global_timer(self) -> None:
+        if self.timeout_handle is None and self.timeout and not self.tunnel:
+            self.timeout_handle = self.loop.call_later(self.timeout, self._on_global_timeout)
+
+    def _start_per_try_timer(self) -> None:
+        p = self.policy
+        if p is not None and p.per_try_timeout and self.per_try_handle is None and not self.response_started:
+            self.per_try_handle = self.loop.call_later(p.per_try_timeout, self._on_per_try_timeout)
+
+    def _cancel_per_try(self) -> None:
+        if self.per_try_handle is not None:
+            self.per_try_handle.cancel()
+            self.per_try_handle = None
+
+    def _cancel_timers(self) -> None:
+        if self.timeout_handle is not None:
+            self.timeout_handle.cancel()
+            self.timeout_handle = None
+        self._cancel_per_try()
+
+    def _on_global_timeout(self) -> None:
+        self.timeout_handle = None
+        if self.done:
+            return
+        self.cluster.stats.upstream_rq_timeout.value += 1
+        if self.backoff_handle is not None:
+            self.backoff_handle.cancel()
+            self.backoff_handle = None
+            name = self.cluster.name
+            _active_retries[name] = _active_retries.get(name, 1) - 1
+        self._abandon_attempt()
+        self._local_failure(
+            504, b"upstream request timeout", flags.UPSTREAM_REQUEST_TIMEOUT, "upstream_response_timeout"
+        )
+
+    def _on_per_try_timeout(self) -> None:
+        self.per_try_handle = None
+        if self.done or self.response_started:
+            return
+        self.cluster.stats.upstream_rq_per_try_timeout.value += 1
+        self._abandon_attempt()
+        p = self.policy
+        if p is not None and p.retry_on & (RETRY_5XX | RETRY_GATEWAY_ERROR | RETRY_RESET) and self._retry():
+            return
+        self._local_failure(
+            504, b"upstream request timeout", flags.UPSTREAM_REQUEST_TIMEOUT, "upstream_per_try_timeout"
+        )
+
+    def _abandon_attempt(self) -> None:
+        if self.pending is not None:
+            self.pending.cancel()
+            self.pending = None
+        conn = self.conn
+        self.conn = None
+        if conn is not None:
+            conn.abort()
+        self._end_attempt()

@@ -1,0 +1,457 @@
+"""HTTP/1.1 upstream connections and the per-host connection pool.
+
+A pool belongs to one upstream host. ``Pool.new_stream(req)`` either hands an
+idle keep-alive connection to ``req.on_pool_ready(conn)`` at once, opens a new
+connection (within the cluster's ``max_connections``), or queues the request
+(within ``max_pending_requests``; beyond it ``req.on_pool_failure("overflow")``).
+
+The connection forwards response events to the attached request
+(``UpstreamRequest`` in ``moorline.proxy.router``):
+``on_upstream_headers(headers, end_stream)``, ``on_upstream_data(data,
+end_stream)``, ``on_upstream_trailers(trailers)``,
+``on_upstream_reset(reason)``, ``on_upstream_upgrade(leftover)`` and the flow
+control pair ``on_upstream_write_paused()`` / ``on_upstream_write_resumed()``.
+
+Bounds: the transport write buffer high-water mark is the cluster's
+``per_connection_buffer_limit``; above it the request's downstream side is
+paused. Pending requests are bounded by ``max_pending_requests``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from typing import Any
+
+from moorline.net import upstream as net_upstream
+from moorline.protocol.headers import HeaderMap
+from moorline.protocol.http1 import (
+    LAST_CHUNK,
+    HttpProtocolError,
+    ResponseParser,
+    encode_chunk,
+    encode_last_chunk,
+    encode_request_head,
+)
+
+log = logging.getLogger("moorline.pool")
+
+_STATUS_NAME = b":status"
+
+
+class Http1ClientConnection(asyncio.Protocol):
+    __slots__ = (
+        "_idle_handle",
+        "_paused",
+        "_write_paused",
+        "chunked_out",
+        "closed",
+        "keep_alive",
+        "parser",
+        "pool",
+        "req",
+        "request_done",
+        "requests",
+        "response_done",
+        "stats",
+        "transport",
+        "tunnel",
+    )
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.transport: Any = None
+        self.parser = ResponseParser(self)
+        self.req: Any = None
+        self.request_done = False
+        self.response_done = False
+        self.keep_alive = True
+        self.closed = False
+        self.requests = 0
+        self._paused = False
+        self._idle_handle: asyncio.TimerHandle | None = None
+        self.chunked_out = False
+        self.stats = pool.cluster.stats
+        self.tunnel = False
+        self._write_paused = False
+
+    # -- asyncio.Protocol
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        limit = self.pool.cluster.per_connection_buffer_limit
+        transport.set_write_buffer_limits(high=limit, low=limit // 4)
+
+    def data_received(self, data: bytes) -> None:
+        self.stats.upstream_cx_rx_bytes_total.value += len(data)
+        if self.tunnel:
+            req = self.req
+            if req is not None:
+                req.on_upstream_data(data, False)
+            return
+        if self.req is None:
+            # Bytes from an idle upstream: it is broken (or sent a 408); drop it.
+            self.close()
+            return
+        try:
+            leftover = self.parser.feed(data)
+        except HttpProtocolError as e:
+            self.stats.upstream_cx_protocol_error.value += 1
+            req = self.req
+            self.close()
+            if req is not None:
+                req.on_upstream_reset("protocol error: " + e.detail)
+            return
+        if leftover is not None:
+            # 101 Switching Protocols: the connection is now a tunnel.
+            self.tunnel = True
+            if self.req is not None:
+                self.req.on_upstream_upgrade(leftover)
+
+    def eof_received(self) -> bool | None:
+        if self.tunnel:
+            if self.req is not None:
+                self.req.on_upstream_data(b"", True)
+            return True  # keep the write side open for the half-closed tunnel
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        was_closed = self.closed
+        self.closed = True
+        self.pool.on_connection_closed(self, remote=not was_closed)
+        req = self.req
+        if req is None:
+            return
+        self.req = None
+        if self.tunnel:
+            req.on_upstream_reset("connection termination")
+            return
+        if not self.response_done:
+            try:
+                self.req = req
+                self.parser.feed_eof()
+            except HttpProtocolError:
+                pass
+            self.req = None
+            if not self.response_done:
+                req.on_upstream_reset("connection termination")
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self.req is not None:
+            self.req.on_upstream_write_paused()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self.req is not None:
+            self.req.on_upstream_write_resumed()
+
+    # -- ResponseParser target
+    def on_response_head(self, head: Any) -> None:
+        req = self.req
+        if req is None:
+            return
+        if not head.keep_alive:
+            self.keep_alive = False
+        h = head.headers
+        h._h.insert(0, (_STATUS_NAME, str(head.status).encode()))
+        if head.status < 200 and head.status != 101:
+            req.on_upstream_1xx(h)
+            return
+        req.on_upstream_headers(h, False)
+
+    def on_body(self, data: bytes) -> None:
+        req = self.req
+        if req is not None:
+            req.on_upstream_data(data, False)
+
+    def on_message_complete(self, trailers: HeaderMap | None) -> None:
+        req = self.req
+        self.response_done = True
+        if req is None:
+            return
+        if trailers:
+            req.on_upstream_trailers(trailers)
+        else:
+            req.on_upstream_data(b"", True)
+
+    # -- used by UpstreamRequest
+    def send_headers(self, req: Any, headers: HeaderMap, end_stream: bool) -> None:
+        """Attach ``req`` and write the request head. ``headers`` carries pseudo-headers."""
+        self.req = req
+        self.request_done = end_stream
+        self.response_done = False
+        self.requests += 1
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+        method = b"GET"
+        path = b"/"
+        authority = None
+        out: list[tuple[bytes, bytes]] = []
+        has_len = False
+        has_te = False
+        for k, v in headers._h:
+            if k[0] == 58:  # ':'
+                if k == b":method":
+                    method = v
+                elif k == b":path":
+                    path = v
+                elif k == b":authority":
+                    authority = v
+                continue
+            if k == b"content-length":
+                has_len = True
+            elif k == b"transfer-encoding":
+                has_te = True
+                continue
+            out.append((k, v))
+        if authority is not None:
+            out.insert(0, (b"host", authority))
+        self.chunked_out = False
+        if not end_stream and not has_len:
+            self.chunked_out = True
+            out.append((b"transfer-encoding", b"chunked"))
+        elif has_te and not has_len and end_stream:
+            pass
+        self.parser.expect(method)
+        self.transport.write(encode_request_head(method, path, out))
+
+    def send_data(self, data: bytes, end_stream: bool) -> None:
+        if self.tunnel:
+            if data:
+                self.transport.write(data)
+            if end_stream and self.transport.can_write_eof():
+                self.transport.write_eof()
+            return
+        if self.chunked_out:
+            if end_stream:
+                self.transport.write(encode_chunk(data) + LAST_CHUNK if data else LAST_CHUNK)
+            elif data:
+                self.transport.write(encode_chunk(data))
+        elif data:
+            self.transport.write(data)
+        if end_stream:
+            self.request_done = True
+
+    def send_trailers(self, trailers: HeaderMap) -> None:
+        if self.chunked_out:
+            self.transport.write(encode_last_chunk(trailers))
+        self.request_done = True
+
+    def pause_reading(self) -> None:
+        if not self._paused and not self.closed:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._paused and not self.closed:
+            self._paused = False
+            self.transport.resume_reading()
+
+    def release(self) -> None:
+        """The request is done with this connection: reuse it or close it."""
+        self.req = None
+        if self._paused:
+            self.resume_reading()
+        pool = self.pool
+        mrpc = pool.cluster.max_requests_per_connection
+        if (
+            self.closed
+            or not self.keep_alive
+            or not self.request_done
+            or not self.response_done
+            or self.tunnel
+            or (mrpc and self.requests >= mrpc)
+            or pool.closed
+        ):
+            if mrpc and self.requests >= mrpc:
+                self.stats.upstream_cx_max_requests.value += 1
+            self.close()
+            return
+        pool.on_connection_idle(self)
+
+    def close(self) -> None:
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+        if not self.closed:
+            self.closed = True
+            self.stats.upstream_cx_destroy_local.value += 1
+            if self.transport is not None:
+                self.transport.close()
+
+    def abort(self) -> None:
+        self.req = None
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+        if not self.closed:
+            self.closed = True
+            self.stats.upstream_cx_destroy_local.value += 1
+            if self.transport is not None:
+                self.transport.abort()
+
+    def on_idle_timeout(self) -> None:
+        self._idle_handle = None
+        if self.req is None and not self.closed:
+            self.stats.upstream_cx_idle_timeout.value += 1
+            self.pool.remove_idle(self)
+            self.close()
+
+
+class _Pending:
+    __slots__ = ("cancelled", "req")
+
+    def __init__(self, req: Any) -> None:
+        self.req = req
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Pool:
+    """Connections to one host of one cluster."""
+
+    def __init__(self, host: Any, cluster: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.host = host
+        self.cluster = cluster
+        self.loop = loop
+        self.idle: list[Http1ClientConnection] = []
+        self.connecting = 0
+        self.total = 0
+        self.pending: collections.deque[_Pending] = collections.deque()
+        self.closed = False
+
+    def new_stream(self, req: Any) -> _Pending | None:
+        """Get a connection for ``req``. Returns a handle to cancel a queued request, or None
+        when ``req.on_pool_ready`` / ``on_pool_failure`` was already called."""
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if conn.closed:
+                continue
+            if conn._idle_handle is not None:
+                conn._idle_handle.cancel()
+                conn._idle_handle = None
+            req.on_pool_ready(conn)
+            return None
+        cluster = self.cluster
+        stats = cluster.stats
+        if stats.upstream_rq_pending_active.value >= cluster.max_pending_requests:
+            stats.upstream_rq_pending_overflow.value += 1
+            req.on_pool_failure("overflow", None)
+            return None
+        p = _Pending(req)
+        self.pending.append(p)
+        stats.upstream_rq_pending_total.value += 1
+        stats.upstream_rq_pending_active.value += 1
+        if self.connecting < len(self.pending):
+            if stats.upstream_cx_active.value < cluster.max_connections:
+                self._open()
+            else:
+                stats.upstream_cx_overflow.value += 1
+        return p
+
+    def _open(self) -> None:
+        cluster = self.cluster
+        stats = cluster.stats
+        conn = Http1ClientConnection(self)
+        self.connecting += 1
+        self.total += 1
+        stats.upstream_cx_total.value += 1
+        stats.upstream_cx_active.value += 1
+        self.host.active_cx += 1
+        start = self.loop.time()
+
+        def done(err: BaseException | None, timed_out: bool) -> None:
+            self.connecting -= 1
+            if err is None:
+                stats.upstream_cx_connect_ms.record((self.loop.time() - start) * 1000)
+                if self.closed:
+                    conn.close()
+                    return
+                self._assign(conn)
+                return
+            # failed connection: it never became active
+            self.total -= 1
+            stats.upstream_cx_active.value -= 1
+            self.host.active_cx -= 1
+            if isinstance(err, asyncio.CancelledError) and not timed_out:
+                return
+            if timed_out:
+                stats.upstream_cx_connect_timeout.value += 1
+                reason = "connection timeout"
+            else:
+                reason = "delayed connect error: " + _errno_text(err)
+            stats.upstream_cx_connect_fail.value += 1
+            # Fail every queued request beyond what the remaining connection attempts can serve.
+            while self.pending and len(self.pending) > self.connecting:
+                p = self.pending.popleft()
+                stats.upstream_rq_pending_active.value -= 1
+                if not p.cancelled:
+                    p.req.on_pool_failure("connection failure", reason)
+
+        net_upstream.connect(self.loop, self.host, conn, cluster.connect_timeout, cluster.tcp_keepalive, done)
+
+    def _assign(self, conn: Http1ClientConnection) -> None:
+        while self.pending:
+            p = self.pending.popleft()
+            self.cluster.stats.upstream_rq_pending_active.value -= 1
+            if p.cancelled:
+                continue
+            p.req.on_pool_ready(conn)
+            return
+        self._make_idle(conn)
+
+    def on_connection_idle(self, conn: Http1ClientConnection) -> None:
+        if self.pending:
+            self._assign(conn)
+            return
+        self._make_idle(conn)
+
+    def _make_idle(self, conn: Http1ClientConnection) -> None:
+        self.idle.append(conn)
+        t = self.cluster.idle_timeout
+        if t:
+            conn._idle_handle = self.loop.call_later(t, conn.on_idle_timeout)
+
+    def remove_idle(self, conn: Http1ClientConnection) -> None:
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+
+    def on_connection_closed(self, conn: Http1ClientConnection, remote: bool) -> None:
+        stats = self.cluster.stats
+        self.total -= 1
+        stats.upstream_cx_active.value -= 1
+        stats.upstream_cx_destroy.value += 1
+        self.host.active_cx -= 1
+        if remote:
+            stats.upstream_cx_destroy_remote.value += 1
+        self.remove_idle(conn)
+        # A queued request may now get a connection slot.
+        if self.pending and not self.closed and self.connecting < len(self.pending):
+            self._open()
+
+    def close(self) -> None:
+        self.closed = True
+        for conn in list(self.idle):
+            conn.close()
+        self.idle.clear()
+
+
+def _errno_text(err: BaseException) -> str:
+    n = getattr(err, "errno", None)
+    if n:
+        return str(n)
+    return type(err).__name__
+
+
+def pool_for(host: Any, loop: asyncio.AbstractEventLoop) -> Pool:
+    p = host.pool
+    if p is None or p.closed:
+        p = host.pool = Pool(host, host.cluster, loop)
+    return p

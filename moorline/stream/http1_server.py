@@ -1,0 +1,391 @@
+"""Downstream HTTP/1.1 connections: codec events in, streams out.
+
+One ``Http1ServerConnection`` per accepted connection. It feeds bytes to the
+sans-IO ``RequestParser`` and turns its callbacks into calls on an
+``ActiveStream`` (``moorline.proxy.hcm``); the stream answers through
+``encode_headers`` / ``encode_data`` / ``encode_trailers`` here, which frame
+the response (Content-Length, chunked or close-delimited) and write it with
+one ``transport.write`` per event.
+
+Pipelining: while a stream is active, events for the next requests are kept
+in ``backlog`` and reading is paused, so the backlog is bounded by one
+socket read (at most the loop's read size, 256 KiB on uvloop).
+
+Flow control: the transport's write high-water mark is the listener's
+per-connection buffer limit; ``pause_writing`` from the transport pauses the
+active stream's upstream reads, ``resume_writing`` resumes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from typing import TYPE_CHECKING, Any
+
+from moorline.protocol.headers import HeaderMap
+from moorline.protocol.http1 import (
+    LAST_CHUNK,
+    HttpProtocolError,
+    RequestParser,
+    encode_chunk,
+    encode_last_chunk,
+    encode_response_head,
+)
+
+if TYPE_CHECKING:
+    from moorline.proxy.hcm import ActiveStream, HcmConfig
+
+_CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+_NO_BODY_STATUS = frozenset((204, 304))
+
+_date_cache = [0, b""]
+
+
+def http_date() -> bytes:
+    """RFC 7231 date, recomputed at most once per second."""
+    now = int(time.time())
+    if now != _date_cache[0]:
+        _date_cache[0] = now
+        _date_cache[1] = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)).encode()
+    return _date_cache[1]  # type: ignore[return-value]
+
+
+class Http1ServerConnection(asyncio.Protocol):
+    def __init__(self, cfg: HcmConfig, info: Any) -> None:
+        self.cfg = cfg
+        self.info = info
+        self.loop = asyncio.get_event_loop()
+        self.transport: Any = None
+        self.parser = RequestParser(self, cfg.limits)
+        self.stream: ActiveStream | None = None
+        self.backlog: collections.deque[tuple[int, Any]] = collections.deque()
+        self.parsing_backlog = False  # parser is inside a message that belongs to the backlog
+        self.read_paused = False
+        self.write_paused = False
+        self.closed = False
+        self.close_after_response = False
+        self.tunnel = False
+        self.requests = 0
+        self.partial_since = 0.0  # loop time of the first byte of a request whose head is incomplete
+        self.last_activity = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self.start = 0.0
+        self.stats = cfg.stats
+        self.remote_str = ""
+        self.local_str = ""
+        # response framing state of the active stream
+        self.resp_chunked = False
+        self.resp_no_body = False
+        self.resp_keep_alive = True
+
+    # -- asyncio.Protocol -------------------------------------------------
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        limit = self.info.buffer_limit
+        transport.set_write_buffer_limits(high=limit, low=limit // 4)
+        st = self.stats
+        st.downstream_cx_total.value += 1
+        st.downstream_cx_http1_total.value += 1
+        st.downstream_cx_active.value += 1
+        self.start = self.last_activity = self.loop.time()
+        self.remote_str = self.info.remote_str()
+        self.local_str = self.info.local_str()
+        self.cfg.connections.add(self)
+        self._arm_timer()
+
+    def data_received(self, data: bytes) -> None:
+        self.stats.downstream_cx_rx_bytes_total.value += len(data)
+        now = self.last_activity = self.loop.time()
+        if self.tunnel:
+            if self.stream is not None:
+                self.stream.on_tunnel_data(data, False)
+            return
+        if self.stream is None and not self.partial_since:
+            self.partial_since = now
+        try:
+            leftover = self.parser.feed(data)
+        except HttpProtocolError as e:
+            self._protocol_error(e)
+            return
+        if leftover is not None:
+            # Upgrade/CONNECT: the bytes after the head belong to the tunnel.
+            self.tunnel = True
+            if leftover and self.stream is not None:
+                self.stream.on_tunnel_data(leftover, False)
+
+    def eof_received(self) -> bool | None:
+        if self.tunnel and self.stream is not None:
+            self.stream.on_tunnel_data(b"", True)
+            return True
+        if self.stream is not None and not self.stream.request_complete:
+            # Peer went away mid-request.
+            return None
+        if self.stream is not None:
+            # Half-close after a full request: finish the response, then close (RFC 9112 9.6).
+            self.close_after_response = True
+            return True
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            self._finish_close()
+            return
+        self.closed = True
+        self._finish_close()
+        s = self.stream
+        if s is not None:
+            self.stream = None
+            s.on_downstream_reset()
+
+    def _finish_close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self in self.cfg.connections:
+            self.cfg.connections.discard(self)
+            st = self.stats
+            st.downstream_cx_active.value -= 1
+            st.downstream_cx_destroy.value += 1
+            st.downstream_cx_length_ms.record((self.loop.time() - self.start) * 1000)
+            self.info.notify_closed()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.stream is not None:
+            self.stream.on_downstream_write_paused()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.stream is not None:
+            self.stream.on_downstream_write_resumed()
+
+    # -- parser target ----------------------------------------------------
+    def on_request_head(self, head: Any) -> None:
+        if self.stream is not None or self.backlog:
+            self.parsing_backlog = True
+            self.backlog.append((0, head))
+            self.pause_reading()
+            return
+        self.parsing_backlog = False
+        self._new_stream(head)
+
+    def on_body(self, data: bytes) -> None:
+        if self.parsing_backlog:
+            self.backlog.append((1, data))
+            return
+        s = self.stream
+        if s is not None:
+            s.decode_data(data, False)
+
+    def on_message_complete(self, trailers: HeaderMap | None) -> None:
+        if self.parsing_backlog:
+            self.backlog.append((2, trailers))
+            return
+        s = self.stream
+        if s is not None:
+            s.decode_complete(trailers)
+
+    def _new_stream(self, head: Any) -> None:
+        from moorline.proxy.hcm import ActiveStream
+
+        self.requests += 1
+        self.partial_since = 0.0
+        self.resp_chunked = False
+        self.resp_no_body = head.method == b"HEAD"
+        self.resp_keep_alive = head.keep_alive and not self.close_after_response
+        if head.expect_continue:
+            self.transport.write(_CONTINUE_100)
+        s = ActiveStream(self, head)
+        self.stream = s
+        s.decode_headers(head)
+
+    # -- called by the stream -------------------------------------------
+    def encode_headers(self, headers: HeaderMap, end_stream: bool, version: bytes) -> None:
+        """Write the response head. ``headers`` starts with ``:status``."""
+        h = headers._h
+        status = int(h[0][1]) if h and h[0][0] == b":status" else 200
+        out = []
+        has_len = False
+        for k, v in h:
+            if k[0] == 58:  # pseudo header
+                continue
+            if k == b"content-length":
+                has_len = True
+            elif k in _RESP_HOP:
+                continue
+            out.append((k, v))
+        keep_alive = self.resp_keep_alive and not self.cfg.draining
+        if status == 101:
+            out.append((b"connection", b"upgrade"))
+            upg = headers.get(b"upgrade")
+            if upg is not None:
+                out.append((b"upgrade", upg))
+        elif status < 200:
+            self.transport.write(encode_response_head(status, out, version=version))
+            return
+        elif status in _NO_BODY_STATUS or self.resp_no_body:
+            self.resp_chunked = False
+        elif has_len:
+            self.resp_chunked = False
+        elif end_stream:
+            out.append((b"content-length", b"0"))
+        elif version == b"1.1":
+            self.resp_chunked = True
+            out.append((b"transfer-encoding", b"chunked"))
+        else:
+            keep_alive = False  # HTTP/1.0 without length: close-delimited
+        if status != 101:
+            if not keep_alive:
+                out.append((b"connection", b"close"))
+            elif version == b"1.0":
+                out.append((b"connection", b"keep-alive"))
+        self.resp_keep_alive = keep_alive
+        self.transport.write(encode_response_head(status, out, version=version))
+        if end_stream:
+            self._response_complete()
+
+    def encode_data(self, data: bytes, end_stream: bool) -> None:
+        if self.closed:
+            return
+        if self.tunnel:
+            if data:
+                self.transport.write(data)
+            if end_stream:
+                if self.transport.can_write_eof():
+                    self.transport.write_eof()
+            return
+        if self.resp_no_body:
+            pass
+        elif self.resp_chunked:
+            if end_stream:
+                self.transport.write(encode_chunk(data) + LAST_CHUNK if data else LAST_CHUNK)
+            elif data:
+                self.transport.write(encode_chunk(data))
+        elif data:
+            self.transport.write(data)
+        if end_stream:
+            self._response_complete()
+
+    def encode_trailers(self, trailers: HeaderMap) -> None:
+        if self.closed:
+            return
+        if self.resp_chunked and not self.resp_no_body:
+            self.transport.write(encode_last_chunk(trailers))
+        self._response_complete()
+
+    def start_tunnel(self) -> None:
+        self.tunnel = True
+
+    def _response_complete(self) -> None:
+        s = self.stream
+        request_complete = s is None or s.request_complete
+        self.stream = None
+        if not self.resp_keep_alive or not request_complete or self.close_after_response:
+            self.close()
+            return
+        self.last_activity = self.loop.time()
+        # Run the next pipelined request, if any.
+        backlog = self.backlog
+        while backlog and self.stream is None and not self.closed:
+            kind, item = backlog.popleft()
+            if kind == 0:
+                self.parsing_backlog = False
+                self._new_stream(item)
+            elif kind == 1:
+                if self.stream is not None:
+                    self.stream.decode_data(item, False)
+            else:
+                if self.stream is not None:
+                    self.stream.decode_complete(item)
+        if backlog:
+            # The stream we just started is still running; the rest waits.
+            self.parsing_backlog = self.parsing_backlog or False
+            return
+        self.parsing_backlog = False
+        if not self.closed:
+            self.resume_reading()
+
+    # -- control ----------------------------------------------------------
+    def pause_reading(self) -> None:
+        if not self.read_paused and not self.closed:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.read_paused and not self.closed:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.transport.close()
+
+    def abort(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.transport.abort()
+
+    def _protocol_error(self, e: HttpProtocolError) -> None:
+        self.stats.downstream_cx_protocol_error.value += 1
+        s = self.stream
+        if s is not None and not self.parsing_backlog and not s.response_started:
+            s.protocol_error(e)
+            return
+        if s is None and not self.closed:
+            from moorline.proxy.hcm import protocol_error_reply
+
+            protocol_error_reply(self, e)
+            return
+        # The response already started or the error is in a pipelined request: just close.
+        if s is not None:
+            self.stream = None
+            s.on_downstream_reset()
+        self.abort()
+
+    # -- timers -----------------------------------------------------------
+    def _arm_timer(self) -> None:
+        t = self.cfg.timer_period
+        if t and not self.closed:
+            self._timer = self.loop.call_later(t, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.closed:
+            return
+        now = self.loop.time()
+        cfg = self.cfg
+        s = self.stream
+        if s is None:
+            if cfg.idle_timeout and now - self.last_activity >= cfg.idle_timeout:
+                self.stats.downstream_cx_idle_timeout.value += 1
+                self.close()
+                return
+            if self.partial_since and cfg.request_headers_timeout:
+                if now - self.partial_since >= cfg.request_headers_timeout:
+                    from moorline.proxy.hcm import timeout_reply
+
+                    timeout_reply(self, b"request_header_timeout")
+                    return
+        else:
+            if s.check_timeouts(now):
+                return
+        if cfg.max_connection_duration and now - self.start >= cfg.max_connection_duration:
+            if self.stream is None:
+                self.stats.downstream_cx_max_duration_reached.value += 1
+                self.close()
+                return
+            self.resp_keep_alive = False
+        self._arm_timer()
+
+
+_RESP_HOP = frozenset(
+    (
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"upgrade",
+    )
+)

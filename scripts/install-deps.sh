@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the tests and benchmarks drive (real peers: nginx, HAProxy, wrk,
+# iperf3, h2load, curl, openssl). Idempotent: does nothing when all are present.
+set -euo pipefail
+need=()
+for pair in nginx:/usr/sbin/nginx haproxy:/usr/sbin/haproxy wrk:/usr/bin/wrk iperf3:/usr/bin/iperf3 \
+            nghttp2-client:/usr/bin/h2load curl:/usr/bin/curl openssl:/usr/bin/openssl; do
+  pkg=${pair%%:*}; bin=${pair#*:}
+  [ -x "$bin" ] || need+=("$pkg")
+done
+[ ${#need[@]} -eq 0 ] && exit 0
+SUDO=""
+if [ "$(id -u)" != 0 ]; then
+  if command -v sudo >/dev/null; then SUDO=sudo; else
+    echo "install-deps: missing ${need[*]} and not root; tests that need them will be skipped" >&2; exit 0
+  fi
+fi
+echo "install-deps: installing ${need[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+# policy-rc.d keeps the packages' services (nginx on :80) from starting: tests start their own.
+if [ ! -e /usr/sbin/policy-rc.d ] && [ -z "$SUDO" ]; then
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; created=1
+fi
+$SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+[ "${created:-0}" = 1 ] && rm -f /usr/sbin/policy-rc.d
+exit 0

@@ -1,0 +1,255 @@
+"""End-to-end command line and process lifecycle: ``validate``, ``run --mode validate``,
+``version``, ``--config-yaml``, ``proxy --listen --to [--http]``, the embedded default config,
+and the SIGTERM drain contract.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from moorline.testing import procs
+from moorline.testing.procs import free_port, http_request, port_is_free, wait_port
+from moorline.testing.upstream import TcpEchoServer, TestUpstream
+
+pytestmark = pytest.mark.e2e
+
+H = "127.0.0.1"
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _moorline(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run(
+        [sys.executable, "-m", "moorline", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=str(REPO),
+    )
+
+
+def _good_config(upstream_port: int = 1) -> tuple[str, int]:
+    port = free_port()
+    return procs.config_http(port, clusters={"c": [upstream_port]}), port
+
+
+BAD_CONFIGS = {
+    "bad_enum": (
+        "static_resources:\n  clusters:\n  - name: c\n    connect_timeout: 1s\n    lb_policy: NOT_A_POLICY\n",
+        ["clusters[0]", "lb_policy"],
+    ),
+    "unknown_field": (
+        "static_resources:\n  listeners:\n  - name: l\n    bogus_field: 1\n"
+        "    address: {socket_address: {address: 127.0.0.1, port_value: 1}}\n",
+        ["listeners[0]", "bogus_field"],
+    ),
+}
+
+
+def test_validate_good_config(tmp_path: Path) -> None:
+    """``moorline validate FILE`` exits 0 for a valid Envoy bootstrap."""
+    cfg, _ = _good_config()
+    f = tmp_path / "good.yaml"
+    f.write_text(cfg)
+    r = _moorline("validate", str(f))
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_validate_bad_config(tmp_path: Path, case: str) -> None:
+    """An invalid config: exit 2 and one stderr line ``moorline: <file>: <field.path>:
+    <message>`` naming the file and the field, never a traceback."""
+    text, needles = BAD_CONFIGS[case]
+    f = tmp_path / f"{case}.yaml"
+    f.write_text(text)
+    r = _moorline("validate", str(f))
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"moorline: {f}: "), lines[0]
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_run_mode_validate(tmp_path: Path) -> None:
+    """``run -c FILE --mode validate`` (Envoy's flag) checks the config and exits without
+    binding anything: 0 for a good file, 2 for a bad one."""
+    cfg, port = _good_config()
+    good = tmp_path / "good.yaml"
+    good.write_text(cfg)
+    r = _moorline("run", "-c", str(good), "--mode", "validate")
+    assert r.returncode == 0, r.stderr
+    assert port_is_free(port)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD_CONFIGS["bad_enum"][0])
+    r = _moorline("run", "-c", str(bad), "--mode", "validate")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_version() -> None:
+    """``moorline version`` prints the package version and exits 0."""
+    from moorline import __version__
+
+    r = _moorline("version")
+    assert r.returncode == 0
+    assert "moorline" in r.stdout and __version__ in r.stdout
+
+
+def test_config_yaml_flag(tmp_path: Path, upstream: TestUpstream) -> None:
+    """``run --config-yaml '<yaml>'`` runs a config given inline."""
+    port, admin = free_port(), free_port()
+    cfg = procs.config_http(port, clusters={"c": [upstream.port]}, admin_port=admin)
+    p = procs.start_moorline(None, tmp_path, ["--config-yaml", cfg], admin=(H, admin))
+    try:
+        r = http_request(H, port, "GET", "/inline")
+        assert r.status == 200 and json.loads(r.body)["path"] == "/inline"
+    finally:
+        assert p.stop(signal.SIGTERM, 10) == 0
+
+
+def test_proxy_tcp_mode(tmp_path: Path) -> None:
+    """``proxy --listen A --to B`` is a plain TCP proxy: bytes and half-close pass through."""
+    port = free_port()
+    with TcpEchoServer() as echo:
+        p = procs.start_moorline(
+            None,
+            tmp_path,
+            subcommand=["proxy", "--listen", f"{H}:{port}", "--to", f"{H}:{echo.port}"],
+            wait="port",
+            wait_for=(H, port),
+        )
+        try:
+            data = os.urandom(1_000_000)
+            with socket.create_connection((H, port), timeout=10) as s:
+                t = threading.Thread(target=lambda: (s.sendall(data), s.shutdown(socket.SHUT_WR)))
+                t.start()
+                got = bytearray()
+                while chunk := s.recv(65536):
+                    got += chunk
+                t.join()
+            assert hashlib.sha256(got).hexdigest() == hashlib.sha256(data).hexdigest()
+        finally:
+            assert p.stop(signal.SIGTERM, 10) == 0
+
+
+def test_proxy_http_mode_with_curl(tmp_path: Path, upstream: TestUpstream) -> None:
+    """``proxy --listen A --to B --http`` is an HTTP/1.1 proxy: curl gets the upstream's answer."""
+    curl = _curl()
+    port = free_port()
+    p = procs.start_moorline(
+        None,
+        tmp_path,
+        subcommand=["proxy", "--listen", f"{H}:{port}", "--to", f"{H}:{upstream.port}", "--http"],
+        wait="port",
+        wait_for=(H, port),
+    )
+    try:
+        out = subprocess.run(
+            [curl, "-sS", "-i", f"http://{H}:{port}/via-curl"], capture_output=True, text=True, timeout=20
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith("HTTP/1.1 200")
+        assert '"path": "/via-curl"' in out.stdout
+        assert upstream.requests[-1].path == "/via-curl"
+    finally:
+        assert p.stop(signal.SIGTERM, 10) == 0
+
+
+def test_embedded_default_config(tmp_path: Path) -> None:
+    """``run`` without ``-c`` starts the embedded default (listener 127.0.0.1:10000 -> cluster ->
+    listener 127.0.0.1:10001 direct response; admin 127.0.0.1:9901): curl gets 200."""
+    for port in (10000, 10001, 9901):
+        if not port_is_free(port):
+            pytest.skip(f"port {port} is taken; the default config needs it")
+    curl = _curl()
+    p = procs.start_moorline(None, tmp_path)
+    try:
+        out = subprocess.run(
+            [curl, "-sS", "-o", "/dev/null", "-w", "%{http_code}", f"http://{H}:10000/"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        assert out.stdout == "200", (out.stdout, out.stderr)
+    finally:
+        assert p.stop(signal.SIGTERM, 10) == 0
+
+
+def test_sigterm_drains_in_flight_requests(tmp_path: Path, upstream: TestUpstream) -> None:
+    """SIGTERM: stop accepting (new connections are refused), let the 5 in-flight requests to a
+    1.5 s upstream finish with 200, then exit 0 within the drain time. (moorline's contract;
+    Envoy itself drains via ``/drain_listeners`` and exits on SIGTERM at once.)"""
+    port = free_port()
+    cfg = procs.config_http(port, clusters={"c": [upstream.port]})
+    p = procs.start_moorline(cfg, tmp_path, ["--drain-time-s", "5"])
+    results: list[int | str] = []
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        try:
+            r = http_request(H, port, "GET", f"/delay/1500?i={i}", timeout=15)
+            out: int | str = r.status
+        except Exception as exc:
+            out = repr(exc)
+        with lock:
+            results.append(out)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(5)]
+    for t in threads:
+        t.start()
+    try:
+        upstream.wait_for_requests(5, timeout=10)  # all 5 are at the upstream, in flight
+        p.send_signal(signal.SIGTERM)
+        refused = False
+        deadline = time.monotonic() + 1.2  # well inside the 1.5 s the requests still need
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection((H, port), timeout=0.5):
+                    pass
+            except ConnectionRefusedError:
+                refused = True
+                break
+            time.sleep(0.02)
+        for t in threads:
+            t.join(15)
+        assert results == [200] * 5, results
+        assert refused, "new connections were still accepted after SIGTERM"
+        assert p.wait(8) == 0
+    finally:
+        p.stop(signal.SIGKILL, 5)
+
+
+def test_sigint_exits_zero(tmp_path: Path, upstream: TestUpstream) -> None:
+    """SIGINT on an idle proxy: clean exit 0."""
+    cfg, _ = _good_config(upstream.port)
+    p = procs.start_moorline(cfg, tmp_path)
+    assert p.stop(signal.SIGINT, 10) == 0
+
+
+def _curl() -> str:
+    import shutil
+
+    path = shutil.which("curl")
+    if path is None:
+        pytest.skip("curl is not installed")
+    return path
+
+
+def test_wait_port_helper_sees_listener(upstream: TestUpstream) -> None:
+    """(harness sanity) the upstream fixture is reachable, so failures above are moorline's."""
+    wait_port(H, upstream.port, 2)
