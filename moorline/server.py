@@ -157,7 +157,9 @@ class Server:
     def _terminals(self) -> list[Any]:
         out = []
         for lst in self.listeners:
-            for ch in getattr(lst, "filter_chains", []):
+            sel = lst.selector
+            chains = list(sel.chains) + ([sel.default] if sel.default is not None else [])
+            for ch in chains:
                 out.append(ch.terminal)
         return out
 
@@ -170,7 +172,7 @@ class Server:
 
     # -- AdminHost ------------------------------------------------------------------
     def is_ready(self) -> bool:
-        return self.state == "LIVE"
+        return self.state == "LIVE" and not self.health_check_failed
 
     def server_info(self) -> dict:
         from google.protobuf import json_format
@@ -183,7 +185,7 @@ class Server:
         up = int(time.time() - self.start_time)
         return {
             "version": f"moorline/{__version__}/Python-{sys.version.split()[0]}",
-            "state": self.state,
+            "state": "DRAINING" if (self.health_check_failed and self.state == "LIVE") else self.state,
             "hot_restart_version": "disabled",
             "command_line_options": self.options,
             "node": node,

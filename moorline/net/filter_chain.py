@@ -122,7 +122,9 @@ class FilterChainMatch:
             if n.startswith("*."):
                 pass
             elif "*" in n:
-                raise ConfigError(f"{path}.server_names[{i}]", f"unsupported wildcard {n!r} (only '*.suffix')")
+                raise ConfigError(
+                    f"{path}.server_names[{i}]", f"unsupported wildcard {n!r} (only '*.suffix')"
+                )
             names.append(n)
         self.server_names = tuple(names)
         self.transport_protocol = proto.transport_protocol
@@ -191,7 +193,9 @@ class FilterChain:
 
     __slots__ = ("filters", "index", "match", "name", "terminal")
 
-    def __init__(self, name: str, match: FilterChainMatch, terminal: Any, filters: list[Any], index: int) -> None:
+    def __init__(
+        self, name: str, match: FilterChainMatch, terminal: Any, filters: list[Any], index: int
+    ) -> None:
         self.name = name
         self.match = match
         self.terminal = terminal
@@ -283,17 +287,23 @@ class FilterChainSelector:
         return candidates[0]
 
 
-def _rank_dst_port(m: FilterChainMatch, dip: Any, dport: Any, sip: Any, sport: Any, sni: Any, tp: Any, alpn: Any) -> int:
+def _rank_dst_port(
+    m: FilterChainMatch, dip: Any, dport: Any, sip: Any, sport: Any, sni: Any, tp: Any, alpn: Any
+) -> int:
     if m.destination_port is None:
         return 0
     return 1 if m.destination_port == dport else -1
 
 
-def _rank_dst_ip(m: FilterChainMatch, dip: Any, dport: Any, sip: Any, sport: Any, sni: Any, tp: Any, alpn: Any) -> int:
+def _rank_dst_ip(
+    m: FilterChainMatch, dip: Any, dport: Any, sip: Any, sport: Any, sni: Any, tp: Any, alpn: Any
+) -> int:
     return _cidr_rank(m.prefix_ranges, dip)
 
 
-def _rank_sni(m: FilterChainMatch, dip: Any, dport: Any, sip: Any, sport: Any, sni: Any, tp: Any, alpn: Any) -> int:
+def _rank_sni(
+    m: FilterChainMatch, dip: Any, dport: Any, sip: Any, sport: Any, sni: Any, tp: Any, alpn: Any
+) -> int:
     if not m.server_names:
         return 0
     if sni is None:
@@ -307,13 +317,17 @@ def _rank_sni(m: FilterChainMatch, dip: Any, dport: Any, sip: Any, sport: Any, s
     return best
 
 
-def _rank_transport(m: FilterChainMatch, dip: Any, dport: Any, sip: Any, sport: Any, sni: Any, tp: Any, alpn: Any) -> int:
+def _rank_transport(
+    m: FilterChainMatch, dip: Any, dport: Any, sip: Any, sport: Any, sni: Any, tp: Any, alpn: Any
+) -> int:
     if not m.transport_protocol:
         return 0
     return 1 if m.transport_protocol == tp else -1
 
 
-def _rank_alpn(m: FilterChainMatch, dip: Any, dport: Any, sip: Any, sport: Any, sni: Any, tp: Any, alpn: Any) -> int:
+def _rank_alpn(
+    m: FilterChainMatch, dip: Any, dport: Any, sip: Any, sport: Any, sni: Any, tp: Any, alpn: Any
+) -> int:
     if not m.application_protocols:
         return 0
     if alpn and not m.application_protocols.isdisjoint(alpn):
@@ -321,12 +335,16 @@ def _rank_alpn(m: FilterChainMatch, dip: Any, dport: Any, sip: Any, sport: Any, 
     return -1
 
 
-def _rank_direct_src(m: FilterChainMatch, dip: Any, dport: Any, sip: Any, sport: Any, sni: Any, tp: Any, alpn: Any) -> int:
+def _rank_direct_src(
+    m: FilterChainMatch, dip: Any, dport: Any, sip: Any, sport: Any, sni: Any, tp: Any, alpn: Any
+) -> int:
     # Without PROXY protocol the direct source is the source.
     return _cidr_rank(m.direct_source_prefix_ranges, sip)
 
 
-def _rank_src_type(m: FilterChainMatch, dip: Any, dport: Any, sip: Any, sport: Any, sni: Any, tp: Any, alpn: Any) -> int:
+def _rank_src_type(
+    m: FilterChainMatch, dip: Any, dport: Any, sip: Any, sport: Any, sni: Any, tp: Any, alpn: Any
+) -> int:
     if m.source_type == SOURCE_ANY:
         return 0
     local = _is_local(sip, dip)
@@ -335,11 +353,15 @@ def _rank_src_type(m: FilterChainMatch, dip: Any, dport: Any, sip: Any, sport: A
     return -1 if local else 1
 
 
-def _rank_src_ip(m: FilterChainMatch, dip: Any, dport: Any, sip: Any, sport: Any, sni: Any, tp: Any, alpn: Any) -> int:
+def _rank_src_ip(
+    m: FilterChainMatch, dip: Any, dport: Any, sip: Any, sport: Any, sni: Any, tp: Any, alpn: Any
+) -> int:
     return _cidr_rank(m.source_prefix_ranges, sip)
 
 
-def _rank_src_port(m: FilterChainMatch, dip: Any, dport: Any, sip: Any, sport: Any, sni: Any, tp: Any, alpn: Any) -> int:
+def _rank_src_port(
+    m: FilterChainMatch, dip: Any, dport: Any, sip: Any, sport: Any, sni: Any, tp: Any, alpn: Any
+) -> int:
     if not m.source_ports:
         return 0
     return 1 if sport in m.source_ports else -1
@@ -397,7 +419,9 @@ def _compile_filters(chain: Any, ctx: Any, path: str) -> tuple[Any, list[Any]]:
         fpath = f"{path}.filters[{j}]"
         kind = f.WhichOneof("config_type")
         if kind == "config_discovery":
-            raise ConfigError(f"{fpath}.config_discovery", "extension config discovery (ECDS) is not supported")
+            raise ConfigError(
+                f"{fpath}.config_discovery", "extension config discovery (ECDS) is not supported"
+            )
         type_url = f.typed_config.type_url if kind == "typed_config" else None
         ext = registry.lookup("network", f.name, type_url)
         if ext is None:
@@ -406,7 +430,9 @@ def _compile_filters(chain: Any, ctx: Any, path: str) -> tuple[Any, list[Any]]:
                 ctx.notice(f"{fpath}: network filter {f.name!r} ignored: {reason}")
                 continue
             if reason is not None:
-                raise ConfigError(fpath, f"the last filter must be a terminal filter; {f.name!r} is a no-op here ({reason})")
+                raise ConfigError(
+                    fpath, f"the last filter must be a terminal filter; {f.name!r} is a no-op here ({reason})"
+                )
             what = f"type {type_url.rsplit('/', 1)[-1]!r}" if type_url else f"name {f.name!r}"
             raise ConfigError(fpath, f"unknown or unsupported network filter ({what})")
         cfg = _unpack(f.typed_config, f"{fpath}.typed_config") if kind == "typed_config" else None

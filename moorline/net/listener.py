@@ -83,10 +83,14 @@ class Listener:
         else:
             self.pipe_mode = int(proto.address.pipe.mode)
         if len(proto.additional_addresses):
-            raise ConfigError(_join(path, "additional_addresses"), "additional_addresses are not supported yet")
+            raise ConfigError(
+                _join(path, "additional_addresses"), "additional_addresses are not supported yet"
+            )
         self.name: str = proto.name or addr_str(self.address)
 
-        self.backlog = int(proto.tcp_backlog_size.value) if proto.HasField("tcp_backlog_size") else DEFAULT_BACKLOG
+        self.backlog = (
+            int(proto.tcp_backlog_size.value) if proto.HasField("tcp_backlog_size") else DEFAULT_BACKLOG
+        )
         self.accepts_per_event = (
             int(proto.max_connections_to_accept_per_socket_event.value) or DEFAULT_ACCEPTS_PER_EVENT
             if proto.HasField("max_connections_to_accept_per_socket_event")
@@ -110,12 +114,18 @@ class Listener:
             proto.socket_options, _join(path, "socket_options")
         )
         if proto.HasField("use_original_dst") and proto.use_original_dst.value:
-            ctx.notice(f"{_join(path, 'use_original_dst')}: original destination is not supported yet; ignored")
+            ctx.notice(
+                f"{_join(path, 'use_original_dst')}: original destination is not supported yet; ignored"
+            )
         if len(proto.listener_filters):
             names = ", ".join(f.name for f in proto.listener_filters)
-            ctx.notice(f"{_join(path, 'listener_filters')}: listener filters not supported yet; ignored ({names})")
+            ctx.notice(
+                f"{_join(path, 'listener_filters')}: listener filters not supported yet; ignored ({names})"
+            )
         if proto.HasField("connection_balance_config"):
-            ctx.notice(f"{_join(path, 'connection_balance_config')}: ignored (the kernel balances with SO_REUSEPORT)")
+            ctx.notice(
+                f"{_join(path, 'connection_balance_config')}: ignored (the kernel balances with SO_REUSEPORT)"
+            )
         if len(proto.access_log):
             ctx.notice(f"{_join(path, 'access_log')}: listener access logs are not supported yet; ignored")
 
@@ -135,6 +145,14 @@ class Listener:
         self._accepting = False
         self._bound: Addr | None = None
         self._is_tcp = self.address[0] == "tcp"
+
+    @property
+    def filter_chains(self) -> list[FilterChain]:
+        """Every compiled chain, the default chain last (for the server's drain and admin)."""
+        chains = list(self.selector.chains)
+        if self.selector.default is not None:
+            chains.append(self.selector.default)
+        return chains
 
     # -- lifecycle --
 

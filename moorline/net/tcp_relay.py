@@ -41,7 +41,7 @@ from typing import Any
 SPLICE_PIPE_MAX = 1024 * 1024  # the default /proc/sys/fs/pipe-max-size for unprivileged users
 COPY_CHUNK = 64 * 1024  # one recv per wakeup at most this large
 MIN_COPY_BUFFER = 4096
-PIPE_POOL_MAX = 64  # idle pipes kept per size; beyond that they are closed
+PIPE_POOL_MAX = 16  # idle pipes kept per size (<= 16 MiB of pipe quota); beyond that they are closed
 
 _HAVE_SPLICE = hasattr(os, "splice") and hasattr(os, "SPLICE_F_MOVE")
 _SPLICE_FLAGS = (os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK) if _HAVE_SPLICE else 0
@@ -61,6 +61,18 @@ def splice_supported() -> bool:
 
 # size requested -> list of (read fd, write fd, capacity); every pooled pipe is empty.
 _pipe_pool: dict[int, list[tuple[int, int, int]]] = {}
+
+
+def _forget_pool_after_fork() -> None:
+    # A worker forked after relays ran must not splice into pipes its parent still uses.
+    for pipes in _pipe_pool.values():
+        for p in pipes:
+            _pipe_close(p)
+    _pipe_pool.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 def _pipe_acquire(size: int) -> tuple[int, int, int]:
@@ -194,7 +206,9 @@ class _Pump:
 class _CopyPump(_Pump):
     __slots__ = ("buf", "chunk", "low", "rbuf", "rview")
 
-    def __init__(self, relay: Relay, src: socket.socket, dst: socket.socket, counters: Sequence[Any], limit: int) -> None:
+    def __init__(
+        self, relay: Relay, src: socket.socket, dst: socket.socket, counters: Sequence[Any], limit: int
+    ) -> None:
         super().__init__(relay, src, dst, counters)
         self.cap = max(limit, MIN_COPY_BUFFER)
         self.low = self.cap // 2  # resume reading below this
@@ -268,7 +282,9 @@ class _CopyPump(_Pump):
 class _SplicePump(_Pump):
     __slots__ = ("pipe", "pipe_size", "queued")
 
-    def __init__(self, relay: Relay, src: socket.socket, dst: socket.socket, counters: Sequence[Any], limit: int) -> None:
+    def __init__(
+        self, relay: Relay, src: socket.socket, dst: socket.socket, counters: Sequence[Any], limit: int
+    ) -> None:
         super().__init__(relay, src, dst, counters)
         self.pipe_size = max(4096, min(limit, SPLICE_PIPE_MAX))
         self.pipe: tuple[int, int, int] | None = None
@@ -301,7 +317,11 @@ class _SplicePump(_Pump):
                 self._release_pipe()
             return
         except OSError as e:
-            if e.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP) and self.total == 0 and not self.queued:
+            if (
+                e.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
+                and self.total == 0
+                and not self.queued
+            ):
                 global _splice_broken
                 _splice_broken = True
                 self.relay._fallback(self)

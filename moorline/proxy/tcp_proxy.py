@@ -26,6 +26,8 @@ import random
 import socket
 from typing import Any
 
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+
 from moorline.config import registry
 from moorline.config.errors import ConfigError
 from moorline.config.util import opt_duration_s, opt_uint
@@ -90,9 +92,13 @@ class TcpProxy:
                 raise ConfigError(f"{path}.weighted_clusters.clusters", "at least one cluster is required")
             for i, c in enumerate(wc):
                 if not c.name:
-                    raise ConfigError(f"{path}.weighted_clusters.clusters[{i}].name", "cluster name is required")
+                    raise ConfigError(
+                        f"{path}.weighted_clusters.clusters[{i}].name", "cluster name is required"
+                    )
                 if c.weight < 1:
-                    raise ConfigError(f"{path}.weighted_clusters.clusters[{i}].weight", "weight must be at least 1")
+                    raise ConfigError(
+                        f"{path}.weighted_clusters.clusters[{i}].weight", "weight must be at least 1"
+                    )
                 total += c.weight
                 self._names.append(c.name)
                 self._cum.append(total)
@@ -100,7 +106,9 @@ class TcpProxy:
             raise ConfigError(path, "one of cluster or weighted_clusters is required")
         self.idle_timeout: float | None = opt_duration_s(cfg, "idle_timeout", DEFAULT_IDLE_TIMEOUT) or None
         self.max_connect_attempts = max(1, opt_uint(cfg, "max_connect_attempts", 1) or 1)
-        self.max_duration: float | None = opt_duration_s(cfg, "max_downstream_connection_duration", None) or None
+        self.max_duration: float | None = (
+            opt_duration_s(cfg, "max_downstream_connection_duration", None) or None
+        )
         if cfg.HasField("tunneling_config"):
             raise ConfigError(f"{path}.tunneling_config", "tunneling over HTTP is not supported yet")
         for field, why in (
@@ -142,6 +150,10 @@ class TcpProxy:
         self.sessions.add(s)
         s.connect_next()
 
+    def active_connections(self) -> int:
+        """Live downstream connections (the server waits for them to end while draining)."""
+        return len(self.sessions)
+
     def close_all(self) -> None:
         """Close every live connection (server stop)."""
         for s in list(self.sessions):
@@ -169,7 +181,12 @@ class _Session:
     )
 
     def __init__(
-        self, proxy: TcpProxy, loop: asyncio.AbstractEventLoop, down: socket.socket, info: ConnInfo, cluster: Any
+        self,
+        proxy: TcpProxy,
+        loop: asyncio.AbstractEventLoop,
+        down: socket.socket,
+        info: ConnInfo,
+        cluster: Any,
     ) -> None:
         self.proxy = proxy
         self.loop = loop
@@ -380,8 +397,6 @@ def _factory(cfg: Any, ctx: Any, path: str) -> TcpProxy:
         raise ConfigError(cpath, "typed_config is required")
     if type(cfg).__name__ == "Any" and hasattr(cfg, "Unpack"):
         # Raw google.protobuf.Any (config loader not in use): decode it here.
-        from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
-
         msg = tcp_proxy_pb2.TcpProxy()
         if not cfg.Unpack(msg):
             raise ConfigError(cpath, f"expected {TCP_PROXY_TYPE}, got {cfg.type_url}")

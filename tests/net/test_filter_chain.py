@@ -43,7 +43,9 @@ def ctx() -> BuildContext:
     return BuildContext(stats=Store())
 
 
-def compile_(chains: list[dict[str, Any]], default: dict[str, Any] | None = None, c: BuildContext | None = None) -> FilterChainSelector:
+def compile_(
+    chains: list[dict[str, Any]], default: dict[str, Any] | None = None, c: BuildContext | None = None
+) -> FilterChainSelector:
     d: dict[str, Any] = {
         "name": "l",
         "address": {"socket_address": {"address": "0.0.0.0", "port_value": 0}},
@@ -67,7 +69,14 @@ def cidr(p: str) -> dict[str, Any]:
     return {"address_prefix": a, "prefix_len": int(n)}
 
 
-def pick(sel: FilterChainSelector, dst: str = "10.0.0.1", dport: int = 80, src: str = "192.168.1.1", sport: int = 5555, **kw: Any) -> str | None:
+def pick(
+    sel: FilterChainSelector,
+    dst: str = "10.0.0.1",
+    dport: int = 80,
+    src: str = "192.168.1.1",
+    sport: int = 5555,
+    **kw: Any,
+) -> str | None:
     fc = sel.select(dst, dport, src, sport, **kw)
     return None if fc is None else fc.name
 
@@ -202,7 +211,16 @@ def test_duplicate_matches_rejected_with_path() -> None:
 def test_filter_list_rules() -> None:
     c = ctx()
     sel = compile_(
-        [{"name": "x", "filters": [{"name": "istio.stats"}, {"name": "test.fc.nonterminal"}, {"name": "test.fc.terminal"}]}],
+        [
+            {
+                "name": "x",
+                "filters": [
+                    {"name": "istio.stats"},
+                    {"name": "test.fc.nonterminal"},
+                    {"name": "test.fc.terminal"},
+                ],
+            }
+        ],
         c=c,
     )
     fc = sel.chains[0]

@@ -68,7 +68,9 @@ def run(coro_fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
         return r.run(coro_fn())
 
 
-def make(d: dict[str, Any], store: Store | None = None, path: str = "listeners[0]") -> tuple[Listener, BuildContext]:
+def make(
+    d: dict[str, Any], store: Store | None = None, path: str = "listeners[0]"
+) -> tuple[Listener, BuildContext]:
     ctx = BuildContext(stats=store if store is not None else Store())
     RECORDERS.clear()
     return Listener(json_format.ParseDict(d, listener_pb2.Listener()), ctx, path), ctx
@@ -125,7 +127,7 @@ def test_ipv4_accept_hands_over_and_counts() -> None:
             sock, info = rec().accepted[0]
             assert info.local == ("127.0.0.1", port)
             assert info.remote == c.getsockname()
-            assert info.remote_str() == "127.0.0.1:%d" % c.getsockname()[1]
+            assert info.remote_str() == f"127.0.0.1:{c.getsockname()[1]}"
             assert info.listener_name == "test"
             assert info.buffer_limit == 32768
             assert info.server_name is None and info.alpn is None
@@ -170,7 +172,7 @@ def test_ipv6_listener() -> None:
         await lst.start(asyncio.get_running_loop())
         try:
             _, host, port = lst.bound_address
-            assert port
+            assert port and host == "::1"
             c = connect(("::1", port))
             await until(lambda: len(rec().accepted) == 1)
             info = rec().accepted[0][1]
@@ -193,7 +195,13 @@ def test_pipe_listener_replaces_stale_socket_and_sets_mode(tmp_path: Path) -> No
     assert os.path.exists(path)
 
     async def main() -> None:
-        lst, _ = make({"name": "p", "address": {"pipe": {"path": path, "mode": 0o600}}, "filter_chains": [{"filters": REC}]})
+        lst, _ = make(
+            {
+                "name": "p",
+                "address": {"pipe": {"path": path, "mode": 0o600}},
+                "filter_chains": [{"filters": REC}],
+            }
+        )
         await lst.start(asyncio.get_running_loop())
         try:
             assert lst.bound_address == ("pipe", path, None)
@@ -231,7 +239,9 @@ def test_destination_port_mismatch_closes_and_counts() -> None:
     store = Store()
 
     async def main() -> None:
-        lst, _ = make(tcp("127.0.0.1", chains=[{"filter_chain_match": {"destination_port": 1}, "filters": REC}]), store)
+        lst, _ = make(
+            tcp("127.0.0.1", chains=[{"filter_chain_match": {"destination_port": 1}, "filters": REC}]), store
+        )
         await lst.start(asyncio.get_running_loop())
         try:
             c = connect(lst.bound_address[1:])  # type: ignore[arg-type]
@@ -247,7 +257,12 @@ def test_destination_port_mismatch_closes_and_counts() -> None:
 
 def test_source_prefix_ranges() -> None:
     chains = [
-        {"filter_chain_match": {"source_prefix_ranges": [{"address_prefix": "127.0.0.2", "prefix_len": 32}]}, "filters": REC},
+        {
+            "filter_chain_match": {
+                "source_prefix_ranges": [{"address_prefix": "127.0.0.2", "prefix_len": 32}]
+            },
+            "filters": REC,
+        },
         {"filters": REC},
     ]
 
@@ -370,7 +385,8 @@ def test_failing_terminal_does_not_stop_listener() -> None:
             addr = ("127.0.0.1", lst.bound_address[2])
             for _ in range(2):
                 c = connect(addr)  # type: ignore[arg-type]
-                await until(lambda: c.recv(1) == b"" if _readable(c) else False)
+                await until(lambda c=c: _readable(c))  # type: ignore[misc]
+                assert c.recv(1) == b""
                 c.close()
             assert stat_of(store, "listener.127.0.0.1_0.downstream_cx_total") == 2
             assert stat_of(store, "listener.127.0.0.1_0.downstream_cx_active") == 0
