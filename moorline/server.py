@@ -109,6 +109,10 @@ class Server:
         # Everything built so far lives until shutdown: keep the GC from scanning it.
         gc.collect()
         gc.freeze()
+        # Per-request objects mostly die by reference counting; a larger young generation means
+        # far fewer collections scanning objects that are about to be freed anyway (measured in
+        # bench/: gc_collect_main fell from ~8% of proxy CPU). MOORLINE_GC_GEN0 overrides.
+        gc.set_threshold(int(os.environ.get("MOORLINE_GC_GEN0", "20000")), 50, 100)
         uptime_task = loop.create_task(self._tick())
         log.info("moorline %s ready", __version__)
         await self._stop.wait()
@@ -143,6 +147,11 @@ class Server:
             if not any(_active(t) for t in terminals):
                 break
             await asyncio.sleep(0.05)
+        for t in terminals:
+            # Past the drain time: cut what is still open.
+            c = getattr(t, "close_all", None)
+            if c is not None:
+                c()
         for lst in self.listeners:
             lst.close()
         if self.admin is not None:

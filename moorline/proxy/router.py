@@ -60,6 +60,7 @@ class Router:
         "body_bytes",
         "cluster",
         "conn",
+        "deadline",
         "done",
         "downstream_end",
         "downstream_paused",
@@ -103,6 +104,7 @@ class Router:
         self.downstream_end = False
         self.timeout = route.timeout
         self.timeout_handle: Any = None
+        self.deadline = 0.0  # route timeout checked by the connection's periodic timer
         self.per_try_handle: Any = None
         self.backoff_handle: Any = None
         self.attempt_start = 0.0
@@ -519,8 +521,14 @@ class Router:
 
     # -- timers --------------------------------------------------------------------
     def _start_global_timer(self) -> None:
-        if self.timeout_handle is None and self.timeout and not self.tunnel:
-            self.timeout_handle = self.loop.call_later(self.timeout, self._on_global_timeout)
+        t = self.timeout
+        if t and not self.tunnel and self.timeout_handle is None and not self.deadline:
+            if t >= self.stream.cfg.lazy_timeout_min:
+                # Long enough for the connection's periodic check (which fires at most a tenth
+                # of the shortest configured timeout late): no timer object per request.
+                self.deadline = self.loop.time() + t
+            else:
+                self.timeout_handle = self.loop.call_later(t, self._on_global_timeout)
 
     def _start_per_try_timer(self) -> None:
         p = self.policy
@@ -533,6 +541,7 @@ class Router:
             self.per_try_handle = None
 
     def _cancel_timers(self) -> None:
+        self.deadline = 0.0
         if self.timeout_handle is not None:
             self.timeout_handle.cancel()
             self.timeout_handle = None
@@ -540,6 +549,7 @@ class Router:
 
     def _on_global_timeout(self) -> None:
         self.timeout_handle = None
+        self.deadline = 0.0
         if self.done:
             return
         self.cluster.stats.upstream_rq_timeout.value += 1

@@ -51,6 +51,19 @@ def http_date() -> bytes:
     return _date_cache[1]  # type: ignore[return-value]
 
 
+_ActiveStream: Any = None
+
+
+def _active_stream_cls() -> Any:
+    # proxy.hcm imports this module; resolve the stream class once, not per request.
+    global _ActiveStream
+    if _ActiveStream is None:
+        from moorline.proxy.hcm import ActiveStream
+
+        _ActiveStream = ActiveStream
+    return _ActiveStream
+
+
 class Http1ServerConnection(asyncio.Protocol):
     def __init__(self, cfg: HcmConfig, info: Any) -> None:
         self.cfg = cfg
@@ -187,8 +200,6 @@ class Http1ServerConnection(asyncio.Protocol):
             s.decode_complete(trailers)
 
     def _new_stream(self, head: Any) -> None:
-        from moorline.proxy.hcm import ActiveStream
-
         self.requests += 1
         self.partial_since = 0.0
         self.resp_chunked = False
@@ -196,7 +207,7 @@ class Http1ServerConnection(asyncio.Protocol):
         self.resp_keep_alive = head.keep_alive and not self.close_after_response
         if head.expect_continue:
             self.transport.write(_CONTINUE_100)
-        s = ActiveStream(self, head)
+        s = _active_stream_cls()(self, head)
         self.stream = s
         s.decode_headers(head)
 
