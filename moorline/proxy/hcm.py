@@ -38,7 +38,7 @@ from moorline.proxy.filter import CONTINUE, HttpFilter
 from moorline.proxy.local_reply import LocalReplyConfig
 from moorline.proxy.route_table import DIRECT_RESPONSE, REDIRECT, RouteTable
 from moorline.proxy.router import Router
-from moorline.stream.http1_server import Http1ServerConnection, http_date
+from moorline.stream.http1_server import Http1ServerConnection
 
 HCM_TYPE = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 ROUTER_NAMES = ("envoy.filters.http.router", "envoy.router")
@@ -694,12 +694,7 @@ class ActiveStream:
         status = int(headers._h[0][1])
         info.response_code = status
         info.response_headers = headers
-        if cfg.server_header_transformation == 0:
-            headers.set(b"server", cfg.server_name)
-        elif cfg.server_header_transformation == 1 and b"server" not in headers:
-            headers.add(b"server", cfg.server_name)
-        if b"date" not in headers:
-            headers.add(b"date", http_date())
+        # server and date headers are applied by the codec while it writes the head
         cfg.stats.rq_class[status // 100 if status < 600 else 5].value += 1
         if status == 101:
             self.conn.start_tunnel()

@@ -395,6 +395,11 @@ class Router:
             "upstream_reset_before_response_started{connection_termination}",
         )
 
+    def on_upstream_batch_end(self) -> None:
+        """One upstream read was processed: send a response head still held for its body."""
+        if self.response_started and not self.done:
+            self.stream.conn.flush_pending()
+
     def on_upstream_write_paused(self) -> None:
         self.stream.pause_downstream()
 

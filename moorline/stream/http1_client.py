@@ -42,11 +42,11 @@ _STATUS_NAME = b":status"
 
 class Http1ClientConnection(asyncio.Protocol):
     __slots__ = (
-        "_idle_handle",
         "_paused",
         "_write_paused",
         "chunked_out",
         "closed",
+        "idle_since",
         "keep_alive",
         "parser",
         "pool",
@@ -70,7 +70,7 @@ class Http1ClientConnection(asyncio.Protocol):
         self.closed = False
         self.requests = 0
         self._paused = False
-        self._idle_handle: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0
         self.chunked_out = False
         self.stats = pool.cluster.stats
         self.tunnel = False
@@ -107,6 +107,10 @@ class Http1ClientConnection(asyncio.Protocol):
             self.tunnel = True
             if self.req is not None:
                 self.req.on_upstream_upgrade(leftover)
+            return
+        req = self.req
+        if req is not None:
+            req.on_upstream_batch_end()
 
     def eof_received(self) -> bool | None:
         if self.tunnel:
@@ -182,9 +186,6 @@ class Http1ClientConnection(asyncio.Protocol):
         self.request_done = end_stream
         self.response_done = False
         self.requests += 1
-        if self._idle_handle is not None:
-            self._idle_handle.cancel()
-            self._idle_handle = None
         method = b"GET"
         path = b"/"
         authority = None
@@ -272,9 +273,6 @@ class Http1ClientConnection(asyncio.Protocol):
         pool.on_connection_idle(self)
 
     def close(self) -> None:
-        if self._idle_handle is not None:
-            self._idle_handle.cancel()
-            self._idle_handle = None
         if not self.closed:
             self.closed = True
             self.stats.upstream_cx_destroy_local.value += 1
@@ -283,21 +281,12 @@ class Http1ClientConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         self.req = None
-        if self._idle_handle is not None:
-            self._idle_handle.cancel()
-            self._idle_handle = None
         if not self.closed:
             self.closed = True
             self.stats.upstream_cx_destroy_local.value += 1
             if self.transport is not None:
                 self.transport.abort()
 
-    def on_idle_timeout(self) -> None:
-        self._idle_handle = None
-        if self.req is None and not self.closed:
-            self.stats.upstream_cx_idle_timeout.value += 1
-            self.pool.remove_idle(self)
-            self.close()
 
 
 class _Pending:
@@ -323,6 +312,7 @@ class Pool:
         self.total = 0
         self.pending: collections.deque[_Pending] = collections.deque()
         self.closed = False
+        self._sweep: asyncio.TimerHandle | None = None
 
     def new_stream(self, req: Any) -> _Pending | None:
         """Get a connection for ``req``. Returns a handle to cancel a queued request, or None
@@ -332,9 +322,6 @@ class Pool:
             conn = idle.pop()
             if conn.closed:
                 continue
-            if conn._idle_handle is not None:
-                conn._idle_handle.cancel()
-                conn._idle_handle = None
             req.on_pool_ready(conn)
             return None
         cluster = self.cluster
@@ -412,10 +399,32 @@ class Pool:
         self._make_idle(conn)
 
     def _make_idle(self, conn: Http1ClientConnection) -> None:
+        conn.idle_since = self.loop.time()
         self.idle.append(conn)
         t = self.cluster.idle_timeout
-        if t:
-            conn._idle_handle = self.loop.call_later(t, conn.on_idle_timeout)
+        if t and self._sweep is None:
+            self._sweep = self.loop.call_later(max(t / 4, 0.01), self._sweep_idle)
+
+    def _sweep_idle(self) -> None:
+        """Close connections idle longer than the cluster's idle timeout. One timer per pool,
+        not one per request: a connection closes at most a quarter of the timeout late."""
+        self._sweep = None
+        t = self.cluster.idle_timeout
+        if not t or self.closed:
+            return
+        now = self.loop.time()
+        keep = []
+        for conn in self.idle:
+            if conn.closed:
+                continue
+            if now - conn.idle_since >= t:
+                self.cluster.stats.upstream_cx_idle_timeout.value += 1
+                conn.close()
+            else:
+                keep.append(conn)
+        self.idle[:] = keep
+        if keep:
+            self._sweep = self.loop.call_later(max(t / 4, 0.01), self._sweep_idle)
 
     def remove_idle(self, conn: Http1ClientConnection) -> None:
         try:
@@ -438,6 +447,9 @@ class Pool:
 
     def close(self) -> None:
         self.closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for conn in list(self.idle):
             conn.close()
         self.idle.clear()

@@ -88,6 +88,7 @@ class Http1ServerConnection(asyncio.Protocol):
         self.remote_str = ""
         self.local_str = ""
         # response framing state of the active stream
+        self.pending_head: bytes | None = None  # response head waiting for its first body bytes
         self.resp_chunked = False
         self.resp_no_body = False
         self.resp_keep_alive = True
@@ -213,51 +214,98 @@ class Http1ServerConnection(asyncio.Protocol):
 
     # -- called by the stream -------------------------------------------
     def encode_headers(self, headers: HeaderMap, end_stream: bool, version: bytes) -> None:
-        """Write the response head. ``headers`` starts with ``:status``."""
+        """Write the response head. ``headers`` starts with ``:status``.
+
+        One pass over the headers builds the wire bytes: it drops pseudo and hop-by-hop headers,
+        applies the ``server`` header policy, notes Content-Length and Date; framing headers
+        are then added as the response needs them."""
         h = headers._h
         status = int(h[0][1]) if h and h[0][0] == b":status" else 200
-        out = []
-        has_len = False
+        cfg = self.cfg
+        server_mode = cfg.server_header_transformation  # 0 overwrite, 1 append if absent, 2 pass
+        line = _status_line(version, status)
+        parts = [line]
+        has_len = has_date = has_server = False
         for k, v in h:
-            if k[0] == 58:  # pseudo header
-                continue
-            if k == b"content-length":
-                has_len = True
-            elif k in _RESP_HOP:
-                continue
-            out.append((k, v))
-        keep_alive = self.resp_keep_alive and not self.cfg.draining
+            if k in _RESP_SPECIAL:
+                if k[0] == 58:  # pseudo header
+                    continue
+                if k == b"content-length":
+                    has_len = True
+                elif k == b"date":
+                    has_date = True
+                elif k == b"server":
+                    if server_mode == 0:
+                        continue
+                    has_server = True
+                else:  # hop-by-hop
+                    continue
+            parts += (k, b": ", v, b"\r\n")
+        if server_mode == 0 or (server_mode == 1 and not has_server):
+            parts += (b"server: ", cfg.server_name, b"\r\n")
+        if not has_date:
+            parts += (b"date: ", http_date(), b"\r\n")
+        keep_alive = self.resp_keep_alive and not cfg.draining
         if status == 101:
-            out.append((b"connection", b"upgrade"))
+            parts.append(b"connection: upgrade\r\n")
             upg = headers.get(b"upgrade")
             if upg is not None:
-                out.append((b"upgrade", upg))
+                parts += (b"upgrade: ", upg, b"\r\n")
         elif status < 200:
-            self.transport.write(encode_response_head(status, out, version=version))
+            parts.append(b"\r\n")
+            self.transport.write(b"".join(parts))
             return
         elif status in _NO_BODY_STATUS or self.resp_no_body:
             self.resp_chunked = False
         elif has_len:
             self.resp_chunked = False
         elif end_stream:
-            out.append((b"content-length", b"0"))
+            parts.append(b"content-length: 0\r\n")
         elif version == b"1.1":
             self.resp_chunked = True
-            out.append((b"transfer-encoding", b"chunked"))
+            parts.append(b"transfer-encoding: chunked\r\n")
         else:
             keep_alive = False  # HTTP/1.0 without length: close-delimited
         if status != 101:
             if not keep_alive:
-                out.append((b"connection", b"close"))
+                parts.append(b"connection: close\r\n")
             elif version == b"1.0":
-                out.append((b"connection", b"keep-alive"))
+                parts.append(b"connection: keep-alive\r\n")
         self.resp_keep_alive = keep_alive
-        self.transport.write(encode_response_head(status, out, version=version))
-        if end_stream:
-            self._response_complete()
+        parts.append(b"\r\n")
+        if end_stream or status == 101:
+            self.transport.write(b"".join(parts))
+            if end_stream:
+                self._response_complete()
+        else:
+            # Hold the head for the first body bytes: one write (one syscall) for both.
+            # flush_pending() sends it alone when no body arrives in the same batch.
+            self.pending_head = b"".join(parts)
+
+    def flush_pending(self) -> None:
+        ph = self.pending_head
+        if ph is not None:
+            self.pending_head = None
+            if not self.closed:
+                self.transport.write(ph)
 
     def encode_data(self, data: bytes, end_stream: bool) -> None:
         if self.closed:
+            return
+        ph = self.pending_head
+        if ph is not None:
+            self.pending_head = None
+            if self.resp_no_body:
+                self.transport.write(ph)
+            elif self.resp_chunked:
+                if end_stream:
+                    self.transport.write(ph + encode_chunk(data) + LAST_CHUNK if data else ph + LAST_CHUNK)
+                else:
+                    self.transport.write(ph + encode_chunk(data))
+            else:
+                self.transport.write(ph + data if data else ph)
+            if end_stream:
+                self._response_complete()
             return
         if self.tunnel:
             if data:
@@ -281,6 +329,7 @@ class Http1ServerConnection(asyncio.Protocol):
     def encode_trailers(self, trailers: HeaderMap) -> None:
         if self.closed:
             return
+        self.flush_pending()
         if self.resp_chunked and not self.resp_no_body:
             self.transport.write(encode_last_chunk(trailers))
         self._response_complete()
@@ -289,6 +338,7 @@ class Http1ServerConnection(asyncio.Protocol):
         self.tunnel = True
 
     def _response_complete(self) -> None:
+        self.flush_pending()
         s = self.stream
         request_complete = s is None or s.request_complete
         self.stream = None
@@ -330,11 +380,13 @@ class Http1ServerConnection(asyncio.Protocol):
 
     def close(self) -> None:
         if not self.closed:
+            self.flush_pending()
             self.closed = True
             self.transport.close()
 
     def abort(self) -> None:
         if not self.closed:
+            self.pending_head = None
             self.closed = True
             self.transport.abort()
 
@@ -400,3 +452,16 @@ _RESP_HOP = frozenset(
         b"upgrade",
     )
 )
+# Names the response encoder looks at: hop-by-hop ones, framing, date/server and pseudo headers.
+_RESP_SPECIAL = _RESP_HOP | frozenset((b"content-length", b"date", b"server", b":status"))
+
+_status_lines: dict[tuple[bytes, int], bytes] = {}
+
+
+def _status_line(version: bytes, status: int) -> bytes:
+    line = _status_lines.get((version, status))
+    if line is None:
+        line = encode_response_head(status, [], version=version)[:-2]
+        if len(_status_lines) < 1024:  # bounded: unusual codes are rebuilt each time
+            _status_lines[(version, status)] = line
+    return line
