@@ -21,6 +21,7 @@ request headers, which apply to the echo behaviour):
                        backpressure (never built whole)
 ``/trailers``          chunked response with trailers ``x-trailer-a: 1``, ``x-trailer-b: 2``
 ``/fail-n/<key>/<n>``  503 for the first ``n`` requests with this key, then 200
+``/truncate/<n>``      promises ``n`` bytes, sends half of them, closes the connection
 ``/garbage``           writes bytes that are not an HTTP response, keeps the connection open
 ``/ws``                WebSocket handshake (``Upgrade: websocket``), then echoes each frame
 =====================  =======================================================================
@@ -332,7 +333,7 @@ class _HttpConn(asyncio.Protocol):
             await self._fixed(srv.always_status, version, keep_alive, head_only)
             return keep_alive
 
-        delay_ms = rec.header("x-test-delay-ms")
+        delay_ms = None if srv.ignore_delay_header else rec.header("x-test-delay-ms")
         if parts[:1] == ["delay"] and len(parts) >= 2:
             delay_ms = parts[1]
         if delay_ms:
@@ -341,6 +342,12 @@ class _HttpConn(asyncio.Protocol):
                 return False
 
         if parts[:1] == ["close"]:
+            return False
+        if parts[:1] == ["truncate"] and len(parts) >= 2:
+            # Promise n bytes, send half, then close: an upstream dying mid-response.
+            n = int(parts[1])
+            hdrs = [("content-type", "application/octet-stream"), ("content-length", str(n))]
+            self._write(self._head(200, hdrs, version, keep_alive) + pattern_bytes(n // 2))
             return False
         if parts[:1] == ["reset"]:
             assert self.transport is not None
@@ -600,6 +607,8 @@ class TestUpstream:
         self.upstream_id = upstream_id
         self.always_status = always_status
         self.garbage = garbage
+        # Ignore the x-test-delay-ms header (so one upstream of several can be the slow one).
+        self.ignore_delay_header = False
         self._lock = threading.Lock()
         self._records: list[RequestRecord] = []
         self._conn_seq = 0
