@@ -288,7 +288,6 @@ class Http1ClientConnection(asyncio.Protocol):
                 self.transport.abort()
 
 
-
 class _Pending:
     __slots__ = ("cancelled", "req")
 
