@@ -4,6 +4,8 @@ Each module registers itself by Envoy name and type URL at import time; the core
 filter by name.
 """
 
+import moorline.filters.http.buffer
+import moorline.filters.http.health_check
 import moorline.observability.access_log
 import moorline.proxy.hcm
 import moorline.proxy.tcp_proxy  # noqa: F401

@@ -49,7 +49,8 @@ class FilterCallbacks:
     ) -> None:
         raise NotImplementedError
 
-    def route(self) -> Any:
+    def matched_route(self) -> Any:
+        """The route this stream matched (None: no route)."""
         raise NotImplementedError
 
     def clear_route_cache(self) -> None:

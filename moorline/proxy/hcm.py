@@ -358,16 +358,17 @@ class ActiveStream:
 
     __slots__ = (
         "buffered_body",
+        "buffered_bytes",
         "buffered_end",
         "buffered_trailers",
         "cfg",
         "conn",
         "deadline",
-        "decoder_pos",
+        "dec_hdr",
         "done",
-        "encoder_stopped",
         "filters",
         "headers",
+        "headers_only",
         "info",
         "is_grpc",
         "last_activity",
@@ -378,6 +379,7 @@ class ActiveStream:
         "route",
         "route_cached",
         "router",
+        "stop_at",
         "upgrade",
         "version",
     )
@@ -399,9 +401,11 @@ class ActiveStream:
         self.request_complete = False
         self.response_started = False
         self.response_complete = False
-        self.decoder_pos = 0
-        self.encoder_stopped = False
+        self.dec_hdr = 0  # filters that have seen the headers (len(filters) + 1: the router has)
+        self.stop_at: int | None = None  # index of the filter holding iteration
+        self.headers_only = False
         self.buffered_body: list[bytes] | None = None
+        self.buffered_bytes = 0
         self.buffered_trailers: HeaderMap | None = None
         self.buffered_end = False
         self.deadline = 0.0
@@ -520,6 +524,7 @@ class ActiveStream:
             end_stream = True
         else:
             end_stream = False
+        self.headers_only = end_stream
         self._run_decoders_headers(end_stream)
 
     def _match_route(self) -> Any:
@@ -534,58 +539,127 @@ class ActiveStream:
             self.route = rt.match(authority, b"" if hh[0][1] == b"CONNECT" else hh[3][1], hh[0][1], h)
         return self.route
 
-    def route_for_filters(self) -> Any:
+    def matched_route(self) -> Any:
         return self._match_route()
 
     def clear_route_cache(self) -> None:
         self.route_cached = False
         self.route = None
 
+    # -- decoder filter chain ----------------------------------------------------
+    # Filters see headers, data and trailers in config order, then the router. A filter that
+    # answers STOP_ITERATION holds the stream at its index (``stop_at``): later data still
+    # reaches the filters up to and including it (so it can decide), and is buffered by the
+    # connection manager for the filters after it, up to the connection's buffer limit (then
+    # 413). When the holding filter continues (CONTINUE from decode_data, or
+    # ``continue_decoding()``), headers, buffered data and trailers resume at the next filter.
+
     def _run_decoders_headers(self, end_stream: bool) -> None:
-        factories = self.cfg.filter_factories
-        if factories:
-            fl = self.filters = []
-            for f in factories:
-                inst = f(self)
-                inst.set_callbacks(self)  # type: ignore[arg-type]
-                fl.append(inst)
-            for i, f in enumerate(fl):
-                self.decoder_pos = i + 1
-                if (
-                    f.decode_headers(self.headers, end_stream) != CONTINUE
-                    or self.done
-                    or self.response_started
-                ):
-                    if not end_stream:
-                        self.buffered_body = []
-                    self.decoder_pos = i
-                    if end_stream:
-                        self.request_complete = True
-                    return
         if end_stream:
             self.request_complete = True
-        self._route_request(end_stream)
+        factories = self.cfg.filter_factories
+        if not factories:
+            self.dec_hdr = 1
+            self._route_request(end_stream)
+            return
+        fl = self.filters = []
+        for f in factories:
+            inst = f(self)
+            inst.set_callbacks(self)  # type: ignore[arg-type]
+            fl.append(inst)
+        self._resume(0)
 
     def continue_decoding(self) -> None:
+        s = self.stop_at
+        if s is None or self.done:
+            return
+        self._resume(s + 1)
+
+    def _resume(self, start: int) -> None:
         fl = self.filters or []
-        i = self.decoder_pos + 1
-        end_stream = self.request_complete and self.buffered_body is None
-        for j in range(i, len(fl)):
-            self.decoder_pos = j
-            if fl[j].decode_headers(self.headers, end_stream) != CONTINUE or self.done:
+        n = len(fl)
+        self.stop_at = None
+        i = max(start, self.dec_hdr)
+        while self.dec_hdr <= n:
+            if i >= n:
+                self.dec_hdr = n + 1
+                self._route_request(self.headers_only)
+                if self.done or self.response_started or self.router is None:
+                    return
+                break
+            r = fl[i].decode_headers(self.headers, self.headers_only)
+            self.dec_hdr = i + 1
+            if self.done or self.response_started:
                 return
-        self.decoder_pos = len(fl)
+            if r != CONTINUE:
+                self.stop_at = i
+                return
+            i += 1
         body = self.buffered_body
+        trailers = self.buffered_trailers
+        end = self.buffered_end
         self.buffered_body = None
-        if body is not None:
-            data = b"".join(body)
-            self._route_request(False)
-            if self.router is not None:
-                self.router.decode_data(data, self.request_complete and self.buffered_trailers is None)
-                if self.buffered_trailers is not None:
-                    self.router.decode_trailers(self.buffered_trailers)
-        else:
-            self._route_request(end_stream)
+        self.buffered_trailers = None
+        self.buffered_end = False
+        self.buffered_bytes = 0
+        if body:
+            self._push_data(b"".join(body), end and trailers is None, start)
+        elif end and trailers is None:
+            self._push_data(b"", True, start)
+        if trailers is not None:
+            if self.stop_at is not None:
+                self.buffered_trailers = trailers
+            else:
+                self._push_trailers(trailers, start)
+
+    def _push_data(self, data: bytes, end_stream: bool, start: int) -> None:
+        fl = self.filters
+        if fl:
+            for i in range(start, len(fl)):
+                r = fl[i].decode_data(data, end_stream)
+                if self.done or self.response_started:
+                    return
+                if r != CONTINUE:
+                    # Filter i saw this chunk and holds it: buffer it for the filters after i.
+                    self.stop_at = i
+                    self._buffer(data, end_stream)
+                    return
+        r2 = self.router
+        if r2 is not None:
+            r2.decode_data(data, end_stream)
+
+    def _push_trailers(self, trailers: HeaderMap, start: int) -> None:
+        fl = self.filters
+        if fl:
+            for i in range(start, len(fl)):
+                if fl[i].decode_trailers(trailers) != CONTINUE:
+                    self.stop_at = i
+                    self.buffered_trailers = trailers
+                    return
+                if self.done:
+                    return
+        if self.router is not None:
+            self.router.decode_trailers(trailers)
+
+    def _buffer(self, data: bytes, end_stream: bool) -> None:
+        if self.buffered_body is None:
+            self.buffered_body = []
+        if data:
+            self.buffered_body.append(data)
+            self.buffered_bytes += len(data)
+        if end_stream:
+            self.buffered_end = True
+        if self.buffered_bytes > self.conn.info.buffer_limit:
+            self.cfg.stats.downstream_rq_too_large.value += 1
+            self.send_local_reply(413, b"Payload Too Large", None, "request_payload_too_large")
+
+    def decoding_buffer(self) -> bytes:
+        """What the connection manager holds for the filters after the stopped one."""
+        return b"".join(self.buffered_body or ())
+
+    def add_decoded_data(self, data: bytes) -> None:
+        """A stopped filter adds body bytes (e.g. a rewrite) to what is buffered."""
+        self._buffer(data, False)
 
     # -- phase 2/3: route and router ---------------------------------------
     def _route_request(self, end_stream: bool) -> None:
@@ -630,44 +704,46 @@ class ActiveStream:
         self.info.bytes_received += len(data)
         if self.done:
             return
-        if self.buffered_body is not None:
-            self.buffered_body.append(data)
-            if sum(len(b) for b in self.buffered_body) > self.conn.info.buffer_limit:
-                self.cfg.stats.downstream_rq_too_large.value += 1
-                self.send_local_reply(413, b"Payload Too Large", None, "request_payload_too_large")
+        s = self.stop_at
+        if s is None:
+            if self.filters:
+                self._push_data(data, end_stream, 0)
+                return
+            r = self.router
+            if r is not None:
+                r.decode_data(data, end_stream)
             return
-        fl = self.filters
-        if fl:
-            for f in fl:
-                if f.decode_data(data, end_stream) != CONTINUE:
-                    return
-        r = self.router
-        if r is not None:
-            r.decode_data(data, end_stream)
+        # Held at filter s: the filters up to it see the data; the rest waits in the buffer.
+        fl = self.filters or []
+        for i in range(s + 1):
+            if i < s and i >= self.dec_hdr:
+                break
+            r = fl[i].decode_data(data, end_stream)
+            if self.done or self.response_started:
+                return
+            if r != CONTINUE:
+                if i < s:
+                    self.stop_at = i
+                self._buffer(data, end_stream)
+                return
+        # The holding filter continued: what it held, then this data, go on.
+        self._buffer(data, end_stream)
+        if not self.done:
+            self._resume(s + 1)
 
     def decode_complete(self, trailers: HeaderMap | None) -> None:
         self.request_complete = True
         if self.done and self.response_complete:
             return
-        if self.buffered_body is not None:
-            self.buffered_trailers = trailers
-            return
         if trailers:
-            fl = self.filters
-            if fl:
-                for f in fl:
-                    if f.decode_trailers(trailers) != CONTINUE:
-                        return
-            if self.router is not None:
+            if self.stop_at is not None:
+                self.buffered_trailers = trailers
+            elif self.filters:
+                self._push_trailers(trailers, 0)
+            elif self.router is not None:
                 self.router.decode_trailers(trailers)
         else:
-            fl = self.filters
-            if fl:
-                for f in fl:
-                    if f.decode_data(b"", True) != CONTINUE:
-                        return
-            if self.router is not None:
-                self.router.decode_data(b"", True)
+            self.decode_data(b"", True)
         if self.response_complete:
             self._finish()
 
