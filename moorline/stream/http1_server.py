@@ -65,6 +65,34 @@ def _active_stream_cls() -> Any:
 
 
 class Http1ServerConnection(asyncio.Protocol):
+    __slots__ = (
+        "_timer",
+        "backlog",
+        "cfg",
+        "close_after_response",
+        "closed",
+        "info",
+        "last_activity",
+        "local_str",
+        "loop",
+        "parser",
+        "parsing_backlog",
+        "partial_since",
+        "pending_head",
+        "read_paused",
+        "remote_str",
+        "requests",
+        "resp_chunked",
+        "resp_keep_alive",
+        "resp_no_body",
+        "start",
+        "stats",
+        "stream",
+        "transport",
+        "tunnel",
+        "write_paused",
+    )
+
     def __init__(self, cfg: HcmConfig, info: Any) -> None:
         self.cfg = cfg
         self.info = info
