@@ -29,6 +29,7 @@ from moorline.config import registry
 from moorline.config.context import BuildContext
 from moorline.config.errors import ConfigError
 from moorline.config.util import opt_bool, opt_duration_s, opt_uint
+from moorline.net.tls import serve_accepted
 from moorline.observability import stream_info as flags
 from moorline.observability.stats import Counter, Gauge, Histogram
 from moorline.observability.stream_info import StreamInfo
@@ -180,10 +181,21 @@ class HcmConfig:
         self.stats = HcmStats(ctx.stats.scope(f"http.{self.stat_prefix}."))
         codec = proto.codec_type
         # AUTO=0, HTTP1=1, HTTP2=2, HTTP3=3
-        if codec in (2, 3):
-            raise ConfigError(
-                f"{path}.codec_type", "HTTP/2 and HTTP/3 downstream codecs are not supported yet"
-            )
+        if codec == 3:
+            raise ConfigError(f"{path}.codec_type", "HTTP/3 downstream codecs are not supported yet")
+        # -- HTTP/2 (moorline.stream.http2_server): codec choice and http2_protocol_options --
+        from moorline.protocol.http2 import Http2Options
+
+        self.codec_type = codec
+        h2o, h2err = Http2Options.from_proto(
+            proto.http2_protocol_options if proto.HasField("http2_protocol_options") else None,
+            f"{path}.http2_protocol_options",
+            max_header_list_size=(opt_uint(proto, "max_request_headers_kb", 60) or 60) * 1024,
+        )
+        if h2err is not None:
+            raise ConfigError(*h2err)
+        self.http2_options = h2o
+        # -- end HTTP/2 --
         kind = proto.WhichOneof("route_specifier")
         if kind == "route_config":
             self.route_table = RouteTable.compile(proto.route_config, f"{path}.route_config")
@@ -316,8 +328,15 @@ class HcmConfig:
 
     def on_accept(self, sock: Any, info: Any) -> None:
         loop = asyncio.get_event_loop()
-        task = loop.create_task(loop.connect_accepted_socket(lambda: Http1ServerConnection(self, info), sock))
-        task.add_done_callback(_accept_done)
+        if self.codec_type == 1:
+            factory: Any = lambda: Http1ServerConnection(self, info)  # noqa: E731
+        else:
+            # HTTP2, or AUTO: ALPN "h2" or the HTTP/2 preface picks HTTP/2 (see http2_server).
+            from moorline.stream.http2_server import protocol_factory
+
+            factory = protocol_factory(self, info, self.codec_type)
+        # TLS chains (info.tls): handshake first, then factory() with info.negotiated_alpn set.
+        serve_accepted(loop, sock, info, factory)
 
     def drain(self) -> None:
         """Stop keep-alive: in-flight responses get ``connection: close``; idle connections close."""
@@ -415,7 +434,8 @@ class ActiveStream:
         self.done = False
         st = cfg.stats
         st.downstream_rq_total.value += 1
-        st.downstream_rq_http1_total.value += 1
+        if head.version != b"2":
+            st.downstream_rq_http1_total.value += 1
         st.downstream_rq_active.value += 1
         if cfg.request_timeout:
             self.deadline = loop_time + cfg.request_timeout
@@ -424,7 +444,9 @@ class ActiveStream:
     def decode_headers(self, head: Any) -> None:
         cfg = self.cfg
         info = self.info
-        info.protocol = "HTTP/1.1" if head.version == b"1.1" else "HTTP/1.0"
+        info.protocol = (
+            "HTTP/1.1" if head.version == b"1.1" else ("HTTP/2" if head.version == b"2" else "HTTP/1.0")
+        )
         raw = head.headers._h
         authority = None
         target = head.target
@@ -863,7 +885,7 @@ class ActiveStream:
             h = [
                 (b":status", b"200"),
                 (b"content-type", b"application/grpc"),
-                (b"grpc-status", _grpc_status_for(status)),
+                (b"grpc-status", _grpc_status_for(status, details)),
                 (b"grpc-message", body or b""),
             ]
             body = b""
@@ -979,7 +1001,16 @@ _GRPC_FOR_HTTP = {
 }
 
 
-def _grpc_status_for(status: int) -> bytes:
+# Router timeouts answer a gRPC request DEADLINE_EXCEEDED (4), not the UNAVAILABLE that 504 maps
+# to: Envoy does so since envoyproxy/envoy#44479 (runtime guard
+# envoy.reloadable_features.grpc_timeout_returns_deadline_exceeded), so clients do not retry a
+# call whose deadline has passed.
+_GRPC_DEADLINE_DETAILS = frozenset(("upstream_response_timeout", "upstream_per_try_timeout"))
+
+
+def _grpc_status_for(status: int, details: str | None = None) -> bytes:
+    if details in _GRPC_DEADLINE_DETAILS:
+        return b"4"
     return _GRPC_FOR_HTTP.get(status, b"2")
 
 

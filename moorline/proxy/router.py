@@ -71,6 +71,7 @@ class Router:
         "pending",
         "per_try_handle",
         "policy",
+        "refused_retried",
         "response_started",
         "retain",
         "retries_left",
@@ -113,6 +114,7 @@ class Router:
         self.downstream_paused = False
         self.tunnel = False
         self.is_retry = False
+        self.refused_retried = False
         self.attempts = 0
 
     # -- downstream events -------------------------------------------------
@@ -251,7 +253,12 @@ class Router:
         st.upstream_rq_active.value += 1
         host.active_rq += 1
         self.attempt_start = self.loop.time()
-        self.pending = pool_for(host, self.loop).new_stream(self)
+        if cluster.http2 or (cluster.http2 is None and stream.version == b"2"):
+            from moorline.stream.http2_client import pool_for as h2_pool_for
+
+            self.pending = h2_pool_for(host, self.loop).new_stream(self)
+        else:
+            self.pending = pool_for(host, self.loop).new_stream(self)
 
     def on_pool_ready(self, conn: Any) -> None:
         self.pending = None
@@ -386,6 +393,19 @@ class Router:
             )
             return
         self.cluster.stats.upstream_rq_rx_reset.value += 1
+        if (
+            "refused" in reason
+            and not self.refused_retried
+            and self.downstream_end
+            and (self.retain or not self.body_bytes)
+        ):
+            # REFUSED_STREAM / beyond a GOAWAY's last stream id: the upstream never processed the
+            # request (RFC 9113 8.7), so it is safe to send it again once, policy or not.
+            self.refused_retried = True
+            self.cluster.stats.upstream_rq_retry.value += 1
+            self.is_retry = True
+            self._start_attempt()
+            return
         if self._maybe_retry_reset(connect_failure=False):
             return
         self._local_failure(

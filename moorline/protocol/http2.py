@@ -1,0 +1,527 @@
+"""HTTP/2 codec: a sans-IO wrapper around the pure-Python ``h2`` state machine.
+
+``Http2Codec(client_side, options)`` takes bytes with ``receive(data)`` and returns a list of
+small event tuples (kinds below); ``send_*`` queue frames; ``data_to_send()`` returns the bytes
+to write. No sockets, no loop, no clock.
+
+Event tuples (first item is the kind):
+
+==============  ==========================================================================
+``HEADERS``     ``(HEADERS, sid, headers, end_stream)``: request head (server side) or final
+                response head (client side); ``headers`` is a list of ``(bytes, bytes)``
+``INFORMATIONAL`` ``(INFORMATIONAL, sid, headers)``: a 1xx response head (client side)
+``DATA``        ``(DATA, sid, data, flow_controlled_length, end_stream)``; the glue hands the
+                length back with ``ack(sid, n)`` once the bytes moved on (flow control)
+``TRAILERS``    ``(TRAILERS, sid, headers)`` (always ends the stream)
+``RESET``       ``(RESET, sid, error_code)``: the peer reset the stream
+``WRITABLE``    ``(WRITABLE, sid)``: data queued for ``sid`` beyond the peer's window was sent
+``GOAWAY``      ``(GOAWAY, last_stream_id, error_code)``: the peer will take no new streams
+``SETTINGS``    ``(SETTINGS,)``: the peer changed its settings (max concurrent streams ...)
+==============  ==========================================================================
+
+Flow control. Inbound: the codec never acknowledges DATA by itself; the glue calls
+``ack(sid, n)`` when the bytes were passed on and the receiving side is not paused, so a slow
+reader on the other side stops window updates and the peer stops sending: what a peer can make
+us hold is bounded by the stream window (``initial_stream_window_size``) per stream and the
+connection window overall. Outbound: ``send_data`` sends what the peer's windows allow and
+queues the rest per stream; ``pending(sid)`` tells the glue how much is queued so it can pause
+the producer (its bound is the glue's high-water mark plus one producer read).
+
+Protections (each raises ``Http2Error`` with the GOAWAY already queued, and names the Envoy
+``http2.*`` stat to count):
+
+- header blocks: at most ``max_header_list_size`` decoded bytes (h2/hpack
+  ``OversizedHeaderListError`` -> ``header_overflow``) and at most 64 CONTINUATION frames of at
+  most ``max_frame_size`` bytes (h2's frame buffer -> ``too_many_header_frames``);
+- HPACK: the decoder's dynamic table is capped at our advertised ``header_table_size``; the
+  encoder's at ``MAX_ENCODER_TABLE`` whatever the peer allows (its memory is ours);
+- control frame floods (PING, SETTINGS, RST answers): more than ``max_outbound_control_frames``
+  produced since the glue last reported the socket writable (``flushed()``) ->
+  ``outbound_control_flood`` (Envoy's ``max_outbound_control_frames``);
+- empty DATA frames without END_STREAM: more than ``max_consecutive_empty_frames`` in a row ->
+  ``inbound_empty_frames_flood`` (CVE-2019-9518);
+- rapid reset (CVE-2023-44487), server side: once ``premature_reset_min_streams`` streams have
+  closed, a connection where at least half were reset by the client before our response ended
+  gets GOAWAY ENHANCE_YOUR_CALM (Envoy's premature-reset rule). Streams opened and reset in
+  the same read are dropped before the glue sees them, so an attack batch costs no upstream
+  requests.
+
+GOAWAY does not end the streams already in flight (RFC 9113 6.8), but ``h2``'s connection
+state machine closes on any GOAWAY; the codec swaps in a state machine that keeps the
+connection open after a GOAWAY, and the glue refuses new streams itself.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+from h2.config import H2Configuration
+from h2.connection import ConnectionInputs, H2Connection, H2ConnectionStateMachine
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    InformationalResponseReceived,
+    PingReceived,
+    RemoteSettingsChanged,
+    RequestReceived,
+    ResponseReceived,
+    StreamReset,
+    TrailersReceived,
+    WindowUpdated,
+)
+from h2.exceptions import DenialOfServiceError, ProtocolError, StreamClosedError
+from h2.settings import SettingCodes, Settings
+
+HEADERS = 0
+INFORMATIONAL = 1
+DATA = 2
+TRAILERS = 3
+RESET = 4
+WRITABLE = 5
+GOAWAY = 6
+SETTINGS = 7
+
+NO_ERROR = 0
+PROTOCOL_ERROR = 1
+INTERNAL_ERROR = 2
+REFUSED_STREAM = 7
+CANCEL = 8
+ENHANCE_YOUR_CALM = 11
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+# Our HPACK encoder's dynamic table, whatever larger size the peer allows: it is our memory.
+MAX_ENCODER_TABLE = 64 * 1024
+_MAX_WINDOW = 2**31 - 1
+_DEFAULT_WINDOW = 65535
+
+
+class Http2Error(Exception):
+    """A connection error the peer caused: GOAWAY ``code`` is queued; ``stat`` names the
+    Envoy ``http2.<stat>`` counter to bump (or None)."""
+
+    def __init__(self, code: int, detail: str, stat: str | None = None) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.stat = stat
+
+
+class Http2Options:
+    """HTTP/2 settings and protection thresholds (Envoy ``Http2ProtocolOptions``)."""
+
+    __slots__ = (
+        "header_table_size",
+        "initial_connection_window_size",
+        "initial_stream_window_size",
+        "max_concurrent_streams",
+        "max_consecutive_empty_frames",
+        "max_frame_size",
+        "max_header_list_size",
+        "max_outbound_control_frames",
+        "premature_reset_min_streams",
+    )
+
+    def __init__(
+        self,
+        max_concurrent_streams: int = 100,
+        initial_stream_window_size: int = 256 * 1024,
+        initial_connection_window_size: int = 1024 * 1024,
+        max_header_list_size: int = 60 * 1024,
+        max_frame_size: int = 16384,
+        header_table_size: int = 4096,
+        max_outbound_control_frames: int = 1000,
+        max_consecutive_empty_frames: int = 1,
+        premature_reset_min_streams: int = 100,
+    ) -> None:
+        self.max_concurrent_streams = max_concurrent_streams
+        self.initial_stream_window_size = initial_stream_window_size
+        self.initial_connection_window_size = initial_connection_window_size
+        self.max_header_list_size = max_header_list_size
+        self.max_frame_size = max_frame_size
+        self.header_table_size = header_table_size
+        self.max_outbound_control_frames = max_outbound_control_frames
+        self.max_consecutive_empty_frames = max_consecutive_empty_frames
+        self.premature_reset_min_streams = premature_reset_min_streams
+
+    @classmethod
+    def from_proto(
+        cls, proto: Any, path: str, max_header_list_size: int | None = None
+    ) -> tuple[Http2Options, tuple[str, str] | None]:
+        """Compile an ``envoy.config.core.v3.Http2ProtocolOptions`` (or None: defaults).
+
+        Returns ``(options, error)``; ``error`` is ``(field_path, message)`` (the path starts
+        with ``path``) for a value outside Envoy's bounds."""
+        o = cls()
+        if max_header_list_size:
+            o.max_header_list_size = max_header_list_size
+        if proto is None:
+            return o, None
+
+        def u(name: str) -> int | None:
+            return int(getattr(proto, name).value) if proto.HasField(name) else None
+
+        v = u("max_concurrent_streams")
+        if v is not None:
+            if v < 1:
+                return o, (f"{path}.max_concurrent_streams", "must be at least 1")
+            o.max_concurrent_streams = v
+        v = u("initial_stream_window_size")
+        if v is not None:
+            if not _DEFAULT_WINDOW <= v <= _MAX_WINDOW:
+                return o, (f"{path}.initial_stream_window_size", "must be between 65535 and 2147483647")
+            o.initial_stream_window_size = v
+        v = u("initial_connection_window_size")
+        if v is not None:
+            if not _DEFAULT_WINDOW <= v <= _MAX_WINDOW:
+                return o, (
+                    f"{path}.initial_connection_window_size",
+                    "must be between 65535 and 2147483647",
+                )
+            o.initial_connection_window_size = v
+        v = u("hpack_table_size")
+        if v is not None:
+            o.header_table_size = min(v, MAX_ENCODER_TABLE)
+        v = u("max_outbound_control_frames")
+        if v is not None and v > 0:
+            o.max_outbound_control_frames = v
+        v = u("max_consecutive_inbound_frames_with_empty_payload")
+        if v is not None:
+            o.max_consecutive_empty_frames = v
+        return o, None
+
+
+class _KeepOpenStateMachine(H2ConnectionStateMachine):
+    """h2's connection state machine, except that a GOAWAY (sent or received) leaves the
+    connection open for the streams already in flight (RFC 9113 6.8)."""
+
+    def process_input(self, input_: ConnectionInputs) -> list[Any]:
+        if input_ is ConnectionInputs.SEND_GOAWAY or input_ is ConnectionInputs.RECV_GOAWAY:
+            return []
+        return super().process_input(input_)
+
+
+class _Out:
+    """Data queued for a stream beyond the peer's flow-control window."""
+
+    __slots__ = ("chunks", "end", "size", "trailers")
+
+    def __init__(self) -> None:
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.size = 0
+        self.end = False
+        self.trailers: list[tuple[bytes, bytes]] | None = None
+
+
+class Http2Codec:
+    """One HTTP/2 connection's protocol state (either side)."""
+
+    def __init__(self, client_side: bool, options: Http2Options | None = None) -> None:
+        o = self.options = options or Http2Options()
+        self.client_side = client_side
+        cfg = H2Configuration(
+            client_side=client_side,
+            header_encoding=None,
+            validate_inbound_headers=True,
+            # The glues build header lists that are valid by construction (lower-case names,
+            # no connection-specific headers); re-validating every one costs per request.
+            validate_outbound_headers=False,
+            normalize_outbound_headers=True,
+        )
+        h = self.h2 = H2Connection(cfg)
+        h.state_machine = _KeepOpenStateMachine()
+        h.local_settings = Settings(
+            client=client_side,
+            initial_values={
+                SettingCodes.MAX_CONCURRENT_STREAMS: o.max_concurrent_streams,
+                SettingCodes.MAX_HEADER_LIST_SIZE: o.max_header_list_size,
+                SettingCodes.INITIAL_WINDOW_SIZE: o.initial_stream_window_size,
+                SettingCodes.MAX_FRAME_SIZE: o.max_frame_size,
+                SettingCodes.HEADER_TABLE_SIZE: o.header_table_size,
+                SettingCodes.ENABLE_PUSH: 0,
+            },
+        )
+        # Settings given as initial values are never "acknowledged" in h2: apply them to the
+        # decoder and frame buffer now.
+        h.decoder.max_header_list_size = o.max_header_list_size
+        h.decoder.max_allowed_table_size = o.header_table_size
+        h.max_inbound_frame_size = o.max_frame_size
+        self._out: dict[int, _Out] = {}
+        self._open_local: set[int] = set()  # server: streams whose response has not ended
+        self.goaway_received = False
+        self.goaway_sent = False
+        self.ctrl_queued = 0
+        self.closed_streams = 0
+        self.premature_resets = 0
+        self._empty_run = 0
+
+    # -- connection ---------------------------------------------------------------------
+    def initiate(self) -> None:
+        """Queue the preface (client) and our SETTINGS, and open the connection window."""
+        h = self.h2
+        h.initiate_connection()
+        extra = self.options.initial_connection_window_size - _DEFAULT_WINDOW
+        if extra > 0:
+            h.increment_flow_control_window(extra)
+
+    def data_to_send(self) -> bytes:
+        return self.h2.data_to_send()
+
+    def flushed(self) -> None:
+        """The glue wrote everything queued and the transport is below its high-water mark."""
+        self.ctrl_queued = 0
+
+    @property
+    def peer_max_concurrent_streams(self) -> int:
+        return int(self.h2.remote_settings.max_concurrent_streams)
+
+    @property
+    def open_outbound_streams(self) -> int:
+        return int(self.h2.open_outbound_streams)
+
+    @property
+    def highest_inbound_stream_id(self) -> int:
+        return int(self.h2.highest_inbound_stream_id)
+
+    def next_stream_id(self) -> int:
+        return int(self.h2.get_next_available_stream_id())
+
+    def goaway(self, code: int = NO_ERROR, last_stream_id: int | None = None, detail: bytes = b"") -> None:
+        self.goaway_sent = True
+        self.h2.close_connection(code, additional_data=detail or None, last_stream_id=last_stream_id)
+
+    def ping(self, opaque: bytes = b"moorline") -> None:
+        self.h2.ping(opaque[:8].ljust(8, b"\0"))
+
+    # -- receiving ------------------------------------------------------------------------
+    def receive(self, data: bytes) -> list[tuple[Any, ...]]:
+        """Feed bytes; returns event tuples. Raises ``Http2Error`` (GOAWAY queued)."""
+        h = self.h2
+        try:
+            raw: list[Any] = h.receive_data(data)
+        except DenialOfServiceError as e:
+            msg = str(e)
+            stat = "header_overflow" if "header" in msg.lower() else "too_many_header_frames"
+            raise Http2Error(ENHANCE_YOUR_CALM, msg, stat) from None
+        except ProtocolError as e:
+            msg = str(e)
+            stat = "too_many_header_frames" if "continuation" in msg.lower() else "rx_messaging_error"
+            raise Http2Error(int(getattr(e, "error_code", PROTOCOL_ERROR)), msg, stat) from None
+        out: list[tuple[Any, ...]] = []
+        if not raw:
+            return out
+        server = not self.client_side
+        reset_now: set[int] | None = None
+        if server:
+            opened = None
+            for ev in raw:
+                t = type(ev)
+                if t is RequestReceived:
+                    if opened is None:
+                        opened = set()
+                    opened.add(ev.stream_id)
+                elif t is StreamReset and opened is not None and ev.stream_id in opened:
+                    if reset_now is None:
+                        reset_now = set()
+                    reset_now.add(ev.stream_id)
+        open_local = self._open_local
+        for ev in raw:
+            t = type(ev)
+            if t is DataReceived:
+                sid = ev.stream_id
+                n = ev.flow_controlled_length
+                end = ev.stream_ended is not None
+                if not n and not end:
+                    self._empty_run += 1
+                    if self._empty_run > self.options.max_consecutive_empty_frames:
+                        self.goaway(ENHANCE_YOUR_CALM)
+                        raise Http2Error(
+                            ENHANCE_YOUR_CALM, "too many empty DATA frames", "inbound_empty_frames_flood"
+                        )
+                else:
+                    self._empty_run = 0
+                if reset_now is not None and sid in reset_now:
+                    h.acknowledge_received_data(n, sid) if n else None
+                    continue
+                out.append((DATA, sid, ev.data, n, end))
+            elif t is RequestReceived:
+                sid = ev.stream_id
+                self._empty_run = 0
+                if reset_now is not None and sid in reset_now:
+                    # Opened and reset in the same read: never reaches the proxy.
+                    self.closed_streams += 1
+                    self.premature_resets += 1
+                    continue
+                open_local.add(sid)
+                out.append((HEADERS, sid, ev.headers, ev.stream_ended is not None))
+            elif t is ResponseReceived:
+                out.append((HEADERS, ev.stream_id, ev.headers, ev.stream_ended is not None))
+            elif t is TrailersReceived:
+                out.append((TRAILERS, ev.stream_id, ev.headers))
+            elif t is InformationalResponseReceived:
+                out.append((INFORMATIONAL, ev.stream_id, ev.headers))
+            elif t is StreamReset:
+                sid = ev.stream_id
+                self._out.pop(sid, None)
+                if server and ev.remote_reset:
+                    if reset_now is not None and sid in reset_now:
+                        continue  # counted with its RequestReceived
+                    if sid in open_local:
+                        open_local.discard(sid)
+                        self.closed_streams += 1
+                        self.premature_resets += 1
+                    out.append((RESET, sid, int(ev.error_code)))
+                else:
+                    out.append((RESET, sid, int(ev.error_code)))
+            elif t is WindowUpdated:
+                if self._out:
+                    self._flush_queued(out)
+            elif t is PingReceived:
+                self.ctrl_queued += 1
+            elif t is RemoteSettingsChanged:
+                self.ctrl_queued += 1
+                if SettingCodes.HEADER_TABLE_SIZE in ev.changed_settings:
+                    enc = h.encoder
+                    if enc.header_table_size > MAX_ENCODER_TABLE:
+                        enc.header_table_size = MAX_ENCODER_TABLE
+                if SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings and self._out:
+                    self._flush_queued(out)
+                out.append((SETTINGS,))
+            elif t is ConnectionTerminated:
+                self.goaway_received = True
+                out.append((GOAWAY, int(ev.last_stream_id or 0), int(ev.error_code)))
+        if self.ctrl_queued > self.options.max_outbound_control_frames:
+            self.goaway(ENHANCE_YOUR_CALM)
+            raise Http2Error(ENHANCE_YOUR_CALM, "too many queued control frames", "outbound_control_flood")
+        if (
+            server
+            and self.premature_resets
+            and self.closed_streams >= self.options.premature_reset_min_streams
+        ):
+            if self.premature_resets * 2 >= self.closed_streams:
+                self.goaway(ENHANCE_YOUR_CALM)
+                raise Http2Error(ENHANCE_YOUR_CALM, "too many premature resets", "too_many_premature_resets")
+        return out
+
+    def ack(self, sid: int, n: int) -> None:
+        """``n`` flow-controlled bytes of ``sid`` were consumed: let the peer send more."""
+        if n:
+            self.h2.acknowledge_received_data(n, sid)
+
+    # -- sending --------------------------------------------------------------------------
+    def send_headers(self, sid: int, headers: list[tuple[bytes, bytes]], end_stream: bool) -> bool:
+        try:
+            self.h2.send_headers(sid, headers, end_stream=end_stream)
+        except (StreamClosedError, ProtocolError, KeyError):
+            return False
+        if end_stream:
+            self._ended(sid)
+        return True
+
+    def send_data(self, sid: int, data: bytes, end_stream: bool) -> bool:
+        """Send ``data`` within the peer's windows, queueing the rest (see ``pending``)."""
+        q = self._out.get(sid)
+        if q is not None:
+            if data:
+                q.chunks.append(data)
+                q.size += len(data)
+            if end_stream:
+                q.end = True
+            return True
+        h = self.h2
+        try:
+            if data:
+                sent = self._send_window(sid, data)
+                if sent < len(data):
+                    q = self._out[sid] = _Out()
+                    rest = data[sent:]
+                    q.chunks.append(rest)
+                    q.size = len(rest)
+                    q.end = end_stream
+                    return True
+            if end_stream:
+                h.end_stream(sid)
+                self._ended(sid)
+        except (StreamClosedError, ProtocolError, KeyError):
+            self._out.pop(sid, None)
+            return False
+        return True
+
+    def send_trailers(self, sid: int, trailers: list[tuple[bytes, bytes]]) -> bool:
+        q = self._out.get(sid)
+        if q is not None:
+            q.trailers = trailers
+            q.end = True
+            return True
+        return self.send_headers(sid, trailers, True)
+
+    def pending(self, sid: int) -> int:
+        q = self._out.get(sid)
+        return q.size if q is not None else 0
+
+    def reset(self, sid: int, code: int = CANCEL) -> None:
+        self.ctrl_queued += 1
+        self._out.pop(sid, None)
+        self._open_local.discard(sid)
+        try:
+            self.h2.reset_stream(sid, code)
+        except (StreamClosedError, ProtocolError, KeyError):
+            pass
+
+    def forget(self, sid: int) -> None:
+        """The glue is done with ``sid`` (both directions ended): drop any queued output."""
+        self._out.pop(sid, None)
+        self._open_local.discard(sid)
+
+    def _ended(self, sid: int) -> None:
+        if sid in self._open_local:
+            self._open_local.discard(sid)
+            self.closed_streams += 1
+
+    def _send_window(self, sid: int, data: bytes) -> int:
+        h = self.h2
+        window = h.local_flow_control_window(sid)
+        n = len(data)
+        if n > window:
+            n = window
+        if n <= 0:
+            return 0
+        mfs = h.max_outbound_frame_size
+        if n <= mfs and n == len(data):
+            h.send_data(sid, data)
+            return n
+        mv = memoryview(data)
+        off = 0
+        while off < n:
+            k = min(mfs, n - off)
+            h.send_data(sid, bytes(mv[off : off + k]))
+            off += k
+        return n
+
+    def _flush_queued(self, out: list[tuple[Any, ...]]) -> None:
+        h = self.h2
+        for sid in list(self._out):
+            q = self._out[sid]
+            try:
+                while q.chunks:
+                    chunk = q.chunks[0]
+                    sent = self._send_window(sid, chunk)
+                    q.size -= sent
+                    if sent < len(chunk):
+                        q.chunks[0] = chunk[sent:]
+                        break
+                    q.chunks.popleft()
+                if q.chunks:
+                    continue
+                del self._out[sid]
+                if q.trailers is not None:
+                    h.send_headers(sid, q.trailers, end_stream=True)
+                    self._ended(sid)
+                elif q.end:
+                    h.end_stream(sid)
+                    self._ended(sid)
+            except (StreamClosedError, ProtocolError, KeyError):
+                self._out.pop(sid, None)
+                continue
+            out.append((WRITABLE, sid))

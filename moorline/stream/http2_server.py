@@ -1,0 +1,746 @@
+"""Downstream HTTP/2 connections (h2c prior knowledge, or TLS with ALPN "h2").
+
+``Http2ServerConnection`` owns one connection's ``Http2Codec``; each HTTP/2 stream gets an
+``H2ServerStream``, the small per-stream object an ``ActiveStream`` (``moorline.proxy.hcm``)
+talks to as if it were an HTTP/1.1 connection: ``encode_headers`` / ``encode_data`` /
+``encode_trailers`` write frames for that stream, ``abort()`` resets only that stream,
+``pause_reading`` / ``resume_reading`` stop and restart the window updates of that stream.
+
+Writes: frames produced while a read is being processed go out in one ``transport.write`` at
+the end of the read; frames produced from upstream callbacks are written at once.
+
+Flow control and bounds:
+- inbound DATA is handed to the stream at once and acknowledged (window update) unless the
+  stream is read-paused; a paused stream leaves at most one stream window
+  (``initial_stream_window_size``) in flight, and all streams together at most the connection
+  window;
+- outbound DATA beyond the client's windows is queued in the codec; above ``_HIGH_WATER`` bytes
+  queued for a stream its upstream reads are paused until the queue drained (WRITABLE);
+- the transport's write high-water mark is the listener's buffer limit; above it every stream's
+  upstream is paused.
+
+Protocol selection (``protocol_factory``): codec_type HTTP2, or AUTO with ALPN "h2", gives this
+connection; AUTO without ALPN sniffs the first bytes for the HTTP/2 preface (``_Sniffer``
+buffers at most 24 bytes, then hands the transport to the chosen protocol).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from moorline.observability.stats import Counter, Gauge
+from moorline.protocol import http2 as h2c
+from moorline.protocol.headers import HeaderMap
+from moorline.stream.http1_server import Http1ServerConnection, http_date
+
+if TYPE_CHECKING:
+    from moorline.proxy.hcm import HcmConfig
+
+_HIGH_WATER = 64 * 1024  # bytes queued for one stream beyond the peer's window before pausing
+# Connection-specific headers (RFC 9113 8.2.2): never sent on an HTTP/2 connection.
+_CONN_SPECIFIC = frozenset(
+    (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade")
+)
+_RESP_DROP = _CONN_SPECIFIC | frozenset((b"server", b"date"))
+_EMPTY: tuple[Any, ...] = ()
+
+_ActiveStream: Any = None
+
+
+def _active_stream_cls() -> Any:
+    global _ActiveStream
+    if _ActiveStream is None:
+        from moorline.proxy.hcm import ActiveStream
+
+        _ActiveStream = ActiveStream
+    return _ActiveStream
+
+
+class H2ServerStats:
+    """Downstream HTTP/2 stats: ``http.<prefix>.*_http2_*`` and Envoy's root ``http2.*``."""
+
+    __slots__ = (
+        "downstream_cx_http2_active",
+        "downstream_cx_http2_total",
+        "downstream_rq_http2_total",
+        "goaway_sent",
+        "header_overflow",
+        "inbound_empty_frames_flood",
+        "outbound_control_flood",
+        "rx_messaging_error",
+        "rx_reset",
+        "streams_active",
+        "too_many_header_frames",
+        "too_many_premature_resets",
+        "too_many_premature_resets_h2",
+        "trailers",
+        "tx_reset",
+    )
+
+    downstream_cx_http2_total: Counter
+    downstream_rq_http2_total: Counter
+    downstream_cx_http2_active: Gauge
+    too_many_premature_resets: Counter
+    rx_reset: Counter
+    tx_reset: Counter
+    goaway_sent: Counter
+    header_overflow: Counter
+    too_many_header_frames: Counter
+    outbound_control_flood: Counter
+    inbound_empty_frames_flood: Counter
+    rx_messaging_error: Counter
+    too_many_premature_resets_h2: Counter
+    trailers: Counter
+    streams_active: Gauge
+
+    def __init__(self, cfg: Any) -> None:
+        store = cfg.ctx.stats
+        http = store.scope(f"http.{cfg.stat_prefix}.")
+        root = store.scope("http2.")
+        self.downstream_cx_http2_total = http.counter("downstream_cx_http2_total")
+        self.downstream_rq_http2_total = http.counter("downstream_rq_http2_total")
+        self.downstream_cx_http2_active = http.gauge("downstream_cx_http2_active")
+        self.too_many_premature_resets = http.counter("downstream_rq_too_many_premature_resets")
+        for n in (
+            "rx_reset",
+            "tx_reset",
+            "goaway_sent",
+            "header_overflow",
+            "too_many_header_frames",
+            "outbound_control_flood",
+            "inbound_empty_frames_flood",
+            "rx_messaging_error",
+            "trailers",
+        ):
+            setattr(self, n, root.counter(n))
+        self.too_many_premature_resets_h2 = root.counter("too_many_premature_resets")
+        self.streams_active = root.gauge("streams_active")
+
+
+def _stats_for(cfg: Any) -> H2ServerStats:
+    st = getattr(cfg, "_h2_stats", None)
+    if st is None:
+        st = H2ServerStats(cfg)
+        cfg._h2_stats = st
+    return st
+
+
+class H2RequestHead:
+    """What ``ActiveStream.decode_headers`` reads, built from an HTTP/2 request header block."""
+
+    __slots__ = (
+        "chunked",
+        "content_length",
+        "expect_continue",
+        "header_bytes",
+        "headers",
+        "keep_alive",
+        "method",
+        "target",
+        "upgrade",
+        "version",
+    )
+
+    def __init__(self) -> None:
+        self.method = b""
+        self.target = b"/"
+        self.version = b"2"
+        self.headers = HeaderMap()
+        self.keep_alive = True
+        self.content_length: int | None = None
+        self.chunked = False
+        self.upgrade = False
+        self.expect_continue = False
+        self.header_bytes = 0
+
+
+def request_head(headers: list[tuple[bytes, bytes]], end_stream: bool) -> H2RequestHead:
+    """Turn an HTTP/2 request header list into a head: ``:authority`` becomes ``host`` (first),
+    split ``cookie`` headers are joined (RFC 9113 8.2.3), a body is announced by ``chunked``
+    (no END_STREAM on HEADERS) since HTTP/2 has no framing headers."""
+    head = H2RequestHead()
+    rest: list[tuple[bytes, bytes]] = []
+    authority = None
+    cookies: list[bytes] | None = None
+    size = 0
+    for k, v in headers:
+        size += len(k) + len(v) + 32
+        if k[:1] == b":":
+            if k == b":method":
+                head.method = v
+            elif k == b":path":
+                head.target = v
+            elif k == b":authority":
+                authority = v
+            continue
+        if k == b"cookie":
+            if cookies is None:
+                cookies = []
+            cookies.append(v)
+            continue
+        if k == b"content-length":
+            try:
+                head.content_length = int(v)
+            except ValueError:
+                pass
+        elif k == b"host":
+            if authority is None:
+                authority = v
+            continue
+        rest.append((k, v))
+    if authority is not None:
+        rest.insert(0, (b"host", authority))
+    if cookies:
+        rest.append((b"cookie", b"; ".join(cookies)))
+    if head.method == b"CONNECT" and authority is not None:
+        head.target = authority
+    head.headers = HeaderMap.wrap(rest)
+    head.header_bytes = size
+    head.chunked = not end_stream
+    if end_stream:
+        head.content_length = None
+    return head
+
+
+class H2ServerStream:
+    """One HTTP/2 stream seen by an ``ActiveStream`` as its connection."""
+
+    __slots__ = (
+        "backlog",
+        "cfg",
+        "close_after_response",
+        "closed",
+        "conn",
+        "info",
+        "local_str",
+        "loop",
+        "read_paused",
+        "remote_str",
+        "req_ended",
+        "resp_ended",
+        "resp_keep_alive",
+        "resp_no_body",
+        "sid",
+        "stream",
+        "unacked",
+        "window_paused",
+    )
+
+    def __init__(self, conn: Http2ServerConnection, sid: int) -> None:
+        self.conn = conn
+        self.sid = sid
+        self.cfg = conn.cfg
+        self.info = conn.info
+        self.loop = conn.loop
+        self.remote_str = conn.remote_str
+        self.local_str = conn.local_str
+        self.backlog = _EMPTY
+        self.resp_keep_alive = True
+        self.resp_no_body = False
+        self.close_after_response = False
+        self.stream: Any = None
+        self.closed = False
+        self.req_ended = False
+        self.resp_ended = False
+        self.read_paused = False
+        self.unacked = 0
+        self.window_paused = False
+
+    @property
+    def last_activity(self) -> float:
+        return self.conn.last_activity
+
+    # -- called by the ActiveStream ------------------------------------------------------
+    def encode_headers(self, headers: HeaderMap, end_stream: bool, version: bytes = b"2") -> None:
+        if self.closed:
+            return
+        h = headers._h
+        cfg = self.cfg
+        status = h[0][1] if h and h[0][0] == b":status" else b"200"
+        out = [(b":status", status)]
+        server_mode = cfg.server_header_transformation
+        has_server = has_date = False
+        for k, v in h:
+            if k in _RESP_DROP or k[:1] == b":":
+                if k == b"server":
+                    if server_mode == 0:
+                        continue
+                    has_server = True
+                elif k == b"date":
+                    has_date = True
+                else:
+                    continue
+            out.append((k, v))
+        if server_mode == 0 or (server_mode == 1 and not has_server):
+            out.append((b"server", cfg.server_name))
+        if not has_date:
+            out.append((b"date", http_date()))
+        informational = len(status) == 3 and status[:1] == b"1"
+        conn = self.conn
+        conn.codec.send_headers(self.sid, out, end_stream and not informational)
+        if end_stream and not informational:
+            self._response_ended()
+        conn.flush()
+
+    def encode_data(self, data: bytes, end_stream: bool) -> None:
+        if self.closed:
+            return
+        conn = self.conn
+        codec = conn.codec
+        codec.send_data(self.sid, data, end_stream)
+        if end_stream:
+            self._response_ended()
+        elif not self.window_paused and codec.pending(self.sid) > _HIGH_WATER:
+            self.window_paused = True
+            s = self.stream
+            if s is not None:
+                s.on_downstream_write_paused()
+        conn.flush()
+
+    def encode_trailers(self, trailers: HeaderMap) -> None:
+        if self.closed:
+            return
+        conn = self.conn
+        conn.codec.send_trailers(self.sid, [p for p in trailers._h if p[0] not in _CONN_SPECIFIC])
+        self._response_ended()
+        conn.flush()
+
+    def flush_pending(self) -> None:
+        self.conn.flush()
+
+    def start_tunnel(self) -> None:
+        # Upgrades and CONNECT are not carried over HTTP/2 (RFC 8441 is not implemented).
+        return
+
+    def pause_reading(self) -> None:
+        self.read_paused = True
+
+    def resume_reading(self) -> None:
+        if self.read_paused:
+            self.read_paused = False
+            n = self.unacked
+            if n and not self.closed:
+                self.unacked = 0
+                self.conn.codec.ack(self.sid, n)
+                self.conn.flush()
+
+    def close(self) -> None:
+        """End this stream: nothing more will be sent on it."""
+        if not self.resp_ended and not self.closed:
+            self.abort(h2c.NO_ERROR)
+
+    def abort(self, code: int = h2c.INTERNAL_ERROR) -> None:
+        """Reset this stream only (RST_STREAM); the connection stays."""
+        if self.closed:
+            return
+        conn = self.conn
+        conn.stats_h2.tx_reset.value += 1
+        conn.codec.reset(self.sid, code)
+        self._detach()
+        conn.flush()
+
+    # -- internal ------------------------------------------------------------------------
+    def _response_ended(self) -> None:
+        self.resp_ended = True
+        conn = self.conn
+        if not self.req_ended:
+            if conn.codec.pending(self.sid):
+                return  # the queued data goes first; WRITABLE finishes the stream
+            # The client is still sending a body nobody reads: stop it (RFC 9113 8.1).
+            conn.codec.reset(self.sid, h2c.NO_ERROR)
+        elif conn.codec.pending(self.sid):
+            return
+        self._detach()
+
+    def _detach(self) -> None:
+        self.closed = True
+        conn = self.conn
+        if conn.streams.pop(self.sid, None) is not None:
+            conn.stats_h2.streams_active.value -= 1
+        conn.codec.forget(self.sid) if self.resp_ended and not conn.codec.pending(self.sid) else None
+        if not conn.streams and (conn.goaway_sent or conn.cfg.draining):
+            conn.close()
+
+
+class Http2ServerConnection(asyncio.Protocol):
+    """One downstream HTTP/2 connection."""
+
+    def __init__(self, cfg: HcmConfig, info: Any) -> None:
+        self.cfg = cfg
+        self.info = info
+        self.loop = asyncio.get_event_loop()
+        self.transport: Any = None
+        self.codec = h2c.Http2Codec(False, getattr(cfg, "http2_options", None))
+        self.streams: dict[int, H2ServerStream] = {}
+        self.stats = cfg.stats
+        self.stats_h2 = _stats_for(cfg)
+        self.closed = False
+        self.write_paused = False
+        self.in_batch = False
+        self.flush_scheduled = False
+        self.goaway_sent = False
+        self.goaway_last = 0
+        self.last_activity = 0.0
+        self.start = 0.0
+        self.remote_str = ""
+        self.local_str = ""
+        self.backlog = _EMPTY
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def stream(self) -> Any:
+        """None when no stream is active (``HcmConfig.drain`` closes such connections)."""
+        for s in self.streams.values():
+            return s
+        return None
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        limit = self.info.buffer_limit
+        transport.set_write_buffer_limits(high=limit, low=limit // 4)
+        st = self.stats
+        st.downstream_cx_total.value += 1
+        st.downstream_cx_active.value += 1
+        self.stats_h2.downstream_cx_http2_total.value += 1
+        self.stats_h2.downstream_cx_http2_active.value += 1
+        self.start = self.last_activity = self.loop.time()
+        self.remote_str = self.info.remote_str()
+        self.local_str = self.info.local_str()
+        self.cfg.connections.add(self)
+        self.codec.initiate()
+        self._flush_now()
+        self._arm_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.stats.downstream_cx_rx_bytes_total.value += len(data)
+        self.last_activity = self.loop.time()
+        self.in_batch = True
+        try:
+            try:
+                events = self.codec.receive(data)
+            except h2c.Http2Error as e:
+                self._connection_error(e)
+                return
+            for ev in events:
+                kind = ev[0]
+                if kind == h2c.DATA:
+                    self._on_data(ev[1], ev[2], ev[3], ev[4])
+                elif kind == h2c.HEADERS:
+                    self._on_headers(ev[1], ev[2], ev[3])
+                elif kind == h2c.TRAILERS:
+                    self._on_trailers(ev[1], ev[2])
+                elif kind == h2c.RESET:
+                    self._on_reset(ev[1])
+                elif kind == h2c.WRITABLE:
+                    self._on_writable(ev[1])
+                elif kind == h2c.GOAWAY:
+                    self.goaway_sent = True  # the client leaves: finish what is in flight, then close
+                if self.closed:
+                    return
+        finally:
+            self.in_batch = False
+        self._flush_now()
+        if self.goaway_sent and not self.streams:
+            self.close()
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        streams = list(self.streams.values())
+        self.streams.clear()
+        sh = self.stats_h2
+        sh.streams_active.value -= len(streams)
+        for ss in streams:
+            ss.closed = True
+            s = ss.stream
+            if s is not None:
+                s.on_downstream_reset()
+        if self in self.cfg.connections:
+            self.cfg.connections.discard(self)
+            st = self.stats
+            st.downstream_cx_active.value -= 1
+            st.downstream_cx_destroy.value += 1
+            sh.downstream_cx_http2_active.value -= 1
+            st.downstream_cx_length_ms.record((self.loop.time() - self.start) * 1000)
+            self.info.notify_closed()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        for ss in list(self.streams.values()):
+            if ss.stream is not None and not ss.window_paused:
+                ss.stream.on_downstream_write_paused()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.codec.flushed()
+        for ss in list(self.streams.values()):
+            if ss.stream is not None and not ss.window_paused:
+                ss.stream.on_downstream_write_resumed()
+
+    # -- events ---------------------------------------------------------------------------
+    def _on_headers(self, sid: int, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
+        ss = self.streams.get(sid)
+        if ss is not None:
+            # A second header block without END_STREAM is not trailers: h2 rejects it; ignore.
+            return
+        if self.goaway_sent and sid > self.goaway_last:
+            self.codec.reset(sid, h2c.REFUSED_STREAM)
+            return
+        head = request_head(headers, end_stream)
+        ss = H2ServerStream(self, sid)
+        ss.req_ended = end_stream
+        ss.resp_no_body = head.method == b"HEAD"
+        self.streams[sid] = ss
+        sh = self.stats_h2
+        sh.streams_active.value += 1
+        sh.downstream_rq_http2_total.value += 1
+        s = _active_stream_cls()(ss, head)
+        ss.stream = s
+        s.decode_headers(head)
+        if end_stream:
+            s.decode_complete(None)
+        if self.cfg.draining and not self.goaway_sent:
+            self._send_goaway(h2c.NO_ERROR)
+
+    def _on_data(self, sid: int, data: bytes, n: int, end_stream: bool) -> None:
+        ss = self.streams.get(sid)
+        if ss is None or ss.stream is None:
+            self.codec.ack(sid, n)  # nobody reads it: hand the connection window back
+            return
+        s = ss.stream
+        if data:
+            s.decode_data(data, False)
+        if ss.read_paused:
+            ss.unacked += n
+        elif n:
+            self.codec.ack(sid, n)
+        if end_stream:
+            ss.req_ended = True
+            s.decode_complete(None)
+            if ss.resp_ended and not ss.closed and not self.codec.pending(sid):
+                ss._detach()
+
+    def _on_trailers(self, sid: int, headers: list[tuple[bytes, bytes]]) -> None:
+        ss = self.streams.get(sid)
+        if ss is None or ss.stream is None:
+            return
+        self.stats_h2.trailers.value += 1
+        ss.req_ended = True
+        ss.stream.decode_complete(HeaderMap.wrap(list(headers)))
+        if ss.resp_ended and not ss.closed and not self.codec.pending(sid):
+            ss._detach()
+
+    def _on_reset(self, sid: int) -> None:
+        self.stats_h2.rx_reset.value += 1
+        ss = self.streams.pop(sid, None)
+        if ss is None:
+            return
+        self.stats_h2.streams_active.value -= 1
+        ss.closed = True
+        self.codec.forget(sid)
+        s = ss.stream
+        if s is not None:
+            s.on_downstream_reset()
+
+    def _on_writable(self, sid: int) -> None:
+        ss = self.streams.get(sid)
+        if ss is None:
+            return
+        if ss.resp_ended:
+            if not self.codec.pending(sid):
+                if not ss.req_ended:
+                    self.codec.reset(sid, h2c.NO_ERROR)
+                ss._detach()
+            return
+        if ss.window_paused:
+            ss.window_paused = False
+            if not self.write_paused and ss.stream is not None:
+                ss.stream.on_downstream_write_resumed()
+
+    def _connection_error(self, e: h2c.Http2Error) -> None:
+        sh = self.stats_h2
+        self.stats.downstream_cx_protocol_error.value += 1
+        if e.stat == "too_many_premature_resets":
+            sh.too_many_premature_resets.value += 1
+            sh.too_many_premature_resets_h2.value += 1
+        elif e.stat is not None:
+            c = getattr(sh, e.stat, None)
+            if c is not None:
+                c.value += 1
+        sh.goaway_sent.value += 1
+        self.goaway_sent = True
+        self.in_batch = False
+        self._flush_now()
+        self.abort()
+
+    # -- writing and control ----------------------------------------------------------------
+    def flush(self) -> None:
+        """Write queued frames: at the end of the current read, or (for frames produced from
+        upstream callbacks) once the current loop callback returns, so the HEADERS, DATA and
+        END_STREAM of one upstream read leave in one write."""
+        if self.in_batch or self.closed or self.flush_scheduled:
+            return
+        self.flush_scheduled = True
+        self.loop.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self.flush_scheduled = False
+        if self.closed:
+            return
+        data = self.codec.data_to_send()
+        if data:
+            self.transport.write(data)
+        if not self.write_paused:
+            self.codec.flushed()
+
+    def _send_goaway(self, code: int) -> None:
+        if self.goaway_sent or self.closed:
+            return
+        self.goaway_sent = True
+        self.goaway_last = self.codec.highest_inbound_stream_id
+        self.stats_h2.goaway_sent.value += 1
+        self.codec.goaway(code, self.goaway_last)
+        self._flush_now()
+
+    def close(self) -> None:
+        """Graceful: GOAWAY, then close once the streams in flight are done."""
+        if self.closed:
+            return
+        self._send_goaway(h2c.NO_ERROR)
+        if self.streams:
+            return
+        self._flush_now()
+        self.closed = True
+        self.transport.close()
+
+    def abort(self) -> None:
+        if not self.closed:
+            self._flush_now()
+            self.closed = True
+            self.transport.close()
+
+    # -- timers -----------------------------------------------------------------------------
+    def _arm_timer(self) -> None:
+        t = self.cfg.timer_period or 1.0
+        if not self.closed:
+            self._timer = self.loop.call_later(t, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.closed:
+            return
+        now = self.loop.time()
+        cfg = self.cfg
+        if self.streams:
+            for ss in list(self.streams.values()):
+                s = ss.stream
+                if s is not None and not ss.closed:
+                    s.check_timeouts(now)
+        elif cfg.idle_timeout and now - self.last_activity >= cfg.idle_timeout:
+            self.stats.downstream_cx_idle_timeout.value += 1
+            self.close()
+            return
+        if cfg.draining and not self.goaway_sent:
+            self.close()
+        if cfg.max_connection_duration and now - self.start >= cfg.max_connection_duration:
+            self.stats.downstream_cx_max_duration_reached.value += 1
+            self.close()
+        self._arm_timer()
+
+
+class _Sniffer(asyncio.Protocol):
+    """Codec AUTO without ALPN: the first bytes decide (the HTTP/2 preface or not). Holds at
+    most the 24 bytes of the preface; idle connections are closed after the idle timeout."""
+
+    def __init__(self, cfg: HcmConfig, info: Any) -> None:
+        self.cfg = cfg
+        self.info = info
+        self.transport: Any = None
+        self.buf = b""
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        alpn = negotiated_alpn(self.info, transport)
+        if alpn == "h2":
+            self._switch(Http2ServerConnection, b"")
+            return
+        if alpn is not None:
+            self._switch(Http1ServerConnection, b"")
+            return
+        t = self.cfg.request_headers_timeout or self.cfg.idle_timeout
+        if t:
+            self.timer = asyncio.get_event_loop().call_later(t, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data if self.buf else data
+        n = min(len(buf), 24)
+        if buf[:n] == h2c.PREFACE[:n]:
+            if n < 24:
+                self.buf = buf
+                return
+            self._switch(Http2ServerConnection, buf)
+        else:
+            self._switch(Http1ServerConnection, buf)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.info.notify_closed()
+
+    def _switch(self, cls: Any, buf: bytes) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        p = cls(self.cfg, self.info)
+        self.transport.set_protocol(p)
+        p.connection_made(self.transport)
+        if buf:
+            p.data_received(buf)
+
+
+def negotiated_alpn(info: Any, transport: Any = None) -> str | None:
+    """The ALPN protocol of a TLS connection: the listener's ``ConnInfo.negotiated_alpn``, else
+    the transport's SSL object; None for cleartext or no ALPN."""
+    alpn = getattr(info, "negotiated_alpn", None)
+    if alpn:
+        return str(alpn)
+    if transport is not None:
+        ssl_obj = transport.get_extra_info("ssl_object")
+        if ssl_obj is not None:
+            v = ssl_obj.selected_alpn_protocol()
+            return str(v) if v else None
+    return None
+
+
+def protocol_factory(cfg: HcmConfig, info: Any, codec_type: int) -> Any:
+    """The ``asyncio.Protocol`` factory for an accepted connection. It decides when called, so
+    behind a TLS handshake (``net.tls.serve_accepted`` calls it after the handshake) it sees
+    ``info.negotiated_alpn``: codec_type 2 (HTTP2) or AUTO with ALPN "h2" -> HTTP/2; AUTO with
+    another ALPN -> HTTP/1.1; AUTO without ALPN -> sniff the preface; HTTP1 -> HTTP/1.1."""
+
+    def make() -> asyncio.Protocol:
+        if codec_type == 2:
+            return Http2ServerConnection(cfg, info)
+        if codec_type == 0:
+            alpn = getattr(info, "negotiated_alpn", None)
+            if alpn == "h2":
+                return Http2ServerConnection(cfg, info)
+            if alpn:
+                return Http1ServerConnection(cfg, info)
+            return _Sniffer(cfg, info)
+        return Http1ServerConnection(cfg, info)
+
+    return make

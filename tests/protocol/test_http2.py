@@ -1,0 +1,286 @@
+"""The sans-IO HTTP/2 codec: exchanges between a client and a server codec, flow control,
+GOAWAY that keeps streams in flight, and each flood protection fed the attack's frames."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from envoy.config.core.v3 import protocol_pb2
+from hpack import Encoder
+from hyperframe.frame import (
+    ContinuationFrame,
+    DataFrame,
+    HeadersFrame,
+    PingFrame,
+    RstStreamFrame,
+    SettingsFrame,
+)
+
+from moorline.protocol import http2 as h2c
+from moorline.protocol.http2 import Http2Codec, Http2Error, Http2Options
+
+REQ = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", b"/p")]
+GET = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", b"/")]
+
+
+def pair(
+    client_opts: Http2Options | None = None, server_opts: Http2Options | None = None
+) -> tuple[Http2Codec, Http2Codec]:
+    c = Http2Codec(True, client_opts)
+    s = Http2Codec(False, server_opts)
+    c.initiate()
+    s.initiate()
+    shuttle(c, s)
+    return c, s
+
+
+def shuttle(c: Http2Codec, s: Http2Codec) -> tuple[list[Any], list[Any]]:
+    """Move bytes both ways until quiet; returns (client events, server events)."""
+    ce: list[Any] = []
+    se: list[Any] = []
+    for _ in range(50):
+        a = c.data_to_send()
+        b = s.data_to_send()
+        if not a and not b:
+            break
+        if a:
+            se.extend(s.receive(a))
+        if b:
+            ce.extend(c.receive(b))
+    return ce, se
+
+
+def kinds(events: list[Any], kind: int) -> list[Any]:
+    return [e for e in events if e[0] == kind]
+
+
+def raw_client() -> tuple[Http2Codec, bytes]:
+    """A server codec and the client preface + SETTINGS bytes that open a connection to it."""
+    s = Http2Codec(False, Http2Options(premature_reset_min_streams=100))
+    s.initiate()
+    s.data_to_send()
+    return s, h2c.PREFACE + SettingsFrame(0).serialize()
+
+
+def headers_frame(enc: Encoder, sid: int, headers: list[tuple[bytes, bytes]], end: bool = True) -> bytes:
+    f = HeadersFrame(sid)
+    f.data = enc.encode(headers)
+    f.flags.add("END_HEADERS")
+    if end:
+        f.flags.add("END_STREAM")
+    return f.serialize()
+
+
+def test_request_response_with_trailers() -> None:
+    c, s = pair()
+    sid = c.next_stream_id()
+    c.send_headers(sid, [*REQ, (b"te", b"trailers")], False)
+    c.send_data(sid, b"hello", False)
+    c.send_trailers(sid, [(b"x-req-trailer", b"1")])
+    _, se = shuttle(c, s)
+    assert kinds(se, h2c.HEADERS)[0][2][:4] == REQ
+    data = kinds(se, h2c.DATA)
+    assert data[0][2] == b"hello" and data[0][3] == 5
+    assert kinds(se, h2c.TRAILERS)[0][2] == [(b"x-req-trailer", b"1")]
+    s.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc")], False)
+    s.send_data(sid, b"world", False)
+    s.send_trailers(sid, [(b"grpc-status", b"0")])
+    ce, _ = shuttle(c, s)
+    assert kinds(ce, h2c.HEADERS)[0][2][0] == (b":status", b"200")
+    assert kinds(ce, h2c.DATA)[0][2] == b"world"
+    assert kinds(ce, h2c.TRAILERS)[0][2] == [(b"grpc-status", b"0")]
+
+
+def test_outbound_data_beyond_window_is_queued_until_acked() -> None:
+    small = Http2Options(initial_stream_window_size=65535, initial_connection_window_size=65535)
+    c, s = pair(client_opts=small)
+    sid = c.next_stream_id()
+    c.send_headers(sid, GET, True)
+    shuttle(c, s)
+    body = bytes(range(256)) * 800  # 204800 bytes, > the client's 65535 window
+    s.send_headers(sid, [(b":status", b"200")], False)
+    s.send_data(sid, body, True)
+    assert s.pending(sid) == len(body) - 65535
+    ce, _ = shuttle(c, s)
+    got = b"".join(e[2] for e in kinds(ce, h2c.DATA))
+    assert got == body[:65535]  # the client acknowledged nothing: nothing more came
+    assert not any(e[4] for e in kinds(ce, h2c.DATA))
+    received = 65535
+    while received < len(body):
+        c.ack(sid, sum(e[3] for e in kinds(ce, h2c.DATA)))
+        ce, _ = shuttle(c, s)
+        chunk = b"".join(e[2] for e in kinds(ce, h2c.DATA))
+        assert chunk, "window updates must release queued data"
+        got += chunk
+        received += len(chunk)
+    assert got == body
+    assert kinds(ce, h2c.DATA)[-1][4] is True  # END_STREAM after the queued bytes
+    assert s.pending(sid) == 0
+
+
+def test_inbound_window_bounds_what_a_peer_can_send() -> None:
+    small = Http2Options(initial_stream_window_size=65535, initial_connection_window_size=65535)
+    c, s = pair(server_opts=small)
+    sid = c.next_stream_id()
+    c.send_headers(sid, REQ, False)
+    c.send_data(sid, b"x" * 300_000, True)
+    _, se = shuttle(c, s)
+    assert sum(e[3] for e in kinds(se, h2c.DATA)) == 65535  # the server acks nothing yet
+    assert c.pending(sid) == 300_000 - 65535
+    s.ack(sid, 65535)
+    ce, se = shuttle(c, s)
+    assert kinds(ce, h2c.WRITABLE) == [] or c.pending(sid) < 300_000 - 65535
+    assert sum(e[3] for e in kinds(se, h2c.DATA)) > 0
+
+
+def test_graceful_goaway_keeps_streams_in_flight() -> None:
+    c, s = pair()
+    sid = c.next_stream_id()
+    c.send_headers(sid, GET, True)
+    shuttle(c, s)
+    s.goaway(h2c.NO_ERROR, last_stream_id=sid)
+    s.send_headers(sid, [(b":status", b"200")], False)
+    s.send_data(sid, b"after goaway", True)
+    ce, _ = shuttle(c, s)
+    assert kinds(ce, h2c.GOAWAY) == [(h2c.GOAWAY, sid, 0)]
+    assert kinds(ce, h2c.DATA)[0][2] == b"after goaway"
+    assert c.goaway_received
+
+
+def test_rapid_reset_same_batch_is_dropped_and_ends_connection() -> None:
+    s, pre = raw_client()
+    enc = Encoder()
+    out = [pre]
+    for i in range(120):
+        sid = 1 + 2 * i
+        out.append(headers_frame(enc, sid, GET))
+        r = RstStreamFrame(sid)
+        r.error_code = h2c.CANCEL
+        out.append(r.serialize())
+    with pytest.raises(Http2Error) as ei:
+        s.receive(b"".join(out))
+    assert ei.value.stat == "too_many_premature_resets"
+    assert ei.value.code == h2c.ENHANCE_YOUR_CALM
+    assert b"\x00\x00\x00\x0b" in s.data_to_send()  # GOAWAY ENHANCE_YOUR_CALM queued
+
+
+def test_rapid_reset_across_reads_counts_streams_whose_response_had_not_ended() -> None:
+    s, pre = raw_client()
+    enc = Encoder()
+    s.receive(pre)
+    seen = 0
+    with pytest.raises(Http2Error) as ei:
+        for i in range(200):
+            sid = 1 + 2 * i
+            ev = s.receive(headers_frame(enc, sid, GET))
+            seen += len(kinds(ev, h2c.HEADERS))
+            r = RstStreamFrame(sid)
+            r.error_code = h2c.CANCEL
+            s.receive(r.serialize())
+    assert ei.value.stat == "too_many_premature_resets"
+    assert seen == 100  # detected at the configured minimum of closed streams
+
+
+def test_resets_after_complete_responses_are_not_premature() -> None:
+    s, pre = raw_client()
+    enc = Encoder()
+    s.receive(pre)
+    for i in range(300):
+        sid = 1 + 2 * i
+        s.receive(headers_frame(enc, sid, GET))
+        s.send_headers(sid, [(b":status", b"204")], True)
+        r = RstStreamFrame(sid)
+        r.error_code = h2c.CANCEL
+        s.receive(r.serialize())
+        s.data_to_send()
+    assert s.premature_resets == 0
+
+
+def test_ping_flood_is_detected_until_flushed() -> None:
+    s, pre = raw_client()
+    s.receive(pre)
+    ping = PingFrame(0)
+    ping.opaque_data = b"12345678"
+    s.receive(ping.serialize() * 900)
+    s.flushed()  # the answers reached the socket
+    s.receive(ping.serialize() * 900)
+    with pytest.raises(Http2Error) as ei:
+        s.receive(ping.serialize() * 200)
+    assert ei.value.stat == "outbound_control_flood"
+
+
+def test_settings_flood_is_detected() -> None:
+    s, pre = raw_client()
+    with pytest.raises(Http2Error) as ei:
+        s.receive(pre + SettingsFrame(0).serialize() * 1500)
+    assert ei.value.stat == "outbound_control_flood"
+
+
+def test_empty_data_frames_flood() -> None:
+    s, pre = raw_client()
+    enc = Encoder()
+    s.receive(pre + headers_frame(enc, 1, REQ, end=False))
+    with pytest.raises(Http2Error) as ei:
+        s.receive(DataFrame(1).serialize() * 3)
+    assert ei.value.stat == "inbound_empty_frames_flood"
+
+
+def test_oversized_header_list() -> None:
+    s = Http2Codec(False, Http2Options(max_header_list_size=8 * 1024))
+    s.initiate()
+    s.data_to_send()
+    enc = Encoder()
+    big = GET + [(b"x-big-%d" % i, b"v" * 600) for i in range(20)]  # 12 KB, one frame
+    with pytest.raises(Http2Error) as ei:
+        s.receive(h2c.PREFACE + SettingsFrame(0).serialize() + headers_frame(enc, 1, big))
+    assert ei.value.stat == "header_overflow"
+    assert ei.value.code == h2c.ENHANCE_YOUR_CALM
+
+
+def test_continuation_flood() -> None:
+    s, pre = raw_client()
+    enc = Encoder()
+    f = HeadersFrame(1)
+    f.data = enc.encode(GET)
+    f.flags.add("END_STREAM")  # no END_HEADERS: CONTINUATION frames follow
+    cont = ContinuationFrame(1)
+    cont.data = b""
+    with pytest.raises(Http2Error) as ei:
+        s.receive(pre + f.serialize() + cont.serialize() * 100)
+    assert ei.value.stat == "too_many_header_frames"
+
+
+def test_peer_hpack_table_size_is_capped_for_our_encoder() -> None:
+    s, pre = raw_client()
+    st = SettingsFrame(0)
+    st.settings = {0x1: 2**30}  # SETTINGS_HEADER_TABLE_SIZE
+    s.receive(pre + st.serialize())
+    assert s.h2.encoder.header_table_size <= h2c.MAX_ENCODER_TABLE
+
+
+def test_our_decoder_table_is_capped_at_the_advertised_size() -> None:
+    s, pre = raw_client()
+    enc = Encoder()
+    enc.header_table_size = 2**20  # emits a table size update larger than we allow
+    with pytest.raises(Http2Error):
+        s.receive(pre + headers_frame(enc, 1, GET))
+
+
+def test_options_from_proto() -> None:
+    p = protocol_pb2.Http2ProtocolOptions()
+    p.max_concurrent_streams.value = 7
+    p.initial_stream_window_size.value = 70000
+    p.initial_connection_window_size.value = 1 << 20
+    o, err = Http2Options.from_proto(p, "x", max_header_list_size=4096)
+    assert err is None
+    assert (o.max_concurrent_streams, o.initial_stream_window_size, o.max_header_list_size) == (
+        7,
+        70000,
+        4096,
+    )
+    p.initial_stream_window_size.value = 100
+    _, err = Http2Options.from_proto(p, "x")
+    assert err is not None and err[0] == "x.initial_stream_window_size"
+    c = Http2Codec(False, o)
+    assert c.h2.local_settings.max_concurrent_streams == 7
