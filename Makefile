@@ -32,6 +32,7 @@ test: deps $(STAMP) lint typecheck
 	$(BIN)/pytest -n 2 -p no:cacheprovider tests
 
 bench: deps $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python -m bench $(ARGS)
 
 clean:

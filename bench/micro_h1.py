@@ -106,6 +106,7 @@ def run(n: int) -> float:
     chain = server.listeners[0].selector.chains[0]
     hcm = chain.terminal
     cluster = server.cluster_manager.get("be")
+    assert cluster is not None
     host = cluster.hosts[0]
     pool = pool_for(host, loop)
     up = Http1ClientConnection(pool)

@@ -51,6 +51,9 @@ class Server:
         self._stop: asyncio.Event | None = None
         self._exit_code = 0
         sr = bootstrap.static_resources
+        from moorline.net.secrets import set_static_secrets
+
+        set_static_secrets(sr.secrets)
         try:
             for i, c in enumerate(sr.clusters):
                 self.cluster_manager.add(c, f"static_resources.clusters[{i}]")

@@ -4,9 +4,10 @@
 set -euo pipefail
 need=()
 for pair in nginx:/usr/sbin/nginx haproxy:/usr/sbin/haproxy wrk:/usr/bin/wrk iperf3:/usr/bin/iperf3 \
-            nghttp2-client:/usr/bin/h2load curl:/usr/bin/curl openssl:/usr/bin/openssl; do
+            nghttp2-client:/usr/bin/h2load curl:/usr/bin/curl openssl:/usr/bin/openssl \
+            libnginx-mod-stream:/usr/lib/nginx/modules/ngx_stream_module.so; do
   pkg=${pair%%:*}; bin=${pair#*:}
-  [ -x "$bin" ] || need+=("$pkg")
+  [ -e "$bin" ] || need+=("$pkg")
 done
 [ ${#need[@]} -eq 0 ] && exit 0
 SUDO=""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from typing import Any
 
 # One process-wide id sequence, like Envoy's connection ids (shown in logs and access logs).
 _next_id = itertools.count(1).__next__
@@ -19,8 +20,15 @@ class ConnInfo:
     """Facts about one downstream connection, filled by the listener.
 
     ``local`` / ``remote`` are ``(ip, port)`` tuples for TCP, or the socket path (``str``) for
-    pipes. ``server_name`` and ``alpn`` are filled by listener filters (TLS inspector); they stay
-    ``None`` until those exist.
+    pipes. ``server_name``, ``alpn`` (the protocols the client offered) and ``transport_protocol``
+    (``"tls"`` or ``"raw_buffer"``) are filled by listener filters (``tls_inspector``,
+    ``http_inspector``) before the filter chain is chosen; a chain that terminates TLS fills
+    ``server_name`` (from the handshake, when no inspector ran) and ``negotiated_alpn`` (the ALPN
+    protocol agreed, ``"h2"``, ``"http/1.1"`` or ``None``) once its handshake is done, and
+    ``peer_certificate`` (``getpeercert()`` dict) when the client presented one.
+
+    ``tls`` is the chain's compiled server side (``moorline.net.tls.DownstreamTls``) or ``None``
+    for plain TCP: terminal filters hand the socket to ``moorline.net.tls`` when it is set.
 
     The terminal network filter owns the connection and must call ``notify_closed()`` exactly
     when it is gone (calling it again is harmless): the listener's active-connection gauge, destroy
@@ -33,10 +41,15 @@ class ConnInfo:
         "connection_id",
         "listener_name",
         "local",
+        "negotiated_alpn",
         "on_close",
+        "peer_certificate",
         "remote",
         "server_name",
         "start_mono",
+        "tls",
+        "tls_version",
+        "transport_protocol",
     )
 
     def __init__(
@@ -60,6 +73,11 @@ class ConnInfo:
         self.alpn = alpn
         self.on_close = on_close
         self.start_mono = start_mono  # loop.time() at accept; 0.0 when unknown
+        self.transport_protocol = "raw_buffer"
+        self.tls: Any = None  # moorline.net.tls.DownstreamTls of the chain, None for plain TCP
+        self.negotiated_alpn: str | None = None
+        self.tls_version: str | None = None
+        self.peer_certificate: dict[str, Any] | None = None
 
     def notify_closed(self) -> None:
         """Run the ``on_close`` callback once; later calls do nothing."""

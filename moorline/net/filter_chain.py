@@ -189,20 +189,30 @@ class FilterChainMatch:
 class FilterChain:
     """A compiled filter chain: the match, the non-terminal filters and the terminal filter.
 
-    ``terminal.on_accept(sock, info)`` takes ownership of the accepted socket."""
+    ``terminal.on_accept(sock, info)`` takes ownership of the accepted socket. ``tls`` is the
+    chain's compiled ``DownstreamTlsContext`` (``moorline.net.tls.DownstreamTls``) or ``None``;
+    it travels to the terminal filter as ``info.tls``."""
 
-    __slots__ = ("filters", "index", "match", "name", "terminal")
+    __slots__ = ("filters", "index", "match", "name", "terminal", "tls")
 
     def __init__(
-        self, name: str, match: FilterChainMatch, terminal: Any, filters: list[Any], index: int
+        self,
+        name: str,
+        match: FilterChainMatch,
+        terminal: Any,
+        filters: list[Any],
+        index: int,
+        tls: Any = None,
     ) -> None:
         self.name = name
         self.match = match
         self.terminal = terminal
         self.filters = filters
         self.index = index  # position in filter_chains; -1 for the default chain
+        self.tls = tls
 
     def on_accept(self, sock: socket.socket, info: ConnInfo) -> None:
+        info.tls = self.tls
         self.terminal.on_accept(sock, info)
 
     def __repr__(self) -> str:
@@ -454,18 +464,23 @@ def _compile_filters(chain: Any, ctx: Any, path: str) -> tuple[Any, list[Any]]:
 def _compile_chain(chain: Any, ctx: Any, path: str, index: int) -> FilterChain:
     if chain.HasField("use_proxy_proto") and chain.use_proxy_proto.value:
         raise ConfigError(f"{path}.use_proxy_proto", "PROXY protocol is not supported yet")
+    tls = None
     if chain.HasField("transport_socket"):
-        ts = chain.transport_socket
-        tname = ts.typed_config.type_url.rsplit("/", 1)[-1] if ts.HasField("typed_config") else ""
-        if not (tname == RAW_BUFFER_TYPE or (not tname and ts.name in RAW_BUFFER_NAMES)):
-            raise ConfigError(f"{path}.transport_socket", "TLS is not supported yet")
+        from moorline.net.tls import DownstreamTls, compile_transport_socket
+
+        tls = compile_transport_socket(chain.transport_socket, ctx, f"{path}.transport_socket", server=True)
+        if isinstance(tls, DownstreamTls) and chain.HasField("transport_socket_connect_timeout"):
+            t = chain.transport_socket_connect_timeout
+            secs = t.seconds + t.nanos / 1e9
+            if secs > 0:
+                tls.handshake_timeout = secs
     match = FilterChainMatch(
         chain.filter_chain_match if chain.HasField("filter_chain_match") else None,
         f"{path}.filter_chain_match",
     )
     terminal, filters = _compile_filters(chain, ctx, path)
     name = chain.name or (f"filter_chains[{index}]" if index >= 0 else "default_filter_chain")
-    return FilterChain(name, match, terminal, filters, index)
+    return FilterChain(name, match, terminal, filters, index, tls)
 
 
 def compile_filter_chains(listener_proto: Any, ctx: Any, path: str) -> FilterChainSelector:

@@ -17,8 +17,9 @@ import socket
 import stat
 from typing import Any
 
+from moorline.config import registry
 from moorline.config.errors import ConfigError
-from moorline.config.util import Addr, addr_str, address_of
+from moorline.config.util import Addr, addr_str, address_of, duration_s
 from moorline.net.conn_info import DEFAULT_BUFFER_LIMIT, ConnInfo
 from moorline.net.filter_chain import FilterChain, FilterChainSelector, compile_filter_chains
 from moorline.net.sockopts import (
@@ -36,6 +37,11 @@ log = logging.getLogger("moorline.listener")
 
 DEFAULT_BACKLOG = 1024
 DEFAULT_ACCEPTS_PER_EVENT = 64
+DEFAULT_LISTENER_FILTERS_TIMEOUT = 15.0  # Envoy's listener_filters_timeout default
+# Listener filters peek at bytes that are not complete yet: the socket stays readable (the bytes
+# are not consumed), so instead of a spinning reader we re-peek on a timer, backing off.
+PEEK_RETRY_FIRST = 0.001
+PEEK_RETRY_MAX = 0.05
 
 # accept() errors that mean "try later" rather than "this listener is broken": out of fds or
 # memory. Envoy logs and keeps listening; so do we.
@@ -117,11 +123,17 @@ class Listener:
             ctx.notice(
                 f"{_join(path, 'use_original_dst')}: original destination is not supported yet; ignored"
             )
-        if len(proto.listener_filters):
-            names = ", ".join(f.name for f in proto.listener_filters)
-            ctx.notice(
-                f"{_join(path, 'listener_filters')}: listener filters not supported yet; ignored ({names})"
-            )
+        self.listener_filters: list[Any] = _compile_listener_filters(
+            proto.listener_filters, ctx, _join(path, "listener_filters")
+        )
+        # Envoy: 15 s by default; an explicit 0 disables the timeout.
+        self.listener_filters_timeout: float | None = (
+            (duration_s(proto.listener_filters_timeout) or None)
+            if proto.HasField("listener_filters_timeout")
+            else DEFAULT_LISTENER_FILTERS_TIMEOUT
+        )
+        self.continue_on_listener_filters_timeout = bool(proto.continue_on_listener_filters_timeout)
+        self.peek_bytes = max((f.max_read_bytes for f in self.listener_filters), default=0)
         if proto.HasField("connection_balance_config"):
             ctx.notice(
                 f"{_join(path, 'connection_balance_config')}: ignored (the kernel balances with SO_REUSEPORT)"
@@ -139,6 +151,11 @@ class Listener:
         self.cx_length_ms = scope.histogram("downstream_cx_length_ms")
         self.no_filter_chain_match = scope.counter("no_filter_chain_match")
         self.cx_overflow = scope.counter("downstream_cx_overflow")
+        self.pre_cx_timeout = scope.counter("downstream_pre_cx_timeout")
+        self.pre_cx_active = scope.gauge("downstream_pre_cx_active")
+        for fc in self.filter_chains:
+            if fc.tls is not None:
+                fc.tls.bind_stats(scope)
 
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -174,6 +191,10 @@ class Listener:
         self._sock = sock
         self._accepting = True
         loop.add_reader(sock.fileno(), self._accept)
+        if any(fc.tls is not None for fc in self.filter_chains):
+            from moorline.net.secrets import WATCHER
+
+            WATCHER.start(loop)  # certificate files are polled on the server's loop
 
     def _open_socket(self) -> socket.socket:
         kind, host, port = self.address
@@ -289,21 +310,37 @@ class Listener:
                 return
             local_t: tuple[str, int] | str = (local[0], local[1])
             remote_t: tuple[str, int] | str = (peer[0], peer[1])
-            chain = self.selector.select(local[0], local[1], peer[0], peer[1])
         else:
             local_t = self.address[1]
             remote_t = peer if isinstance(peer, str) and peer else self.address[1]
-            chain = self.selector.select(None, None, None, None)
+        loop = self._loop
+        assert loop is not None
+        info = ConnInfo(local_t, remote_t, self.name, buffer_limit=self.buffer_limit, start_mono=loop.time())
+        if self.listener_filters:
+            _ListenerFilterRun(self, loop, conn, info).start()
+            return
+        self._select_and_hand_over(conn, info)
+
+    def _select_and_hand_over(self, conn: socket.socket, info: ConnInfo) -> None:
+        if self._is_tcp:
+            lo, re = info.local, info.remote
+            assert isinstance(lo, tuple) and isinstance(re, tuple)
+            chain = self.selector.select(
+                lo[0], lo[1], re[0], re[1], info.server_name, info.transport_protocol, info.alpn
+            )
+        else:
+            chain = self.selector.select(
+                None, None, None, None, info.server_name, info.transport_protocol, info.alpn
+            )
         if chain is None:
             self.no_filter_chain_match.value += 1
             conn.close()
             return
-        self._hand_over(chain, conn, local_t, remote_t)
+        self._hand_over(chain, conn, info)
 
-    def _hand_over(self, chain: FilterChain, conn: socket.socket, local: Any, remote: Any) -> None:
+    def _hand_over(self, chain: FilterChain, conn: socket.socket, info: ConnInfo) -> None:
         loop = self._loop
         assert loop is not None
-        info = ConnInfo(local, remote, self.name, buffer_limit=self.buffer_limit, start_mono=loop.time())
         self.cx_total.value += 1
         self.cx_active.value += 1
         closed = False
@@ -327,3 +364,149 @@ class Listener:
 
     def __repr__(self) -> str:
         return f"Listener({self.name!r}, {addr_str(self.bound_address)})"
+
+
+# --- listener filters ----------------------------------------------------------------------------
+#
+# A listener filter (registry category ``listener``) is an object with ``max_read_bytes: int``
+# (how much of the stream's beginning it may need to see) and ``on_data(data: bytes, info:
+# ConnInfo) -> bool`` (True: done; False: needs more bytes). It reads *peeked* bytes, never
+# consuming them, and records what it learnt in ``info`` (``server_name``, ``alpn``,
+# ``transport_protocol``) for filter chain selection. ``data`` always starts at the first byte of
+# the connection (each call sees everything received so far).
+
+
+def _compile_listener_filters(protos: Any, ctx: Any, path: str) -> list[Any]:
+    out: list[Any] = []
+    for i, f in enumerate(protos):
+        fpath = f"{path}[{i}]"
+        kind = f.WhichOneof("config_type")
+        type_url = f.typed_config.type_url if kind == "typed_config" else None
+        ext = registry.lookup("listener", f.name, type_url)
+        if ext is None:
+            ctx.notice(f"{fpath}: listener filter {f.name!r} is not supported yet; ignored")
+            continue
+        if f.HasField("filter_disabled"):
+            ctx.notice(f"{fpath}.filter_disabled: ignored (the filter runs for every connection)")
+        cfg = None
+        if kind == "typed_config":
+            from moorline.config.loader import unpack_any
+
+            cfg = unpack_any(f.typed_config, f"{fpath}.typed_config")
+        elif kind == "config_discovery":
+            raise ConfigError(
+                f"{fpath}.config_discovery", "extension config discovery (ECDS) is not supported"
+            )
+        out.append(ext.factory(cfg, ctx, fpath))
+    return out
+
+
+class _ListenerFilterRun:
+    """Runs a listener's filters over the peeked start of one accepted connection, then
+    selects the filter chain. Bound: at most ``listener.peek_bytes`` (the filters' largest
+    ``max_read_bytes``, 64 KiB for tls_inspector) are peeked; the socket's own receive buffer
+    holds them."""
+
+    __slots__ = (
+        "conn",
+        "delay",
+        "fd",
+        "info",
+        "last_len",
+        "listener",
+        "loop",
+        "pending",
+        "reading",
+        "timeout",
+        "timer",
+    )
+
+    def __init__(
+        self, listener: Listener, loop: asyncio.AbstractEventLoop, conn: socket.socket, info: ConnInfo
+    ) -> None:
+        self.listener = listener
+        self.loop = loop
+        self.conn = conn
+        self.info = info
+        self.pending = list(listener.listener_filters)
+        self.fd = conn.fileno()
+        self.last_len = -1
+        self.delay = PEEK_RETRY_FIRST
+        self.reading = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.timeout: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        lst = self.listener
+        lst.pre_cx_active.value += 1
+        if lst.listener_filters_timeout:
+            self.timeout = self.loop.call_later(lst.listener_filters_timeout, self._on_timeout)
+        self.reading = True
+        self.loop.add_reader(self.fd, self._peek)
+
+    def _stop_io(self) -> None:
+        if self.reading:
+            self.reading = False
+            self.loop.remove_reader(self.fd)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.timeout is not None:
+            self.timeout.cancel()
+            self.timeout = None
+        self.listener.pre_cx_active.value -= 1
+
+    def _peek(self) -> None:
+        self.timer = None
+        try:
+            data = self.conn.recv(self.listener.peek_bytes, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            if not self.reading:
+                self._retry_later()
+            return
+        except OSError:
+            self._abort()
+            return
+        if not data:
+            self._abort()  # closed before saying anything
+            return
+        if len(data) == self.last_len:
+            self._retry_later()
+            return
+        self.last_len = len(data)
+        still = []
+        for f in self.pending:
+            if not f.on_data(data, self.info):
+                still.append(f)
+        self.pending = still
+        if not still or len(data) >= self.listener.peek_bytes:
+            self._finish()
+            return
+        self._retry_later()
+
+    def _retry_later(self) -> None:
+        if self.reading:
+            self.reading = False
+            self.loop.remove_reader(self.fd)
+        self.timer = self.loop.call_later(self.delay, self._peek)
+        self.delay = min(self.delay * 2, PEEK_RETRY_MAX)
+
+    def _finish(self) -> None:
+        self._stop_io()
+        try:
+            self.listener._select_and_hand_over(self.conn, self.info)
+        except Exception:
+            log.exception("listener %s: connection handling failed", self.listener.name)
+            self.conn.close()
+
+    def _abort(self) -> None:
+        self._stop_io()
+        self.conn.close()
+
+    def _on_timeout(self) -> None:
+        self.timeout = None
+        if self.listener.continue_on_listener_filters_timeout:
+            self._finish()
+            return
+        self.listener.pre_cx_timeout.value += 1
+        self._abort()

@@ -12,7 +12,9 @@ Connection lifecycle (phases of ``_Session``):
    (the failed ones excluded) up to ``max_connect_attempts``; then the downstream is closed.
 3. **relay**: ``moorline.net.tcp_relay`` moves the bytes (``os.splice`` by default, userspace copy
    with ``MOORLINE_NO_SPLICE=1`` or ``use_splice=False``), with half-close, idle timeout and
-   ``max_downstream_connection_duration``.
+   ``max_downstream_connection_duration``. When the chain terminates TLS (``info.tls``) or the
+   cluster originates it, ``moorline.net.tls.StreamRelay`` relays through asyncio SSL transports
+   instead (TLS passthrough routed by SNI via tls_inspector keeps splice).
 4. **end**: stats, then ``ConnInfo.notify_closed()`` for the listener's bookkeeping.
 """
 
@@ -34,6 +36,7 @@ from moorline.config.util import opt_duration_s, opt_uint
 from moorline.net.conn_info import ConnInfo
 from moorline.net.sockopts import set_keepalive, set_nodelay
 from moorline.net.tcp_relay import CLOSE_IDLE, Relay, relay, splice_supported
+from moorline.net.tls import StreamRelay, tls_for_cluster
 from moorline.observability.stats import Counter
 
 log = logging.getLogger("moorline.tcp_proxy")
@@ -197,7 +200,7 @@ class _Session:
         self.failed: set[Any] = set()
         self.host: Any = None
         self.up: socket.socket | None = None
-        self.relay: Relay | None = None
+        self.relay: Relay | StreamRelay | None = None
         self.closed = False
         self._connect_handle: asyncio.TimerHandle | None = None
         self._duration_handle: asyncio.TimerHandle | None = None
@@ -319,6 +322,32 @@ class _Session:
             limit = min(limit, climit)
         st = proxy.stats
         self._started = self.loop.time()
+        try:
+            up_tls = tls_for_cluster(self.cluster)
+        except ConfigError as e:
+            log.warning("tcp_proxy %s: cluster %s: %s", proxy.stat_prefix, self.cluster.name, e)
+            self._upstream_gone()
+            self._end_downstream()
+            return
+        if self.info.tls is not None or up_tls is not None:
+            # TLS on either side: the bytes must pass through userspace (no splice).
+            self.relay = StreamRelay(
+                self.loop,
+                down,
+                up,
+                down_tls=self.info.tls,
+                up_tls=up_tls,
+                up_host=self.host,
+                info=self.info,
+                buffer_limit=limit,
+                idle_timeout=proxy.idle_timeout,
+                on_close=self._relay_closed,
+                counters_a_to_b=(st.downstream_cx_rx_bytes_total, cs.upstream_cx_tx_bytes_total),
+                counters_b_to_a=(st.downstream_cx_tx_bytes_total, cs.upstream_cx_rx_bytes_total),
+            )
+            if proxy.max_duration:
+                self._duration_handle = self.loop.call_later(proxy.max_duration, self._on_max_duration)
+            return
         self.relay = relay(
             self.loop,
             down,

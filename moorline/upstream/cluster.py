@@ -863,6 +863,22 @@ def compile_cluster(
 
     if proto.HasField("transport_socket"):
         c.transport_socket = proto.transport_socket
+        # Compile the TLS context now: a bad certificate or option is a config error at load
+        # time (with its field path), not a failure of the first connection.
+        from moorline.net.tls import tls_for_cluster
+
+        ts = proto.transport_socket
+        is_tls = ts.name in ("envoy.transport_sockets.tls", "tls") or ts.typed_config.type_url.endswith(
+            ".UpstreamTlsContext"
+        )
+        try:
+            if is_tls:
+                tls_for_cluster(c)
+        except ConfigError as e:
+            prefix = f"clusters[{c.name}]."
+            if e.path.startswith(prefix):
+                e.path = e.path[len(prefix) :]
+            raise
     if proto.transport_socket_matches:
         c.notice("transport_socket_matches: not implemented, the cluster's transport_socket is used")
     for field, what in (

@@ -192,3 +192,28 @@ def test_cli_list(capsys: pytest.CaptureFixture[str]) -> None:
         "startup",
     ):
         assert name in out
+
+
+def test_markdown_notes_noise_and_load_bound_peer() -> None:
+    samples = {
+        "moorline": [
+            {"ok": True, "rps": 5000.0, "cpu_pct": 97.0, "load_core_busy_pct": 60.0, "core_other_pct": 2.0}
+        ],
+        "nginx": [
+            {"ok": True, "rps": 9000.0, "cpu_pct": 50.0, "load_core_busy_pct": 99.0, "core_other_pct": 30.0}
+        ],
+    }
+    summ = report.summarize(samples, report.HTTP_METRICS)
+    doc = {
+        "scenario": "h1-small",
+        "kind": "http",
+        "description": "d",
+        "settings": {"rounds": 1, "duration_s": 5},
+        "proxies": ["moorline", "nginx"],
+        "summary": summ,
+        "ratios": report.ratios(summ, report.HTTP_METRICS, ["moorline", "nginx"]),
+    }
+    md = report.markdown(doc)
+    assert "other work used up to 30%" in md
+    assert "Not CPU-bound: nginx (median proxy CPU under 80%)" in md
+    assert "bound: moorline" not in md
