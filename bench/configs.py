@@ -12,6 +12,9 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import struct
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,47 @@ NGINX_WORKER_CONNECTIONS = 19000
 HAPROXY_MAXCONN = 9500  # HAProxy sizes its fd limit to about 2 x maxconn: stays under 20,000
 
 NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
+
+# grpc-unary: nginx keeps one upstream connection per stream in flight (h2load -c16 -m10 = 160).
+GRPC_UPSTREAM_KEEPALIVE = 256
+GRPC_METHOD = "/bench.Echo/Unary"
+GRPC_PAYLOAD = b"hello, world\n"  # echoed back: 13 bytes of message, as in h1-small / h2-small
+
+OPENSSL = "/usr/bin/openssl"
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The certificate every proxy serves in ``tls-handshake``: ECDSA P-256, self-signed."""
+
+    cert: Path
+    key: Path
+    combined: Path  # cert + key in one file, for HAProxy
+
+
+def make_tls_files(directory: Path, openssl: str = OPENSSL) -> TlsFiles:
+    """An ECDSA P-256 key and a self-signed certificate for ``localhost``/127.0.0.1, made with
+    the openssl CLI (raises RuntimeError with its stderr on failure). ECDSA P-256 rather than
+    RSA 2048: it is what current deployments (and Istio's workload certificates) use, and it
+    makes the server's signature cheap, so the handshake cost is mostly key exchange + proxy."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    argv = [
+        openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+        "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
+        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+    ]  # fmt: skip
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    if res.returncode != 0:
+        raise RuntimeError(f"openssl failed: {res.stderr.strip()[-500:]}")
+    combined = directory / "combined.pem"
+    combined.write_text(cert.read_text() + key.read_text())
+    return TlsFiles(cert, key, combined)
+
+
+def grpc_frame(payload: bytes) -> bytes:
+    """One gRPC length-prefixed message: flag 0 (not compressed), 4-byte big-endian length."""
+    return b"\x00" + struct.pack(">I", len(payload)) + payload
 
 
 def decoy_regex(i: int) -> str:
@@ -107,7 +151,17 @@ _NGINX_PROXY = """proxy_pass http://backend;
             proxy_request_buffering off;"""
 
 
-def nginx_http_proxy(prefix: Path, port: int, upstream_port: int, route_rules: bool = False) -> str:
+def nginx_http_proxy(
+    prefix: Path,
+    port: int,
+    upstream_port: int,
+    route_rules: bool = False,
+    *,
+    h2: bool = False,
+    tls: TlsFiles | None = None,
+) -> str:
+    """HTTP/1.1 keep-alive to the backend; the listener speaks HTTP/1.1, or h2c (``h2``: nginx
+    1.22 accepts prior-knowledge HTTP/2 on a plain ``http2`` listener), or HTTP/1.1 over TLS."""
     if route_rules:
         locations = [
             f"        location ~ {decoy_regex(i)} {{\n            {_NGINX_PROXY}\n        }}"
@@ -131,8 +185,43 @@ http {{
         keepalive_timeout 300s;
     }}
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
+        {_nginx_listen(port, h2, tls)}
 {body}
+    }}
+}}
+"""
+
+
+def _nginx_listen(port: int, h2: bool, tls: TlsFiles | None) -> str:
+    opts = " http2" if h2 else ""
+    if tls is None:
+        return f"listen 127.0.0.1:{port}{opts} backlog=4096;"
+    # OpenSSL's defaults otherwise (session tickets on, as in moorline and HAProxy).
+    return f"""listen 127.0.0.1:{port} ssl{opts} backlog=4096;
+        ssl_certificate {tls.cert};
+        ssl_certificate_key {tls.key};
+        ssl_protocols TLSv1.3;"""
+
+
+def nginx_grpc_proxy(prefix: Path, port: int, upstream_port: int) -> str:
+    """h2c listener, ``grpc_pass`` to the gRPC backend. nginx sends one stream per upstream
+    connection (it does not multiplex upstream), so its pool is sized for every stream the
+    load keeps in flight: a smaller pool would open and close connections during the run."""
+    return f"""{_nginx_main(prefix)}
+http {{
+{_nginx_http_common(prefix)}
+    upstream grpcbe {{
+        server 127.0.0.1:{upstream_port};
+        keepalive {GRPC_UPSTREAM_KEEPALIVE};
+        keepalive_requests 1000000;
+        keepalive_timeout 300s;
+    }}
+    server {{
+        listen 127.0.0.1:{port} http2 backlog=4096;
+        location / {{
+            grpc_pass grpc://grpcbe;
+            grpc_buffer_size 16k;
+        }}
     }}
 }}
 """
@@ -165,7 +254,16 @@ defaults
 """
 
 
-def haproxy_http(port: int, upstream_port: int, route_rules: bool = False) -> str:
+def haproxy_http(
+    port: int,
+    upstream_port: int,
+    route_rules: bool = False,
+    *,
+    bind_opts: str = "",
+    server_opts: str = "",
+) -> str:
+    """``bind_opts``: ``proto h2`` (h2c prior knowledge) or ``ssl crt ...``; ``server_opts``:
+    ``proto h2`` for an HTTP/2 (gRPC) backend."""
     rules = ""
     default = "    default_backend be\n"
     if route_rules:
@@ -181,11 +279,16 @@ def haproxy_http(port: int, upstream_port: int, route_rules: bool = False) -> st
     http-reuse always
 
 frontend fe
-    bind 127.0.0.1:{port}
+    bind 127.0.0.1:{port}{" " + bind_opts if bind_opts else ""}
 {rules}{default}
 backend be
-    server s1 127.0.0.1:{upstream_port}
+    server s1 127.0.0.1:{upstream_port}{" " + server_opts if server_opts else ""}
 """
+
+
+def haproxy_tls_bind(tls: TlsFiles) -> str:
+    # HAProxy reads certificate and key from one PEM file.
+    return f"ssl crt {tls.combined} ssl-min-ver TLSv1.3 ssl-max-ver TLSv1.3"
 
 
 def haproxy_tcp(port: int, upstream_port: int) -> str:
@@ -199,7 +302,18 @@ backend be
 """
 
 
-def moorline_http(port: int, upstream_port: int, admin_port: int, route_rules: bool = False) -> str:
+def moorline_http(
+    port: int,
+    upstream_port: int,
+    admin_port: int,
+    route_rules: bool = False,
+    *,
+    upstream_h2: bool = False,
+    tls: TlsFiles | None = None,
+) -> str:
+    """HCM with codec AUTO (h2c prior knowledge is detected by its preface); ``upstream_h2``:
+    the cluster speaks HTTP/2 (``explicit_http_config.http2_protocol_options``); ``tls``: the
+    filter chain terminates TLS 1.3 with that certificate."""
     routes: list[dict[str, Any]]
     if route_rules:
         routes = [
@@ -223,7 +337,35 @@ def moorline_http(port: int, upstream_port: int, admin_port: int, route_rules: b
     listener = procs.hcm_listener(
         "bench_http", port, routes, hcm_extra={"generate_request_id": False}, stat_prefix="bench"
     )
-    return procs.bootstrap([listener], [procs.cluster("backend", [upstream_port])], admin_port)
+    if tls is not None:
+        listener["filter_chains"][0]["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                "common_tls_context": {
+                    "tls_certificates": [
+                        {
+                            "certificate_chain": {"filename": str(tls.cert)},
+                            "private_key": {"filename": str(tls.key)},
+                        }
+                    ],
+                    "tls_params": {
+                        "tls_minimum_protocol_version": "TLSv1_3",
+                        "tls_maximum_protocol_version": "TLSv1_3",
+                    },
+                },
+            },
+        }
+    extra: dict[str, Any] = {}
+    if upstream_h2:
+        hpo = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+        extra["typed_extension_protocol_options"] = {
+            hpo: {
+                "@type": f"type.googleapis.com/{hpo}",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        }
+    return procs.bootstrap([listener], [procs.cluster("backend", [upstream_port], **extra)], admin_port)
 
 
 def moorline_tcp(port: int, upstream_port: int, admin_port: int) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.children import Child, read_line, run_to_end, spawn
-from bench.proxies import IPERF3, REPO_ROOT, WRK
+from bench.proxies import H2LOAD, IPERF3, REPO_ROOT, WRK
 
 _UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
 
@@ -88,6 +88,139 @@ def run_wrk(
     if code != 0:
         raise RuntimeError(f"wrk exited with {code}: {err or out}")
     return parse_wrk(out), out
+
+
+@dataclass
+class H2loadResult:
+    """h2load's summary plus percentiles from its per-request log. The keys shared with
+    :class:`WrkResult` (requests, duration_s, rps, p50_ms, p99_ms, socket_errors, non_2xx) mean
+    the same: ``socket_errors`` are requests that ended in a stream or connection error (a
+    timeout included), ``non_2xx`` the other failed ones (a status other than 2xx/3xx). For
+    gRPC, h2load sees the HTTP status only: a non-zero ``grpc-status`` in the trailers counts as
+    success here (the harness's check call verifies the echo before each run)."""
+
+    requests: int  # done (answered or errored) during the measured duration
+    duration_s: float
+    rps: float
+    succeeded: int
+    failed: int
+    errored: int
+    timeout: int
+    mean_ms: float | None
+    sd_ms: float | None
+    max_ms: float | None
+    p50_ms: float | None
+    p99_ms: float | None
+    socket_errors: int
+    non_2xx: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _h2load_time_ms(text: str) -> float:
+    # h2load prints times like wrk: 605us, 29.75ms, 1.20s.
+    return wrk_time_ms(text)
+
+
+def parse_h2load(out: str, latencies_us: list[int] | None = None) -> H2loadResult:
+    """Read h2load's report (``finished in``, ``requests:``, ``time for request:``); with the
+    per-request latencies of ``--log-file``, p50/p99 (nearest rank) too. Raises ValueError if
+    the summary is missing."""
+    fm = re.search(r"finished in ([0-9.]+)(us|ms|s|m|h), ([0-9.]+) req/s", out)
+    rm = re.search(
+        r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+        r"(\d+) errored, (\d+) timeout",
+        out,
+    )
+    if not fm or not rm:
+        raise ValueError("no 'finished in' / 'requests:' lines in h2load output")
+    done, succeeded, failed, errored, timeout = (int(rm.group(i)) for i in (3, 4, 5, 6, 7))
+    mean = sd = mx = None
+    tm = re.search(r"time for request:\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)", out)
+    if tm:
+        mx, mean, sd = (_h2load_time_ms(tm.group(i)) for i in (2, 3, 4))
+    p50 = p99 = None
+    if latencies_us:
+        lat = sorted(latencies_us)
+        p50 = percentile(lat, 50) / 1000.0
+        p99 = percentile(lat, 99) / 1000.0
+    # h2load counts a timed-out request as errored too, and an errored one as failed too.
+    bad = errored
+    return H2loadResult(
+        requests=done,
+        duration_s=_h2load_time_ms(fm.group(1) + fm.group(2)) / 1000.0,
+        rps=float(fm.group(3)),
+        succeeded=succeeded,
+        failed=failed,
+        errored=errored,
+        timeout=timeout,
+        mean_ms=mean,
+        sd_ms=sd,
+        max_ms=mx,
+        p50_ms=p50,
+        p99_ms=p99,
+        socket_errors=bad,
+        non_2xx=max(0, failed - bad),
+    )
+
+
+def percentile(sorted_values: list[int], pct: float) -> float:
+    """Nearest-rank percentile of an ascending list (the smallest value with at least ``pct``
+    percent of the values at or below it)."""
+    if not sorted_values:
+        raise ValueError("no values")
+    rank = max(1, -(-len(sorted_values) * pct // 100))
+    return float(sorted_values[int(rank) - 1])
+
+
+def read_h2load_log(path: Path) -> list[int]:
+    """The third column of h2load's ``--log-file`` (microseconds from request start to the end
+    of the response), one request per line; lines that do not parse are skipped."""
+    out: list[int] = []
+    with open(path, "rb") as f:
+        for line in f:
+            parts = line.split(b"\t")
+            if len(parts) >= 3:
+                with contextlib.suppress(ValueError):
+                    out.append(int(parts[2]))
+    return out
+
+
+def run_h2load(
+    url: str,
+    duration_s: int,
+    workdir: Path,
+    cpus: list[int] | None,
+    *,
+    clients: int = 16,
+    streams: int = 10,
+    data: Path | None = None,
+    headers: tuple[str, ...] = (),
+    log_latencies: bool = True,
+) -> tuple[H2loadResult, str]:
+    """``h2load -t1 -c<clients> -m<streams> -D<duration> [-d data] [-H ...] [--log-file] url``
+    (h2c prior knowledge for ``http://``); (result, raw output). The per-request log is read
+    for p50/p99 and then deleted (it holds one line per request)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    argv = [H2LOAD, "-t1", f"-c{clients}", f"-m{streams}", "-D", str(duration_s)]
+    if data is not None:
+        argv += ["-d", str(data)]
+    for h in headers:
+        argv += ["-H", h]
+    log = workdir / "h2load-requests.tsv"
+    if log_latencies:
+        argv.append(f"--log-file={log}")
+    argv.append(url)
+    code, out, err = run_to_end("h2load", argv, workdir, timeout=duration_s + 30, cpus=cpus)
+    try:
+        if code != 0:
+            raise RuntimeError(f"h2load exited with {code}: {(err or out)[-1500:]}")
+        lat = read_h2load_log(log) if log_latencies and log.exists() else None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            log.unlink()
+    return parse_h2load(out, lat), out
 
 
 @dataclass

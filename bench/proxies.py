@@ -6,9 +6,13 @@ log tail); the caller records that run as failed and goes on.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import os
 import signal
 import socket
+import ssl
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -16,13 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import configs
-from bench.children import Child, pin_tree, spawn
+from bench.children import Child, pin_tree, read_line, spawn
 from moorline.testing.procs import free_port
 
 NGINX = "/usr/sbin/nginx"
 HAPROXY = "/usr/sbin/haproxy"
 WRK = "/usr/bin/wrk"
 IPERF3 = "/usr/bin/iperf3"
+H2LOAD = "/usr/bin/h2load"
+CURL = "/usr/bin/curl"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 H = "127.0.0.1"
 START_TIMEOUT_S = 30.0
@@ -108,6 +114,48 @@ def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
         conn.close()
 
 
+def https_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes, str | None]:
+    """One HTTPS GET without certificate verification (the harness's own self-signed
+    certificate); (status, body, TLS version)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    conn = http.client.HTTPSConnection(H, port, timeout=timeout, context=ctx)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        version = conn.sock.version() if isinstance(conn.sock, ssl.SSLSocket) else None
+        return resp.status, resp.read(), version
+    finally:
+        conn.close()
+
+
+def h2c_get(port: int, path: str, workdir: Path, timeout: float = 10.0) -> tuple[str, int, bytes]:
+    """One GET with HTTP/2 prior knowledge (curl); (HTTP version, status, body)."""
+    out = workdir / "h2c-check.body"
+    res = subprocess.run(
+        [CURL, "-sS", "--http2-prior-knowledge", "--max-time", str(timeout), "-o", str(out),
+         "-w", "%{http_version} %{http_code}", f"http://{H}:{port}{path}"],
+        capture_output=True, text=True, timeout=timeout + 5,
+    )  # fmt: skip
+    if res.returncode != 0:
+        raise OSError(f"curl exited with {res.returncode}: {res.stderr.strip()[-300:]}")
+    version, _, code = res.stdout.partition(" ")
+    body = out.read_bytes() if out.exists() else b""
+    return version, int(code or 0), body
+
+
+def grpc_check(port: int, workdir: Path, timeout: float = 20.0) -> str | None:
+    """One gRPC unary echo through the proxy (``bench.grpc_backend check``, a child process);
+    None if it came back intact, else why not."""
+    res = subprocess.run(
+        [sys.executable, "-m", "bench.grpc_backend", "check", str(port)],
+        capture_output=True, text=True, timeout=timeout, cwd=str(workdir),
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )  # fmt: skip
+    return None if res.returncode == 0 else (res.stderr.strip()[-300:] or f"exit {res.returncode}")
+
+
 def wait_moorline_ready(
     admin_port: int, child: Child, timeout: float = START_TIMEOUT_S, poll: float = 0.02
 ) -> None:
@@ -183,6 +231,52 @@ def start_backend(lab: Lab) -> Backend:
     return Backend(child, port, docroot)
 
 
+@dataclass
+class GrpcBackend:
+    """``python -m bench.grpc_backend serve`` on the load generator's CPU."""
+
+    child: Child
+    port: int
+
+    def alive(self) -> bool:
+        return self.child.alive()
+
+    def stop(self) -> None:
+        if self.child.popen.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.child.popen.stdin.close()
+        self.child.stop(signal.SIGTERM, 5)
+
+
+def start_grpc_backend(lab: Lab) -> GrpcBackend:
+    argv = [sys.executable, "-m", "bench.grpc_backend", "serve"]
+    child = spawn(
+        "grpc-backend",
+        argv,
+        lab.workdir / "grpc-backend",
+        cpus=lab.load_cpus,
+        env={"PYTHONPATH": str(REPO_ROOT)},
+        pipes=True,
+    )
+    line = read_line(child, START_TIMEOUT_S)
+    if line is None or not line.startswith("READY port="):
+        tail = child.stderr_tail()
+        child.stop(signal.SIGKILL, 1)
+        raise StartError(f"gRPC backend did not report READY ({line!r}): {tail}")
+    port = int(line.split("=", 1)[1])
+    err = grpc_check(port, lab.workdir)
+    if err:
+        child.stop(signal.SIGKILL, 1)
+        raise StartError(f"gRPC backend check failed: {err}")
+    return GrpcBackend(child, port)
+
+
+# Listener/upstream protocol of an HTTP scenario: "h1" (HTTP/1.1 both sides), "h2" (h2c prior
+# knowledge downstream, HTTP/1.1 upstream), "grpc" (h2c both sides), "tls" (HTTP/1.1 over
+# TLS 1.3 downstream, HTTP/1.1 upstream).
+MODES = ("h1", "h2", "grpc", "tls")
+
+
 def start_proxy(
     lab: Lab,
     variant: str,
@@ -192,10 +286,17 @@ def start_proxy(
     route_rules: bool = False,
     check_path: str | None = None,
     check_body: bytes | None = None,
+    mode: str = "h1",
+    tls: configs.TlsFiles | None = None,
 ) -> Running:
     """Start ``variant`` (see HTTP_VARIANTS / L4_VARIANTS) proxying to 127.0.0.1:upstream_port,
     pinned to the proxy CPU; for HTTP, one GET of ``check_path`` must answer 200 ``check_body``
-    (this also opens the first upstream connection)."""
+    (this also opens the first upstream connection), over the scenario's protocol (``mode``,
+    see :data:`MODES`): h2c for ``h2``, a gRPC echo call for ``grpc``, TLS 1.3 for ``tls``."""
+    if mode not in MODES:
+        raise StartError(f"unknown mode {mode!r}")
+    if mode == "tls" and tls is None:
+        raise StartError("mode tls needs the certificate files")
     missing = variant_binary_missing(variant)
     if missing:
         raise StartError(missing)
@@ -206,7 +307,14 @@ def start_proxy(
         text = (
             configs.moorline_tcp(port, upstream_port, admin)
             if l4
-            else configs.moorline_http(port, upstream_port, admin, route_rules)
+            else configs.moorline_http(
+                port,
+                upstream_port,
+                admin,
+                route_rules,
+                upstream_h2=mode == "grpc",
+                tls=tls if mode == "tls" else None,
+            )
         )
         d = lab.subdir(variant)
         cfg = d / "moorline.yaml"
@@ -233,7 +341,11 @@ def start_proxy(
         def conf(p: Path) -> str:
             if l4:
                 return configs.nginx_stream_proxy(p, port, upstream_port)
-            return configs.nginx_http_proxy(p, port, upstream_port, route_rules)
+            if mode == "grpc":
+                return configs.nginx_grpc_proxy(p, port, upstream_port)
+            return configs.nginx_http_proxy(
+                p, port, upstream_port, route_rules, h2=mode == "h2", tls=tls if mode == "tls" else None
+            )
 
         child, prefix, text = _start_nginx(lab, variant, conf, lab.proxy_cpus)
         running = Running(variant, child, port, None, text)
@@ -243,10 +355,20 @@ def start_proxy(
             child.stop(signal.SIGKILL, 1)
             raise StartError(f"{exc} {_error_log(prefix)}") from None
     elif variant.startswith("haproxy"):
+        bind_opts = {"h2": "proto h2", "grpc": "proto h2"}.get(mode, "")
+        if mode == "tls":
+            assert tls is not None
+            bind_opts = configs.haproxy_tls_bind(tls)
         text = (
             configs.haproxy_tcp(port, upstream_port)
             if l4
-            else configs.haproxy_http(port, upstream_port, route_rules)
+            else configs.haproxy_http(
+                port,
+                upstream_port,
+                route_rules,
+                bind_opts=bind_opts,
+                server_opts="proto h2" if mode == "grpc" else "",
+            )
         )
         d = lab.subdir(variant)
         cfg = d / "haproxy.cfg"
@@ -263,13 +385,34 @@ def start_proxy(
     if lab.proxy_cpus:
         # taskset at exec already covers threads and workers; this is the belt to its braces.
         pin_tree(running.child.pid, lab.proxy_cpus)
-    if check_path is not None:
-        try:
-            status, body = http_get(port, check_path)
-        except OSError as exc:
+    if mode == "grpc":
+        err = grpc_check(port, lab.workdir)
+        if err:
             running.stop()
-            raise StartError(f"check request failed: {exc!r}") from None
-        if status != 200 or (check_body is not None and body != check_body):
+            raise StartError(f"check gRPC call failed: {err}")
+    elif check_path is not None:
+        problem = _check_http(port, mode, check_path, check_body, lab.workdir)
+        if problem:
             running.stop()
-            raise StartError(f"check request answered {status} with {len(body)} bytes: {body[:80]!r}")
+            raise StartError(problem)
     return running
+
+
+def _check_http(port: int, mode: str, path: str, want: bytes | None, workdir: Path) -> str | None:
+    """Why the check request over ``mode`` failed, or None."""
+    try:
+        if mode == "h2":
+            version, status, body = h2c_get(port, path, workdir)
+            if version != "2":
+                return f"check request was answered over HTTP/{version}, not HTTP/2"
+        elif mode == "tls":
+            status, body, tls_version = https_get(port, path)
+            if tls_version != "TLSv1.3":
+                return f"check request negotiated {tls_version}, not TLSv1.3"
+        else:
+            status, body = http_get(port, path)
+    except (OSError, ssl.SSLError, subprocess.TimeoutExpired) as exc:
+        return f"check request failed: {exc!r}"
+    if status != 200 or (want is not None and body != want):
+        return f"check request answered {status} with {len(body)} bytes: {body[:80]!r}"
+    return None

@@ -43,6 +43,27 @@ HTTP_METRICS = (
     Metric("core_other_pct", "others on proxy core %", "{:.0f}", None),
     Metric("load_core_busy_pct", "load core busy %", "{:.0f}", None),
 )
+H2_METRICS = (
+    Metric("rps", "req/s", "{:,.0f}", "higher"),
+    Metric("p50_ms", "p50 ms", "{:.2f}", "lower"),
+    Metric("p99_ms", "p99 ms", "{:.2f}", "lower"),
+    Metric("max_ms", "max ms", "{:.1f}", None),
+    Metric("cpu_us_per_req", "CPU µs/req", "{:.1f}", "lower"),
+    Metric("cpu_pct", "proxy CPU %", "{:.0f}", None),
+    Metric("peak_rss_mib", "peak RSS MiB", "{:.1f}", "lower"),
+    Metric("core_other_pct", "others on proxy core %", "{:.0f}", None),
+    Metric("load_core_busy_pct", "load core busy %", "{:.0f}", None),
+)
+TLS_METRICS = (
+    Metric("rps", "handshakes/s", "{:,.0f}", "higher"),
+    Metric("p50_ms", "p50 ms", "{:.2f}", "lower"),
+    Metric("p99_ms", "p99 ms", "{:.2f}", "lower"),
+    Metric("cpu_us_per_req", "CPU µs/(handshake+req)", "{:.1f}", "lower"),
+    Metric("cpu_pct", "proxy CPU %", "{:.0f}", None),
+    Metric("peak_rss_mib", "peak RSS MiB", "{:.1f}", "lower"),
+    Metric("core_other_pct", "others on proxy core %", "{:.0f}", None),
+    Metric("load_core_busy_pct", "load core busy %", "{:.0f}", None),
+)
 L4_METRICS = (
     Metric("gbit_s", "Gbit/s", "{:.2f}", "higher"),
     Metric("cpu_pct", "proxy CPU %", "{:.0f}", None),
@@ -61,12 +82,23 @@ STARTUP_METRICS = (
     Metric("startup_ms", "exec → /ready 200 ms", "{:.0f}", "lower"),
     Metric("rss_mib", "RSS at ready MiB", "{:.1f}", None),
 )
-METRICS_BY_KIND = {"http": HTTP_METRICS, "l4": L4_METRICS, "idle": IDLE_METRICS, "startup": STARTUP_METRICS}
+METRICS_BY_KIND = {
+    "http": HTTP_METRICS,
+    "h2": H2_METRICS,
+    "tls": TLS_METRICS,
+    "l4": L4_METRICS,
+    "idle": IDLE_METRICS,
+    "startup": STARTUP_METRICS,
+}
+# Kinds whose table has an "errors" column (socket errors + failed requests over all runs).
+_ERROR_KINDS = ("http", "h2", "tls", "l4", "idle")
 
 # For the chart: one "throughput" metric (higher is better) and one "cost" metric (lower is
 # better) per kind of scenario.
 CHART_METRICS = {
     "http": ("rps", "cpu_us_per_req"),
+    "h2": ("rps", "cpu_us_per_req"),
+    "tls": ("rps", "cpu_us_per_req"),
     "l4": ("gbit_s", "cpu_ms_per_gb"),
     "idle": (None, "rss_per_conn_kib"),
 }
@@ -221,7 +253,7 @@ def markdown(doc: dict[str, Any]) -> str:
         )
     lines.append("")
     header = ["proxy", *(m.label for m in metrics)]
-    if doc["kind"] in ("http", "l4", "idle"):
+    if doc["kind"] in _ERROR_KINDS:
         header.append("errors")
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
@@ -232,7 +264,7 @@ def markdown(doc: dict[str, Any]) -> str:
             lines.append(f"| {proxy} | failed: {_md_escape(err)} |" + " |" * (len(header) - 2))
             continue
         cells = [proxy, *(_cell(summ["metrics"].get(m.key), m.fmt) for m in metrics)]
-        if doc["kind"] in ("http", "l4", "idle"):
+        if doc["kind"] in _ERROR_KINDS:
             note = str(summ.get("errors_total", 0))
             if summ.get("failed_runs"):
                 note += f"; {summ['failed_runs']} failed run(s): {_md_escape(summ.get('error') or '')}"

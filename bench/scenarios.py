@@ -21,9 +21,11 @@ from bench.proxies import (
     L4_VARIANTS,
     REPO_ROOT,
     Backend,
+    GrpcBackend,
     Lab,
     StartError,
     start_backend,
+    start_grpc_backend,
     start_proxy,
     wait_moorline_ready,
 )
@@ -35,12 +37,19 @@ ERROR_TOLERANCE = 0.01  # a run with more socket errors + non-2xx than this shar
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    kind: str  # "http", "l4", "idle", "startup"
+    kind: str  # "http", "h2" (h2load), "tls" (wrk over https), "l4", "idle", "startup"
     description: str
     path: str = "/small"
     body: bytes = configs.BODIES["small"]
     wrk_headers: tuple[str, ...] = ()
     route_rules: bool = False
+    mode: str = "h1"  # the proxy's protocols, see bench.proxies.MODES
+
+
+# h2load's load in h2-small and grpc-unary: 16 connections, 10 streams in flight on each.
+H2_CLIENTS = 16
+H2_STREAMS = 10
+GRPC_HEADERS = ("content-type: application/grpc", "te: trailers")
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -73,6 +82,27 @@ SCENARIOS: dict[str, Scenario] = {
             "http",
             "new connection per request (Connection: close), 64 concurrent, 13-byte responses",
             wrk_headers=("Connection: close",),
+        ),
+        Scenario(
+            "h2-small",
+            "h2",
+            f"HTTP/2 (h2c prior knowledge), {H2_CLIENTS} connections x {H2_STREAMS} streams, 13-byte responses from an HTTP/1.1 backend",
+            mode="h2",
+        ),
+        Scenario(
+            "grpc-unary",
+            "h2",
+            f"gRPC unary echo of 13 bytes, h2c both ways, {H2_CLIENTS} connections x {H2_STREAMS} streams, grpcio backend",
+            path=configs.GRPC_METHOD,
+            body=configs.GRPC_PAYLOAD,
+            mode="grpc",
+        ),
+        Scenario(
+            "tls-handshake",
+            "tls",
+            "new TLS 1.3 connection per request (ECDSA P-256, Connection: close), 64 concurrent, 13-byte responses",
+            wrk_headers=("Connection: close",),
+            mode="tls",
         ),
         Scenario("l4-iperf", "l4", "TCP proxy throughput, one iperf3 stream through the proxy"),
         Scenario("idle-conns", "idle", "memory per idle keep-alive connection (one request each, then idle)"),
@@ -116,6 +146,13 @@ class Progress:
             sys.stderr.flush()
 
 
+def _h2load_line(sc: Scenario) -> str:
+    line = f"h2load -t1 -c{H2_CLIENTS} -m{H2_STREAMS} -D <duration> --log-file <per-request log>"
+    if sc.mode == "grpc":
+        line += " -d <5-byte gRPC frame header + 13 bytes>" + "".join(f" -H '{h}'" for h in GRPC_HEADERS)
+    return line
+
+
 def base_name(variant: str) -> str:
     return variant.split("-", 1)[0]
 
@@ -152,16 +189,35 @@ class Harness:
         self.lab = lab
         self.progress = progress
         self.backend: Backend | None = None
+        self.grpc_backend: GrpcBackend | None = None
+        self.tls_files: configs.TlsFiles | None = None
 
     def close(self) -> None:
         if self.backend is not None:
             self.backend.stop()
             self.backend = None
+        if self.grpc_backend is not None:
+            self.grpc_backend.stop()
+            self.grpc_backend = None
 
     def _backend(self) -> Backend:
         if self.backend is None or not self.backend.alive():
             self.backend = start_backend(self.lab)
         return self.backend
+
+    def _grpc_backend(self) -> GrpcBackend:
+        if self.grpc_backend is None or not self.grpc_backend.alive():
+            self.grpc_backend = start_grpc_backend(self.lab)
+        return self.grpc_backend
+
+    def _tls(self) -> configs.TlsFiles:
+        """One certificate for the whole run, made on first use, served by every proxy."""
+        if self.tls_files is None:
+            try:
+                self.tls_files = configs.make_tls_files(self.lab.workdir / "tls")
+            except (RuntimeError, OSError) as exc:
+                raise StartError(f"certificate: {exc}") from None
+        return self.tls_files
 
     # -- one scenario -------------------------------------------------------------------------
 
@@ -178,8 +234,10 @@ class Harness:
                 "rounds": self.s.rounds,
                 "duration_s": self.s.duration_s,
                 "warmup_s": self.s.warmup_s,
-                "wrk": "wrk -t1 -c64 --latency" if sc.kind == "http" else None,
-                "path": sc.path if sc.kind in ("http", "idle") else None,
+                "wrk": "wrk -t1 -c64 --latency" if sc.kind in ("http", "tls") else None,
+                "h2load": _h2load_line(sc) if sc.kind == "h2" else None,
+                "mode": sc.mode,
+                "path": sc.path if sc.kind in ("http", "h2", "tls", "idle") else None,
                 "wrk_headers": list(sc.wrk_headers),
                 "proxy_cpus": self.lab.proxy_cpus,
                 "load_cpus": self.lab.load_cpus,
@@ -196,7 +254,15 @@ class Harness:
         else:
             if sc.kind == "idle":
                 doc["settings"]["idle_conns"] = self.s.idle_conns
-            runner = {"http": self._http_run, "l4": self._l4_run, "idle": self._idle_run}[sc.kind]
+            if sc.kind == "tls":
+                doc["settings"]["certificate"] = "ECDSA P-256, self-signed, TLS 1.3 only on every proxy"
+            runner = {
+                "http": self._http_run,
+                "h2": self._http_run,
+                "tls": self._http_run,
+                "l4": self._l4_run,
+                "idle": self._idle_run,
+            }[sc.kind]
             for rnd in range(1, self.s.rounds + 1):
                 for v in variants:
                     self.progress(f"{sc.name}: round {rnd}/{self.s.rounds}, {v}")
@@ -257,27 +323,53 @@ class Harness:
 
     # -- HTTP: wrk ------------------------------------------------------------------------------
 
+    def _load(
+        self, sc: Scenario, port: int, duration_s: int
+    ) -> tuple[measure.WrkResult | measure.H2loadResult, str]:
+        """One run of the scenario's load generator against the proxy on ``port``."""
+        scheme = "https" if sc.mode == "tls" else "http"
+        url = f"{scheme}://127.0.0.1:{port}{sc.path}"
+        if sc.kind != "h2":
+            work = self.lab.workdir / "wrk"
+            return measure.run_wrk(url, duration_s, work, self.lab.load_cpus, headers=sc.wrk_headers)
+        work = self.lab.workdir / "h2load"
+        data: Path | None = None
+        headers: tuple[str, ...] = ()
+        if sc.mode == "grpc":
+            data = work / "grpc-request.bin"
+            work.mkdir(parents=True, exist_ok=True)
+            data.write_bytes(configs.grpc_frame(sc.body))
+            headers = GRPC_HEADERS
+        return measure.run_h2load(
+            url,
+            duration_s,
+            work,
+            self.lab.load_cpus,
+            clients=H2_CLIENTS,
+            streams=H2_STREAMS,
+            data=data,
+            headers=headers,
+        )
+
     def _http_run(self, sc: Scenario, variant: str) -> dict[str, Any]:
-        backend = self._backend()
+        upstream_port = self._grpc_backend().port if sc.mode == "grpc" else self._backend().port
         p = start_proxy(
             self.lab,
             variant,
-            backend.port,
+            upstream_port,
             route_rules=sc.route_rules,
             check_path=sc.path,
             check_body=sc.body,
+            mode=sc.mode,
+            tls=self._tls() if sc.mode == "tls" else None,
         )
         try:
-            url = f"http://127.0.0.1:{p.port}{sc.path}"
-            work = self.lab.workdir / "wrk"
             if self.s.warmup_s > 0:
-                measure.run_wrk(url, self.s.warmup_s, work, self.lab.load_cpus, headers=sc.wrk_headers)
+                self._load(sc, p.port, self.s.warmup_s)
             pids = p.pids()
             core0 = self._core()
             cpu0, t0 = cpu_seconds(pids), time.monotonic()
-            res, raw = measure.run_wrk(
-                url, self.s.duration_s, work, self.lab.load_cpus, headers=sc.wrk_headers
-            )
+            res, raw = self._load(sc, p.port, self.s.duration_s)
             t1 = time.monotonic()
             pids = p.pids()
             cpu = cpu_seconds(pids) - cpu0
@@ -296,7 +388,7 @@ class Harness:
             "cpu_pct": 100.0 * cpu / (t1 - t0),
             "peak_rss_mib": peak / 1024.0,
             **other,
-            "wrk_output": raw,
+            ("h2load_output" if sc.kind == "h2" else "wrk_output"): raw,
             "config": p.config_text,
         }
         if not ok:
