@@ -22,8 +22,9 @@ from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from google.protobuf.message import Message
 
 from moorline.config.loader import OpaqueAny, load_bootstrap, parse_message, unpack_any
+from moorline.testing.fixtures import FIXTURES as SHARED_FIXTURES
 
-FIXTURES = Path("/work/shared/fixtures")
+FIXTURES = SHARED_FIXTURES
 ENVOY = FIXTURES / "envoy"
 ISTIO = FIXTURES / "istio"
 

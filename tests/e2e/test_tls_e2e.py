@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+from moorline.testing.fixtures import FIXTURES as SHARED_FIXTURES
 from moorline.testing.procs import bootstrap, cluster, free_port, hcm_listener, start_moorline, start_nginx
 from moorline.testing.upstream import TcpEchoServer
 
@@ -31,7 +32,7 @@ _certs = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_certs)
 Pki = _certs.Pki
 
-EDGE = Path("/work/shared/fixtures/envoy/envoy-edge.yaml")
+EDGE = SHARED_FIXTURES / "envoy" / "envoy-edge.yaml"
 DTLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
 UTLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 SPIFFE = "spiffe://cluster.local/ns/default/sa/client"

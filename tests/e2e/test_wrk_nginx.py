@@ -15,12 +15,13 @@ import pytest
 import yaml
 
 from moorline.testing import procs
+from moorline.testing.fixtures import FIXTURES as SHARED_FIXTURES
 from moorline.testing.procs import free_port, http_request
 
 pytestmark = pytest.mark.e2e
 
 H = "127.0.0.1"
-DEMO = Path("/work/shared/fixtures/envoy/envoy-demo.yaml")
+DEMO = SHARED_FIXTURES / "envoy" / "envoy-demo.yaml"
 
 
 def parse_wrk(out: str) -> dict[str, int]:

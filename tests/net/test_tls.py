@@ -24,6 +24,8 @@ import pytest
 import uvloop
 from envoy.config.listener.v3 import listener_pb2
 
+from moorline.testing.fixtures import FIXTURES as SHARED_FIXTURES
+
 sys.path.insert(0, str(Path(__file__).parent))
 from test_tls_certs import Pki, cert_info
 
@@ -633,7 +635,7 @@ def test_rotation_through_sds_file(tmp_path: Path) -> None:
 
 
 def test_sds_over_grpc_from_istio_dump_is_a_clear_config_error() -> None:
-    dump = json.loads((Path("/work/shared/fixtures/istio/sidecar_configdump_compare.json")).read_text())
+    dump = json.loads((SHARED_FIXTURES / "istio" / "sidecar_configdump_compare.json").read_text())
     lst = dump["configs"][1]["dynamic_listeners"][0]["active_state"]["listener"]
     lst = {k: v for k, v in lst.items() if k != "@type"}
     with pytest.raises(ConfigError) as ei:

@@ -15,8 +15,9 @@ from google.protobuf.json_format import ParseDict
 
 from moorline.protocol.headers import HeaderMap
 from moorline.proxy.route_table import DIRECT_RESPONSE, ROUTE, RouteTable
+from moorline.testing.fixtures import FIXTURES as SHARED_FIXTURES
 
-FIXTURES = Path("/work/shared/fixtures")
+FIXTURES = SHARED_FIXTURES
 if not FIXTURES.exists():
     # CI lays shared/ beside the checkout.
     FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures"

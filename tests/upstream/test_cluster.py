@@ -9,7 +9,6 @@ import json
 import random
 import socket
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,10 +24,11 @@ from google.protobuf import json_format
 from moorline.config.errors import ConfigError
 from moorline.observability.stats import Counter as StatCounter
 from moorline.observability.stats import Gauge, Histogram, Store
+from moorline.testing.fixtures import FIXTURES as SHARED_FIXTURES
 from moorline.upstream.cluster import Cluster, ClusterStats, Host, compile_cluster
 from moorline.upstream.manager import ClusterManager
 
-FIXTURES = Path("/work/shared/fixtures/istio")
+FIXTURES = SHARED_FIXTURES / "istio"
 HPO = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 HPO_TYPE = f"type.googleapis.com/{HPO}"
 
