@@ -269,6 +269,7 @@ class HcmConfig:
         self.stream_idle_timeout = opt_duration_s(proto, "stream_idle_timeout", 300.0)
         self.request_timeout = opt_duration_s(proto, "request_timeout", None)
         self.request_headers_timeout = opt_duration_s(proto, "request_headers_timeout", None)
+        self.delayed_close_timeout = opt_duration_s(proto, "delayed_close_timeout", 1.0)
         periods = [
             t
             for t in (

@@ -138,6 +138,8 @@ class Http1ServerConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.stats.downstream_cx_rx_bytes_total.value += len(data)
+        if self.closed:
+            return  # delayed close: drop what the peer still sends
         now = self.last_activity = self.loop.time()
         if self.tunnel:
             if self.stream is not None:
@@ -157,6 +159,8 @@ class Http1ServerConnection(asyncio.Protocol):
                 self.stream.on_tunnel_data(leftover, False)
 
     def eof_received(self) -> bool | None:
+        if self.closed:
+            return None  # delayed close: the peer is done too
         if self.tunnel and self.stream is not None:
             self.stream.on_tunnel_data(b"", True)
             return True
@@ -371,7 +375,7 @@ class Http1ServerConnection(asyncio.Protocol):
         request_complete = s is None or s.request_complete
         self.stream = None
         if not self.resp_keep_alive or not request_complete or self.close_after_response:
-            self.close()
+            self.close(delayed=not request_complete or self.close_after_response)
             return
         self.last_activity = self.loop.time()
         # Run the next pipelined request, if any.
@@ -406,11 +410,27 @@ class Http1ServerConnection(asyncio.Protocol):
             self.read_paused = False
             self.transport.resume_reading()
 
-    def close(self) -> None:
-        if not self.closed:
-            self.flush_pending()
-            self.closed = True
-            self.transport.close()
+    def close(self, delayed: bool = False) -> None:
+        """Close after what was written. ``delayed``: the peer may still be sending (a request
+        body we will not read, bytes after a bad request): send FIN, then keep reading and
+        dropping its bytes for ``delayed_close_timeout`` (Envoy's delayed close), so that they
+        do not make the kernel answer with a RST that can destroy the response in flight."""
+        if self.closed:
+            return
+        self.flush_pending()
+        self.closed = True
+        t = self.transport
+        timeout = self.cfg.delayed_close_timeout
+        if delayed and timeout and t.can_write_eof():
+            t.write_eof()
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self.loop.call_later(timeout, t.close)
+            if self.read_paused:
+                self.read_paused = False
+                t.resume_reading()
+            return
+        t.close()
 
     def abort(self) -> None:
         if not self.closed:
