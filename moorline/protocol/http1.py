@@ -553,6 +553,11 @@ class ResponseParser(_Parser):
         self._connect_2xx = False
         self._p = HttpResponseParser(self)
 
+    @property
+    def message_open(self) -> bool:
+        """A response has started (head or body bytes seen) and is not complete."""
+        return self._msg_open
+
     def expect(self, method: bytes) -> None:
         """Name the method of the request whose response comes next."""
         if method == b"HEAD":
@@ -682,6 +687,14 @@ class ResponseParser(_Parser):
             keep_alive = p.should_keep_alive()
         chunked = self._chunked
         cl = self._cl
+        if (status < 200 or status == 204) and status != 101:
+            # These never have a body (RFC 9110 8.6, 6.4.1): a length or chunked framing on them
+            # is an upstream fault (Envoy: protocol error); Content-Length: 0 is dropped.
+            if chunked or (cl is not None and cl != 0):
+                raise self._die(502, "http1.content_length_not_allowed")
+            if cl == 0:
+                h[:] = [p for p in h if p[0] != b"content-length"]
+                cl = None
         head = ResponseHead(
             status,
             self._reason,

@@ -53,7 +53,7 @@ _REQ_HOP = frozenset(
 _HTTP_SCHEME = b"http"
 # Headers the single pass in decode_headers looks at.
 _REQ_SPECIAL = _REQ_HOP | frozenset(
-    (b"x-forwarded-for", b"x-forwarded-proto", b"x-request-id", b"content-type")
+    (b"x-forwarded-for", b"x-forwarded-proto", b"x-request-id", b"content-type", b"expect")
 )
 
 _rid_pool: list[bytes] = []
@@ -484,6 +484,9 @@ class ActiveStream:
                     rid = v
                 elif k == b"content-type":
                     ct = v
+                elif k == b"expect":
+                    if v.lower() == b"100-continue":
+                        continue  # answered here (proxy_100_continue off, Envoy's default)
             rest.append((k, v))
         if target[:1] != b"/":
             if method == b"CONNECT":

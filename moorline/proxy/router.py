@@ -266,6 +266,10 @@ class Router:
             conn.pool.on_connection_idle(conn)
             return
         self.conn = conn
+        if getattr(self.stream.conn, "write_paused", False):
+            # The client is already above its write high-water mark (pipelined or unread
+            # responses): pause_writing will not be called again, so start paused.
+            conn.pause_reading()
         end = self.downstream_end and not self.body and self.trailers is None
         conn.send_headers(self, self.headers, end)
         self.sent_idx = 0
@@ -312,6 +316,11 @@ class Router:
         if self.done:
             return
         status = int(headers._h[0][1])
+        if status == 101 and not self.tunnel:
+            # Only an upgrade request may switch protocols (Envoy: upgradeAllowed); anything
+            # else would turn the client's connection into an unrouted tunnel.
+            self.on_upstream_reset("protocol error: unexpected 101")
+            return
         policy = self.policy
         if (
             policy is not None
@@ -336,8 +345,6 @@ class Router:
         if self.is_retry:
             cluster.stats.upstream_rq_retry_success.value += 1
             self.is_retry = False
-        if status == 101:
-            self.tunnel = True
         if end_stream:
             # Release the upstream side first: finishing the downstream stream ends this router.
             self._upstream_complete()

@@ -42,7 +42,10 @@ _STATUS_NAME = b":status"
 
 class Http1ClientConnection(asyncio.Protocol):
     __slots__ = (
+        "_extraneous",
+        "_in_feed",
         "_paused",
+        "_release_pending",
         "_write_paused",
         "chunked_out",
         "closed",
@@ -70,6 +73,9 @@ class Http1ClientConnection(asyncio.Protocol):
         self.closed = False
         self.requests = 0
         self._paused = False
+        self._in_feed = False  # inside parser.feed(): a release waits until it returns
+        self._release_pending = False
+        self._extraneous = False  # response bytes arrived after the response was complete
         self.idle_since = 0.0
         self.chunked_out = False
         self.stats = pool.cluster.stats
@@ -93,14 +99,30 @@ class Http1ClientConnection(asyncio.Protocol):
             # Bytes from an idle upstream: it is broken (or sent a 408); drop it.
             self.close()
             return
+        self._in_feed = True
         try:
             leftover = self.parser.feed(data)
         except HttpProtocolError as e:
+            self._in_feed = False
+            self._release_pending = False
             self.stats.upstream_cx_protocol_error.value += 1
             req = self.req
             self.close()
             if req is not None:
                 req.on_upstream_reset("protocol error: " + e.detail)
+            return
+        self._in_feed = False
+        if self._release_pending:
+            # The response completed inside this read. Anything the parser saw after it is
+            # extraneous (Envoy: a protocol error): never let it become the next request's
+            # response; the connection is closed instead of reused.
+            self._release_pending = False
+            if self._extraneous or self.parser.message_open or leftover is not None:
+                self._extraneous = False
+                self.stats.upstream_cx_protocol_error.value += 1
+                self.close()
+            else:
+                self._release_now()
             return
         if leftover is not None:
             # 101 Switching Protocols: the connection is now a tunnel.
@@ -154,6 +176,7 @@ class Http1ClientConnection(asyncio.Protocol):
     def on_response_head(self, head: Any) -> None:
         req = self.req
         if req is None:
+            self._extraneous = True
             return
         if not head.keep_alive:
             self.keep_alive = False
@@ -168,11 +191,15 @@ class Http1ClientConnection(asyncio.Protocol):
         req = self.req
         if req is not None:
             req.on_upstream_data(data, False)
+        else:
+            self._extraneous = True
 
     def on_message_complete(self, trailers: HeaderMap | None) -> None:
         req = self.req
         self.response_done = True
         if req is None:
+            if self._release_pending:
+                self._extraneous = True
             return
         if trailers:
             req.on_upstream_trailers(trailers)
@@ -253,6 +280,13 @@ class Http1ClientConnection(asyncio.Protocol):
     def release(self) -> None:
         """The request is done with this connection: reuse it or close it."""
         self.req = None
+        if self._in_feed:
+            # Called from a parser callback: decide once the parser has seen the whole read.
+            self._release_pending = True
+            return
+        self._release_now()
+
+    def _release_now(self) -> None:
         if self._paused:
             self.resume_reading()
         pool = self.pool
@@ -289,14 +323,23 @@ class Http1ClientConnection(asyncio.Protocol):
 
 
 class _Pending:
-    __slots__ = ("cancelled", "req")
+    __slots__ = ("cancelled", "pool", "req")
 
-    def __init__(self, req: Any) -> None:
+    def __init__(self, req: Any, pool: Pool) -> None:
         self.req = req
+        self.pool = pool
         self.cancelled = False
 
     def cancel(self) -> None:
+        """Leave the queue now: the slot counts against max_pending_requests no longer."""
+        if self.cancelled:
+            return
         self.cancelled = True
+        try:
+            self.pool.pending.remove(self)  # O(n), n <= max_pending_requests
+        except ValueError:
+            return  # already taken off the queue
+        self.pool.cluster.stats.upstream_rq_pending_active.value -= 1
 
 
 class Pool:
@@ -329,7 +372,7 @@ class Pool:
             stats.upstream_rq_pending_overflow.value += 1
             req.on_pool_failure("overflow", None)
             return None
-        p = _Pending(req)
+        p = _Pending(req, self)
         self.pending.append(p)
         stats.upstream_rq_pending_total.value += 1
         stats.upstream_rq_pending_active.value += 1

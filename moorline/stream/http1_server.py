@@ -164,13 +164,8 @@ class Http1ServerConnection(asyncio.Protocol):
         if self.tunnel and self.stream is not None:
             self.stream.on_tunnel_data(b"", True)
             return True
-        if self.stream is not None and not self.stream.request_complete:
-            # Peer went away mid-request.
-            return None
-        if self.stream is not None:
-            # Half-close after a full request: finish the response, then close (RFC 9112 9.6).
-            self.close_after_response = True
-            return True
+        # A FIN ends the connection, as in Envoy (its HTTP connection manager does not support
+        # half-close): connection_lost resets an active stream, which cancels the upstream.
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -380,24 +375,31 @@ class Http1ServerConnection(asyncio.Protocol):
         self.last_activity = self.loop.time()
         # Run the next pipelined request, if any.
         backlog = self.backlog
-        while backlog and self.stream is None and not self.closed:
-            kind, item = backlog.popleft()
+        while backlog and not self.closed:
+            kind, item = backlog[0]
+            if (kind == 0 or kind == 3) and self.stream is not None:
+                break  # the next request (or the error answer) waits for this one
+            backlog.popleft()
             if kind == 0:
-                self.parsing_backlog = False
                 self._new_stream(item)
             elif kind == 1:
                 if self.stream is not None:
                     self.stream.decode_data(item, False)
-            else:
+            elif kind == 2:
                 if self.stream is not None:
                     self.stream.decode_complete(item)
-        if backlog:
-            # The stream we just started is still running; the rest waits.
-            self.parsing_backlog = self.parsing_backlog or False
-            return
+            else:  # a malformed request behind the good ones: answer it in its turn
+                if self.stream is None:
+                    from moorline.proxy.hcm import protocol_error_reply
+
+                    protocol_error_reply(self, item)
+                return
+        if backlog or self.closed:
+            return  # the parser is past the active request; reading stays paused
+        # All that was queued is delivered: what the parser sees next belongs to the active
+        # stream (its body) or starts the next request.
         self.parsing_backlog = False
-        if not self.closed:
-            self.resume_reading()
+        self.resume_reading()
 
     # -- control ----------------------------------------------------------
     def pause_reading(self) -> None:
@@ -449,7 +451,12 @@ class Http1ServerConnection(asyncio.Protocol):
 
             protocol_error_reply(self, e)
             return
-        # The response already started or the error is in a pipelined request: just close.
+        if self.parsing_backlog and s is not None and not self.closed:
+            # A malformed request pipelined behind good ones: they are answered first (Envoy
+            # stops parsing after each request); reading is already paused.
+            self.backlog.append((3, e))
+            return
+        # The response already started: just close.
         if s is not None:
             self.stream = None
             s.on_downstream_reset()
@@ -481,6 +488,7 @@ class Http1ServerConnection(asyncio.Protocol):
                     return
         else:
             if s.check_timeouts(now):
+                self._arm_timer()  # keep-alive connections go on needing their timeouts
                 return
         if cfg.max_connection_duration and now - self.start >= cfg.max_connection_duration:
             if self.stream is None:

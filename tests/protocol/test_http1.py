@@ -659,8 +659,25 @@ def test_response_chunked_with_trailers() -> None:
     assert r.ev[1:] == [("body", b"abc"), ("done", [(b"grpc-status", b"0")])]
 
 
-@pytest.mark.parametrize("status", [204, 304])
-def test_204_304_have_no_body_even_with_content_length(status: int) -> None:
+def test_204_with_a_length_is_an_upstream_fault() -> None:
+    """Envoy rejects 1xx/204 responses with a non-zero Content-Length or chunked framing (a
+    client trusting that length would swallow the next response); a zero length is dropped."""
+    for bad in (b"Content-Length: 5", b"Transfer-Encoding: chunked"):
+        p = ResponseParser(Rec())
+        p.expect(b"GET")
+        with pytest.raises(HttpProtocolError) as ei:
+            p.feed(b"HTTP/1.1 204 X\r\n" + bad + b"\r\n\r\n")
+        assert ei.value.status_hint == 502
+    r = Rec()
+    p = ResponseParser(r)
+    p.expect(b"GET")
+    p.feed(b"HTTP/1.1 204 X\r\nContent-Length: 0\r\nX-A: 1\r\n\r\n")
+    assert r.ev[0][0] == "rhead" and r.ev[-1] == ("done", None)
+    assert b"content-length" not in [k for k, _ in r.ev[0][4]]
+
+
+@pytest.mark.parametrize("status", [304])
+def test_304_has_no_body_even_with_content_length(status: int) -> None:
     data = b"HTTP/1.1 %d X\r\nContent-Length: 5\r\n\r\n" % status
     r = Rec()
     p = ResponseParser(r)
@@ -903,7 +920,7 @@ def test_hop_by_hop() -> None:
 
 RESPONSE_CORPUS = [
     (b"GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n0\r\nT: 1\r\n\r\n"),
-    (b"GET", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\nContent-Length: 3\r\n\r\n"),
+    (b"GET", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 304 Not Modified\r\nContent-Length: 3\r\n\r\n"),
     (b"GET", b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\nWS"),
     (b"HEAD", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"),
     (b"CONNECT", b"HTTP/1.1 200 OK\r\n\r\nTUNNEL"),
