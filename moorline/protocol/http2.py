@@ -261,6 +261,11 @@ class Http2Codec:
         """Queue the preface (client) and our SETTINGS, and open the connection window."""
         h = self.h2
         h.initiate_connection()
+        if not self.client_side:
+            # Our SETTINGS carry the limit; h2 would enforce it as a connection error (and lose
+            # the HPACK state). RFC 9113 5.1.2 wants a stream error: ``receive`` refuses the
+            # streams beyond it with REFUSED_STREAM instead.
+            h.local_settings._settings[SettingCodes.MAX_CONCURRENT_STREAMS] = collections.deque([2**31 - 1])
         extra = self.options.initial_connection_window_size - _DEFAULT_WINDOW
         if extra > 0:
             h.increment_flow_control_window(extra)
@@ -352,6 +357,12 @@ class Http2Codec:
                     # Opened and reset in the same read: never reaches the proxy.
                     self.closed_streams += 1
                     self.premature_resets += 1
+                    continue
+                if len(open_local) >= self.options.max_concurrent_streams:
+                    h.reset_stream(sid, REFUSED_STREAM)
+                    if reset_now is None:
+                        reset_now = set()
+                    reset_now.add(sid)  # its DATA is acknowledged and dropped
                     continue
                 open_local.add(sid)
                 out.append((HEADERS, sid, ev.headers, ev.stream_ended is not None))

@@ -890,7 +890,7 @@ class ActiveStream:
                 (b":status", b"200"),
                 (b"content-type", b"application/grpc"),
                 (b"grpc-status", _grpc_status_for(status, details)),
-                (b"grpc-message", body or b""),
+                (b"grpc-message", _grpc_percent_encode(body)),
             ]
             body = b""
         else:
@@ -1010,6 +1010,13 @@ _GRPC_FOR_HTTP = {
 # envoy.reloadable_features.grpc_timeout_returns_deadline_exceeded), so clients do not retry a
 # call whose deadline has passed.
 _GRPC_DEADLINE_DETAILS = frozenset(("upstream_response_timeout", "upstream_per_try_timeout"))
+
+
+def _grpc_percent_encode(msg: bytes) -> bytes:
+    """grpc-message is percent-encoded: bytes outside printable ASCII, and '%' itself."""
+    if all(0x20 <= c <= 0x7E and c != 0x25 for c in msg):
+        return msg
+    return b"".join(bytes((c,)) if 0x20 <= c <= 0x7E and c != 0x25 else b"%%%02X" % c for c in msg)
 
 
 def _grpc_status_for(status: int, details: str | None = None) -> bytes:

@@ -37,14 +37,13 @@ _active_retries: dict[str, int] = {}
 
 
 def _grpc_timeout_s(v: bytes) -> float | None:
-    """Parse a grpc-timeout header value ("100m", "5S")."""
-    if not v:
+    """Parse a grpc-timeout header value ("100m", "5S"): 1 to 8 ASCII digits and a unit; anything
+    else (a sign, spaces, more digits) is not a valid deadline and is ignored."""
+    digits = v[:-1]
+    if not digits.isdigit() or len(digits) > 8:
         return None
     unit = v[-1:]
-    try:
-        n = int(v[:-1])
-    except ValueError:
-        return None
+    n = int(digits)
     mult = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}.get(unit)
     if mult is None:
         return None
@@ -149,9 +148,12 @@ class Router:
         if stream.is_grpc and route.max_grpc_timeout is not None:
             gt = headers.get(b"grpc-timeout")
             t = _grpc_timeout_s(gt) if gt else None
-            if t is not None:
-                mx = route.max_grpc_timeout
-                self.timeout = min(t, mx) if mx else t
+            if t is None or t <= 0:
+                t = 0.0  # no (valid) grpc-timeout: no deadline, unless the maximum caps it
+            mx = route.max_grpc_timeout
+            if mx and (not t or t > mx):
+                t = mx
+            self.timeout = t
         if self.tunnel or stream.upgrade:
             self.tunnel = True
             self.retain = False

@@ -167,7 +167,7 @@ class H2UpstreamStream:
         """The response is complete (or the router gave up before sending): free the slot."""
         if self.closed:
             return
-        if self.sid and not self.local_end:
+        if self.sid and (not self.local_end or self.conn.codec.pending(self.sid)):
             # The response ended before the request: tell the upstream to stop waiting for it.
             self.conn.codec.reset(self.sid, h2c.NO_ERROR)
             self.conn.flush()
@@ -186,6 +186,11 @@ class H2UpstreamStream:
 
     def _detach(self) -> None:
         self.closed = True
+        if self.unacked:
+            # Bytes held while paused: the stream is gone, give them back to the connection window.
+            self.conn.codec.ack(self.sid, self.unacked)
+            self.unacked = 0
+            self.conn.flush()
         self.conn.stream_done(self)
 
 
@@ -285,6 +290,17 @@ class Http2ClientConnection(asyncio.Protocol):
                 elif kind == h2c.HEADERS:
                     s = streams.get(ev[1])
                     if s is None or s.req is None:
+                        continue
+                    hs = ev[2]
+                    st = hs[0][1] if hs and hs[0][0] == b":status" else b""
+                    if len(st) != 3 or not st.isdigit():
+                        # Malformed response (RFC 9113 8.3.2): a stream error, not a crash.
+                        req = s.req
+                        s.req = None
+                        self.codec.reset(ev[1], h2c.PROTOCOL_ERROR)
+                        s._detach()
+                        touched.pop(ev[1], None)
+                        req.on_upstream_reset("protocol error: malformed :status")
                         continue
                     if ev[3]:
                         s.remote_end = True
@@ -408,14 +424,22 @@ class Http2ClientConnection(asyncio.Protocol):
 
 
 class _Pending:
-    __slots__ = ("cancelled", "req")
+    __slots__ = ("cancelled", "pool", "req")
 
-    def __init__(self, req: Any) -> None:
+    def __init__(self, req: Any, pool: H2Pool) -> None:
         self.req = req
+        self.pool = pool
         self.cancelled = False
 
     def cancel(self) -> None:
+        if self.cancelled:
+            return
         self.cancelled = True
+        try:
+            self.pool.pending.remove(self)
+        except ValueError:
+            return
+        self.pool.cluster.stats.upstream_rq_pending_active.value -= 1
 
 
 class H2Pool:
@@ -445,7 +469,7 @@ class H2Pool:
             stats.upstream_rq_pending_overflow.value += 1
             req.on_pool_failure("overflow", None)
             return None
-        p = _Pending(req)
+        p = _Pending(req, self)
         self.pending.append(p)
         stats.upstream_rq_pending_total.value += 1
         stats.upstream_rq_pending_active.value += 1

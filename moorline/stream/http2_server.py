@@ -356,6 +356,9 @@ class H2ServerStream:
     def _detach(self) -> None:
         self.closed = True
         conn = self.conn
+        if self.unacked:
+            conn.codec.ack(self.sid, self.unacked)
+            self.unacked = 0
         if conn.streams.pop(self.sid, None) is not None:
             conn.stats_h2.streams_active.value -= 1
         conn.codec.forget(self.sid) if self.resp_ended and not conn.codec.pending(self.sid) else None
@@ -503,6 +506,9 @@ class Http2ServerConnection(asyncio.Protocol):
         sh = self.stats_h2
         sh.streams_active.value += 1
         sh.downstream_rq_http2_total.value += 1
+        if not end_stream and (head.headers.get(b"expect") or b"").lower() == b"100-continue":
+            # Answered here, as over HTTP/1.1 (Envoy's proxy_100_continue off).
+            self.codec.send_headers(sid, [(b":status", b"100")], False)
         s = _active_stream_cls()(ss, head)
         ss.stream = s
         s.decode_headers(head)
@@ -546,6 +552,10 @@ class Http2ServerConnection(asyncio.Protocol):
             return
         self.stats_h2.streams_active.value -= 1
         ss.closed = True
+        if ss.unacked:
+            # Never acknowledged while paused: the connection window gets the bytes back.
+            self.codec.ack(sid, ss.unacked)
+            ss.unacked = 0
         self.codec.forget(sid)
         s = ss.stream
         if s is not None:
