@@ -162,6 +162,8 @@ class Listener:
         self._accepting = False
         self._bound: Addr | None = None
         self._is_tcp = self.address[0] == "tcp"
+        self._backoff = 0.0  # seconds out after an accept failure for lack of resources
+        self._backoff_handle: asyncio.TimerHandle | None = None
 
     @property
     def filter_chains(self) -> list[FilterChain]:
@@ -260,6 +262,9 @@ class Listener:
         if sock is None:
             return
         self._sock = None
+        if self._backoff_handle is not None:
+            self._backoff_handle.cancel()
+            self._backoff_handle = None
         if self._accepting and self._loop is not None:
             self._loop.remove_reader(sock.fileno())
         self._accepting = False
@@ -289,15 +294,32 @@ class Listener:
                 if e.errno in _ACCEPT_SKIP:
                     continue
                 if e.errno in _ACCEPT_TRANSIENT:
-                    log.warning("listener %s: accept failed: %s", self.name, e)
+                    # Out of file descriptors or memory: the backlog stays readable, so step
+                    # out for a while (doubling up to 1 s) instead of spinning on the same error.
+                    loop = self._loop
+                    if self._accepting and loop is not None:
+                        loop.remove_reader(sock.fileno())
+                        self._accepting = False
+                        if not self._backoff:
+                            log.warning("listener %s: accept failed: %s (backing off)", self.name, e)
+                        self._backoff = min(max(self._backoff * 2, 0.01), 1.0)
+                        self._backoff_handle = loop.call_later(self._backoff, self._resume_accept)
                     return
                 log.error("listener %s: accept failed: %s", self.name, e)
                 return
+            self._backoff = 0.0
             try:
                 self._on_connection(conn, peer)
             except Exception:  # a broken filter must not stop the listener
                 log.exception("listener %s: connection handling failed", self.name)
                 conn.close()
+
+    def _resume_accept(self) -> None:
+        self._backoff_handle = None
+        sock = self._sock
+        if sock is not None and not self._accepting and self._loop is not None:
+            self._accepting = True
+            self._loop.add_reader(sock.fileno(), self._accept)
 
     def _on_connection(self, conn: socket.socket, peer: Any) -> None:
         conn.setblocking(False)

@@ -522,7 +522,7 @@ class _Common:
                     c.verify_mode = ssl.CERT_REQUIRED if require_client else ssl.CERT_OPTIONAL
                 else:
                     c.verify_mode = ssl.CERT_REQUIRED
-            elif built.san_matchers and not self.server:
+            elif built.san_matchers:
                 raise ConfigError(f"{vp}.trusted_ca", "SAN matching needs a trusted_ca")
         if require_client and not built.verify:
             raise ConfigError(
@@ -944,7 +944,7 @@ CLOSE_HANDSHAKE = "handshake_failed"
 
 
 class _Side(asyncio.Protocol):
-    __slots__ = ("counters", "eof", "lost", "name", "peer", "relay", "transport")
+    __slots__ = ("counters", "early", "eof", "lost", "name", "peer", "relay", "transport")
 
     def __init__(self, relay: StreamRelay, name: str, counters: Sequence[Any]) -> None:
         self.relay = relay
@@ -954,6 +954,10 @@ class _Side(asyncio.Protocol):
         self.peer: _Side | None = None
         self.eof = False
         self.lost = False
+        # Bytes read before the other side was up (uvloop starts reading right after
+        # connection_made whatever it was told there): at most one read, since the first one
+        # pauses reading; handed over by StreamRelay._side_up.
+        self.early: list[bytes] = []
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         self.transport = transport
@@ -968,11 +972,18 @@ class _Side(asyncio.Protocol):
         r = self.relay
         r.last_activity = r.loop.time()
         peer = self.peer
-        if peer is not None and peer.transport is not None and not peer.lost:
-            peer.transport.write(data)
+        if peer is None or peer.lost:
+            return
+        if peer.transport is None:
+            self.early.append(data)
+            self.transport.pause_reading()
+            return
+        peer.transport.write(data)
 
     def eof_received(self) -> bool:
         self.eof = True
+        if self.peer is not None and self.peer.transport is None:
+            return True  # passed on by StreamRelay._side_up once the peer is up
         is_tls = self.transport is not None and self.transport.get_extra_info("sslcontext") is not None
         peer = self.peer
         if peer is not None and peer.transport is not None and not peer.lost:
@@ -1083,6 +1094,18 @@ class StreamRelay:
             side.transport.abort()
             return
         if self.down.transport is not None and self.up.transport is not None:
+            for sd in (self.down, self.up):
+                peer = sd.peer
+                assert peer is not None
+                for chunk in sd.early:
+                    peer.transport.write(chunk)
+                sd.early.clear()
+                if sd.eof:
+                    t = peer.transport
+                    if t.can_write_eof():
+                        t.write_eof()
+                    else:
+                        t.close()
             self.down.transport.resume_reading()
             self.up.transport.resume_reading()
 
