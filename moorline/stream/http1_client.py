@@ -322,10 +322,13 @@ class Http1ClientConnection(asyncio.Protocol):
                 self.transport.abort()
 
 
-class _Pending:
+class PendingRequest:
+    """A request queued for a connection (shared by the HTTP/1.1 and HTTP/2 pools: both keep
+    ``pending`` and ``cluster``)."""
+
     __slots__ = ("cancelled", "pool", "req")
 
-    def __init__(self, req: Any, pool: Pool) -> None:
+    def __init__(self, req: Any, pool: Any) -> None:
         self.req = req
         self.pool = pool
         self.cancelled = False
@@ -352,11 +355,11 @@ class Pool:
         self.idle: list[Http1ClientConnection] = []
         self.connecting = 0
         self.total = 0
-        self.pending: collections.deque[_Pending] = collections.deque()
+        self.pending: collections.deque[PendingRequest] = collections.deque()
         self.closed = False
         self._sweep: asyncio.TimerHandle | None = None
 
-    def new_stream(self, req: Any) -> _Pending | None:
+    def new_stream(self, req: Any) -> PendingRequest | None:
         """Get a connection for ``req``. Returns a handle to cancel a queued request, or None
         when ``req.on_pool_ready`` / ``on_pool_failure`` was already called."""
         idle = self.idle
@@ -372,7 +375,7 @@ class Pool:
             stats.upstream_rq_pending_overflow.value += 1
             req.on_pool_failure("overflow", None)
             return None
-        p = _Pending(req, self)
+        p = PendingRequest(req, self)
         self.pending.append(p)
         stats.upstream_rq_pending_total.value += 1
         stats.upstream_rq_pending_active.value += 1

@@ -35,6 +35,7 @@ from typing import Any
 from moorline.net import upstream as net_upstream
 from moorline.protocol import http2 as h2c
 from moorline.protocol.headers import HeaderMap
+from moorline.stream.http1_client import PendingRequest
 
 _HIGH_WATER = 64 * 1024
 # Connection-specific request headers (RFC 9113 8.2.2); "te" is kept only as "trailers".
@@ -423,25 +424,6 @@ class Http2ClientConnection(asyncio.Protocol):
                 self.transport.close()
 
 
-class _Pending:
-    __slots__ = ("cancelled", "pool", "req")
-
-    def __init__(self, req: Any, pool: H2Pool) -> None:
-        self.req = req
-        self.pool = pool
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        if self.cancelled:
-            return
-        self.cancelled = True
-        try:
-            self.pool.pending.remove(self)
-        except ValueError:
-            return
-        self.pool.cluster.stats.upstream_rq_pending_active.value -= 1
-
-
 class H2Pool:
     """Multiplexed HTTP/2 connections to one host of one cluster."""
 
@@ -454,11 +436,11 @@ class H2Pool:
         self.h2stats = _cluster_h2_stats(cluster)
         self.conns: list[Http2ClientConnection] = []
         self.connecting: list[Http2ClientConnection] = []
-        self.pending: collections.deque[_Pending] = collections.deque()
+        self.pending: collections.deque[PendingRequest] = collections.deque()
         self.closed = False
         self._sweep: asyncio.TimerHandle | None = None
 
-    def new_stream(self, req: Any) -> _Pending | None:
+    def new_stream(self, req: Any) -> PendingRequest | None:
         for conn in self.conns:
             if conn.capacity() > 0:
                 req.on_pool_ready(conn.new_handle())
@@ -469,7 +451,7 @@ class H2Pool:
             stats.upstream_rq_pending_overflow.value += 1
             req.on_pool_failure("overflow", None)
             return None
-        p = _Pending(req, self)
+        p = PendingRequest(req, self)
         self.pending.append(p)
         stats.upstream_rq_pending_total.value += 1
         stats.upstream_rq_pending_active.value += 1

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from moorline.observability.stats import Counter, Gauge
 from moorline.protocol import http2 as h2c
 from moorline.protocol.headers import HeaderMap
-from moorline.stream.http1_server import Http1ServerConnection, http_date
+from moorline.stream.http1_server import Http1ServerConnection, _active_stream_cls, http_date
 
 if TYPE_CHECKING:
     from moorline.proxy.hcm import HcmConfig
@@ -44,17 +44,6 @@ _CONN_SPECIFIC = frozenset(
 )
 _RESP_DROP = _CONN_SPECIFIC | frozenset((b"server", b"date"))
 _EMPTY: tuple[Any, ...] = ()
-
-_ActiveStream: Any = None
-
-
-def _active_stream_cls() -> Any:
-    global _ActiveStream
-    if _ActiveStream is None:
-        from moorline.proxy.hcm import ActiveStream
-
-        _ActiveStream = ActiveStream
-    return _ActiveStream
 
 
 class H2ServerStats:

@@ -516,7 +516,9 @@ def test_fd_exhaustion_backs_off_instead_of_spinning(tmp_path: Path) -> None:
     proc = start_moorline(cfg, tmp_path, env={"MOORLINE_NO_SPLICE": "1"})
     clients: list[socket.socket] = []
     try:
-        limit = len(os.listdir(f"/proc/{proc.pid}/fd")) + 6
+        # Below what is open: every accept fails with EMFILE (a limit with room to spare lets
+        # accepts succeed and the upstream socket fail instead, which never exercises this).
+        limit = len(os.listdir(f"/proc/{proc.pid}/fd")) - 1
         soft, hard = resource.prlimit(proc.pid, resource.RLIMIT_NOFILE)
         resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (limit, hard))  # lowering only
         for _ in range(12):  # more than fit: the rest wait in the backlog, keeping it readable
@@ -550,7 +552,9 @@ def test_fd_exhaustion_recovers(tmp_path: Path) -> None:
     clients: list[socket.socket] = []
     try:
         soft, hard = resource.prlimit(proc.pid, resource.RLIMIT_NOFILE)
-        limit = len(os.listdir(f"/proc/{proc.pid}/fd")) + 6
+        # Below what is open: every accept fails with EMFILE (a limit with room to spare lets
+        # accepts succeed and the upstream socket fail instead, which never exercises this).
+        limit = len(os.listdir(f"/proc/{proc.pid}/fd")) - 1
         resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (limit, hard))
         for _ in range(12):
             clients.append(socket.create_connection((H, port), timeout=5))
