@@ -345,6 +345,22 @@ class PendingRequest:
         self.pool.cluster.stats.upstream_rq_pending_active.value -= 1
 
 
+def queue_request(pool: Any, req: Any) -> PendingRequest | None:
+    """Queue ``req`` on ``pool`` (HTTP/1.1 or HTTP/2) within the cluster's max_pending_requests;
+    beyond it the request fails with "overflow" (503 UO) and None is returned."""
+    cluster = pool.cluster
+    stats = cluster.stats
+    if stats.upstream_rq_pending_active.value >= cluster.max_pending_requests:
+        stats.upstream_rq_pending_overflow.value += 1
+        req.on_pool_failure("overflow", None)
+        return None
+    p = PendingRequest(req, pool)
+    pool.pending.append(p)
+    stats.upstream_rq_pending_total.value += 1
+    stats.upstream_rq_pending_active.value += 1
+    return p
+
+
 class Pool:
     """Connections to one host of one cluster."""
 
@@ -369,16 +385,11 @@ class Pool:
                 continue
             req.on_pool_ready(conn)
             return None
+        p = queue_request(self, req)
+        if p is None:
+            return None
         cluster = self.cluster
         stats = cluster.stats
-        if stats.upstream_rq_pending_active.value >= cluster.max_pending_requests:
-            stats.upstream_rq_pending_overflow.value += 1
-            req.on_pool_failure("overflow", None)
-            return None
-        p = PendingRequest(req, self)
-        self.pending.append(p)
-        stats.upstream_rq_pending_total.value += 1
-        stats.upstream_rq_pending_active.value += 1
         if self.connecting < len(self.pending):
             if stats.upstream_cx_active.value < cluster.max_connections:
                 self._open()

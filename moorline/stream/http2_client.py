@@ -35,7 +35,7 @@ from typing import Any
 from moorline.net import upstream as net_upstream
 from moorline.protocol import http2 as h2c
 from moorline.protocol.headers import HeaderMap
-from moorline.stream.http1_client import PendingRequest
+from moorline.stream.http1_client import PendingRequest, queue_request
 
 _HIGH_WATER = 64 * 1024
 # Connection-specific request headers (RFC 9113 8.2.2); "te" is kept only as "trailers".
@@ -445,17 +445,9 @@ class H2Pool:
             if conn.capacity() > 0:
                 req.on_pool_ready(conn.new_handle())
                 return None
-        cluster = self.cluster
-        stats = cluster.stats
-        if stats.upstream_rq_pending_active.value >= cluster.max_pending_requests:
-            stats.upstream_rq_pending_overflow.value += 1
-            req.on_pool_failure("overflow", None)
-            return None
-        p = PendingRequest(req, self)
-        self.pending.append(p)
-        stats.upstream_rq_pending_total.value += 1
-        stats.upstream_rq_pending_active.value += 1
-        self._maybe_open()
+        p = queue_request(self, req)
+        if p is not None:
+            self._maybe_open()
         return p
 
     def _maybe_open(self) -> None:
