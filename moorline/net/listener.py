@@ -423,6 +423,10 @@ def _compile_listener_filters(protos: Any, ctx: Any, path: str) -> list[Any]:
     return out
 
 
+# A listener filter's on_data may return this (instead of True/False) to close the connection.
+LISTENER_FILTER_CLOSE = 2
+
+
 class _ListenerFilterRun:
     """Runs a listener's filters over the peeked start of one accepted connection, then
     selects the filter chain. Bound: at most ``listener.peek_bytes`` (the filters' largest
@@ -498,7 +502,11 @@ class _ListenerFilterRun:
         self.last_len = len(data)
         still = []
         for f in self.pending:
-            if not f.on_data(data, self.info):
+            r = f.on_data(data, self.info)
+            if r == LISTENER_FILTER_CLOSE:
+                self._abort()  # the filter refuses the connection (e.g. an oversized ClientHello)
+                return
+            if not r:
                 still.append(f)
         self.pending = still
         if not still or len(data) >= self.listener.peek_bytes:

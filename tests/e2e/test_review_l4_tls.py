@@ -573,3 +573,20 @@ def test_fd_exhaustion_recovers(tmp_path: Path) -> None:
             c.close()
         proc.stop(signal.SIGKILL)
         echo.stop()
+
+
+def test_oversized_client_hello_is_closed_by_the_inspector(env: Env) -> None:
+    """A ClientHello claiming more than 64 KiB: Envoy's tls_inspector closes the connection
+    (client_hello_too_large) instead of routing it as plain TCP to a chain."""
+    prefix = f"listener.{H}_{env.ports['sni']}."
+    no_match = env.proc.stat(prefix + "no_filter_chain_match")
+    too_large = env.proc.stat("tls_inspector.client_hello_too_large")
+    with socket.create_connection((H, env.ports["sni"]), timeout=5) as s:
+        s.sendall(b"\x16\x03\x01\x40\x00\x01" + (100 * 1024).to_bytes(3, "big") + b"\x03\x03")
+        try:
+            got = s.recv(1)
+        except ConnectionResetError:
+            got = b""
+        assert got == b""  # closed, nothing served
+    assert wait_until(lambda: env.proc.stat("tls_inspector.client_hello_too_large") == too_large + 1)
+    assert env.proc.stat(prefix + "no_filter_chain_match") == no_match  # never reached a chain

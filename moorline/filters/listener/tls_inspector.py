@@ -16,6 +16,7 @@ from typing import Any
 
 from moorline.config import registry
 from moorline.config.errors import ConfigError
+from moorline.net.listener import LISTENER_FILTER_CLOSE
 from moorline.protocol.tls_hello import MAX_CLIENT_HELLO, NEED_MORE, TLS, TOO_LARGE, parse_client_hello
 
 TLS_INSPECTOR_TYPE = "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"
@@ -46,13 +47,15 @@ class TlsInspector:
         self.alpn_not_found = scope.counter("alpn_not_found")
         self.too_large = scope.counter("client_hello_too_large")
 
-    def on_data(self, data: bytes, info: Any) -> bool:
+    def on_data(self, data: bytes, info: Any) -> bool | int:
         status, sni, alpn = parse_client_hello(data)
         if status == NEED_MORE:
             return False
         if status == TOO_LARGE:
+            # Envoy closes the connection (client_hello_too_large) rather than routing it as
+            # plain TCP.
             self.too_large.value += 1
-            return True
+            return LISTENER_FILTER_CLOSE
         if status != TLS:
             self.tls_not_found.value += 1
             return True
