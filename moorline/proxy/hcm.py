@@ -282,10 +282,9 @@ class HcmConfig:
             )
             if t
         ]
-        route_timeouts = [
-            r.timeout for vh in self.route_table.virtual_hosts for r in vh.routes if getattr(r, "timeout", 0)
-        ]
-        periods.extend(route_timeouts)
+        routes = [r for vh in self.route_table.virtual_hosts for r in vh.routes]
+        periods.extend(r.timeout for r in routes if getattr(r, "timeout", 0))
+        periods.extend(d for r in routes if (d := r.max_stream_duration))
         # One lazily re-armed timer per connection checks every deadline (idle, request and
         # route timeouts); its period bounds how late a timeout can fire: a tenth of the
         # shortest configured one, between 10 ms and 1 s. Shorter deadlines that only appear at
@@ -979,7 +978,11 @@ class ActiveStream:
             else:
                 self.send_local_reply(408, b"stream timeout", None, "stream_idle_timeout")
             return True
-        if cfg.max_stream_duration and now - self.info.start_mono >= cfg.max_stream_duration:
+        msd = cfg.max_stream_duration
+        route = self.route
+        if route is not None and route.max_stream_duration is not None:
+            msd = route.max_stream_duration  # the route's own (0: none), else the HCM's
+        if msd and now - self.info.start_mono >= msd:
             self.info.response_flags.append(flags.DURATION_TIMEOUT)
             if self.response_started:
                 self.reset_stream()

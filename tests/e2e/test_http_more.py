@@ -339,3 +339,29 @@ def test_two_listeners_one_cluster(moorline: Any, upstream: TestUpstream) -> Non
     assert proc.stat("http.one.downstream_rq_2xx") == 1
     assert proc.stat("http.two.downstream_rq_2xx") == 1
     assert proc.stat("cluster.svc.upstream_rq_total") == 2
+
+
+def test_route_max_stream_duration_overrides_the_hcm(
+    moorline: Any, upstream: TestUpstream, tmp_path: Path
+) -> None:
+    """Route max_stream_duration.max_stream_duration replaces the HCM's for that route: the
+    stream ends with 408 and flag DT; other routes keep the HCM's (here none)."""
+    port = free_port()
+    log = tmp_path / "a.log"
+    routes = [
+        {
+            "match": {"prefix": "/short"},
+            "route": {
+                "cluster": "svc",
+                "timeout": "0s",
+                "max_stream_duration": {"max_stream_duration": "0.4s"},
+            },
+        },
+        {"match": {"prefix": "/"}, "route": {"cluster": "svc"}},
+    ]
+    moorline(config_http(port, {"svc": [upstream.port]}, routes=routes, access_log_path=log))
+    r = http_request("127.0.0.1", port, "GET", "/short", headers={"x-test-delay-ms": "3000"})
+    assert r.status == 408
+    assert "flags=DT" in wait_for_log(log, "flags=DT")
+    r = http_request("127.0.0.1", port, "GET", "/other", headers={"x-test-delay-ms": "800"})
+    assert r.status == 200
