@@ -645,7 +645,7 @@ class DownstreamTls(_TlsBase):
                 pass
             if not name or not (by_name or wild):
                 return
-            n = name.lower()
+            n = name.lower().rstrip(".")  # "a.example.com." names the same host
             c = by_name.get(n)
             if c is None and "." in n:
                 c = wild.get(n.split(".", 1)[1])
@@ -665,7 +665,7 @@ class DownstreamTls(_TlsBase):
         st = self.stats
         sni = getattr(sslobj, "moorline_sni", None)
         if sni and not info.server_name:
-            info.server_name = sni.lower()
+            info.server_name = sni.lower().rstrip(".")
         if self.require_sni and not sni:
             st.connection_error.value += 1
             return False

@@ -234,6 +234,9 @@ def test_sni_picks_certificate_and_alpn_with_s_client(pems: dict[str, tuple[Path
             assert "subject=CN = wild" in out and "ALPN protocol: http/1.1" in out
             _, out = await s_client(port, "-servername", "nope.example.com")
             assert "subject=CN = default" in out and "alpn=None" in out
+            # A fully qualified name with its trailing dot names the same host.
+            _, out = await s_client(port, "-servername", "a.example.com.")
+            assert "subject=CN = a.example.com" in out, out
             _, out = await s_client(port, "-noservername")
             assert "subject=CN = default" in out
             term = next(iter(TERMS.values()))
@@ -241,13 +244,14 @@ def test_sni_picks_certificate_and_alpn_with_s_client(pems: dict[str, tuple[Path
                 "a.example.com",
                 "x.b.example.com",
                 "nope.example.com",
+                "a.example.com",
                 None,
             ]
             assert all(i.tls_version == "TLSv1.3" for i in term.served)
             await asyncio.sleep(0.05)
-            assert stat(store, P + "ssl.handshake") == 4
-            assert stat(store, P + "ssl.versions.TLSv1.3") == 4
-            assert stat(store, P + "ssl.no_certificate") == 4
+            assert stat(store, P + "ssl.handshake") == 5
+            assert stat(store, P + "ssl.versions.TLSv1.3") == 5
+            assert stat(store, P + "ssl.no_certificate") == 5
             assert stat(store, P + "downstream_cx_active") == 0
         finally:
             lst.close()
