@@ -193,7 +193,7 @@ def san_list(cert: dict[str, Any] | None) -> list[tuple[str, str]]:
 def _compile_san_matchers(vc: Any, path: str) -> list[SanMatcher]:
     # net/ may not import proxy/ in general; the string matcher is a pure compiled value shared
     # with the route table (see the report on moving it to a neutral module).
-    from moorline.proxy.route_table import StringMatcher
+    from moorline.config.matchers import StringMatcher
 
     out: list[SanMatcher] = []
     for i, sm in enumerate(vc.match_typed_subject_alt_names):

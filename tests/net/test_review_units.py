@@ -25,7 +25,7 @@ from moorline.net.filter_chain import FilterChain, FilterChainMatch, FilterChain
 from moorline.net.tls import SanMatcher, compile_downstream
 from moorline.observability.stats import Store
 from moorline.protocol.tls_hello import NEED_MORE, NOT_TLS, TLS, parse_client_hello
-from moorline.proxy.route_table import StringMatcher
+from moorline.config.matchers import StringMatcher
 
 # --- SAN matching (mTLS) -------------------------------------------------------------------------
 
