@@ -21,11 +21,11 @@ from test_tls_certs import Pki
 from moorline.config.context import BuildContext
 from moorline.config.errors import ConfigError
 from moorline.config.loader import parse_message
+from moorline.config.matchers import StringMatcher
 from moorline.net.filter_chain import FilterChain, FilterChainMatch, FilterChainSelector
 from moorline.net.tls import SanMatcher, compile_downstream
 from moorline.observability.stats import Store
 from moorline.protocol.tls_hello import NEED_MORE, NOT_TLS, TLS, parse_client_hello
-from moorline.config.matchers import StringMatcher
 
 # --- SAN matching (mTLS) -------------------------------------------------------------------------
 
