@@ -167,13 +167,7 @@ class Server:
             flush()
 
     def _terminals(self) -> list[Any]:
-        out = []
-        for lst in self.listeners:
-            sel = lst.selector
-            chains = list(sel.chains) + ([sel.default] if sel.default is not None else [])
-            for ch in chains:
-                out.append(ch.terminal)
-        return out
+        return [ch.terminal for lst in self.listeners for ch in lst.filter_chains]
 
     def _reopen_logs(self) -> None:
         from moorline.observability import access_log

@@ -308,7 +308,6 @@ class HcmConfig:
             if proto.HasField("http_protocol_options")
             else b""
         )
-        self.websocket = any(u.upgrade_type.lower() == "websocket" for u in proto.upgrade_configs)
         self.upgrade_types = frozenset(u.upgrade_type.lower().encode() for u in proto.upgrade_configs)
         self.local_reply = (
             LocalReplyConfig.compile(proto.local_reply_config, f"{path}.local_reply_config")
@@ -321,7 +320,6 @@ class HcmConfig:
         self.draining = False
         self.connections: set[Any] = set()
         self.cluster_manager = ctx.cluster_manager
-        self.hostname = os.uname().nodename
 
     # -- network filter terminal ------------------------------------------
     terminal = True
@@ -778,9 +776,6 @@ class ActiveStream:
             self.router.decode_tunnel(data, end_stream)
 
     # -- phase 4: response -----------------------------------------------------
-    def encode_1xx(self, headers: HeaderMap) -> None:
-        self.conn.encode_headers(headers, False, self.version)
-
     def encode_headers(self, headers: HeaderMap, end_stream: bool) -> None:
         if self.done or self.response_started:
             return
@@ -878,8 +873,6 @@ class ActiveStream:
             self.cfg.stats.rq_reset_after_downstream_response_started.value += 1
             self.reset_stream()
             return
-        if self.router is not None and details not in ("direct_response", "via_redirect"):
-            pass
         status, body, ctype = self.cfg.local_reply.apply(status, body, self, info)
         grpc = self.is_grpc
         h: list[tuple[bytes, bytes]]
@@ -920,7 +913,8 @@ class ActiveStream:
     def reset_stream(self) -> None:
         """Abort the exchange: close the downstream connection and the upstream request."""
         self.cfg.stats.downstream_rq_tx_reset.value += 1
-        self.info.response_flags.append(flags.LOCAL_RESET) if not self.info.response_flags else None
+        if not self.info.response_flags:
+            self.info.response_flags.append(flags.LOCAL_RESET)
         r = self.router
         if r is not None:
             r.reset()
@@ -990,9 +984,6 @@ class ActiveStream:
                 self.send_local_reply(408, b"downstream duration timeout", None, "max_duration_timeout")
             return True
         return False
-
-    def touch(self) -> None:
-        self.last_activity = self.conn.loop.time()
 
 
 # gRPC status for an HTTP status, as Envoy maps local replies (grpc_utility.cc).

@@ -542,9 +542,7 @@ class Router:
         self._end_attempt()
         name = self.cluster.name
         _active_retries[name] = _active_retries.get(name, 0) + 1
-        attempt = self.cluster.stats.upstream_rq_retry.value
         delay = self.policy.backoff(self.attempts - 1, random.random()) if self.policy else 0.0
-        del attempt
 
         def go() -> None:
             _active_retries[name] = _active_retries.get(name, 1) - 1
