@@ -90,3 +90,149 @@ class HeaderMap:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, HeaderMap) and self._h == other._h
+
+
+# -- the codec-neutral request and response header types ---------------------------------------
+# Every codec (HTTP/1.1, HTTP/2, later Bolt/Dubbo/HTTP/3) produces these and every consumer (the
+# connection manager, filters, the router, access logs) reads them. Pseudo-headers are typed
+# attributes, never entries of the list: a filter that inserts a header anywhere cannot move
+# the path. ``get(b":path")`` and friends still answer, for header matchers and access-log
+# commands that name a pseudo-header.
+
+_REQ_PSEUDO = {b":method": "method", b":scheme": "scheme", b":authority": "authority", b":path": "path"}
+
+
+class RequestHeaders(HeaderMap):
+    """Request headers: ``method``, ``scheme``, ``authority``, ``path`` (bytes; ``authority``
+    and ``path`` may be empty, e.g. ``CONNECT`` has no path) and the regular headers."""
+
+    __slots__ = ("authority", "method", "path", "scheme")
+
+    def __init__(
+        self,
+        method: bytes = b"GET",
+        path: bytes = b"/",
+        authority: bytes = b"",
+        scheme: bytes = b"http",
+        pairs: Iterable[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        self._h = list(pairs) if pairs is not None else []
+        self.method = method
+        self.path = path
+        self.authority = authority
+        self.scheme = scheme
+
+    @classmethod
+    def make(
+        cls, method: bytes, path: bytes, authority: bytes, scheme: bytes, pairs: list[tuple[bytes, bytes]]
+    ) -> RequestHeaders:
+        """Adopt ``pairs`` without copying (the codecs' fast constructor)."""
+        m = cls.__new__(cls)
+        m._h = pairs
+        m.method = method
+        m.path = path
+        m.authority = authority
+        m.scheme = scheme
+        return m
+
+    def get(self, name: bytes, default: bytes | None = None) -> bytes | None:
+        if name[:1] == b":":
+            attr = _REQ_PSEUDO.get(name)
+            return getattr(self, attr) if attr is not None else default
+        for k, v in self._h:
+            if k == name:
+                return v
+        return default
+
+    def get_all(self, name: bytes) -> list[bytes]:
+        if name[:1] == b":":
+            v = self.get(name)
+            return [v] if v is not None else []
+        return [v for k, v in self._h if k == name]
+
+    def __contains__(self, name: object) -> bool:
+        if isinstance(name, bytes) and name[:1] == b":":
+            return name in _REQ_PSEUDO
+        return HeaderMap.__contains__(self, name)
+
+    def set(self, name: bytes, value: bytes) -> None:
+        attr = _REQ_PSEUDO.get(name) if name[:1] == b":" else None
+        if attr is not None:
+            setattr(self, attr, value)
+        else:
+            HeaderMap.set(self, name, value)
+
+    def pseudo(self) -> list[tuple[bytes, bytes]]:
+        """The pseudo-headers in HTTP/2's order (empty ``:authority`` / ``:path`` left out)."""
+        out = [(b":method", self.method), (b":scheme", self.scheme)]
+        if self.authority:
+            out.append((b":authority", self.authority))
+        if self.path:
+            out.append((b":path", self.path))
+        return out
+
+    def copy(self) -> RequestHeaders:
+        return RequestHeaders.make(self.method, self.path, self.authority, self.scheme, list(self._h))
+
+    def __repr__(self) -> str:
+        return (
+            f"RequestHeaders({self.method!r} {self.scheme!r}://{self.authority!r}{self.path!r}, {self._h!r})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, RequestHeaders)
+            and self._h == other._h
+            and (self.method, self.path, self.authority, self.scheme)
+            == (other.method, other.path, other.authority, other.scheme)
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class ResponseHeaders(HeaderMap):
+    """Response headers: ``status`` (int) and the regular headers."""
+
+    __slots__ = ("status",)
+
+    def __init__(self, status: int = 200, pairs: Iterable[tuple[bytes, bytes]] | None = None) -> None:
+        self._h = list(pairs) if pairs is not None else []
+        self.status = status
+
+    @classmethod
+    def make(cls, status: int, pairs: list[tuple[bytes, bytes]]) -> ResponseHeaders:
+        """Adopt ``pairs`` without copying."""
+        m = cls.__new__(cls)
+        m._h = pairs
+        m.status = status
+        return m
+
+    def get(self, name: bytes, default: bytes | None = None) -> bytes | None:
+        if name[:1] == b":":
+            return str(self.status).encode() if name == b":status" else default
+        for k, v in self._h:
+            if k == name:
+                return v
+        return default
+
+    def get_all(self, name: bytes) -> list[bytes]:
+        if name[:1] == b":":
+            v = self.get(name)
+            return [v] if v is not None else []
+        return [v for k, v in self._h if k == name]
+
+    def __contains__(self, name: object) -> bool:
+        if name == b":status":
+            return True
+        return HeaderMap.__contains__(self, name)
+
+    def copy(self) -> ResponseHeaders:
+        return ResponseHeaders.make(self.status, list(self._h))
+
+    def __repr__(self) -> str:
+        return f"ResponseHeaders({self.status}, {self._h!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ResponseHeaders) and self.status == other.status and self._h == other._h
+
+    __hash__ = None  # type: ignore[assignment]

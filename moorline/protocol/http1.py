@@ -325,6 +325,8 @@ class _Parser:
                 self._p.feed_data(piece)
             except HttpParserUpgrade as e:
                 left = self._upgraded(piece, e.args[0])
+                if left is None:  # not a tunnel after all (h2c offer): parse on
+                    return self._feed(mv[room:]) if len(mv) > room else None
                 return left + bytes(mv[room:])
             except HttpParserError as e:
                 raise self._fail(e) from None
@@ -333,7 +335,7 @@ class _Parser:
             mv = mv[room:]
         return None
 
-    def _upgraded(self, data: Any, offset: int) -> bytes:
+    def _upgraded(self, data: Any, offset: int) -> bytes | None:
         self._dead = True
         return bytes(data[offset:])
 
@@ -404,14 +406,14 @@ class _Parser:
         self._chunked = True
 
 
-_REQ_SPECIAL = frozenset((b"content-length", b"transfer-encoding", b"host", b"expect"))
+_REQ_SPECIAL = frozenset((b"content-length", b"transfer-encoding", b"host", b"expect", b"upgrade"))
 _RESP_SPECIAL = frozenset((b"content-length", b"transfer-encoding"))
 
 
 class RequestParser(_Parser):
     """Parses requests (downstream side). See the module docstring for the callback contract."""
 
-    __slots__ = ("_expect", "_host", "_underscores", "_url")
+    __slots__ = ("_expect", "_h2c", "_h2c_pending", "_host", "_underscores", "_url")
 
     def __init__(self, target: Any, limits: Limits | None = None) -> None:
         if limits is None:
@@ -421,7 +423,20 @@ class RequestParser(_Parser):
         self._url = b""
         self._host = False
         self._expect = False
+        # ``Upgrade: h2c`` (RFC 7540 3.2, what ``curl --http2`` sends on http://) is not a
+        # tunnel: like Envoy, the request is served over HTTP/1.1 and the offer ignored. llhttp
+        # still stops at it as at any upgrade; ``_upgraded`` then parses on.
+        self._h2c = False
+        self._h2c_pending = False
         self._p = HttpRequestParser(self)
+
+    def _upgraded(self, data: Any, offset: int) -> bytes | None:
+        if not self._h2c_pending:
+            return super()._upgraded(data, offset)
+        self._h2c_pending = False
+        self._p = HttpRequestParser(self)
+        rest = data[offset:]
+        return self._feed(rest) if len(rest) else None
 
     def feed(self, data: bytes) -> bytes | None:
         """Parse ``data``; returns the bytes after the head of an upgrade/CONNECT, else None."""
@@ -462,6 +477,8 @@ class RequestParser(_Parser):
                 if self._host:  # RFC 9112 3.2: more than one Host -> 400
                     raise self._die(400, _CODEC_ERROR)
                 self._host = True
+            elif name == b"upgrade":
+                self._h2c = value.strip().lower() == b"h2c"
             elif value.lower() == b"100-continue":
                 self._expect = True
 
@@ -487,6 +504,9 @@ class RequestParser(_Parser):
         elif not self._host and ver == b"1.1" and (url[:1] == b"/" or url == b"*"):
             # Absolute-form carries its own authority (Envoy takes :authority from it).
             raise self._die(400, _MISSING_HOST)
+        if upgrade and self._h2c and method != b"CONNECT":
+            upgrade = False
+            self._h2c_pending = True
         h = self._h
         head = RequestHead(
             method,
@@ -508,7 +528,7 @@ class RequestParser(_Parser):
         self._hsize = 0
         self._url = b""
         self._cl = None
-        self._chunked = self._host = self._expect = False
+        self._chunked = self._host = self._expect = self._h2c = False
         self._t.on_request_head(head)
 
     def on_message_complete(self) -> None:

@@ -4,11 +4,12 @@ An HTTP filter sees one stream (request/response exchange). On the request
 path (decoding) the connection manager calls ``decode_headers``,
 ``decode_data`` and ``decode_trailers`` of each filter in config order; on the
 response path (encoding) ``encode_*`` in reverse order. Each call returns
-``CONTINUE`` (hand the event to the next filter) or ``STOP_ITERATION`` (hold
-it; the filter calls ``callbacks.continue_decoding()`` /
-``continue_encoding()`` later, or sends a local reply).
+``CONTINUE`` (hand the event to the next filter) or one of the stop values
+below (hold it; the filter calls ``callbacks.continue_decoding()`` /
+``continue_encoding()`` later, or sends a local reply). The rules are in
+``moorline.proxy.filter_manager``.
 
-While a filter holds headers, later body chunks are buffered by the connection
+While a filter holds headers, later body chunks are buffered by the filter
 manager up to the connection's buffer limit (then 413 on the request path,
 500 on the response path, as Envoy).
 
@@ -22,39 +23,49 @@ returns a callable that creates one filter instance per stream.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from moorline.protocol.headers import HeaderMap
+from moorline.protocol.headers import HeaderMap, RequestHeaders, ResponseHeaders
 
 if TYPE_CHECKING:
     from moorline.observability.stream_info import StreamInfo
 
 CONTINUE = 0
-STOP_ITERATION = 1
+STOP_ITERATION = 1  # headers: hold them; data: hold and buffer (StopIterationAndBuffer)
+STOP_ALL_ITERATION_AND_BUFFER = 2  # headers: hold them and buffer the body unseen
+STOP_ITERATION_NO_BUFFER = 3  # data: the filter keeps the chunk itself
 
 
-class FilterCallbacks:
-    """What a filter may do to its stream (implemented by the HCM's ActiveStream)."""
+class FilterCallbacks(Protocol):
+    """What a filter may do to its stream (implemented by ``proxy.hcm.ActiveStream``)."""
 
-    stream_info: StreamInfo
+    @property
+    def stream_info(self) -> StreamInfo: ...
 
-    def continue_decoding(self) -> None:
-        raise NotImplementedError
+    def continue_decoding(self) -> None: ...
 
-    def continue_encoding(self) -> None:
-        raise NotImplementedError
+    def continue_encoding(self) -> None: ...
 
     def send_local_reply(
         self, status: int, body: bytes = b"", flag: str | None = None, details: str | None = None
-    ) -> None:
-        raise NotImplementedError
+    ) -> None: ...
 
     def matched_route(self) -> Any:
         """The route this stream matched (None: no route)."""
-        raise NotImplementedError
 
-    def clear_route_cache(self) -> None:
-        raise NotImplementedError
+    def clear_route_cache(self) -> None: ...
+
+    def route_config(self, filter_name: str) -> Any:
+        """The matched route's ``typed_per_filter_config`` for ``filter_name``, compiled at load
+        by the filter's per-route factory (most specific level wins); None if not set."""
+
+    def decoding_buffer(self) -> bytes: ...
+
+    def add_decoded_data(self, data: bytes) -> None: ...
+
+    def encoding_buffer(self) -> bytes: ...
+
+    def add_encoded_data(self, data: bytes) -> None: ...
 
 
 class HttpFilter:
@@ -68,7 +79,7 @@ class HttpFilter:
     def set_callbacks(self, callbacks: FilterCallbacks) -> None:
         self.callbacks = callbacks
 
-    def decode_headers(self, headers: HeaderMap, end_stream: bool) -> int:
+    def decode_headers(self, headers: RequestHeaders, end_stream: bool) -> int:
         return CONTINUE
 
     def decode_data(self, data: bytes, end_stream: bool) -> int:
@@ -77,7 +88,7 @@ class HttpFilter:
     def decode_trailers(self, trailers: HeaderMap) -> int:
         return CONTINUE
 
-    def encode_headers(self, headers: HeaderMap, end_stream: bool) -> int:
+    def encode_headers(self, headers: ResponseHeaders, end_stream: bool) -> int:
         return CONTINUE
 
     def encode_data(self, data: bytes, end_stream: bool) -> int:

@@ -33,13 +33,17 @@ from moorline.net.tls import serve_accepted
 from moorline.observability import stream_info as flags
 from moorline.observability.stats import Counter, Gauge, Histogram
 from moorline.observability.stream_info import StreamInfo
-from moorline.protocol.headers import HeaderMap
-from moorline.protocol.http1 import HttpProtocolError, Limits
-from moorline.proxy.filter import CONTINUE, HttpFilter
+from moorline.protocol.headers import HeaderMap, RequestHeaders, ResponseHeaders
+from moorline.protocol.http1 import Limits
+from moorline.proxy.filter_manager import FilterManager
 from moorline.proxy.local_reply import LocalReplyConfig
+from moorline.proxy.phases import Phase
 from moorline.proxy.route_table import DIRECT_RESPONSE, REDIRECT, RouteTable
 from moorline.proxy.router import Router
-from moorline.stream.http1_server import Http1ServerConnection
+from moorline.stream.api import CodecRegistry, HttpProtocol, ResetReason
+
+_HTTP10 = HttpProtocol.HTTP10
+_HTTP2 = HttpProtocol.HTTP2
 
 HCM_TYPE = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 ROUTER_NAMES = ("envoy.filters.http.router", "envoy.router")
@@ -47,29 +51,33 @@ ROUTER_TYPE = "envoy.extensions.filters.http.router.v3.Router"
 
 # Request headers that never travel to the upstream (hop-by-hop, RFC 9110 7.6.1).
 _REQ_HOP = frozenset(
-    (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te", b"host")
+    (
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"upgrade",
+        b"te",
+        b"host",
+        b"http2-settings",
+    )
 )
 
-_HTTP_SCHEME = b"http"
 # Headers the single pass in decode_headers looks at.
 _REQ_SPECIAL = _REQ_HOP | frozenset(
     (b"x-forwarded-for", b"x-forwarded-proto", b"x-request-id", b"content-type", b"expect")
 )
 
-_rid_pool: list[bytes] = []
 
-
-def new_request_id() -> bytes:
-    """A random (version 4) UUID as bytes. Random bytes are drawn 256 ids at a time: one
-    ``os.urandom`` call instead of one ``uuid.uuid4()`` object per request."""
-    if not _rid_pool:
-        raw = os.urandom(16 * 256).hex().encode()
-        for i in range(0, len(raw), 32):
-            x = raw[i : i + 32]
-            _rid_pool.append(
-                b"%s-%s-4%s-%c%s-%s" % (x[:8], x[8:12], x[13:16], b"89ab"[x[16] % 4], x[17:20], x[20:32])
-            )
-    return _rid_pool.pop()
+def _request_ids() -> list[bytes]:
+    """256 random (version 4) UUIDs as bytes, from one ``os.urandom`` call instead of one
+    ``uuid.uuid4()`` object per request."""
+    raw = os.urandom(16 * 256).hex().encode()
+    out = []
+    for i in range(0, len(raw), 32):
+        x = raw[i : i + 32]
+        out.append(b"%s-%s-4%s-%c%s-%s" % (x[:8], x[8:12], x[13:16], b"89ab"[x[16] % 4], x[17:20], x[20:32]))
+    return out
 
 
 class HcmStats:
@@ -320,21 +328,41 @@ class HcmConfig:
         self.draining = False
         self.connections: set[Any] = set()
         self.cluster_manager = ctx.cluster_manager
+        self._rid_pool: list[bytes] = []
+        codecs = getattr(ctx, "codecs", None) or CodecRegistry.builtin()
+        name = "http1" if codec == 1 else ("http2" if codec == 2 else "auto")
+        factory = codecs.server(name)
+        if factory is None:
+            raise ConfigError(f"{path}.codec_type", f"no {name} codec is registered")
+        self.server_factory = factory
+
+    # -- ServerConnectionCallbacks (moorline.stream.api) ---------------------------------------
+    def new_stream(self, conn: Any) -> ActiveStream:
+        return ActiveStream(conn, self)
+
+    def local_error(self, conn: Any, status: int, details: str) -> None:
+        s = ActiveStream(conn, self)
+        conn.stream = s
+        s.headers = s.info.request_headers = RequestHeaders.make(b"", b"", b"", b"http", [])
+        s.info.protocol = _PROTO_LABEL[conn.protocol]
+        s.request_complete = True
+        s.send_local_reply(status, b"", flags.DOWNSTREAM_PROTOCOL_ERROR, details)
+
+    def new_request_id(self) -> bytes:
+        pool = self._rid_pool
+        if not pool:
+            pool.extend(_request_ids())
+        return pool.pop()
 
     # -- network filter terminal ------------------------------------------
     terminal = True
 
     def on_accept(self, sock: Any, info: Any) -> None:
         loop = asyncio.get_event_loop()
-        if self.codec_type == 1:
-            factory: Any = lambda: Http1ServerConnection(self, info)  # noqa: E731
-        else:
-            # HTTP2, or AUTO: ALPN "h2" or the HTTP/2 preface picks HTTP/2 (see http2_server).
-            from moorline.stream.http2_server import protocol_factory
-
-            factory = protocol_factory(self, info, self.codec_type)
-        # TLS chains (info.tls): handshake first, then factory() with info.negotiated_alpn set.
-        serve_accepted(loop, sock, info, factory)
+        make = self.server_factory
+        # TLS chains (info.tls): handshake first, then the codec with info.negotiated_alpn set
+        # (AUTO: ALPN "h2" or the HTTP/2 preface picks HTTP/2, see stream.http2_server).
+        serve_accepted(loop, sock, info, lambda: make(self, info))
 
     def drain(self) -> None:
         """Stop keep-alive: in-flight responses get ``connection: close``; idle connections close."""
@@ -370,98 +398,120 @@ registry.register(
 )
 
 
+_INIT = Phase.INIT
+_DOWNSTREAM_FILTERS = Phase.DOWNSTREAM_FILTERS
+_MATCH_ROUTE = Phase.MATCH_ROUTE
+_RESPONSE = Phase.UPSTREAM_RESPONSE
+_END = Phase.END
+
+_PROTO_LABEL = ("HTTP/1.0", "HTTP/1.1", "HTTP/2", "HTTP/3")
+
+# What may appear in a method (RFC 9110 token), a request path (visible ASCII) and an authority
+# (RFC 3986 reg-name / IP literal / port, as nghttp2_check_authority): ``bytes.translate``
+# deletes the allowed bytes, so anything left over is invalid. Codecs differ in what they
+# validate (llhttp checks the request line, HTTP/2 pseudo-headers are free-form), so the
+# connection manager checks every codec's requests the same way, as Envoy does.
+_TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_PATH_CHARS = bytes(range(0x21, 0x7F))
+_AUTH_CHARS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=:%@[]"
+
+
 class ActiveStream:
-    """One request/response exchange on a downstream connection."""
+    """One request/response exchange on a downstream connection (any codec).
+
+    The codec calls ``decode_headers`` / ``decode_data`` / ``decode_trailers``; responses leave
+    through ``encode_*``, which run the encoder filters and end in the codec's ``encode_*``.
+    Without HTTP filters there is no ``FilterManager``: events go straight to the router and
+    the codec (the fast path)."""
 
     __slots__ = (
-        "buffered_body",
-        "buffered_bytes",
-        "buffered_end",
-        "buffered_trailers",
         "cfg",
         "conn",
         "deadline",
-        "dec_hdr",
-        "done",
-        "filters",
+        "fm",
         "headers",
         "headers_only",
         "info",
         "is_grpc",
         "last_activity",
         "method",
+        "phase",
         "request_complete",
-        "response_complete",
-        "response_started",
         "route",
         "route_cached",
         "router",
-        "stop_at",
+        "routes",
         "upgrade",
-        "version",
     )
 
-    def __init__(self, conn: Any, head: Any) -> None:
+    def __init__(self, conn: Any, cfg: Any) -> None:
         self.conn = conn
-        cfg = self.cfg = conn.cfg
+        self.cfg = cfg
         loop_time = conn.last_activity
         info = self.info = StreamInfo(time.time(), loop_time)
         info.downstream_remote_address = conn.remote_str
         info.downstream_local_address = conn.local_str
         info.connection_id = conn.info.connection_id
-        self.version = head.version
-        self.method = head.method
+        self.phase = _INIT
+        self.method = b""
+        self.headers: Any = None
+        self.routes: Any = None  # the route table snapshot, pinned when the headers arrive
         self.route: Any = None
         self.route_cached = False
         self.router: Any = None
-        self.filters: list[HttpFilter] | None = None
+        self.fm: FilterManager | None = None
         self.request_complete = False
-        self.response_started = False
-        self.response_complete = False
-        self.dec_hdr = 0  # filters that have seen the headers (len(filters) + 1: the router has)
-        self.stop_at: int | None = None  # index of the filter holding iteration
         self.headers_only = False
-        self.buffered_body: list[bytes] | None = None
-        self.buffered_bytes = 0
-        self.buffered_trailers: HeaderMap | None = None
-        self.buffered_end = False
         self.deadline = 0.0
         self.last_activity = loop_time
         self.is_grpc = False
         self.upgrade = False
-        self.done = False
         st = cfg.stats
         st.downstream_rq_total.value += 1
-        if head.version != b"2":
+        if conn.protocol < _HTTP2:
             st.downstream_rq_http1_total.value += 1
         st.downstream_rq_active.value += 1
         if cfg.request_timeout:
             self.deadline = loop_time + cfg.request_timeout
 
-    # -- phase 1: downstream headers --------------------------------------
-    def decode_headers(self, head: Any) -> None:
+    @property
+    def stream_info(self) -> StreamInfo:
+        return self.info
+
+    @property
+    def response_started(self) -> bool:
+        return self.phase >= _RESPONSE
+
+    @property
+    def done(self) -> bool:
+        return self.phase == _END
+
+    # -- phase INIT -> DOWNSTREAM_FILTERS: the request headers ------------------------------
+    def decode_headers(self, headers: RequestHeaders, end_stream: bool) -> None:
         cfg = self.cfg
         info = self.info
-        info.protocol = (
-            "HTTP/1.1" if head.version == b"1.1" else ("HTTP/2" if head.version == b"2" else "HTTP/1.0")
-        )
-        raw = head.headers._h
-        authority = None
-        target = head.target
-        method = head.method
-        if head.version == b"1.0" and not cfg.accept_http_10:
+        proto = self.conn.protocol
+        info.protocol = _PROTO_LABEL[proto]
+        self.headers = headers
+        info.request_headers = headers
+        self.routes = cfg.route_table  # pinned: a route update does not move this stream
+        method = self.method = headers.method
+        if end_stream:
+            self.request_complete = True
+        if proto == _HTTP10 and not cfg.accept_http_10:
             self.send_local_reply(426, b"", flags.DOWNSTREAM_PROTOCOL_ERROR, "low_version")
             return
-        # Build the header map in one pass: pseudo-headers first, then the rest without hop-by-hop
-        # ones, noting the few headers the connection manager itself acts on.
+        # One pass over the headers: drop hop-by-hop ones, note the few the connection
+        # manager acts on.
+        authority = headers.authority
         conn_tokens: list[bytes] | None = None
         rest: list[tuple[bytes, bytes]] = []
         xff = xfp = rid = ct = upg = None
-        for k, v in raw:
+        for k, v in headers._h:
             if k in _REQ_SPECIAL:
                 if k in _REQ_HOP:
                     if k == b"host":
-                        if authority is None:
+                        if not authority:
                             authority = v
                     elif k == b"connection":
                         conn_tokens = [t.strip().lower() for t in v.split(b",")]
@@ -483,83 +533,96 @@ class ActiveStream:
                     ct = v
                 elif k == b"expect":
                     if v.lower() == b"100-continue":
-                        continue  # answered here (proxy_100_continue off, Envoy's default)
+                        continue  # answered by the codec (proxy_100_continue off, Envoy's default)
             rest.append((k, v))
-        if target[:1] != b"/":
-            if method == b"CONNECT":
-                authority = authority or target
-            elif target == b"*" and method == b"OPTIONS":
-                pass
-            else:
-                # absolute-form: take the authority and path out of it
-                scheme_sep = target.find(b"://")
-                if scheme_sep < 0:
-                    cfg.stats.downstream_rq_non_relative_path.value += 1
-                    self.send_local_reply(404, b"", flags.NO_ROUTE, "absolute_path_rejected")
-                    return
-                rest_t = target[scheme_sep + 3 :]
-                slash = rest_t.find(b"/")
-                authority = rest_t if slash < 0 else rest_t[:slash]
-                target = b"/" if slash < 0 else rest_t[slash:]
-        if authority is None:
-            if head.version == b"1.0" and cfg.default_host_for_http_10:
-                authority = cfg.default_host_for_http_10
-            else:
-                authority = b""
-        upgrade = head.upgrade and method != b"CONNECT"
+        path = headers.path
+        if (
+            method.translate(None, _TCHAR)
+            or not method
+            or authority.translate(None, _AUTH_CHARS)
+            or path.translate(None, _PATH_CHARS)
+        ):
+            self._bad_request("invalid request line or authority", end_stream)
+            return
+        if method == b"CONNECT":
+            if not authority:
+                self._bad_request("missing_host_header", end_stream)
+                return
+        elif not path:
+            self._bad_request("missing_path", end_stream)
+            return
+        elif path[:1] != b"/" and not (path == b"*" and method == b"OPTIONS"):
+            cfg.stats.downstream_rq_non_relative_path.value += 1
+            self.send_local_reply(404, b"", flags.NO_ROUTE, "absolute_path_rejected")
+            return
+        if not authority and proto == _HTTP10 and cfg.default_host_for_http_10:
+            authority = cfg.default_host_for_http_10
+        headers.authority = authority
+        upgrade = False
+        if upg is not None and method != b"CONNECT":
+            if upg.strip().lower() == b"h2c":
+                # An HTTP/2 upgrade offer: served over HTTP/1.1 instead (Envoy strips it).
+                if conn_tokens:
+                    conn_tokens = [t for t in conn_tokens if t != b"upgrade"]
+                    conn_tokens.append(b"http2-settings")
+            elif conn_tokens is not None and b"upgrade" in conn_tokens:
+                upgrade = True
         if conn_tokens:
             drop = {t for t in conn_tokens if t not in (b"close", b"keep-alive", b"upgrade")}
             if drop:
                 rest = [p for p in rest if p[0] not in drop]
-        if upgrade and upg is not None:
-            rest.append((b"upgrade", upg))
+        if upgrade:
+            rest.append((b"upgrade", upg))  # type: ignore[arg-type]
             rest.append((b"connection", b"upgrade"))
-        h = [(b":method", method), (b":scheme", _HTTP_SCHEME), (b":authority", authority), (b":path", target)]
-        h.extend(rest)
-        headers = self.headers = HeaderMap.wrap(h)
-        info.request_headers = headers
+        headers._h = rest
         self.upgrade = upgrade
         # x-forwarded-for / x-forwarded-proto (Envoy: append the peer only with use_remote_address)
+        scheme = headers.scheme
         if cfg.use_remote_address:
             remote = self.conn.info.remote
             ip = remote[0].encode() if isinstance(remote, tuple) else b"127.0.0.1"
             if not cfg.skip_xff_append:
                 xff = xff + b", " + ip if xff else ip
             if xfp is not None:
-                headers.set(b"x-forwarded-proto", _HTTP_SCHEME)
+                headers.set(b"x-forwarded-proto", scheme)
             else:
-                h.append((b"x-forwarded-proto", _HTTP_SCHEME))
+                rest.append((b"x-forwarded-proto", scheme))
         elif xfp is None:
-            h.append((b"x-forwarded-proto", _HTTP_SCHEME))
+            rest.append((b"x-forwarded-proto", scheme))
         if xff is not None:
-            h.append((b"x-forwarded-for", xff))
+            rest.append((b"x-forwarded-for", xff))
         # x-request-id: kept when the client sent one, generated otherwise
         if rid is None and cfg.generate_request_id:
-            rid = new_request_id()
-            h.append((b"x-request-id", rid))
+            rid = cfg.new_request_id()
+            rest.append((b"x-request-id", rid))
         if rid is not None:
             info.request_id = rid.decode("latin-1")
         self.is_grpc = ct is not None and ct.startswith(b"application/grpc")
-        if head.content_length == 0 and not head.chunked and not upgrade:
-            # No body: the request ends with its headers.
-            end_stream = True
-        elif head.content_length is None and not head.chunked and not upgrade:
-            end_stream = True
-        else:
-            end_stream = False
         self.headers_only = end_stream
-        self._run_decoders_headers(end_stream)
+        factories = cfg.filter_factories
+        if factories:
+            self.phase = _DOWNSTREAM_FILTERS
+            fm = self.fm = FilterManager(self, factories, self.conn.info.buffer_limit)
+            fm.dec.on_headers(headers, end_stream)
+        else:
+            self.route_request(headers, end_stream)
 
+    def _bad_request(self, details: str, end_stream: bool) -> None:
+        self.conn.resp_keep_alive = False
+        self.send_local_reply(400, b"", flags.DOWNSTREAM_PROTOCOL_ERROR, details)
+
+    # -- phase MATCH_ROUTE -----------------------------------------------------------------
     def _match_route(self) -> Any:
         if not self.route_cached:
             self.route_cached = True
             h = self.headers
-            hh = h._h
-            rt = self.cfg.route_table
-            authority = hh[2][1]
+            rt = self.routes
+            if rt is None:
+                return None
+            authority = h.authority
             if rt.vhost_header is not None:
                 authority = h.get(rt.vhost_header) or authority
-            self.route = rt.match(authority, b"" if hh[0][1] == b"CONNECT" else hh[3][1], hh[0][1], h)
+            self.route = rt.match(authority, h.path, h.method, h)
         return self.route
 
     def matched_route(self) -> Any:
@@ -569,125 +632,17 @@ class ActiveStream:
         self.route_cached = False
         self.route = None
 
-    # -- decoder filter chain ----------------------------------------------------
-    # Filters see headers, data and trailers in config order, then the router. A filter that
-    # answers STOP_ITERATION holds the stream at its index (``stop_at``): later data still
-    # reaches the filters up to and including it (so it can decide), and is buffered by the
-    # connection manager for the filters after it, up to the connection's buffer limit (then
-    # 413). When the holding filter continues (CONTINUE from decode_data, or
-    # ``continue_decoding()``), headers, buffered data and trailers resume at the next filter.
+    def route_config(self, filter_name: str) -> Any:
+        route = self._match_route()
+        if route is None:
+            return None
+        return route.filter_configs.get(filter_name)
 
-    def _run_decoders_headers(self, end_stream: bool) -> None:
-        if end_stream:
-            self.request_complete = True
-        factories = self.cfg.filter_factories
-        if not factories:
-            self.dec_hdr = 1
-            self._route_request(end_stream)
+    # -- the decoder chain's terminal: the router ----------------------------------------------
+    def route_request(self, headers: Any, end_stream: bool) -> None:
+        if self.phase >= _RESPONSE:
             return
-        fl = self.filters = []
-        for f in factories:
-            inst = f(self)
-            inst.set_callbacks(self)  # type: ignore[arg-type]
-            fl.append(inst)
-        self._resume(0)
-
-    def continue_decoding(self) -> None:
-        s = self.stop_at
-        if s is None or self.done:
-            return
-        self._resume(s + 1)
-
-    def _resume(self, start: int) -> None:
-        fl = self.filters or []
-        n = len(fl)
-        self.stop_at = None
-        i = max(start, self.dec_hdr)
-        while self.dec_hdr <= n:
-            if i >= n:
-                self.dec_hdr = n + 1
-                self._route_request(self.headers_only)
-                if self.done or self.response_started or self.router is None:
-                    return
-                break
-            r = fl[i].decode_headers(self.headers, self.headers_only)
-            self.dec_hdr = i + 1
-            if self.done or self.response_started:
-                return
-            if r != CONTINUE:
-                self.stop_at = i
-                return
-            i += 1
-        body = self.buffered_body
-        trailers = self.buffered_trailers
-        end = self.buffered_end
-        self.buffered_body = None
-        self.buffered_trailers = None
-        self.buffered_end = False
-        self.buffered_bytes = 0
-        if body:
-            self._push_data(b"".join(body), end and trailers is None, start)
-        elif end and trailers is None:
-            self._push_data(b"", True, start)
-        if trailers is not None:
-            if self.stop_at is not None:
-                self.buffered_trailers = trailers
-            else:
-                self._push_trailers(trailers, start)
-
-    def _push_data(self, data: bytes, end_stream: bool, start: int) -> None:
-        fl = self.filters
-        if fl:
-            for i in range(start, len(fl)):
-                r = fl[i].decode_data(data, end_stream)
-                if self.done or self.response_started:
-                    return
-                if r != CONTINUE:
-                    # Filter i saw this chunk and holds it: buffer it for the filters after i.
-                    self.stop_at = i
-                    self._buffer(data, end_stream)
-                    return
-        r2 = self.router
-        if r2 is not None:
-            r2.decode_data(data, end_stream)
-
-    def _push_trailers(self, trailers: HeaderMap, start: int) -> None:
-        fl = self.filters
-        if fl:
-            for i in range(start, len(fl)):
-                if fl[i].decode_trailers(trailers) != CONTINUE:
-                    self.stop_at = i
-                    self.buffered_trailers = trailers
-                    return
-                if self.done:
-                    return
-        if self.router is not None:
-            self.router.decode_trailers(trailers)
-
-    def _buffer(self, data: bytes, end_stream: bool) -> None:
-        if self.buffered_body is None:
-            self.buffered_body = []
-        if data:
-            self.buffered_body.append(data)
-            self.buffered_bytes += len(data)
-        if end_stream:
-            self.buffered_end = True
-        if self.buffered_bytes > self.conn.info.buffer_limit:
-            self.cfg.stats.downstream_rq_too_large.value += 1
-            self.send_local_reply(413, b"Payload Too Large", None, "request_payload_too_large")
-
-    def decoding_buffer(self) -> bytes:
-        """What the connection manager holds for the filters after the stopped one."""
-        return b"".join(self.buffered_body or ())
-
-    def add_decoded_data(self, data: bytes) -> None:
-        """A stopped filter adds body bytes (e.g. a rewrite) to what is buffered."""
-        self._buffer(data, False)
-
-    # -- phase 2/3: route and router ---------------------------------------
-    def _route_request(self, end_stream: bool) -> None:
-        if self.done or self.response_started:
-            return
+        self.phase = _MATCH_ROUTE
         route = self._match_route()
         cfg = self.cfg
         if route is None:
@@ -704,8 +659,8 @@ class ActiveStream:
             return
         if kind == REDIRECT:
             cfg.stats.rq_redirect.value += 1
-            hh = self.headers._h
-            status, location = route.redirect_location(hh[1][1], hh[2][1], hh[3][1])
+            h = self.headers
+            status, location = route.redirect_location(h.scheme, h.authority, h.path)
             self.send_local_reply(
                 status, b"", None, "via_redirect", extra=[(b"location", location)], route=route
             )
@@ -720,74 +675,139 @@ class ActiveStream:
                 self.send_local_reply(403, b"", None, "upgrade_failed")
                 return
         self.router = Router(self, route)
-        self.router.decode_headers(self.headers, end_stream)
+        self.router.decode_headers(headers, end_stream)
 
-    # -- downstream body -----------------------------------------------------
+    def router_data(self, data: bytes, end_stream: bool) -> None:
+        r = self.router
+        if r is not None:
+            r.decode_data(data, end_stream)
+
+    def router_trailers(self, trailers: HeaderMap) -> None:
+        r = self.router
+        if r is not None:
+            r.decode_trailers(trailers)
+
+    def decoding_alive(self) -> bool:
+        return self.phase < _RESPONSE
+
+    def encoding_alive(self) -> bool:
+        return self.phase != _END
+
+    # -- downstream body and trailers --------------------------------------------------------
     def decode_data(self, data: bytes, end_stream: bool) -> None:
         self.info.bytes_received += len(data)
-        if self.done:
+        if end_stream:
+            self.request_complete = True
+        if self.phase == _END:
             return
-        s = self.stop_at
-        if s is None:
-            if self.filters:
-                self._push_data(data, end_stream, 0)
-                return
+        fm = self.fm
+        if fm is not None:
+            if self.phase < _RESPONSE:
+                fm.dec.on_data(data, end_stream)
+        else:
             r = self.router
             if r is not None:
                 r.decode_data(data, end_stream)
+        if end_stream and self.phase == _END:
             return
-        # Held at filter s: the filters up to it see the data; the rest waits in the buffer.
-        fl = self.filters or []
-        for i in range(s + 1):
-            if i < s and i >= self.dec_hdr:
-                break
-            r = fl[i].decode_data(data, end_stream)
-            if self.done or self.response_started:
-                return
-            if r != CONTINUE:
-                if i < s:
-                    self.stop_at = i
-                self._buffer(data, end_stream)
-                return
-        # The holding filter continued: what it held, then this data, go on.
-        self._buffer(data, end_stream)
-        if not self.done:
-            self._resume(s + 1)
 
-    def decode_complete(self, trailers: HeaderMap | None) -> None:
+    def decode_trailers(self, trailers: HeaderMap) -> None:
         self.request_complete = True
-        if self.done and self.response_complete:
+        if self.phase == _END:
             return
-        if trailers:
-            if self.stop_at is not None:
-                self.buffered_trailers = trailers
-            elif self.filters:
-                self._push_trailers(trailers, 0)
-            elif self.router is not None:
-                self.router.decode_trailers(trailers)
-        else:
-            self.decode_data(b"", True)
-        if self.response_complete:
-            self._finish()
+        fm = self.fm
+        if fm is not None:
+            if self.phase < _RESPONSE:
+                fm.dec.on_trailers(trailers)
+        elif self.router is not None:
+            self.router.decode_trailers(trailers)
 
-    def on_tunnel_data(self, data: bytes, end_stream: bool) -> None:
+    def decode_tunnel(self, data: bytes, end_stream: bool) -> None:
         self.info.bytes_received += len(data)
         if self.router is not None:
             self.router.decode_tunnel(data, end_stream)
 
-    # -- phase 4: response -----------------------------------------------------
-    def encode_headers(self, headers: HeaderMap, end_stream: bool) -> None:
-        if self.done or self.response_started:
+    def continue_decoding(self) -> None:
+        fm = self.fm
+        if fm is not None and self.phase < _RESPONSE:
+            fm.dec.resume()
+
+    def decoding_buffer(self) -> bytes:
+        """What the filter manager holds for the filters after the stopped one."""
+        return self.fm.dec.buffered() if self.fm is not None else b""
+
+    def add_decoded_data(self, data: bytes) -> None:
+        """A stopped filter adds body bytes (e.g. a rewrite) to what is buffered."""
+        if self.fm is not None:
+            self.fm.dec.add_buffered(data)
+
+    def request_too_large(self) -> None:
+        self.cfg.stats.downstream_rq_too_large.value += 1
+        self.send_local_reply(413, b"Payload Too Large", None, "request_payload_too_large")
+
+    # -- phase UPSTREAM_RESPONSE: the response ---------------------------------------------------
+    def encode_headers(self, headers: ResponseHeaders, end_stream: bool) -> None:
+        if self.phase >= _RESPONSE:
             return
-        self.response_started = True
+        self.phase = _RESPONSE
+        fm = self.fm
+        if fm is not None:
+            fm.enc.on_headers(headers, end_stream)
+        else:
+            self.write_headers(headers, end_stream)
+
+    def encode_data(self, data: bytes, end_stream: bool) -> None:
+        if self.phase == _END:
+            return
+        fm = self.fm
+        if fm is not None:
+            fm.enc.on_data(data, end_stream)
+        else:
+            self.write_data(data, end_stream)
+
+    def encode_trailers(self, trailers: HeaderMap) -> None:
+        if self.phase == _END:
+            return
+        fm = self.fm
+        if fm is not None:
+            fm.enc.on_trailers(trailers)
+        else:
+            self.write_trailers(trailers)
+
+    def continue_encoding(self) -> None:
+        fm = self.fm
+        if fm is not None and self.phase != _END:
+            fm.enc.resume()
+
+    def encoding_buffer(self) -> bytes:
+        return self.fm.enc.buffered() if self.fm is not None else b""
+
+    def add_encoded_data(self, data: bytes) -> None:
+        if self.fm is not None:
+            self.fm.enc.add_buffered(data)
+
+    def response_too_large(self) -> None:
+        """An encoder filter buffered more than the limit (Envoy: 500, or a reset once the
+        response headers went out)."""
+        info = self.info
+        info.response_code_details = "response_payload_too_large"
+        if self.fm is not None and self.fm.enc.hdr_idx <= len(self.fm.filters):
+            # The headers are still held: answer 500 instead, without the filters.
+            self.fm.enc.stop_at = None
+            self.fm.enc.hdr_idx = len(self.fm.filters) + 1
+            h = ResponseHeaders.make(500, [(b"content-length", b"0")])
+            self.conn.resp_keep_alive = self.conn.resp_keep_alive and self.request_complete
+            if self.router is not None:
+                self.router.reset()
+            self.write_headers(h, True)
+            return
+        self.reset_stream()
+
+    # -- the encoder chain's terminal: the codec ------------------------------------------------
+    def write_headers(self, headers: ResponseHeaders, end_stream: bool) -> None:
         cfg = self.cfg
         info = self.info
-        fl = self.filters
-        if fl:
-            for f in reversed(fl):
-                if f.encode_headers(headers, end_stream) != CONTINUE:
-                    break
-        status = int(headers._h[0][1])
+        status = headers.status
         info.response_code = status
         info.response_headers = headers
         # server and date headers are applied by the codec while it writes the head
@@ -795,42 +815,35 @@ class ActiveStream:
         if status == 101:
             self.conn.start_tunnel()
             cfg.stats.downstream_cx_upgrades_total.value += 1
-        self.conn.encode_headers(headers, end_stream, self.version)
+        self.conn.encode_headers(headers, end_stream)
         if end_stream:
-            self._response_done()
+            self._finish()
 
-    def encode_data(self, data: bytes, end_stream: bool) -> None:
-        if self.done:
-            return
-        self.info.bytes_sent += len(data)
-        self.cfg.stats.downstream_cx_tx_bytes_total.value += len(data)
-        fl = self.filters
-        if fl:
-            for f in reversed(fl):
-                f.encode_data(data, end_stream)
+    def write_data(self, data: bytes, end_stream: bool) -> None:
+        n = len(data)
+        self.info.bytes_sent += n
+        self.cfg.stats.downstream_cx_tx_bytes_total.value += n
         self.conn.encode_data(data, end_stream)
         if end_stream:
-            self._response_done()
+            self._finish()
 
-    def encode_trailers(self, trailers: HeaderMap) -> None:
-        if self.done:
-            return
+    def write_trailers(self, trailers: HeaderMap) -> None:
         self.info.response_trailers = trailers
-        fl = self.filters
-        if fl:
-            for f in reversed(fl):
-                f.encode_trailers(trailers)
         self.conn.encode_trailers(trailers)
-        self._response_done()
-
-    def _response_done(self) -> None:
-        self.response_complete = True
         self._finish()
 
-    def _finish(self) -> None:
-        if self.done:
+    def encode_tunnel(self, data: bytes, end_stream: bool) -> None:
+        """Upgraded (WebSocket) bytes from the upstream: straight to the client."""
+        if self.phase == _END:
             return
-        self.done = True
+        self.info.bytes_sent += len(data)
+        self.conn.encode_tunnel(data, end_stream)
+
+    # -- phase END ----------------------------------------------------------------------------
+    def _finish(self) -> None:
+        if self.phase == _END:
+            return
+        self.phase = _END
         info = self.info
         cfg = self.cfg
         loop_time = self.conn.loop.time()
@@ -846,13 +859,19 @@ class ActiveStream:
             # leaving a cycle per request for the garbage collector (it cost ~30% of the
             # request's Python time, measured with bench/micro_h1.py).
             self.router = None
-        fl = self.filters
-        if fl:
-            for f in fl:
-                f.on_destroy()
-            self.filters = None
+        fm = self.fm
+        if fm is not None:
+            fm.destroy()
+            self.fm = None
         for al in cfg.access_logs:
             al.log(info)
+
+    def tunnel_closed(self) -> None:
+        """Both sides of an upgraded exchange are done: the exchange ends here (a tunnel's
+        response never has an end of its own)."""
+        if self.phase != _END:
+            self._finish()
+            self.conn.stream_ended()
 
     # -- local replies ----------------------------------------------------------
     def send_local_reply(
@@ -868,31 +887,32 @@ class ActiveStream:
         if flag is not None:
             info.response_flags.append(flag)
         info.response_code_details = details
-        if self.response_started:
-            # Too late for a reply: reset the stream (close the connection).
+        if self.phase >= _RESPONSE:
+            if self.phase == _END:
+                return
+            # Too late for a reply: reset the stream.
             self.cfg.stats.rq_reset_after_downstream_response_started.value += 1
             self.reset_stream()
             return
         status, body, ctype = self.cfg.local_reply.apply(status, body, self, info)
-        grpc = self.is_grpc
         h: list[tuple[bytes, bytes]]
-        if grpc:
+        if self.is_grpc:
             # Trailers-only gRPC answer, as Envoy.
             h = [
-                (b":status", b"200"),
                 (b"content-type", b"application/grpc"),
                 (b"grpc-status", _grpc_status_for(status, details)),
                 (b"grpc-message", _grpc_percent_encode(body)),
             ]
+            status = 200
             body = b""
         else:
-            h = [(b":status", str(status).encode())]
+            h = []
             if body:
                 h.append((b"content-type", ctype or b"text/plain"))
             h.append((b"content-length", str(len(body)).encode()))
         if extra:
             h.extend(extra)
-        headers = HeaderMap.wrap(h)
+        headers = ResponseHeaders.make(status, h)
         if route is not None:
             route.apply_response_headers(headers)
         if not self.request_complete:
@@ -900,46 +920,51 @@ class ActiveStream:
             self.conn.resp_keep_alive = False
         if self.method == b"HEAD":
             body = b""
+        r = self.router
+        if r is not None:
+            r.reset()
         if body:
             self.encode_headers(headers, False)
             self.encode_data(body, True)
         else:
             self.encode_headers(headers, True)
 
-    def protocol_error(self, e: HttpProtocolError) -> None:
+    def protocol_error(self, status: int, details: str) -> None:
         self.conn.resp_keep_alive = False
-        self.send_local_reply(e.status_hint, b"", flags.DOWNSTREAM_PROTOCOL_ERROR, e.detail)
+        self.send_local_reply(status, b"", flags.DOWNSTREAM_PROTOCOL_ERROR, details)
 
     def reset_stream(self) -> None:
-        """Abort the exchange: close the downstream connection and the upstream request."""
+        """Abort the exchange: reset the downstream (HTTP/1.1: close the connection) and the
+        upstream request."""
+        if self.phase == _END:
+            return
         self.cfg.stats.downstream_rq_tx_reset.value += 1
         if not self.info.response_flags:
             self.info.response_flags.append(flags.LOCAL_RESET)
         r = self.router
         if r is not None:
             r.reset()
-        self.conn.stream = None
+        self.conn.stream_ended()
         self.conn.abort()
         self._finish()
 
-    def on_downstream_reset(self) -> None:
-        """The downstream connection closed while this stream was active."""
-        if self.done:
+    def on_reset(self, reason: ResetReason) -> None:
+        """The downstream went away (connection closed, RST_STREAM) while this stream was on."""
+        if self.phase == _END:
             return
         self.cfg.stats.downstream_rq_rx_reset.value += 1
-        if not self.response_complete:
-            self.info.response_flags.append(flags.DOWNSTREAM_CONNECTION_TERMINATION)
+        self.info.response_flags.append(flags.DOWNSTREAM_CONNECTION_TERMINATION)
         r = self.router
         if r is not None:
             r.reset()
         self._finish()
 
     # -- flow control ------------------------------------------------------------
-    def on_downstream_write_paused(self) -> None:
+    def on_write_paused(self) -> None:
         if self.router is not None:
             self.router.pause_upstream()
 
-    def on_downstream_write_resumed(self) -> None:
+    def on_write_resumed(self) -> None:
         if self.router is not None:
             self.router.resume_upstream()
 
@@ -957,17 +982,20 @@ class ActiveStream:
         if r is not None and r.deadline and now >= r.deadline:
             r._on_global_timeout()
             return True
-        if self.deadline and now >= self.deadline and not self.response_started:
+        started = self.phase >= _RESPONSE
+        if self.deadline and now >= self.deadline and not started:
             cfg.stats.downstream_rq_timeout.value += 1
             self.send_local_reply(408, b"request timeout", None, "request_overall_timeout")
             return True
+        if self.upgrade and started:
+            return False  # an open tunnel: the idle and duration timeouts of tcp_proxy apply
         if (
             cfg.stream_idle_timeout
             and now - max(self.last_activity, self.conn.last_activity) >= cfg.stream_idle_timeout
         ):
             cfg.stats.downstream_rq_idle_timeout.value += 1
             self.info.response_flags.append(flags.STREAM_IDLE_TIMEOUT)
-            if self.response_started:
+            if started:
                 self.reset_stream()
             else:
                 self.send_local_reply(408, b"stream timeout", None, "stream_idle_timeout")
@@ -978,7 +1006,7 @@ class ActiveStream:
             msd = route.max_stream_duration  # the route's own (0: none), else the HCM's
         if msd and now - self.info.start_mono >= msd:
             self.info.response_flags.append(flags.DURATION_TIMEOUT)
-            if self.response_started:
+            if started:
                 self.reset_stream()
             else:
                 self.send_local_reply(408, b"downstream duration timeout", None, "max_duration_timeout")
@@ -1017,48 +1045,3 @@ def _grpc_status_for(status: int, details: str | None = None) -> bytes:
     if details in _GRPC_DEADLINE_DETAILS:
         return b"4"
     return _GRPC_FOR_HTTP.get(status, b"2")
-
-
-def protocol_error_reply(conn: Any, e: HttpProtocolError) -> None:
-    """A request the codec rejected before a stream existed: answer and close."""
-    from moorline.protocol.http1 import RequestHead
-
-    head = RequestHead.__new__(RequestHead)
-    _fill_dummy_head(head)
-    conn.close_after_response = True
-    conn.resp_keep_alive = False
-    conn.resp_no_body = False
-    s = ActiveStream(conn, head)
-    conn.stream = s
-    s.headers = HeaderMap.wrap(
-        [(b":method", b""), (b":scheme", b"http"), (b":authority", b""), (b":path", b"")]
-    )
-    s.info.request_headers = s.headers
-    s.info.protocol = "HTTP/1.1"
-    s.request_complete = True
-    s.send_local_reply(e.status_hint, b"", flags.DOWNSTREAM_PROTOCOL_ERROR, e.detail)
-    conn.close()
-
-
-def timeout_reply(conn: Any, details: bytes) -> None:
-    conn.cfg.stats.downstream_rq_header_timeout.value += 1
-    protocol_error_reply(conn, HttpProtocolError(408, details.decode()))
-
-
-def _fill_dummy_head(head: Any) -> None:
-    for name, value in (
-        ("method", b""),
-        ("target", b"/"),
-        ("version", b"1.1"),
-        ("headers", HeaderMap()),
-        ("keep_alive", False),
-        ("content_length", None),
-        ("chunked", False),
-        ("upgrade", False),
-        ("expect_continue", False),
-        ("header_bytes", 0),
-    ):
-        try:
-            setattr(head, name, value)
-        except AttributeError:
-            pass

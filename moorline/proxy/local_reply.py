@@ -49,8 +49,7 @@ def compile_filter(f: Any, path: str) -> Callable[[int, Any, Any], bool]:
             h = getattr(s, "headers", None)
             if h is None:
                 return False
-            hh = h._h
-            return bool(hm.match(h, hh[0][1], hh[2][1], hh[3][1]))
+            return bool(hm.match(h, h.method, h.authority, h.path))
 
         return header_pred
     if kind == "response_flag_filter":

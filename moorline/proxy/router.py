@@ -21,16 +21,22 @@ import random
 from typing import Any
 
 from moorline.observability import stream_info as flags
-from moorline.protocol.headers import HeaderMap
+from moorline.protocol.headers import HeaderMap, RequestHeaders, ResponseHeaders
+from moorline.proxy.phases import Phase
 from moorline.proxy.route_table import (
     RETRY_5XX,
     RETRY_CONNECT_FAILURE,
     RETRY_GATEWAY_ERROR,
     RETRY_RESET,
 )
+from moorline.stream.api import ResetReason
 from moorline.stream.http1_client import pool_for
 
 _UPSTREAM_ERR = b"upstream connect error or disconnect/reset before headers. reset reason: "
+
+# The phases the router moves its stream through.
+_CHOOSE_HOST = Phase.CHOOSE_HOST
+_UPSTREAM_REQUEST = Phase.UPSTREAM_REQUEST
 
 # Concurrent retries per cluster, for the max_retries circuit breaker.
 _active_retries: dict[str, int] = {}
@@ -82,6 +88,7 @@ class Router:
         "trailers",
         "tried",
         "tunnel",
+        "tunnel_ends",
     )
 
     def __init__(self, stream: Any, route: Any) -> None:
@@ -89,7 +96,7 @@ class Router:
         self.route = route
         self.cluster: Any = None
         self.loop = stream.conn.loop
-        self.headers: HeaderMap = stream.headers
+        self.headers: RequestHeaders = stream.headers
         self.conn: Any = None
         self.pending: Any = None
         self.host: Any = None
@@ -112,13 +119,15 @@ class Router:
         self.done = False
         self.downstream_paused = False
         self.tunnel = False
+        self.tunnel_ends = 0  # directions of an upgraded exchange that have ended (2: done)
         self.is_retry = False
         self.refused_retried = False
         self.attempts = 0
 
     # -- downstream events -------------------------------------------------
-    def decode_headers(self, headers: HeaderMap, end_stream: bool) -> None:
+    def decode_headers(self, headers: RequestHeaders, end_stream: bool) -> None:
         stream = self.stream
+        stream.phase = _CHOOSE_HOST
         route = self.route
         name = route.pick_cluster(headers)
         cm = stream.cfg.cluster_manager
@@ -132,18 +141,17 @@ class Router:
             return
         self.cluster = cluster
         stream.info.upstream_cluster = cluster.name
-        hh = headers._h
-        new_path = route.rewrite_path(hh[3][1])
+        new_path = route.rewrite_path(headers.path)
         if new_path is not None:
-            headers.add(b"x-envoy-original-path", hh[3][1])
-            hh[3] = (b":path", new_path)
+            headers.add(b"x-envoy-original-path", headers.path)
+            headers.path = new_path
         host_rewrite = route.host_rewrite_for(name)
         if host_rewrite is not None:
-            hh[2] = (b":authority", host_rewrite)
+            headers.authority = host_rewrite
         elif route.host_rewrite_header is not None:
             v = headers.get(route.host_rewrite_header)
             if v:
-                hh[2] = (b":authority", v)
+                headers.authority = v
         route.apply_request_headers(headers, name)
         if stream.is_grpc and route.max_grpc_timeout is not None:
             gt = headers.get(b"grpc-timeout")
@@ -211,6 +219,16 @@ class Router:
         elif data:
             self.body.append(data)
             self.body_bytes += len(data)
+        if end_stream:
+            self._tunnel_end()
+
+    def _tunnel_end(self) -> None:
+        """One direction of an upgraded exchange ended. When both have, the exchange is over:
+        without this a finished WebSocket session would hold its request, upstream request
+        and connection slots for ever."""
+        self.tunnel_ends += 1
+        if self.tunnel_ends >= 2 and not self.done:
+            self.stream.tunnel_closed()
 
     def _flush_body(self, end_stream: bool) -> None:
         conn = self.conn
@@ -243,7 +261,7 @@ class Router:
             return
         self.host = host
         if self.route.auto_host_rewrite:
-            self.headers._h[2] = (b":authority", host.hostname.encode())
+            self.headers.authority = host.hostname.encode()
         self.attempts += 1
         stream.info.attempt_count = self.attempts
         stream.info.upstream_host = host.addr_str
@@ -254,6 +272,7 @@ class Router:
         st.upstream_rq_total.value += 1
         st.upstream_rq_active.value += 1
         host.active_rq += 1
+        stream.phase = _UPSTREAM_REQUEST
         self.attempt_start = self.loop.time()
         if cluster.http2 or (cluster.http2 is None and stream.version == b"2"):
             from moorline.stream.http2_client import pool_for as h2_pool_for
@@ -268,7 +287,7 @@ class Router:
             conn.pool.on_connection_idle(conn)
             return
         self.conn = conn
-        if getattr(self.stream.conn, "write_paused", False):
+        if self.stream.conn.write_paused:
             # The client is already above its write high-water mark (pipelined or unread
             # responses): pause_writing will not be called again, so start paused.
             conn.pause_reading()
@@ -288,12 +307,12 @@ class Router:
         if self.downstream_end:
             self._start_per_try_timer()
 
-    def on_pool_failure(self, reason: str, detail: str | None) -> None:
+    def on_pool_failure(self, reason: ResetReason, detail: str | None) -> None:
         self.pending = None
         if self.done:
             return
         self._end_attempt()
-        if reason == "overflow":
+        if reason is ResetReason.OVERFLOW:
             self._local_failure(503, _UPSTREAM_ERR + b"overflow", flags.UPSTREAM_OVERFLOW, "overflow")
             return
         self.stream.info.upstream_transport_failure_reason = detail
@@ -310,18 +329,18 @@ class Router:
         )
 
     # -- upstream events ---------------------------------------------------------
-    def on_upstream_1xx(self, headers: HeaderMap) -> None:
+    def on_upstream_1xx(self, headers: ResponseHeaders) -> None:
         # Envoy answers 100-continue itself and does not forward upstream 1xx by default.
         return
 
-    def on_upstream_headers(self, headers: HeaderMap, end_stream: bool) -> None:
+    def on_upstream_headers(self, headers: ResponseHeaders, end_stream: bool) -> None:
         if self.done:
             return
-        status = int(headers._h[0][1])
+        status = headers.status
         if status == 101 and not self.tunnel:
             # Only an upgrade request may switch protocols (Envoy: upgradeAllowed); anything
             # else would turn the client's connection into an unrouted tunnel.
-            self.on_upstream_reset("protocol error: unexpected 101")
+            self.on_upstream_reset(ResetReason.PROTOCOL_ERROR, "unexpected 101")
             return
         policy = self.policy
         if (
@@ -354,18 +373,15 @@ class Router:
 
     def on_upstream_upgrade(self, leftover: bytes) -> None:
         if leftover and not self.done:
-            self.stream.conn.encode_data(leftover, False)
-        # Body bytes the client sent before the 101 (pipelined after the handshake).
-        if self.body and self.conn is not None:
-            self.conn.send_data(b"".join(self.body), False)
-            self.body.clear()
+            self.stream.encode_tunnel(leftover, False)
 
     def on_upstream_data(self, data: bytes, end_stream: bool) -> None:
         if self.done:
             return
         if self.tunnel:
-            self.stream.info.bytes_sent += len(data)
-            self.stream.conn.encode_data(data, end_stream)
+            self.stream.encode_tunnel(data, end_stream)
+            if end_stream:
+                self._tunnel_end()
             return
         if end_stream:
             self._upstream_complete()
@@ -377,7 +393,7 @@ class Router:
         self._upstream_complete()
         self.stream.encode_trailers(trailers)
 
-    def on_upstream_reset(self, reason: str) -> None:
+    def on_upstream_reset(self, reason: ResetReason, detail: str = "") -> None:
         if self.done:
             return
         conn = self.conn
@@ -392,7 +408,7 @@ class Router:
             self._cancel_timers()
             stream.reset_stream()
             return
-        if reason.startswith("protocol error"):
+        if reason is ResetReason.PROTOCOL_ERROR:
             self.cluster.stats.upstream_rq_rx_reset.value += 1
             self._local_failure(
                 502,
@@ -403,7 +419,7 @@ class Router:
             return
         self.cluster.stats.upstream_rq_rx_reset.value += 1
         if (
-            "refused" in reason
+            reason is ResetReason.REMOTE_REFUSED_STREAM
             and not self.refused_retried
             and self.downstream_end
             and (self.retain or not self.body_bytes)

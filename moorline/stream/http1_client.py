@@ -25,7 +25,7 @@ import logging
 from typing import Any
 
 from moorline.net import upstream as net_upstream
-from moorline.protocol.headers import HeaderMap
+from moorline.protocol.headers import HeaderMap, RequestHeaders, ResponseHeaders
 from moorline.protocol.http1 import (
     LAST_CHUNK,
     HttpProtocolError,
@@ -34,10 +34,12 @@ from moorline.protocol.http1 import (
     encode_last_chunk,
     encode_request_head,
 )
+from moorline.stream.api import ResetReason
 
 log = logging.getLogger("moorline.pool")
 
-_STATUS_NAME = b":status"
+
+_FRAMING = frozenset((b"content-length", b"transfer-encoding", b"upgrade"))
 
 
 class Http1ClientConnection(asyncio.Protocol):
@@ -109,7 +111,7 @@ class Http1ClientConnection(asyncio.Protocol):
             req = self.req
             self.close()
             if req is not None:
-                req.on_upstream_reset("protocol error: " + e.detail)
+                req.on_upstream_reset(ResetReason.PROTOCOL_ERROR, e.detail)
             return
         self._in_feed = False
         if self._release_pending:
@@ -150,7 +152,7 @@ class Http1ClientConnection(asyncio.Protocol):
             return
         self.req = None
         if self.tunnel:
-            req.on_upstream_reset("connection termination")
+            req.on_upstream_reset(ResetReason.CONNECTION_TERMINATION)
             return
         if not self.response_done:
             try:
@@ -160,7 +162,7 @@ class Http1ClientConnection(asyncio.Protocol):
                 pass
             self.req = None
             if not self.response_done:
-                req.on_upstream_reset("connection termination")
+                req.on_upstream_reset(ResetReason.CONNECTION_TERMINATION)
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -180,8 +182,7 @@ class Http1ClientConnection(asyncio.Protocol):
             return
         if not head.keep_alive:
             self.keep_alive = False
-        h = head.headers
-        h._h.insert(0, (_STATUS_NAME, str(head.status).encode()))
+        h = ResponseHeaders.make(head.status, head.headers._h)
         if head.status < 200 and head.status != 101:
             req.on_upstream_1xx(h)
             return
@@ -207,43 +208,39 @@ class Http1ClientConnection(asyncio.Protocol):
             req.on_upstream_data(b"", True)
 
     # -- used by UpstreamRequest
-    def send_headers(self, req: Any, headers: HeaderMap, end_stream: bool) -> None:
-        """Attach ``req`` and write the request head. ``headers`` carries pseudo-headers."""
+    def send_headers(self, req: Any, headers: RequestHeaders, end_stream: bool) -> None:
+        """Attach ``req`` and write the request head."""
         self.req = req
         self.request_done = end_stream
         self.response_done = False
         self.requests += 1
-        method = b"GET"
-        path = b"/"
-        authority = None
         out: list[tuple[bytes, bytes]] = []
         has_len = False
-        has_te = False
+        upgrade = False
         for k, v in headers._h:
-            if k[0] == 58:  # ':'
-                if k == b":method":
-                    method = v
-                elif k == b":path":
-                    path = v
-                elif k == b":authority":
-                    authority = v
-                continue
-            if k == b"content-length":
-                has_len = True
-            elif k == b"transfer-encoding":
-                has_te = True
-                continue
+            if k in _FRAMING:
+                if k == b"transfer-encoding":
+                    continue
+                if k == b"content-length":
+                    has_len = True
+                else:
+                    upgrade = True
             out.append((k, v))
-        if authority is not None:
+        authority = headers.authority
+        if authority:
             out.insert(0, (b"host", authority))
-        self.chunked_out = False
-        if not end_stream and not has_len:
-            self.chunked_out = True
+        method = headers.method
+        # A body of unknown length goes chunked; an upgrade request's "body" is the tunnel,
+        # sent raw after the head (bytes a client sends before the 101 included).
+        self.chunked_out = not end_stream and not has_len and not upgrade
+        if self.chunked_out:
             out.append((b"transfer-encoding", b"chunked"))
-        elif has_te and not has_len and end_stream:
-            pass
         self.parser.expect(method)
-        self.transport.write(encode_request_head(method, path, out))
+        self.transport.write(
+            encode_request_head(
+                method, headers.path or authority if method == b"CONNECT" else headers.path, out
+            )
+        )
 
     def send_data(self, data: bytes, end_stream: bool) -> None:
         if self.tunnel:
@@ -352,7 +349,7 @@ def queue_request(pool: Any, req: Any) -> PendingRequest | None:
     stats = cluster.stats
     if stats.upstream_rq_pending_active.value >= cluster.max_pending_requests:
         stats.upstream_rq_pending_overflow.value += 1
-        req.on_pool_failure("overflow", None)
+        req.on_pool_failure(ResetReason.OVERFLOW, None)
         return None
     p = PendingRequest(req, pool)
     pool.pending.append(p)
@@ -434,7 +431,7 @@ class Pool:
                 p = self.pending.popleft()
                 stats.upstream_rq_pending_active.value -= 1
                 if not p.cancelled:
-                    p.req.on_pool_failure("connection failure", reason)
+                    p.req.on_pool_failure(ResetReason.CONNECTION_FAILURE, reason)
 
         net_upstream.connect(self.loop, self.host, conn, cluster.connect_timeout, cluster.tcp_keepalive, done)
 

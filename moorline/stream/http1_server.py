@@ -2,10 +2,16 @@
 
 One ``Http1ServerConnection`` per accepted connection. It feeds bytes to the
 sans-IO ``RequestParser`` and turns its callbacks into calls on an
-``ActiveStream`` (``moorline.proxy.hcm``); the stream answers through
-``encode_headers`` / ``encode_data`` / ``encode_trailers`` here, which frame
-the response (Content-Length, chunked or close-delimited) and write it with
-one ``transport.write`` per event.
+stream created by the connection manager's ``new_stream`` (the
+``ServerConnectionCallbacks`` of ``moorline.stream.api``); the stream answers
+through ``encode_headers`` / ``encode_data`` / ``encode_trailers`` here, which
+frame the response (Content-Length, chunked or close-delimited) and write it
+with one ``transport.write`` per event. This module never imports ``proxy/``.
+
+What the HTTP/1.1 codec owns (and the connection manager never sees): the
+request line and ``Host`` become ``RequestHeaders.method/path/authority``
+(absolute-form targets are split here), keep-alive, ``Expect: 100-continue``,
+response framing, pipelining and the delayed close.
 
 Pipelining: while a stream is active, events for the next requests are kept
 in ``backlog`` and reading is paused, so the backlog is bounded by one
@@ -23,7 +29,7 @@ import collections
 import time
 from typing import TYPE_CHECKING, Any
 
-from moorline.protocol.headers import HeaderMap
+from moorline.protocol.headers import HeaderMap, RequestHeaders, ResponseHeaders
 from moorline.protocol.http1 import (
     LAST_CHUNK,
     HttpProtocolError,
@@ -32,9 +38,10 @@ from moorline.protocol.http1 import (
     encode_last_chunk,
     encode_response_head,
 )
+from moorline.stream.api import HttpProtocol, ResetReason
 
 if TYPE_CHECKING:
-    from moorline.proxy.hcm import ActiveStream, HcmConfig
+    from moorline.stream.api import ServerConnectionCallbacks, StreamDecoder
 
 _CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 _NO_BODY_STATUS = frozenset((204, 304))
@@ -51,17 +58,8 @@ def http_date() -> bytes:
     return _date_cache[1]  # type: ignore[return-value]
 
 
-_ActiveStream: Any = None
-
-
-def _active_stream_cls() -> Any:
-    # proxy.hcm imports this module; resolve the stream class once, not per request.
-    global _ActiveStream
-    if _ActiveStream is None:
-        from moorline.proxy.hcm import ActiveStream
-
-        _ActiveStream = ActiveStream
-    return _ActiveStream
+_HTTP10 = HttpProtocol.HTTP10
+_HTTP11 = HttpProtocol.HTTP11
 
 
 class Http1ServerConnection(asyncio.Protocol):
@@ -79,6 +77,7 @@ class Http1ServerConnection(asyncio.Protocol):
         "parsing_backlog",
         "partial_since",
         "pending_head",
+        "protocol",
         "read_paused",
         "remote_str",
         "requests",
@@ -90,16 +89,19 @@ class Http1ServerConnection(asyncio.Protocol):
         "stream",
         "transport",
         "tunnel",
+        "version",
         "write_paused",
     )
 
-    def __init__(self, cfg: HcmConfig, info: Any) -> None:
+    def __init__(self, cfg: ServerConnectionCallbacks, info: Any) -> None:
         self.cfg = cfg
         self.info = info
         self.loop = asyncio.get_event_loop()
         self.transport: Any = None
         self.parser = RequestParser(self, cfg.limits)
-        self.stream: ActiveStream | None = None
+        self.stream: StreamDecoder | None = None
+        self.protocol = _HTTP11
+        self.version = b"1.1"  # of the request being answered: the status line echoes it
         self.backlog: collections.deque[tuple[int, Any]] = collections.deque()
         self.parsing_backlog = False  # parser is inside a message that belongs to the backlog
         self.read_paused = False
@@ -143,7 +145,7 @@ class Http1ServerConnection(asyncio.Protocol):
         now = self.last_activity = self.loop.time()
         if self.tunnel:
             if self.stream is not None:
-                self.stream.on_tunnel_data(data, False)
+                self.stream.decode_tunnel(data, False)
             return
         if self.stream is None and not self.partial_since:
             self.partial_since = now
@@ -156,13 +158,13 @@ class Http1ServerConnection(asyncio.Protocol):
             # Upgrade/CONNECT: the bytes after the head belong to the tunnel.
             self.tunnel = True
             if leftover and self.stream is not None:
-                self.stream.on_tunnel_data(leftover, False)
+                self.stream.decode_tunnel(leftover, False)
 
     def eof_received(self) -> bool | None:
         if self.closed:
             return None  # delayed close: the peer is done too
         if self.tunnel and self.stream is not None:
-            self.stream.on_tunnel_data(b"", True)
+            self.stream.decode_tunnel(b"", True)
             return True
         # A FIN ends the connection, as in Envoy (its HTTP connection manager does not support
         # half-close): connection_lost resets an active stream, which cancels the upstream.
@@ -177,7 +179,7 @@ class Http1ServerConnection(asyncio.Protocol):
         s = self.stream
         if s is not None:
             self.stream = None
-            s.on_downstream_reset()
+            s.on_reset(ResetReason.CONNECTION_TERMINATION)
 
     def _finish_close(self) -> None:
         if self._timer is not None:
@@ -194,12 +196,12 @@ class Http1ServerConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         self.write_paused = True
         if self.stream is not None:
-            self.stream.on_downstream_write_paused()
+            self.stream.on_write_paused()
 
     def resume_writing(self) -> None:
         self.write_paused = False
         if self.stream is not None:
-            self.stream.on_downstream_write_resumed()
+            self.stream.on_write_resumed()
 
     # -- parser target ----------------------------------------------------
     def on_request_head(self, head: Any) -> None:
@@ -225,29 +227,52 @@ class Http1ServerConnection(asyncio.Protocol):
             return
         s = self.stream
         if s is not None:
-            s.decode_complete(trailers)
+            if trailers:
+                s.decode_trailers(trailers)
+            else:
+                s.decode_data(b"", True)
 
     def _new_stream(self, head: Any) -> None:
         self.requests += 1
         self.partial_since = 0.0
         self.resp_chunked = False
-        self.resp_no_body = head.method == b"HEAD"
+        method = head.method
+        self.resp_no_body = method == b"HEAD"
         self.resp_keep_alive = head.keep_alive and not self.close_after_response
+        version = self.version = head.version
+        self.protocol = _HTTP11 if version == b"1.1" else _HTTP10
         if head.expect_continue:
             self.transport.write(_CONTINUE_100)
-        s = _active_stream_cls()(self, head)
+        target = head.target
+        authority = b""
+        if target[:1] != b"/" and method != b"CONNECT" and target != b"*":
+            # absolute-form: the authority and path come from the target (RFC 9112 3.2.2)
+            sep = target.find(b"://")
+            if sep > 0:
+                rest = target[sep + 3 :]
+                slash = rest.find(b"/")
+                authority = rest if slash < 0 else rest[:slash]
+                target = b"/" if slash < 0 else rest[slash:]
+        elif method == b"CONNECT":
+            authority = target
+            target = b""
+        headers = RequestHeaders.make(method, target, authority, b"http", head.headers._h)
+        s = self.cfg.new_stream(self)
         self.stream = s
-        s.decode_headers(head)
+        # A request without a body ends with its head; an upgrade's body is the tunnel.
+        end = not head.upgrade and not head.chunked and not head.content_length
+        s.decode_headers(headers, end)
 
     # -- called by the stream -------------------------------------------
-    def encode_headers(self, headers: HeaderMap, end_stream: bool, version: bytes) -> None:
-        """Write the response head. ``headers`` starts with ``:status``.
+    def encode_headers(self, headers: ResponseHeaders, end_stream: bool) -> None:
+        """Write the response head.
 
         One pass over the headers builds the wire bytes: it drops pseudo and hop-by-hop headers,
         applies the ``server`` header policy, notes Content-Length and Date; framing headers
         are then added as the response needs them."""
         h = headers._h
-        status = int(h[0][1]) if h and h[0][0] == b":status" else 200
+        status = headers.status
+        version = self.version
         cfg = self.cfg
         server_mode = cfg.server_header_transformation  # 0 overwrite, 1 append if absent, 2 pass
         line = _status_line(version, status)
@@ -255,8 +280,6 @@ class Http1ServerConnection(asyncio.Protocol):
         has_len = has_date = has_server = False
         for k, v in h:
             if k in _RESP_SPECIAL:
-                if k[0] == 58:  # pseudo header
-                    continue
                 if k == b"content-length":
                     has_len = True
                 elif k == b"date":
@@ -387,12 +410,13 @@ class Http1ServerConnection(asyncio.Protocol):
                     self.stream.decode_data(item, False)
             elif kind == 2:
                 if self.stream is not None:
-                    self.stream.decode_complete(item)
+                    if item:
+                        self.stream.decode_trailers(item)
+                    else:
+                        self.stream.decode_data(b"", True)
             else:  # a malformed request behind the good ones: answer it in its turn
                 if self.stream is None:
-                    from moorline.proxy.hcm import protocol_error_reply
-
-                    protocol_error_reply(self, item)
+                    self._reject(item)
                 return
         if backlog or self.closed:
             return  # the parser is past the active request; reading stays paused
@@ -443,24 +467,46 @@ class Http1ServerConnection(asyncio.Protocol):
     def _protocol_error(self, e: HttpProtocolError) -> None:
         self.stats.downstream_cx_protocol_error.value += 1
         s = self.stream
-        if s is not None and not self.parsing_backlog and not s.response_started:
-            s.protocol_error(e)
+        if s is not None and not self.parsing_backlog and not s.request_complete:
+            # The error is inside the active request (its body): that request fails.
+            s.protocol_error(e.status_hint, e.detail)
             return
         if s is None and not self.closed:
-            from moorline.proxy.hcm import protocol_error_reply
-
-            protocol_error_reply(self, e)
+            self._reject(e)
             return
-        if self.parsing_backlog and s is not None and not self.closed:
-            # A malformed request pipelined behind good ones: they are answered first (Envoy
-            # stops parsing after each request); reading is already paused.
+        if s is not None and not self.closed:
+            # A malformed request pipelined behind good ones (the active request may already be
+            # upstream): they are answered first, in order, then this error and the close
+            # (Envoy stops parsing after each request).
             self.backlog.append((3, e))
+            self.parsing_backlog = True
+            self.pause_reading()
             return
-        # The response already started: just close.
         if s is not None:
             self.stream = None
-            s.on_downstream_reset()
+            s.on_reset(ResetReason.PROTOCOL_ERROR)
         self.abort()
+
+    def _reject(self, e: HttpProtocolError) -> None:
+        """Answer a request the codec rejected before a stream existed, then close."""
+        self.close_after_response = True
+        self.resp_keep_alive = False
+        self.resp_no_body = False
+        self.cfg.local_error(self, e.status_hint, e.detail)
+        self.close(delayed=True)
+
+    def encode_tunnel(self, data: bytes, end_stream: bool) -> None:
+        if self.closed:
+            return
+        if data:
+            self.transport.write(data)
+        if end_stream and self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    def stream_ended(self) -> None:
+        """The stream finished without a complete response (reset): nothing more comes."""
+        if self.stream is not None:
+            self.stream = None
 
     # -- timers -----------------------------------------------------------
     def _arm_timer(self) -> None:
@@ -480,11 +526,16 @@ class Http1ServerConnection(asyncio.Protocol):
                 self.stats.downstream_cx_idle_timeout.value += 1
                 self.close()
                 return
-            if self.partial_since and cfg.request_headers_timeout:
-                if now - self.partial_since >= cfg.request_headers_timeout:
-                    from moorline.proxy.hcm import timeout_reply
-
-                    timeout_reply(self, b"request_header_timeout")
+            if self.partial_since:
+                # A request head is arriving. In Envoy the stream exists from its first byte,
+                # so the stream idle timeout covers a head that stops coming (slowloris).
+                if cfg.request_headers_timeout and now - self.partial_since >= cfg.request_headers_timeout:
+                    self.stats.downstream_rq_header_timeout.value += 1
+                    self._reject(HttpProtocolError(408, "request_header_timeout"))
+                    return
+                if cfg.stream_idle_timeout and now - self.last_activity >= cfg.stream_idle_timeout:
+                    self.stats.downstream_rq_idle_timeout.value += 1
+                    self._reject(HttpProtocolError(408, "stream_idle_timeout"))
                     return
         else:
             if s.check_timeouts(now):
@@ -509,7 +560,7 @@ _RESP_HOP = frozenset(
     )
 )
 # Names the response encoder looks at: hop-by-hop ones, framing, date/server and pseudo headers.
-_RESP_SPECIAL = _RESP_HOP | frozenset((b"content-length", b"date", b"server", b":status"))
+_RESP_SPECIAL = _RESP_HOP | frozenset((b"content-length", b"date", b"server"))
 
 _status_lines: dict[tuple[bytes, int], bytes] = {}
 

@@ -34,7 +34,8 @@ from typing import Any
 
 from moorline.net import upstream as net_upstream
 from moorline.protocol import http2 as h2c
-from moorline.protocol.headers import HeaderMap
+from moorline.protocol.headers import HeaderMap, RequestHeaders, ResponseHeaders
+from moorline.stream.api import ResetReason
 from moorline.stream.http1_client import PendingRequest, queue_request
 
 _HIGH_WATER = 64 * 1024
@@ -58,28 +59,23 @@ class H2ClusterStats:
         self.streams_active = scope.gauge("streams_active")
 
 
-def request_headers(headers: HeaderMap) -> list[tuple[bytes, bytes]]:
+def request_headers(headers: RequestHeaders) -> list[tuple[bytes, bytes]]:
     """The HTTP/2 header list for a proxied request: pseudo-headers first, connection-specific
     headers dropped, an empty ``:authority`` left out."""
-    pseudo: dict[bytes, bytes] = {}
-    rest: list[tuple[bytes, bytes]] = []
+    out = headers.pseudo()
     for k, v in headers._h:
-        if k[:1] == b":":
-            pseudo[k] = v
-        elif k in _DROP:
+        if k in _DROP:
             continue
-        elif k == b"te":
+        if k == b"te":
             if v.lower() == b"trailers":
-                rest.append((k, v))
+                out.append((k, v))
         else:
-            rest.append((k, v))
-    out: list[tuple[bytes, bytes]] = []
-    for k in _PSEUDO_ORDER:
-        pv = pseudo.get(k)
-        if pv is not None and (pv or k != b":authority"):
-            out.append((k, pv))
-    out.extend(rest)
+            out.append((k, v))
     return out
+
+
+def _regular(headers: Any) -> list[tuple[bytes, bytes]]:
+    return [p for p in headers if p[0][:1] != b":"]
 
 
 class H2UpstreamStream:
@@ -110,11 +106,11 @@ class H2UpstreamStream:
         self.unacked = 0
         self.window_paused = False
 
-    def send_headers(self, req: Any, headers: HeaderMap, end_stream: bool) -> None:
+    def send_headers(self, req: Any, headers: RequestHeaders, end_stream: bool) -> None:
         self.req = req
         conn = self.conn
         if conn.closed or self.closed:
-            conn.loop.call_soon(self._fail_later, "connection termination")
+            conn.loop.call_soon(self._fail_later, ResetReason.CONNECTION_TERMINATION)
             return
         codec = conn.codec
         sid = self.sid = codec.next_stream_id()
@@ -125,7 +121,7 @@ class H2UpstreamStream:
         codec.send_headers(sid, request_headers(headers), end_stream)
         conn.flush()
 
-    def _fail_later(self, reason: str) -> None:
+    def _fail_later(self, reason: ResetReason) -> None:
         req = self.req
         if req is not None and not self.closed:
             self._detach()
@@ -267,7 +263,7 @@ class Http2ClientConnection(asyncio.Protocol):
                 self.stats.upstream_cx_protocol_error.value += 1
                 self.in_batch = False
                 self.flush()
-                self._fail_all("protocol error: " + e.detail)
+                self._fail_all(ResetReason.PROTOCOL_ERROR, e.detail)
                 self.close()
                 return
             streams = self.streams
@@ -301,12 +297,12 @@ class Http2ClientConnection(asyncio.Protocol):
                         self.codec.reset(ev[1], h2c.PROTOCOL_ERROR)
                         s._detach()
                         touched.pop(ev[1], None)
-                        req.on_upstream_reset("protocol error: malformed :status")
+                        req.on_upstream_reset(ResetReason.PROTOCOL_ERROR, "malformed :status")
                         continue
                     if ev[3]:
                         s.remote_end = True
                     touched[ev[1]] = s.req
-                    s.req.on_upstream_headers(HeaderMap.wrap(list(ev[2])), ev[3])
+                    s.req.on_upstream_headers(ResponseHeaders.make(int(st), _regular(hs)), ev[3])
                 elif kind == h2c.TRAILERS:
                     s = streams.get(ev[1])
                     if s is None or s.req is None:
@@ -317,7 +313,9 @@ class Http2ClientConnection(asyncio.Protocol):
                 elif kind == h2c.INFORMATIONAL:
                     s = streams.get(ev[1])
                     if s is not None and s.req is not None:
-                        s.req.on_upstream_1xx(HeaderMap.wrap(list(ev[2])))
+                        hs = ev[2]
+                        code = hs[0][1] if hs and hs[0][0] == b":status" else b"100"
+                        s.req.on_upstream_1xx(ResponseHeaders.make(int(code), _regular(hs)))
                 elif kind == h2c.RESET:
                     s = streams.get(ev[1])
                     self.h2stats.rx_reset.value += 1
@@ -329,10 +327,11 @@ class Http2ClientConnection(asyncio.Protocol):
                     s._detach()
                     touched.pop(ev[1], None)
                     if req is not None:
-                        reason = (
-                            "remote refused stream reset" if ev[2] == h2c.REFUSED_STREAM else "remote reset"
+                        req.on_upstream_reset(
+                            ResetReason.REMOTE_REFUSED_STREAM
+                            if ev[2] == h2c.REFUSED_STREAM
+                            else ResetReason.REMOTE_RESET
                         )
-                        req.on_upstream_reset(reason)
                 elif kind == h2c.WRITABLE:
                     s = streams.get(ev[1])
                     if s is not None and s.window_paused:
@@ -360,7 +359,7 @@ class Http2ClientConnection(asyncio.Protocol):
                 s.req = None
                 s._detach()
                 if req is not None:
-                    req.on_upstream_reset("remote refused stream reset")
+                    req.on_upstream_reset(ResetReason.REMOTE_REFUSED_STREAM)
         if not self.reserved:
             self.close()
 
@@ -371,9 +370,9 @@ class Http2ClientConnection(asyncio.Protocol):
         was_closed = self.closed
         self.closed = True
         self.pool.on_connection_closed(self, remote=not was_closed)
-        self._fail_all("connection termination")
+        self._fail_all(ResetReason.CONNECTION_TERMINATION)
 
-    def _fail_all(self, reason: str) -> None:
+    def _fail_all(self, reason: ResetReason, detail: str = "") -> None:
         streams = list(self.streams.values())
         for s in streams:
             req = s.req
@@ -382,7 +381,7 @@ class Http2ClientConnection(asyncio.Protocol):
                 s.closed = True
                 self.reserved -= 1
             if req is not None:
-                req.on_upstream_reset(reason)
+                req.on_upstream_reset(reason, detail)
         if self.streams:
             self.h2stats.streams_active.value -= len(self.streams)
             self.streams.clear()
@@ -501,7 +500,7 @@ class H2Pool:
                 p = self.pending.popleft()
                 stats.upstream_rq_pending_active.value -= 1
                 if not p.cancelled:
-                    p.req.on_pool_failure("connection failure", reason)
+                    p.req.on_pool_failure(ResetReason.CONNECTION_FAILURE, reason)
 
         net_upstream.connect(self.loop, self.host, conn, cluster.connect_timeout, cluster.tcp_keepalive, done)
 

@@ -1,8 +1,8 @@
 """Downstream HTTP/2 connections (h2c prior knowledge, or TLS with ALPN "h2").
 
 ``Http2ServerConnection`` owns one connection's ``Http2Codec``; each HTTP/2 stream gets an
-``H2ServerStream``, the small per-stream object an ``ActiveStream`` (``moorline.proxy.hcm``)
-talks to as if it were an HTTP/1.1 connection: ``encode_headers`` / ``encode_data`` /
+``H2ServerStream``, the per-stream ``ServerConnection`` (``moorline.stream.api``) the
+connection manager's stream talks to, exactly as to an HTTP/1.1 connection: ``encode_headers`` / ``encode_data`` /
 ``encode_trailers`` write frames for that stream, ``abort()`` resets only that stream,
 ``pause_reading`` / ``resume_reading`` stop and restart the window updates of that stream.
 
@@ -31,11 +31,12 @@ from typing import TYPE_CHECKING, Any
 
 from moorline.observability.stats import Counter, Gauge
 from moorline.protocol import http2 as h2c
-from moorline.protocol.headers import HeaderMap
-from moorline.stream.http1_server import Http1ServerConnection, _active_stream_cls, http_date
+from moorline.protocol.headers import HeaderMap, RequestHeaders, ResponseHeaders
+from moorline.stream.api import HttpProtocol, ResetReason
+from moorline.stream.http1_server import Http1ServerConnection, http_date
 
 if TYPE_CHECKING:
-    from moorline.proxy.hcm import HcmConfig
+    from moorline.stream.api import ServerConnectionCallbacks as HcmConfig
 
 _HIGH_WATER = 64 * 1024  # bytes queued for one stream beyond the peer's window before pausing
 # Connection-specific headers (RFC 9113 8.2.2): never sent on an HTTP/2 connection.
@@ -115,85 +116,60 @@ def _stats_for(cfg: Any) -> H2ServerStats:
     return st
 
 
-class H2RequestHead:
-    """What ``ActiveStream.decode_headers`` reads, built from an HTTP/2 request header block."""
-
-    __slots__ = (
-        "chunked",
-        "content_length",
-        "expect_continue",
-        "header_bytes",
-        "headers",
-        "keep_alive",
-        "method",
-        "target",
-        "upgrade",
-        "version",
-    )
-
-    def __init__(self) -> None:
-        self.method = b""
-        self.target = b"/"
-        self.version = b"2"
-        self.headers = HeaderMap()
-        self.keep_alive = True
-        self.content_length: int | None = None
-        self.chunked = False
-        self.upgrade = False
-        self.expect_continue = False
-        self.header_bytes = 0
+_REQ_PSEUDO = frozenset((b":method", b":scheme", b":authority", b":path"))
 
 
-def request_head(headers: list[tuple[bytes, bytes]], end_stream: bool) -> H2RequestHead:
-    """Turn an HTTP/2 request header list into a head: ``:authority`` becomes ``host`` (first),
-    split ``cookie`` headers are joined (RFC 9113 8.2.3), a body is announced by ``chunked``
-    (no END_STREAM on HEADERS) since HTTP/2 has no framing headers."""
-    head = H2RequestHead()
+def request_headers(headers: list[tuple[bytes, bytes]]) -> RequestHeaders | None:
+    """An HTTP/2 request header block as ``RequestHeaders``, or None when it is malformed
+    (RFC 9113 8.3: unknown or repeated pseudo-headers, pseudo-headers after regular ones, a
+    request without ``:method``, or without ``:scheme`` and ``:path`` unless it is CONNECT).
+    Split ``cookie`` headers are joined (RFC 9113 8.2.3)."""
+    method = scheme = authority = path = None
     rest: list[tuple[bytes, bytes]] = []
-    authority = None
     cookies: list[bytes] | None = None
-    size = 0
     for k, v in headers:
-        size += len(k) + len(v) + 32
         if k[:1] == b":":
+            if rest or cookies or k not in _REQ_PSEUDO:
+                return None
             if k == b":method":
-                head.method = v
+                if method is not None:
+                    return None
+                method = v
             elif k == b":path":
-                head.target = v
+                if path is not None:
+                    return None
+                path = v
             elif k == b":authority":
+                if authority is not None:
+                    return None
                 authority = v
+            else:
+                if scheme is not None:
+                    return None
+                scheme = v
             continue
         if k == b"cookie":
             if cookies is None:
                 cookies = []
             cookies.append(v)
             continue
-        if k == b"content-length":
-            try:
-                head.content_length = int(v)
-            except ValueError:
-                pass
-        elif k == b"host":
-            if authority is None:
-                authority = v
-            continue
         rest.append((k, v))
-    if authority is not None:
-        rest.insert(0, (b"host", authority))
+    if method is None:
+        return None
+    if method == b"CONNECT":
+        if scheme is not None or path is not None or not authority:
+            return None  # RFC 8441 extended CONNECT is not supported
+    elif scheme is None or not path:
+        return None
     if cookies:
         rest.append((b"cookie", b"; ".join(cookies)))
-    if head.method == b"CONNECT" and authority is not None:
-        head.target = authority
-    head.headers = HeaderMap.wrap(rest)
-    head.header_bytes = size
-    head.chunked = not end_stream
-    if end_stream:
-        head.content_length = None
-    return head
+    return RequestHeaders.make(method, path or b"", authority or b"", scheme or b"http", rest)
 
 
 class H2ServerStream:
-    """One HTTP/2 stream seen by an ``ActiveStream`` as its connection."""
+    """One HTTP/2 stream: the ``ServerConnection`` of one ``ActiveStream``."""
+
+    protocol = HttpProtocol.HTTP2
 
     __slots__ = (
         "backlog",
@@ -240,13 +216,18 @@ class H2ServerStream:
     def last_activity(self) -> float:
         return self.conn.last_activity
 
+    @property
+    def write_paused(self) -> bool:
+        return self.window_paused or self.conn.write_paused
+
     # -- called by the ActiveStream ------------------------------------------------------
-    def encode_headers(self, headers: HeaderMap, end_stream: bool, version: bytes = b"2") -> None:
+    def encode_headers(self, headers: ResponseHeaders, end_stream: bool) -> None:
         if self.closed:
             return
         h = headers._h
         cfg = self.cfg
-        status = h[0][1] if h and h[0][0] == b":status" else b"200"
+        code = headers.status
+        status = _STATUS_BYTES.get(code) or str(code).encode()
         out = [(b":status", status)]
         server_mode = cfg.server_header_transformation
         has_server = has_date = False
@@ -265,7 +246,7 @@ class H2ServerStream:
             out.append((b"server", cfg.server_name))
         if not has_date:
             out.append((b"date", http_date()))
-        informational = len(status) == 3 and status[:1] == b"1"
+        informational = code < 200
         conn = self.conn
         conn.codec.send_headers(self.sid, out, end_stream and not informational)
         if end_stream and not informational:
@@ -284,7 +265,7 @@ class H2ServerStream:
             self.window_paused = True
             s = self.stream
             if s is not None:
-                s.on_downstream_write_paused()
+                s.on_write_paused()
         conn.flush()
 
     def encode_trailers(self, trailers: HeaderMap) -> None:
@@ -301,6 +282,12 @@ class H2ServerStream:
     def start_tunnel(self) -> None:
         # Upgrades and CONNECT are not carried over HTTP/2 (RFC 8441 is not implemented).
         return
+
+    def encode_tunnel(self, data: bytes, end_stream: bool) -> None:
+        return
+
+    def stream_ended(self) -> None:
+        self.stream = None
 
     def pause_reading(self) -> None:
         self.read_paused = True
@@ -455,7 +442,7 @@ class Http2ServerConnection(asyncio.Protocol):
             ss.closed = True
             s = ss.stream
             if s is not None:
-                s.on_downstream_reset()
+                s.on_reset(ResetReason.CONNECTION_TERMINATION)
         if self in self.cfg.connections:
             self.cfg.connections.discard(self)
             st = self.stats
@@ -469,14 +456,14 @@ class Http2ServerConnection(asyncio.Protocol):
         self.write_paused = True
         for ss in list(self.streams.values()):
             if ss.stream is not None and not ss.window_paused:
-                ss.stream.on_downstream_write_paused()
+                ss.stream.on_write_paused()
 
     def resume_writing(self) -> None:
         self.write_paused = False
         self.codec.flushed()
         for ss in list(self.streams.values()):
             if ss.stream is not None and not ss.window_paused:
-                ss.stream.on_downstream_write_resumed()
+                ss.stream.on_write_resumed()
 
     # -- events ---------------------------------------------------------------------------
     def _on_headers(self, sid: int, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
@@ -487,22 +474,27 @@ class Http2ServerConnection(asyncio.Protocol):
         if self.goaway_sent and sid > self.goaway_last:
             self.codec.reset(sid, h2c.REFUSED_STREAM)
             return
-        head = request_head(headers, end_stream)
+        rh = request_headers(headers)
+        sh = self.stats_h2
+        if rh is None:
+            # A malformed request header block: reset the stream (RFC 9113 8.1.1).
+            sh.rx_messaging_error.value += 1
+            self.stats.downstream_rq_total.value += 1
+            self.stats.downstream_rq_4xx.value += 1
+            self.codec.reset(sid, h2c.PROTOCOL_ERROR)
+            return
         ss = H2ServerStream(self, sid)
         ss.req_ended = end_stream
-        ss.resp_no_body = head.method == b"HEAD"
+        ss.resp_no_body = rh.method == b"HEAD"
         self.streams[sid] = ss
-        sh = self.stats_h2
         sh.streams_active.value += 1
         sh.downstream_rq_http2_total.value += 1
-        if not end_stream and (head.headers.get(b"expect") or b"").lower() == b"100-continue":
+        if not end_stream and (rh.get(b"expect") or b"").lower() == b"100-continue":
             # Answered here, as over HTTP/1.1 (Envoy's proxy_100_continue off).
             self.codec.send_headers(sid, [(b":status", b"100")], False)
-        s = _active_stream_cls()(ss, head)
+        s = self.cfg.new_stream(ss)
         ss.stream = s
-        s.decode_headers(head)
-        if end_stream:
-            s.decode_complete(None)
+        s.decode_headers(rh, end_stream)
         if self.cfg.draining and not self.goaway_sent:
             self._send_goaway(h2c.NO_ERROR)
 
@@ -512,15 +504,15 @@ class Http2ServerConnection(asyncio.Protocol):
             self.codec.ack(sid, n)  # nobody reads it: hand the connection window back
             return
         s = ss.stream
-        if data:
-            s.decode_data(data, False)
+        if end_stream:
+            ss.req_ended = True
+        if data or end_stream:
+            s.decode_data(data, end_stream)
         if ss.read_paused:
             ss.unacked += n
         elif n:
             self.codec.ack(sid, n)
         if end_stream:
-            ss.req_ended = True
-            s.decode_complete(None)
             if ss.resp_ended and not ss.closed and not self.codec.pending(sid):
                 ss._detach()
 
@@ -530,7 +522,7 @@ class Http2ServerConnection(asyncio.Protocol):
             return
         self.stats_h2.trailers.value += 1
         ss.req_ended = True
-        ss.stream.decode_complete(HeaderMap.wrap(list(headers)))
+        ss.stream.decode_trailers(HeaderMap.wrap(list(headers)))
         if ss.resp_ended and not ss.closed and not self.codec.pending(sid):
             ss._detach()
 
@@ -548,7 +540,7 @@ class Http2ServerConnection(asyncio.Protocol):
         self.codec.forget(sid)
         s = ss.stream
         if s is not None:
-            s.on_downstream_reset()
+            s.on_reset(ResetReason.REMOTE_RESET)
 
     def _on_writable(self, sid: int) -> None:
         ss = self.streams.get(sid)
@@ -563,7 +555,7 @@ class Http2ServerConnection(asyncio.Protocol):
         if ss.window_paused:
             ss.window_paused = False
             if not self.write_paused and ss.stream is not None:
-                ss.stream.on_downstream_write_resumed()
+                ss.stream.on_write_resumed()
 
     def _connection_error(self, e: h2c.Http2Error) -> None:
         sh = self.stats_h2
@@ -724,22 +716,24 @@ def negotiated_alpn(info: Any, transport: Any = None) -> str | None:
     return None
 
 
-def protocol_factory(cfg: HcmConfig, info: Any, codec_type: int) -> Any:
-    """The ``asyncio.Protocol`` factory for an accepted connection. It decides when called, so
-    behind a TLS handshake (``net.tls.serve_accepted`` calls it after the handshake) it sees
-    ``info.negotiated_alpn``: codec_type 2 (HTTP2) or AUTO with ALPN "h2" -> HTTP/2; AUTO with
-    another ALPN -> HTTP/1.1; AUTO without ALPN -> sniff the preface; HTTP1 -> HTTP/1.1."""
+def server_factory(force_h2: bool) -> Any:
+    """The server codec for the registry (``moorline.stream.api.CodecRegistry``):
+    ``factory(callbacks, info) -> asyncio.Protocol``. It decides when called, so behind a TLS
+    handshake (``net.tls.serve_accepted`` calls it after the handshake) it sees
+    ``info.negotiated_alpn``: ``force_h2`` (codec HTTP2) or ALPN "h2" -> HTTP/2; another ALPN
+    -> HTTP/1.1; no ALPN -> sniff the preface."""
 
-    def make() -> asyncio.Protocol:
-        if codec_type == 2:
+    def make(cfg: HcmConfig, info: Any) -> asyncio.Protocol:
+        if force_h2:
             return Http2ServerConnection(cfg, info)
-        if codec_type == 0:
-            alpn = getattr(info, "negotiated_alpn", None)
-            if alpn == "h2":
-                return Http2ServerConnection(cfg, info)
-            if alpn:
-                return Http1ServerConnection(cfg, info)
-            return _Sniffer(cfg, info)
-        return Http1ServerConnection(cfg, info)
+        alpn = getattr(info, "negotiated_alpn", None)
+        if alpn == "h2":
+            return Http2ServerConnection(cfg, info)
+        if alpn:
+            return Http1ServerConnection(cfg, info)
+        return _Sniffer(cfg, info)
 
     return make
+
+
+_STATUS_BYTES = {c: str(c).encode() for c in range(100, 600)}

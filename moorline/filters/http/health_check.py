@@ -14,7 +14,7 @@ from typing import Any
 
 from moorline.config import registry
 from moorline.config.errors import ConfigError
-from moorline.protocol.headers import HeaderMap
+from moorline.protocol.headers import HeaderMap, RequestHeaders
 from moorline.proxy.filter import CONTINUE, STOP_ITERATION, HttpFilter
 from moorline.proxy.route_table import HeaderMatcher
 
@@ -48,9 +48,8 @@ class HealthCheckFilter(HttpFilter):
         self.cfg = cfg
         self.is_hc = False
 
-    def decode_headers(self, headers: HeaderMap, end_stream: bool) -> int:
-        hh = headers._h
-        method, authority, path = hh[0][1], hh[2][1], hh[3][1]
+    def decode_headers(self, headers: RequestHeaders, end_stream: bool) -> int:
+        method, authority, path = headers.method, headers.authority, headers.path
         if not all(m.match(headers, method, authority, path) for m in self.cfg.matchers):
             return CONTINUE
         self.is_hc = True

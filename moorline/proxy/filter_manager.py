@@ -1,0 +1,288 @@
+"""The HTTP filter manager: runs one stream's filter chain in both directions.
+
+Separate from the connection manager, as Envoy's ``filter_manager.cc`` is: the connection
+manager (``proxy.hcm.ActiveStream``) owns one ``FilterManager`` per stream *only when the
+listener has filters besides the router*; a chain of just the router never builds one.
+
+Decoding runs the filters in config order and ends in the stream's terminal (the router);
+encoding runs them in reverse order and ends in the downstream codec. Each direction is a
+``_Chain`` with the same rules (Envoy's semantics):
+
+- ``*_headers`` returns ``CONTINUE``, ``STOP_ITERATION`` (hold the headers; later body chunks
+  still reach this filter, which may ``CONTINUE`` to release everything) or
+  ``STOP_ALL_ITERATION_AND_BUFFER`` (hold the headers and buffer the body without showing it
+  to this filter, until ``continue_decoding()`` / ``continue_encoding()``).
+- ``*_data`` returns ``CONTINUE``, ``STOP_ITERATION`` (= StopIterationAndBuffer: this chunk
+  is buffered for the filters after it) or ``STOP_ITERATION_NO_BUFFER`` (the filter keeps
+  the chunk itself).
+- ``*_trailers`` returns ``CONTINUE`` or ``STOP_ITERATION``.
+
+Bound: what a chain buffers for a stopped filter is at most the connection's buffer limit;
+beyond it the request gets 413, a response whose headers were not sent yet 500, and a
+response already started is reset (Envoy's rules).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from moorline.protocol.headers import HeaderMap
+from moorline.proxy.filter import (
+    CONTINUE,
+    STOP_ALL_ITERATION_AND_BUFFER,
+    STOP_ITERATION_NO_BUFFER,
+    HttpFilter,
+)
+
+
+class _Chain:
+    """One direction of a stream's filter chain (see the module docstring)."""
+
+    __slots__ = (
+        "alive",
+        "body",
+        "body_bytes",
+        "end",
+        "filters",
+        "hdr_idx",
+        "headers",
+        "headers_end",
+        "kind",
+        "limit",
+        "on_overflow",
+        "stop_all",
+        "stop_at",
+        "t_data",
+        "t_headers",
+        "t_trailers",
+        "trailers",
+    )
+
+    def __init__(
+        self,
+        filters: list[Any],
+        kind: str,
+        limit: int,
+        terminal_headers: Callable[[Any, bool], None],
+        terminal_data: Callable[[bytes, bool], None],
+        terminal_trailers: Callable[[HeaderMap], None],
+        on_overflow: Callable[[], None],
+        alive: Callable[[], bool],
+    ) -> None:
+        self.filters = filters  # bound methods' owners, in iteration order
+        self.kind = kind  # "decode" or "encode": which hooks to call
+        self.limit = limit
+        self.t_headers = terminal_headers
+        self.t_data = terminal_data
+        self.t_trailers = terminal_trailers
+        self.on_overflow = on_overflow
+        self.alive = alive  # False once the stream ended or answered: stop iterating
+        self.headers: Any = None
+        self.headers_end = False
+        self.hdr_idx = 0  # filters that have seen the headers
+        self.stop_at: int | None = None  # the filter holding iteration
+        self.stop_all = False  # it asked for the body to be buffered without seeing it
+        self.body: list[bytes] | None = None
+        self.body_bytes = 0
+        self.end = False  # the buffered body ends the stream (no trailers follow)
+        self.trailers: HeaderMap | None = None
+
+    # -- hooks of the filters, by direction
+    def _h(self, f: Any, headers: Any, end: bool) -> int:
+        return f.decode_headers(headers, end) if self.kind == "decode" else f.encode_headers(headers, end)
+
+    def _d(self, f: Any, data: bytes, end: bool) -> int:
+        return f.decode_data(data, end) if self.kind == "decode" else f.encode_data(data, end)
+
+    def _t(self, f: Any, trailers: HeaderMap) -> int:
+        return f.decode_trailers(trailers) if self.kind == "decode" else f.encode_trailers(trailers)
+
+    # -- events from the previous stage
+    def on_headers(self, headers: Any, end_stream: bool) -> None:
+        self.headers = headers
+        self.headers_end = end_stream
+        self._resume(0)
+
+    def on_data(self, data: bytes, end_stream: bool) -> None:
+        s = self.stop_at
+        if s is None:
+            self._push_data(data, end_stream, 0)
+            return
+        fl = self.filters
+        # Held at filter s: the filters before it (they continued) see the chunk, and so does
+        # s itself unless it stopped all iteration; what they pass on waits in the buffer.
+        last = s - 1 if self.stop_all else s
+        for i in range(last + 1):
+            r = self._d(fl[i], data, end_stream)
+            if not self.alive():
+                return
+            if r != CONTINUE:
+                if i < s:
+                    self.stop_at = i
+                    self.stop_all = False
+                if r != STOP_ITERATION_NO_BUFFER:
+                    self._buffer(data, end_stream)
+                elif end_stream:
+                    self.end = True
+                return
+        self._buffer(data, end_stream)
+        if last == s and self.alive():
+            # The holding filter continued on this chunk: everything it held goes on.
+            self._resume(s + 1)
+
+    def on_trailers(self, trailers: HeaderMap) -> None:
+        s = self.stop_at
+        if s is None:
+            self._push_trailers(trailers, 0)
+            return
+        fl = self.filters
+        last = s - 1 if self.stop_all else s
+        for i in range(last + 1):
+            r = self._t(fl[i], trailers)
+            if not self.alive():
+                return
+            if r != CONTINUE:
+                if i < s:
+                    self.stop_at = i
+                    self.stop_all = False
+                self.trailers = trailers
+                return
+        self.trailers = trailers
+        if last == s:
+            self._resume(s + 1)
+
+    def resume(self) -> None:
+        """``continue_decoding()`` / ``continue_encoding()`` from the holding filter."""
+        s = self.stop_at
+        if s is not None and self.alive():
+            self._resume(s + 1)
+
+    # -- iteration
+    def _resume(self, start: int) -> None:
+        fl = self.filters
+        n = len(fl)
+        self.stop_at = None
+        self.stop_all = False
+        i = max(start, self.hdr_idx)
+        if self.hdr_idx <= n and self.headers is not None:
+            while i < n:
+                r = self._h(fl[i], self.headers, self.headers_end)
+                self.hdr_idx = i + 1
+                if not self.alive():
+                    return
+                if r != CONTINUE:
+                    self.stop_at = i
+                    self.stop_all = r == STOP_ALL_ITERATION_AND_BUFFER
+                    return
+                i += 1
+            if self.hdr_idx <= n:
+                self.hdr_idx = n + 1
+                self.t_headers(self.headers, self.headers_end)
+                if not self.alive():
+                    return
+        body = self.body
+        trailers = self.trailers
+        end = self.end
+        self.body = None
+        self.trailers = None
+        self.end = False
+        self.body_bytes = 0
+        if body:
+            self._push_data(b"".join(body) if len(body) > 1 else body[0], end, start)
+        elif end:
+            self._push_data(b"", True, start)
+        if trailers is not None and self.alive():
+            if self.stop_at is not None:
+                self.trailers = trailers
+            else:
+                self._push_trailers(trailers, start)
+
+    def _push_data(self, data: bytes, end_stream: bool, start: int) -> None:
+        fl = self.filters
+        for i in range(start, len(fl)):
+            r = self._d(fl[i], data, end_stream)
+            if not self.alive():
+                return
+            if r != CONTINUE:
+                # Filter i saw this chunk and holds it: buffer it for the filters after i.
+                self.stop_at = i
+                if r != STOP_ITERATION_NO_BUFFER:
+                    self._buffer(data, end_stream)
+                elif end_stream:
+                    self.end = True
+                return
+        self.t_data(data, end_stream)
+
+    def _push_trailers(self, trailers: HeaderMap, start: int) -> None:
+        fl = self.filters
+        for i in range(start, len(fl)):
+            r = self._t(fl[i], trailers)
+            if not self.alive():
+                return
+            if r != CONTINUE:
+                self.stop_at = i
+                self.trailers = trailers
+                return
+        self.t_trailers(trailers)
+
+    def _buffer(self, data: bytes, end_stream: bool) -> None:
+        if data:
+            if self.body is None:
+                self.body = []
+            self.body.append(data)
+            self.body_bytes += len(data)
+        if end_stream:
+            self.end = True
+        if self.body_bytes > self.limit:
+            self.body = None
+            self.body_bytes = 0
+            self.on_overflow()
+
+    def buffered(self) -> bytes:
+        return b"".join(self.body or ())
+
+    def add_buffered(self, data: bytes) -> None:
+        self._buffer(data, False)
+
+
+class FilterManager:
+    """One stream's HTTP filters (decoder side to the router, encoder side to the codec)."""
+
+    __slots__ = ("dec", "enc", "filters")
+
+    def __init__(self, stream: Any, factories: list[Any], limit: int) -> None:
+        fl: list[HttpFilter] = []
+        for f in factories:
+            inst = f(stream)
+            inst.set_callbacks(stream)
+            fl.append(inst)
+        self.filters = fl
+        self.dec = _Chain(
+            fl,
+            "decode",
+            limit,
+            stream.route_request,
+            stream.router_data,
+            stream.router_trailers,
+            stream.request_too_large,
+            stream.decoding_alive,
+        )
+        self.enc = _Chain(
+            fl[::-1],
+            "encode",
+            limit,
+            stream.write_headers,
+            stream.write_data,
+            stream.write_trailers,
+            stream.response_too_large,
+            stream.encoding_alive,
+        )
+
+    def destroy(self) -> None:
+        for f in self.filters:
+            f.on_destroy()
+        self.filters = []
+        # The chains hold bound methods of the stream: drop them so the stream is freed by
+        # reference counting, not by the cycle collector.
+        self.dec = self.enc = None  # type: ignore[assignment]
