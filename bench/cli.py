@@ -20,7 +20,8 @@ from bench.proxies import REPO_ROOT, Lab
 from bench.scenarios import SCENARIOS, Harness, Progress, Settings
 
 DEFAULT_OUT = REPO_ROOT / "bench" / "results"
-PROXY_NAMES = ("moorline", "nginx", "haproxy")
+# "floor" is the calibration forwarder (bench/floor.py); it runs in the HTTP/1.1 scenarios only.
+PROXY_NAMES = ("moorline", "nginx", "haproxy", "floor")
 # Descriptors the idle-conns scenario needs per process beyond its connections (listeners,
 # upstream connections, logs, the interpreter's own files).
 FD_SLACK = 1000
@@ -29,7 +30,8 @@ FD_SLACK = 1000
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Benchmark moorline against nginx and HAProxy on loopback (see bench/README.md).",
+        description="Benchmark moorline against nginx, HAProxy and a calibration floor on loopback"
+        " (see bench/README.md).",
     )
     p.add_argument(
         "--scenario",
@@ -50,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--proxies",
         default=",".join(PROXY_NAMES),
-        help="comma-separated subset of moorline,nginx,haproxy (default: all three)",
+        help="comma-separated subset of moorline,nginx,haproxy,floor (default: all four; the floor"
+        " runs in the HTTP/1.1 scenarios only)",
     )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     p.add_argument(
@@ -156,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
             print(report.markdown(doc), flush=True)
             print(f"_JSON: {path}_\n", flush=True)
             docs.append(doc)
+        table = report.overview(docs)
+        if table and len(docs) > 1:
+            print(table, flush=True)
         chart = report.draw_chart(docs, settings.out_dir / f"{date}-ratios.png")
         print(chart, file=sys.stderr)
     except KeyboardInterrupt:

@@ -368,6 +368,30 @@ def moorline_http(
     return procs.bootstrap([listener], [procs.cluster("backend", [upstream_port], **extra)], admin_port)
 
 
+def floor_argv(python: str, port: int, upstream_port: int) -> list[str]:
+    """The calibration floor (``bench/floor.py``): a bare uvloop + httptools HTTP/1.1 forwarder
+    with one upstream connection per downstream connection; its command line is its config."""
+    return [
+        python,
+        "-m",
+        "bench.floor",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--to",
+        f"127.0.0.1:{upstream_port}",
+    ]
+
+
+def floor_config_text(argv: list[str]) -> str:
+    """What the JSON report stores under ``configs.floor``."""
+    return (
+        " ".join(argv[1:]) + "\n"
+        "# bench/floor.py: no routing, no stats, no request id, no filters, no access log;"
+        " one upstream connection per downstream connection (opened on accept), keep-alive both ways;"
+        " heads rebuilt from httptools' fields, Content-Length bodies passed through, chunked re-chunked.\n"
+    )
+
+
 def moorline_tcp(port: int, upstream_port: int, admin_port: int) -> str:
     listener = procs.tcp_listener("bench_tcp", port, "backend")
     return procs.bootstrap([listener], [procs.cluster("backend", [upstream_port])], admin_port)

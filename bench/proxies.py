@@ -33,9 +33,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 H = "127.0.0.1"
 START_TIMEOUT_S = 30.0
 
-# Proxy variants: HTTP scenarios run "moorline", "nginx", "haproxy"; l4-iperf runs moorline twice
-# (splice and userspace copy).
+# Proxy variants: HTTP scenarios run "moorline", "nginx", "haproxy", and the HTTP/1.1 ones (and
+# idle-conns) also "floor", the calibration forwarder (bench/floor.py); l4-iperf runs moorline
+# twice (splice and userspace copy).
 HTTP_VARIANTS = ("moorline", "nginx", "haproxy")
+H1_VARIANTS = (*HTTP_VARIANTS, "floor")
 L4_VARIANTS = ("moorline-splice", "moorline-copy", "nginx", "haproxy")
 
 
@@ -375,6 +377,18 @@ def start_proxy(
         cfg.write_text(text)
         child = spawn(variant, [HAPROXY, "-db", "-f", str(cfg)], d, cpus=lab.proxy_cpus)
         running = Running(variant, child, port, None, text)
+        try:
+            wait_port(port, child)
+        except StartError:
+            child.stop(signal.SIGKILL, 1)
+            raise
+    elif variant == "floor":
+        if l4 or mode != "h1":
+            raise StartError("the floor forwards HTTP/1.1 only")
+        argv = configs.floor_argv(sys.executable, port, upstream_port)
+        d = lab.subdir(variant)
+        child = spawn(variant, argv, d, cpus=lab.proxy_cpus, env={"PYTHONPATH": str(REPO_ROOT)})
+        running = Running(variant, child, port, None, configs.floor_config_text(argv))
         try:
             wait_port(port, child)
         except StartError:

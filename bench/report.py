@@ -21,6 +21,14 @@ from pathlib import Path
 from typing import Any
 
 PEERS = ("nginx", "haproxy")
+# The HTTP/1.1 scenarios (and idle-conns) also run the calibration floor (bench/floor.py).
+PEERS_H1 = (*PEERS, "floor")
+PEER_LABELS = {"nginx": "nginx", "haproxy": "HAProxy", "floor": "floor"}
+FLOOR_NOTE = (
+    "floor: bench/floor.py, a bare uvloop + httptools HTTP/1.1 forwarder (no routing, no stats, one"
+    " upstream connection per downstream connection): moorline ÷ floor is what moorline costs above"
+    " the least a Python proxy on the same stack must do."
+)
 NOISY_PCT = 5.0  # other load on the proxy's core above this gets a note under the table
 UNSATURATED_PCT = 80.0  # a proxy below this CPU share was not the bottleneck of its run
 
@@ -135,13 +143,19 @@ def summarize(samples: dict[str, list[dict[str, Any]]], metrics: Sequence[Metric
     return out
 
 
-def ratios(summary: dict[str, Any], metrics: Sequence[Metric], proxies: Sequence[str]) -> dict[str, Any]:
-    """``{"moorline/nginx": {metric: ratio}, ...}`` for every moorline variant and peer; the
-    value is None when the peer (or moorline) was not run or has no successful run."""
+def ratios(
+    summary: dict[str, Any],
+    metrics: Sequence[Metric],
+    proxies: Sequence[str],
+    peers: Sequence[str] = PEERS,
+) -> dict[str, Any]:
+    """``{"moorline/nginx": {metric: ratio}, ...}`` for every moorline variant and every one of
+    ``peers`` (:data:`PEERS_H1` adds the floor); the value is None when the peer (or moorline)
+    was not run or has no successful run."""
     out: dict[str, Any] = {}
     ours = [p for p in proxies if p.startswith("moorline")] or ["moorline"]
     for m_name in ours:
-        for peer in PEERS:
+        for peer in peers:
             key = f"{m_name}/{peer}"
             a = summary.get(m_name, {}).get("metrics", {})
             b = summary.get(peer, {}).get("metrics", {})
@@ -170,6 +184,15 @@ def _first_line(argv: list[str]) -> str | None:
         return None
     text = (res.stdout + res.stderr).strip()
     return text.splitlines()[0] if text else None
+
+
+def _version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def machine_info() -> dict[str, Any]:
@@ -202,6 +225,9 @@ def machine_info() -> dict[str, Any]:
         "haproxy": _first_line(["/usr/sbin/haproxy", "-v"]),
         "wrk": _first_line(["/usr/bin/wrk", "-v"]),
         "iperf3": _first_line(["/usr/bin/iperf3", "-v"]),
+        # The floor's stack (and moorline's): its cost moves with these versions.
+        "uvloop": _version("uvloop"),
+        "httptools": _version("httptools"),
         "loadavg_at_start": list(load),
     }
 
@@ -307,10 +333,46 @@ def markdown(doc: dict[str, Any]) -> str:
                 v = vals.get(m.key)
                 cells.append("—" if v is None else f"{v:.2f}")
             lines.append("| " + " | ".join(cells) + " |")
+        if any(k.endswith("/floor") for k, _ in ratio_rows):
+            lines += ["", FLOOR_NOTE]
     elif doc["kind"] != "startup":
-        lines.append("No ratios: nginx and HAProxy were not both measured with moorline in this run.")
+        lines.append("No ratios: no peer (nginx, HAProxy, floor) was measured with moorline in this run.")
     if lines[-1] != "":
         lines.append("")
+    return "\n".join(lines)
+
+
+def overview(docs: Sequence[dict[str, Any]]) -> str:
+    """One table for the whole run: per scenario, the throughput and cost ratios of moorline
+    against every peer side by side (``÷ nginx``, ``÷ HAProxy``, ``÷ floor``); "—" where a
+    peer was not run (or, for the floor, does not run: it forwards HTTP/1.1 only)."""
+    rows: list[list[str]] = []
+    for doc in docs:
+        keys = CHART_METRICS.get(doc.get("kind", ""))
+        if not keys or doc.get("skipped"):
+            continue
+        metrics = {m.key: m for m in METRICS_BY_KIND[doc["kind"]]}
+        rat = doc.get("ratios") or {}
+        ours = sorted({k.split("/")[0] for k in rat}) or ["moorline"]
+        for m_name in ours:
+            for mkey in keys:
+                if mkey is None:
+                    continue
+                m = metrics[mkey]
+                cells = [doc["scenario"] if m_name == "moorline" else f"{doc['scenario']} ({m_name})"]
+                cells.append(f"{m.label} ({m.better} is better)")
+                for peer in PEERS_H1:
+                    v = (rat.get(f"{m_name}/{peer}") or {}).get(mkey)
+                    cells.append("—" if v is None else f"{v:.2f}")
+                rows.append(cells)
+    if not rows:
+        return ""
+    header = ["scenario", "metric", *(f"moorline ÷ {PEER_LABELS[p]}" for p in PEERS_H1)]
+    lines = ["### All scenarios: moorline ÷ peer (medians)", ""]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["", FLOOR_NOTE, ""]
     return "\n".join(lines)
 
 
@@ -331,7 +393,7 @@ def draw_chart(docs: Sequence[dict[str, Any]], path: Path) -> str:
                 if mkey and vals.get(mkey) is not None:
                     rows.append((panel, xlabel, peer, float(vals[mkey])))
     if not rows:
-        return "chart skipped: no ratios (nginx/HAProxy not measured alongside moorline)"
+        return "chart skipped: no ratios (no peer measured alongside moorline)"
     try:
         import matplotlib
 
@@ -348,15 +410,16 @@ def draw_chart(docs: Sequence[dict[str, Any]], path: Path) -> str:
     for ax, (panel, title) in zip(axes, panels, strict=True):
         prow = [r for r in rows if r[0] == panel]
         labels = list(dict.fromkeys(r[1] for r in prow))
-        width = 0.38
-        for i, peer in enumerate(PEERS):
+        peers = [p for p in PEERS_H1 if any(r[2] == p for r in prow)]
+        width = 0.8 / max(len(peers), 1)
+        for i, peer in enumerate(peers):
             xs, ys = [], []
             for j, lab in enumerate(labels):
                 for r in prow:
                     if r[1] == lab and r[2] == peer:
-                        xs.append(j + (i - 0.5) * width)
+                        xs.append(j + (i - (len(peers) - 1) / 2) * width)
                         ys.append(r[3])
-            bars = ax.bar(xs, ys, width, label=f"÷ {peer}")
+            bars = ax.bar(xs, ys, width, label=f"÷ {PEER_LABELS[peer]}")
             ax.bar_label(bars, fmt="%.2f", fontsize=7)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
@@ -369,7 +432,7 @@ def draw_chart(docs: Sequence[dict[str, Any]], path: Path) -> str:
         ax.yaxis.set_minor_formatter(plain)
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)
-    fig.suptitle("moorline vs nginx and HAProxy, same machine, same run (medians)")
+    fig.suptitle("moorline vs nginx, HAProxy and the floor (HTTP/1.1), same machine, same run (medians)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

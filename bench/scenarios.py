@@ -17,6 +17,7 @@ from typing import Any
 from bench import configs, measure, report
 from bench.children import CLK_TCK, Child, core_ticks, cpu_seconds, hwm_kib, port_free, rss_kib, spawn
 from bench.proxies import (
+    H1_VARIANTS,
     HTTP_VARIANTS,
     L4_VARIANTS,
     REPO_ROOT,
@@ -157,11 +158,24 @@ def base_name(variant: str) -> str:
     return variant.split("-", 1)[0]
 
 
+def floor_runs(sc: Scenario) -> bool:
+    """The calibration floor forwards HTTP/1.1 in the clear: h1-* and idle-conns."""
+    return sc.mode == "h1" and sc.kind in ("http", "idle")
+
+
 def variants_for(sc: Scenario, proxies: list[str]) -> list[str]:
     if sc.kind == "startup":
         return ["moorline"] if "moorline" in proxies else []
-    pool = L4_VARIANTS if sc.kind == "l4" else HTTP_VARIANTS
+    if sc.kind == "l4":
+        pool: tuple[str, ...] = L4_VARIANTS
+    else:
+        pool = H1_VARIANTS if floor_runs(sc) else HTTP_VARIANTS
     return [v for v in pool if base_name(v) in proxies]
+
+
+def peers_for(sc: Scenario) -> tuple[str, ...]:
+    """The peers moorline's ratios are taken against in ``sc``."""
+    return report.PEERS_H1 if floor_runs(sc) else report.PEERS
 
 
 def _wait_listening(port: int, child: Child, timeout: float = 10.0) -> None:
@@ -280,7 +294,7 @@ class Harness:
                         doc["configs"][v] = config
                     doc["samples"][v].append(sample)
         doc["summary"] = report.summarize(doc["samples"], metrics)
-        doc["ratios"] = report.ratios(doc["summary"], metrics, variants)
+        doc["ratios"] = report.ratios(doc["summary"], metrics, variants, peers_for(sc))
         doc["finished_at"] = dt.datetime.now().astimezone().isoformat(timespec="seconds")
         return doc
 

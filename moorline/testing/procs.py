@@ -15,6 +15,7 @@ import grp
 import http.client
 import os
 import pwd
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,11 +30,54 @@ import yaml
 READY_TIMEOUT_S = 20.0
 NGINX_BIN = "/usr/sbin/nginx"
 
+# The peers `make test` installs (scripts/install-deps.sh): command -> (Debian path, package).
+REQUIRED_PEERS: dict[str, tuple[str, str]] = {
+    "nginx": (NGINX_BIN, "nginx"),
+    "haproxy": ("/usr/sbin/haproxy", "haproxy"),
+    "wrk": ("/usr/bin/wrk", "wrk"),
+    "iperf3": ("/usr/bin/iperf3", "iperf3"),
+    "h2load": ("/usr/bin/h2load", "nghttp2-client"),
+    "curl": ("/usr/bin/curl", "curl"),
+    "openssl": ("/usr/bin/openssl", "openssl"),
+}
+
 _live: list[_Proc] = []
 
 
 class ProcStartError(RuntimeError):
     """A child process did not become ready; the message carries its stderr tail."""
+
+
+class PeerMissingError(RuntimeError):
+    """A peer program a test drives (nginx, curl, ...) is not on this machine."""
+
+
+def require_binary(name: str) -> str:
+    """The path of program ``name`` (a command, an absolute path, or a :data:`REQUIRED_PEERS`
+    key); raises :class:`PeerMissingError` naming the package that provides it.
+
+    It raises rather than skips: ``make test`` and CI install every peer, so a test that skipped
+    for a missing one would hide a broken install behind a green run."""
+    base = os.path.basename(name)
+    known = REQUIRED_PEERS.get(base)
+    candidates = [name] if os.path.isabs(name) else []
+    if known is not None:
+        candidates.append(known[0])
+    for cand in candidates:
+        if os.access(cand, os.X_OK):
+            return cand
+    found = shutil.which(base)
+    if found is not None:
+        return found
+    how = (
+        f"the Debian package {known[1]} provides it; `make test` installs it (scripts/install-deps.sh)"
+        if known is not None
+        else "install it"
+    )
+    raise PeerMissingError(
+        f"{name} is missing: {how}. Tests that need it fail instead of skipping, so a broken install"
+        " cannot pass unseen."
+    )
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -452,8 +496,7 @@ def start_nginx(
     temp paths stay inside ``tmp_path/nginx``. When run as root the workers keep the current
     user (nginx would otherwise switch to ``nobody``, who cannot enter pytest's 0700 temp dirs).
     """
-    if not Path(NGINX_BIN).exists():
-        raise ProcStartError(f"{NGINX_BIN} not installed")
+    require_binary(NGINX_BIN)
     prefix = Path(tmp_path) / "nginx"
     n = 1
     while (prefix.parent / f"nginx{n}").exists():

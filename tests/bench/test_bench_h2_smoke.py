@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from moorline.testing.procs import require_binary
+
 pytestmark = pytest.mark.e2e
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -38,8 +40,7 @@ def _leftovers(text: str) -> list[str]:
 
 def test_bench_h2_grpc_tls_moorline_only(tmp_path: Path) -> None:
     for binary in ("/usr/bin/h2load", "/usr/bin/wrk", "/usr/sbin/nginx", "/usr/bin/curl", "/usr/bin/openssl"):
-        if not Path(binary).exists():
-            pytest.skip(f"{binary} is not installed")
+        require_binary(binary)  # fails, never skips: `make test` installs them
     out_dir = tmp_path / "results"
     argv = [sys.executable, "-m", "bench", "--proxies", "moorline", "--quick", "--duration", "1",
             "--scenario", *SCENARIOS, "--out", str(out_dir), "--keep-workdir"]  # fmt: skip

@@ -4,7 +4,6 @@ certificate, the tables' labels. No proxy is started."""
 
 from __future__ import annotations
 
-import shutil
 import ssl
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from bench import configs, report  # noqa: E402
 from bench.cli import main  # noqa: E402
 from bench.measure import parse_h2load, percentile, read_h2load_log  # noqa: E402
 from bench.scenarios import SCENARIOS  # noqa: E402
+from moorline.testing.procs import require_binary  # noqa: E402
 
 H2LOAD_OUT = """starting benchmark...
 spawning thread #0: 16 total client(s). Timing-based test with 0s of warm-up time and 5s of main duration for measurements.
@@ -140,9 +140,8 @@ def test_moorline_configs_parse_as_envoy(tmp_path: Path) -> None:
         assert boot.static_resources.clusters[0].name == "backend"
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
 def test_make_tls_files_is_an_ecdsa_p256_certificate(tmp_path: Path) -> None:
-    files = configs.make_tls_files(tmp_path / "tls", openssl=shutil.which("openssl") or "openssl")
+    files = configs.make_tls_files(tmp_path / "tls", openssl=require_binary("openssl"))
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(str(files.cert), str(files.key))  # key matches the certificate
     ctx2 = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -140,15 +140,112 @@ def test_chart_skipped_without_ratios(tmp_path: Path) -> None:
 
 
 def test_chart_drawn_with_ratios(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
-    doc = {
+    # matplotlib is in the test extras: a missing one is a broken install, not a skip.
+    docs = [
+        {
+            "scenario": "h1-small",
+            "kind": "http",
+            "ratios": {
+                "moorline/nginx": {"rps": 0.3, "cpu_us_per_req": 3.0},
+                "moorline/haproxy": None,
+                "moorline/floor": {"rps": 0.5, "cpu_us_per_req": 2.0},
+            },
+        },
+        {"scenario": "h2-small", "kind": "h2", "ratios": {"moorline/nginx": {"rps": 0.2}}},
+    ]
+    out = tmp_path / "ratios.png"
+    assert report.draw_chart(docs, out).startswith("chart written")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _floor_doc() -> dict[str, object]:
+    samples = {
+        "moorline": [{"ok": True, "rps": 2000.0, "cpu_us_per_req": 90.0, "p99_ms": 9.0}],
+        "nginx": [{"ok": True, "rps": 8000.0, "cpu_us_per_req": 30.0, "p99_ms": 3.0}],
+        "haproxy": [{"ok": True, "rps": 10000.0, "cpu_us_per_req": 45.0, "p99_ms": 2.0}],
+        "floor": [{"ok": True, "rps": 5000.0, "cpu_us_per_req": 36.0, "p99_ms": 6.0}],
+    }
+    summ = report.summarize(samples, report.HTTP_METRICS)
+    return {
         "scenario": "h1-small",
         "kind": "http",
-        "ratios": {"moorline/nginx": {"rps": 0.3, "cpu_us_per_req": 3.0}, "moorline/haproxy": None},
+        "description": "d",
+        "settings": {"rounds": 1, "duration_s": 5},
+        "proxies": list(samples),
+        "summary": summ,
+        "ratios": report.ratios(summ, report.HTTP_METRICS, list(samples), report.PEERS_H1),
     }
-    out = tmp_path / "ratios.png"
-    assert report.draw_chart([doc], out).startswith("chart written")
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ratios_against_the_floor() -> None:
+    r = _floor_doc()["ratios"]
+    assert isinstance(r, dict)
+    assert list(r) == ["moorline/nginx", "moorline/haproxy", "moorline/floor"]
+    assert r["moorline/floor"]["cpu_us_per_req"] == pytest.approx(2.5)
+    assert r["moorline/floor"]["rps"] == pytest.approx(0.4)
+    assert r["moorline/nginx"]["cpu_us_per_req"] == pytest.approx(3.0)
+    # Without the floor among the peers (h2, TLS, L4 scenarios) there is no floor key at all.
+    summ = report.summarize({"moorline": [{"ok": True, "rps": 1.0}]}, report.HTTP_METRICS)
+    assert "moorline/floor" not in report.ratios(summ, report.HTTP_METRICS, ["moorline"])
+    assert report.ratios(summ, report.HTTP_METRICS, ["moorline"], report.PEERS_H1)["moorline/floor"] is None
+
+
+def test_markdown_has_the_floor_ratio_beside_nginx_and_haproxy() -> None:
+    md = report.markdown(_floor_doc())
+    assert "| floor | 5,000 |" in md  # the floor's own row in the main table
+    rows = [line for line in md.splitlines() if line.startswith("| moorline ÷ ")]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| moorline ÷ nginx",
+        "| moorline ÷ haproxy",
+        "| moorline ÷ floor",
+    ]
+    assert rows[2] == "| moorline ÷ floor | 0.40 | — | 1.50 | 2.50 | — |"  # req/s, p50, p99, CPU, RSS
+    assert report.FLOOR_NOTE in md
+
+
+def test_overview_puts_every_peer_side_by_side() -> None:
+    h2 = {
+        "scenario": "h2-small",
+        "kind": "h2",
+        "ratios": {"moorline/nginx": {"rps": 0.2, "cpu_us_per_req": 4.0}, "moorline/haproxy": None},
+    }
+    text = report.overview([_floor_doc(), h2])
+    assert "| scenario | metric | moorline ÷ nginx | moorline ÷ HAProxy | moorline ÷ floor |" in text
+    assert "| h1-small | CPU µs/req (lower is better) | 3.00 | 2.00 | 2.50 |" in text
+    assert "| h1-small | req/s (higher is better) | 0.25 | 0.20 | 0.40 |" in text
+    assert "| h2-small | CPU µs/req (lower is better) | 4.00 | — | — |" in text
+    assert report.overview([]) == ""
+
+
+def test_floor_runs_in_the_http1_scenarios_only() -> None:
+    from bench.scenarios import SCENARIOS, peers_for, variants_for
+
+    everyone = ["moorline", "nginx", "haproxy", "floor"]
+    h1 = {"h1-small", "h1-1k", "h1-route-rules", "h1-100k", "h1-close", "idle-conns"}
+    for name, sc in SCENARIOS.items():
+        variants = variants_for(sc, everyone)
+        assert ("floor" in variants) == (name in h1), name
+        assert ("floor" in peers_for(sc)) == (name in h1), name
+    # Interleaved like any peer: moorline, nginx, HAProxy, floor in every round.
+    assert variants_for(SCENARIOS["h1-small"], everyone) == everyone
+    assert variants_for(SCENARIOS["h1-small"], ["floor", "moorline"]) == ["moorline", "floor"]
+
+
+def test_floor_command_line_and_config_text() -> None:
+    argv = configs.floor_argv("/py", 1000, 2000)
+    assert argv == ["/py", "-m", "bench.floor", "--listen", "127.0.0.1:1000", "--to", "127.0.0.1:2000"]
+    text = configs.floor_config_text(argv)
+    assert text.startswith("-m bench.floor --listen 127.0.0.1:1000 --to 127.0.0.1:2000\n")
+    assert "no routing" in text
+
+
+def test_floor_rejects_bad_addresses(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import floor
+
+    with pytest.raises(SystemExit) as ei:
+        floor.main(["--listen", "nope", "--to", "127.0.0.1:1"])
+    assert ei.value.code == 2
+    assert "expected HOST:PORT" in capsys.readouterr().err
 
 
 def test_route_rules_configs_are_equivalent(tmp_path: Path) -> None:
@@ -175,7 +272,8 @@ def test_cli_rejects_unknown_scenario_and_proxy(capsys: pytest.CaptureFixture[st
     assert main(["--scenario", "nope"]) == 2
     assert "unknown scenario" in capsys.readouterr().err
     assert main(["--proxies", "moorline,envoy"]) == 2
-    assert "--proxies" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--proxies" in err and "floor" in err
 
 
 def test_cli_list(capsys: pytest.CaptureFixture[str]) -> None:

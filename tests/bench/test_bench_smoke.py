@@ -1,9 +1,10 @@
-"""Smoke test of the benchmark harness: one short round of ``h1-small`` with moorline alone,
-through the real command line (``python -m bench``), the real backend (nginx) and wrk.
+"""Smoke test of the benchmark harness: one short round of ``h1-small`` with moorline and the
+calibration floor (no nginx or HAProxy proxy), through the real command line (``python -m
+bench``), the real backend (nginx) and wrk.
 
 Not a speed test: it asserts that the JSON report is produced and well formed, that requests
-were counted, that ratios are null when the peers did not run, that the Markdown table was
-printed, and that no child process outlives the harness.
+were counted for both, that the floor ratio is there and the nginx/HAProxy ratios are null (not
+run), that the Markdown tables were printed, and that no child process outlives the harness.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from moorline.testing.procs import require_binary
 
 pytestmark = pytest.mark.e2e
 
@@ -37,18 +40,17 @@ def _processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def test_bench_h1_small_moorline_only(tmp_path: Path) -> None:
-    """``python -m bench --proxies moorline --quick --duration 1 --scenario h1-small``."""
+def test_bench_h1_small_moorline_and_floor(tmp_path: Path) -> None:
+    """``python -m bench --proxies moorline,floor --quick --duration 1 --scenario h1-small``."""
     for binary in ("/usr/bin/wrk", "/usr/sbin/nginx"):
-        if not Path(binary).exists():
-            pytest.skip(f"{binary} is not installed")
+        require_binary(binary)
     out_dir = tmp_path / "results"
     argv = [
         sys.executable,
         "-m",
         "bench",
         "--proxies",
-        "moorline",
+        "moorline,floor",
         "--quick",
         "--duration",
         "1",
@@ -88,32 +90,43 @@ def test_bench_h1_small_moorline_only(tmp_path: Path) -> None:
     ):
         assert key in doc, key
     assert doc["scenario"] == "h1-small" and doc["kind"] == "http"
-    assert doc["proxies"] == ["moorline"]
+    assert doc["proxies"] == ["moorline", "floor"]
     assert doc["settings"]["rounds"] == 1 and doc["settings"]["duration_s"] == 1
     for key in ("cpu_model", "cores", "kernel", "python", "nginx"):
         assert key in doc["machine"], key
     assert doc["machine"]["cores"] >= 1
 
-    samples = doc["samples"]["moorline"]
-    assert len(samples) == 1
-    s = samples[0]
-    assert s["ok"] is True, s.get("error")
-    assert s["requests"] > 0 and s["rps"] > 0
-    assert s["cpu_us_per_req"] > 0 and s["peak_rss_mib"] > 0
-    assert s["p50_ms"] > 0 and s["p99_ms"] >= s["p50_ms"]
-    assert s["non_2xx"] == 0
+    for proxy in ("moorline", "floor"):
+        samples = doc["samples"][proxy]
+        assert len(samples) == 1
+        s = samples[0]
+        assert s["ok"] is True, (proxy, s.get("error"))
+        assert s["requests"] > 0 and s["rps"] > 0
+        assert s["cpu_us_per_req"] > 0 and s["peak_rss_mib"] > 0
+        assert s["p50_ms"] > 0 and s["p99_ms"] >= s["p50_ms"]
+        assert s["non_2xx"] == 0 and s["socket_errors"] == 0
 
-    summ = doc["summary"]["moorline"]
-    assert summ["ok_runs"] == 1 and summ["failed_runs"] == 0
-    assert summ["metrics"]["rps"]["median"] == pytest.approx(s["rps"])
-    # Peers were not run: their ratios are present and null.
-    assert doc["ratios"] == {"moorline/nginx": None, "moorline/haproxy": None}
+        summ = doc["summary"][proxy]
+        assert summ["ok_runs"] == 1 and summ["failed_runs"] == 0
+        assert summ["metrics"]["rps"]["median"] == pytest.approx(s["rps"])
+    assert "bench.floor" in doc["configs"]["floor"]
+    # nginx and HAProxy were not run: their ratios are present and null; the floor's is there.
+    assert list(doc["ratios"]) == ["moorline/nginx", "moorline/haproxy", "moorline/floor"]
+    assert doc["ratios"]["moorline/nginx"] is None and doc["ratios"]["moorline/haproxy"] is None
+    floor = doc["ratios"]["moorline/floor"]
+    cpu = doc["summary"]["moorline"]["metrics"]["cpu_us_per_req"]["median"]
+    cpu_floor = doc["summary"]["floor"]["metrics"]["cpu_us_per_req"]["median"]
+    assert floor["cpu_us_per_req"] == pytest.approx(cpu / cpu_floor)
+    assert floor["rps"] > 0
 
-    # The Markdown table went to stdout.
+    # The Markdown tables went to stdout, with the floor's row and its ratio row.
     assert "### h1-small" in res.stdout
     assert re.search(r"^\| proxy \| req/s \| p50 ms \| p99 ms \| CPU µs/req \|", res.stdout, re.M), res.stdout
     assert re.search(r"^\| moorline \| [0-9,]+ \|", res.stdout, re.M), res.stdout
-    assert "No ratios" in res.stdout
+    assert re.search(r"^\| floor \| [0-9,]+ \|", res.stdout, re.M), res.stdout
+    assert re.search(r"^\| moorline ÷ floor \| [0-9.]+ \|", res.stdout, re.M), res.stdout
+    assert "No ratios" not in res.stdout
     # Progress went to stderr, not into the tables.
     assert "h1-small: round 1/1, moorline" in res.stderr
+    assert "h1-small: round 1/1, floor" in res.stderr
     assert "[bench " not in res.stdout

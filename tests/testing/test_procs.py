@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -19,6 +21,8 @@ from google.protobuf import json_format
 from moorline.testing import procs
 from moorline.testing.procs import RawConn, free_port, parse_stats_text, wait_for_log, wait_port
 from moorline.testing.upstream import TestUpstream, chunked_payload, pattern_sha256
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load_bootstrap(text: str):
@@ -93,21 +97,108 @@ def test_rss_kb_counts_children() -> None:
 
 
 def test_start_moorline_failure_shows_stderr(tmp_path) -> None:
-    """A process that exits before /ready fails fast with its stderr, and leaves nothing."""
+    """A process that exits before /ready fails fast with its exit code and stderr, and leaves
+    nothing running."""
     cfg = procs.config_http(free_port(), clusters={"a": [1]})
-    bad = tmp_path / "bad-env"
+    bad = tmp_path / "bad-flag"
     with pytest.raises(procs.ProcStartError) as ei:
-        # An interpreter flag that makes the child exit at once, whatever moorline's state.
-        procs.start_moorline(
-            cfg, bad, ["--definitely-not-a-flag"], env={"PYTHONPATH": "/nonexistent"}, ready_timeout=20
-        )
-    assert "exited" in str(ei.value) or "not ready" in str(ei.value)
+        procs.start_moorline(cfg, bad, ["--definitely-not-a-flag"], ready_timeout=20)
+    msg = str(ei.value)
+    assert "moorline exited with 2 before /ready" in msg
+    assert "--definitely-not-a-flag" in msg  # argparse's complaint, from the child's stderr
     assert not [p for p in procs._live if p.alive()]
 
 
+# Run inside an inner pytest session (pytester) with the real tests/conftest.py: each of these
+# must be reported as a failure, except the genuine skip and the expected failure.
+_INNER_TESTS = """
+import socket
+
+import pytest
+
+from moorline.testing import procs
+
+
+def test_port_already_taken(moorline, config_http):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        moorline(config_http(s.getsockname()[1], clusters={"a": [1]}))
+
+
+def test_bad_config(moorline, config_http):
+    moorline(config_http(procs.free_port(), clusters={"a": [1]}).replace("STATIC", "STATIK"))
+
+
+def test_skip_for_a_missing_peer():
+    pytest.skip("nginx is not installed")
+
+
+@pytest.mark.skipif(True, reason="curl not installed")
+def test_skipif_for_a_missing_peer():
+    pass
+
+
+def test_skip_because_moorline_does_not_start():
+    pytest.skip("moorline does not start yet: boom")
+
+
+def test_missing_binary():
+    procs.require_binary("no-such-peer-program")
+
+
+def test_genuine_skip():
+    pytest.skip("no IPv6 loopback")
+
+
+@pytest.mark.xfail(strict=True, reason="a known bug")
+def test_known_bug():
+    assert False
+"""
+
+
+def test_moorline_start_failures_fail_and_never_skip(pytester: pytest.Pytester) -> None:
+    """A moorline that cannot start (port already taken; bad config) fails its test, with the
+    child's exit code and stderr tail in the report; so does any skip that blames a missing
+    peer or moorline itself. A genuine skip stays a skip."""
+    pytester.makeconftest((REPO_ROOT / "tests" / "conftest.py").read_text())
+    pytester.makepyfile(test_inner=_INNER_TESTS)
+    res = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA", timeout=120)
+    out = res.stdout.str()
+    res.assert_outcomes(failed=5, errors=1, skipped=1, xfailed=1)
+    for name in (
+        "test_port_already_taken",
+        "test_bad_config",
+        "test_skip_for_a_missing_peer",
+        "test_skip_because_moorline_does_not_start",
+        "test_missing_binary",
+    ):
+        assert re.search(rf"^FAILED test_inner.py::{name}\b", out, re.M), out
+    assert re.search(r"^ERROR test_inner.py::test_skipif_for_a_missing_peer\b", out, re.M), out
+    assert re.search(r"^SKIPPED .*no IPv6 loopback", out, re.M), out
+    # The child's own words reach the report: moorline's exit code and last stderr line.
+    assert "moorline exited with 1 before /ready" in out
+    assert "moorline: cannot start: [Errno 98] Address already in use" in out
+    assert "moorline exited with 2 before /ready" in out
+    assert 'clusters[0].type: invalid enum value "STATIK"' in out
+    assert "skip turned into a failure: 'nginx is not installed'" in out
+    assert "no-such-peer-program is missing" in out
+
+
+def test_require_binary(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert procs.require_binary("sh").endswith("/sh")
+    assert procs.require_binary(sys.executable) == sys.executable
+    # A required peer that is missing: the error names its package and how to install it.
+    monkeypatch.setitem(procs.REQUIRED_PEERS, "nginx", (str(tmp_path / "nginx"), "nginx"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(procs.PeerMissingError, match=r"Debian package nginx .*install-deps\.sh"):
+        procs.require_binary("nginx")
+    with pytest.raises(procs.PeerMissingError, match="definitely-not-a-program is missing: install it"):
+        procs.require_binary("definitely-not-a-program")
+
+
 def test_nginx_fixed_body_and_reverse_proxy(tmp_path, upstream: TestUpstream) -> None:
-    if not os.path.exists(procs.NGINX_BIN):
-        pytest.skip("nginx is not installed")
+    procs.require_binary(procs.NGINX_BIN)
     p1, p2 = free_port(), free_port()
     fixed = procs.start_nginx(tmp_path, procs.nginx_fixed_body(p1, "fixed!\n"), p1)
     rev = procs.start_nginx(tmp_path, procs.nginx_reverse_proxy(p2, upstream.port), p2)
@@ -134,9 +225,6 @@ def test_fixtures_moorline_nginx_config_http(moorline, nginx, config_http) -> No
     """The conftest factory fixtures start working processes (moorline in front of nginx)."""
     nport, port = free_port(), free_port()
     nginx(procs.nginx_fixed_body(nport, "via fixture\n"), nport)
-    try:
-        m = moorline(config_http(port, clusters={"ng": [nport]}))
-    except procs.ProcStartError as exc:  # moorline itself not runnable yet
-        pytest.skip(f"moorline does not start yet: {str(exc)[:200]}")
+    m = moorline(config_http(port, clusters={"ng": [nport]}))  # a failed start fails here
     assert procs.http_request("127.0.0.1", port, "GET", "/").body == b"via fixture\n"
     assert m.stat("cluster.ng.upstream_rq_total") == 1

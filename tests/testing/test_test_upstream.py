@@ -6,14 +6,13 @@ import hashlib
 import http.client
 import json
 import os
-import shutil
 import socket
 import subprocess
 import threading
 
 import pytest
 
-from moorline.testing.procs import RawConn, raw_exchange
+from moorline.testing.procs import RawConn, raw_exchange, require_binary
 from moorline.testing.upstream import (
     TcpEchoServer,
     TestUpstream,
@@ -173,13 +172,12 @@ def test_tcp_echo_half_close() -> None:
 
 
 def test_curl_chunked_upload(upstream: TestUpstream, tmp_path) -> None:
-    if shutil.which("curl") is None:
-        pytest.skip("curl is not installed")
+    curl = require_binary("curl")
     f = tmp_path / "body.bin"
     f.write_bytes(os.urandom(300_000))
     out = subprocess.run(
         [
-            "curl",
+            curl,
             "-sS",
             "-H",
             "Transfer-Encoding: chunked",
