@@ -102,8 +102,24 @@ BOOTSTRAP: Table = {
     "memory_allocator_manager": "the memory allocator is not configurable; ignored",
 }
 
+
+def _writes_somewhere(logs: Any) -> bool:
+    """False when every admin access log is a file logger writing to /dev/null (Istio's default)."""
+    from moorline.config.loader import unpack_any
+
+    for i, al in enumerate(logs):
+        cfg = (
+            unpack_any(al.typed_config, f"admin.access_log[{i}].typed_config")
+            if al.HasField("typed_config")
+            else None
+        )
+        if getattr(cfg, "path", None) != "/dev/null":
+            return True
+    return False
+
+
 ADMIN: Table = {
-    "access_log": "admin access logs are not written; ignored",
+    "access_log": When("admin access logs are not written; ignored", _writes_somewhere),
     # Envoy's own examples write the admin log to /dev/null: nothing to announce then.
     "access_log_path": When("admin access logs are not written; ignored", lambda v: v != "/dev/null"),
     "profile_path": "the CPU profiler is not available; ignored",

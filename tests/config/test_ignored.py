@@ -74,6 +74,7 @@ def test_implemented_fields_give_no_notice() -> None:
     doc["admin"] = {
         "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
         "access_log_path": "/dev/null",
+        "access_log": procs.file_access_log("/dev/null"),  # Istio's default: nothing is lost
     }
     doc["node"] = {"id": "n", "cluster": "c"}
     assert _server(doc).ctx.notices == []
@@ -106,6 +107,16 @@ IGNORED_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("hds_config", {"hds_config": {"api_type": "GRPC"}}, "hds_config"),
     ("tracing (bootstrap)", {"tracing": {"http": {"name": "envoy.tracers.zipkin"}}}, "tracing"),
     ("header_prefix", {"header_prefix": "x-acme-"}, "header_prefix"),
+    (
+        "admin.access_log",
+        {
+            "admin": {
+                "access_log": procs.file_access_log("/tmp/admin.log"),
+                "address": {"pipe": {"path": "/tmp/x"}},
+            }
+        },
+        "admin.access_log[0]",
+    ),
     (
         "admin.profile_path",
         {"admin": {"profile_path": "/tmp/prof", "address": {"pipe": {"path": "/tmp/x"}}}},
