@@ -790,7 +790,8 @@ def _enum(fd: FieldDescriptor, v: Any, path: str) -> int:
     if isinstance(v, int) and not isinstance(v, bool):
         # proto3 JSON allows the number instead of the name. An open enum would keep an undefined
         # number, but nothing downstream can act on it (Envoy rejects it in validation too).
-        if v in et.values_by_number:
+        # The range test comes first: upb's values_by_number truncates keys to 32 bits.
+        if -(2**31) <= v < 2**31 and v in et.values_by_number:
             return v
         defined = ", ".join(f"{n.number} ({n.name})" for n in et.values)
         raise ConfigError(path, f"invalid enum number {v} for {et.full_name} (defined: {defined})")

@@ -461,7 +461,10 @@ static_resources:
     assert "ROUND_ROBIN" in e.message  # the hint names the real value
 
 
-@pytest.mark.parametrize(("field", "number"), [("lb_policy", 999), ("type", -1), ("lb_policy", 4)])
+@pytest.mark.parametrize(
+    ("field", "number"),
+    [("lb_policy", 999), ("type", -1), ("lb_policy", 4), ("type", 2**32), ("type", 2**40)],
+)
 def test_undefined_enum_number_is_an_error(field: str, number: int) -> None:
     """proto3 JSON allows a number for an enum: a defined one is taken, an undefined one (4 is a
     gap in LbPolicy) is an error naming the field, not a crash when the name is looked up later."""
