@@ -28,8 +28,12 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the proxy (default: the embedded demo config)")
     _run_args(run)
 
-    v = sub.add_parser("validate", help="check a config file and exit (0 valid, 2 invalid)")
+    v = sub.add_parser(
+        "validate",
+        help="check a config file, list what it sets that moorline ignores, and exit (0 valid, 2 invalid)",
+    )
     v.add_argument("file")
+    _reject_arg(v)
 
     sub.add_parser("version", help="print the version")
 
@@ -58,6 +62,18 @@ def _run_args(run: argparse.ArgumentParser) -> None:
     run.add_argument("--log-format", default=None)
     run.add_argument("--disable-hot-restart", action="store_true")
     run.add_argument("--allow-unknown-static-fields", action="store_true")
+    _reject_arg(run)
+
+
+def _reject_arg(p: argparse.ArgumentParser) -> None:
+    # Envoy's --reject-unknown-dynamic-fields is the nearest spelling Envoy tooling passes.
+    p.add_argument(
+        "--reject-ignored",
+        "--reject-unknown-dynamic-fields",
+        dest="reject_ignored",
+        action="store_true",
+        help="treat every field or extension moorline accepts but ignores as an error (exit 2)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,12 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moorline version: {__version__} (Python {sys.version.split()[0]})")
         return 0
     if args.cmd == "validate":
-        return _validate(args.file, None)
+        return _validate(args.file, None, args.reject_ignored)
     if args.cmd == "proxy":
         text = quick_config(args.listen, args.to, args.http, args.admin)
         return _run(None, text, args.log_level, 600.0, {"mode": "proxy"}, source="moorline proxy")
     if args.mode == "validate":
-        return _validate(args.config, args.config_yaml)
+        return _validate(args.config, args.config_yaml, args.reject_ignored)
     if args.concurrency not in (0, 1):
         print(
             f"moorline: --concurrency {args.concurrency}: one worker per process for now; running 1",
@@ -103,17 +119,31 @@ def _load(path: str | None, yaml_text: str | None) -> tuple[Any, str]:
     return load_bootstrap(yaml_text=yaml_text), "--config-yaml"
 
 
-def _validate(path: str | None, yaml_text: str | None) -> int:
+def _validate(path: str | None, yaml_text: str | None, reject_ignored: bool = False) -> int:
     from moorline.server import Server
 
     try:
         b, source = _load(path, yaml_text)
-        Server(b, source)
+        server = Server(b, source)
     except ConfigError as e:
         print(f"moorline: {e}", file=sys.stderr)
         return 2
-    print(f"moorline: configuration '{source}' OK")
+    notices = server.ctx.notices
+    if reject_ignored and notices:
+        _print_rejected(notices, source)
+        return 2
+    for n in notices:
+        print(f"moorline: {source}: notice: {n}", file=sys.stderr)
+    tail = f" ({len(notices)} ignored, listed above)" if notices else ""
+    print(f"moorline: configuration '{source}' OK{tail}")
     return 0
+
+
+def _print_rejected(notices: list[Any], source: str) -> None:
+    """Every notice as the error it becomes under --reject-ignored, one line each."""
+    for n in notices:
+        err = ConfigError(n.path, f"{n.message} (rejected by --reject-ignored)", source)
+        print(f"moorline: {err}", file=sys.stderr)
 
 
 def _run(
@@ -135,6 +165,9 @@ def _run(
         server = Server(b, source or src, drain_time=drain, options=opts)
     except ConfigError as e:
         print(f"moorline: {e}", file=sys.stderr)
+        return 2
+    if opts.get("reject_ignored") and server.ctx.notices:
+        _print_rejected(server.ctx.notices, source or src)
         return 2
     try:
         return asyncio.run(server.run())

@@ -15,6 +15,7 @@ from moorline import __version__
 from moorline.config import registry
 from moorline.config.context import BuildContext
 from moorline.config.errors import ConfigError
+from moorline.config.ignored import check_bootstrap_fields
 from moorline.config.util import addr_str, address_of
 from moorline.observability.stats import Store
 
@@ -31,6 +32,7 @@ class Server:
     def __init__(
         self, bootstrap: Any, source: str, drain_time: float = 600.0, options: dict | None = None
     ) -> None:
+        from moorline.admin.server import compile_allow_paths
         from moorline.net.listener import Listener
         from moorline.upstream.manager import ClusterManager
 
@@ -63,15 +65,18 @@ class Server:
             self.admin_address = None
             if bootstrap.HasField("admin") and bootstrap.admin.HasField("address"):
                 self.admin_address = address_of(bootstrap.admin.address, "admin.address")
+            self.admin_allow_paths = compile_allow_paths(bootstrap.admin.allow_paths, "admin.allow_paths")
             if bootstrap.HasField("dynamic_resources"):
                 self.ctx.notice(
                     "dynamic_resources: xDS is not supported yet; only static_resources are served"
                 )
+            # Cluster notices carry paths relative to their cluster.
+            for i, cp in enumerate(sr.clusters):
+                for n in getattr(self.cluster_manager.get(cp.name), "notices", None) or []:
+                    self.ctx.notice(f"static_resources.clusters[{i}].{n}")
+            check_bootstrap_fields(bootstrap, self.ctx)
         except ConfigError as e:
             raise e.with_source(source) from None
-        for c in self.cluster_manager.clusters.values():
-            for n in getattr(c, "notices", []) or []:
-                self.ctx.notice(f"cluster {c.name}: {n}")
         self.server_stats()
 
     def server_stats(self) -> None:
@@ -90,7 +95,7 @@ class Server:
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         for n in self.ctx.notices:
-            log.info("%s", n)
+            log.info("notice: %s", n)
         await self.cluster_manager.start()
         for lst in self.listeners:
             await lst.start(loop)
@@ -98,7 +103,7 @@ class Server:
         if self.admin_address is not None:
             from moorline.admin.server import AdminServer
 
-            self.admin = AdminServer(self, self.admin_address)
+            self.admin = AdminServer(self, self.admin_address, allow_paths=self.admin_allow_paths)
             await self.admin.start()
             log.info("admin on %s", _fmt_addr(self.admin.bound_address))
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -14,6 +14,8 @@ HTTP behaviour:
   gets ``405 Method GET not allowed, POST required.``. ``GET /logging`` without
   parameters only lists levels and is allowed (Envoy answers 405 there).
 - Unknown paths answer 404 with the list of endpoints, like Envoy.
+- ``admin.allow_paths`` (Envoy string matchers on the path, query excluded): when set, a path
+  that none of them matches answers 403, whatever the endpoint.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import httptools
 
+from moorline.config.matchers import StringMatcher
 from moorline.observability import logging as mlog
 from moorline.observability import render
 from moorline.observability.stats import Counter, Store
@@ -214,10 +217,22 @@ class _Reader:
 Handler = Callable[[Request, dict[str, str]], Response]
 
 
+def compile_allow_paths(matchers: Any, path: str) -> tuple[StringMatcher, ...]:
+    """``admin.allow_paths`` (``envoy.type.matcher.v3.StringMatcher`` list) compiled at load, so a
+    bad regex is a config error; empty means every path is allowed."""
+    return tuple(StringMatcher.compile(m, f"{path}[{i}]") for i, m in enumerate(matchers))
+
+
 class AdminServer:
-    def __init__(self, host: AdminHost, address: tuple[str, str, int | None]) -> None:
+    def __init__(
+        self,
+        host: AdminHost,
+        address: tuple[str, str, int | None],
+        allow_paths: tuple[StringMatcher, ...] = (),
+    ) -> None:
         self.host = host
         self.address = address
+        self.allow_paths = allow_paths
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         # path -> (handler, mutates server state, help)
@@ -354,6 +369,11 @@ class AdminServer:
         parts = urlsplit(req.target)
         path = parts.path or "/"
         params = dict(parse_qsl(parts.query, keep_blank_values=True))
+        if self.allow_paths and not any(
+            m.match(path.encode("utf-8", "surrogateescape")) for m in self.allow_paths
+        ):
+            log.info("admin: request to path %s not in allow_paths", path)
+            return _text(403, "path not allowed by admin.allow_paths\n")
         route = self._routes.get(path)
         if route is None:
             return _text(404, "invalid path. " + self._help_text())

@@ -3,10 +3,47 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from moorline.observability.stats import Store
+
+# A notice starts with the field path it is about: ``a.b[0].c["key"]: message``, sometimes with
+# the extension name in parentheses after the path (``http_filters[1] (istio.stats): ...``).
+_PATH_HEAD = re.compile(
+    r"(?P<path>[A-Za-z_@][\w@]*(?:\[[^\]]*\])*(?:\.[A-Za-z_@][\w@]*(?:\[[^\]]*\])*)*)"
+    r"(?P<name> \([^)]*\))?: (?P<rest>.*)",
+    re.DOTALL,
+)
+
+
+class Notice(str):
+    """A configuration value moorline accepted but does not act on (or acts on differently).
+
+    It is the text ``"<field.path>: <message>"`` (so ``"tracing" in notice`` works) and carries
+    the two parts as ``path`` and ``message``; ``--reject-ignored`` turns each one into a
+    ``ConfigError(path, message)``.
+    """
+
+    path: str
+    message: str
+
+    def __new__(cls, path: str, message: str) -> Notice:
+        self = super().__new__(cls, f"{path}: {message}" if path else message)
+        self.path = path
+        self.message = message
+        return self
+
+    @classmethod
+    def parse(cls, text: str) -> Notice:
+        """``"a.b: why"`` -> ``Notice("a.b", "why")``; text with no leading path keeps path ``""``."""
+        m = _PATH_HEAD.fullmatch(text)
+        if m is None:
+            return cls("", text)
+        rest = m.group("rest")
+        name = m.group("name")
+        return cls(m.group("path"), f"{name.strip()[1:-1]}: {rest}" if name else rest)
 
 
 @dataclass
@@ -14,11 +51,28 @@ class BuildContext:
     stats: Store
     cluster_manager: Any = None  # moorline.upstream.manager.ClusterManager
     source: str | None = None  # config file name, for error messages
-    notices: list[str] = field(default_factory=list)  # no-op extensions etc., logged by the server
+    notices: list[Notice] = field(default_factory=list)  # logged at start, listed by `validate`
     server: Any = None  # moorline.server.Server when running (None in validate mode)
 
     def loop(self) -> asyncio.AbstractEventLoop:
         return asyncio.get_event_loop()
 
-    def notice(self, msg: str) -> None:
-        self.notices.append(msg)
+    def notice(self, msg: str, path: str | None = None) -> None:
+        """Announce something accepted but not acted on. ``msg`` is ``"<field.path>: <why>"``
+        (or pass ``path`` and the bare reason). The same notice twice is kept once."""
+        n = Notice(path, msg) if path is not None else Notice.parse(msg)
+        if n not in self.notices:
+            self.notices.append(n)
+
+    def has_notice_at(self, path: str) -> bool:
+        """Whether a notice already covers ``path``: the same field, one inside it, or one of
+        its parents (so a generic "field ignored" line does not repeat a compiler's own)."""
+        for n in self.notices:
+            p = n.path
+            if p == path or _inside(p, path) or _inside(path, p):
+                return True
+        return False
+
+
+def _inside(child: str, parent: str) -> bool:
+    return len(child) > len(parent) and child.startswith(parent) and child[len(parent)] in ".["

@@ -50,7 +50,9 @@ from moorline.config import typeindex
 from moorline.config.errors import ConfigError
 
 __all__ = [
+    "MAX_ALIAS_NODES",
     "MAX_DEPTH",
+    "MAX_DOCUMENT_DEPTH",
     "OpaqueAny",
     "load_bootstrap",
     "load_document",
@@ -59,6 +61,11 @@ __all__ = [
 ]
 
 MAX_DEPTH = 100
+# Bounds on the document itself, checked before any conversion (hostile files, xDS payloads):
+# mappings and lists nested this deep, and the nodes YAML aliases may add to a document (at most
+# this many, or as many as the document has, whichever is larger).
+MAX_DOCUMENT_DEPTH = 200
+MAX_ALIAS_NODES = 200_000
 
 TYPED_STRUCT_TYPES = frozenset({"udpa.type.v1.TypedStruct", "xds.type.v3.TypedStruct"})
 _ANY = "google.protobuf.Any"
@@ -197,7 +204,13 @@ def unpack_any(any_msg: Any, path: str) -> Message | OpaqueAny:
 
 
 def load_document(text: str, source: str) -> dict[str, Any]:
-    """YAML (or JSON, which YAML parses too) text -> the top-level mapping."""
+    """YAML (or JSON, which YAML parses too) text -> the top-level mapping.
+
+    Of a multi-document YAML stream only the first document is read, as Envoy (yaml-cpp's
+    ``Load``) does. Nesting deeper than ``MAX_DOCUMENT_DEPTH`` and YAML aliases that expand the
+    document past ``MAX_ALIAS_NODES`` (a "billion laughs" bomb) are errors, found before
+    anything is built from the document.
+    """
     stripped = text.lstrip()
     doc: Any = None
     if stripped.startswith("{"):
@@ -205,8 +218,12 @@ def load_document(text: str, source: str) -> dict[str, Any]:
         # with tabs. Anything it rejects gets a second chance as YAML (flow style, comments).
         try:
             doc = json.loads(text, object_pairs_hook=_json_pairs)
+        except RecursionError:
+            raise ConfigError("", f"nesting deeper than {MAX_DOCUMENT_DEPTH} levels", source) from None
         except ValueError:
             doc = None
+        if doc is not None:
+            _check_json_depth(doc, source)
     if doc is None:
         doc = _yaml_load(text, source)
     if doc is None:
@@ -331,7 +348,17 @@ class _Loader(_BaseLoader):  # type: ignore[misc, valid-type]
 
 def _yaml_load(text: str, source: str) -> Any:
     try:
-        return yaml.load(text, Loader=_Loader)  # _Loader derives from SafeLoader: no arbitrary objects
+        loader = _Loader(text)  # derives from SafeLoader: no arbitrary objects
+        try:
+            # The first document only. check_node() consumes the stream start (libyaml's
+            # get_node() assumes it has been) and is False for an empty stream.
+            if not loader.check_node():
+                return None
+            node = loader.get_node()
+            _check_yaml_graph(node, source)
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -340,7 +367,79 @@ def _yaml_load(text: str, source: str) -> Any:
     except yaml.YAMLError as e:
         raise ConfigError("", f"YAML error: {e}", source) from None
     except RecursionError:
-        raise ConfigError("", "YAML nesting too deep", source) from None
+        raise ConfigError("", f"nesting deeper than {MAX_DOCUMENT_DEPTH} levels", source) from None
+
+
+def _check_json_depth(doc: Any, source: str) -> None:
+    """Reject a parsed JSON document nested deeper than ``MAX_DOCUMENT_DEPTH`` (without recursing:
+    the converters downstream do recurse)."""
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        v, d = stack.pop()
+        if d > MAX_DOCUMENT_DEPTH:
+            raise ConfigError("", f"nesting deeper than {MAX_DOCUMENT_DEPTH} levels", source)
+        if isinstance(v, dict):
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, d + 1) for x in v)
+
+
+def _check_yaml_graph(root: Any, source: str) -> None:
+    """Bound a composed YAML document before it is constructed.
+
+    An alias is the same node object as its anchor, so the graph is small even when the tree it
+    stands for is huge: eight levels of nine aliases write a hundred nodes and mean 43 million.
+    Each node's expanded size and height are computed once (post-order, no recursion), so the
+    check costs the size of the text, not of the expansion. A node that contains itself (a
+    recursive alias) is an error too.
+    """
+    size: dict[int, int] = {}  # id(node) -> nodes in its expansion
+    height: dict[int, int] = {}  # id(node) -> levels below it, itself included
+    on_path: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    written = 0
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            on_path.discard(key)
+            kids = _yaml_children(node)
+            size[key] = 1 + sum(size[id(k)] for k in kids)
+            height[key] = 1 + max((height[id(k)] for k in kids), default=0)
+            if height[key] > MAX_DOCUMENT_DEPTH:
+                raise ConfigError("", _at(node, f"nesting deeper than {MAX_DOCUMENT_DEPTH} levels"), source)
+            continue
+        if key in size:
+            continue  # an alias of a node already measured
+        if key in on_path:
+            raise ConfigError("", _at(node, "a YAML alias refers to a node that contains it"), source)
+        written += 1
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((k, False) for k in _yaml_children(node) if id(k) not in size)
+        if len(on_path) > MAX_DOCUMENT_DEPTH:
+            raise ConfigError("", _at(node, f"nesting deeper than {MAX_DOCUMENT_DEPTH} levels"), source)
+    expanded = size[id(root)]
+    if expanded - written > max(MAX_ALIAS_NODES, written):
+        raise ConfigError(
+            "",
+            f"YAML aliases expand the document from {written} to {expanded} nodes "
+            f"(more than {max(MAX_ALIAS_NODES, written)} added by aliases)",
+            source,
+        )
+
+
+def _yaml_children(node: Any) -> list[Any]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [x for pair in node.value for x in pair]
+    return []
+
+
+def _at(node: Any, msg: str) -> str:
+    mark = getattr(node, "start_mark", None)
+    return f"{msg} (at line {mark.line + 1})" if mark is not None else msg
 
 
 # --- JSON tree -> message ----------------------------------------------------------------------
@@ -543,6 +642,10 @@ def _jsonable(v: Any, path: str) -> Any:
 def _convert_any(js: Any, msg: Any, path: str, depth: int) -> None:
     if not isinstance(js, dict):
         raise ConfigError(path, f'expected a mapping with "@type", got {_kind(js)}')
+    if not js:
+        # ``typed_config: {}``: an empty Any, as protobuf's JSON parser reads it. Envoy then picks
+        # the extension by name with its default config (common on the router filter).
+        return
     url = js.get("@type")
     if url is None:
         raise ConfigError(path, 'missing "@type": the type URL of the config, e.g. "type.googleapis.com/..."')
@@ -674,17 +777,38 @@ def _enum(fd: FieldDescriptor, v: Any, path: str) -> int:
     assert et is not None
     if isinstance(v, str):
         ev = et.values_by_name.get(v)
+        if ev is None:
+            # Envoy parses enum names case-insensitively (``codec_type: auto``,
+            # ``type: strict_dns``): protobuf's case_insensitive_enum_parsing option.
+            ev = _enum_folded(et).get(v.upper())
         if ev is not None:
             return int(ev.number)
         names = list(et.values_by_name)
-        close = difflib.get_close_matches(v, names, n=1, cutoff=0.6)
+        close = difflib.get_close_matches(v.upper(), names, n=1, cutoff=0.6)
         hint = f' (did you mean "{close[0]}"?)' if close else f" (expected one of {', '.join(names)})"
         raise ConfigError(path, f'invalid enum value "{v}"{hint}')
     if isinstance(v, int) and not isinstance(v, bool):
-        if v in et.values_by_number or (not et.is_closed and -(2**31) <= v < 2**31):
+        # proto3 JSON allows the number instead of the name. An open enum would keep an undefined
+        # number, but nothing downstream can act on it (Envoy rejects it in validation too).
+        # The range test comes first: upb's values_by_number truncates keys to 32 bits.
+        if -(2**31) <= v < 2**31 and v in et.values_by_number:
             return v
-        raise ConfigError(path, f"invalid enum number {v} for {et.full_name}")
+        defined = ", ".join(f"{n.number} ({n.name})" for n in et.values)
+        raise ConfigError(path, f"invalid enum number {v} for {et.full_name} (defined: {defined})")
     raise ConfigError(path, f"expected an enum name of {et.full_name}, got {_kind(v)}")
+
+
+_enum_folded_cache: dict[Any, dict[str, Any]] = {}
+
+
+def _enum_folded(et: Any) -> dict[str, Any]:
+    folded = _enum_folded_cache.get(et)
+    if folded is None:
+        folded = {}
+        for ev in et.values:
+            folded.setdefault(ev.name.upper(), ev)
+        _enum_folded_cache[et] = folded
+    return folded
 
 
 # --- Any helpers -------------------------------------------------------------------------------

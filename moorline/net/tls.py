@@ -59,6 +59,7 @@ UPSTREAM_TYPE = "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 RAW_BUFFER_TYPE = "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"
 TLS_NAMES = ("envoy.transport_sockets.tls", "tls")
 RAW_BUFFER_NAMES = ("envoy.transport_sockets.raw_buffer", "raw_buffer", "")
+INTERNAL_UPSTREAM_TYPE = "envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport"
 
 DEFAULT_HANDSHAKE_TIMEOUT = 60.0  # asyncio's default; Envoy has none unless transport_socket_connect_timeout
 
@@ -766,10 +767,22 @@ def compile_upstream(proto: Any, ctx: Any, path: str) -> UpstreamTls:
 def compile_transport_socket(
     ts: Any, ctx: Any, path: str, *, server: bool
 ) -> DownstreamTls | UpstreamTls | None:
-    """A ``TransportSocket`` -> compiled TLS, or None for ``raw_buffer``. ``ConfigError`` otherwise."""
+    """A ``TransportSocket`` -> compiled TLS, or None for ``raw_buffer``. ``ConfigError`` for any
+    other transport socket (tap, ALTS, PROXY protocol, ...): caught at load, not on every connection.
+    ``internal_upstream`` (Istio) only adds metadata for internal listeners, which moorline does not
+    have: its inner transport socket is what carries the bytes, so that one is compiled."""
     tname = ts.typed_config.type_url.rsplit("/", 1)[-1] if ts.HasField("typed_config") else ""
     if tname == RAW_BUFFER_TYPE or (not tname and ts.name in RAW_BUFFER_NAMES):
         return None
+    if tname == INTERNAL_UPSTREAM_TYPE and not server:
+        iu = _unpack(ts.typed_config, f"{path}.typed_config")
+        if len(iu.passthrough_metadata):
+            ctx.notice(f"{path}.typed_config.passthrough_metadata: ignored (no internal listeners)")
+        if not iu.HasField("transport_socket"):
+            return None
+        return compile_transport_socket(
+            iu.transport_socket, ctx, f"{path}.typed_config.transport_socket", server=False
+        )
     want = DOWNSTREAM_TYPE if server else UPSTREAM_TYPE
     if tname in (DOWNSTREAM_TYPE, UPSTREAM_TYPE):
         if tname != want:
@@ -782,9 +795,11 @@ def compile_transport_socket(
     raise ConfigError(path, f"unsupported transport socket {tname or ts.name!r}")
 
 
-def tls_for_cluster(cluster: Any) -> UpstreamTls | None:
+def tls_for_cluster(cluster: Any, ctx: Any = None) -> UpstreamTls | None:
     """The compiled ``UpstreamTlsContext`` of a cluster (None: plain TCP), compiled on first use
-    and cached on the cluster object. Raises ``ConfigError`` when it cannot be compiled."""
+    and cached on the cluster object. Raises ``ConfigError`` when it cannot be compiled, also for
+    a transport socket that is neither TLS nor raw_buffer. ``ctx.notice`` receives what the
+    compilation ignores (default: the log)."""
     ts = getattr(cluster, "transport_socket", None)
     if ts is None:
         return None
@@ -792,7 +807,7 @@ def tls_for_cluster(cluster: Any) -> UpstreamTls | None:
     if cached is not None and cached[0] is ts:
         return cached[1]  # type: ignore[no-any-return]
     compiled = compile_transport_socket(
-        ts, _NoCtx(), f"clusters[{cluster.name}].transport_socket", server=False
+        ts, ctx if ctx is not None else _NoCtx(), f"clusters[{cluster.name}].transport_socket", server=False
     )
     assert compiled is None or isinstance(compiled, UpstreamTls)
     if compiled is not None:

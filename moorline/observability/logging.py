@@ -103,7 +103,10 @@ def _loggers() -> dict[str, logging.Logger]:
     out = {"main": logging.getLogger(ROOT)}
     for name, lg in list(logging.Logger.manager.loggerDict.items()):
         if isinstance(lg, logging.Logger) and name.startswith(ROOT + "."):
-            out[component(name)] = lg
+            # ``moorline.main`` (the CLI and the server) is a child like any other: "main" stays
+            # the ``moorline`` logger itself, whose level every child at NOTSET follows. Letting
+            # the child take the name left ``moorline`` unset, so WARNING hid every info line.
+            out.setdefault(component(name), lg)
     return out
 
 
@@ -122,10 +125,12 @@ def set_level(level: str, logger: str | None = None) -> bool:
             return False
         lg.setLevel(levelno)
         return True
-    for lg in loggers.values():
-        # Children left at NOTSET follow ``main``; ones set individually are reset too,
-        # as Envoy's "set all" does.
-        lg.setLevel(levelno if lg.name == ROOT else logging.NOTSET)
+    # Children left at NOTSET follow ``main``; ones set individually are reset too, as Envoy's
+    # "set all" does.
+    loggers["main"].setLevel(levelno)
+    for name, child in list(logging.Logger.manager.loggerDict.items()):
+        if isinstance(child, logging.Logger) and name.startswith(ROOT + "."):
+            child.setLevel(logging.NOTSET)
     return True
 
 

@@ -219,8 +219,7 @@ class HcmConfig:
         # filters: router must be last
         self.filter_factories: list[Any] = []
         fl = list(proto.http_filters)
-        if not fl:
-            raise ConfigError(f"{path}.http_filters", "http_filters must end with envoy.filters.http.router")
+        # No http_filters at all is a valid Envoy config; the router alone serves it.
         for i, f in enumerate(fl):
             fpath = f"{path}.http_filters[{i}]"
             type_url = f.typed_config.type_url if f.HasField("typed_config") else None
@@ -385,9 +384,18 @@ def _accept_done(t: asyncio.Task) -> None:
 
 
 def _hcm_factory(cfg: Any, ctx: BuildContext, path: str) -> HcmConfig:
+    cpath = f"{path}.typed_config"
     if cfg is None:
-        raise ConfigError(f"{path}.typed_config", "typed_config is required")
-    return HcmConfig(cfg, ctx, f"{path}.typed_config")
+        raise ConfigError(cpath, "typed_config is required")
+    # Picked by name, the config may be any type: Envoy's v2 HCM (xds-protos still ships it),
+    # a type nobody knows (OpaqueAny), or an empty Any. Only the v3 message can be compiled.
+    got = getattr(getattr(cfg, "DESCRIPTOR", None), "full_name", None)
+    if got != HCM_TYPE:
+        if got is None:
+            got = str(getattr(cfg, "type_url", "")).rsplit("/", 1)[-1] or "an empty typed_config"
+        hint = " (the Envoy v2 API is not supported; use the v3 type)" if ".v2." in got else ""
+        raise ConfigError(cpath, f"expected {HCM_TYPE}, got {got}{hint}")
+    return HcmConfig(cfg, ctx, cpath)
 
 
 registry.register(

@@ -863,19 +863,15 @@ def compile_cluster(
 
     if proto.HasField("transport_socket"):
         c.transport_socket = proto.transport_socket
-        # Compile the TLS context now: a bad certificate or option is a config error at load
-        # time (with its field path), not a failure of the first connection.
+        # Compile the transport socket now: a bad certificate or option, or a transport socket
+        # moorline does not have (tap, ALTS, ...), is a config error at load time with its field
+        # path, not a 503 on every connection.
         from moorline.net.tls import tls_for_cluster
 
-        ts = proto.transport_socket
-        is_tls = ts.name in ("envoy.transport_sockets.tls", "tls") or ts.typed_config.type_url.endswith(
-            ".UpstreamTlsContext"
-        )
+        prefix = f"clusters[{c.name}]."
         try:
-            if is_tls:
-                tls_for_cluster(c)
+            tls_for_cluster(c, _ClusterNotices(c, prefix))
         except ConfigError as e:
-            prefix = f"clusters[{c.name}]."
             if e.path.startswith(prefix):
                 e.path = e.path[len(prefix) :]
             raise
@@ -938,6 +934,17 @@ def compile_cluster(
     # Initialise gauges and the (empty) balancer even when no host was added.
     c._rebuild()
     return c
+
+
+class _ClusterNotices:
+    """The TLS compiler's notice sink: notices go to the cluster, with paths relative to it."""
+
+    def __init__(self, c: Cluster, prefix: str) -> None:
+        self.c = c
+        self.prefix = prefix
+
+    def notice(self, msg: str) -> None:
+        self.c.notice(msg[len(self.prefix) :] if msg.startswith(self.prefix) else msg)
 
 
 def _dns_options(proto: Any, c: Cluster) -> None:

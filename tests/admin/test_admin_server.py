@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from moorline.admin.server import MAX_HEAD, AdminServer
+from moorline.admin.server import MAX_HEAD, AdminServer, compile_allow_paths
 from moorline.observability import logging as mlog
 from moorline.observability.stats import Store
 
@@ -86,13 +86,16 @@ class FakeHost:
 
 class Running:
     def __init__(
-        self, host: FakeHost, address: tuple[str, str, int | None] = ("tcp", "127.0.0.1", 0)
+        self,
+        host: FakeHost,
+        address: tuple[str, str, int | None] = ("tcp", "127.0.0.1", 0),
+        allow_paths: tuple[Any, ...] = (),
     ) -> None:
         self.host = host
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server = AdminServer(host, address)
+        self.server = AdminServer(host, address, allow_paths=allow_paths)
         self.call(self.server.start())
         self.addr = self.server.bound_address
 
@@ -398,3 +401,39 @@ def test_with_curl(admin: Running) -> None:
     assert out == "OK\n200"
     assert admin.host.hc_failed == [True, False]
     assert curl("-X", "POST", f"{base}/quitquitquit") == "OK\n"
+
+
+def test_allow_paths_forbid_every_other_path() -> None:
+    """``admin.allow_paths`` (Envoy string matchers on the path without the query): a path none
+    of them matches answers 403 whatever the endpoint, also for POST; matching ones work."""
+    from envoy.type.matcher.v3 import string_pb2
+
+    matchers = [
+        string_pb2.StringMatcher(exact="/ready"),
+        string_pb2.StringMatcher(prefix="/stats"),
+        string_pb2.StringMatcher(safe_regex={"regex": "/clusters|/listeners"}),
+    ]
+    r = Running(FakeHost(), allow_paths=compile_allow_paths(matchers, "admin.allow_paths"))
+    try:
+        assert _get(r, "/ready")[0] == 200
+        assert _get(r, "/stats?filter=cluster")[0] == 200
+        assert _get(r, "/stats/prometheus")[0] == 200
+        assert _get(r, "/clusters?format=json")[0] == 200
+        status, _, body = _get(r, "/config_dump")
+        assert status == 403 and "allow_paths" in body
+        assert _get(r, "/quitquitquit", "POST")[0] == 403
+        assert r.host.quit_calls == 0
+        assert _get(r, "/clusters2")[0] == 403  # the regex matches the whole path
+        assert _get(r, "/no-such-endpoint")[0] == 403
+    finally:
+        r.stop()
+
+
+def test_allow_paths_bad_regex_is_a_config_error() -> None:
+    from envoy.type.matcher.v3 import string_pb2
+
+    from moorline.config.errors import ConfigError
+
+    with pytest.raises(ConfigError) as ei:
+        compile_allow_paths([string_pb2.StringMatcher(safe_regex={"regex": "(a"})], "admin.allow_paths")
+    assert ei.value.path.startswith("admin.allow_paths[0].safe_regex")

@@ -253,3 +253,211 @@ def _curl() -> str:
 def test_wait_port_helper_sees_listener(upstream: TestUpstream) -> None:
     """(harness sanity) the upstream fixture is reachable, so failures above are moorline's."""
     wait_port(H, upstream.port, 2)
+
+
+# --- notices, --reject-ignored, and configs from Envoy's repository and examples -----------------
+
+HCM_PATH = "static_resources.listeners[0].filter_chains[0].filters[0].typed_config"
+
+
+def _doc(upstream_port: int = 1, hcm_extra: dict | None = None) -> tuple[dict, int]:
+    import yaml
+
+    port = free_port()
+    return yaml.safe_load(procs.config_http(port, clusters={"c": [upstream_port]}, hcm_extra=hcm_extra)), port
+
+
+def _write(tmp_path: Path, name: str, doc: dict | str) -> Path:
+    import yaml
+
+    f = tmp_path / name
+    f.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc, sort_keys=False))
+    return f
+
+
+def _ignored_config(tmp_path: Path) -> tuple[Path, int]:
+    doc, port = _doc(hcm_extra={"tracing": {}})
+    doc["stats_sinks"] = [{"name": "envoy.stat_sinks.statsd"}]
+    doc["layered_runtime"] = {"layers": [{"name": "static", "static_layer": {}}]}
+    return _write(tmp_path, "ignored.yaml", doc), port
+
+
+def test_validate_lists_every_ignored_field(tmp_path: Path) -> None:
+    """``validate`` exits 0 and prints one line per accepted-but-ignored field, with its path."""
+    f, _ = _ignored_config(tmp_path)
+    r = _moorline("validate", str(f))
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    assert [ln.split(": ", 4)[3] for ln in lines] == [
+        f"{HCM_PATH}.tracing",
+        "stats_sinks[0]",
+        "layered_runtime",
+    ]
+    assert all(ln.startswith(f"moorline: {f}: notice: ") and "ignored" in ln for ln in lines)
+    assert "OK (3 ignored" in r.stdout
+
+
+@pytest.mark.parametrize("flag", ["--reject-ignored", "--reject-unknown-dynamic-fields"])
+def test_reject_ignored_turns_notices_into_errors(tmp_path: Path, flag: str) -> None:
+    """``--reject-ignored`` (or Envoy's spelling): exit 2, one error line per ignored field in the
+    usual ``moorline: <file>: <field.path>: <message>`` form; ``run`` binds nothing."""
+    f, port = _ignored_config(tmp_path)
+    for argv in (["validate", flag, str(f)], ["run", "-c", str(f), flag], ["-c", str(f), flag]):
+        r = _moorline(*argv)
+        assert r.returncode == 2, (argv, r.stderr)
+        assert "Traceback" not in r.stderr
+        lines = r.stderr.splitlines()
+        assert [ln.split(": ", 3)[2] for ln in lines] == [
+            f"{HCM_PATH}.tracing",
+            "stats_sinks[0]",
+            "layered_runtime",
+        ]
+        assert all(ln.startswith(f"moorline: {f}: ") and "--reject-ignored" in ln for ln in lines)
+        assert port_is_free(port)
+    clean, _ = _good_config()
+    g = _write(tmp_path, "clean.yaml", clean)
+    assert _moorline("validate", "--reject-ignored", str(g)).returncode == 0
+
+
+def _tap_socket() -> dict:
+    return {
+        "name": "envoy.transport_sockets.tap",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tap.v3.Tap",
+            "common_config": {
+                "static_config": {"output_config": {"sinks": [{"file_per_tap": {"path_prefix": "/tmp/t"}}]}}
+            },
+            "transport_socket": {"name": "envoy.transport_sockets.raw_buffer"},
+        },
+    }
+
+
+def _bad_real_configs() -> dict[str, tuple[object, list[str]]]:
+    out: dict[str, tuple[object, list[str]]] = {}
+    doc, _ = _doc()
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["@type"] = (
+        "type.googleapis.com/envoy.config.filter.network.http_connection_manager.v2.HttpConnectionManager"
+    )
+    out["hcm v2 type"] = (doc, [HCM_PATH, "v2 API is not supported"])
+    doc, _ = _doc()
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["@type"] = "type.googleapis.com/acme.UnknownManager"
+    out["hcm unknown type"] = (doc, [HCM_PATH, "acme.UnknownManager"])
+    doc, _ = _doc()
+    doc["static_resources"]["listeners"][0]["filter_chains"][0]["transport_socket"] = _tap_socket()
+    out["tap on a listener"] = (doc, ["listeners[0].filter_chains[0].transport_socket", "tap"])
+    doc, _ = _doc()
+    doc["static_resources"]["clusters"][0]["transport_socket"] = _tap_socket()
+    out["tap on a cluster"] = (doc, ["static_resources.clusters[0].transport_socket", "tap"])
+    doc, _ = _doc()
+    doc["static_resources"]["clusters"][0]["lb_policy"] = 999
+    out["lb_policy 999"] = (doc, ["static_resources.clusters[0].lb_policy", "999"])
+    doc, _ = _doc()
+    doc["static_resources"]["clusters"][0]["type"] = -1
+    out["type -1"] = (doc, ["static_resources.clusters[0].type", "-1"])
+    doc, _ = _doc()
+    doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["route_config"][
+        "virtual_hosts"
+    ][0]["routes"].insert(
+        0,
+        {
+            "match": {"connect_matcher": {}},
+            "route": {"cluster": "c", "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}]},
+        },
+    )
+    out["connect_config"] = (
+        doc,
+        [f"{HCM_PATH}.route_config.virtual_hosts[0].routes[0].route.upgrade_configs[0].connect_config"],
+    )
+    doc, _ = _doc()
+    doc["admin"]["allow_paths"] = [{"safe_regex": {"regex": "(unclosed"}}]
+    out["allow_paths bad regex"] = (doc, ["admin.allow_paths[0].safe_regex"])
+    deep = "[" * 3000 + "]" * 3000
+    out["json nested 3000 deep"] = (
+        '{"static_resources": {"clusters": [{"name": "c", "metadata": {"filter_metadata": {"x": {"a": '
+        + deep
+        + "}}}}]}}",
+        ["nesting deeper than 200"],
+    )
+    bomb = [
+        "static_resources:",
+        "  clusters:",
+        "  - name: c",
+        "    metadata:",
+        "      filter_metadata:",
+        "        x:",
+    ]
+    bomb.append('          a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]')
+    for i in range(1, 9):
+        bomb.append(f"          a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]")
+    out["yaml alias bomb"] = ("\n".join(bomb) + "\n", ["YAML aliases expand"])
+    return out
+
+
+BAD_REAL = _bad_real_configs()
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REAL))
+def test_validate_bad_real_configs(tmp_path: Path, case: str) -> None:
+    """Configs that crashed, hung or validated wrongly: exit 2, one line naming file and field."""
+    doc, needles = BAD_REAL[case]
+    f = _write(tmp_path, "bad.json" if isinstance(doc, str) and doc.startswith("{") else "bad.yaml", doc)
+    r = _moorline("validate", str(f), timeout=60)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"moorline: {f}: "), lines[0]
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def _good_real_configs() -> dict[str, object]:
+    out: dict[str, object] = {}
+    doc, _ = _doc()
+    doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
+        "codec_type"
+    ] = "auto"
+    doc["static_resources"]["clusters"][0].update({"type": "static", "lb_policy": "round_robin"})
+    out["lower-case enums"] = doc
+    doc, _ = _doc()
+    doc["static_resources"]["clusters"][0].update({"type": 0, "lb_policy": 3})
+    out["numeric enums"] = doc
+    doc, _ = _doc()
+    import yaml
+
+    out["multi-document"] = yaml.safe_dump(doc) + "---\nanother: document\n"
+    doc, _ = _doc(hcm_extra={"http_filters": []})
+    out["no http_filters"] = doc
+    doc, _ = _doc(hcm_extra={"http_filters": [{"name": "envoy.filters.http.router", "typed_config": {}}]})
+    out["router typed_config {}"] = doc
+    return out
+
+
+GOOD_REAL = _good_real_configs()
+
+
+@pytest.mark.parametrize("case", sorted(GOOD_REAL))
+def test_validate_good_real_configs(tmp_path: Path, case: str) -> None:
+    f = _write(tmp_path, "good.yaml", GOOD_REAL[case])  # type: ignore[arg-type]
+    r = _moorline("validate", str(f))
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == "" and "OK" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "http_filters",
+    [[], [{"name": "envoy.filters.http.router", "typed_config": {}}]],
+    ids=["no http_filters", "router typed_config {}"],
+)
+def test_router_only_hcm_serves(tmp_path: Path, upstream: TestUpstream, http_filters: list) -> None:
+    """An HCM with no http_filters (valid in Envoy) or with ``typed_config: {}`` on the router
+    proxies like one configured with the router."""
+    doc, port = _doc(upstream.port, hcm_extra={"http_filters": http_filters})
+    p = procs.start_moorline(_write(tmp_path, "cfg.yaml", doc), tmp_path)
+    try:
+        r = http_request(H, port, "GET", "/only-router")
+        assert r.status == 200 and json.loads(r.body)["path"] == "/only-router"
+    finally:
+        assert p.stop(signal.SIGTERM, 10) == 0

@@ -6,11 +6,17 @@ import io
 import logging
 import os
 import re
+import signal
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import yaml
 
+from moorline import __version__
 from moorline.observability import logging as mlog
+from moorline.testing import procs
+from moorline.testing.procs import free_port
 
 
 @pytest.fixture
@@ -62,3 +68,27 @@ def test_set_level_all_and_one(restore: None) -> None:
     assert not mlog.set_level("info", "no-such-component")
     with pytest.raises(ValueError):
         mlog.setup_logging("loud")
+
+
+@pytest.mark.e2e
+def test_startup_log_shows_every_notice_at_info(tmp_path: Path) -> None:
+    """At the default ``-l info`` the startup log has the info lines, and every accepted-but-
+    ignored field is one line with its field path. (``moorline.main`` used to take the "main"
+    name, which left the ``moorline`` logger unset: WARNING hid every info line.)"""
+    port = free_port()
+    extra = {"tracing": {}}
+    doc = yaml.safe_load(procs.config_http(port, clusters={"c": [1]}, hcm_extra=extra))
+    doc["stats_sinks"] = [{"name": "envoy.stat_sinks.statsd"}]
+    p = procs.start_moorline(yaml.safe_dump(doc), tmp_path)  # --log-level info
+    try:
+        assert p.stop(signal.SIGTERM, 10) == 0
+        lines = p.stderr_text().splitlines()
+    finally:
+        p.stop(signal.SIGKILL, 5)
+    hcm = "static_resources.listeners[0].filter_chains[0].filters[0].typed_config"
+    notices = [ln for ln in lines if "[info][main] notice: " in ln]
+    assert [ln.split("] notice: ", 1)[1].split(": ", 1)[0] for ln in notices] == [
+        f"{hcm}.tracing",
+        "stats_sinks[0]",
+    ], lines
+    assert any(ln.endswith("[info][main] moorline " + __version__ + " ready") for ln in lines), lines

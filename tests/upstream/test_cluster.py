@@ -673,6 +673,73 @@ def test_config_errors(d: dict[str, Any], path: str, msg: str) -> None:
     assert msg in ei.value.message, str(ei.value)
 
 
+RAW_BUFFER_TS = {
+    "name": "envoy.transport_sockets.raw_buffer",
+    "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"
+    },
+}
+TAP_TS = {
+    "name": "envoy.transport_sockets.tap",
+    "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tap.v3.Tap",
+        "common_config": {
+            "static_config": {"output_config": {"sinks": [{"file_per_tap": {"path_prefix": "/tmp/t"}}]}}
+        },
+        "transport_socket": RAW_BUFFER_TS,
+    },
+}
+IU_TYPE = (
+    "type.googleapis.com/envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport"
+)
+
+
+@pytest.mark.parametrize(
+    ("ts", "path", "msg"),
+    [
+        (
+            TAP_TS,
+            "transport_socket",
+            "unsupported transport socket 'envoy.extensions.transport_sockets.tap.v3.Tap'",
+        ),
+        ({"name": "envoy.transport_sockets.alts"}, "transport_socket", "'envoy.transport_sockets.alts'"),
+        (
+            {"name": "internal_upstream", "typed_config": {"@type": IU_TYPE, "transport_socket": TAP_TS}},
+            "transport_socket.typed_config.transport_socket",
+            "unsupported transport socket",
+        ),
+    ],
+    ids=["tap", "alts by name", "tap inside internal_upstream"],
+)
+def test_unknown_transport_socket_is_a_load_error(ts: dict[str, Any], path: str, msg: str) -> None:
+    """A transport socket moorline does not have used to validate and then fail every upstream
+    connection with 503; it is a config error at load now."""
+    from envoy.extensions.transport_sockets.tap.v3 import tap_pb2  # noqa: F401
+
+    with pytest.raises(ConfigError) as ei:
+        build(static("c", ep("10.0.0.1"), transport_socket=ts))
+    assert ei.value.path == path, str(ei.value)
+    assert msg in ei.value.message, str(ei.value)
+
+
+def test_internal_upstream_uses_its_inner_transport_socket() -> None:
+    """Istio's internal_upstream only adds metadata for internal listeners; the bytes go through
+    its inner transport socket (raw_buffer here), and the ignored metadata is announced."""
+    ts = {
+        "name": "internal_upstream",
+        "typed_config": {
+            "@type": IU_TYPE,
+            "passthrough_metadata": [{"kind": {"host": {}}, "name": "tunnel"}],
+            "transport_socket": RAW_BUFFER_TS,
+        },
+    }
+    c = build(static("c", ep("10.0.0.1"), transport_socket=ts))
+    assert c.transport_socket is not None
+    assert c.notices == [
+        "transport_socket.typed_config.passthrough_metadata: ignored (no internal listeners)"
+    ]
+
+
 def test_manager_prefixes_paths_and_rejects_duplicates() -> None:
     m = ClusterManager(Store())
     m.add(proto(static("a", _sa())), "static_resources.clusters[0]")
