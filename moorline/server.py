@@ -12,11 +12,11 @@ import time
 from typing import Any
 
 from moorline import __version__
-from moorline.config import registry
 from moorline.config.context import BuildContext
 from moorline.config.errors import ConfigError
 from moorline.config.ignored import check_bootstrap_fields
 from moorline.config.util import addr_str, address_of
+from moorline.extensions import register_builtin
 from moorline.observability.stats import Store
 
 log = logging.getLogger("moorline.main")
@@ -36,7 +36,7 @@ class Server:
         from moorline.net.listener import Listener
         from moorline.upstream.manager import ClusterManager
 
-        registry.load_builtin()
+        register_builtin()
         self.bootstrap = bootstrap
         self.source = source
         self.drain_time = drain_time

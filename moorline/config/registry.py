@@ -1,8 +1,8 @@
 """Extension registry: Envoy extension name / type URL -> factory.
 
-Extensions register themselves at import time (``moorline.filters`` imports
-every built-in module); the core looks factories up here and never imports a
-filter by name.
+Extensions register themselves at import time; ``moorline.extensions`` (beside
+the entry point, at the top of the layers) imports every built-in module. This
+module never imports upward and the core never imports a filter by name.
 
 Categories: ``network`` (network filters), ``http`` (HTTP filters),
 ``listener`` (listener filters), ``access_logger``.
@@ -91,8 +91,3 @@ def require(category: str, name: str, type_url: str | None, path: str) -> Extens
         what = f"type {_type_name(type_url)!r}" if type_url else f"name {name!r}"
         raise ConfigError(path, f"unknown or unsupported {category} extension ({what})")
     return ext
-
-
-def load_builtin() -> None:
-    """Import every built-in extension module so they register."""
-    import moorline.filters  # noqa: F401

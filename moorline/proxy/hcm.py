@@ -40,7 +40,8 @@ from moorline.proxy.local_reply import LocalReplyConfig
 from moorline.proxy.phases import Phase
 from moorline.proxy.route_table import DIRECT_RESPONSE, REDIRECT, RouteTable
 from moorline.proxy.router import Router
-from moorline.stream.api import CodecRegistry, HttpProtocol, ResetReason
+from moorline.stream import builtin_codecs
+from moorline.stream.api import HttpProtocol, ResetReason
 
 _HTTP10 = HttpProtocol.HTTP10
 _HTTP2 = HttpProtocol.HTTP2
@@ -328,7 +329,7 @@ class HcmConfig:
         self.connections: set[Any] = set()
         self.cluster_manager = ctx.cluster_manager
         self._rid_pool: list[bytes] = []
-        codecs = getattr(ctx, "codecs", None) or CodecRegistry.builtin()
+        codecs = getattr(ctx, "codecs", None) or builtin_codecs()
         name = "http1" if codec == 1 else ("http2" if codec == 2 else "auto")
         factory = codecs.server(name)
         if factory is None:

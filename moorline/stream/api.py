@@ -216,14 +216,3 @@ class CodecRegistry:
 
     def names(self) -> list[str]:
         return sorted(self._server)
-
-    @classmethod
-    def builtin(cls) -> CodecRegistry:
-        """A registry with the HTTP/1.1 and HTTP/2 codecs."""
-        from moorline.stream import http1_server, http2_server
-
-        r = cls()
-        r.register_server("http1", http1_server.Http1ServerConnection)
-        r.register_server("http2", http2_server.server_factory(force_h2=True))
-        r.register_server("auto", http2_server.server_factory(force_h2=False))
-        return r

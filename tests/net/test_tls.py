@@ -29,7 +29,8 @@ from moorline.testing.fixtures import FIXTURES as SHARED_FIXTURES
 sys.path.insert(0, str(Path(__file__).parent))
 from test_tls_certs import Pki, cert_info
 
-import moorline.filters  # noqa: F401  (registers tls_inspector / http_inspector)
+import moorline.filters.listener.http_inspector
+import moorline.filters.listener.tls_inspector  # noqa: F401  (they register themselves)
 from moorline.config import registry
 from moorline.config.context import BuildContext
 from moorline.config.errors import ConfigError
