@@ -50,6 +50,7 @@ import json
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -703,6 +704,272 @@ class TestUpstream:
             if not self._record_cond.wait_for(lambda: len(self._records) >= n, timeout):
                 raise TimeoutError(f"upstream {self.upstream_id}: {len(self._records)} of {n} requests")
             return list(self._records)
+
+
+@dataclass
+class RawRequest:
+    """One request exactly as it reached :class:`RecordingUpstream`: the head bytes (request
+    line and header lines, without the blank line) and the body after de-chunking."""
+
+    conn_id: int
+    head: bytes
+    body: bytes = b""
+
+    @property
+    def request_line(self) -> bytes:
+        return self.head.split(b"\r\n", 1)[0]
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """Header lines split at the first colon; names lower-cased, values stripped."""
+        out = []
+        for line in self.head.split(b"\r\n")[1:]:
+            k, _, v = line.partition(b":")
+            out.append((k.strip().lower(), v.strip()))
+        return out
+
+    def header(self, name: bytes) -> bytes | None:
+        name = name.lower()
+        return next((v for k, v in self.headers if k == name), None)
+
+
+class _RecordingConn(asyncio.Protocol):
+    """Byte-exact HTTP/1.1 framing (Content-Length or chunked); no header validation at all,
+    so whatever a proxy forwards is recorded as sent."""
+
+    def __init__(self, server: RecordingUpstream) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.conn_id = 0
+        self.buf = bytearray()
+        self.cur: RawRequest | None = None
+        self.body = bytearray()
+        self.left: int | None = None  # Content-Length bytes still due; None: chunked
+        self.chunk: int | None = None  # bytes (with CRLF) of the current chunk still due
+        self.in_trailers = False
+        self.tunnel = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.conn_id = self.server._new_conn(self)
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.server._on_raw(self.conn_id, data)
+        if self.tunnel:
+            self._tunnel_data(data)
+            return
+        self.buf += data
+        while self._step():
+            pass
+        # Bound: 1 MiB of unparsed bytes and 1 MiB of body per request (bodies are kept whole
+        # for the record; this upstream is for small probes, TestUpstream for big transfers).
+        if len(self.buf) > 1 << 20 or len(self.body) > 1 << 20:
+            self.transport.close()
+
+    def _step(self) -> bool:
+        assert self.transport is not None
+        if self.cur is None:
+            i = self.buf.find(b"\r\n\r\n")
+            if i < 0:
+                return False
+            self.cur = RawRequest(self.conn_id, bytes(self.buf[:i]))
+            del self.buf[: i + 4]
+            self.body.clear()
+            if self.cur.header(b"upgrade") is not None:
+                # Everything after an upgrade head is tunnel payload: record and echo it raw.
+                upg = self.cur.header(b"upgrade") or b""
+                self.server._add(self.cur)
+                self.cur = None
+                self.tunnel = True
+                self.transport.write(
+                    b"HTTP/1.1 101 Switching Protocols\r\nupgrade: "
+                    + upg
+                    + b"\r\nconnection: upgrade\r\n\r\n"
+                )
+                if self.buf:
+                    rest, self.buf = bytes(self.buf), bytearray()
+                    self._tunnel_data(rest)
+                return False
+            te = (self.cur.header(b"transfer-encoding") or b"").lower()
+            self.left = None if b"chunked" in te else int(self.cur.header(b"content-length") or 0)
+            self.chunk, self.in_trailers = None, False
+        if self.left is not None:
+            take = min(self.left, len(self.buf))
+            self.body += self.buf[:take]
+            del self.buf[:take]
+            self.left -= take
+            if self.left:
+                return False
+        elif not self._chunked():
+            return False
+        req, self.cur = self.cur, None
+        req.body = bytes(self.body)
+        self.server._add(req)
+        self.transport.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n%s"
+            % (len(req.request_line), req.request_line)
+        )
+        return True
+
+    def _chunked(self) -> bool:
+        """Consume chunked body bytes; True once the last chunk and trailers are in."""
+        while True:
+            if self.in_trailers:
+                if self.buf.startswith(b"\r\n"):
+                    del self.buf[:2]
+                    return True
+                i = self.buf.find(b"\r\n\r\n")
+                if i < 0:
+                    return False
+                del self.buf[: i + 4]
+                return True
+            if self.chunk is None:
+                i = self.buf.find(b"\r\n")
+                if i < 0:
+                    return False
+                size = int(bytes(self.buf[:i]).split(b";")[0].strip() or b"0", 16)
+                del self.buf[: i + 2]
+                if size == 0:
+                    self.in_trailers = True
+                    continue
+                self.chunk = size + 2
+            take = min(self.chunk, len(self.buf))
+            self.body += self.buf[:take]
+            del self.buf[:take]
+            self.chunk -= take
+            if self.chunk:
+                return False
+            del self.body[-2:]  # the CRLF after the chunk data
+            self.chunk = None
+
+    def _tunnel_data(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.server._on_tunnel(self.conn_id, data)
+        self.transport.write(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server._lost(self)
+
+
+class RecordingUpstream:
+    """A raw HTTP/1.1 upstream that records what a proxy actually sends, byte for byte.
+
+    It validates nothing: each request head is recorded as it arrived (:class:`RawRequest`,
+    in ``requests``), and answered ``200`` with the request line as the body. A request with an
+    ``Upgrade`` header is answered ``101`` at once and every later byte on that connection is
+    tunnel payload: recorded in ``tunnel_bytes(conn_id)`` and echoed back. ``raw_bytes(conn_id)``
+    is everything the connection received. ``connections_active`` counts open connections.
+    """
+
+    __test__ = False
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host = host
+        self.port = port
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._requests: list[RawRequest] = []
+        self._raw_by_conn: dict[int, bytearray] = {}
+        self._tunnels: dict[int, bytearray] = {}
+        self._active: set[_RecordingConn] = set()
+        self._seq = 0
+        self._lt: _LoopThread | None = None
+        self._server: asyncio.Server | None = None
+
+    def start(self) -> RecordingUpstream:
+        self._lt = _LoopThread("recording-upstream")
+
+        async def _start() -> asyncio.Server:
+            loop = asyncio.get_running_loop()
+            return await loop.create_server(lambda: _RecordingConn(self), self.host, self.port)
+
+        self._server = self._lt.call(_start)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def stop(self) -> None:
+        if self._lt is None:
+            return
+        lt, self._lt = self._lt, None
+
+        async def _stop() -> None:
+            if self._server is not None:
+                self._server.close()
+            for c in list(self._active):
+                if c.transport is not None:
+                    c.transport.abort()
+
+        with contextlib.suppress(Exception):
+            lt.call(_stop)
+        lt.stop()
+
+    def __enter__(self) -> RecordingUpstream:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- called on the loop thread --
+    def _new_conn(self, conn: _RecordingConn) -> int:
+        with self._lock:
+            self._active.add(conn)
+            self._seq += 1
+            return self._seq
+
+    def _on_raw(self, conn_id: int, data: bytes) -> None:
+        with self._cond:
+            self._raw_by_conn.setdefault(conn_id, bytearray()).extend(data)
+            self._cond.notify_all()
+
+    def _on_tunnel(self, conn_id: int, data: bytes) -> None:
+        with self._cond:
+            self._tunnels.setdefault(conn_id, bytearray()).extend(data)
+            self._cond.notify_all()
+
+    def _add(self, req: RawRequest) -> None:
+        with self._cond:
+            self._requests.append(req)
+            self._cond.notify_all()
+
+    def _lost(self, conn: _RecordingConn) -> None:
+        with self._lock:
+            self._active.discard(conn)
+
+    # -- readers (any thread) --
+    @property
+    def requests(self) -> list[RawRequest]:
+        with self._lock:
+            return list(self._requests)
+
+    @property
+    def connections_active(self) -> int:
+        with self._lock:
+            return len(self._active)
+
+    def raw_bytes(self, conn_id: int) -> bytes:
+        with self._lock:
+            return bytes(self._raw_by_conn.get(conn_id, b""))
+
+    def tunnel_bytes(self, conn_id: int) -> bytes:
+        with self._lock:
+            return bytes(self._tunnels.get(conn_id, b""))
+
+    def all_raw_bytes(self) -> bytes:
+        """Every byte received on every connection, in connection order."""
+        with self._lock:
+            return b"".join(bytes(self._raw_by_conn[k]) for k in sorted(self._raw_by_conn))
+
+    def wait_for(self, pred: Callable[[RecordingUpstream], bool], timeout: float = 10.0) -> bool:
+        """Block until ``pred(self)`` holds (re-checked whenever bytes arrive); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while not pred(self):
+            if time.monotonic() > deadline:
+                return False
+            with self._cond:
+                self._cond.wait(0.05)
+        return True
 
 
 class _EchoConn(asyncio.Protocol):

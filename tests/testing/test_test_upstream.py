@@ -14,6 +14,7 @@ import pytest
 
 from moorline.testing.procs import RawConn, raw_exchange, require_binary
 from moorline.testing.upstream import (
+    RecordingUpstream,
     TcpEchoServer,
     TestUpstream,
     chunked_payload,
@@ -192,3 +193,35 @@ def test_curl_chunked_upload(upstream: TestUpstream, tmp_path) -> None:
     doc = json.loads(out.stdout)
     assert doc["body_sha256"] == hashlib.sha256(f.read_bytes()).hexdigest()
     assert ["transfer-encoding", "chunked"] in doc["headers"]
+
+
+def test_recording_upstream_records_heads_byte_exact() -> None:
+    """Heads are recorded as sent (nothing validated or normalised), pipelined requests are
+    answered in order with their request line, and Content-Length and chunked bodies are
+    framed correctly."""
+    with RecordingUpstream() as rec, RawConn("127.0.0.1", rec.port) as c:
+        c.send(
+            b"GET /a b HTTP/1.1\r\nHost: {}\r\nX-Odd : v\r\n\r\n"
+            b"POST /cl HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc"
+            b"POST /ch HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nxy\r\n1;e=1\r\nz\r\n0\r\nt: 1\r\n\r\n"
+        )
+        bodies = [c.read_response().body for _ in range(3)]
+        assert bodies == [b"GET /a b HTTP/1.1", b"POST /cl HTTP/1.1", b"POST /ch HTTP/1.1"]
+        reqs = rec.requests
+    assert reqs[0].head == b"GET /a b HTTP/1.1\r\nHost: {}\r\nX-Odd : v"
+    assert reqs[0].header(b"host") == b"{}" and reqs[0].header(b"x-odd") == b"v"
+    assert [r.body for r in reqs[1:]] == [b"abc", b"xyz"]
+    assert len({r.conn_id for r in reqs}) == 1
+
+
+def test_recording_upstream_tunnels_after_upgrade() -> None:
+    """An upgrade head gets 101 at once; every byte after it, also in the same write, is tunnel
+    payload: recorded and echoed raw."""
+    with RecordingUpstream() as rec, RawConn("127.0.0.1", rec.port) as c:
+        c.send(b"GET /u HTTP/1.1\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\nearly")
+        assert c.read_response().status == 101
+        c.send(b"-late")
+        assert c.read_exact(len(b"early-late")) == b"early-late"
+        (req,) = rec.requests
+        assert rec.wait_for(lambda r: r.tunnel_bytes(req.conn_id) == b"early-late")
+        assert rec.raw_bytes(req.conn_id).endswith(b"\r\n\r\nearly-late")
