@@ -824,6 +824,7 @@ class ActiveStream:
         if status == 101:
             self.conn.start_tunnel()
             cfg.stats.downstream_cx_upgrades_total.value += 1
+            cfg.stats.downstream_cx_upgrades_active.value += 1
         self.conn.encode_headers(headers, end_stream)
         if end_stream:
             self._finish()
@@ -861,6 +862,8 @@ class ActiveStream:
         st.downstream_rq_active.value -= 1
         st.downstream_rq_completed.value += 1
         st.downstream_rq_time.record((loop_time - info.start_mono) * 1000)
+        if info.response_code == 101:
+            st.downstream_cx_upgrades_active.value -= 1
         r = self.router
         if r is not None:
             r.on_stream_done()
@@ -880,7 +883,9 @@ class ActiveStream:
         response never has an end of its own)."""
         if self.phase != _END:
             self._finish()
-            self.conn.stream_ended()
+            conn = self.conn
+            conn.stream_ended()
+            conn.close()  # an upgraded connection never carries another request
 
     # -- local replies ----------------------------------------------------------
     def send_local_reply(

@@ -153,7 +153,6 @@ def _ws_session(port: int, n: int) -> int:
         return 101
 
 
-@pytest.mark.xfail(strict=True, reason="issue 7: finished WebSocket sessions stay counted as active")
 def test_finished_websocket_sessions_release_their_counters(moorline, upstream: TestUpstream) -> None:
     """After two whole sessions (closed on both sides), no connection, request or upstream
     request is active any more (Envoy destroys the stream when the tunnel ends)."""
@@ -174,7 +173,6 @@ def test_finished_websocket_sessions_release_their_counters(moorline, upstream: 
     _no_traceback(proc)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 7: leaked WebSocket requests exhaust max_requests (503 UO)")
 def test_sequential_websocket_sessions_do_not_exhaust_max_requests(moorline, upstream: TestUpstream) -> None:
     """The cluster allows 3 concurrent requests; 5 sessions one after the other never have more
     than one open at a time, so all five must get their 101."""
@@ -186,7 +184,6 @@ def test_sequential_websocket_sessions_do_not_exhaust_max_requests(moorline, ups
     _no_traceback(proc)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 7: SIGTERM waits the whole drain time for dead tunnels")
 def test_sigterm_after_websocket_sessions_does_not_wait_for_drain_time(
     moorline, upstream: TestUpstream
 ) -> None:
@@ -204,9 +201,6 @@ def test_sigterm_after_websocket_sessions_does_not_wait_for_drain_time(
     assert code == 0, f"still running 20 s after SIGTERM (exit code {code})"
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 7 (found while probing): downstream_cx_upgrades_active is never set"
-)
 def test_open_websocket_session_counts_as_active_upgrade(moorline, upstream: TestUpstream) -> None:
     """While a session is open, Envoy's ``downstream_cx_upgrades_active`` gauge counts it (the
     gauge the test above expects back at 0)."""
@@ -225,7 +219,6 @@ def test_open_websocket_session_counts_as_active_upgrade(moorline, upstream: Tes
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 7: early WebSocket bytes are chunk-framed upstream")
 def test_websocket_bytes_before_101_reach_upstream_raw(env: Env) -> None:
     """The client sends the upgrade request and payload in one write, before any 101. The
     upstream must get the upgrade head as it is (no ``transfer-encoding`` added: an upgrade
@@ -260,7 +253,6 @@ def test_websocket_bytes_before_101_reach_upstream_raw(env: Env) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 7: Upgrade: h2c gets 403 instead of being stripped")
 def test_curl_http2_upgrade_is_served_over_http1(env: Env) -> None:
     """``curl --http2 http://...`` asks for ``Upgrade: h2c`` with ``HTTP2-Settings``. Envoy's
     HTTP/1 codec removes the h2c upgrade (``upgrade``, ``http2-settings`` and their tokens in
@@ -346,13 +338,7 @@ def _h2_get(path: bytes, authority: bytes = b"x", method: bytes = b"GET") -> lis
 # 4. HTTP/2 to HTTP/1.1 request-line injection
 # ---------------------------------------------------------------------------------------------
 
-_XF_INJECT = pytest.mark.xfail(
-    strict=True, reason="issue 7: HTTP/2 pseudo-headers copied into the request line"
-)
-_XF_AUTHORITY = pytest.mark.xfail(strict=True, reason="issue 7: invalid HTTP/2 :authority forwarded as Host")
 
-
-@_XF_INJECT
 def test_h2_method_with_space_does_not_reach_the_request_line(env: Env) -> None:
     """``:method "GET /raw/admin"`` with ``:path /raw/public`` would become ``GET /raw/admin
     /raw/public HTTP/1.1`` upstream, routed as /raw/public around the /raw/admin rule. nghttp2
@@ -364,10 +350,10 @@ def test_h2_method_with_space_does_not_reach_the_request_line(env: Env) -> None:
 
 
 _BAD_PATHS = {
-    "space": (b"/raw/p1 x", _XF_INJECT),
-    "tab": (b"/raw/p3\tx", _XF_INJECT),
-    "ctl": (b"/raw/p5\x01x", _XF_INJECT),
-    "del": (b"/raw/p6\x7fx", _XF_INJECT),
+    "space": (b"/raw/p1 x", None),
+    "tab": (b"/raw/p3\tx", None),
+    "ctl": (b"/raw/p5\x01x", None),
+    "del": (b"/raw/p6\x7fx", None),
     # h2's own inbound validation already refuses CR, LF and NUL in any field value.
     "request-line": (b"/raw/p2 HTTP/1.1\r\nx-smuggled: 1\r\n\r\nGET /raw/admin", None),
     "nul": (b"/raw/p4\x00x", None),
@@ -390,9 +376,9 @@ def test_h2_path_with_space_or_control_chars_is_rejected(env: Env, name: str) ->
 
 
 _BAD_AUTHORITIES = {
-    "braces": (b"illegal{}", _XF_AUTHORITY),
-    "slash-query": (b"evil/x?y", _XF_AUTHORITY),
-    "space": (b"a b", _XF_AUTHORITY),
+    "braces": (b"illegal{}", None),
+    "slash-query": (b"evil/x?y", None),
+    "space": (b"a b", None),
     "nul": (b"a\x00b", None),
 }
 
@@ -414,7 +400,6 @@ def test_h2_invalid_authority_is_rejected(env: Env, name: str) -> None:
 _BAD_HOSTS = {"space": b"a b", "tab": b"a\tb", "braces": b"{}", "slash": b"a/b", "query": b"a?b"}
 
 
-@pytest.mark.xfail(strict=True, reason="issue 7: invalid HTTP/1.1 Host values are routed and forwarded")
 @pytest.mark.parametrize("name", list(_BAD_HOSTS))
 def test_http1_invalid_host_gets_400(env: Env, name: str) -> None:
     """Envoy's HTTP/1 codec checks the host (HeaderUtility::requestHeadersValid) and answers
@@ -432,7 +417,6 @@ def test_http1_invalid_host_gets_400(env: Env, name: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 7: forwarded pipelined request is not answered before the 400")
 def test_pipelined_valid_request_is_answered_before_the_400(env: Env) -> None:
     """A POST with a body, then garbage, in one write. The POST is forwarded (and runs), so its
     response must reach the client first; then the 400 for the garbage; then the close."""
@@ -456,7 +440,6 @@ def test_pipelined_valid_request_is_answered_before_the_400(env: Env) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 7: stream_idle_timeout does not cover a partial request head")
 def test_stream_idle_timeout_covers_a_partial_request_head(env: Env) -> None:
     """On the listener with ``stream_idle_timeout: 1s``, a client sends half a head and stops.
     In Envoy the stream exists from the first byte, so the idle timeout answers 408 and closes.
