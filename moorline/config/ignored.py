@@ -192,7 +192,13 @@ HCM: Table = {
     "internal_address_config": "x-envoy-internal is not set; ignored",
     "via": "no via header is added; ignored",
     "always_set_request_id_in_response": "x-request-id is not added to responses; ignored",
-    "forward_client_cert_details": "x-forwarded-client-cert is not handled; ignored",
+    # SANITIZE (0, the default) strips the header, FORWARD_ONLY / ALWAYS_FORWARD_ONLY pass it on;
+    # the two that add this connection's certificate details are not implemented.
+    "forward_client_cert_details": When(
+        "adding the client certificate to x-forwarded-client-cert is not supported; the header is "
+        "forwarded as received",
+        lambda v: v in (2, 3),
+    ),
     "set_current_client_cert_details": "x-forwarded-client-cert is not handled; ignored",
     "forward_client_cert_matcher": "x-forwarded-client-cert is not handled; ignored",
     "proxy_100_continue": "100-continue is answered by moorline, not proxied; ignored",
@@ -219,7 +225,6 @@ HCM: Table = {
     },
     "upgrade_configs": {
         "filters": "upgrade-specific filter chains are not supported (the HCM's filters run); ignored",
-        "enabled": When("ignored: a listed upgrade type is always enabled", lambda v: not v.value),
     },
 }
 

@@ -31,6 +31,10 @@ class Extension:
     names: tuple[str, ...]
     type_urls: tuple[str, ...]
     factory: Factory
+    # HTTP filters: ``per_route(msg, path)`` compiles a ``typed_per_filter_config`` entry of one
+    # of ``per_route_types`` once, when the route table is compiled.
+    per_route: Callable[[Any, str], Any] | None = None
+    per_route_types: tuple[str, ...] = ()
 
 
 _by_name: dict[tuple[str, str], Extension] = {}
@@ -56,12 +60,28 @@ def register(
     names: list[str] | tuple[str, ...],
     type_urls: list[str] | tuple[str, ...],
     factory: Factory,
+    per_route: Callable[[Any, str], Any] | None = None,
+    per_route_types: list[str] | tuple[str, ...] = (),
 ) -> None:
-    ext = Extension(category, tuple(names), tuple(_type_name(t) for t in type_urls), factory)
+    ext = Extension(
+        category,
+        tuple(names),
+        tuple(_type_name(t) for t in type_urls),
+        factory,
+        per_route,
+        tuple(_type_name(t) for t in per_route_types),
+    )
     for n in ext.names:
         _by_name[(category, n)] = ext
     for t in ext.type_urls:
         _by_type[(category, t)] = ext
+    for t in ext.per_route_types:
+        _by_type[("http_per_route", t)] = ext
+
+
+def lookup_per_route(type_url: str) -> Extension | None:
+    """The HTTP filter whose per-route config has this type."""
+    return _by_type.get(("http_per_route", _type_name(type_url)))
 
 
 def _type_name(type_url: str) -> str:

@@ -66,7 +66,14 @@ _REQ_HOP = frozenset(
 
 # Headers the single pass in decode_headers looks at.
 _REQ_SPECIAL = _REQ_HOP | frozenset(
-    (b"x-forwarded-for", b"x-forwarded-proto", b"x-request-id", b"content-type", b"expect")
+    (
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-request-id",
+        b"content-type",
+        b"expect",
+        b"x-forwarded-client-cert",
+    )
 )
 
 
@@ -316,7 +323,14 @@ class HcmConfig:
             if proto.HasField("http_protocol_options")
             else b""
         )
-        self.upgrade_types = frozenset(u.upgrade_type.lower().encode() for u in proto.upgrade_configs)
+        self.upgrade_types = frozenset(
+            u.upgrade_type.lower().encode()
+            for u in proto.upgrade_configs
+            if not u.HasField("enabled") or u.enabled.value
+        )
+        # forward_client_cert_details SANITIZE (0, Envoy's default): a client must not be able
+        # to claim a certificate through x-forwarded-client-cert.
+        self.strip_xfcc = int(proto.forward_client_cert_details) == 0
         self.local_reply = (
             LocalReplyConfig.compile(proto.local_reply_config, f"{path}.local_reply_config")
             if (proto.HasField("local_reply_config"))
@@ -543,6 +557,9 @@ class ActiveStream:
                 elif k == b"expect":
                     if v.lower() == b"100-continue":
                         continue  # answered by the codec (proxy_100_continue off, Envoy's default)
+                elif k == b"x-forwarded-client-cert":
+                    if cfg.strip_xfcc:
+                        continue
             rest.append((k, v))
         path = headers.path
         if (
@@ -771,8 +788,14 @@ class ActiveStream:
         fm = self.fm
         if fm is not None:
             fm.enc.on_data(data, end_stream)
-        else:
-            self.write_data(data, end_stream)
+            return
+        # write_data, inlined: this is once per response on the fast path.
+        n = len(data)
+        self.info.bytes_sent += n
+        self.cfg.stats.downstream_cx_tx_bytes_total.value += n
+        self.conn.encode_data(data, end_stream)
+        if end_stream:
+            self._finish()
 
     def encode_trailers(self, trailers: HeaderMap) -> None:
         if self.phase == _END:

@@ -464,6 +464,29 @@ def _tpfc(m: Any) -> dict[str, Any]:
     return {k: v for k, v in m.typed_per_filter_config.items()}
 
 
+def _compile_filter_configs(merged: dict[str, Any], path: str, notes: list[str]) -> dict[str, Any]:
+    """``typed_per_filter_config`` (route over virtual host over route configuration), each
+    entry compiled once by its filter's per-route factory; the request path reads the result."""
+    from moorline.config import registry
+    from moorline.config.loader import OpaqueAny, unpack_any
+
+    out: dict[str, Any] = {}
+    for name, any_msg in merged.items():
+        fpath = f"{path}.typed_per_filter_config[{name!r}]"
+        ext = registry.lookup_per_route(any_msg.type_url) if any_msg.type_url else None
+        if ext is None or ext.per_route is None:
+            notes.append(
+                f"{fpath}: per-route config {any_msg.type_url or '(empty)'} is not supported; ignored"
+            )
+            continue
+        msg = unpack_any(any_msg, fpath)
+        if isinstance(msg, OpaqueAny):
+            notes.append(f"{fpath}: per-route config {any_msg.type_url} is not supported; ignored")
+            continue
+        out[name] = ext.per_route(msg, fpath)
+    return out
+
+
 def _dur(msg: Any, field: str) -> float | None:
     if msg.HasField(field):
         d = getattr(msg, field)
@@ -696,6 +719,7 @@ class Route:
         "cluster_not_found_response_code",
         "direct_body",
         "direct_status",
+        "filter_configs",
         "grpc_timeout_offset",
         "host_redirect",
         "host_rewrite",
@@ -774,6 +798,7 @@ class Route:
         self.port_redirect = b""
         self.path_redirect: bytes | None = None
         self.strip_query = False
+        self.filter_configs: dict[str, Any] = {}  # compiled typed_per_filter_config
         self.typed_per_filter_config: dict[str, Any] = {}
 
     def __repr__(self) -> str:
@@ -1248,6 +1273,7 @@ def _compile_route(
     merged.update(vh.typed_per_filter_config)
     merged.update(_tpfc(rproto))
     r.typed_per_filter_config = merged
+    r.filter_configs = _compile_filter_configs(merged, rp, notes) if merged else {}
 
     action = rproto.WhichOneof("action")
     if action == "route":

@@ -44,6 +44,7 @@ _FRAMING = frozenset((b"content-length", b"transfer-encoding", b"upgrade"))
 
 class Http1ClientConnection(asyncio.Protocol):
     __slots__ = (
+        "_body",
         "_extraneous",
         "_in_feed",
         "_paused",
@@ -78,6 +79,9 @@ class Http1ClientConnection(asyncio.Protocol):
         self._in_feed = False  # inside parser.feed(): a release waits until it returns
         self._release_pending = False
         self._extraneous = False  # response bytes arrived after the response was complete
+        # The last body chunk of the current read, held so that a response whose body and end
+        # arrive in one read reaches the router as one data(end_stream=True) call.
+        self._body: bytes | None = None
         self.idle_since = 0.0
         self.chunked_out = False
         self.stats = pool.cluster.stats
@@ -107,6 +111,7 @@ class Http1ClientConnection(asyncio.Protocol):
         except HttpProtocolError as e:
             self._in_feed = False
             self._release_pending = False
+            self._body = None
             self.stats.upstream_cx_protocol_error.value += 1
             req = self.req
             self.close()
@@ -114,6 +119,12 @@ class Http1ClientConnection(asyncio.Protocol):
                 req.on_upstream_reset(ResetReason.PROTOCOL_ERROR, e.detail)
             return
         self._in_feed = False
+        body = self._body
+        if body is not None:
+            self._body = None
+            req = self.req
+            if req is not None:
+                req.on_upstream_data(body, False)
         if self._release_pending:
             # The response completed inside this read. Anything the parser saw after it is
             # extraneous (Envoy: a protocol error): never let it become the next request's
@@ -190,22 +201,32 @@ class Http1ClientConnection(asyncio.Protocol):
 
     def on_body(self, data: bytes) -> None:
         req = self.req
-        if req is not None:
-            req.on_upstream_data(data, False)
-        else:
+        if req is None:
             self._extraneous = True
+            return
+        body = self._body
+        if body is not None:
+            req.on_upstream_data(body, False)
+        if self._in_feed:
+            self._body = data
+        else:
+            req.on_upstream_data(data, False)
 
     def on_message_complete(self, trailers: HeaderMap | None) -> None:
         req = self.req
         self.response_done = True
+        body = self._body
+        self._body = None
         if req is None:
             if self._release_pending:
                 self._extraneous = True
             return
         if trailers:
+            if body:
+                req.on_upstream_data(body, False)
             req.on_upstream_trailers(trailers)
         else:
-            req.on_upstream_data(b"", True)
+            req.on_upstream_data(body or b"", True)
 
     # -- used by UpstreamRequest
     def send_headers(self, req: Any, headers: RequestHeaders, end_stream: bool) -> None:

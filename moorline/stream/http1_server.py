@@ -229,7 +229,7 @@ class Http1ServerConnection(asyncio.Protocol):
         if s is not None:
             if trailers:
                 s.decode_trailers(trailers)
-            else:
+            elif not s.request_complete:  # a request without a body ended with its head
                 s.decode_data(b"", True)
 
     def _new_stream(self, head: Any) -> None:
@@ -409,11 +409,12 @@ class Http1ServerConnection(asyncio.Protocol):
                 if self.stream is not None:
                     self.stream.decode_data(item, False)
             elif kind == 2:
-                if self.stream is not None:
+                s = self.stream
+                if s is not None:
                     if item:
-                        self.stream.decode_trailers(item)
-                    else:
-                        self.stream.decode_data(b"", True)
+                        s.decode_trailers(item)
+                    elif not s.request_complete:
+                        s.decode_data(b"", True)
             else:  # a malformed request behind the good ones: answer it in its turn
                 if self.stream is None:
                     self._reject(item)

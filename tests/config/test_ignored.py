@@ -145,8 +145,8 @@ def test_ignored_bootstrap_field_is_announced(case: str, top: dict[str, Any], pa
             "http_protocol_options.header_key_format",
         ),
         (
-            {"upgrade_configs": [{"upgrade_type": "websocket", "enabled": False}]},
-            "upgrade_configs[0].enabled",
+            {"upgrade_configs": [{"upgrade_type": "websocket", "filters": [{"name": "x"}]}]},
+            "upgrade_configs[0].filters[0]",
         ),
     ],
 )

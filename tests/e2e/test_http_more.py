@@ -365,3 +365,32 @@ def test_route_max_stream_duration_overrides_the_hcm(
     assert "flags=DT" in wait_for_log(log, "flags=DT")
     r = http_request("127.0.0.1", port, "GET", "/other", headers={"x-test-delay-ms": "800"})
     assert r.status == 200
+
+
+@pytest.mark.parametrize(("mode", "forwarded"), [(None, False), ("FORWARD_ONLY", True)])
+def test_x_forwarded_client_cert_is_sanitized_by_default(
+    moorline: Any, upstream: TestUpstream, mode: str | None, forwarded: bool
+) -> None:
+    """forward_client_cert_details SANITIZE (Envoy's default) strips a client's
+    x-forwarded-client-cert, so a plain-text client cannot claim a certificate upstream."""
+    port = free_port()
+    extra = {"forward_client_cert_details": mode} if mode else {}
+    moorline(config_http(port, {"svc": [upstream.port]}, hcm_extra=extra))
+    with RawConn("127.0.0.1", port) as c:
+        c.send(b"GET /xfcc HTTP/1.1\r\nHost: a\r\nx-forwarded-client-cert: By=spiffe://evil\r\n\r\n")
+        assert c.read_response().status == 200
+    rec = [r for r in upstream.requests if r.path == "/xfcc"][-1]
+    assert (rec.header("x-forwarded-client-cert") is not None) is forwarded
+
+
+def test_disabled_upgrade_type_is_refused(moorline: Any, upstream: TestUpstream) -> None:
+    """upgrade_configs[].enabled: false turns the upgrade type off (403), as in Envoy."""
+    port = free_port()
+    extra = {"upgrade_configs": [{"upgrade_type": "websocket", "enabled": False}]}
+    moorline(config_http(port, {"svc": [upstream.port]}, hcm_extra=extra))
+    with RawConn("127.0.0.1", port) as c:
+        c.send(
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        assert c.read_response().status == 403

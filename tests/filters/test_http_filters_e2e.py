@@ -134,3 +134,51 @@ def test_unknown_http_filter_is_a_config_error(tmp_path: Any) -> None:
     )
     assert p.returncode == 2
     assert "http_filters[0]" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_buffer_per_route_config_is_compiled_once_at_load() -> None:
+    """BufferPerRoute in typed_per_filter_config is compiled with the route table: the request
+    path reads a tuple, never a proto; a bad value is a config error at load."""
+    from moorline.config.errors import ConfigError
+    from moorline.config.loader import load_bootstrap
+    from moorline.server import Server
+
+    def cfg(per_route: dict) -> str:
+        return f"""
+static_resources:
+  listeners:
+  - name: l
+    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: p
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{prefix: "/"}}
+                direct_response: {{status: 200}}
+                typed_per_filter_config:
+                  envoy.filters.http.buffer: {per_route}
+          http_filters:
+          - name: envoy.filters.http.buffer
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer
+              max_request_bytes: 10
+          - name: envoy.filters.http.router
+"""
+
+    t = "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute"
+    s = Server(load_bootstrap(yaml_text=cfg({"@type": t, "disabled": True})), "t.yaml")
+    route = s.listeners[0].filter_chains[0].terminal.route_table.virtual_hosts[0].routes[0]
+    assert route.filter_configs == {"envoy.filters.http.buffer": (True, None)}
+    s = Server(load_bootstrap(yaml_text=cfg({"@type": t, "buffer": {"max_request_bytes": 99}})), "t.yaml")
+    route = s.listeners[0].filter_chains[0].terminal.route_table.virtual_hosts[0].routes[0]
+    assert route.filter_configs == {"envoy.filters.http.buffer": (False, 99)}
+    with pytest.raises(ConfigError) as e:
+        Server(load_bootstrap(yaml_text=cfg({"@type": t, "buffer": {"max_request_bytes": 0}})), "t.yaml")
+    assert "typed_per_filter_config" in str(e.value)

@@ -2,7 +2,8 @@
 with a Content-Length (Envoy's buffer filter). A body over ``max_request_bytes`` gets 413.
 
 Per-route ``BufferPerRoute`` (``disabled`` or its own ``max_request_bytes``) is honoured through
-``typed_per_filter_config`` on the route, virtual host or route configuration.
+``typed_per_filter_config`` on the route, virtual host or route configuration, compiled once
+with the route table (``callbacks.route_config(NAME)``).
 """
 
 from __future__ import annotations
@@ -63,32 +64,26 @@ class BufferFilter(HttpFilter):
 
 
 def _per_route_limit(callbacks: Any, default: int) -> int | None:
-    """The route's BufferPerRoute: None when disabled there, else its limit (or the default)."""
-    route = callbacks.matched_route() if callbacks is not None else None
-    if route is None:
-        return default
-    cfg = _per_filter_config(route)
+    """The route's BufferPerRoute (compiled at load): None when disabled there, else its limit
+    (or the filter's)."""
+    cfg = callbacks.route_config(NAME) if callbacks is not None else None
     if cfg is None:
         return default
-    from envoy.extensions.filters.http.buffer.v3 import buffer_pb2
-
-    msg = buffer_pb2.BufferPerRoute()
-    if not cfg.Unpack(msg):
-        return default
-    if msg.disabled:
+    disabled, limit = cfg
+    if disabled:
         return None
+    return limit if limit is not None else default
+
+
+def _per_route(msg: Any, path: str) -> tuple[bool, int | None]:
+    if msg.disabled:
+        return True, None
     if msg.HasField("buffer") and msg.buffer.HasField("max_request_bytes"):
-        return int(msg.buffer.max_request_bytes.value)
-    return default
-
-
-def _per_filter_config(route: Any) -> Any:
-    for level in (route, getattr(route, "vhost", None)):
-        tpfc = getattr(level, "typed_per_filter_config", None) or {}
-        cfg = tpfc.get(NAME)
-        if cfg is not None:
-            return cfg
-    return None
+        limit = int(msg.buffer.max_request_bytes.value)
+        if limit <= 0:
+            raise ConfigError(f"{path}.buffer.max_request_bytes", "must be greater than 0")
+        return False, limit
+    return False, None
 
 
 def _factory(cfg: Any, ctx: Any, path: str) -> Any:
@@ -100,4 +95,11 @@ def _factory(cfg: Any, ctx: Any, path: str) -> Any:
     return lambda stream: BufferFilter(limit)
 
 
-registry.register("http", [NAME], ["type.googleapis.com/" + TYPE], _factory)
+registry.register(
+    "http",
+    [NAME],
+    ["type.googleapis.com/" + TYPE],
+    _factory,
+    per_route=_per_route,
+    per_route_types=["type.googleapis.com/" + PER_ROUTE_TYPE],
+)
