@@ -25,7 +25,6 @@ active stream's upstream reads, ``resume_writing`` resumes them.
 from __future__ import annotations
 
 import asyncio
-import collections
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +57,7 @@ def http_date() -> bytes:
     return _date_cache[1]  # type: ignore[return-value]
 
 
+_NO_BACKLOG: tuple[()] = ()
 _HTTP10 = HttpProtocol.HTTP10
 _HTTP11 = HttpProtocol.HTTP11
 
@@ -102,7 +102,9 @@ class Http1ServerConnection(asyncio.Protocol):
         self.stream: StreamDecoder | None = None
         self.protocol = _HTTP11
         self.version = b"1.1"  # of the request being answered: the status line echoes it
-        self.backlog: collections.deque[tuple[int, Any]] = collections.deque()
+        # Pipelined events waiting for the active stream: a shared empty tuple until needed (an
+        # idle connection should not carry a deque's 600 bytes).
+        self.backlog: list[tuple[int, Any]] | tuple[()] = _NO_BACKLOG
         self.parsing_backlog = False  # parser is inside a message that belongs to the backlog
         self.read_paused = False
         self.write_paused = False
@@ -207,15 +209,22 @@ class Http1ServerConnection(asyncio.Protocol):
     def on_request_head(self, head: Any) -> None:
         if self.stream is not None or self.backlog:
             self.parsing_backlog = True
-            self.backlog.append((0, head))
+            self._queue((0, head))
             self.pause_reading()
             return
         self.parsing_backlog = False
         self._new_stream(head)
 
+    def _queue(self, event: tuple[int, Any]) -> None:
+        b = self.backlog
+        if isinstance(b, list):
+            b.append(event)
+        else:
+            self.backlog = [event]
+
     def on_body(self, data: bytes) -> None:
         if self.parsing_backlog:
-            self.backlog.append((1, data))
+            self._queue((1, data))
             return
         s = self.stream
         if s is not None:
@@ -223,7 +232,7 @@ class Http1ServerConnection(asyncio.Protocol):
 
     def on_message_complete(self, trailers: HeaderMap | None) -> None:
         if self.parsing_backlog:
-            self.backlog.append((2, trailers))
+            self._queue((2, trailers))
             return
         s = self.stream
         if s is not None:
@@ -402,7 +411,7 @@ class Http1ServerConnection(asyncio.Protocol):
             kind, item = backlog[0]
             if (kind == 0 or kind == 3) and self.stream is not None:
                 break  # the next request (or the error answer) waits for this one
-            backlog.popleft()
+            backlog.pop(0)  # type: ignore[union-attr]
             if kind == 0:
                 self._new_stream(item)
             elif kind == 1:
@@ -421,6 +430,7 @@ class Http1ServerConnection(asyncio.Protocol):
                 return
         if backlog or self.closed:
             return  # the parser is past the active request; reading stays paused
+        self.backlog = _NO_BACKLOG
         # All that was queued is delivered: what the parser sees next belongs to the active
         # stream (its body) or starts the next request.
         self.parsing_backlog = False
@@ -479,7 +489,7 @@ class Http1ServerConnection(asyncio.Protocol):
             # A malformed request pipelined behind good ones (the active request may already be
             # upstream): they are answered first, in order, then this error and the close
             # (Envoy stops parsing after each request).
-            self.backlog.append((3, e))
+            self._queue((3, e))
             self.parsing_backlog = True
             self.pause_reading()
             return
