@@ -165,21 +165,15 @@ class Server:
         if self.admin is not None:
             await self.admin.close()
         self.cluster_manager.stop()
-        from moorline.observability import access_log
-
-        flush = getattr(access_log, "flush_all", None)
-        if flush is not None:
-            flush()
+        if self.ctx.access_logs is not None:
+            self.ctx.access_logs.flush_all()
 
     def _terminals(self) -> list[Any]:
         return [ch.terminal for lst in self.listeners for ch in lst.filter_chains]
 
     def _reopen_logs(self) -> None:
-        from moorline.observability import access_log
-
-        r = getattr(access_log, "reopen_all", None)
-        if r is not None:
-            r()
+        if self.ctx.access_logs is not None:
+            self.ctx.access_logs.reopen_all()
 
     # -- AdminHost ------------------------------------------------------------------
     def is_ready(self) -> bool:

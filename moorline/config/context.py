@@ -53,6 +53,7 @@ class BuildContext:
     source: str | None = None  # config file name, for error messages
     notices: list[Notice] = field(default_factory=list)  # logged at start, listed by `validate`
     server: Any = None  # moorline.server.Server when running (None in validate mode)
+    access_logs: Any = None  # observability.access_log.AccessLogSinks, made on first use
 
     def loop(self) -> asyncio.AbstractEventLoop:
         return asyncio.get_event_loop()

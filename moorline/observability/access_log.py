@@ -487,20 +487,50 @@ class StreamSink:
 
 Sink = FileSink | StreamSink
 
-# path -> shared sink. Weak so that loggers dropped by a config update close their file.
-_file_sinks: weakref.WeakValueDictionary[str, FileSink] = weakref.WeakValueDictionary()
-_loggers: weakref.WeakSet[AccessLogger] = weakref.WeakSet()
+
+class AccessLogSinks:
+    """The access-log files and loggers of one server (``BuildContext.access_logs``): loggers
+    writing to the same path share one file; ``flush_all`` (shutdown) and ``reopen_all``
+    (SIGUSR1, after rotation) act on everything this server opened. Both are weak, so that
+    loggers dropped by a config update close their files."""
+
+    def __init__(self) -> None:
+        self.file_sinks: weakref.WeakValueDictionary[str, FileSink] = weakref.WeakValueDictionary()
+        self.loggers: weakref.WeakSet[AccessLogger] = weakref.WeakSet()
+
+    def file_sink(self, path: str, err_path: str) -> FileSink:
+        sink = self.file_sinks.get(path)
+        if sink is None:
+            try:
+                sink = FileSink(path)
+            except OSError as e:
+                raise ConfigError(err_path, f"cannot open access log {path!r}: {e.strerror}") from None
+            self.file_sinks[path] = sink
+        return sink
+
+    def flush_all(self) -> None:
+        """Write every pending entry now (shutdown)."""
+        for lg in list(self.loggers):
+            lg.flush()
+
+    def reopen_all(self) -> None:
+        """Reopen every access log file (SIGUSR1, after log rotation)."""
+        self.flush_all()
+        for sink in list(self.file_sinks.values()):
+            try:
+                sink.reopen()
+            except OSError as e:
+                log.warning("reopening access log %s failed: %s", sink.path, e)
 
 
-def file_sink(path: str, err_path: str) -> FileSink:
-    sink = _file_sinks.get(path)
-    if sink is None:
-        try:
-            sink = FileSink(path)
-        except OSError as e:
-            raise ConfigError(err_path, f"cannot open access log {path!r}: {e.strerror}") from None
-        _file_sinks[path] = sink
-    return sink
+def sinks_of(ctx: Any) -> AccessLogSinks:
+    """The server's access-log registry, kept on its build context (made on first use)."""
+    s = getattr(ctx, "access_logs", None)
+    if s is None:
+        s = AccessLogSinks()
+        if ctx is not None:
+            ctx.access_logs = s
+    return s
 
 
 class AccessLogger:
@@ -515,7 +545,6 @@ class AccessLogger:
         self._pending: list[StreamInfo] = []  # bounded by MAX_PENDING
         self._scheduled = False
         self._dropped = dropped if dropped is not None else Counter("access_log.dropped")
-        _loggers.add(self)
 
     def log(self, info: StreamInfo) -> None:
         pending = self._pending
@@ -556,23 +585,6 @@ class AccessLogger:
             log.warning("access log write to %s failed: %s", self.sink.path, e)
 
 
-def flush_all() -> None:
-    """Write every pending entry now (shutdown)."""
-    for lg in list(_loggers):
-        lg.flush()
-
-
-def reopen_all() -> None:
-    """Reopen every access log file (SIGUSR1, after log rotation)."""
-    for lg in list(_loggers):
-        lg.flush()
-    for sink in list(_file_sinks.values()):
-        try:
-            sink.reopen()
-        except OSError as e:
-            log.warning("reopening access log %s failed: %s", sink.path, e)
-
-
 # ---------------------------------------------------------------------------
 # Compilation from config
 # ---------------------------------------------------------------------------
@@ -598,8 +610,10 @@ def _file_factory(cfg: Any, ctx: Any, path: str) -> AccessLogger:
         formatter = JsonFormatter(pb_json.MessageToDict(getattr(cfg, kind)), f"{path}.{kind}")
     else:
         formatter = TextFormatter(DEFAULT_FORMAT, path)
-    sink = file_sink(cfg.path, f"{path}.path")
-    return AccessLogger(sink, formatter, _dropped_counter(ctx))
+    sinks = sinks_of(ctx)
+    logger = AccessLogger(sinks.file_sink(cfg.path, f"{path}.path"), formatter, _dropped_counter(ctx))
+    sinks.loggers.add(logger)
+    return logger
 
 
 def _stream_factory(stream: str) -> Callable[[Any, Any, str], AccessLogger]:
@@ -608,7 +622,9 @@ def _stream_factory(stream: str) -> Callable[[Any, Any, str], AccessLogger]:
             formatter = formatter_from_substitution(cfg.log_format, f"{path}.log_format")
         else:
             formatter = TextFormatter(DEFAULT_FORMAT, path)
-        return AccessLogger(StreamSink(stream), formatter, _dropped_counter(ctx))
+        logger = AccessLogger(StreamSink(stream), formatter, _dropped_counter(ctx))
+        sinks_of(ctx).loggers.add(logger)
+        return logger
 
     return factory
 

@@ -259,7 +259,7 @@ def test_bounded_queue_counts_drops(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     async def main() -> None:
         for _ in range(5):
             logger.log(_info())
-        al.flush_all()
+        ctx.access_logs.flush_all()
 
     asyncio.run(main())
     assert (tmp_path / "d.log").read_text() == "x\nx\nx\n"
@@ -268,10 +268,11 @@ def test_bounded_queue_counts_drops(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 def test_reopen_after_rotation(tmp_path: Path) -> None:
     path = tmp_path / "r.log"
-    (logger,) = al.compile_access_logs([_file_log(path, format="%RESPONSE_CODE%\n")], _ctx(), "p")
+    ctx = _ctx()
+    (logger,) = al.compile_access_logs([_file_log(path, format="%RESPONSE_CODE%\n")], ctx, "p")
     logger.log(_info(response_code=200))
     os.rename(path, tmp_path / "r.log.1")
-    al.reopen_all()
+    ctx.access_logs.reopen_all()
     logger.log(_info(response_code=204))
     assert (tmp_path / "r.log.1").read_text() == "200\n"
     assert path.read_text() == "204\n"
@@ -299,3 +300,14 @@ def test_stdout_and_stderr(capfd: pytest.CaptureFixture[str]) -> None:
     captured = capfd.readouterr()
     assert captured.out == "OUT 200\n"
     assert captured.err.startswith('[2026-11-27T12:00:05.123Z] "GET /api/v1?x=1 HTTP/1.1" 200')
+
+
+def test_access_log_files_belong_to_their_server(tmp_path: Path) -> None:
+    """Two servers (build contexts) writing the same path each own their file object: nothing
+    is shared through module state, and each server's reopen/flush touches only its own."""
+    path = tmp_path / "own.log"
+    c1, c2 = _ctx(), _ctx()
+    (a,) = al.compile_access_logs([_file_log(path, format="a\n")], c1, "p")
+    (b,) = al.compile_access_logs([_file_log(path, format="b\n")], c2, "p")
+    assert a.sink is not b.sink
+    assert set(c1.access_logs.loggers) == {a} and set(c2.access_logs.loggers) == {b}
