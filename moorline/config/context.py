@@ -16,6 +16,7 @@ class BuildContext:
     source: str | None = None  # config file name, for error messages
     notices: list[str] = field(default_factory=list)  # no-op extensions etc., logged by the server
     server: Any = None  # moorline.server.Server when running (None in validate mode)
+    secrets: Any = None  # moorline.net.secrets.SecretsManager (made on first use when None)
 
     def loop(self) -> asyncio.AbstractEventLoop:
         return asyncio.get_event_loop()
