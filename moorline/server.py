@@ -26,12 +26,23 @@ _REDACT_KEYS = frozenset(
 
 
 class Server:
-    """Compiled bootstrap plus the running state. Implements the admin's ``AdminHost``."""
+    """Compiled bootstrap plus the running state. Implements the admin's ``AdminHost``.
+
+    The running configuration lives in three managers, which static config (here) and the
+    dynamic API (``add_or_update`` / ``remove`` on each; xDS will drive them) both go through:
+    ``secrets`` (``moorline.net.secrets.SecretsManager``), ``cluster_manager``
+    (``moorline.upstream.manager.ClusterManager``) and ``listener_manager``
+    (``moorline.net.listener_manager.ListenerManager``). ``/config_dump`` renders what they hold.
+
+    ``run()`` is the process entry point (signals, GC tuning, waits for SIGTERM); ``start()`` and
+    ``shutdown()`` are its two halves, for embedding a server in a running loop (tests)."""
 
     def __init__(
         self, bootstrap: Any, source: str, drain_time: float = 600.0, options: dict | None = None
     ) -> None:
-        from moorline.net.listener import Listener
+        from moorline.net.listener_manager import ListenerManager
+        from moorline.net.secrets import SecretsManager
+        from moorline.net.upstream import UpstreamTransportFactory
         from moorline.upstream.manager import ClusterManager
 
         registry.load_builtin()
@@ -40,10 +51,18 @@ class Server:
         self.drain_time = drain_time
         self.options = options or {}
         self.stats = Store()
-        self.cluster_manager = ClusterManager(self.stats)
-        self.ctx = BuildContext(
-            stats=self.stats, cluster_manager=self.cluster_manager, source=source, server=self
+        self.secrets = SecretsManager()
+        self.cluster_manager = ClusterManager(
+            self.stats, transport_factory=UpstreamTransportFactory(self.secrets)
         )
+        self.ctx = BuildContext(
+            stats=self.stats,
+            cluster_manager=self.cluster_manager,
+            source=source,
+            server=self,
+            secrets=self.secrets,
+        )
+        self.listener_manager = ListenerManager(self.ctx, drain_time=drain_time)
         self.state = "PRE_INITIALIZING"
         self.health_check_failed = False
         self.start_time = time.time()
@@ -51,15 +70,13 @@ class Server:
         self._stop: asyncio.Event | None = None
         self._exit_code = 0
         sr = bootstrap.static_resources
-        from moorline.net.secrets import set_static_secrets
-
-        set_static_secrets(sr.secrets)
         try:
+            for i, sec in enumerate(sr.secrets):
+                self.secrets.add_static(sec, f"static_resources.secrets[{i}]")
             for i, c in enumerate(sr.clusters):
                 self.cluster_manager.add(c, f"static_resources.clusters[{i}]")
-            self.listeners = []
             for i, lp in enumerate(sr.listeners):
-                self.listeners.append(Listener(lp, self.ctx, f"static_resources.listeners[{i}]"))
+                self.listener_manager.add(lp, f"static_resources.listeners[{i}]")
             self.admin_address = None
             if bootstrap.HasField("admin") and bootstrap.admin.HasField("address"):
                 self.admin_address = address_of(bootstrap.admin.address, "admin.address")
@@ -69,10 +86,15 @@ class Server:
                 )
         except ConfigError as e:
             raise e.with_source(source) from None
-        for c in self.cluster_manager.clusters.values():
+        for c in self.cluster_manager:
             for n in getattr(c, "notices", []) or []:
                 self.ctx.notice(f"cluster {c.name}: {n}")
         self.server_stats()
+
+    @property
+    def listeners(self) -> list[Any]:
+        """The active listeners (``moorline.net.listener.Listener``), in the order added."""
+        return list(self.listener_manager)
 
     def server_stats(self) -> None:
         s = self.stats
@@ -85,30 +107,35 @@ class Server:
         self.st_total_connections = s.gauge("server.total_connections")
         self.st_memory = s.gauge("server.memory_allocated")
 
-    # -- lifecycle ------------------------------------------------------------
-    async def run(self) -> int:
+    # -- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Resolve clusters, bind the listeners and the admin; the server is LIVE afterwards.
+        Raises ``OSError`` when a static listener or the admin cannot be bound."""
         loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
         for n in self.ctx.notices:
             log.info("%s", n)
+        self.secrets.start(loop)
         await self.cluster_manager.start()
-        for lst in self.listeners:
-            await lst.start(loop)
-            log.info("listener %s on %s", lst.name, _fmt_addr(lst.bound_address))
+        await self.listener_manager.start(loop)
         if self.admin_address is not None:
             from moorline.admin.server import AdminServer
 
             self.admin = AdminServer(self, self.admin_address)
             await self.admin.start()
             log.info("admin on %s", _fmt_addr(self.admin.bound_address))
+        self.state = "LIVE"
+        self.st_live.value = 1
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        await self.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.begin_shutdown)
         try:
             loop.add_signal_handler(signal.SIGUSR1, self._reopen_logs)
         except (ValueError, RuntimeError):
             pass
-        self.state = "LIVE"
-        self.st_live.value = 1
         # Everything built so far lives until shutdown: keep the GC from scanning it.
         gc.collect()
         gc.freeze()
@@ -120,7 +147,7 @@ class Server:
         log.info("moorline %s ready", __version__)
         await self._stop.wait()
         uptime_task.cancel()
-        await self._drain()
+        await self.shutdown()
         return self._exit_code
 
     async def _tick(self) -> None:
@@ -134,13 +161,14 @@ class Server:
             log.info("shutting down: draining for up to %ss", self.drain_time)
             self._stop.set()
 
-    async def _drain(self) -> None:
+    async def shutdown(self) -> None:
+        """Drain: stop accepting, let in-flight requests finish for up to ``drain_time``, cut
+        the rest, close the admin and stop the clusters."""
         self.state = "DRAINING"
         self.st_state.value = 1
         self.st_live.value = 0
-        for lst in self.listeners:
-            lst.stop_accepting()
-        terminals = list(self._terminals())
+        self.listener_manager.stop_accepting()
+        terminals = self._terminals()
         for t in terminals:
             d = getattr(t, "drain", None)
             if d is not None:
@@ -155,11 +183,11 @@ class Server:
             c = getattr(t, "close_all", None)
             if c is not None:
                 c()
-        for lst in self.listeners:
-            lst.close()
+        self.listener_manager.close()
         if self.admin is not None:
             await self.admin.close()
         self.cluster_manager.stop()
+        self.secrets.stop()
         from moorline.observability import access_log
 
         flush = getattr(access_log, "flush_all", None)
@@ -167,7 +195,7 @@ class Server:
             flush()
 
     def _terminals(self) -> list[Any]:
-        return [ch.terminal for lst in self.listeners for ch in lst.filter_chains]
+        return self.listener_manager.terminals()
 
     def _reopen_logs(self) -> None:
         from moorline.observability import access_log
@@ -224,7 +252,7 @@ class Server:
 
     def clusters_text(self) -> str:
         lines = []
-        for c in self.cluster_manager.clusters.values():
+        for c in self.cluster_manager:
             name = c.name
             lines.append(f"{name}::default_priority::max_connections::{c.max_connections}")
             lines.append(f"{name}::default_priority::max_pending_requests::{c.max_pending_requests}")
@@ -241,7 +269,7 @@ class Server:
 
     def clusters_json(self) -> dict:
         out = []
-        for c in self.cluster_manager.clusters.values():
+        for c in self.cluster_manager:
             out.append(
                 {
                     "name": c.name,
@@ -276,8 +304,7 @@ class Server:
         self.stats.gauge("server.health_check_failed").value = 1 if failed else 0
 
     def drain_listeners(self, inbound_only: bool = False) -> None:
-        for lst in self.listeners:
-            lst.stop_accepting()
+        self.listener_manager.stop_accepting()
         for t in self._terminals():
             d = getattr(t, "drain", None)
             if d is not None:
