@@ -20,10 +20,6 @@ from moorline.observability.stats import Store
 
 log = logging.getLogger("moorline.main")
 
-_REDACT_KEYS = frozenset(
-    ("private_key", "password", "session_ticket_keys", "hmac_secret", "inline_string_secret")
-)
-
 
 class Server:
     """Compiled bootstrap plus the running state. Implements the admin's ``AdminHost``.
@@ -228,27 +224,132 @@ class Server:
         }
 
     def config_dump(self) -> dict:
+        """What the managers hold, in Envoy's ``envoy.admin.v3.ConfigDump`` JSON shape (secrets
+        redacted as Envoy does, see ``moorline.admin.config_dump``)."""
         from google.protobuf import json_format
 
-        try:
-            boot = json_format.MessageToDict(self.bootstrap, preserving_proto_field_name=True)
-        except Exception:  # an opaque Any the pool cannot print: fall back without it
-            boot = {"error": "bootstrap contains types that cannot be rendered"}
-        _redact(boot)
-        sr = boot.get("static_resources", {})
-        return {
-            "configs": [
-                {"@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump", "bootstrap": boot},
-                {
-                    "@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump",
-                    "static_clusters": [{"cluster": c} for c in sr.get("clusters", [])],
-                },
-                {
-                    "@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump",
-                    "static_listeners": [{"listener": lst} for lst in sr.get("listeners", [])],
-                },
-            ]
-        }
+        sections = [
+            ("BootstrapConfigDump", self._dump_bootstrap),
+            ("ClustersConfigDump", self._dump_clusters),
+            ("ListenersConfigDump", self._dump_listeners),
+            ("RoutesConfigDump", self._dump_routes),
+            ("SecretsConfigDump", self._dump_secrets),
+        ]
+        configs = []
+        for type_name, build in sections:
+            try:
+                d = json_format.MessageToDict(build(), preserving_proto_field_name=True)
+            except Exception as e:  # a type the descriptor pool cannot print: say so, keep the rest
+                d = {"error": f"cannot render: {type(e).__name__}: {e}"}
+            configs.append({"@type": f"type.googleapis.com/envoy.admin.v3.{type_name}", **d})
+        return {"configs": configs}
+
+    def _dump_bootstrap(self) -> Any:
+        from envoy.admin.v3 import config_dump_pb2
+
+        from moorline.admin.config_dump import redact, timestamp
+
+        m = config_dump_pb2.BootstrapConfigDump()
+        m.bootstrap.CopyFrom(redact(self.bootstrap))
+        m.last_updated.CopyFrom(timestamp(self.start_time))
+        return m
+
+    def _dump_clusters(self) -> Any:
+        from envoy.admin.v3 import config_dump_shared_pb2
+
+        from moorline.admin.config_dump import redact, timestamp
+
+        m = config_dump_shared_pb2.ClustersConfigDump()
+        for c in self.cluster_manager:
+            if c.proto is None:
+                continue
+            if c.added_via_api:
+                item = m.dynamic_active_clusters.add()
+                item.version_info = c.version_info
+            else:
+                item = m.static_clusters.add()
+            item.cluster.Pack(redact(c.proto))
+            item.last_updated.CopyFrom(timestamp(c.last_updated))
+        return m
+
+    def _dump_listeners(self) -> Any:
+        from envoy.admin.v3 import config_dump_shared_pb2
+
+        from moorline.admin.config_dump import redact, timestamp
+
+        m = config_dump_shared_pb2.ListenersConfigDump()
+        dynamic: dict[str, Any] = {}
+        for lst in self.listener_manager:
+            if not lst.added_via_api:
+                item = m.static_listeners.add()
+                item.listener.Pack(redact(lst.proto))
+                item.last_updated.CopyFrom(timestamp(lst.last_updated))
+                continue
+            dl = dynamic[lst.name] = m.dynamic_listeners.add()
+            dl.name = lst.name
+            st = dl.active_state
+            st.version_info = lst.version_info
+            st.listener.Pack(redact(lst.proto))
+            st.last_updated.CopyFrom(timestamp(lst.last_updated))
+        for d in self.listener_manager.draining:
+            old = d.listener
+            if not old.added_via_api:
+                continue
+            dl = dynamic.get(old.name)
+            if dl is None:
+                dl = dynamic[old.name] = m.dynamic_listeners.add()
+                dl.name = old.name
+            st = dl.draining_state
+            st.version_info = old.version_info
+            st.listener.Pack(redact(old.proto))
+            st.last_updated.CopyFrom(timestamp(old.last_updated))
+        return m
+
+    def _dump_routes(self) -> Any:
+        from envoy.admin.v3 import config_dump_shared_pb2
+
+        from moorline.admin.config_dump import redact, timestamp
+
+        m = config_dump_shared_pb2.RoutesConfigDump()
+        seen: set[int] = set()
+        for lst in self.listener_manager:
+            for ch in lst.filter_chains:
+                p = getattr(ch.terminal, "route_provider", None)
+                if p is None or p.proto is None or id(p) in seen:
+                    continue
+                seen.add(id(p))
+                if p.static:
+                    item = m.static_route_configs.add()
+                else:
+                    item = m.dynamic_route_configs.add()
+                    item.version_info = p.version_info
+                item.route_config.Pack(redact(p.proto))
+                item.last_updated.CopyFrom(timestamp(p.last_updated))
+        return m
+
+    def _dump_secrets(self) -> Any:
+        from envoy.admin.v3 import config_dump_pb2
+
+        from moorline.admin.config_dump import redact, timestamp
+
+        m = config_dump_pb2.SecretsConfigDump()
+        for name, e in self.secrets.entries():
+            item: Any = m.static_secrets.add() if e.static else m.dynamic_active_secrets.add()
+            item.name = name
+            if not e.static:
+                item.version_info = e.version_info
+            item.secret.Pack(redact(e.secret))
+            item.last_updated.CopyFrom(timestamp(e.last_updated))
+        for fp in self.secrets.file_providers():
+            sec = fp.get()
+            if sec is None:
+                continue
+            item = m.dynamic_active_secrets.add()
+            item.name = fp.name
+            item.version_info = fp.version_info
+            item.secret.Pack(redact(sec))
+            item.last_updated.CopyFrom(timestamp(fp.last_updated))
+        return m
 
     def clusters_text(self) -> str:
         lines = []
@@ -331,18 +432,6 @@ def _fmt_addr(a: Any) -> str:
         host, port = a[0], a[1]
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
     return str(a)
-
-
-def _redact(d: Any) -> None:
-    if isinstance(d, dict):
-        for k in list(d):
-            if k in _REDACT_KEYS:
-                d[k] = "[redacted]"
-            else:
-                _redact(d[k])
-    elif isinstance(d, list):
-        for x in d:
-            _redact(x)
 
 
 def _rss_bytes() -> int:
