@@ -118,7 +118,14 @@ class ListenerManager:
         once when the manager already runs). A duplicate name or address -> ``ConfigError``."""
         lst = self.compile(proto, path)
         if lst.name in self.listeners:
-            raise ConfigError(_join(path, "name"), f"duplicate listener name {lst.name!r}")
+            if proto.name:
+                raise ConfigError(_join(path, "name"), f"duplicate listener name {lst.name!r}")
+            # Unnamed (named after the address, as several port-0 listeners may be): Envoy
+            # makes up a unique name for such static listeners too.
+            base, n = lst.name, 2
+            while f"{base}#{n}" in self.listeners:
+                n += 1
+            lst.name = f"{base}#{n}"
         self._check_address(lst, path, None)
         lst.last_updated = time.time()
         self._bind_new(lst, path)

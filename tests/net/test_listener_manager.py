@@ -270,3 +270,32 @@ def test_errors_leave_the_running_listener_alone(upstream: TestUpstream) -> None
         assert before.version_info == "1b"
         assert http_request(H, port, "GET", "/").body == b"v1"
         assert http_request(H, static_port, "GET", "/").status == 200
+
+
+def test_static_listeners_names_and_addresses() -> None:
+    from moorline.config import registry
+    from moorline.config.context import BuildContext
+    from moorline.net.listener_manager import ListenerManager
+    from moorline.observability.stats import Store
+
+    registry.load_builtin()
+    lm = ListenerManager(BuildContext(stats=Store()))
+
+    def unnamed(port: int) -> Any:
+        d = hcm_listener("x", port, [])
+        del d["name"]
+        return listener_proto(d)
+
+    a = lm.add(unnamed(0), "static_resources.listeners[0]")
+    b = lm.add(unnamed(0), "static_resources.listeners[1]")
+    assert a.name == "127.0.0.1:0" and b.name == "127.0.0.1:0#2"
+    lm.add(web(free_port(), "x", name="n"), "static_resources.listeners[2]")
+    with pytest.raises(ConfigError) as ei:
+        lm.add(web(free_port(), "x", name="n"), "static_resources.listeners[3]")
+    assert ei.value.path == "static_resources.listeners[3].name" and "duplicate" in ei.value.message
+    p = free_port()
+    lm.add(web(p, "x", name="p1"), "static_resources.listeners[4]")
+    with pytest.raises(ConfigError) as ei:
+        lm.add(web(p, "x", name="p2"), "static_resources.listeners[5]")
+    assert ei.value.path == "static_resources.listeners[5].address"
+    assert not any(lst.added_via_api for lst in lm)
