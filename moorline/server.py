@@ -18,7 +18,9 @@ from moorline.config.errors import ConfigError
 from moorline.config.util import addr_str, address_of
 from moorline.observability.stats import Store
 
-log = logging.getLogger("moorline.main")
+# The "moorline" logger itself prints as [main] (Envoy's component); a "moorline.main" child
+# would shadow it in the per-component level table.
+log = logging.getLogger("moorline")
 
 
 class Server:
