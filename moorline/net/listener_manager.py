@@ -52,13 +52,21 @@ def _join(path: str, field: str) -> str:
 class DrainingListener:
     """A replaced or removed listener whose connections are draining."""
 
-    __slots__ = ("deadline", "listener", "started", "task")
+    __slots__ = ("deadline", "listener", "started", "task", "terminals")
 
     def __init__(self, listener: Listener, started: float, deadline: float) -> None:
         self.listener = listener
         self.started = started
         self.deadline = deadline
+        self.terminals = [ch.terminal for ch in listener.filter_chains]
         self.task: asyncio.Task[None] | None = None
+
+    def cut(self) -> None:
+        """Close whatever is still open (the drain time is over, or the server stops)."""
+        for t in self.terminals:
+            c = getattr(t, "close_all", None)
+            if c is not None:
+                c()
 
 
 def open_connections(terminal: Any) -> int:
@@ -244,23 +252,17 @@ class ListenerManager:
         entry = DrainingListener(lst, time.time(), now + self.drain_time)
         self.draining.append(entry)
         self._draining_gauge.value = len(self.draining)
-        entry.task = loop.create_task(self._drain(entry, terminals))
+        entry.task = loop.create_task(self._drain(entry))
 
-    async def _drain(self, entry: DrainingListener, terminals: list[Any]) -> None:
+    async def _drain(self, entry: DrainingListener) -> None:
         loop = asyncio.get_running_loop()
         poll = max(0.01, min(DRAIN_POLL, self.drain_time / 10))
-        try:
-            while loop.time() < entry.deadline and any(open_connections(t) for t in terminals):
-                await asyncio.sleep(poll)
-        finally:
-            for t in terminals:
-                # Past the drain time: cut what is still open.
-                c = getattr(t, "close_all", None)
-                if c is not None:
-                    c()
-            if entry in self.draining:
-                self.draining.remove(entry)
-            self._draining_gauge.value = len(self.draining)
+        while loop.time() < entry.deadline and any(open_connections(t) for t in entry.terminals):
+            await asyncio.sleep(poll)
+        entry.cut()  # past the drain time: cut what is still open
+        if entry in self.draining:
+            self.draining.remove(entry)
+        self._draining_gauge.value = len(self.draining)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -280,11 +282,13 @@ class ListenerManager:
             lst.stop_accepting()
 
     def close(self) -> None:
-        """Server stop: close every listening socket and end the drains (their ``finally``
-        cuts what is left)."""
+        """Server stop: close every listening socket and cut what the drains still hold."""
         for lst in self.listeners.values():
             lst.close()
-        for d in list(self.draining):
+        for d in self.draining:
             if d.task is not None:
                 d.task.cancel()
+            d.cut()
+        self.draining.clear()
+        self._draining_gauge.value = 0
         self._loop = None

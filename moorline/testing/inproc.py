@@ -64,6 +64,12 @@ class ServerThread:
 
         try:
             loop.run_until_complete(main())
+            # As asyncio.run does: let what is still scheduled see its cancellation.
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for t in pending:
+                t.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         finally:
             loop.close()
 
