@@ -19,21 +19,30 @@ from moorline.config.util import addr_str, address_of
 from moorline.extensions import register_builtin
 from moorline.observability.stats import Store
 
-log = logging.getLogger("moorline.main")
-
-_REDACT_KEYS = frozenset(
-    ("private_key", "password", "session_ticket_keys", "hmac_secret", "inline_string_secret")
-)
+# The "moorline" logger itself prints as [main] (Envoy's component); a "moorline.main" child
+# would shadow it in the per-component level table.
+log = logging.getLogger("moorline")
 
 
 class Server:
-    """Compiled bootstrap plus the running state. Implements the admin's ``AdminHost``."""
+    """Compiled bootstrap plus the running state. Implements the admin's ``AdminHost``.
+
+    The running configuration lives in three managers, which static config (here) and the
+    dynamic API (``add_or_update`` / ``remove`` on each; xDS will drive them) both go through:
+    ``secrets`` (``moorline.net.secrets.SecretsManager``), ``cluster_manager``
+    (``moorline.upstream.manager.ClusterManager``) and ``listener_manager``
+    (``moorline.net.listener_manager.ListenerManager``). ``/config_dump`` renders what they hold.
+
+    ``run()`` is the process entry point (signals, GC tuning, waits for SIGTERM); ``start()`` and
+    ``shutdown()`` are its two halves, for embedding a server in a running loop (tests)."""
 
     def __init__(
         self, bootstrap: Any, source: str, drain_time: float = 600.0, options: dict | None = None
     ) -> None:
         from moorline.admin.server import compile_allow_paths
-        from moorline.net.listener import Listener
+        from moorline.net.listener_manager import ListenerManager
+        from moorline.net.secrets import SecretsManager
+        from moorline.net.upstream import UpstreamTransportFactory
         from moorline.upstream.manager import ClusterManager
 
         register_builtin()
@@ -42,10 +51,18 @@ class Server:
         self.drain_time = drain_time
         self.options = options or {}
         self.stats = Store()
-        self.cluster_manager = ClusterManager(self.stats)
-        self.ctx = BuildContext(
-            stats=self.stats, cluster_manager=self.cluster_manager, source=source, server=self
+        self.secrets = SecretsManager()
+        self.cluster_manager = ClusterManager(
+            self.stats, transport_factory=UpstreamTransportFactory(self.secrets)
         )
+        self.ctx = BuildContext(
+            stats=self.stats,
+            cluster_manager=self.cluster_manager,
+            source=source,
+            server=self,
+            secrets=self.secrets,
+        )
+        self.listener_manager = ListenerManager(self.ctx, drain_time=drain_time)
         self.state = "PRE_INITIALIZING"
         self.health_check_failed = False
         self.start_time = time.time()
@@ -53,15 +70,13 @@ class Server:
         self._stop: asyncio.Event | None = None
         self._exit_code = 0
         sr = bootstrap.static_resources
-        from moorline.net.secrets import set_static_secrets
-
-        set_static_secrets(sr.secrets)
         try:
+            for i, sec in enumerate(sr.secrets):
+                self.secrets.add_static(sec, f"static_resources.secrets[{i}]")
             for i, c in enumerate(sr.clusters):
                 self.cluster_manager.add(c, f"static_resources.clusters[{i}]")
-            self.listeners = []
             for i, lp in enumerate(sr.listeners):
-                self.listeners.append(Listener(lp, self.ctx, f"static_resources.listeners[{i}]"))
+                self.listener_manager.add(lp, f"static_resources.listeners[{i}]")
             self.admin_address = None
             if bootstrap.HasField("admin") and bootstrap.admin.HasField("address"):
                 self.admin_address = address_of(bootstrap.admin.address, "admin.address")
@@ -79,6 +94,11 @@ class Server:
             raise e.with_source(source) from None
         self.server_stats()
 
+    @property
+    def listeners(self) -> list[Any]:
+        """The active listeners (``moorline.net.listener.Listener``), in the order added."""
+        return list(self.listener_manager)
+
     def server_stats(self) -> None:
         s = self.stats
         self.st_uptime = s.gauge("server.uptime")
@@ -90,30 +110,35 @@ class Server:
         self.st_total_connections = s.gauge("server.total_connections")
         self.st_memory = s.gauge("server.memory_allocated")
 
-    # -- lifecycle ------------------------------------------------------------
-    async def run(self) -> int:
+    # -- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Resolve clusters, bind the listeners and the admin; the server is LIVE afterwards.
+        Raises ``OSError`` when a static listener or the admin cannot be bound."""
         loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
         for n in self.ctx.notices:
             log.info("notice: %s", n)
+        self.secrets.start(loop)
         await self.cluster_manager.start()
-        for lst in self.listeners:
-            await lst.start(loop)
-            log.info("listener %s on %s", lst.name, _fmt_addr(lst.bound_address))
+        await self.listener_manager.start(loop)
         if self.admin_address is not None:
             from moorline.admin.server import AdminServer
 
             self.admin = AdminServer(self, self.admin_address, allow_paths=self.admin_allow_paths)
             await self.admin.start()
             log.info("admin on %s", _fmt_addr(self.admin.bound_address))
+        self.state = "LIVE"
+        self.st_live.value = 1
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        await self.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.begin_shutdown)
         try:
             loop.add_signal_handler(signal.SIGUSR1, self._reopen_logs)
         except (ValueError, RuntimeError):
             pass
-        self.state = "LIVE"
-        self.st_live.value = 1
         # Everything built so far lives until shutdown: keep the GC from scanning it.
         gc.collect()
         gc.freeze()
@@ -125,7 +150,7 @@ class Server:
         log.info("moorline %s ready", __version__)
         await self._stop.wait()
         uptime_task.cancel()
-        await self._drain()
+        await self.shutdown()
         return self._exit_code
 
     async def _tick(self) -> None:
@@ -139,13 +164,14 @@ class Server:
             log.info("shutting down: draining for up to %ss", self.drain_time)
             self._stop.set()
 
-    async def _drain(self) -> None:
+    async def shutdown(self) -> None:
+        """Drain: stop accepting, let in-flight requests finish for up to ``drain_time``, cut
+        the rest, close the admin and stop the clusters."""
         self.state = "DRAINING"
         self.st_state.value = 1
         self.st_live.value = 0
-        for lst in self.listeners:
-            lst.stop_accepting()
-        terminals = list(self._terminals())
+        self.listener_manager.stop_accepting()
+        terminals = self._terminals()
         for t in terminals:
             d = getattr(t, "drain", None)
             if d is not None:
@@ -160,16 +186,16 @@ class Server:
             c = getattr(t, "close_all", None)
             if c is not None:
                 c()
-        for lst in self.listeners:
-            lst.close()
+        self.listener_manager.close()
         if self.admin is not None:
             await self.admin.close()
         self.cluster_manager.stop()
+        self.secrets.stop()
         if self.ctx.access_logs is not None:
             self.ctx.access_logs.flush_all()
 
     def _terminals(self) -> list[Any]:
-        return [ch.terminal for lst in self.listeners for ch in lst.filter_chains]
+        return self.listener_manager.terminals()
 
     def _reopen_logs(self) -> None:
         if self.ctx.access_logs is not None:
@@ -199,31 +225,136 @@ class Server:
         }
 
     def config_dump(self) -> dict:
+        """What the managers hold, in Envoy's ``envoy.admin.v3.ConfigDump`` JSON shape (secrets
+        redacted as Envoy does, see ``moorline.admin.config_dump``)."""
         from google.protobuf import json_format
 
-        try:
-            boot = json_format.MessageToDict(self.bootstrap, preserving_proto_field_name=True)
-        except Exception:  # an opaque Any the pool cannot print: fall back without it
-            boot = {"error": "bootstrap contains types that cannot be rendered"}
-        _redact(boot)
-        sr = boot.get("static_resources", {})
-        return {
-            "configs": [
-                {"@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump", "bootstrap": boot},
-                {
-                    "@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump",
-                    "static_clusters": [{"cluster": c} for c in sr.get("clusters", [])],
-                },
-                {
-                    "@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump",
-                    "static_listeners": [{"listener": lst} for lst in sr.get("listeners", [])],
-                },
-            ]
-        }
+        sections = [
+            ("BootstrapConfigDump", self._dump_bootstrap),
+            ("ClustersConfigDump", self._dump_clusters),
+            ("ListenersConfigDump", self._dump_listeners),
+            ("RoutesConfigDump", self._dump_routes),
+            ("SecretsConfigDump", self._dump_secrets),
+        ]
+        configs = []
+        for type_name, build in sections:
+            try:
+                d = json_format.MessageToDict(build(), preserving_proto_field_name=True)
+            except Exception as e:  # a type the descriptor pool cannot print: say so, keep the rest
+                d = {"error": f"cannot render: {type(e).__name__}: {e}"}
+            configs.append({"@type": f"type.googleapis.com/envoy.admin.v3.{type_name}", **d})
+        return {"configs": configs}
+
+    def _dump_bootstrap(self) -> Any:
+        from envoy.admin.v3 import config_dump_pb2
+
+        from moorline.admin.config_dump import redact, timestamp
+
+        m = config_dump_pb2.BootstrapConfigDump()
+        m.bootstrap.CopyFrom(redact(self.bootstrap))
+        m.last_updated.CopyFrom(timestamp(self.start_time))
+        return m
+
+    def _dump_clusters(self) -> Any:
+        from envoy.admin.v3 import config_dump_shared_pb2
+
+        from moorline.admin.config_dump import redact, timestamp
+
+        m = config_dump_shared_pb2.ClustersConfigDump()
+        for c in self.cluster_manager:
+            if c.proto is None:
+                continue
+            if c.added_via_api:
+                item = m.dynamic_active_clusters.add()
+                item.version_info = c.version_info
+            else:
+                item = m.static_clusters.add()
+            item.cluster.Pack(redact(c.proto))
+            item.last_updated.CopyFrom(timestamp(c.last_updated))
+        return m
+
+    def _dump_listeners(self) -> Any:
+        from envoy.admin.v3 import config_dump_shared_pb2
+
+        from moorline.admin.config_dump import redact, timestamp
+
+        m = config_dump_shared_pb2.ListenersConfigDump()
+        dynamic: dict[str, Any] = {}
+        for lst in self.listener_manager:
+            if not lst.added_via_api:
+                item = m.static_listeners.add()
+                item.listener.Pack(redact(lst.proto))
+                item.last_updated.CopyFrom(timestamp(lst.last_updated))
+                continue
+            dl = dynamic[lst.name] = m.dynamic_listeners.add()
+            dl.name = lst.name
+            st = dl.active_state
+            st.version_info = lst.version_info
+            st.listener.Pack(redact(lst.proto))
+            st.last_updated.CopyFrom(timestamp(lst.last_updated))
+        for d in self.listener_manager.draining:
+            old = d.listener
+            if not old.added_via_api:
+                continue
+            dl = dynamic.get(old.name)
+            if dl is None:
+                dl = dynamic[old.name] = m.dynamic_listeners.add()
+                dl.name = old.name
+            st = dl.draining_state
+            st.version_info = old.version_info
+            st.listener.Pack(redact(old.proto))
+            st.last_updated.CopyFrom(timestamp(old.last_updated))
+        return m
+
+    def _dump_routes(self) -> Any:
+        from envoy.admin.v3 import config_dump_shared_pb2
+
+        from moorline.admin.config_dump import redact, timestamp
+
+        m = config_dump_shared_pb2.RoutesConfigDump()
+        seen: set[int] = set()
+        for lst in self.listener_manager:
+            for ch in lst.filter_chains:
+                p = getattr(ch.terminal, "route_provider", None)
+                if p is None or p.proto is None or id(p) in seen:
+                    continue
+                seen.add(id(p))
+                if p.static:
+                    item = m.static_route_configs.add()
+                else:
+                    item = m.dynamic_route_configs.add()
+                    item.version_info = p.version_info
+                item.route_config.Pack(redact(p.proto))
+                item.last_updated.CopyFrom(timestamp(p.last_updated))
+        return m
+
+    def _dump_secrets(self) -> Any:
+        from envoy.admin.v3 import config_dump_pb2
+
+        from moorline.admin.config_dump import redact, timestamp
+
+        m = config_dump_pb2.SecretsConfigDump()
+        for name, e in self.secrets.entries():
+            item: Any = m.static_secrets.add() if e.static else m.dynamic_active_secrets.add()
+            item.name = name
+            if not e.static:
+                item.version_info = e.version_info
+            item.secret.Pack(redact(e.secret))
+            item.last_updated.CopyFrom(timestamp(e.last_updated))
+        for fp in self.secrets.file_providers():
+            sec = fp.get()
+            if sec is None:
+                continue
+            item = m.dynamic_active_secrets.add()
+            item.name = fp.name
+            item.version_info = fp.version_info
+            item.secret.Pack(redact(sec))
+            item.last_updated.CopyFrom(timestamp(fp.last_updated))
+        return m
 
     def clusters_text(self) -> str:
         lines = []
-        for c in self.cluster_manager.clusters.values():
+        for c in self.cluster_manager:
             name = c.name
             lines.append(f"{name}::default_priority::max_connections::{c.max_connections}")
             lines.append(f"{name}::default_priority::max_pending_requests::{c.max_pending_requests}")
@@ -240,7 +371,7 @@ class Server:
 
     def clusters_json(self) -> dict:
         out = []
-        for c in self.cluster_manager.clusters.values():
+        for c in self.cluster_manager:
             out.append(
                 {
                     "name": c.name,
@@ -275,8 +406,7 @@ class Server:
         self.stats.gauge("server.health_check_failed").value = 1 if failed else 0
 
     def drain_listeners(self, inbound_only: bool = False) -> None:
-        for lst in self.listeners:
-            lst.stop_accepting()
+        self.listener_manager.stop_accepting()
         for t in self._terminals():
             d = getattr(t, "drain", None)
             if d is not None:
@@ -303,18 +433,6 @@ def _fmt_addr(a: Any) -> str:
         host, port = a[0], a[1]
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
     return str(a)
-
-
-def _redact(d: Any) -> None:
-    if isinstance(d, dict):
-        for k in list(d):
-            if k in _REDACT_KEYS:
-                d[k] = "[redacted]"
-            else:
-                _redact(d[k])
-    elif isinstance(d, list):
-        for x in d:
-            _redact(x)
 
 
 def _rss_bytes() -> int:

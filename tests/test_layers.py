@@ -144,3 +144,39 @@ def test_codecs_are_sans_io() -> None:
                 names = [node.module]
             for n in names:
                 assert n.split(".")[0] not in ("asyncio", "socket", "time", "uvloop", "selectors"), (p, n)
+
+
+def test_upstream_does_not_import_net_stream_or_proxy() -> None:
+    bad = {
+        m: sorted(d for d in deps if d.startswith(("moorline.net", "moorline.stream", "moorline.proxy")))
+        for m, deps in _deps("moorline.upstream").items()
+    }
+    assert {m: d for m, d in bad.items() if d} == {}
+
+
+_SOCKET_CALLS = {"socket", "connect_ex", "add_writer", "remove_writer", "add_reader", "setsockopt", "accept"}
+
+
+def test_only_net_touches_sockets() -> None:
+    """Outside net/ (and the test helpers in testing/), nothing opens, connects, polls or sets
+    options on a socket."""
+    offenders = {}
+    for p in ROOT.rglob("*.py"):
+        rel = p.relative_to(ROOT)
+        if rel.parts[0] in ("net", "testing"):
+            continue
+        calls = set()
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Call):
+                fn = node.func
+                name = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", "")
+                calls.add(name)
+        hit = calls & _SOCKET_CALLS
+        if hit:
+            offenders[str(rel)] = sorted(hit)
+    assert offenders == {}
+
+
+def test_keepalive_is_set_in_one_place() -> None:
+    hits = [f.name for f in (ROOT / "net").glob("*.py") if "TCP_KEEPIDLE" in f.read_text()]
+    assert hits == ["sockopts.py"]

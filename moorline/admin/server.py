@@ -453,8 +453,13 @@ class AdminServer:
         )
 
     def _h_config_dump(self, req: Request, params: dict[str, str]) -> Response:
-        # ?resource=, ?mask=, ?include_eds are accepted and ignored.
-        return _json(self.host.config_dump())
+        # ?resource= and ?mask= as in Envoy; ?include_eds and ?name_regex are accepted and ignored.
+        from moorline.admin.config_dump import ViewError, select
+
+        try:
+            return _json(select(self.host.config_dump(), params.get("resource"), params.get("mask")))
+        except ViewError as e:
+            return _text(404, f"{e}\n")
 
     def _h_clusters(self, req: Request, params: dict[str, str]) -> Response:
         if params.get("format") == "json":

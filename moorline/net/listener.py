@@ -63,6 +63,11 @@ class Listener:
     def __init__(self, proto: Any, ctx: Any, path: str = "") -> None:
         self.ctx = ctx
         self.path = path
+        self.proto = proto  # what was compiled, for /config_dump and change detection
+        # Management (the ListenerManager sets these): origin, version, when it was built.
+        self.added_via_api = False
+        self.version_info = ""
+        self.last_updated = 0.0
         if proto.WhichOneof("listener_specifier") == "internal_listener":
             raise ConfigError(_join(path, "internal_listener"), "internal listeners are not supported")
         if proto.HasField("api_listener"):
@@ -182,21 +187,75 @@ class Listener:
 
     async def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Bind, listen and start accepting. Raises ``OSError`` when the address cannot be bound."""
+        self.bind(loop or asyncio.get_running_loop())
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """``start`` without the coroutine (the listener manager binds from plain calls)."""
         if self._sock is not None:
             return
-        loop = loop or asyncio.get_running_loop()
         self._loop = loop
         if not self.bind_to_port:
             # Envoy uses such listeners only as targets of use_original_dst redirection.
             return
-        sock = self._open_socket()
+        self._serve(self._open_socket())
+
+    def _serve(self, sock: socket.socket) -> None:
+        loop = self._loop
+        assert loop is not None
         self._sock = sock
         self._accepting = True
         loop.add_reader(sock.fileno(), self._accept)
-        if any(fc.tls is not None for fc in self.filter_chains):
-            from moorline.net.secrets import WATCHER
+        for fc in self.filter_chains:
+            if fc.tls is not None:
+                fc.tls.watcher.start(loop)  # certificate files are polled on the server's loop
 
-            WATCHER.start(loop)  # certificate files are polled on the server's loop
+    @property
+    def serving(self) -> bool:
+        """True while this listener owns a listening socket."""
+        return self._sock is not None
+
+    def same_socket(self, other: Listener) -> bool:
+        """True when ``other``'s listening socket can serve this listener unchanged: same
+        address and the same options applied when the socket was made."""
+        return (
+            self.address == other.address
+            and self.bind_to_port == other.bind_to_port
+            and self.reuse_port == other.reuse_port
+            and self.ipv4_compat == other.ipv4_compat
+            and self.freebind == other.freebind
+            and self.transparent == other.transparent
+            and self.socket_options == other.socket_options
+            and self.pipe_mode == other.pipe_mode
+        )
+
+    def take_over(self, old: Listener, loop: asyncio.AbstractEventLoop) -> None:
+        """Serve ``old``'s listening socket from now on (a listener update). The port is never
+        unbound: the socket passes from one reader callback to the other within one loop
+        iteration, and connections waiting in the kernel's backlog are accepted by this
+        listener, with its filter chains."""
+        self._loop = loop
+        sock = old._release_socket()
+        if sock is None:
+            self.bind(loop)
+            return
+        self._bound = old._bound
+        if self.backlog != old.backlog:
+            sock.listen(self.backlog)  # listen() again only changes the backlog
+        self._serve(sock)
+
+    def _release_socket(self) -> socket.socket | None:
+        """Stop accepting and hand the listening socket to the caller (it stays open)."""
+        sock = self._sock
+        if sock is None:
+            return None
+        self._sock = None
+        if self._backoff_handle is not None:
+            self._backoff_handle.cancel()
+            self._backoff_handle = None
+        if self._accepting and self._loop is not None:
+            self._loop.remove_reader(sock.fileno())
+        self._accepting = False
+        return sock
 
     def _open_socket(self) -> socket.socket:
         kind, host, port = self.address
@@ -258,16 +317,9 @@ class Listener:
 
     def stop_accepting(self) -> None:
         """For drain: stop accepting and close the listening socket; live connections stay."""
-        sock = self._sock
+        sock = self._release_socket()
         if sock is None:
             return
-        self._sock = None
-        if self._backoff_handle is not None:
-            self._backoff_handle.cancel()
-            self._backoff_handle = None
-        if self._accepting and self._loop is not None:
-            self._loop.remove_reader(sock.fileno())
-        self._accepting = False
         sock.close()
         kind, path, _ = self.address
         if kind == "pipe" and not path.startswith("@"):

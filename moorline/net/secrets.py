@@ -1,24 +1,31 @@
-"""Secrets for TLS: DataSources, secret providers (static, SDS from a file) and file watching.
+"""Secrets for TLS: DataSources, the secrets manager, secret providers and file watching.
 
 A TLS context (``moorline.net.tls``) never reads a certificate once and forgets where it came
-from: it asks its *sources* (inline ``DataSource``s, ``static_resources.secrets``, or SDS secret
-providers) and watches every file it read. When one changes, the context is rebuilt; connections
-that are already up keep the ``SSLContext`` they were accepted with, new ones get the new one.
-A rebuild that fails (a certificate replaced before its key, a half-written file) keeps the old
-context and is retried at the next change.
+from: it asks its *sources* (inline ``DataSource``s, named secrets, or SDS secret providers) and
+watches every file it read. When one changes, the context is rebuilt; connections that are
+already up keep the ``SSLContext`` they were accepted with, new ones get the new one. A rebuild
+that fails (a certificate replaced before its key, a half-written file) keeps the old context and
+is retried at the next change.
+
+``SecretsManager`` (one per server, reached through ``BuildContext.secrets``) owns everything
+here that outlives one context: named secrets (static from ``static_resources.secrets``, dynamic
+through ``add_or_update`` / ``remove``), the SDS-file providers, the ``FileWatcher`` and the
+SDS-over-gRPC hook. No module-level state.
 
 Providers (``SecretProvider``): ``get()`` the current ``Secret`` proto (or ``None`` while none is
 known), ``subscribe(callback)`` to hear about changes (callbacks are held weakly, so a listener that
 went away stops being rebuilt). Implemented here:
 
-- ``StaticSecretProvider``: a fixed ``Secret`` (``static_resources.secrets`` by name, see
-  ``set_static_secrets``);
+- ``NamedSecretProvider``: a secret of the manager by name (an ``SdsSecretConfig`` without
+  ``sds_config``); an ``add_or_update`` of that name notifies it;
 - ``FileSdsProvider``: ``sds_config.path_config_source`` (or the deprecated ``sds_config.path``):
   a file holding a ``DiscoveryResponse`` (YAML or JSON) whose ``resources`` are ``Secret``s; the
-  file is re-read when it changes.
+  file is re-read when it changes;
+- ``StaticSecretProvider``: a fixed ``Secret`` proto.
 
-SDS over gRPC (``api_config_source`` / ``ads``) plugs in through ``register_sds_client(factory)``;
-without one such configs are a ``ConfigError`` naming the field.
+SDS over gRPC (``api_config_source`` / ``ads``) plugs in through
+``SecretsManager.register_sds_client(factory)``; without one such configs are a ``ConfigError``
+naming the field.
 
 File watching polls ``os.stat`` (mtime, size, inode) once per ``POLL_INTERVAL`` seconds on the
 event loop: no inotify dependency, and atomic renames (Kubernetes' ``..data`` symlink swaps) are
@@ -30,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -122,6 +130,12 @@ class FileWatcher:
         self._loop = loop
         self._ensure_timer()
 
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self._loop = None
+
     def _ensure_timer(self) -> None:
         loop = self._loop
         if loop is None:
@@ -170,9 +184,6 @@ class FileWatcher:
         return changed
 
 
-WATCHER = FileWatcher()
-
-
 # --- providers -----------------------------------------------------------------------------------
 
 
@@ -201,6 +212,8 @@ class SecretProvider:
 
 
 class StaticSecretProvider(SecretProvider):
+    """A fixed ``Secret`` (for callers that hold the proto themselves)."""
+
     def __init__(self, secret: Any) -> None:
         super().__init__(secret.name)
         self._secret = secret
@@ -209,14 +222,29 @@ class StaticSecretProvider(SecretProvider):
         return self._secret
 
 
+class NamedSecretProvider(SecretProvider):
+    """A secret of the ``SecretsManager`` by name (``static_resources.secrets`` or one added
+    through the API): ``get()`` reads the manager's current one, so an update reaches every TLS
+    context that uses the name."""
+
+    def __init__(self, manager: SecretsManager, name: str) -> None:
+        super().__init__(name)
+        self._manager = manager
+
+    def get(self) -> Any | None:
+        return self._manager.get(self.name)
+
+
 class FileSdsProvider(SecretProvider):
     """One named secret from an SDS file (a ``DiscoveryResponse`` of ``Secret`` resources)."""
 
-    def __init__(self, file: str, name: str, path: str) -> None:
+    def __init__(self, file: str, name: str, path: str, watcher: FileWatcher) -> None:
         super().__init__(name)
         self.file = file
+        self.version_info = ""
+        self.last_updated = 0.0
         self._secret = self._read(path)  # ConfigError at build time when missing or invalid
-        WATCHER.watch(file, self._on_file_changed)
+        watcher.watch(file, self._on_file_changed)
 
     def get(self) -> Any | None:
         return self._secret
@@ -238,6 +266,8 @@ class FileSdsProvider(SecretProvider):
             if getattr(getattr(msg, "DESCRIPTOR", None), "full_name", "") != SECRET_TYPE:
                 continue
             if getattr(msg, "name", None) == self.name:
+                self.version_info = resp.version_info
+                self.last_updated = time.time()
                 return msg
         raise ConfigError(path, f"SDS file {self.file!r} has no secret named {self.name!r}")
 
@@ -253,54 +283,154 @@ class FileSdsProvider(SecretProvider):
             self._notify()
 
 
-_static_secrets: dict[str, Any] = {}
-_file_providers: weakref.WeakValueDictionary[tuple[str, str], FileSdsProvider] = weakref.WeakValueDictionary()
 SdsClientFactory = Callable[[Any, str, Any, str], SecretProvider]
-_sds_client: SdsClientFactory | None = None
 
 
-def set_static_secrets(secrets: Any) -> None:
-    """Register ``static_resources.secrets`` (``Secret`` protos) for lookups by name."""
-    _static_secrets.clear()
-    for s in secrets:
-        _static_secrets[s.name] = s
+class SecretEntry:
+    """A named secret the manager holds, with what ``/config_dump`` shows about it."""
+
+    __slots__ = ("last_updated", "secret", "static", "version_info")
+
+    def __init__(self, secret: Any, static: bool, version_info: str = "") -> None:
+        self.secret = secret
+        self.static = static
+        self.version_info = version_info
+        self.last_updated = time.time()
 
 
-def register_sds_client(factory: SdsClientFactory | None) -> None:
-    """Plug in SDS over gRPC: ``factory(config_source, secret_name, ctx, path) -> SecretProvider``."""
-    global _sds_client
-    _sds_client = factory
+class SecretsManager:
+    """The server's secrets: named ``Secret``s (static ones from ``static_resources.secrets``,
+    dynamic ones added through this API, which SDS over xDS will drive), SDS-file providers, the
+    file watcher that polls every certificate and SDS file, and the SDS-over-gRPC hook.
+
+    TLS contexts look secrets up only through the manager of their build context
+    (``provider_for``); nothing is kept at module level, so two servers in one process (or a
+    test next to a server) never see each other's secrets."""
+
+    def __init__(self, watcher: FileWatcher | None = None) -> None:
+        self.watcher = watcher if watcher is not None else FileWatcher()
+        self._secrets: dict[str, SecretEntry] = {}
+        self._named: dict[str, NamedSecretProvider] = {}
+        # SDS files: one provider per (file, secret name), shared by the contexts using it and
+        # dropped with the last of them.
+        self._file_providers: weakref.WeakValueDictionary[tuple[str, str], FileSdsProvider] = (
+            weakref.WeakValueDictionary()
+        )
+        self._sds_client: SdsClientFactory | None = None
+
+    # -- named secrets ----------------------------------------------------------------------
+
+    def add_static(self, secret: Any, path: str = "") -> None:
+        """A ``static_resources.secrets`` entry; a duplicate name -> ``ConfigError(path.name)``."""
+        if not secret.name:
+            raise ConfigError(f"{path}.name" if path else "name", "secret name is required")
+        if secret.name in self._secrets:
+            raise ConfigError(f"{path}.name" if path else "name", f"duplicate secret name {secret.name!r}")
+        self._secrets[secret.name] = SecretEntry(secret, static=True)
+
+    def add_or_update(self, secret: Any, version_info: str = "") -> bool:
+        """Add or replace a dynamic secret by name; True when it changed. TLS contexts using the
+        name rebuild (a rebuild that fails keeps their previous certificates). A static name ->
+        ``ConfigError``."""
+        name = secret.name
+        if not name:
+            raise ConfigError("name", "secret name is required")
+        old = self._secrets.get(name)
+        if old is not None and old.static:
+            raise ConfigError("name", f"secret {name!r} is static (static_resources) and cannot be updated")
+        if old is not None and old.secret == secret:
+            old.version_info = version_info
+            return False
+        self._secrets[name] = SecretEntry(secret, static=False, version_info=version_info)
+        p = self._named.get(name)
+        if p is not None:
+            p._notify()
+        return True
+
+    def remove(self, name: str) -> bool:
+        """Forget a dynamic secret. Contexts built from it keep their certificates until the
+        name comes back. False when there is no dynamic secret of that name."""
+        e = self._secrets.get(name)
+        if e is None or e.static:
+            return False
+        del self._secrets[name]
+        return True
+
+    def get(self, name: str) -> Any | None:
+        e = self._secrets.get(name)
+        return e.secret if e is not None else None
+
+    def entries(self) -> list[tuple[str, SecretEntry]]:
+        return sorted(self._secrets.items())
+
+    def file_providers(self) -> list[FileSdsProvider]:
+        """The SDS-file secrets in use (for ``/config_dump``'s dynamic secrets)."""
+        return [self._file_providers[k] for k in sorted(self._file_providers.keys())]
+
+    # -- lookups by TLS contexts ------------------------------------------------------------
+
+    def register_sds_client(self, factory: SdsClientFactory | None) -> None:
+        """Plug in SDS over gRPC: ``factory(config_source, secret_name, ctx, path) -> SecretProvider``."""
+        self._sds_client = factory
+
+    def provider_for(self, sds: Any, ctx: Any, path: str) -> SecretProvider:
+        """A provider for an ``SdsSecretConfig`` (``path`` is its field path)."""
+        if not sds.name:
+            raise ConfigError(f"{path}.name", "secret name is required")
+        if not sds.HasField("sds_config"):
+            if sds.name not in self._secrets:
+                raise ConfigError(
+                    f"{path}.name", f"no static secret named {sds.name!r} (static_resources.secrets)"
+                )
+            p = self._named.get(sds.name)
+            if p is None:
+                p = self._named[sds.name] = NamedSecretProvider(self, sds.name)
+            return p
+        cs = sds.sds_config
+        kind = cs.WhichOneof("config_source_specifier")
+        if kind in ("path", "path_config_source"):
+            file = cs.path if kind == "path" else cs.path_config_source.path
+            if not file:
+                raise ConfigError(f"{path}.sds_config.{kind}", "path is required")
+            key = (file, sds.name)
+            fp = self._file_providers.get(key)
+            if fp is None:
+                fp = FileSdsProvider(file, sds.name, f"{path}.sds_config.{kind}", self.watcher)
+                self._file_providers[key] = fp
+            return fp
+        if kind in ("api_config_source", "ads") and self._sds_client is not None:
+            return self._sds_client(cs, sds.name, ctx, f"{path}.sds_config")
+        if kind in ("api_config_source", "ads"):
+            raise ConfigError(
+                f"{path}.sds_config.{kind}",
+                f"SDS over gRPC is not supported yet (secret {sds.name!r}); "
+                "use sds_config.path_config_source or inline certificates",
+            )
+        raise ConfigError(f"{path}.sds_config", f"config source {kind!r} is not supported for secrets")
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Poll the watched files on ``loop`` (the server's)."""
+        self.watcher.start(loop)
+
+    def stop(self) -> None:
+        self.watcher.stop()
+
+
+def secrets_of(ctx: Any) -> SecretsManager:
+    """The secrets manager of a build context. A context without one (a listener or cluster
+    compiled on its own, as in unit tests) gets a private manager of its own, kept on it."""
+    sm = getattr(ctx, "secrets", None)
+    if sm is None:
+        sm = SecretsManager()
+        try:
+            ctx.secrets = sm
+        except AttributeError:
+            pass
+    return sm  # type: ignore[no-any-return]
 
 
 def provider_for(sds: Any, ctx: Any, path: str) -> SecretProvider:
-    """A provider for an ``SdsSecretConfig`` (``path`` is its field path)."""
-    if not sds.name:
-        raise ConfigError(f"{path}.name", "secret name is required")
-    if not sds.HasField("sds_config"):
-        s = _static_secrets.get(sds.name)
-        if s is None:
-            raise ConfigError(
-                f"{path}.name", f"no static secret named {sds.name!r} (static_resources.secrets)"
-            )
-        return StaticSecretProvider(s)
-    cs = sds.sds_config
-    kind = cs.WhichOneof("config_source_specifier")
-    if kind in ("path", "path_config_source"):
-        file = cs.path if kind == "path" else cs.path_config_source.path
-        if not file:
-            raise ConfigError(f"{path}.sds_config.{kind}", "path is required")
-        key = (file, sds.name)
-        p = _file_providers.get(key)
-        if p is None:
-            p = FileSdsProvider(file, sds.name, f"{path}.sds_config.{kind}")
-            _file_providers[key] = p
-        return p
-    if kind in ("api_config_source", "ads") and _sds_client is not None:
-        return _sds_client(cs, sds.name, ctx, f"{path}.sds_config")
-    if kind in ("api_config_source", "ads"):
-        raise ConfigError(
-            f"{path}.sds_config.{kind}",
-            f"SDS over gRPC is not supported yet (secret {sds.name!r}); "
-            "use sds_config.path_config_source or inline certificates",
-        )
-    raise ConfigError(f"{path}.sds_config", f"config source {kind!r} is not supported for secrets")
+    """``secrets_of(ctx).provider_for(sds, ctx, path)``."""
+    return secrets_of(ctx).provider_for(sds, ctx, path)

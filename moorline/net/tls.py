@@ -6,8 +6,9 @@ Compilation (once, at config time; again when a watched certificate or SDS secre
   ``transport_socket``; ``compile_upstream(proto, ctx, path) -> UpstreamTls`` for a cluster's.
   ``compile_transport_socket(ts, ctx, path, server=...)`` takes the ``TransportSocket`` wrapper
   and returns ``None`` for ``raw_buffer``.
-- ``tls_for_cluster(cluster)`` compiles a cluster's ``transport_socket`` once and caches it on the
-  cluster object (recompiled only when the cluster's proto changes).
+- Clusters get theirs through ``moorline.net.upstream.UpstreamTransportFactory`` (the cluster
+  manager calls it at compile time; the result is ``cluster.transport``).
+- Secrets and watched files come from the build context's ``SecretsManager`` (``ctx.secrets``).
 
 What maps onto OpenSSL through ``ssl.SSLContext``: certificates from files, inline strings/bytes
 and SDS; several certificates chosen by SNI against their DNS SANs (``sni_callback`` switches the
@@ -44,11 +45,12 @@ from typing import Any
 
 from moorline.config.errors import ConfigError
 from moorline.net.secrets import (
-    WATCHER,
+    FileWatcher,
     SecretProvider,
     data_source_file,
     provider_for,
     read_data_source,
+    secrets_of,
 )
 from moorline.observability.stats import Counter, Scope, Store
 
@@ -298,6 +300,8 @@ class _Common:
     def __init__(self, common: Any, ctx: Any, path: str, server: bool) -> None:
         self.server = server
         self.path = path
+        # Files this context reads are polled by its secrets manager's watcher.
+        self.watcher: FileWatcher = secrets_of(ctx).watcher
         p = f"{path}.tls_params"
         params = common.tls_params
         lo, hi = _SERVER_DEFAULT if server else _CLIENT_DEFAULT
@@ -554,7 +558,7 @@ class _TlsBase:
         files: list[str] = []
         built = self.common.build(self.require_client, files)
         for f in files:
-            WATCHER.watch(f, self._reload_cb)
+            self.common.watcher.watch(f, self._reload_cb)
         self._install_sni(built)
         return built
 
@@ -579,6 +583,10 @@ class _TlsBase:
         self.last_error = None
         log.info("TLS context %s: certificates reloaded", self.common.path)
         return True
+
+    @property
+    def watcher(self) -> FileWatcher:
+        return self.common.watcher
 
     def bind_stats(self, scope: Scope) -> None:
         """Count into ``<scope>ssl.*`` (the listener's or the cluster's)."""
@@ -795,32 +803,6 @@ def compile_transport_socket(
     raise ConfigError(path, f"unsupported transport socket {tname or ts.name!r}")
 
 
-def tls_for_cluster(cluster: Any, ctx: Any = None) -> UpstreamTls | None:
-    """The compiled ``UpstreamTlsContext`` of a cluster (None: plain TCP), compiled on first use
-    and cached on the cluster object. Raises ``ConfigError`` when it cannot be compiled, also for
-    a transport socket that is neither TLS nor raw_buffer. ``ctx.notice`` receives what the
-    compilation ignores (default: the log)."""
-    ts = getattr(cluster, "transport_socket", None)
-    if ts is None:
-        return None
-    cached = getattr(cluster, "_moorline_tls", None)
-    if cached is not None and cached[0] is ts:
-        return cached[1]  # type: ignore[no-any-return]
-    compiled = compile_transport_socket(
-        ts, ctx if ctx is not None else _NoCtx(), f"clusters[{cluster.name}].transport_socket", server=False
-    )
-    assert compiled is None or isinstance(compiled, UpstreamTls)
-    if compiled is not None:
-        scope = getattr(getattr(cluster, "stats", None), "scope", None)
-        if scope is not None:
-            compiled.bind_stats(scope)
-    try:
-        cluster._moorline_tls = (ts, compiled)
-    except AttributeError:
-        pass
-    return compiled
-
-
 # --- serving accepted connections ----------------------------------------------------------------
 
 
@@ -841,7 +823,7 @@ def serve_accepted(
         task = loop.create_task(loop.connect_accepted_socket(protocol_factory, sock))  # type: ignore[arg-type]
         task.add_done_callback(lambda t: _plain_done(t, sock, info))
         return
-    WATCHER.start(loop)
+    tls.watcher.start(loop)
     gate = _ServerGate(tls, info, protocol_factory)
     task = loop.create_task(
         loop.connect_accepted_socket(
@@ -930,7 +912,7 @@ def upstream_connect_coro(
 ) -> tuple[Any, _ClientGate]:
     """``(coroutine, gate)`` opening a TLS connection to ``host`` (or over the connected
     ``sock``); after the coroutine, ``gate.failed`` tells a SAN mismatch (transport aborted)."""
-    WATCHER.start(loop)
+    tls.watcher.start(loop)
     sni = tls.server_hostname(host)
     gate = _ClientGate(tls, sni, protocol)
     kw: dict[str, Any] = {"ssl": tls.context, "server_hostname": sni}
@@ -1071,7 +1053,9 @@ class StreamRelay:
         self.down.peer, self.up.peer = self.up, self.down
         self._gate: _ClientGate | None = None
         self._down_tls = down_tls
-        WATCHER.start(loop)
+        for t in (down_tls, up_tls):
+            if t is not None:
+                t.watcher.start(loop)
         dcoro: Any
         ucoro: Any
         if down_tls is not None:

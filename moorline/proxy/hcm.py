@@ -38,6 +38,7 @@ from moorline.protocol.http1 import Limits
 from moorline.proxy.filter_manager import FilterManager
 from moorline.proxy.local_reply import LocalReplyConfig
 from moorline.proxy.phases import Phase
+from moorline.proxy.route_provider import RouteConfigProvider
 from moorline.proxy.route_table import DIRECT_RESPONSE, REDIRECT, RouteTable
 from moorline.proxy.router import Router
 from moorline.stream import builtin_codecs
@@ -184,7 +185,11 @@ class HcmStats:
 
 
 class HcmConfig:
-    """Compiled ``HttpConnectionManager``."""
+    """Compiled ``HttpConnectionManager``.
+
+    Routes come from ``route_provider`` (``moorline.proxy.route_provider.RouteConfigProvider``):
+    a stream reads ``route_provider.current`` once when its headers arrive. ``route_table`` is
+    the provider's current table, for callers that do not pin a snapshot."""
 
     def __init__(self, proto: Any, ctx: BuildContext, path: str) -> None:
         from moorline.config.loader import unpack_any
@@ -214,9 +219,10 @@ class HcmConfig:
         # -- end HTTP/2 --
         kind = proto.WhichOneof("route_specifier")
         if kind == "route_config":
-            self.route_table = RouteTable.compile(proto.route_config, f"{path}.route_config")
-            for n in self.route_table.notices:
+            table = RouteTable.compile(proto.route_config, f"{path}.route_config")
+            for n in table.notices:
                 ctx.notice(n)
+            self.route_provider = RouteConfigProvider(table, proto.route_config)
         elif kind == "rds":
             raise ConfigError(f"{path}.rds", "RDS needs an xDS control plane, which is not supported yet")
         elif kind is None:
@@ -285,27 +291,11 @@ class HcmConfig:
         self.request_timeout = opt_duration_s(proto, "request_timeout", None)
         self.request_headers_timeout = opt_duration_s(proto, "request_headers_timeout", None)
         self.delayed_close_timeout = opt_duration_s(proto, "delayed_close_timeout", 1.0)
-        periods = [
-            t
-            for t in (
-                self.idle_timeout,
-                self.stream_idle_timeout,
-                self.request_timeout,
-                self.request_headers_timeout,
-                self.max_connection_duration,
-                self.max_stream_duration,
-            )
-            if t
-        ]
-        routes = [r for vh in self.route_table.virtual_hosts for r in vh.routes]
-        periods.extend(r.timeout for r in routes if getattr(r, "timeout", 0))
-        periods.extend(d for r in routes if (d := r.max_stream_duration))
-        # One lazily re-armed timer per connection checks every deadline (idle, request and
-        # route timeouts); its period bounds how late a timeout can fire: a tenth of the
-        # shortest configured one, between 10 ms and 1 s. Shorter deadlines that only appear at
-        # run time (grpc-timeout) get a timer of their own.
-        self.timer_period = max(0.01, min(1.0, min(periods) / 10)) if periods else 0.0
-        self.lazy_timeout_min = self.timer_period * 10 if self.timer_period else float("inf")
+        self.timer_period = 0.0
+        self.lazy_timeout_min = float("inf")
+        self._set_timer_period()
+        # A new route snapshot may bring shorter (or only longer) timeouts.
+        self.route_provider.subscribe(self._set_timer_period)
 
         # headers
         self.server_name = (proto.server_name or "moorline").encode()
@@ -339,6 +329,8 @@ class HcmConfig:
         self.access_logs = compile_access_logs(list(proto.access_log), ctx, f"{path}.access_log")
         if proto.HasField("tracing"):
             ctx.notice(f"{path}.tracing: tracing is not supported yet; ignored")
+        # Runtime state of this compiled config's connections (a listener update compiles a
+        # new HcmConfig, so these stay with the connections accepted under the old one).
         self.draining = False
         self.connections: set[Any] = set()
         self.cluster_manager = ctx.cluster_manager
@@ -368,6 +360,34 @@ class HcmConfig:
             pool.extend(_request_ids())
         return pool.pop()
 
+    @property
+    def route_table(self) -> RouteTable:
+        return self.route_provider.current
+
+    def _set_timer_period(self) -> None:
+        periods = [
+            t
+            for t in (
+                self.idle_timeout,
+                self.stream_idle_timeout,
+                self.request_timeout,
+                self.request_headers_timeout,
+                self.max_connection_duration,
+                self.max_stream_duration,
+            )
+            if t
+        ]
+        routes = [r for vh in self.route_provider.current.virtual_hosts for r in vh.routes]
+        periods.extend(r.timeout for r in routes if getattr(r, "timeout", 0))
+        periods.extend(d for r in routes if (d := r.max_stream_duration))
+        # One lazily re-armed timer per connection checks every deadline (idle, request and
+        # route timeouts); its period bounds how late a timeout can fire: a tenth of the
+        # shortest configured one, between 10 ms and 1 s. Shorter deadlines that only appear at
+        # run time (grpc-timeout) get a timer of their own. Connections read the period each
+        # time they re-arm, so a route update reaches them within one old period.
+        self.timer_period = max(0.01, min(1.0, min(periods) / 10)) if periods else 0.0
+        self.lazy_timeout_min = self.timer_period * 10 if self.timer_period else float("inf")
+
     # -- network filter terminal ------------------------------------------
     terminal = True
 
@@ -391,6 +411,10 @@ class HcmConfig:
 
     def active_requests(self) -> int:
         return sum(1 for c in self.connections if c.stream is not None)
+
+    def active_connections(self) -> int:
+        """Live downstream connections (a draining listener waits for them)."""
+        return len(self.connections)
 
 
 def _accept_done(t: asyncio.Task) -> None:
@@ -517,7 +541,7 @@ class ActiveStream:
         info.protocol = _PROTO_LABEL[proto]
         self.headers = headers
         info.request_headers = headers
-        self.routes = cfg.route_table  # pinned: a route update does not move this stream
+        self.routes = cfg.route_provider.current  # pinned: a route update does not move this stream
         method = self.method = headers.method
         if end_stream:
             self.request_complete = True

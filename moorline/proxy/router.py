@@ -38,9 +38,6 @@ _UPSTREAM_ERR = b"upstream connect error or disconnect/reset before headers. res
 _CHOOSE_HOST = Phase.CHOOSE_HOST
 _UPSTREAM_REQUEST = Phase.UPSTREAM_REQUEST
 
-# Concurrent retries per cluster, for the max_retries circuit breaker.
-_active_retries: dict[str, int] = {}
-
 
 def _grpc_timeout_s(v: bytes) -> float | None:
     """Parse a grpc-timeout header value ("100m", "5S"): 1 to 8 ASCII digits and a unit; anything
@@ -495,6 +492,7 @@ class Router:
         if self.backoff_handle is not None:
             self.backoff_handle.cancel()
             self.backoff_handle = None
+            self.cluster.active_retries -= 1  # the retry slot taken in _retry()
         if self.pending is not None:
             self.pending.cancel()
             self.pending = None
@@ -524,8 +522,7 @@ class Router:
         if self.body_bytes and not self.retain:
             return False
         st = self.cluster.stats
-        name = self.cluster.name
-        if _active_retries.get(name, 0) >= self.cluster.max_retries:
+        if self.cluster.active_retries >= self.cluster.max_retries:
             st.upstream_rq_retry_overflow.value += 1
             return False
         return True
@@ -556,12 +553,12 @@ class Router:
         if conn is not None:
             conn.abort()
         self._end_attempt()
-        name = self.cluster.name
-        _active_retries[name] = _active_retries.get(name, 0) + 1
+        cluster = self.cluster
+        cluster.active_retries += 1
         delay = self.policy.backoff(self.attempts - 1, random.random()) if self.policy else 0.0
 
         def go() -> None:
-            _active_retries[name] = _active_retries.get(name, 1) - 1
+            cluster.active_retries -= 1
             self._start_attempt()
 
         self.backoff_handle = self.loop.call_later(delay, go)
@@ -604,8 +601,7 @@ class Router:
         if self.backoff_handle is not None:
             self.backoff_handle.cancel()
             self.backoff_handle = None
-            name = self.cluster.name
-            _active_retries[name] = _active_retries.get(name, 1) - 1
+            self.cluster.active_retries -= 1
         self._abandon_attempt()
         self._local_failure(
             504, b"upstream request timeout", flags.UPSTREAM_REQUEST_TIMEOUT, "upstream_response_timeout"

@@ -7,7 +7,7 @@ Connection lifecycle (phases of ``_Session``):
    manager *now* (clusters may arrive later through xDS; Envoy does not check at config time).
    No such cluster: close, ``downstream_cx_no_route``.
 2. **connect**: ``cluster.choose_host(exclude)`` and a non-blocking connect with the cluster's
-   ``connect_timeout``. The downstream socket is not read meanwhile, so the kernel's buffers and
+   ``connect_timeout`` (``moorline.net.upstream.connect_socket``: only net/ touches sockets). The downstream socket is not read meanwhile, so the kernel's buffers and
    the client's TCP window are the backpressure. A failure or timeout retries with another host
    (the failed ones excluded) up to ``max_connect_attempts``; then the downstream is closed.
 3. **relay**: ``moorline.net.tcp_relay`` moves the bytes (``os.splice`` by default, userspace copy
@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import errno
 import logging
 import random
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
@@ -34,9 +34,9 @@ from moorline.config import registry
 from moorline.config.errors import ConfigError
 from moorline.config.util import opt_duration_s, opt_uint
 from moorline.net.conn_info import ConnInfo
-from moorline.net.sockopts import set_keepalive, set_nodelay
 from moorline.net.tcp_relay import CLOSE_IDLE, Relay, relay, splice_supported
-from moorline.net.tls import StreamRelay, tls_for_cluster
+from moorline.net.tls import StreamRelay
+from moorline.net.upstream import connect_socket
 from moorline.observability.stats import Counter
 
 log = logging.getLogger("moorline.tcp_proxy")
@@ -167,7 +167,8 @@ class _Session:
     """One downstream connection and its upstream."""
 
     __slots__ = (
-        "_connect_handle",
+        "_cancel_connect",
+        "_connect_token",
         "_duration_handle",
         "_started",
         "attempts",
@@ -202,7 +203,8 @@ class _Session:
         self.up: socket.socket | None = None
         self.relay: Relay | StreamRelay | None = None
         self.closed = False
-        self._connect_handle: asyncio.TimerHandle | None = None
+        self._cancel_connect: Callable[[], None] | None = None
+        self._connect_token: object | None = None
         self._duration_handle: asyncio.TimerHandle | None = None
         self._started = 0.0
 
@@ -222,57 +224,34 @@ class _Session:
             self._end_downstream()
             return
         self.host = host
-        family = getattr(host, "family", None) or _family_of(host)
-        try:
-            up = socket.socket(family, socket.SOCK_STREAM)
-        except OSError as e:
-            log.warning("tcp_proxy %s: cannot create upstream socket: %s", self.proxy.stat_prefix, e)
-            self._end_downstream()
-            return
-        up.setblocking(False)
-        set_nodelay(up)
-        set_keepalive(up, getattr(cluster, "tcp_keepalive", None))
-        self.up = up
         cs.upstream_cx_total.value += 1
         cs.upstream_cx_active.value += 1
         if hasattr(host, "active_cx"):
             host.active_cx += 1
             host.stats_cx_total += 1
         self._started = self.loop.time()
-        target: Any = host.address if family == socket.AF_UNIX else (host.address, host.port)
-        if family == socket.AF_UNIX and target.startswith("@"):
-            target = "\0" + target[1:]
-        err = up.connect_ex(target)
-        if err == 0:
-            self._connected()
-        elif err == errno.EINPROGRESS:
-            self.loop.add_writer(up.fileno(), self._on_connect_ready)
-            timeout = getattr(cluster, "connect_timeout", None) or DEFAULT_CONNECT_TIMEOUT
-            self._connect_handle = self.loop.call_later(timeout, self._on_connect_timeout)
-        else:
-            # Refused at once (a pipe nobody listens on, an unreachable network, a full unix backlog).
-            self._connect_failed(timed_out=False)
+        timeout = getattr(cluster, "connect_timeout", None) or DEFAULT_CONNECT_TIMEOUT
+        # The connect may finish before connect_socket returns (and start the next attempt):
+        # keep its cancel function only while this very attempt is still in progress.
+        token = self._connect_token = object()
+        cancel = connect_socket(
+            self.loop, host, timeout, getattr(cluster, "tcp_keepalive", None), self._on_connect_done
+        )
+        if self._connect_token is token:
+            self._cancel_connect = cancel
 
-    def _on_connect_ready(self) -> None:
-        up = self.up
-        assert up is not None
-        self.loop.remove_writer(up.fileno())
-        if self._connect_handle is not None:
-            self._connect_handle.cancel()
-            self._connect_handle = None
-        err = up.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            self._connect_failed(timed_out=False)
-        else:
-            self._connected()
-
-    def _on_connect_timeout(self) -> None:
-        self._connect_handle = None
-        up = self.up
-        if up is not None:
-            self.loop.remove_writer(up.fileno())
-        self.cluster.stats.upstream_cx_connect_timeout.value += 1
-        self._connect_failed(timed_out=True)
+    def _on_connect_done(
+        self, sock: socket.socket | None, err: BaseException | None, timed_out: bool
+    ) -> None:
+        self._cancel_connect = None
+        self._connect_token = None
+        if sock is None:
+            if timed_out:
+                self.cluster.stats.upstream_cx_connect_timeout.value += 1
+            self._connect_failed(timed_out)
+            return
+        self.up = sock
+        self._connected()
 
     def _connect_failed(self, timed_out: bool) -> None:
         cs = self.cluster.stats
@@ -322,13 +301,13 @@ class _Session:
             limit = min(limit, climit)
         st = proxy.stats
         self._started = self.loop.time()
-        try:
-            up_tls = tls_for_cluster(self.cluster)
-        except ConfigError as e:
-            log.warning("tcp_proxy %s: cluster %s: %s", proxy.stat_prefix, self.cluster.name, e)
+        err = getattr(self.cluster, "transport_error", None)
+        if err:
+            log.warning("tcp_proxy %s: cluster %s: %s", proxy.stat_prefix, self.cluster.name, err)
             self._upstream_gone()
             self._end_downstream()
             return
+        up_tls = getattr(self.cluster, "transport", None)
         if self.info.tls is not None or up_tls is not None:
             # TLS on either side: the bytes must pass through userspace (no splice).
             self.relay = StreamRelay(
@@ -404,20 +383,13 @@ class _Session:
             self.relay.close()  # -> _relay_closed -> _finish
             return
         # Still connecting.
-        if self._connect_handle is not None:
-            self._connect_handle.cancel()
-            self._connect_handle = None
-        if self.up is not None:
-            self.loop.remove_writer(self.up.fileno())
+        cancel = self._cancel_connect
+        if cancel is not None:
+            self._cancel_connect = None
+            self._connect_token = None
+            cancel()
             self._upstream_gone()
         self._end_downstream()
-
-
-def _family_of(host: Any) -> int:
-    addr = host.address
-    if host.port is None or addr.startswith(("/", "@")):
-        return socket.AF_UNIX
-    return socket.AF_INET6 if ":" in addr else socket.AF_INET
 
 
 def _factory(cfg: Any, ctx: Any, path: str) -> TcpProxy:

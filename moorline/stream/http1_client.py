@@ -316,7 +316,7 @@ class Http1ClientConnection(asyncio.Protocol):
             or not self.response_done
             or self.tunnel
             or (mrpc and self.requests >= mrpc)
-            or pool.closed
+            or pool.draining
         ):
             if mrpc and self.requests >= mrpc:
                 self.stats.upstream_cx_max_requests.value += 1
@@ -380,7 +380,11 @@ def queue_request(pool: Any, req: Any) -> PendingRequest | None:
 
 
 class Pool:
-    """Connections to one host of one cluster."""
+    """Connections to one host of one cluster; kept on the host (``host.pool``) and freed with it.
+
+    ``drain()`` (the host left its cluster, or the cluster was replaced or removed): idle
+    connections close at once, busy ones when their request ends, queued requests are still
+    served. ``close()`` is a drain that also closes connections still being opened."""
 
     def __init__(self, host: Any, cluster: Any, loop: asyncio.AbstractEventLoop) -> None:
         self.host = host
@@ -391,6 +395,7 @@ class Pool:
         self.total = 0
         self.pending: collections.deque[PendingRequest] = collections.deque()
         self.closed = False
+        self.draining = False
         self._sweep: asyncio.TimerHandle | None = None
 
     def new_stream(self, req: Any) -> PendingRequest | None:
@@ -473,6 +478,9 @@ class Pool:
         self._make_idle(conn)
 
     def _make_idle(self, conn: Http1ClientConnection) -> None:
+        if self.draining:
+            conn.close()
+            return
         conn.idle_since = self.loop.time()
         self.idle.append(conn)
         t = self.cluster.idle_timeout
@@ -519,14 +527,18 @@ class Pool:
         if self.pending and not self.closed and self.connecting < len(self.pending):
             self._open()
 
-    def close(self) -> None:
-        self.closed = True
+    def drain(self) -> None:
+        self.draining = True
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
-        for conn in list(self.idle):
+        idle, self.idle = self.idle, []
+        for conn in idle:
             conn.close()
-        self.idle.clear()
+
+    def close(self) -> None:
+        self.closed = True
+        self.drain()
 
 
 def _errno_text(err: BaseException) -> str:
@@ -537,7 +549,12 @@ def _errno_text(err: BaseException) -> str:
 
 
 def pool_for(host: Any, loop: asyncio.AbstractEventLoop) -> Pool:
+    """The HTTP/1.1 pool of ``host`` (``host.pool``, made on first use). A host that already
+    left its cluster (a retry after a cluster update) gets a draining pool: the request is
+    served, the connection is not kept."""
     p = host.pool
     if p is None or p.closed:
         p = host.pool = Pool(host, host.cluster, loop)
+        if host.removed:
+            p.draining = True
     return p

@@ -235,7 +235,7 @@ class Http2ClientConnection(asyncio.Protocol):
         if not self.reserved:
             self.idle_since = self.loop.time()
             mrpc = self.cluster.max_requests_per_connection
-            if self.goaway or (mrpc and self.requests >= mrpc) or self.pool.closed:
+            if self.goaway or (mrpc and self.requests >= mrpc) or self.pool.draining:
                 if mrpc and self.requests >= mrpc:
                     self.stats.upstream_cx_max_requests.value += 1
                 self.close()
@@ -424,7 +424,9 @@ class Http2ClientConnection(asyncio.Protocol):
 
 
 class H2Pool:
-    """Multiplexed HTTP/2 connections to one host of one cluster."""
+    """Multiplexed HTTP/2 connections to one host of one cluster; kept on the host
+    (``host.h2pool``) and freed with it. ``drain()``: connections without streams close now,
+    the others when their last stream ends."""
 
     def __init__(self, host: Any, cluster: Any, loop: asyncio.AbstractEventLoop) -> None:
         self.host = host
@@ -437,6 +439,7 @@ class H2Pool:
         self.connecting: list[Http2ClientConnection] = []
         self.pending: collections.deque[PendingRequest] = collections.deque()
         self.closed = False
+        self.draining = False
         self._sweep: asyncio.TimerHandle | None = None
 
     def new_stream(self, req: Any) -> PendingRequest | None:
@@ -515,7 +518,10 @@ class H2Pool:
                 continue
             p.req.on_pool_ready(conn.new_handle())
         if not conn.reserved and not conn.closed:
-            self._arm_sweep()
+            if self.draining:
+                conn.close()
+            else:
+                self._arm_sweep()
 
     def on_connection_idle(self, handle: H2UpstreamStream) -> None:
         """The router got a stream it no longer needs (it finished while waiting)."""
@@ -537,7 +543,7 @@ class H2Pool:
 
     def _arm_sweep(self) -> None:
         t = self.cluster.idle_timeout
-        if t and self._sweep is None and not self.closed:
+        if t and self._sweep is None and not self.draining:
             self._sweep = self.loop.call_later(max(t / 4, 0.01), self._sweep_idle)
 
     def _sweep_idle(self) -> None:
@@ -559,8 +565,8 @@ class H2Pool:
         if again:
             self._arm_sweep()
 
-    def close(self) -> None:
-        self.closed = True
+    def drain(self) -> None:
+        self.draining = True
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
@@ -568,17 +574,17 @@ class H2Pool:
             if not conn.reserved:
                 conn.close()
 
-
-_h2_stats_by_cluster: dict[int, tuple[Any, H2ClusterStats]] = {}
-_pools: dict[Any, H2Pool] = {}
+    def close(self) -> None:
+        self.closed = True
+        self.drain()
 
 
 def _cluster_h2_stats(cluster: Any) -> H2ClusterStats:
-    ent = _h2_stats_by_cluster.get(id(cluster))
-    if ent is None or ent[0] is not cluster:
-        ent = (cluster, H2ClusterStats(cluster))
-        _h2_stats_by_cluster[id(cluster)] = ent
-    return ent[1]
+    """The cluster's ``http2.*`` stats, kept on the cluster (``cluster.h2_stats``)."""
+    st = cluster.h2_stats
+    if st is None:
+        st = cluster.h2_stats = H2ClusterStats(cluster)
+    return st  # type: ignore[no-any-return]
 
 
 def options_for(cluster: Any) -> h2c.Http2Options:
@@ -590,14 +596,11 @@ def options_for(cluster: Any) -> h2c.Http2Options:
 
 
 def pool_for(host: Any, loop: asyncio.AbstractEventLoop) -> H2Pool:
-    """The HTTP/2 pool of ``host`` (one per host, kept beside the HTTP/1.1 pool in
-    ``host.pool``; a map here because ``Host`` has fixed slots)."""
-    p = _pools.get(host)
-    if p is None or p.closed or p.cluster is not host.cluster:
-        if len(_pools) > 4096:
-            # Drop pools of removed hosts with no connections (bounds this map).
-            for h, old in list(_pools.items()):
-                if getattr(h, "removed", False) and not old.conns and not old.connecting:
-                    del _pools[h]
-        p = _pools[host] = H2Pool(host, host.cluster, loop)
-    return p
+    """The HTTP/2 pool of ``host`` (``host.h2pool``, beside the HTTP/1.1 ``host.pool``), made on
+    first use; draining when the host already left its cluster (see ``http1_client.pool_for``)."""
+    p = host.h2pool
+    if p is None or p.closed:
+        p = host.h2pool = H2Pool(host, host.cluster, loop)
+        if host.removed:
+            p.draining = True
+    return p  # type: ignore[no-any-return]

@@ -48,6 +48,7 @@ from moorline.config.errors import ConfigError
 from moorline.config.util import addr_str, address_of, opt_duration_s, opt_uint
 from moorline.observability.stats import Counter, Gauge, Histogram, Scope, Store
 from moorline.upstream import lb as lbmod
+from moorline.upstream.api import ConnPool, TransportFactory
 from moorline.upstream.dns import LOOKUP_FAMILIES, Answer, DnsError, Resolver, ip_family
 
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -243,6 +244,7 @@ class Host:
         "cluster",
         "degraded",
         "family",
+        "h2pool",
         "healthy",
         "hostname",
         "locality",
@@ -278,7 +280,10 @@ class Host:
         self.active_rq = 0
         self.active_cx = 0
         self.removed = False
-        self.pool: object | None = None
+        # The host's connection pools (moorline.stream makes them on first use); they live and
+        # die with the host, so a replaced or removed cluster takes its connections with it.
+        self.pool: ConnPool | None = None
+        self.h2pool: ConnPool | None = None
         self.stats_rq_total = 0
         self.stats_rq_error = 0
         self.stats_rq_success = 0
@@ -304,6 +309,26 @@ class Host:
     @property
     def key(self) -> tuple[str, int | None]:
         return (self.address, self.port)
+
+    def copy_for(self, cluster: Cluster) -> Host:
+        """The same endpoint as a member of ``cluster`` (a replacing cluster): weight, health and
+        names carried over; counters and pools start empty."""
+        return Host(
+            cluster,
+            self.address,
+            self.port,
+            self.hostname,
+            self.weight,
+            self.healthy,
+            self.degraded,
+            self.locality,
+        )
+
+    def drain_pools(self) -> None:
+        """The host left its cluster: idle connections close now, busy ones after their request."""
+        for p in (self.pool, self.h2pool):
+            if p is not None:
+                p.drain()
 
     def __repr__(self) -> str:
         flags = "" if self.healthy else " unhealthy"
@@ -355,6 +380,10 @@ class Cluster:
         self.http2_protocol_options: Any = None  # envoy.config.core.v3.Http2ProtocolOptions
         self.tcp_keepalive: tuple[int | None, int | None, int | None] | None = None
         self.transport_socket: Any = None  # envoy.config.core.v3.TransportSocket, or None
+        # What net/ connects through: None is plain TCP, else what the TransportFactory built
+        # (moorline.net.tls.UpstreamTls). ``transport_error`` set: every connect fails with it.
+        self.transport: Any = None
+        self.transport_error: str | None = None
         self.max_connections = 1024
         self.max_pending_requests = 1024
         self.max_requests = 1024
@@ -371,6 +400,17 @@ class Cluster:
         self.original_dst_use_http_header = False
         self.cleanup_interval = DEFAULT_CLEANUP_INTERVAL
         self.notices: list[str] = []
+        # Runtime state owned by this cluster (freed with it): concurrent retries for the
+        # max_retries circuit breaker (the router takes and gives back slots), and the HTTP/2
+        # pool's cluster.<name>.http2.* stats (moorline.stream.http2_client fills it).
+        self.active_retries = 0
+        self.h2_stats: Any = None
+        # Management (the ClusterManager sets these): origin, version, when it was (re)built.
+        self.added_via_api = False
+        self.version_info = ""
+        self.last_updated = 0.0
+        # True once replaced or removed: no new request picks it, the ones on it finish.
+        self.retired = False
         self.on_membership_change: list[Callable[[], None]] = []
         self.last_removed: list[Host] = []
         self._rng = rng or random.Random()
@@ -441,6 +481,7 @@ class Cluster:
         removed = list(old.values())
         for h in removed:
             h.removed = True
+            h.drain_pools()
         self.hosts = merged
         self._rebuild()
         if added or removed:
@@ -563,12 +604,25 @@ class Cluster:
             self._od_timer = asyncio.get_running_loop().call_later(self.cleanup_interval, self._od_sweep)
 
     def stop(self) -> None:
+        """Stop the background work (DNS refresh, ORIGINAL_DST sweeps)."""
         if self._task is not None:
             self._task.cancel()
             self._task = None
         if self._od_timer is not None:
             self._od_timer.cancel()
             self._od_timer = None
+
+    def retire(self) -> None:
+        """Replaced or removed: stop the timers and drain every host's pools. Requests already
+        routed here finish on their connections (a late retry still gets a connection, which
+        closes after its request); nothing here is reused, so the cluster is freed once the last
+        request on it ends."""
+        self.retired = True
+        self.stop()
+        for h in list(self.hosts) + list(self._od_hosts.values()):
+            h.removed = True
+            h.drain_pools()
+        self.on_membership_change = []
 
     async def _refresh_loop(self, ok: bool) -> None:
         failures = 0 if ok else 1
@@ -782,14 +836,27 @@ def _common_http(o: Any, c: Cluster, path: str) -> None:
         c.max_connection_duration = opt_duration_s(o, "max_connection_duration") or None
 
 
+_RAW_BUFFER_TYPE = "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"
+
+
+def _is_raw_buffer(ts: Any) -> bool:
+    tname = ts.typed_config.type_url.rsplit("/", 1)[-1] if ts.HasField("typed_config") else ""
+    return tname == _RAW_BUFFER_TYPE or (
+        not tname and ts.name in ("envoy.transport_sockets.raw_buffer", "raw_buffer", "")
+    )
+
+
 def compile_cluster(
     proto: Any,
     store: Store,
     resolver: Resolver | None = None,
     rng: random.Random | None = None,
+    transport_factory: TransportFactory | None = None,
 ) -> Cluster:
     """``envoy.config.cluster.v3.Cluster`` -> ``Cluster``. ``ConfigError`` paths are relative to
-    the cluster (callers prefix them, e.g. ``static_resources.clusters[3]``)."""
+    the cluster (callers prefix them, e.g. ``static_resources.clusters[3]``). The
+    ``transport_socket`` is compiled by ``transport_factory`` (built by net/); without one a
+    cluster with a non-raw transport socket fails every connect instead of going plaintext."""
     if not proto.name:
         raise ConfigError("name", "cluster name is required")
     if proto.HasField("cluster_type"):
@@ -862,19 +929,13 @@ def compile_cluster(
         c.panic_threshold = v
 
     if proto.HasField("transport_socket"):
-        c.transport_socket = proto.transport_socket
-        # Compile the transport socket now: a bad certificate or option, or a transport socket
-        # moorline does not have (tap, ALTS, ...), is a config error at load time with its field
-        # path, not a 503 on every connection.
-        from moorline.net.tls import tls_for_cluster
-
-        prefix = f"clusters[{c.name}]."
-        try:
-            tls_for_cluster(c, _ClusterNotices(c, prefix))
-        except ConfigError as e:
-            if e.path.startswith(prefix):
-                e.path = e.path[len(prefix) :]
-            raise
+        ts = c.transport_socket = proto.transport_socket
+        if transport_factory is not None:
+            # Compiled now: a bad certificate or option is a config error at load time (with
+            # its field path), not a failure of the first connection.
+            c.transport = transport_factory(ts, c, "transport_socket")
+        elif not _is_raw_buffer(ts):
+            c.transport_error = "transport_socket was not compiled (no transport socket factory)"
     if proto.transport_socket_matches:
         c.notice("transport_socket_matches: not implemented, the cluster's transport_socket is used")
     for field, what in (

@@ -1,19 +1,31 @@
 """The cluster manager: every compiled cluster by name, one shared DNS resolver.
 
-Static clusters are added before ``start()``; CDS adds, replaces and removes clusters while
-running (``add_or_update`` / ``remove``), and a cluster added after ``start()`` is started at once.
-Stats: ``cluster_manager.cluster_added``, ``cluster_modified``, ``cluster_removed`` (counters),
-``active_clusters`` (gauge), as Envoy names them.
+Static clusters (``static_resources.clusters``) are added with ``add``; the public API that CDS
+will drive adds, replaces and removes dynamic ones while traffic flows (``add_or_update`` /
+``remove``). A cluster added after ``start()`` is started (first DNS round) in the background.
+
+A cluster is a snapshot: an update compiles a new ``Cluster`` object and the old one is retired
+(``Cluster.retire``): requests already routed to it finish there, its hosts' pools drain (idle
+connections close at once, busy ones after their request), its DNS refresh and timers stop, and
+it is freed when the last request on it ends. Nothing about a cluster lives outside its object,
+so nothing else has to be cleaned up. Stats are kept by name in the store, so the replacement
+counts on in the same ``cluster.<name>.*`` stats.
+
+Stats: ``cluster_manager.cluster_added``, ``cluster_modified``, ``cluster_removed``,
+``cluster_updated`` (counters), ``active_clusters`` (gauge), as Envoy names them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from moorline.config.errors import ConfigError
 from moorline.observability.stats import Store
+from moorline.upstream.api import TransportFactory
 from moorline.upstream.cluster import Cluster, compile_cluster
 from moorline.upstream.dns import Resolver
 
@@ -25,10 +37,12 @@ class ClusterManager:
         loop: asyncio.AbstractEventLoop | None = None,
         resolver: Resolver | None = None,
         rng: random.Random | None = None,
+        transport_factory: TransportFactory | None = None,
     ) -> None:
         self.store = store
         self.clusters: dict[str, Cluster] = {}
         self.resolver = resolver or Resolver()
+        self.transport_factory = transport_factory
         self._loop = loop
         self._rng = rng
         self._started = False
@@ -38,49 +52,97 @@ class ClusterManager:
         self._added = scope.counter("cluster_added")
         self._modified = scope.counter("cluster_modified")
         self._removed = scope.counter("cluster_removed")
+        self._updated = scope.counter("cluster_updated")
         self._active = scope.gauge("active_clusters")
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def get(self, name: str) -> Cluster | None:
+        return self.clusters.get(name)
+
+    def __iter__(self) -> Iterator[Cluster]:
+        return iter(list(self.clusters.values()))
+
+    def __len__(self) -> int:
+        return len(self.clusters)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.clusters
+
+    # -- changing ----------------------------------------------------------------------------
 
     def compile(self, proto: Any, path: str = "") -> Cluster:
         """Compile without registering (validate mode); errors prefixed with ``path``."""
         try:
-            return compile_cluster(proto, self.store, self.resolver, self._rng)
+            return compile_cluster(proto, self.store, self.resolver, self._rng, self.transport_factory)
         except ConfigError as e:
             raise e.prefixed(path) from None
 
     def add(self, proto: Any, path: str = "") -> Cluster:
-        """Compile and register; a name already present -> ``ConfigError(path + ".name")``."""
+        """Add a static cluster (``static_resources``): it cannot be updated or removed through
+        the dynamic API. A name already present -> ``ConfigError(path + ".name")``."""
         if proto.name in self.clusters:
             p = f"{path}.name" if path else "name"
             raise ConfigError(p, f"duplicate cluster name {proto.name!r}")
         c = self.compile(proto, path)
+        c.last_updated = time.time()
         self._register(c)
         return c
 
-    def add_or_update(self, proto: Any, path: str = "") -> Cluster:
-        """CDS: add a new cluster, keep an unchanged one, replace a changed one (the old one is
-        stopped; an EDS cluster keeps its hosts until the next assignment arrives)."""
+    def add_or_update(self, proto: Any, path: str = "", version_info: str = "") -> Cluster:
+        """Add a dynamic cluster, or replace the one of that name (CDS semantics).
+
+        An unchanged proto keeps the running cluster (only ``version_info`` is recorded). A
+        changed one is compiled into a new ``Cluster`` that takes over at once; the old one is
+        retired (see the module docstring). Membership that only arrives at run time is carried
+        over so traffic never sees an empty cluster: EDS hosts until the next assignment, DNS
+        hosts until the next resolution (when the names to resolve are the same). A static
+        cluster's name -> ``ConfigError(path + ".name")``; a bad proto -> ``ConfigError`` and the
+        running cluster stays."""
         old = self.clusters.get(proto.name)
-        if old is None:
-            return self.add(proto, path)
-        if old.proto is not None and old.proto == proto:
+        if old is not None and not old.added_via_api:
+            p = f"{path}.name" if path else "name"
+            raise ConfigError(p, f"cluster {proto.name!r} is static (static_resources) and cannot be updated")
+        if old is not None and old.proto is not None and old.proto == proto:
+            old.version_info = version_info
             return old
         c = self.compile(proto, path)
-        # Keep serving the old members until the new cluster has its own: EDS until the next
-        # assignment, DNS types until their next resolution (same names to resolve only).
+        c.added_via_api = True
+        c.version_info = version_info
+        c.last_updated = time.time()
+        if old is None:
+            self._register(c)
+            return c
         if c.type == old.type == "EDS" and c.eds_service_name == old.eds_service_name:
-            c.update_hosts(old.hosts)
+            c.update_hosts([h.copy_for(c) for h in old.hosts])
         elif (
             c.type == old.type and c.type in ("STRICT_DNS", "LOGICAL_DNS") and c._endpoints == old._endpoints
         ):
             c._resolved = dict(old._resolved)
-            c.update_hosts(old.hosts)
-        # Whoever watched the old cluster's membership (pools) watches the new one.
+            c.update_hosts([h.copy_for(c) for h in old.hosts])
+        # Whoever watched the old cluster's membership watches the new one.
         c.on_membership_change.extend(old.on_membership_change)
-        old.stop()
         self.clusters[c.name] = c
+        old.retire()
         self._modified.value += 1
+        self._updated.value += 1
         self._start_later(c)
         return c
+
+    def remove(self, name: str) -> bool:
+        """Remove a dynamic cluster: routing to it answers "no cluster" from now on; requests
+        already on it finish and its connections drain. False when there is no dynamic cluster
+        of that name (static clusters stay, as in Envoy)."""
+        c = self.clusters.get(name)
+        if c is None or not c.added_via_api:
+            return False
+        del self.clusters[name]
+        # The membership gauges of a removed cluster read 0 (the stats themselves stay).
+        c.update_hosts([])
+        c.retire()
+        self._removed.value += 1
+        self._active.value = len(self.clusters)
+        return True
 
     def _register(self, c: Cluster) -> None:
         self.clusters[c.name] = c
@@ -95,18 +157,7 @@ class ClusterManager:
         self._starting.add(task)
         task.add_done_callback(self._starting.discard)
 
-    def get(self, name: str) -> Cluster | None:
-        return self.clusters.get(name)
-
-    def remove(self, name: str) -> None:
-        c = self.clusters.pop(name, None)
-        if c is None:
-            return
-        c.stop()
-        # Removed clusters drain like removed hosts: mark every host and tell the watchers.
-        c.update_hosts([])
-        self._removed.value += 1
-        self._active.value = len(self.clusters)
+    # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Start every cluster concurrently; returns when each finished its first DNS round."""

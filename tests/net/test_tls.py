@@ -35,7 +35,6 @@ from moorline.config import registry
 from moorline.config.context import BuildContext
 from moorline.config.errors import ConfigError
 from moorline.config.loader import parse_message
-from moorline.net import secrets
 from moorline.net.conn_info import ConnInfo
 from moorline.net.listener import Listener
 from moorline.net.tls import serve_accepted
@@ -567,7 +566,7 @@ def test_rotation_from_files_keeps_old_until_pair_is_complete(tmp_path: Path) ->
     )
 
     async def main() -> None:
-        lst, _ = make(d)
+        lst, ctx = make(d)
         await lst.start()
         port = lst.bound_address[2]
         tls = lst.filter_chains[0].tls
@@ -576,12 +575,12 @@ def test_rotation_from_files_keeps_old_until_pair_is_complete(tmp_path: Path) ->
             # Certificate replaced, key not yet: the reload fails, the old pair stays in use.
             shutil.copy(c2, live_c)
             os.utime(live_c, ns=(1, 1))
-            assert secrets.WATCHER.poll_now() >= 1
+            assert ctx.secrets.watcher.poll_now() >= 1
             assert tls.last_error is not None
             assert await in_thread(_serial_of, port, pki, "srv") == 101
             shutil.copy(k2, live_k)
             os.utime(live_k, ns=(2, 2))
-            assert secrets.WATCHER.poll_now() >= 1
+            assert ctx.secrets.watcher.poll_now() >= 1
             assert tls.last_error is None and tls.generation == 1
             assert await in_thread(_serial_of, port, pki, "srv") == 202
         finally:
@@ -622,13 +621,13 @@ def test_rotation_through_sds_file(tmp_path: Path) -> None:
     d = listener([{"transport_socket": tls_socket(common), "filters": ECHO}])
 
     async def main() -> None:
-        lst, _ = make(d)
+        lst, ctx = make(d)
         await lst.start()
         port = lst.bound_address[2]
         try:
             assert await in_thread(_serial_of, port, pki, "srv") == 11
             write(c2, k2)
-            assert secrets.WATCHER.poll_now() >= 1
+            assert ctx.secrets.watcher.poll_now() >= 1
             assert await in_thread(_serial_of, port, pki, "srv") == 22
         finally:
             lst.close()

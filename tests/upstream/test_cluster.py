@@ -1,5 +1,5 @@
 """Cluster compilation (fields, validation with field paths), membership, panic mode, stats,
-the cluster manager, and every cluster of the Istio fixtures."""
+and every cluster of the Istio fixtures (the cluster manager: test_manager.py)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ from moorline.observability.stats import Counter as StatCounter
 from moorline.observability.stats import Gauge, Histogram, Store
 from moorline.testing.fixtures import FIXTURES as SHARED_FIXTURES
 from moorline.upstream.cluster import Cluster, ClusterStats, Host, compile_cluster
-from moorline.upstream.manager import ClusterManager
 
 FIXTURES = SHARED_FIXTURES / "istio"
 HPO = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -51,7 +50,14 @@ def static(name: str = "c1", *eps: dict[str, Any], **extra: Any) -> dict[str, An
 
 
 def build(d: dict[str, Any], store: Store | None = None, seed: int = 1) -> Cluster:
-    return compile_cluster(proto(d), store if store is not None else Store(), rng=random.Random(seed))
+    from moorline.net.upstream import UpstreamTransportFactory
+
+    return compile_cluster(
+        proto(d),
+        store if store is not None else Store(),
+        rng=random.Random(seed),
+        transport_factory=UpstreamTransportFactory(),
+    )
 
 
 # -- fields -----------------------------------------------------------------------------------------
@@ -741,6 +747,8 @@ def test_internal_upstream_uses_its_inner_transport_socket() -> None:
 
 
 def test_manager_prefixes_paths_and_rejects_duplicates() -> None:
+    from moorline.upstream.manager import ClusterManager
+
     m = ClusterManager(Store())
     m.add(proto(static("a", _sa())), "static_resources.clusters[0]")
     with pytest.raises(ConfigError) as ei:
@@ -751,7 +759,7 @@ def test_manager_prefixes_paths_and_rejects_duplicates() -> None:
     assert (
         ei.value.path == f"static_resources.clusters[2].{LA0}[0].endpoint.address.socket_address.port_value"
     )
-    assert "b" not in m.clusters
+    assert m.get("b") is None
 
 
 # -- stats -------------------------------------------------------------------------------------------
@@ -799,46 +807,6 @@ def test_rq_status_counts_code_and_class() -> None:
     assert store.counter("cluster.svc.upstream_rq_504").value == 1
     assert store.counter("cluster.svc.upstream_rq_5xx").value == 3
     assert store.counter("cluster.svc.upstream_rq_2xx").value == 1
-
-
-# -- manager ---------------------------------------------------------------------------------------------
-
-
-def test_manager_lifecycle() -> None:
-    async def main() -> None:
-        store = Store()
-        m = ClusterManager(store)
-        a = m.add(proto(static("a", _sa())))
-        await m.start()
-        assert m.get("a") is a and m.get("zz") is None
-        assert store.gauge("cluster_manager.active_clusters").value == 1
-        # Unchanged proto: same object; changed: replaced, watchers carried over.
-        assert m.add_or_update(proto(static("a", _sa()))) is a
-        calls: list[int] = []
-        a.on_membership_change.append(lambda: calls.append(1))
-        a2 = m.add_or_update(proto(static("a", _sa(81))))
-        assert a2 is not a and m.get("a") is a2 and a2.hosts[0].port == 81
-        assert a2.on_membership_change == a.on_membership_change
-        assert store.counter("cluster_manager.cluster_modified").value == 1
-        m.add_or_update(proto(static("b", _sa())))
-        assert set(m.clusters) == {"a", "b"}
-        h = a2.hosts[0]
-        m.remove("a")
-        assert h.removed and calls == [1] and m.get("a") is None
-        m.remove("nope")
-        assert store.counter("cluster_manager.cluster_removed").value == 1
-        assert store.gauge("cluster_manager.active_clusters").value == 1
-        m.stop()
-
-    asyncio.run(main())
-
-
-def test_manager_keeps_eds_hosts_on_cluster_update() -> None:
-    m = ClusterManager(Store())
-    e = m.add(proto({"name": "e", "type": "EDS"}))
-    e.update_load_assignment(cla(ep("10.0.0.1")))
-    e2 = m.add_or_update(proto({"name": "e", "type": "EDS", "connect_timeout": "1s"}))
-    assert e2.connect_timeout == 1.0 and [h.addr_str for h in e2.hosts] == ["10.0.0.1:80"]
 
 
 # -- Istio fixtures ----------------------------------------------------------------------------------------

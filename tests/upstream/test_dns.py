@@ -398,14 +398,18 @@ def test_updated_dns_cluster_keeps_hosts_until_it_resolves() -> None:
                 cluster_pb2.Cluster(),
             )
 
-        old = m.add(d("1s"))
+        old = m.add_or_update(d("1s"))
         await m.start()
         try:
             h = old.hosts[0]
             fake.gate = asyncio.Event()  # the new cluster's first lookup hangs
             new = m.add_or_update(d("2s"))
             assert new is not old and new.connect_timeout == 2.0
-            assert new.hosts == [h] and h.cluster is new and new.choose_host() is h
+            # The new cluster serves the old addresses with hosts of its own; the old host
+            # (and its pools) drain with the old cluster.
+            (nh,) = new.hosts
+            assert nh is not h and nh.cluster is new and nh.addr_str == h.addr_str
+            assert new.choose_host() is nh and h.removed and old.retired
         finally:
             m.stop()
 

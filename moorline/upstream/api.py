@@ -1,0 +1,32 @@
+"""What ``upstream/`` expects from the layers that use it (one place, as ``typing.Protocol``s).
+
+``upstream/`` may not import ``net/`` or ``stream/``; they plug in here instead:
+
+- ``ConnPool``: a connection pool kept on a ``Host`` (``host.pool`` for HTTP/1.1, ``host.h2pool``
+  for HTTP/2, both made by ``moorline.stream``). The cluster drains them when the host leaves the
+  cluster or the cluster is replaced or removed.
+- ``TransportFactory``: compiles a cluster's ``transport_socket`` (``moorline.net.upstream.
+  UpstreamTransportFactory`` builds TLS); handed to the ``ClusterManager`` by the server.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+
+class ConnPool(Protocol):
+    closed: bool
+    draining: bool
+
+    def drain(self) -> None:
+        """Stop reusing connections: idle ones close now, busy ones when their request ends.
+        Requests already queued are still served."""
+        ...
+
+
+class TransportFactory(Protocol):
+    def __call__(self, transport_socket: Any, cluster: Any, path: str) -> Any:
+        """The compiled transport for ``cluster`` (None: plain TCP). Raises ``ConfigError`` with
+        ``path`` (relative to the cluster) when the transport socket is invalid. Notices go to
+        ``cluster.notice``."""
+        ...
