@@ -43,6 +43,7 @@ from moorline.proxy.route_table import DIRECT_RESPONSE, REDIRECT, RouteTable
 from moorline.proxy.router import Router
 from moorline.stream import builtin_codecs
 from moorline.stream.api import HttpProtocol, ResetReason
+from moorline.stream.connections import ServerConnections
 
 _HTTP10 = HttpProtocol.HTTP10
 _HTTP2 = HttpProtocol.HTTP2
@@ -293,6 +294,10 @@ class HcmConfig:
         self.delayed_close_timeout = opt_duration_s(proto, "delayed_close_timeout", 1.0)
         self.timer_period = 0.0
         self.lazy_timeout_min = float("inf")
+        # The runtime half: this config's live connections, its drain flag and their one sweep
+        # timer (a listener update compiles a new HcmConfig, so connections accepted under the
+        # old one stay with the old runtime).
+        self.runtime = ServerConnections()
         self._set_timer_period()
         # A new route snapshot may bring shorter (or only longer) timeouts.
         self.route_provider.subscribe(self._set_timer_period)
@@ -329,10 +334,6 @@ class HcmConfig:
         self.access_logs = compile_access_logs(list(proto.access_log), ctx, f"{path}.access_log")
         if proto.HasField("tracing"):
             ctx.notice(f"{path}.tracing: tracing is not supported yet; ignored")
-        # Runtime state of this compiled config's connections (a listener update compiles a
-        # new HcmConfig, so these stay with the connections accepted under the old one).
-        self.draining = False
-        self.connections: set[Any] = set()
         self.cluster_manager = ctx.cluster_manager
         self._rid_pool: list[bytes] = []
         codecs = getattr(ctx, "codecs", None) or builtin_codecs()
@@ -380,13 +381,14 @@ class HcmConfig:
         routes = [r for vh in self.route_provider.current.virtual_hosts for r in vh.routes]
         periods.extend(r.timeout for r in routes if getattr(r, "timeout", 0))
         periods.extend(d for r in routes if (d := r.max_stream_duration))
-        # One lazily re-armed timer per connection checks every deadline (idle, request and
-        # route timeouts); its period bounds how late a timeout can fire: a tenth of the
-        # shortest configured one, between 10 ms and 1 s. Shorter deadlines that only appear at
-        # run time (grpc-timeout) get a timer of their own. Connections read the period each
-        # time they re-arm, so a route update reaches them within one old period.
+        # One sweep per connection manager (stream.connections) checks every connection's
+        # deadlines (idle, request and route timeouts); its period bounds how late a timeout
+        # can fire: a tenth of the shortest configured one, between 10 ms and 1 s (1 s with no
+        # timeouts: HTTP/2 drains and GOAWAYs on it too). Shorter deadlines that only appear
+        # at run time (grpc-timeout) get a timer of their own.
         self.timer_period = max(0.01, min(1.0, min(periods) / 10)) if periods else 0.0
         self.lazy_timeout_min = self.timer_period * 10 if self.timer_period else float("inf")
+        self.runtime.set_period(self.timer_period or 1.0)
 
     # -- network filter terminal ------------------------------------------
     terminal = True
@@ -398,23 +400,32 @@ class HcmConfig:
         # (AUTO: ALPN "h2" or the HTTP/2 preface picks HTTP/2, see stream.http2_server).
         serve_accepted(loop, sock, info, lambda: make(self, info))
 
+    @property
+    def draining(self) -> bool:
+        return self.runtime.draining
+
+    @property
+    def connections(self) -> ServerConnections:
+        return self.runtime
+
     def drain(self) -> None:
         """Stop keep-alive: in-flight responses get ``connection: close``; idle connections close."""
-        self.draining = True
-        for c in list(self.connections):
+        self.runtime.draining = True
+        for c in self.runtime:
             if c.stream is None:
                 c.close()
 
     def close_all(self) -> None:
-        for c in list(self.connections):
+        for c in self.runtime:
             c.abort()
+        self.runtime.stop()
 
     def active_requests(self) -> int:
-        return sum(1 for c in self.connections if c.stream is not None)
+        return sum(1 for c in self.runtime if c.stream is not None)
 
     def active_connections(self) -> int:
         """Live downstream connections (a draining listener waits for them)."""
-        return len(self.connections)
+        return len(self.runtime)
 
 
 def _accept_done(t: asyncio.Task) -> None:

@@ -147,8 +147,7 @@ class ServerConnectionCallbacks(Protocol):
     limits: Any
     server_name: bytes
     server_header_transformation: int
-    draining: bool
-    connections: set[Any]
+    runtime: Any  # stream.connections.ServerConnections: live connections, drain flag, sweep
     timer_period: float
     idle_timeout: float | None
     request_headers_timeout: float | None

@@ -114,7 +114,7 @@ class Http1ServerConnection(asyncio.Protocol):
         self.requests = 0
         self.partial_since = 0.0  # loop time of the first byte of a request whose head is incomplete
         self.last_activity = 0.0
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None  # the delayed close only
         self.start = 0.0
         self.stats = cfg.stats
         self.remote_str = ""
@@ -137,8 +137,7 @@ class Http1ServerConnection(asyncio.Protocol):
         self.start = self.last_activity = self.loop.time()
         self.remote_str = self.info.remote_str()
         self.local_str = self.info.local_str()
-        self.cfg.connections.add(self)
-        self._arm_timer()
+        self.cfg.runtime.add(self, self.loop)
 
     def data_received(self, data: bytes) -> None:
         self.stats.downstream_cx_rx_bytes_total.value += len(data)
@@ -187,8 +186,7 @@ class Http1ServerConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self in self.cfg.connections:
-            self.cfg.connections.discard(self)
+        if self.cfg.runtime.discard(self):
             st = self.stats
             st.downstream_cx_active.value -= 1
             st.downstream_cx_destroy.value += 1
@@ -304,7 +302,7 @@ class Http1ServerConnection(asyncio.Protocol):
             parts += (b"server: ", cfg.server_name, b"\r\n")
         if not has_date:
             parts += (b"date: ", http_date(), b"\r\n")
-        keep_alive = self.resp_keep_alive and not cfg.draining
+        keep_alive = self.resp_keep_alive and not cfg.runtime.draining
         if status == 101:
             parts.append(b"connection: upgrade\r\n")
             upg = headers.get(b"upgrade")
@@ -520,16 +518,10 @@ class Http1ServerConnection(asyncio.Protocol):
             self.stream = None
 
     # -- timers -----------------------------------------------------------
-    def _arm_timer(self) -> None:
-        t = self.cfg.timer_period
-        if t and not self.closed:
-            self._timer = self.loop.call_later(t, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
+    def on_tick(self, now: float) -> None:
+        """The connection manager's sweep (``stream.connections``): check the deadlines."""
         if self.closed:
             return
-        now = self.loop.time()
         cfg = self.cfg
         s = self.stream
         if s is None:
@@ -548,17 +540,14 @@ class Http1ServerConnection(asyncio.Protocol):
                     self.stats.downstream_rq_idle_timeout.value += 1
                     self._reject(HttpProtocolError(408, "stream_idle_timeout"))
                     return
-        else:
-            if s.check_timeouts(now):
-                self._arm_timer()  # keep-alive connections go on needing their timeouts
-                return
+        elif s.check_timeouts(now):
+            return
         if cfg.max_connection_duration and now - self.start >= cfg.max_connection_duration:
             if self.stream is None:
                 self.stats.downstream_cx_max_duration_reached.value += 1
                 self.close()
                 return
             self.resp_keep_alive = False
-        self._arm_timer()
 
 
 _RESP_HOP = frozenset(

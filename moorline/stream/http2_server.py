@@ -338,7 +338,7 @@ class H2ServerStream:
         if conn.streams.pop(self.sid, None) is not None:
             conn.stats_h2.streams_active.value -= 1
         conn.codec.forget(self.sid) if self.resp_ended and not conn.codec.pending(self.sid) else None
-        if not conn.streams and (conn.goaway_sent or conn.cfg.draining):
+        if not conn.streams and (conn.goaway_sent or conn.cfg.runtime.draining):
             conn.close()
 
 
@@ -365,7 +365,6 @@ class Http2ServerConnection(asyncio.Protocol):
         self.remote_str = ""
         self.local_str = ""
         self.backlog = _EMPTY
-        self._timer: asyncio.TimerHandle | None = None
 
     @property
     def stream(self) -> Any:
@@ -387,10 +386,9 @@ class Http2ServerConnection(asyncio.Protocol):
         self.start = self.last_activity = self.loop.time()
         self.remote_str = self.info.remote_str()
         self.local_str = self.info.local_str()
-        self.cfg.connections.add(self)
+        self.cfg.runtime.add(self, self.loop)
         self.codec.initiate()
         self._flush_now()
-        self._arm_timer()
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -431,9 +429,6 @@ class Http2ServerConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         streams = list(self.streams.values())
         self.streams.clear()
         sh = self.stats_h2
@@ -443,8 +438,7 @@ class Http2ServerConnection(asyncio.Protocol):
             s = ss.stream
             if s is not None:
                 s.on_reset(ResetReason.CONNECTION_TERMINATION)
-        if self in self.cfg.connections:
-            self.cfg.connections.discard(self)
+        if self.cfg.runtime.discard(self):
             st = self.stats
             st.downstream_cx_active.value -= 1
             st.downstream_cx_destroy.value += 1
@@ -495,7 +489,7 @@ class Http2ServerConnection(asyncio.Protocol):
         s = self.cfg.new_stream(ss)
         ss.stream = s
         s.decode_headers(rh, end_stream)
-        if self.cfg.draining and not self.goaway_sent:
+        if self.cfg.runtime.draining and not self.goaway_sent:
             self._send_goaway(h2c.NO_ERROR)
 
     def _on_data(self, sid: int, data: bytes, n: int, end_stream: bool) -> None:
@@ -620,16 +614,10 @@ class Http2ServerConnection(asyncio.Protocol):
             self.transport.close()
 
     # -- timers -----------------------------------------------------------------------------
-    def _arm_timer(self) -> None:
-        t = self.cfg.timer_period or 1.0
-        if not self.closed:
-            self._timer = self.loop.call_later(t, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
+    def on_tick(self, now: float) -> None:
+        """The connection manager's sweep (``stream.connections``): check the deadlines."""
         if self.closed:
             return
-        now = self.loop.time()
         cfg = self.cfg
         if self.streams:
             for ss in list(self.streams.values()):
@@ -640,12 +628,11 @@ class Http2ServerConnection(asyncio.Protocol):
             self.stats.downstream_cx_idle_timeout.value += 1
             self.close()
             return
-        if cfg.draining and not self.goaway_sent:
+        if cfg.runtime.draining and not self.goaway_sent:
             self.close()
         if cfg.max_connection_duration and now - self.start >= cfg.max_connection_duration:
             self.stats.downstream_cx_max_duration_reached.value += 1
             self.close()
-        self._arm_timer()
 
 
 class _Sniffer(asyncio.Protocol):

@@ -1,0 +1,87 @@
+"""The live downstream connections of one connection manager, and their one timer.
+
+``ServerConnections`` is the runtime half of an HTTP connection manager (the compiled half is
+``proxy.hcm.HcmConfig``): the set of connections its listener accepted, whether it is
+draining, and a single sweep timer. Every ``period`` seconds the sweep calls ``on_tick(now)``
+on each connection, which checks that connection's deadlines (idle, request-header, stream
+idle, request, route and duration timeouts). One timer per connection manager instead of one
+per connection: an idle keep-alive connection holds no timer object, and the loop's timer heap
+holds one entry per listener, not one per connection.
+
+The timer runs only while there are connections; ``period`` 0 means no deadline is configured
+and no sweep runs. A deadline fires at most ``period`` late (a tenth of the shortest timeout,
+between 10 ms and 1 s, see ``HcmConfig``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Protocol
+
+
+class Tickable(Protocol):
+    closed: bool
+
+    def on_tick(self, now: float) -> None: ...
+
+
+class ServerConnections:
+    __slots__ = ("_handle", "_loop", "conns", "draining", "period")
+
+    def __init__(self, period: float = 0.0) -> None:
+        self.conns: set[Any] = set()
+        self.draining = False
+        self.period = period
+        self._handle: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def __len__(self) -> int:
+        return len(self.conns)
+
+    def __iter__(self) -> Any:
+        return iter(list(self.conns))
+
+    def __contains__(self, conn: object) -> bool:
+        return conn in self.conns
+
+    def add(self, conn: Tickable, loop: asyncio.AbstractEventLoop) -> None:
+        self.conns.add(conn)
+        if self._handle is None and self.period:
+            self._loop = loop
+            self._handle = loop.call_later(self.period, self._sweep)
+
+    def discard(self, conn: Any) -> bool:
+        """Forget ``conn``; True if it was known (its close is counted once)."""
+        if conn not in self.conns:
+            return False
+        self.conns.discard(conn)
+        if not self.conns and self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        return True
+
+    def set_period(self, period: float) -> None:
+        """The shortest configured timeout changed (a route update)."""
+        self.period = period
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if period and self.conns and self._loop is not None:
+            self._handle = self._loop.call_later(period, self._sweep)
+
+    def _sweep(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        for c in list(self.conns):
+            if not c.closed:
+                c.on_tick(now)
+        if self.conns and self.period:
+            self._handle = loop.call_later(self.period, self._sweep)
+        else:
+            self._handle = None
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None

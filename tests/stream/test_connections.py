@@ -1,0 +1,75 @@
+"""ServerConnections: one sweep timer per connection manager, not one per connection."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moorline.stream.connections import ServerConnections
+
+
+class FakeLoop:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.timers: list[list[Any]] = []  # [when, fn, cancelled]
+
+    def time(self) -> float:
+        return self.now
+
+    def call_later(self, delay: float, fn: Any) -> Any:
+        t = [self.now + delay, fn, False]
+        self.timers.append(t)
+        loop = self
+
+        class H:
+            def cancel(self) -> None:
+                t[2] = True
+                if t in loop.timers:
+                    loop.timers.remove(t)
+
+        return H()
+
+    def advance(self, dt: float) -> None:
+        self.now += dt
+        for t in sorted(self.timers, key=lambda t: t[0]):
+            if t[0] <= self.now and not t[2] and t in self.timers:
+                self.timers.remove(t)
+                t[1]()
+
+
+class Conn:
+    def __init__(self) -> None:
+        self.closed = False
+        self.ticks: list[float] = []
+
+    def on_tick(self, now: float) -> None:
+        self.ticks.append(now)
+
+
+def test_one_timer_for_all_connections_and_none_when_empty() -> None:
+    loop = FakeLoop()
+    sc = ServerConnections(0.5)
+    a, b = Conn(), Conn()
+    sc.add(a, loop)  # type: ignore[arg-type]
+    sc.add(b, loop)  # type: ignore[arg-type]
+    assert len(loop.timers) == 1
+    loop.advance(0.5)
+    loop.advance(0.5)
+    assert a.ticks == [0.5, 1.0] and b.ticks == [0.5, 1.0]
+    b.closed = True
+    loop.advance(0.5)
+    assert b.ticks == [0.5, 1.0] and a.ticks[-1] == 1.5  # a closed connection is not ticked
+    assert sc.discard(a) and sc.discard(b) and not sc.discard(b)  # counted once
+    assert loop.timers == []  # no connections: no timer
+
+
+def test_period_change_rearms_the_sweep() -> None:
+    loop = FakeLoop()
+    sc = ServerConnections(1.0)
+    c = Conn()
+    sc.add(c, loop)  # type: ignore[arg-type]
+    sc.set_period(0.1)
+    assert len(loop.timers) == 1 and loop.timers[0][0] == 0.1
+    loop.advance(0.1)
+    assert c.ticks == [0.1]
+    sc.stop()
+    assert loop.timers == []
