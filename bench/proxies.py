@@ -322,7 +322,9 @@ def start_proxy(
         cfg = d / "moorline.yaml"
         cfg.write_text(text)
         env = {
-            "PYTHONPATH": str(REPO_ROOT),
+            # MOORLINE_BENCH_SRC: run another checkout's moorline under this harness (before /
+            # after comparisons of a change, same machine, same peers).
+            "PYTHONPATH": os.environ.get("MOORLINE_BENCH_SRC") or str(REPO_ROOT),
             "MOORLINE_NO_SPLICE": "1" if variant == "moorline-copy" else "0",
         }
         argv = [sys.executable, "-m", "moorline", "run", "-c", str(cfg), "--log-level", "warning"]
