@@ -32,6 +32,9 @@ class HeaderMap:
         return default
 
     def get_all(self, name: bytes) -> list[bytes]:
+        if name[:1] == b":":  # a pseudo-header of RequestHeaders / ResponseHeaders (see get)
+            v = self.get(name)
+            return [v] if v is not None else []
         return [v for k, v in self._h if k == name]
 
     def __contains__(self, name: object) -> bool:
@@ -144,12 +147,6 @@ class RequestHeaders(HeaderMap):
                 return v
         return default
 
-    def get_all(self, name: bytes) -> list[bytes]:
-        if name[:1] == b":":
-            v = self.get(name)
-            return [v] if v is not None else []
-        return [v for k, v in self._h if k == name]
-
     def __contains__(self, name: object) -> bool:
         if isinstance(name, bytes) and name[:1] == b":":
             return name in _REQ_PSEUDO
@@ -214,12 +211,6 @@ class ResponseHeaders(HeaderMap):
             if k == name:
                 return v
         return default
-
-    def get_all(self, name: bytes) -> list[bytes]:
-        if name[:1] == b":":
-            v = self.get(name)
-            return [v] if v is not None else []
-        return [v for k, v in self._h if k == name]
 
     def __contains__(self, name: object) -> bool:
         if name == b":status":
