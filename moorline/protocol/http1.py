@@ -326,7 +326,7 @@ class _Parser:
             except HttpParserUpgrade as e:
                 left = self._upgraded(piece, e.args[0])
                 if left is None:  # not a tunnel after all (h2c offer): parse on
-                    return self._feed(mv[room:]) if len(mv) > room else None
+                    return self.feed(bytes(mv[room:])) if len(mv) > room else None
                 return left + bytes(mv[room:])
             except HttpParserError as e:
                 raise self._fail(e) from None
@@ -413,7 +413,7 @@ _RESP_SPECIAL = frozenset((b"content-length", b"transfer-encoding"))
 class RequestParser(_Parser):
     """Parses requests (downstream side). See the module docstring for the callback contract."""
 
-    __slots__ = ("_expect", "_h2c", "_h2c_pending", "_host", "_underscores", "_url")
+    __slots__ = ("_expect", "_h2c", "_h2c_body", "_h2c_pending", "_host", "_underscores", "_url")
 
     def __init__(self, target: Any, limits: Limits | None = None) -> None:
         if limits is None:
@@ -428,20 +428,39 @@ class RequestParser(_Parser):
         # still stops at it as at any upgrade; ``_upgraded`` then parses on.
         self._h2c = False
         self._h2c_pending = False
+        # llhttp stops right after the head of an upgrade request (it reports the message
+        # complete there), so the Content-Length body of an h2c offer is read here.
+        self._h2c_body = 0
         self._p = HttpRequestParser(self)
 
     def _upgraded(self, data: Any, offset: int) -> bytes | None:
         if not self._h2c_pending:
             return super()._upgraded(data, offset)
         self._h2c_pending = False
+        self._upgrade = False
         self._p = HttpRequestParser(self)
-        rest = data[offset:]
-        return self._feed(rest) if len(rest) else None
+        return self._h2c_feed(data[offset:])
+
+    def _h2c_feed(self, data: Any) -> bytes | None:
+        n = self._h2c_body
+        if n:
+            take = data[:n]
+            if len(take):
+                self._t_body(bytes(take))
+            n = self._h2c_body = n - len(take)
+            data = data[len(take) :]
+            if n:
+                return None
+            self._st = _HEAD
+            self._t.on_message_complete(None)
+        return self._feed(data) if len(data) else None
 
     def feed(self, data: bytes) -> bytes | None:
         """Parse ``data``; returns the bytes after the head of an upgrade/CONNECT, else None."""
         if self._dead:
             return self._after_death(data)
+        if self._h2c_body:
+            return self._h2c_feed(data)
         return self._feed(data)
 
     # -- llhttp callbacks (called by httptools) -----------------------------------------------
@@ -505,8 +524,11 @@ class RequestParser(_Parser):
             # Absolute-form carries its own authority (Envoy takes :authority from it).
             raise self._die(400, _MISSING_HOST)
         if upgrade and self._h2c and method != b"CONNECT":
+            if self._chunked:
+                raise self._die(400, "http1.h2c_upgrade_with_chunked_body")
             upgrade = False
             self._h2c_pending = True
+            self._h2c_body = self._cl or 0
         h = self._h
         head = RequestHead(
             method,
@@ -522,7 +544,7 @@ class RequestParser(_Parser):
         )
         self._st = _CHUNKED if self._chunked else _BODY
         self._raw = 0
-        self._upgrade = upgrade
+        self._upgrade = upgrade or self._h2c_body > 0  # (an h2c body: its end is ours to report)
         # Fresh per-message state for the next request on this connection.
         self._h = []
         self._hsize = 0

@@ -18,6 +18,7 @@ import json
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ import pytest
 
 from moorline.protocol.http2 import _KeepOpenStateMachine
 from moorline.testing import procs
-from moorline.testing.procs import MoorlineProc, RawConn, free_port
+from moorline.testing.procs import MoorlineProc, RawConn, free_port, wait_port
 from moorline.testing.upstream import (
     RecordingUpstream,
     TestUpstream,
@@ -589,3 +590,44 @@ def test_http1_unknown_transfer_coding_gets_501(env: Env) -> None:
 
 def test_probes_left_no_traceback(env: Env) -> None:
     _no_traceback(env.proc)
+
+
+def test_h2c_upgrade_offer_with_a_body_reaches_the_upstream_whole() -> None:
+    """An h2c offer on a POST with a Content-Length body: llhttp stops at the head of any
+    upgrade request; the body must still be read as this request's body, not as the next
+    request (raw socket, since curl does not offer h2c with a body)."""
+    port = free_port()
+    with RecordingUpstream() as up:
+        p = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "moorline",
+                "proxy",
+                "--listen",
+                f"{H}:{port}",
+                "--to",
+                f"{H}:{up.port}",
+                "--http",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            wait_port(H, port, proc=p)
+            with RawConn(H, port) as c:
+                c.send(
+                    b"POST /h2c-body HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                    b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\nContent-Length: 5\r\n\r\n"
+                    b"hello"
+                    b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n"
+                )
+                assert c.read_response().status == 200
+                assert c.read_response().status == 200
+            reqs = up.requests
+            assert [r.head.split(b" ")[1] for r in reqs] == [b"/h2c-body", b"/after"]
+            assert reqs[0].body == b"hello"
+            assert b"upgrade" not in reqs[0].head.lower().split(b"\r\n", 1)[1]
+        finally:
+            p.terminate()
+            p.wait(10)

@@ -938,3 +938,46 @@ def test_response_every_split_point_gives_same_events(method: bytes, data: bytes
         left = left + data[i:] if left is not None else p.feed(data[i:])
         assert r.ev == whole.ev, i
         assert left == whole_left, i
+
+
+def test_h2c_upgrade_offer_is_not_a_tunnel() -> None:
+    """``Upgrade: h2c`` (what ``curl --http2`` sends on http://) is parsed as an ordinary
+    HTTP/1.1 request, body and the next pipelined request included: no bytes become a tunnel."""
+    r = Rec()
+    p = RequestParser(r)
+    data = (
+        b"POST /a HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+        b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\nContent-Length: 3\r\n\r\nabc"
+        b"GET /b HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n"
+        b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    for i in range(len(data)):  # every split point
+        r = Rec()
+        p = RequestParser(r)
+        assert p.feed(data[:i]) is None
+        assert p.feed(data[i:]) is None
+        heads = [e for e in r.ev if e[0] == "head"]
+        assert [(h[1], h[2], h[8]) for h in heads] == [
+            (b"POST", b"/a", False),
+            (b"GET", b"/b", False),
+            (b"GET", b"/c", False),
+        ], i
+        assert b"".join(e[1] for e in r.ev if e[0] == "body") == b"abc"
+
+
+def test_websocket_upgrade_is_still_a_tunnel() -> None:
+    r = Rec()
+    p = RequestParser(r)
+    left = p.feed(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\nRAW")
+    assert left == b"RAW" and r.heads[0].upgrade
+
+
+def test_h2c_upgrade_offer_with_chunked_body_is_rejected() -> None:
+    r = Rec()
+    p = RequestParser(r)
+    with pytest.raises(HttpProtocolError) as e:
+        p.feed(
+            b"POST / HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: h2c\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        )
+    assert e.value.status_hint == 400
