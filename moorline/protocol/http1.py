@@ -339,6 +339,9 @@ class _Parser:
         self._dead = True
         return bytes(data[offset:])
 
+    def feed(self, data: bytes) -> bytes | None:
+        raise NotImplementedError
+
     def _fail(self, e: Exception) -> HttpProtocolError:
         """Turn an httptools error into our error (or re-raise a bug from the target)."""
         if self._error is not None:  # raised by one of our callbacks
