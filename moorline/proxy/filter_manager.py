@@ -153,13 +153,15 @@ class _Chain:
             self._resume(s + 1)
 
     def resume(self) -> None:
-        """``continue_decoding()`` / ``continue_encoding()`` from the holding filter."""
+        """``continue_decoding()`` / ``continue_encoding()`` from the holding filter. A filter
+        that stopped all iteration has not seen the body it held: the body resumes at that
+        filter (Envoy's iterate-from-current-filter), the headers after it."""
         s = self.stop_at
         if s is not None and self.alive():
-            self._resume(s + 1)
+            self._resume(s + 1, s if self.stop_all else s + 1)
 
     # -- iteration
-    def _resume(self, start: int) -> None:
+    def _resume(self, start: int, body_start: int | None = None) -> None:
         fl = self.filters
         n = len(fl)
         self.stop_at = None
@@ -188,15 +190,17 @@ class _Chain:
         self.trailers = None
         self.end = False
         self.body_bytes = 0
+        if body_start is None:
+            body_start = start
         if body:
-            self._push_data(b"".join(body) if len(body) > 1 else body[0], end, start)
+            self._push_data(b"".join(body) if len(body) > 1 else body[0], end, body_start)
         elif end:
-            self._push_data(b"", True, start)
+            self._push_data(b"", True, body_start)
         if trailers is not None and self.alive():
             if self.stop_at is not None:
                 self.trailers = trailers
             else:
-                self._push_trailers(trailers, start)
+                self._push_trailers(trailers, body_start)
 
     def _push_data(self, data: bytes, end_stream: bool, start: int) -> None:
         fl = self.filters

@@ -658,7 +658,9 @@ class ActiveStream:
             rest.append((b"x-request-id", rid))
         if rid is not None:
             info.request_id = rid.decode("latin-1")
-        self.is_grpc = ct is not None and ct.startswith(b"application/grpc")
+        # gRPC is application/grpc, +proto / +json, or with parameters; grpc-web is not (Envoy:
+        # Grpc::Common::hasGrpcContentType).
+        self.is_grpc = ct is not None and ct.startswith(b"application/grpc") and ct[16:17] in b"+;"
         self.headers_only = end_stream
         factories = cfg.filter_factories
         if factories:

@@ -29,7 +29,7 @@ from moorline.proxy.route_table import (
     RETRY_GATEWAY_ERROR,
     RETRY_RESET,
 )
-from moorline.stream.api import ResetReason
+from moorline.stream.api import HttpProtocol, ResetReason
 from moorline.stream.http1_client import pool_for
 
 _UPSTREAM_ERR = b"upstream connect error or disconnect/reset before headers. reset reason: "
@@ -37,6 +37,7 @@ _UPSTREAM_ERR = b"upstream connect error or disconnect/reset before headers. res
 # The phases the router moves its stream through.
 _CHOOSE_HOST = Phase.CHOOSE_HOST
 _UPSTREAM_REQUEST = Phase.UPSTREAM_REQUEST
+_HTTP2 = HttpProtocol.HTTP2
 
 
 def _grpc_timeout_s(v: bytes) -> float | None:
@@ -271,7 +272,7 @@ class Router:
         host.active_rq += 1
         stream.phase = _UPSTREAM_REQUEST
         self.attempt_start = self.loop.time()
-        if cluster.http2 or (cluster.http2 is None and stream.version == b"2"):
+        if cluster.http2 or (cluster.http2 is None and stream.conn.protocol == _HTTP2):
             from moorline.stream.http2_client import pool_for as h2_pool_for
 
             self.pending = h2_pool_for(host, self.loop).new_stream(self)
@@ -340,16 +341,17 @@ class Router:
             self.on_upstream_reset(ResetReason.PROTOCOL_ERROR, "unexpected 101")
             return
         policy = self.policy
-        if (
-            policy is not None
-            and self.retries_left > 0
-            and self.downstream_end
-            and (self.retain or (not self.body_bytes))
-        ):
+        if policy is not None and self.downstream_end and (self.retain or (not self.body_bytes)):
             gs = headers.get(b"grpc-status")
             grpc = int(gs) if gs is not None and gs.isdigit() else None
-            if policy.should_retry_status(status, grpc) and self._retry():
-                return
+            if policy.should_retry_status(status, grpc):
+                if self.retries_left > 0:
+                    if self._retry():
+                        return
+                elif policy.num_retries:
+                    # Retriable, but the retries are used up (Envoy: URX and the counter).
+                    self.cluster.stats.upstream_rq_retry_limit_exceeded.value += 1
+                    self.stream.info.response_flags.append(flags.UPSTREAM_RETRY_LIMIT_EXCEEDED)
         now = self.loop.time()
         cluster = self.cluster
         cluster.stats.rq_status(status)

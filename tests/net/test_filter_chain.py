@@ -12,7 +12,14 @@ from google.protobuf import json_format
 from moorline.config import registry
 from moorline.config.context import BuildContext
 from moorline.config.errors import ConfigError
-from moorline.net.filter_chain import FilterChainSelector, compile_filter_chains, parse_ip
+from moorline.config.loader import parse_message
+from moorline.net.filter_chain import (
+    FilterChain,
+    FilterChainMatch,
+    FilterChainSelector,
+    compile_filter_chains,
+    parse_ip,
+)
 from moorline.observability.stats import Store
 
 
@@ -282,3 +289,41 @@ def test_parse_ip() -> None:
     assert parse_ip("fe80::1%lo") == (6, (0xFE80 << 112) | 1)
     assert parse_ip("") is None
     assert parse_ip("not-an-ip") is None
+
+
+# --- selection by SNI, checked against Envoy ------------------------------------------------------
+
+
+class _T:
+    terminal = True
+
+    def on_accept(self, sock: Any, info: Any) -> None:  # pragma: no cover - never called here
+        raise AssertionError
+
+
+def _selector(names_per_chain: list[list[str]]) -> FilterChainSelector:
+    from envoy.config.listener.v3 import listener_components_pb2
+
+    chains = []
+    for i, names in enumerate(names_per_chain):
+        fcm = parse_message({"server_names": names}, listener_components_pb2.FilterChainMatch)
+        chains.append(FilterChain(f"c{i}", FilterChainMatch(fcm, "m"), _T(), [], i))
+    return FilterChainSelector(chains, None)
+
+
+def _pick(sel: FilterChainSelector, sni: str | None) -> str | None:
+    fc = sel.select("127.0.0.1", 443, "127.0.0.1", 5555, sni, "tls", None)
+    return fc.name if fc is not None else None
+
+
+def test_sni_chain_selection_case_exact_and_wildcard_like_envoy() -> None:
+    sel = _selector([["*.example.com"], ["www.example.com"], ["*.b.example.com"]])
+    assert _pick(sel, "WWW.Example.COM") == "c1"  # exact beats wildcard, case-insensitive
+    assert _pick(sel, "x.example.com") == "c0"
+    # Envoy's filter_chain_match wildcards are suffix matches of any depth ("*.example.com"
+    # serves a.b.example.com when nothing more specific exists): tried as *.b.example.com,
+    # then *.example.com, then *.com. (Only certificate SAN wildcards are one label deep.)
+    assert _pick(sel, "a.b.example.com") == "c2"
+    assert _pick(sel, "a.c.example.com") == "c0"
+    assert _pick(sel, "example.com") is None  # the apex is not covered by *.example.com
+    assert _pick(sel, None) is None

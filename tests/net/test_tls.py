@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import uvloop
 from envoy.config.listener.v3 import listener_pb2
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 
 from moorline.testing.fixtures import FIXTURES as SHARED_FIXTURES
 
@@ -35,9 +36,10 @@ from moorline.config import registry
 from moorline.config.context import BuildContext
 from moorline.config.errors import ConfigError
 from moorline.config.loader import parse_message
+from moorline.config.matchers import StringMatcher
 from moorline.net.conn_info import ConnInfo
 from moorline.net.listener import Listener
-from moorline.net.tls import serve_accepted
+from moorline.net.tls import SanMatcher, compile_downstream, serve_accepted
 from moorline.observability.stats import Store
 
 DTLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
@@ -717,3 +719,71 @@ def test_session_resumption_options_and_notices(pems: dict[str, tuple[Path, Path
     lst, ctx = build(session_ticket_keys={"keys": [{"inline_bytes": base64.b64encode(b"k" * 80).decode()}]})
     assert not lst.filter_chains[0].tls.server_context.options & ssl.OP_NO_TICKET
     assert any("session_ticket_keys" in n for n in ctx.notices)
+
+
+# --- SAN matching (mTLS), checked against Envoy -----------------------------------------------
+
+
+def _matcher(san_type: str | None, **sm: Any) -> SanMatcher:
+    from envoy.type.matcher.v3 import string_pb2
+
+    return SanMatcher(san_type, StringMatcher.compile(parse_message(sm, string_pb2.StringMatcher), "m"))
+
+
+def test_san_any_of_several_uri_sans_matches_like_envoy() -> None:
+    # Envoy accepts a certificate when any of its SANs matches any matcher.
+    m = _matcher("URI", exact="spiffe://good")
+    assert m.matches([("URI", "spiffe://bad"), ("URI", "spiffe://good")])
+    assert not m.matches([("URI", "spiffe://bad"), ("URI", "spiffe://good/extra")])
+
+
+def test_san_type_is_enforced() -> None:
+    # A DNS SAN spelled like the wanted URI must not pass a URI matcher.
+    m = _matcher("URI", exact="spiffe://good")
+    assert not m.matches([("DNS", "spiffe://good"), ("email", "spiffe://good")])
+
+
+def test_san_wildcard_in_certificate_covers_one_label_only() -> None:
+    m_one = _matcher("DNS", exact="a.example.com")
+    m_two = _matcher("DNS", exact="a.b.example.com")
+    m_apex = _matcher("DNS", exact="example.com")
+    sans = [("DNS", "*.example.com")]
+    assert m_one.matches(sans)
+    assert not m_two.matches(sans)
+    assert not m_apex.matches(sans)
+
+
+def test_san_check_ignores_common_name() -> None:
+    # No SANs at all: the CN is never consulted (Envoy does not fall back to it either).
+    m = _matcher("DNS", exact="client.example.com")
+    assert not m.matches([])
+
+
+def _dtls(d: dict[str, Any]) -> Any:
+    return parse_message(d, tls_pb2.DownstreamTlsContext)
+
+
+def test_downstream_san_matchers_without_trusted_ca_are_rejected(tmp_path: Path) -> None:
+    pki = Pki(tmp_path)
+    cert, key = pki.issue("srv", "srv", ["DNS:srv.example.com"])
+    proto = _dtls(
+        {
+            "common_tls_context": {
+                "tls_certificates": [
+                    {"certificate_chain": {"filename": str(cert)}, "private_key": {"filename": str(key)}}
+                ],
+                "validation_context": {
+                    "match_typed_subject_alt_names": [
+                        {"san_type": "URI", "matcher": {"exact": "spiffe://only-this-client"}}
+                    ]
+                },
+            }
+        }
+    )
+    ctx = BuildContext(stats=Store())
+    with pytest.raises(ConfigError) as ei:
+        tls = compile_downstream(proto, ctx, "tls")
+        # What happens today: no client certificate is even requested, so the SAN matcher
+        # can never run and every client is admitted.
+        assert tls.server_context.verify_mode == ssl.CERT_NONE
+    assert "trusted_ca" in ei.value.path or "trusted" in str(ei.value)

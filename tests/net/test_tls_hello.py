@@ -110,3 +110,47 @@ def test_http_inspector_unit() -> None:
     assert hi.on_data(b"\x16\x03\x01", info) is True and info.alpn is None
     info.transport_protocol = "tls"
     assert hi.on_data(b"GET / HTTP/1.1\r\n", info) is True and info.alpn is None
+
+
+# --- fragmented and corrupted hellos from OpenSSL --------------------------------------------------
+
+
+def _client_hello(sni: str, alpn: list[str] | None = None) -> bytes:
+    ctx = ssl.create_default_context()
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(inc, out, server_hostname=sni)
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return out.read()
+
+
+def _refragment(hello: bytes, size: int) -> bytes:
+    body = hello[5 : 5 + int.from_bytes(hello[3:5], "big")]
+    out = bytearray()
+    for k in range(0, len(body), size):
+        frag = body[k : k + size]
+        out += bytes([0x16, 3, 1]) + len(frag).to_bytes(2, "big") + frag
+    return bytes(out)
+
+
+@pytest.mark.parametrize("size", [1, 3, 4, 5, 97])
+def test_fragmented_client_hello_every_prefix_needs_more_then_parses(size: int) -> None:
+    data = _refragment(_client_hello("One.Example.com", ["h2", "http/1.1"]), size)
+    for k in range(1, len(data)):
+        assert parse_client_hello(data[:k])[0] == NEED_MORE, k
+    assert parse_client_hello(data) == (TLS, "one.example.com", ["h2", "http/1.1"])
+
+
+def test_malformed_client_hello_is_not_tls_never_raises() -> None:
+    good = _client_hello("one.example.com")
+    # Corrupt every byte position in turn: the parser must answer, never raise, and never
+    # report an SNI that is not in the bytes.
+    for i in range(5, len(good)):
+        bad = bytearray(good)
+        bad[i] ^= 0xFF
+        status, sni, _ = parse_client_hello(bytes(bad))
+        assert status in (NEED_MORE, NOT_TLS, TLS, "too_large")
+        if status == TLS:
+            assert sni is None or sni.encode() in bytes(bad).lower()

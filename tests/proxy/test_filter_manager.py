@@ -1,0 +1,548 @@
+"""The HTTP filter manager (moorline/proxy/filter_manager.py): Envoy's filter semantics in both
+directions, driven through the real connection manager with moorline.testing.pair.
+
+The filters here are scripted: each hook returns what the test says (a value, or a function of
+the call) and every call is logged as ``(filter, hook, detail)``, so a test asserts exactly which
+filter saw which event, in which order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from moorline.proxy.filter import (
+    CONTINUE,
+    STOP_ALL_ITERATION_AND_BUFFER,
+    STOP_ITERATION,
+    STOP_ITERATION_NO_BUFFER,
+    HttpFilter,
+)
+from moorline.testing.pair import Pair, bootstrap_yaml
+
+Log = list[tuple[Any, ...]]
+
+
+class Scripted(HttpFilter):
+    """Logs every hook; returns ``script[hook]`` (an int, or ``f(filter, *args) -> int``)."""
+
+    def __init__(self, name: str, log: Log, script: dict[str, Any]) -> None:
+        super().__init__()
+        self.name = name
+        self.log = log
+        self.script = script
+        self.destroyed = 0
+
+    def _run(self, hook: str, detail: Any, *args: Any) -> int:
+        self.log.append((self.name, hook, detail))
+        r = self.script.get(hook, CONTINUE)
+        return int(r(self, *args)) if callable(r) else int(r)
+
+    def decode_headers(self, headers: Any, end_stream: bool) -> int:
+        return self._run("decode_headers", end_stream, headers, end_stream)
+
+    def decode_data(self, data: bytes, end_stream: bool) -> int:
+        return self._run("decode_data", (data, end_stream), data, end_stream)
+
+    def decode_trailers(self, trailers: Any) -> int:
+        return self._run("decode_trailers", list(trailers), trailers)
+
+    def encode_headers(self, headers: Any, end_stream: bool) -> int:
+        return self._run("encode_headers", (headers.status, end_stream), headers, end_stream)
+
+    def encode_data(self, data: bytes, end_stream: bool) -> int:
+        return self._run("encode_data", (data, end_stream), data, end_stream)
+
+    def encode_trailers(self, trailers: Any) -> int:
+        return self._run("encode_trailers", list(trailers), trailers)
+
+    def on_destroy(self) -> None:
+        self.destroyed += 1
+        self.log.append((self.name, "destroy", None))
+
+
+class Chain:
+    """Filter factories for a pair, and the instances they made."""
+
+    def __init__(self, **scripts: dict[str, Any]) -> None:
+        self.log: Log = []
+        self.scripts = scripts
+        self.instances: list[Scripted] = []
+
+    def factories(self) -> list[Callable[[Any], Scripted]]:
+        def factory(name: str) -> Callable[[Any], Scripted]:
+            def make(stream: Any) -> Scripted:
+                f = Scripted(name, self.log, self.scripts[name])
+                self.instances.append(f)
+                return f
+
+            return make
+
+        return [factory(n) for n in self.scripts]
+
+    def get(self, name: str) -> Scripted:
+        return [f for f in self.instances if f.name == name][-1]
+
+    def calls(self, name: str | None = None, prefix: str = "") -> list[tuple[Any, ...]]:
+        return [e for e in self.log if (name is None or e[0] == name) and e[1].startswith(prefix)]
+
+
+@pytest.fixture
+def make() -> Iterator[Any]:
+    pairs: list[Pair] = []
+
+    def make_pair(chain: Chain, **kw: Any) -> Pair:
+        p = Pair(bootstrap_yaml(**kw), filters=chain.factories())
+        pairs.append(p)
+        return p
+
+    yield make_pair
+    for p in pairs:
+        p.close()
+
+
+def later(pair: Pair, fn: Callable[[], None]) -> None:
+    """Call ``fn`` from a loop callback, as a filter finishing asynchronous work would."""
+    pair.loop.call_soon(fn)
+    pair.run()
+
+
+SMALL_BUFFER = {"per_connection_buffer_limit_bytes": 16}
+
+
+# -- decoding ------------------------------------------------------------------------------------
+
+
+def test_continue_runs_decoders_in_order_and_encoders_in_reverse(make: Any) -> None:
+    def add_req(f: Scripted, headers: Any, end: bool) -> int:
+        headers.add(b"x-by-" + f.name.encode(), b"1")
+        return CONTINUE
+
+    def add_resp(f: Scripted, headers: Any, end: bool) -> int:
+        headers.add(b"x-resp-by-" + f.name.encode(), b"1")
+        return CONTINUE
+
+    chain = Chain(
+        a={"decode_headers": add_req, "encode_headers": add_resp},
+        b={"decode_headers": add_req, "encode_headers": add_resp},
+    )
+    pair = make(chain)
+    c = pair.connect()
+    c.send(b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\n\r\nabc")
+    up = pair.upstream.accept()
+    req = up.request()
+    assert req.header("x-by-a") == b"1" and req.header("x-by-b") == b"1" and req.body == b"abc"
+    up.respond(200, body=b"ok")
+    r = c.response()
+    assert r.header("x-resp-by-a") == b"1" and r.header("x-resp-by-b") == b"1"
+    hooks = [e[:2] for e in chain.log if e[1] != "decode_data" and e[1] != "encode_data"]
+    assert hooks == [
+        ("a", "decode_headers"),
+        ("b", "decode_headers"),
+        ("b", "encode_headers"),
+        ("a", "encode_headers"),
+        ("a", "destroy"),
+        ("b", "destroy"),
+    ]
+    # every body chunk reaches a before b on the way in and b before a on the way out
+    assert [e for e in chain.log if e[1] == "decode_data"] == [
+        ("a", "decode_data", (b"abc", False)),
+        ("b", "decode_data", (b"abc", False)),
+        ("a", "decode_data", (b"", True)),
+        ("b", "decode_data", (b"", True)),
+    ]
+    # The upstream's body and its end arrive in one read: one data event ending the stream.
+    assert [e for e in chain.log if e[1] == "encode_data"] == [
+        ("b", "encode_data", (b"ok", True)),
+        ("a", "encode_data", (b"ok", True)),
+    ]
+    pair.assert_settled()
+
+
+def test_stop_iteration_on_headers_holds_the_request_until_data_continues(make: Any) -> None:
+    def hold_until_end(f: Scripted, data: bytes, end: bool) -> int:
+        return CONTINUE if end else STOP_ITERATION
+
+    chain = Chain(a={"decode_headers": STOP_ITERATION, "decode_data": hold_until_end}, b={})
+    pair = make(chain)
+    c = pair.connect()
+    c.send(b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 6\r\n\r\nabc")
+    assert pair.upstream.attempts == []  # the router has not seen the headers
+    assert chain.calls("b") == []
+    c.send(b"def")
+    # the holding filter saw every chunk; the filters after it get the headers, then the body at once
+    assert chain.calls("a", "decode_data") == [
+        ("a", "decode_data", (b"abc", False)),
+        ("a", "decode_data", (b"def", False)),
+        ("a", "decode_data", (b"", True)),
+    ]
+    assert chain.calls("b") == [("b", "decode_headers", False), ("b", "decode_data", (b"abcdef", True))]
+    up = pair.upstream.accept()
+    assert up.request().body == b"abcdef"
+    up.respond(200)
+    assert c.response().status == 200
+    pair.assert_settled()
+
+
+def test_stop_all_iteration_buffers_unseen_until_continue_decoding(make: Any) -> None:
+    chain = Chain(a={"decode_headers": STOP_ALL_ITERATION_AND_BUFFER}, b={})
+    pair = make(chain)
+    c = pair.connect()
+    c.send(b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 6\r\n\r\nabc")
+    c.send(b"def")
+    assert chain.calls("a", "decode_data") == []  # not shown to the filter that stopped all
+    assert chain.calls("b") == [] and pair.upstream.attempts == []
+    assert chain.get("a").callbacks.decoding_buffer() == b"abcdef"  # type: ignore[union-attr]
+    later(pair, chain.get("a").callbacks.continue_decoding)  # type: ignore[union-attr]
+    assert chain.calls("b") == [("b", "decode_headers", False), ("b", "decode_data", (b"abcdef", True))]
+    up = pair.upstream.accept()
+    assert up.request().body == b"abcdef"
+    up.respond(200)
+    assert c.response().status == 200
+    pair.assert_settled()
+
+
+def test_stop_all_iteration_filter_sees_the_buffered_body_after_continue(make: Any) -> None:
+    chain = Chain(a={"decode_headers": STOP_ALL_ITERATION_AND_BUFFER}, b={})
+    pair = make(chain)
+    c = pair.connect()
+    c.send(b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 6\r\n\r\nabcdef")
+    later(pair, chain.get("a").callbacks.continue_decoding)  # type: ignore[union-attr]
+    assert chain.calls("a", "decode_data") == [("a", "decode_data", (b"abcdef", True))]
+
+
+def test_headers_only_request_gets_no_data_after_end_stream(make: Any) -> None:
+    chain = Chain(a={})
+    pair = make(chain)
+    c = pair.connect()
+    c.send(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+    assert chain.calls("a", "decode") == [("a", "decode_headers", True)]
+
+
+def test_headers_only_h2_request_gets_no_data_after_end_stream(make: Any) -> None:
+    chain = Chain(a={})
+    pair = make(chain)
+    h = pair.connect_h2()
+    h.request("GET", "/", "a")
+    assert chain.calls("a", "decode") == [("a", "decode_headers", True)]
+
+
+def test_stop_iteration_no_buffer_drops_what_the_filter_keeps(make: Any) -> None:
+    def keep_first(f: Scripted, data: bytes, end: bool) -> int:
+        return STOP_ITERATION_NO_BUFFER if data == b"secret" else CONTINUE
+
+    chain = Chain(a={"decode_data": keep_first}, b={})
+    pair = make(chain)
+    c = pair.connect()
+    c.send(b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n6\r\nsecret\r\n")
+    up = pair.upstream.accept()  # headers went on (the filter continued them)
+    assert chain.calls("b", "decode_data") == []
+    assert chain.get("a").callbacks.decoding_buffer() == b""  # type: ignore[union-attr]
+    c.send(b"6\r\npublic\r\n0\r\n\r\n")
+    req = up.request()
+    assert req.body == b"public"
+    assert chain.calls("b", "decode_data") == [
+        ("b", "decode_data", (b"public", False)),
+        ("b", "decode_data", (b"", True)),
+    ]
+    up.respond(200)
+    assert c.response().status == 200
+    pair.assert_settled()
+
+
+def test_decoder_buffer_over_the_limit_is_413(make: Any) -> None:
+    chain = Chain(a={"decode_headers": STOP_ITERATION, "decode_data": STOP_ITERATION}, b={})
+    pair = make(chain, listener_extra=SMALL_BUFFER)
+    c = pair.connect()
+    c.send(b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 40\r\n\r\n" + b"x" * 10)
+    assert c.data == b""
+    c.send(b"y" * 10)  # 20 buffered > 16
+    r = c.response()
+    assert r.status == 413 and r.body == b"Payload Too Large"
+    assert r.header("connection") == b"close"  # the rest of the body is not read
+    assert pair.upstream.attempts == []
+    assert pair.http("downstream_rq_too_large") == 1
+    assert chain.calls("b", "decode") == []
+    # the local reply ran through the encoders, the router's filters saw nothing of the request
+    assert chain.calls("a", "encode_headers") == [("a", "encode_headers", (413, False))]
+    pair.assert_settled()
+
+
+def test_add_decoded_data_goes_upstream_with_the_buffered_body(make: Any) -> None:
+    def hold(f: Scripted, data: bytes, end: bool) -> int:
+        if end:
+            f.callbacks.add_decoded_data(b"+added")  # type: ignore[union-attr]
+            return CONTINUE
+        return STOP_ITERATION
+
+    chain = Chain(a={"decode_headers": STOP_ITERATION, "decode_data": hold})
+    pair = make(chain)
+    c = pair.connect()
+    c.send(b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n")
+    c.send(b"0\r\n\r\n")
+    up = pair.upstream.accept()
+    assert up.request().body == b"abc+added"
+    up.respond(200)
+    assert c.response().status == 200
+
+
+# -- encoding ------------------------------------------------------------------------------------
+
+
+def test_encoder_holds_headers_and_data_until_continue_encoding(make: Any) -> None:
+    chain = Chain(a={"encode_headers": STOP_ITERATION, "encode_data": STOP_ITERATION})
+    pair = make(chain)
+    c = pair.connect()
+    c.send(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+    up = pair.upstream.accept()
+    up.request()
+    up.send(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n")
+    up.send(b"3\r\ndef\r\n0\r\n\r\n")
+    assert c.data == b""  # nothing reached the client
+    assert chain.get("a").callbacks.encoding_buffer() == b"abcdef"  # type: ignore[union-attr]
+    later(pair, chain.get("a").callbacks.continue_encoding)  # type: ignore[union-attr]
+    r = c.response()
+    assert r.status == 200 and r.body == b"abcdef"
+    assert chain.get("a").destroyed == 1
+    pair.assert_settled()
+
+
+def test_encoder_stop_iteration_on_headers_continue_on_data(make: Any) -> None:
+    def rewrite(f: Scripted, data: bytes, end: bool) -> int:
+        return CONTINUE if end else STOP_ITERATION
+
+    chain = Chain(a={"encode_headers": STOP_ITERATION, "encode_data": rewrite})
+    pair = make(chain)
+    c = pair.connect()
+    c.send(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+    up = pair.upstream.accept()
+    up.request()
+    up.send(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nabc")
+    assert c.data == b""
+    up.send(b"def")
+    r = c.response()
+    assert r.status == 200 and r.body == b"abcdef" and r.header("content-length") == b"6"
+    pair.assert_settled()
+
+
+def test_encoder_buffer_overflow_before_headers_is_500(make: Any) -> None:
+    chain = Chain(a={"encode_headers": STOP_ITERATION, "encode_data": STOP_ITERATION})
+    pair = make(chain, listener_extra=SMALL_BUFFER)
+    c = pair.connect()
+    c.send(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+    up = pair.upstream.accept()
+    up.request()
+    up.send(b"HTTP/1.1 200 OK\r\ncontent-length: 40\r\n\r\n" + b"x" * 20)
+    r = c.response()
+    assert r.status == 500 and r.body == b""
+    assert up.aborted  # the rest of the upstream response is not wanted
+    assert pair.http("downstream_rq_5xx") == 1 and pair.http("downstream_rq_2xx") == 0
+    assert pair.access_log.entries[0].response_code_details == "response_payload_too_large"
+    assert not c.closed  # the request was complete: the connection stays usable
+    c.send(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+    up2 = pair.upstream.accept()
+    up2.request()
+    up2.respond(200, body=b"small")
+    later(pair, chain.get("a").callbacks.continue_encoding)  # type: ignore[union-attr]
+    assert c.response().body == b"small"
+    pair.assert_settled()
+
+
+def test_encoder_buffer_overflow_after_headers_resets(make: Any) -> None:
+    chain = Chain(a={"encode_data": STOP_ITERATION})
+    pair = make(chain, listener_extra=SMALL_BUFFER)
+    c = pair.connect()
+    c.send(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+    up = pair.upstream.accept()
+    up.request()
+    up.send(b"HTTP/1.1 200 OK\r\ncontent-length: 40\r\n\r\n")
+    pair.run()
+    assert c.data.startswith(b"HTTP/1.1 200 OK\r\n")  # the head went out (at the end of the read)
+    up.send(b"x" * 20)
+    assert c.aborted and up.aborted
+    assert pair.http("downstream_rq_tx_reset") == 1
+    assert chain.get("a").destroyed == 1
+    pair.assert_settled()
+
+
+# -- trailers ------------------------------------------------------------------------------------
+
+
+def test_trailers_in_both_directions(make: Any) -> None:
+    chain = Chain(a={})
+    pair = make(chain)
+    c = pair.connect()
+    c.send(
+        b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nx-req-trailer: 1\r\n\r\n"
+    )
+    up = pair.upstream.accept()
+    req = up.request()
+    assert req.body == b"abc" and req.trailer("x-req-trailer") == b"1"
+    up.respond(200, body=b"def", chunked=True, trailers=[("x-resp-trailer", "2")])
+    r = c.response()
+    assert r.body == b"def" and r.trailer("x-resp-trailer") == b"2"
+    assert chain.calls("a", "decode_trailers") == [("a", "decode_trailers", [(b"x-req-trailer", b"1")])]
+    assert chain.calls("a", "encode_trailers") == [("a", "encode_trailers", [(b"x-resp-trailer", b"2")])]
+    pair.assert_settled()
+
+
+def test_decoder_holding_trailers_until_continue(make: Any) -> None:
+    chain = Chain(a={"decode_trailers": STOP_ITERATION}, b={})
+    pair = make(chain)
+    c = pair.connect()
+    c.send(b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nx-t: 1\r\n\r\n")
+    up = pair.upstream.accept()
+    assert up.next_request() is None  # body sent, the last chunk with the trailers held
+    assert chain.calls("b", "decode_trailers") == []
+    later(pair, chain.get("a").callbacks.continue_decoding)  # type: ignore[union-attr]
+    req = up.request()
+    assert req.trailer("x-t") == b"1"
+    assert chain.calls("b", "decode_trailers") == [("b", "decode_trailers", [(b"x-t", b"1")])]
+    up.respond(200)
+    assert c.response().status == 200
+    pair.assert_settled()
+
+
+def test_encoder_holding_trailers_until_continue(make: Any) -> None:
+    chain = Chain(a={"encode_trailers": STOP_ITERATION})
+    pair = make(chain)
+    c = pair.connect()
+    c.send(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+    up = pair.upstream.accept()
+    up.request()
+    up.respond(200, body=b"abc", chunked=True, trailers=[("grpc-status", "0")])
+    assert c.next_response() is None
+    later(pair, chain.get("a").callbacks.continue_encoding)  # type: ignore[union-attr]
+    r = c.response()
+    assert r.body == b"abc" and r.trailer("grpc-status") == b"0"
+    pair.assert_settled()
+
+
+# -- local replies, destroy, per-route config ----------------------------------------------------
+
+
+def test_local_reply_from_a_decoder_runs_through_every_encoder(make: Any) -> None:
+    def deny(f: Scripted, headers: Any, end: bool) -> int:
+        f.callbacks.send_local_reply(403, b"denied")  # type: ignore[union-attr]
+        return STOP_ITERATION
+
+    def tag(f: Scripted, headers: Any, end: bool) -> int:
+        headers.add(b"x-tag-" + f.name.encode(), b"1")
+        return CONTINUE
+
+    chain = Chain(a={"decode_headers": deny, "encode_headers": tag}, b={"encode_headers": tag})
+    pair = make(chain)
+    c = pair.connect()
+    c.send(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+    r = c.response()
+    assert r.status == 403 and r.body == b"denied"
+    assert r.header("x-tag-a") == b"1" and r.header("x-tag-b") == b"1"
+    assert chain.calls("b", "decode") == []  # the chain stopped at a
+    assert [e[:2] for e in chain.calls(prefix="encode")] == [
+        ("b", "encode_headers"),
+        ("a", "encode_headers"),
+        ("b", "encode_data"),
+        ("a", "encode_data"),
+    ]
+    assert pair.upstream.attempts == []
+    pair.assert_settled()
+
+
+def test_router_local_reply_runs_through_the_encoders(make: Any) -> None:
+    chain = Chain(a={})
+    pair = make(chain, routes=[{"match": {"prefix": "/x"}, "route": {"cluster": "be"}}])
+    c = pair.connect()
+    c.send(b"GET /nothing HTTP/1.1\r\nhost: a\r\n\r\n")
+    assert c.response().status == 404
+    assert chain.calls("a", "encode_headers") == [("a", "encode_headers", (404, True))]
+    pair.assert_settled()
+
+
+@pytest.mark.parametrize("ending", ["complete", "client_reset", "local_reply", "upstream_reset_mid_response"])
+def test_filters_are_destroyed_exactly_once(make: Any, ending: str) -> None:
+    def maybe_deny(f: Scripted, headers: Any, end: bool) -> int:
+        if ending == "local_reply":
+            f.callbacks.send_local_reply(429)  # type: ignore[union-attr]
+            return STOP_ITERATION
+        return CONTINUE
+
+    chain = Chain(a={"decode_headers": maybe_deny}, b={})
+    pair = make(chain)
+    c = pair.connect()
+    c.send(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+    if ending != "local_reply":
+        up = pair.upstream.accept()
+        up.request()
+        if ending == "complete":
+            up.respond(200)
+        elif ending == "client_reset":
+            c.reset()
+        else:
+            up.send(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc")
+            up.reset()
+            assert c.aborted
+    pair.advance(2)
+    c.reset()
+    assert [f.destroyed for f in chain.instances] == [1, 1]
+    pair.assert_settled()
+
+
+def test_route_config_is_none_without_a_route(make: Any) -> None:
+    seen: list[Any] = []
+
+    def look(f: Scripted, headers: Any, end: bool) -> int:
+        seen.append(f.callbacks.route_config("test.filter"))  # type: ignore[union-attr]
+        return CONTINUE
+
+    chain = Chain(a={"decode_headers": look})
+    pair = make(chain, routes=[{"match": {"prefix": "/only"}, "route": {"cluster": "be"}}])
+    c = pair.connect()
+    c.send(b"GET /other HTTP/1.1\r\nhost: a\r\n\r\n")
+    assert c.response().status == 404
+    assert seen == [None]
+
+
+def test_route_config_finds_the_most_specific_per_route_config(make: Any) -> None:
+    seen: list[Any] = []
+
+    def look(f: Scripted, headers: Any, end: bool) -> int:
+        seen.append(f.callbacks.route_config("envoy.filters.http.buffer"))  # type: ignore[union-attr]
+        return CONTINUE
+
+    per_route = {
+        "envoy.filters.http.buffer": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute",
+            "disabled": True,
+        }
+    }
+    chain = Chain(a={"decode_headers": look})
+    pair = make(
+        chain,
+        virtual_hosts=[
+            {
+                "name": "v",
+                "domains": ["*"],
+                "typed_per_filter_config": per_route,
+                "routes": [
+                    {
+                        "match": {"prefix": "/own"},
+                        "route": {"cluster": "be"},
+                        "typed_per_filter_config": per_route,
+                    },
+                    {"match": {"prefix": "/"}, "route": {"cluster": "be"}},
+                ],
+            }
+        ],
+    )
+    c = pair.connect()
+    c.send(b"GET /own HTTP/1.1\r\nhost: a\r\n\r\n")
+    up = pair.upstream.accept()
+    up.request()
+    up.respond(200)
+    assert c.response().status == 200
+    c.send(b"GET /vhost HTTP/1.1\r\nhost: a\r\n\r\n")
+    # Compiled at load by the buffer filter's per-route factory: (disabled, limit), from the
+    # route's own entry and from the virtual host's.
+    assert seen == [(True, None), (True, None)]
