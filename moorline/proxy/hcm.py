@@ -619,8 +619,9 @@ class ActiveStream:
         if not authority and proto == _HTTP10 and cfg.default_host_for_http_10:
             authority = cfg.default_host_for_http_10
         headers.authority = authority
-        upgrade = False
-        if upg is not None and method != b"CONNECT":
+        # CONNECT is a tunnel too (upgrade type "CONNECT" in upgrade_configs, as in Envoy).
+        upgrade = method == b"CONNECT"
+        if upg is not None and not upgrade:
             if upg.strip().lower() == b"h2c":
                 # An HTTP/2 upgrade offer: served over HTTP/1.1 instead (Envoy strips it).
                 if conn_tokens:
@@ -632,8 +633,8 @@ class ActiveStream:
             drop = {t for t in conn_tokens if t not in (b"close", b"keep-alive", b"upgrade")}
             if drop:
                 rest = [p for p in rest if p[0] not in drop]
-        if upgrade:
-            rest.append((b"upgrade", upg))  # type: ignore[arg-type]
+        if upgrade and upg is not None and method != b"CONNECT":
+            rest.append((b"upgrade", upg))
             rest.append((b"connection", b"upgrade"))
         headers._h = rest
         self.upgrade = upgrade
@@ -729,7 +730,7 @@ class ActiveStream:
             )
             return
         if self.upgrade:
-            upg = (self.headers.get(b"upgrade") or b"").lower()
+            upg = b"connect" if self.method == b"CONNECT" else (self.headers.get(b"upgrade") or b"").lower()
             enabled = route.upgrade_configs.get(upg)
             if enabled is None:
                 enabled = upg in cfg.upgrade_types
@@ -881,7 +882,7 @@ class ActiveStream:
         info.response_headers = headers
         # server and date headers are applied by the codec while it writes the head
         cfg.stats.rq_class[status // 100 if status < 600 else 5].value += 1
-        if status == 101:
+        if self.upgrade and (status == 101 or (200 <= status < 300 and self.method == b"CONNECT")):
             self.conn.start_tunnel()
             cfg.stats.downstream_cx_upgrades_total.value += 1
             cfg.stats.downstream_cx_upgrades_active.value += 1
@@ -922,7 +923,9 @@ class ActiveStream:
         st.downstream_rq_active.value -= 1
         st.downstream_rq_completed.value += 1
         st.downstream_rq_time.record((loop_time - info.start_mono) * 1000)
-        if info.response_code == 101:
+        if self.upgrade and (
+            info.response_code == 101 or (200 <= info.response_code < 300 and self.method == b"CONNECT")
+        ):
             st.downstream_cx_upgrades_active.value -= 1
         r = self.router
         if r is not None:

@@ -253,7 +253,7 @@ class Http1ClientConnection(asyncio.Protocol):
         method = headers.method
         # A body of unknown length goes chunked; an upgrade request's "body" is the tunnel,
         # sent raw after the head (bytes a client sends before the 101 included).
-        self.chunked_out = not end_stream and not has_len and not upgrade
+        self.chunked_out = not end_stream and not has_len and not upgrade and method != b"CONNECT"
         if self.chunked_out:
             out.append((b"transfer-encoding", b"chunked"))
         self.parser.expect(method)

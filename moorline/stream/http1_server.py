@@ -303,11 +303,14 @@ class Http1ServerConnection(asyncio.Protocol):
         if not has_date:
             parts += (b"date: ", http_date(), b"\r\n")
         keep_alive = self.resp_keep_alive and not cfg.runtime.draining
+        tunnel = self.tunnel and not end_stream  # 101, or a 2xx answer to CONNECT
         if status == 101:
             parts.append(b"connection: upgrade\r\n")
             upg = headers.get(b"upgrade")
             if upg is not None:
                 parts += (b"upgrade: ", upg, b"\r\n")
+        elif tunnel:
+            pass  # CONNECT established: the bytes that follow are the tunnel, no framing
         elif status < 200:
             parts.append(b"\r\n")
             self.transport.write(b"".join(parts))
@@ -323,14 +326,14 @@ class Http1ServerConnection(asyncio.Protocol):
             parts.append(b"transfer-encoding: chunked\r\n")
         else:
             keep_alive = False  # HTTP/1.0 without length: close-delimited
-        if status != 101:
+        if status != 101 and not tunnel:
             if not keep_alive:
                 parts.append(b"connection: close\r\n")
             elif version == b"1.0":
                 parts.append(b"connection: keep-alive\r\n")
         self.resp_keep_alive = keep_alive
         parts.append(b"\r\n")
-        if end_stream or status == 101:
+        if end_stream or status == 101 or tunnel:
             self.transport.write(b"".join(parts))
             if end_stream:
                 self._response_complete()
@@ -507,6 +510,7 @@ class Http1ServerConnection(asyncio.Protocol):
     def encode_tunnel(self, data: bytes, end_stream: bool) -> None:
         if self.closed:
             return
+        self.flush_pending()
         if data:
             self.transport.write(data)
         if end_stream and self.transport.can_write_eof():

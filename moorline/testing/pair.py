@@ -538,16 +538,19 @@ class _Reader:
         self.pos = 0
         self.tunneled = False
 
-    def next(self, data: bytes | bytearray, eof: bool, no_body: bool = False) -> Message | None:
+    def next(
+        self, data: bytes | bytearray, eof: bool, no_body: bool = False, connect: bool = False
+    ) -> Message | None:
+        """``connect``: the response answers a CONNECT (a 2xx has no body: the tunnel follows)."""
         if self.tunneled:
             return None
         buf = bytes(data[self.pos :])
-        r = parse_message(buf, self.response, no_body=no_body, eof=eof)
+        r = parse_message(buf, self.response, no_body=no_body or connect, eof=eof)
         if r is None:
             return None
         m, n = r
         self.pos += n
-        if self.response and m.status == 101:
+        if self.response and (m.status == 101 or (connect and 200 <= m.status < 300)):
             self.tunneled = True
         elif not self.response and (m.upgrade or m.method == b"CONNECT"):
             self.tunneled = True
@@ -656,6 +659,7 @@ class Downstream:
         self.info = info
         self._reader = _Reader(response=True)
         self._heads: collections.deque[bool] = collections.deque()  # HEAD requests sent, in order
+        self._connect = False  # a CONNECT was sent: its 2xx answer opens a tunnel
 
     @property
     def protocol(self) -> Any:
@@ -664,6 +668,8 @@ class Downstream:
 
     # -- client actions
     def send(self, data: bytes) -> None:
+        if data[:8] == b"CONNECT " and not self._reader.tunneled:
+            self._connect = True  # the next response answers a CONNECT
         with self.pair.loop.active():
             self.transport.peer_data(data)
         self.pair.loop.run_ready()
@@ -727,7 +733,9 @@ class Downstream:
 
     def next_response(self, head: bool | None = None) -> Message | None:
         no_body = head if head is not None else (self._heads[0] if self._heads else False)
-        m = self._reader.next(self.transport.data, eof=self.transport.closed, no_body=no_body)
+        m = self._reader.next(
+            self.transport.data, eof=self.transport.closed, no_body=no_body, connect=self._connect
+        )
         if m is not None and m.status >= 200 and self._heads and head is None:
             self._heads.popleft()
         return m

@@ -298,12 +298,6 @@ CONNECT_ROUTES = [
 ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CONNECT over HTTP/1.1 downstream: the upstream's 200 is framed as a chunked response "
-    "(or, when tunnel bytes arrive in the same read, held in pending_head and never written) and "
-    "the tunnel bytes are chunk-encoded; the ActiveStream only treats Upgrade requests as tunnels",
-)
 @pytest.mark.parametrize("same_read", [False, True])
 def test_connect_200_and_tunnel_bytes_reach_the_client_raw(make: Any, same_read: bool) -> None:
     pair = make(routes=CONNECT_ROUTES)
@@ -323,11 +317,6 @@ def test_connect_200_and_tunnel_bytes_reach_the_client_raw(make: Any, same_read:
     assert c.data.endswith(b"\r\n\r\nserver-first")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CONNECT to an HTTP/1.1 upstream gets transfer-encoding: chunked and chunk-framed tunnel "
-    "bytes (Http1ClientConnection.send_headers only exempts requests with an upgrade header)",
-)
 def test_connect_request_upstream_has_no_body_framing(make: Any) -> None:
     pair = make(routes=CONNECT_ROUTES)
     c = pair.connect()
