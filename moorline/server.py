@@ -18,6 +18,7 @@ from moorline.config.ignored import check_bootstrap_fields
 from moorline.config.util import addr_str, address_of
 from moorline.extensions import register_builtin
 from moorline.observability.stats import Store
+from moorline.stream import builtin_codecs
 
 # The "moorline" logger itself prints as [main] (Envoy's component); a "moorline.main" child
 # would shadow it in the per-component level table.
@@ -61,6 +62,7 @@ class Server:
             source=source,
             server=self,
             secrets=self.secrets,
+            codecs=builtin_codecs(),
         )
         self.listener_manager = ListenerManager(self.ctx, drain_time=drain_time)
         self.state = "PRE_INITIALIZING"

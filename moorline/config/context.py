@@ -54,6 +54,7 @@ class BuildContext:
     notices: list[Notice] = field(default_factory=list)  # logged at start, listed by `validate`
     server: Any = None  # moorline.server.Server when running (None in validate mode)
     access_logs: Any = None  # observability.access_log.AccessLogSinks, made on first use
+    codecs: Any = None  # stream.api.CodecRegistry (the server's; built-ins when None)
     secrets: Any = None  # moorline.net.secrets.SecretsManager (made on first use when None)
 
     def loop(self) -> asyncio.AbstractEventLoop:

@@ -37,7 +37,7 @@ class StreamInfo:
         "end_mono",  # loop.time() at end (None while running)
         "first_upstream_rx_mono",
         "protocol",  # "HTTP/1.1", "HTTP/1.0", "HTTP/2", or None for L4
-        "request_headers",  # HeaderMap with ":method", ":path", ":authority" pseudo-headers
+        "request_headers",  # protocol.headers.RequestHeaders (pseudo-headers as attributes)
         "request_id",
         "requested_server_name",
         "response_code",  # int, 0 when none was sent

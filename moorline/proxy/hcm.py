@@ -1,18 +1,21 @@
 """HTTP connection manager: ``envoy.filters.network.http_connection_manager``.
 
-``HcmConfig`` is the compiled ``HttpConnectionManager`` proto. Each accepted
-connection gets a codec connection (``moorline.stream.http1_server``); each
-request on it an ``ActiveStream``, which walks the request lifecycle
-(MOSN's phases, named here):
+``HcmConfig`` is the compiled ``HttpConnectionManager`` proto and the
+``ServerConnectionCallbacks`` of ``moorline.stream.api``; its ``runtime``
+(``stream.connections.ServerConnections``) holds the live connections. Each
+accepted connection gets the codec the registry names; each request on it an
+``ActiveStream``, whose one state value is a ``proxy.phases.Phase``:
 
-1. ``decode_headers``: downstream headers arrive; connection-manager header
-   handling (x-forwarded-*, x-request-id, hop-by-hop removal);
-2. route match (cached on the stream; filters may clear it);
-3. decoder filters (config order), then the router (terminal): choose the
-   cluster and host, get a pooled upstream connection, send the request;
-4. upstream response through the encoder filters (reverse order) to the
-   downstream codec;
-5. end: stats, access log, the connection moves on to the next request.
+1. INIT -> DOWNSTREAM_FILTERS: ``decode_headers`` (validation, hop-by-hop
+   removal, x-forwarded-*, x-request-id), then the decoder filters in config
+   order (no ``FilterManager`` at all when the router is the only filter);
+2. MATCH_ROUTE: the route of the pinned route snapshot (cached; a filter may
+   clear it);
+3. CHOOSE_HOST, UPSTREAM_REQUEST: the router picks cluster and host, takes a
+   pooled upstream connection and sends the request;
+4. UPSTREAM_RESPONSE: the response (upstream or local) through the encoder
+   filters in reverse order to the codec;
+5. END: stats, access log; the connection moves on to the next request.
 
 Local replies (no route, no healthy upstream, timeouts, protocol errors) go
 through ``send_local_reply``, which applies ``local_reply_config``.
@@ -426,11 +429,6 @@ class HcmConfig:
     def active_connections(self) -> int:
         """Live downstream connections (a draining listener waits for them)."""
         return len(self.runtime)
-
-
-def _accept_done(t: asyncio.Task) -> None:
-    if not t.cancelled():
-        t.exception()  # connection reset during accept: nothing to do
 
 
 def _hcm_factory(cfg: Any, ctx: BuildContext, path: str) -> HcmConfig:

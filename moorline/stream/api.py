@@ -15,7 +15,7 @@ interface                   implemented by                                      
 ``ServerConnectionCallbacks`` ``proxy.hcm.HcmConfig``                           the server codecs
 ``StreamDecoder``           ``proxy.hcm.ActiveStream``                           the server codecs
 ``UpstreamStream``          ``stream.http1_client.Http1ClientConnection``,      ``proxy.router.Router``
-                            ``stream.http2_client.H2ClientStream``
+                            ``stream.http2_client.H2UpstreamStream``
 ``ResponseDecoder``         ``proxy.router.Router``                              the upstream pools
 ``CodecRegistry``           this module                                          ``proxy.hcm``, ``server``
 ==========================  ==================================================  ==========================
@@ -101,7 +101,7 @@ class ServerConnection(Protocol):
     def backlog(self) -> Any: ...  # pipelined events still queued (truthy: do not resume reading)
 
     @property
-    def write_paused(self) -> bool: ...  # pipelined events still queued (truthy: do not resume reading)
+    def write_paused(self) -> bool: ...  # above the write high-water mark: do not push more
 
     def encode_headers(self, headers: ResponseHeaders, end_stream: bool) -> None: ...
     def encode_data(self, data: bytes, end_stream: bool) -> None: ...
@@ -199,7 +199,7 @@ ServerCodecFactory = Callable[[ServerConnectionCallbacks, Any], Any]
 
 class CodecRegistry:
     """Server codecs by name (``http1``, ``http2``, ``auto``; ``bolt``, ``dubbo``, ``http3``
-    later). The server owns one and registers the built-in codecs; listeners look codecs up
+    later). The server owns one (``BuildContext.codecs``, built-ins from ``stream.builtin_codecs``); listeners look codecs up
     when they are compiled, never per connection."""
 
     __slots__ = ("_server",)

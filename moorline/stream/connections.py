@@ -8,8 +8,8 @@ idle, request, route and duration timeouts). One timer per connection manager in
 per connection: an idle keep-alive connection holds no timer object, and the loop's timer heap
 holds one entry per listener, not one per connection.
 
-The timer runs only while there are connections; ``period`` 0 means no deadline is configured
-and no sweep runs. A deadline fires at most ``period`` late (a tenth of the shortest timeout,
+The timer runs only while there are connections (``HcmConfig`` always gives it a period: a
+tenth of the shortest timeout, or 1 s; HTTP/2 GOAWAYs on drain from the sweep). A deadline fires at most ``period`` late (a tenth of the shortest timeout,
 between 10 ms and 1 s, see ``HcmConfig``).
 """
 

@@ -3,10 +3,10 @@
 A pool belongs to one upstream host. ``Pool.new_stream(req)`` either hands an
 idle keep-alive connection to ``req.on_pool_ready(conn)`` at once, opens a new
 connection (within the cluster's ``max_connections``), or queues the request
-(within ``max_pending_requests``; beyond it ``req.on_pool_failure("overflow")``).
+(within ``max_pending_requests``; beyond it ``req.on_pool_failure(ResetReason.OVERFLOW)``).
 
 The connection forwards response events to the attached request
-(``UpstreamRequest`` in ``moorline.proxy.router``):
+(the ``ResponseDecoder`` of ``moorline.stream.api``: the router):
 ``on_upstream_headers(headers, end_stream)``, ``on_upstream_data(data,
 end_stream)``, ``on_upstream_trailers(trailers)``,
 ``on_upstream_reset(reason)``, ``on_upstream_upgrade(leftover)`` and the flow
@@ -228,7 +228,7 @@ class Http1ClientConnection(asyncio.Protocol):
         else:
             req.on_upstream_data(body or b"", True)
 
-    # -- used by UpstreamRequest
+    # -- used by the router (UpstreamStream)
     def send_headers(self, req: Any, headers: RequestHeaders, end_stream: bool) -> None:
         """Attach ``req`` and write the request head."""
         self.req = req

@@ -19,7 +19,7 @@ Flow control and bounds:
 - the transport's write high-water mark is the listener's buffer limit; above it every stream's
   upstream is paused.
 
-Protocol selection (``protocol_factory``): codec_type HTTP2, or AUTO with ALPN "h2", gives this
+Protocol selection (``server_factory``): codec_type HTTP2, or AUTO with ALPN "h2", gives this
 connection; AUTO without ALPN sniffs the first bytes for the HTTP/2 preface (``_Sniffer``
 buffers at most 24 bytes, then hands the transport to the chosen protocol).
 """
