@@ -700,6 +700,7 @@ class Route:
     """A compiled route: match data (private) and the precomputed action (public)."""
 
     __slots__ = (
+        "plain",
         "_connect",
         "_extra",
         "_grpc",
@@ -779,6 +780,7 @@ class Route:
         self.host_rewrite: bytes | None = None
         self.auto_host_rewrite = False
         self.host_rewrite_header: bytes | None = None
+        self.plain: bool | None = None  # see is_plain()
         self.upgrade_configs: dict[bytes, bool] = {}
         # header mutations
         self._req_levels: tuple[_Level, ...] = ()
@@ -831,6 +833,23 @@ class Route:
         return True
 
     # -- actions --
+
+    def is_plain(self) -> bool:
+        """A route to one fixed cluster that edits nothing (no rewrite, no header mutation at
+        any level): the router's fast path skips the edit steps. Computed once."""
+        p = self.plain
+        if p is None:
+            p = self.plain = (
+                self.cluster is not None
+                and self.weighted is None
+                and self._rw_kind == _RW_NONE
+                and self.host_rewrite is None
+                and self.host_rewrite_header is None
+                and not self.auto_host_rewrite
+                and not self._req_levels
+                and not self._resp_levels
+            )
+        return p
 
     def pick_cluster(self, headers: HeaderMap) -> str | None:
         """The upstream cluster name, or None (no cluster header / empty pick): Envoy answers

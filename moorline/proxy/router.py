@@ -127,7 +127,10 @@ class Router:
         stream = self.stream
         stream.phase = _CHOOSE_HOST
         route = self.route
-        name = route.pick_cluster(headers)
+        plain = route.plain
+        if plain is None:
+            plain = route.is_plain()
+        name = route.cluster if plain else route.pick_cluster(headers)
         cm = stream.cfg.cluster_manager
         cluster = cm.get(name) if (name and cm is not None) else None
         if cluster is None:
@@ -139,18 +142,19 @@ class Router:
             return
         self.cluster = cluster
         stream.info.upstream_cluster = cluster.name
-        new_path = route.rewrite_path(headers.path)
-        if new_path is not None:
-            headers.add(b"x-envoy-original-path", headers.path)
-            headers.path = new_path
-        host_rewrite = route.host_rewrite_for(name)
-        if host_rewrite is not None:
-            headers.authority = host_rewrite
-        elif route.host_rewrite_header is not None:
-            v = headers.get(route.host_rewrite_header)
-            if v:
-                headers.authority = v
-        route.apply_request_headers(headers, name)
+        if not plain:  # a plain route (one cluster, no edits) skips the edit steps
+            new_path = route.rewrite_path(headers.path)
+            if new_path is not None:
+                headers.add(b"x-envoy-original-path", headers.path)
+                headers.path = new_path
+            host_rewrite = route.host_rewrite_for(name)
+            if host_rewrite is not None:
+                headers.authority = host_rewrite
+            elif route.host_rewrite_header is not None:
+                v = headers.get(route.host_rewrite_header)
+                if v:
+                    headers.authority = v
+            route.apply_request_headers(headers, name)
         if stream.is_grpc and route.max_grpc_timeout is not None:
             gt = headers.get(b"grpc-timeout")
             t = _grpc_timeout_s(gt) if gt else None
@@ -361,7 +365,9 @@ class Router:
         if stream.info.first_upstream_rx_mono is None:
             stream.info.first_upstream_rx_mono = now
         headers.add(b"x-envoy-upstream-service-time", str(int((now - self.attempt_start) * 1000)).encode())
-        self.route.apply_response_headers(headers, self.cluster.name)
+        route = self.route
+        if not route.plain:
+            route.apply_response_headers(headers, self.cluster.name)
         if self.is_retry:
             cluster.stats.upstream_rq_retry_success.value += 1
             self.is_retry = False
