@@ -338,3 +338,44 @@ def test_listener_drain_cut_releases_open_websockets() -> None:
                 time.sleep(0.05)
             assert active == (0, 0), f"upstream requests, connections still active: {active}"
             ws.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review: a connection that has not sent its first byte is held by the AUTO codec's "
+    "_Sniffer, which is not in the HCM's ServerConnections: the drain neither closes nor waits "
+    "for it and close_all misses it, so after the update it is still served with the OLD "
+    "listener's routes (its config stays alive up to idle_timeout, one hour by default)",
+)
+def test_listener_update_does_not_keep_silent_connections_on_the_old_config() -> None:
+    with TestUpstream(upstream_id="up") as up:
+        cfg = procs.bootstrap([], [procs.cluster("up", [up.port])])
+        with ServerThread(cfg, drain_time=0.3) as srv:
+            lm = srv.server.listener_manager
+            port = free_port()
+
+            def listener(answer: str) -> Any:
+                routes = [
+                    {
+                        "match": {"prefix": "/"},
+                        "direct_response": {"status": 200, "body": {"inline_string": answer}},
+                    }
+                ]
+                return parse_message(procs.hcm_listener("web", port, routes), listener_pb2.Listener)
+
+            srv.call(lm.add_or_update, listener("v1"))
+            silent = RawConn(H, port)  # accepted by v1, says nothing yet
+            assert procs.http_request(H, port, "GET", "/").body == b"v1"  # v1 has accepted it
+            srv.call(lm.add_or_update, listener("v2"))
+            deadline = time.monotonic() + 5
+            while srv.call(lambda: len(lm.draining)) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert srv.call(lambda: len(lm.draining)) == 0  # the drain is over
+            try:
+                silent.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                body = silent.read_response().body
+            except OSError:
+                body = None  # cut with the old listener: fine
+            finally:
+                silent.close()
+            assert body != b"v1", "served with the replaced listener's config after its drain ended"
