@@ -484,6 +484,7 @@ class ActiveStream:
         "cfg",
         "conn",
         "deadline",
+        "dec_aborted",
         "fm",
         "headers",
         "headers_only",
@@ -522,6 +523,9 @@ class ActiveStream:
         self.last_activity = loop_time
         self.is_grpc = False
         self.upgrade = False
+        # A local reply ended the request side: the decoder filters see nothing more. (An
+        # upstream response does not: a full-duplex request body keeps flowing.)
+        self.dec_aborted = False
         st = cfg.stats
         st.downstream_rq_total.value += 1
         if conn.protocol < _HTTP2:
@@ -750,7 +754,7 @@ class ActiveStream:
             r.decode_trailers(trailers)
 
     def decoding_alive(self) -> bool:
-        return self.phase < _RESPONSE
+        return not self.dec_aborted and self.phase != _END
 
     def encoding_alive(self) -> bool:
         return self.phase != _END
@@ -764,7 +768,7 @@ class ActiveStream:
             return
         fm = self.fm
         if fm is not None:
-            if self.phase < _RESPONSE:
+            if not self.dec_aborted:
                 fm.dec.on_data(data, end_stream)
         else:
             r = self.router
@@ -779,7 +783,7 @@ class ActiveStream:
             return
         fm = self.fm
         if fm is not None:
-            if self.phase < _RESPONSE:
+            if not self.dec_aborted:
                 fm.dec.on_trailers(trailers)
         elif self.router is not None:
             self.router.decode_trailers(trailers)
@@ -791,7 +795,7 @@ class ActiveStream:
 
     def continue_decoding(self) -> None:
         fm = self.fm
-        if fm is not None and self.phase < _RESPONSE:
+        if fm is not None and not self.dec_aborted and self.phase != _END:
             fm.dec.resume()
 
     def decoding_buffer(self) -> bytes:
@@ -821,6 +825,7 @@ class ActiveStream:
     def encode_data(self, data: bytes, end_stream: bool) -> None:
         if self.phase == _END:
             return
+        self.last_activity = self.conn.loop.time()  # response progress resets the idle timer
         fm = self.fm
         if fm is not None:
             fm.enc.on_data(data, end_stream)
@@ -969,6 +974,7 @@ class ActiveStream:
             self.cfg.stats.rq_reset_after_downstream_response_started.value += 1
             self.reset_stream()
             return
+        self.dec_aborted = True
         status, body, ctype = self.cfg.local_reply.apply(status, body, self, info)
         h: list[tuple[bytes, bytes]]
         if self.is_grpc:

@@ -700,7 +700,6 @@ class Route:
     """A compiled route: match data (private) and the precomputed action (public)."""
 
     __slots__ = (
-        "plain",
         "_connect",
         "_extra",
         "_grpc",
@@ -732,6 +731,7 @@ class Route:
         "max_stream_duration",
         "name",
         "path_redirect",
+        "plain",
         "port_redirect",
         "proto",
         "redirect_code",

@@ -69,6 +69,7 @@ class Http1ServerConnection(asyncio.Protocol):
         "cfg",
         "close_after_response",
         "closed",
+        "in_backlog",
         "info",
         "last_activity",
         "local_str",
@@ -109,6 +110,7 @@ class Http1ServerConnection(asyncio.Protocol):
         self.read_paused = False
         self.write_paused = False
         self.closed = False
+        self.in_backlog = False  # delivering queued pipelined events (re-entrancy guard)
         self.close_after_response = False
         self.tunnel = False
         self.requests = 0
@@ -156,6 +158,13 @@ class Http1ServerConnection(asyncio.Protocol):
             self._protocol_error(e)
             return
         if leftover is not None:
+            if self.parsing_backlog:
+                # The upgrade/CONNECT head is queued behind the active request: its tunnel bytes
+                # wait with it (delivered to the active stream they would smuggle a request
+                # into that stream's upstream connection).
+                if leftover:
+                    self._queue((4, leftover))
+                return
             # Upgrade/CONNECT: the bytes after the head belong to the tunnel.
             self.tunnel = True
             if leftover and self.stream is not None:
@@ -172,9 +181,8 @@ class Http1ServerConnection(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.closed:
-            self._finish_close()
-            return
+        # A stream still active here was cut (abort, drain-time cut, peer gone): it is reset,
+        # whoever closed, so its upstream request and counters are released.
         self.closed = True
         self._finish_close()
         s = self.stream
@@ -205,6 +213,8 @@ class Http1ServerConnection(asyncio.Protocol):
 
     # -- parser target ----------------------------------------------------
     def on_request_head(self, head: Any) -> None:
+        if self.closed:
+            return  # closed inside this read (a local reply): nothing more is served
         if self.stream is not None or self.backlog:
             self.parsing_backlog = True
             self._queue((0, head))
@@ -406,8 +416,25 @@ class Http1ServerConnection(asyncio.Protocol):
             self.close(delayed=not request_complete or self.close_after_response)
             return
         self.last_activity = self.loop.time()
-        # Run the next pipelined request, if any.
+        if self.in_backlog:
+            return  # a queued request answered at once (a local reply): the loop below goes on
+        # Run the next pipelined request, if any. Iteratively: a queued request answered at once
+        # comes back here (re-entrant, see above) instead of recursing once per request.
         backlog = self.backlog
+        self.in_backlog = True
+        try:
+            self._drain_backlog(backlog)
+        finally:
+            self.in_backlog = False
+        if self.backlog or self.closed:
+            return  # the parser is past the active request; reading stays paused
+        self.backlog = _NO_BACKLOG
+        # All that was queued is delivered: what the parser sees next belongs to the active
+        # stream (its body) or starts the next request.
+        self.parsing_backlog = False
+        self.resume_reading()
+
+    def _drain_backlog(self, backlog: Any) -> None:
         while backlog and not self.closed:
             kind, item = backlog[0]
             if (kind == 0 or kind == 3) and self.stream is not None:
@@ -425,17 +452,14 @@ class Http1ServerConnection(asyncio.Protocol):
                         s.decode_trailers(item)
                     elif not s.request_complete:
                         s.decode_data(b"", True)
+            elif kind == 4:  # tunnel bytes after a queued upgrade/CONNECT head, now active
+                self.tunnel = True
+                if self.stream is not None:
+                    self.stream.decode_tunnel(item, False)
             else:  # a malformed request behind the good ones: answer it in its turn
                 if self.stream is None:
                     self._reject(item)
                 return
-        if backlog or self.closed:
-            return  # the parser is past the active request; reading stays paused
-        self.backlog = _NO_BACKLOG
-        # All that was queued is delivered: what the parser sees next belongs to the active
-        # stream (its body) or starts the next request.
-        self.parsing_backlog = False
-        self.resume_reading()
 
     # -- control ----------------------------------------------------------
     def pause_reading(self) -> None:

@@ -68,12 +68,6 @@ def _stop(proc: MoorlineProc) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: an Upgrade request parsed into the pipelining backlog turns the connection "
-    "into a tunnel and its trailing bytes go to the ACTIVE request's upstream connection, where "
-    "the upstream runs them as a request the route table never saw (upgrades need not be on)",
-)
 def test_pipelined_upgrade_cannot_smuggle_a_request_past_the_routes(tmp_path: Path) -> None:
     with TestUpstream(upstream_id="up") as up:
         routes = [
@@ -289,12 +283,6 @@ def test_x_forwarded_proto_is_https_on_a_tls_listener(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: when a replaced listener's drain time is over, close_all aborts its HTTP/1.1 "
-    "connections; connection_lost skips on_reset for a connection already closed, so an open "
-    "WebSocket keeps its stream, upstream request and upstream connection for ever",
-)
 def test_listener_drain_cut_releases_open_websockets() -> None:
     with TestUpstream(upstream_id="up") as up:
         cfg = procs.bootstrap([], [procs.cluster("up", [up.port])])

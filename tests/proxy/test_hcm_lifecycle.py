@@ -213,12 +213,6 @@ def test_harness_proxies_one_request(pair: MemPair) -> None:
 # -- connections cut while a stream is active ----------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: HcmConfig.close_all (a listener's drain time is over, server stop) aborts "
-    "HTTP/1.1 connections with a live stream; connection_lost then skips on_reset, so the "
-    "stream, its router and the upstream request stay counted (a WebSocket for ever)",
-)
 def test_cut_connection_resets_its_active_stream(pair: MemPair) -> None:
     pair.down.data_received(WS_HEAD)
     pair.up.data_received(
@@ -286,12 +280,6 @@ def test_client_fin_before_the_101_reaches_the_upstream(pair: MemPair) -> None:
 # -- request body after the response started -----------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: with any HTTP filter configured, ActiveStream.decode_data/decode_trailers "
-    "drop request data once the response started (phase >= UPSTREAM_RESPONSE, "
-    "decoding_alive): full-duplex exchanges (gRPC bidi streaming, early responses) hang",
-)
 def test_request_body_after_the_response_started_reaches_the_upstream() -> None:
     pair = MemPair(config(filters=HC_FILTER))
     try:
@@ -323,12 +311,6 @@ def test_request_body_after_the_response_started_reaches_the_upstream_without_fi
 # -- timeouts --------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: stream_idle_timeout counts only downstream bytes (ActiveStream.last_activity "
-    "is never updated, conn.last_activity only on reads), so a response that is streaming "
-    "steadily is reset once the client has been quiet for the timeout (default 5 minutes)",
-)
 def test_stream_idle_timeout_counts_response_progress() -> None:
     pair = MemPair(config(idle="10s"))
     try:

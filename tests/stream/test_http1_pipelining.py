@@ -44,13 +44,6 @@ def test_pipelined_requests_are_answered_in_order(pair: MemPair) -> None:
     assert pair.gauge("downstream_rq_active") == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: _response_complete starts the next pipelined stream from inside the "
-    "previous one's encode call; local replies complete synchronously, so each queued request "
-    "adds a recursion level: ~140 pipelined local replies behind a proxied request raise "
-    "RecursionError out of the upstream read, the rest hang and every stream stays counted",
-)
 def test_many_pipelined_local_replies_behind_a_proxied_request(pair: MemPair) -> None:
     n = 300
     pair.down.data_received(
@@ -100,13 +93,6 @@ def test_half_head_behind_an_answered_request_times_out() -> None:
         pair.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: data_received sets the connection's tunnel flag for an Upgrade request the "
-    "parser reached while it was queued in the backlog, and hands the bytes after it to the "
-    "ACTIVE stream's decode_tunnel: they are written raw into the earlier request's pooled "
-    "upstream connection, which runs them as a request moorline never routed (smuggling)",
-)
 def test_upgrade_request_queued_behind_an_active_one_does_not_tunnel_into_it(pair: MemPair) -> None:
     pair.add_upstream()  # for the upgrade request once it is active
     pair.down.data_received(
@@ -120,13 +106,6 @@ def test_upgrade_request_queued_behind_an_active_one_does_not_tunnel_into_it(pai
         assert b"/admin" not in t.data()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: after an early local reply closes the connection (delayed close, the body "
-    "unread), the parser goes on with the rest of the same read: the next pipelined request "
-    "is routed and sent upstream on a closed connection (and 'Expect: 100-continue' writes after "
-    "write_eof: RuntimeError out of data_received, the stream leaks)",
-)
 def test_nothing_is_routed_after_the_connection_closed(pair: MemPair) -> None:
     pair.down.data_received(
         b"POST /direct HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc"
