@@ -640,8 +640,9 @@ class ActiveStream:
             rest.append((b"connection", b"upgrade"))
         headers._h = rest
         self.upgrade = upgrade
-        # x-forwarded-for / x-forwarded-proto (Envoy: append the peer only with use_remote_address)
-        scheme = headers.scheme
+        # x-forwarded-for / x-forwarded-proto (Envoy: append the peer only with use_remote_address).
+        # The protocol is the downstream connection's, whatever :scheme a client claims.
+        scheme = b"https" if self.conn.info.tls is not None else b"http"
         if cfg.use_remote_address:
             remote = self.conn.info.remote
             ip = remote[0].encode() if isinstance(remote, tuple) else b"127.0.0.1"
@@ -716,6 +717,15 @@ class ActiveStream:
             self.send_local_reply(404, b"", flags.NO_ROUTE, "route_not_found")
             return
         self.info.route_name = route.name or None
+        vh = route.vhost
+        if vh is not None and vh.require_tls and self.conn.info.tls is None:
+            # require_tls ALL / EXTERNAL_ONLY (no request is internal here): redirect to https.
+            h = self.headers
+            cfg.stats.rq_redirect.value += 1
+            self.send_local_reply(
+                301, b"", None, "tls_required", extra=[(b"location", b"https://" + h.authority + h.path)]
+            )
+            return
         kind = route.kind
         if kind == DIRECT_RESPONSE:
             cfg.stats.rq_direct_response.value += 1

@@ -87,6 +87,8 @@ class Router:
         "tried",
         "tunnel",
         "tunnel_ends",
+        "tunnel_eof",
+        "upgraded",
     )
 
     def __init__(self, stream: Any, route: Any) -> None:
@@ -118,6 +120,11 @@ class Router:
         self.downstream_paused = False
         self.tunnel = False
         self.tunnel_ends = 0  # directions of an upgraded exchange that have ended (2: done)
+        # Until the upstream accepts the upgrade (101, or 2xx to CONNECT) the client's tunnel
+        # bytes and its FIN are held (within the buffer limit): an upstream that refuses would
+        # otherwise parse them as a new request.
+        self.upgraded = False
+        self.tunnel_eof = False
         self.is_retry = False
         self.refused_retried = False
         self.attempts = 0
@@ -216,11 +223,17 @@ class Router:
             self._start_per_try_timer()
 
     def decode_tunnel(self, data: bytes, end_stream: bool) -> None:
-        if self.conn is not None:
+        if self.conn is not None and self.upgraded:
             self.conn.send_data(data, end_stream)
-        elif data:
-            self.body.append(data)
-            self.body_bytes += len(data)
+        else:
+            if data:
+                self.body.append(data)
+                self.body_bytes += len(data)
+                if self.body_bytes > self.stream.conn.info.buffer_limit and not self.downstream_paused:
+                    self.downstream_paused = True
+                    self.stream.pause_downstream()
+            if end_stream:
+                self.tunnel_eof = True
         if end_stream:
             self._tunnel_end()
 
@@ -296,6 +309,8 @@ class Router:
         end = self.downstream_end and not self.body and self.trailers is None
         conn.send_headers(self, self.headers, end)
         self.sent_idx = 0
+        if self.tunnel:
+            return  # tunnel bytes wait for the 101 (on_upstream_upgrade)
         if self.body:
             self._flush_body(self.downstream_end and self.trailers is None)
         if self.trailers is not None:
@@ -344,6 +359,17 @@ class Router:
             # else would turn the client's connection into an unrouted tunnel.
             self.on_upstream_reset(ResetReason.PROTOCOL_ERROR, "unexpected 101")
             return
+        if self.tunnel and status != 101 and not (200 <= status < 300 and self.stream.method == b"CONNECT"):
+            # The upstream refused the upgrade: an ordinary response, after which neither
+            # connection is reused; the held tunnel bytes are dropped.
+            self.tunnel = False
+            self.stream.upgrade = False
+            self.body.clear()
+            self.body_bytes = 0
+            self.stream.conn.resp_keep_alive = False
+            conn = self.conn
+            if conn is not None and hasattr(conn, "keep_alive"):
+                conn.keep_alive = False
         policy = self.policy
         if policy is not None and self.downstream_end and (self.retain or (not self.body_bytes)):
             gs = headers.get(b"grpc-status")
@@ -377,8 +403,22 @@ class Router:
         stream.encode_headers(headers, end_stream)
 
     def on_upstream_upgrade(self, leftover: bytes) -> None:
-        if leftover and not self.done:
+        if self.done:
+            return
+        self.upgraded = True
+        if leftover:
             self.stream.encode_tunnel(leftover, False)
+        conn = self.conn
+        if conn is not None:
+            if self.body:
+                conn.send_data(b"".join(self.body), False)
+                self.body.clear()
+                self.body_bytes = 0
+            if self.tunnel_eof:
+                conn.send_data(b"", True)
+        if self.downstream_paused:
+            self.downstream_paused = False
+            self.stream.resume_downstream()
 
     def on_upstream_data(self, data: bytes, end_stream: bool) -> None:
         if self.done:

@@ -273,7 +273,8 @@ class Http1ServerConnection(asyncio.Protocol):
         elif method == b"CONNECT":
             authority = target
             target = b""
-        headers = RequestHeaders.make(method, target, authority, b"http", head.headers._h)
+        scheme = b"https" if self.info.tls is not None else b"http"
+        headers = RequestHeaders.make(method, target, authority, scheme, head.headers._h)
         s = self.cfg.new_stream(self)
         self.stream = s
         # A request without a body ends with its head; an upgrade's body is the tunnel.

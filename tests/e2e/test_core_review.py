@@ -206,12 +206,6 @@ def test_curl_http2_post_on_cleartext_keeps_its_body(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: virtual_hosts[].require_tls is compiled (route_table.py) but never applied "
-    "and not announced as ignored: a plaintext request to a require_tls ALL host is proxied "
-    "(Envoy answers 301 to https)",
-)
 def test_require_tls_redirects_plaintext_requests(tmp_path: Path) -> None:
     with TestUpstream(upstream_id="up") as up:
         port = free_port()
@@ -237,12 +231,6 @@ def _pki(tmp_path: Path) -> Any:
     return mod.Pki(tmp_path / "pki")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: the HTTP/1.1 codec gives every request the scheme 'http' "
-    "(http1_server._new_stream), so a request over TLS reaches the upstream with "
-    "x-forwarded-proto: http (Envoy: https, from the connection)",
-)
 def test_x_forwarded_proto_is_https_on_a_tls_listener(tmp_path: Path) -> None:
     pki = _pki(tmp_path)
     cert, key = pki.issue("srv", "srv", ["DNS:edge.example.com"], serial=0x77)

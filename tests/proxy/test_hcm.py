@@ -324,6 +324,8 @@ def test_connect_request_upstream_has_no_body_framing(make: Any) -> None:
     up = pair.upstream.accept()
     req = up.request()
     assert req.header("transfer-encoding") is None
+    assert not up.data.endswith(b"client-first")  # held until the tunnel is established
+    up.send(b"HTTP/1.1 200 OK\r\n\r\n")
     assert up.data.endswith(b"\r\n\r\nclient-first")
 
 

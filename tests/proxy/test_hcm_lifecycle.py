@@ -231,12 +231,6 @@ def test_cut_connection_resets_its_active_stream(pair: MemPair) -> None:
 # -- upgrades ------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: the router is in tunnel mode from the upgrade request on, so the body of a "
-    "refused upgrade (403) goes out through encode_tunnel without its status line and headers, "
-    "and the stream never ends",
-)
 def test_refused_upgrade_gets_the_upstream_response(pair: MemPair) -> None:
     pair.down.data_received(WS_HEAD)
     pair.up.data_received(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 2\r\n\r\nno")
@@ -247,12 +241,6 @@ def test_refused_upgrade_gets_the_upstream_response(pair: MemPair) -> None:
     assert pair.upstream_rq_active == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: bytes a client sends after an upgrade request head are written to the "
-    "upstream before its 101, unframed; an upstream that refuses the upgrade parses them as the "
-    "next request (smuggling around the route table; Envoy holds them: paused_for_websocket_)",
-)
 def test_bytes_before_the_101_are_held_until_the_upgrade_is_accepted(pair: MemPair) -> None:
     pair.down.data_received(WS_HEAD + b"GET /admin/secret HTTP/1.1\r\nHost: a\r\n\r\n")
     assert pair.ut.data().startswith(b"GET /ws HTTP/1.1\r\n")
@@ -261,12 +249,6 @@ def test_bytes_before_the_101_are_held_until_the_upgrade_is_accepted(pair: MemPa
     assert b"/admin" not in pair.ut.data()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: a client FIN that arrives before the upstream's 101 is dropped (the client "
-    "connection is not a tunnel yet, send_data(b'', True) writes nothing), so the tunnel never "
-    "ends and its stream, request and connection slots stay taken",
-)
 def test_client_fin_before_the_101_reaches_the_upstream(pair: MemPair) -> None:
     pair.down.data_received(WS_HEAD + b"hello")
     assert pair.down.eof_received() is True  # half-close: the tunnel's write side stays open

@@ -561,11 +561,12 @@ def open_ws(pair: Pair) -> tuple[Any, Any]:
     req = up.request()
     assert req.header("upgrade") == b"websocket" and req.header("connection") == b"upgrade"
     assert req.header("transfer-encoding") is None  # bytes before the 101 are not chunk-framed
-    assert up.tunnel_data() == b"early"
+    assert up.tunnel_data() == b""  # ... and wait for the 101 (Envoy holds them too)
     up.send(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\nhello")
     r = c.response()
     assert r.status == 101
     assert c.tunnel_data() == b"hello"
+    assert up.tunnel_data() == b"early"  # raw, once the upgrade is accepted
     return c, up
 
 

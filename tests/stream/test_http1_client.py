@@ -98,7 +98,8 @@ def test_upgrade_request_is_not_chunk_framed(make: Any) -> None:
     up = pair.upstream.accept()
     req = up.request()
     assert req.header("transfer-encoding") is None and req.header("content-length") is None
-    assert up.tunnel_data() == b"before-101"  # raw, not a chunk
+    up.send(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n")
+    assert up.tunnel_data() == b"before-101"  # raw, not a chunk, after the 101
 
 
 # -- responses -----------------------------------------------------------------------------------
