@@ -458,6 +458,11 @@ class RequestParser(_Parser):
             self._t.on_message_complete(None)
         return self._feed(data) if len(data) else None
 
+    @property
+    def head_pending(self) -> bool:
+        """Part of a request head has arrived (request line or header bytes), not all of it."""
+        return self._st == _HEAD and bool(self._url or self._h)
+
     def feed(self, data: bytes) -> bytes | None:
         """Parse ``data``; returns the bytes after the head of an upgrade/CONNECT, else None."""
         if self._dead:

@@ -433,6 +433,10 @@ class Http1ServerConnection(asyncio.Protocol):
         # All that was queued is delivered: what the parser sees next belongs to the active
         # stream (its body) or starts the next request.
         self.parsing_backlog = False
+        if self.parser.head_pending and not self.partial_since:
+            # The next request's head began arriving while this one was answered: its header
+            # and idle timeouts run from now on.
+            self.partial_since = self.last_activity
         self.resume_reading()
 
     def _drain_backlog(self, backlog: Any) -> None:

@@ -622,7 +622,14 @@ class Http2ServerConnection(asyncio.Protocol):
         if self.streams:
             for ss in list(self.streams.values()):
                 s = ss.stream
-                if s is not None and not ss.closed:
+                if s is None or ss.closed:
+                    continue
+                if s.done:
+                    # Answered, but the client never opened the window for the rest: the stream
+                    # idle timeout ends it with RST_STREAM (once).
+                    if cfg.stream_idle_timeout and now - s.last_activity >= cfg.stream_idle_timeout:
+                        ss.abort(h2c.CANCEL)
+                else:
                     s.check_timeouts(now)
         elif cfg.idle_timeout and now - self.last_activity >= cfg.idle_timeout:
             self.stats.downstream_cx_idle_timeout.value += 1
@@ -631,7 +638,8 @@ class Http2ServerConnection(asyncio.Protocol):
         if cfg.runtime.draining and not self.goaway_sent:
             self.close()
         if cfg.max_connection_duration and now - self.start >= cfg.max_connection_duration:
-            self.stats.downstream_cx_max_duration_reached.value += 1
+            if not self.goaway_sent:  # counted once; GOAWAY, then close when streams end
+                self.stats.downstream_cx_max_duration_reached.value += 1
             self.close()
 
 
@@ -646,6 +654,22 @@ class _Sniffer(asyncio.Protocol):
         self.buf = b""
         self.timer: asyncio.TimerHandle | None = None
 
+    # What the connection manager's drain and sweep need of a connection (stream.connections):
+    # a connection that has not sent its first byte is still one of the listener's.
+    stream = None
+    closed = False
+
+    def on_tick(self, now: float) -> None:
+        return  # the sniffer's own timer bounds how long it waits
+
+    def close(self) -> None:
+        self.closed = True
+        self.transport.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        self.transport.abort()
+
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         alpn = negotiated_alpn(self.info, transport)
@@ -654,6 +678,10 @@ class _Sniffer(asyncio.Protocol):
             return
         if alpn is not None:
             self._switch(Http1ServerConnection, b"")
+            return
+        self.cfg.runtime.add(self, asyncio.get_event_loop())
+        if self.cfg.runtime.draining:
+            self.close()
             return
         t = self.cfg.request_headers_timeout or self.cfg.idle_timeout
         if t:
@@ -676,12 +704,14 @@ class _Sniffer(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:
             self.timer.cancel()
+        self.cfg.runtime.discard(self)
         self.info.notify_closed()
 
     def _switch(self, cls: Any, buf: bytes) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        self.cfg.runtime.discard(self)
         p = cls(self.cfg, self.info)
         self.transport.set_protocol(p)
         p.connection_made(self.transport)

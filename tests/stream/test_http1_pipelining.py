@@ -73,12 +73,6 @@ def test_malformed_body_of_a_pipelined_request_is_answered(pair: MemPair) -> Non
     assert pair.upstream_rq_active == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: a request head that starts arriving while another request is active never "
-    "sets partial_since, so once the active one is answered the half head is covered by "
-    "neither request_headers_timeout nor stream_idle_timeout (slowloris behind one request)",
-)
 def test_half_head_behind_an_answered_request_times_out() -> None:
     pair = MemPair(config(idle="10s"))
     try:
