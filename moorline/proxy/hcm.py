@@ -488,6 +488,7 @@ class ActiveStream:
         "fm",
         "headers",
         "headers_only",
+        "idle_mark",
         "info",
         "is_grpc",
         "last_activity",
@@ -521,6 +522,7 @@ class ActiveStream:
         self.headers_only = False
         self.deadline = 0.0
         self.last_activity = loop_time
+        self.idle_mark = 0  # bytes moved at the last sweep (progress either way resets the idle timer)
         self.is_grpc = False
         self.upgrade = False
         # A local reply ended the request side: the decoder filters see nothing more. (An
@@ -835,7 +837,6 @@ class ActiveStream:
     def encode_data(self, data: bytes, end_stream: bool) -> None:
         if self.phase == _END:
             return
-        self.last_activity = self.conn.loop.time()  # response progress resets the idle timer
         fm = self.fm
         if fm is not None:
             fm.enc.on_data(data, end_stream)
@@ -1080,6 +1081,13 @@ class ActiveStream:
             return True
         if self.upgrade and started:
             return False  # an open tunnel: the idle and duration timeouts of tcp_proxy apply
+        info = self.info
+        moved = info.bytes_sent + info.bytes_received
+        if moved != self.idle_mark:
+            # Bytes moved since the last sweep (a streaming response, an upload): activity, seen
+            # here instead of a clock read per data event on the request path.
+            self.idle_mark = moved
+            self.last_activity = now
         if (
             cfg.stream_idle_timeout
             and now - max(self.last_activity, self.conn.last_activity) >= cfg.stream_idle_timeout
