@@ -645,7 +645,37 @@ def _b(v: str | bytes) -> bytes:
 # ---------------------------------------------------------------------------------------------
 
 
-class Downstream:
+class _PeerSide:
+    """What the test does as the far end of one in-memory connection (client or server): each
+    action runs inside the virtual loop, then runs what it made ready."""
+
+    transport: MemTransport
+
+    def _loop(self) -> VirtualLoop:
+        raise NotImplementedError
+
+    def _act(self, fn: Callable[[], Any]) -> None:
+        loop = self._loop()
+        with loop.active():
+            fn()
+        loop.run_ready()
+
+    def eof(self) -> None:
+        """Half-close (FIN) this side."""
+        self._act(self.transport.peer_eof)
+
+    def reset(self) -> None:
+        """This side goes away abruptly (RST)."""
+        self._act(self.transport.peer_reset)
+
+    def block_writes(self) -> None:
+        self._act(self.transport.block_writes)
+
+    def unblock_writes(self) -> None:
+        self._act(self.transport.unblock_writes)
+
+
+class Downstream(_PeerSide):
     """One downstream connection; the test is its client.
 
     ``send()`` delivers bytes to the proxy's codec; ``response()`` / ``responses()`` parse what
@@ -679,27 +709,8 @@ class Downstream:
         self._heads.append(_b(method).upper() == b"HEAD")
         self.send(build_request(method, target, **kw))
 
-    def eof(self) -> None:
-        """Half-close (FIN) the client side."""
-        with self.pair.loop.active():
-            self.transport.peer_eof()
-        self.pair.loop.run_ready()
-
-    def reset(self) -> None:
-        """The client goes away abruptly (RST)."""
-        with self.pair.loop.active():
-            self.transport.peer_reset()
-        self.pair.loop.run_ready()
-
-    def block_writes(self) -> None:
-        with self.pair.loop.active():
-            self.transport.block_writes()
-        self.pair.loop.run_ready()
-
-    def unblock_writes(self) -> None:
-        with self.pair.loop.active():
-            self.transport.unblock_writes()
-        self.pair.loop.run_ready()
+    def _loop(self) -> VirtualLoop:
+        return self.pair.loop
 
     # -- what the proxy did
     @property
@@ -936,7 +947,7 @@ class ConnectAttempt:
         self.loop.run_ready()
 
 
-class UpstreamConn:
+class UpstreamConn(_PeerSide):
     """One upstream connection; the test is the server.
 
     ``request()`` parses the next request the proxy sent (strictly), ``read()`` returns raw bytes
@@ -1015,32 +1026,17 @@ class UpstreamConn:
     ) -> None:
         self.send(build_response(status, headers, body, **kw))
 
-    def eof(self) -> None:
-        with self.loop.active():
-            self.transport.peer_eof()
-        self.loop.run_ready()
+    def _loop(self) -> VirtualLoop:
+        return self.loop
 
     def close(self) -> None:
         """The server closes: FIN, then the connection is gone."""
-        with self.loop.active():
+
+        def fin_and_close() -> None:
             self.transport.peer_eof()
             self.transport.close()
-        self.loop.run_ready()
 
-    def reset(self) -> None:
-        with self.loop.active():
-            self.transport.peer_reset()
-        self.loop.run_ready()
-
-    def block_writes(self) -> None:
-        with self.loop.active():
-            self.transport.block_writes()
-        self.loop.run_ready()
-
-    def unblock_writes(self) -> None:
-        with self.loop.active():
-            self.transport.unblock_writes()
-        self.loop.run_ready()
+        self._act(fin_and_close)
 
     def h2(self) -> H2Upstream:
         """Play an HTTP/2 server on this connection (the cluster speaks HTTP/2 upstream)."""
