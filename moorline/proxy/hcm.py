@@ -415,7 +415,7 @@ class HcmConfig:
         """Stop keep-alive: in-flight responses get ``connection: close``; idle connections close."""
         self.runtime.draining = True
         for c in self.runtime:
-            if c.stream is None:
+            if c.stream is None and not getattr(c, "sniffing", False):
                 c.close()
 
     def close_all(self) -> None:

@@ -658,6 +658,9 @@ class _Sniffer(asyncio.Protocol):
     # a connection that has not sent its first byte is still one of the listener's.
     stream = None
     closed = False
+    # A drain does not close it: its first request may be on the way (it is answered with
+    # connection: close); the drain-time cut (close_all) aborts it if it stays silent.
+    sniffing = True
 
     def on_tick(self, now: float) -> None:
         return  # the sniffer's own timer bounds how long it waits
@@ -680,9 +683,6 @@ class _Sniffer(asyncio.Protocol):
             self._switch(Http1ServerConnection, b"")
             return
         self.cfg.runtime.add(self, asyncio.get_event_loop())
-        if self.cfg.runtime.draining:
-            self.close()
-            return
         t = self.cfg.request_headers_timeout or self.cfg.idle_timeout
         if t:
             self.timer = asyncio.get_event_loop().call_later(t, transport.close)
