@@ -59,6 +59,9 @@ class FilterCallbacks(Protocol):
         """The matched route's ``typed_per_filter_config`` for ``filter_name``, compiled at load
         by the filter's per-route factory (most specific level wins); None if not set."""
 
+    def set_decoder_buffer_limit(self, limit: int) -> None:
+        """How many bytes the decoder chain may buffer for this stream's stopped filters."""
+
     def decoding_buffer(self) -> bytes: ...
 
     def add_decoded_data(self, data: bytes) -> None: ...

@@ -819,6 +819,12 @@ class ActiveStream:
         if self.fm is not None:
             self.fm.dec.add_buffered(data)
 
+    def set_decoder_buffer_limit(self, limit: int) -> None:
+        """A filter that buffers whole requests (``buffer``) raises or lowers how much the
+        decoder chain may hold for it (default: the connection's buffer limit)."""
+        if self.fm is not None:
+            self.fm.dec.limit = limit
+
     def request_too_large(self) -> None:
         self.cfg.stats.downstream_rq_too_large.value += 1
         self.send_local_reply(413, b"Payload Too Large", None, "request_payload_too_large")

@@ -442,7 +442,15 @@ class Http1ServerConnection(asyncio.Protocol):
     def _drain_backlog(self, backlog: Any) -> None:
         while backlog and not self.closed:
             kind, item = backlog[0]
-            if (kind == 0 or kind == 3) and self.stream is not None:
+            s = self.stream
+            if kind == 3 and s is not None and not s.request_complete:
+                # The error is in the body of the request that just became active (its head and
+                # body were queued before it): that request fails now instead of waiting for
+                # a response that cannot come.
+                backlog.pop(0)  # type: ignore[union-attr]
+                s.protocol_error(item.status_hint, item.detail)
+                continue
+            if (kind == 0 or kind == 3) and s is not None:
                 break  # the next request (or the error answer) waits for this one
             backlog.pop(0)  # type: ignore[union-attr]
             if kind == 0:

@@ -146,12 +146,6 @@ def test_h2_stream_stuck_on_flow_control_is_reset_once(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: the filter manager buffers for a stopped filter up to the connection buffer "
-    "limit (1 MiB by default) whatever the filter asked for; Envoy's buffer filter raises the "
-    "decoder buffer limit to max_request_bytes, so a 2 MiB body under a 4 MiB buffer gets 413",
-)
 def test_buffer_filter_accepts_bodies_up_to_its_max_request_bytes(tmp_path: Path) -> None:
     buffer = {
         "name": "envoy.filters.http.buffer",

@@ -54,12 +54,6 @@ def test_many_pipelined_local_replies_behind_a_proxied_request(pair: MemPair) ->
     assert pair.gauge("downstream_rq_active") == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: a body error in a pipelined request is queued as a backlog error (kind 3) "
-    "behind its own head and body; when that request becomes active the loop waits for it to "
-    "finish first, so it hangs with its upstream request half sent until stream_idle_timeout",
-)
 def test_malformed_body_of_a_pipelined_request_is_answered(pair: MemPair) -> None:
     pair.down.data_received(
         b"GET /up HTTP/1.1\r\nHost: a\r\n\r\n"

@@ -37,6 +37,10 @@ class BufferFilter(HttpFilter):
             return CONTINUE
         self.max_bytes = limit
         self.headers = headers
+        # The chain holds the body for us: let it hold up to our limit, not only the
+        # connection's buffer limit (Envoy's setDecoderBufferLimit). Bounded either way.
+        assert self.callbacks is not None
+        self.callbacks.set_decoder_buffer_limit(max(limit, 1))
         return STOP_ITERATION
 
     def decode_data(self, data: bytes, end_stream: bool) -> int:
