@@ -195,8 +195,8 @@ HCM: Table = {
     # SANITIZE (0, the default) strips the header, FORWARD_ONLY / ALWAYS_FORWARD_ONLY pass it on;
     # the two that add this connection's certificate details are not implemented.
     "forward_client_cert_details": When(
-        "adding the client certificate to x-forwarded-client-cert is not supported; the header is "
-        "forwarded as received",
+        "adding the client certificate to x-forwarded-client-cert is not supported; APPEND_FORWARD "
+        "forwards the header as received, SANITIZE_SET strips it",
         lambda v: v in (2, 3),
     ),
     "set_current_client_cert_details": "x-forwarded-client-cert is not handled; ignored",

@@ -328,7 +328,9 @@ class HcmConfig:
         )
         # forward_client_cert_details SANITIZE (0, Envoy's default): a client must not be able
         # to claim a certificate through x-forwarded-client-cert.
-        self.strip_xfcc = int(proto.forward_client_cert_details) == 0
+        # SANITIZE_SET (3) strips it too: setting this connection's certificate details is not
+        # implemented (announced), and forwarding the client's value would let it be spoofed.
+        self.strip_xfcc = int(proto.forward_client_cert_details) in (0, 3)
         self.local_reply = (
             LocalReplyConfig.compile(proto.local_reply_config, f"{path}.local_reply_config")
             if (proto.HasField("local_reply_config"))

@@ -381,7 +381,9 @@ def test_route_max_stream_duration_overrides_the_hcm(
     assert r.status == 200
 
 
-@pytest.mark.parametrize(("mode", "forwarded"), [(None, False), ("FORWARD_ONLY", True)])
+@pytest.mark.parametrize(
+    ("mode", "forwarded"), [(None, False), ("FORWARD_ONLY", True), ("SANITIZE_SET", False)]
+)
 def test_x_forwarded_client_cert_is_sanitized_by_default(
     moorline: Any, upstream: TestUpstream, mode: str | None, forwarded: bool
 ) -> None:
