@@ -45,6 +45,7 @@ class _Chain:
         "body_bytes",
         "end",
         "filters",
+        "hdr_hold",
         "hdr_idx",
         "headers",
         "headers_end",
@@ -83,6 +84,7 @@ class _Chain:
         self.hdr_idx = 0  # filters that have seen the headers
         self.stop_at: int | None = None  # the filter holding iteration
         self.stop_all = False  # it asked for the body to be buffered without seeing it
+        self.hdr_hold: int | None = None  # a later filter still holding the headers (see _feed_held)
         self.body: list[bytes] | None = None
         self.body_bytes = 0
         self.end = False  # the buffered body ends the stream (no trailers follow)
@@ -109,16 +111,23 @@ class _Chain:
         if s is None:
             self._push_data(data, end_stream, 0)
             return
+        self._feed_held(data, end_stream, 0, s)
+
+    def _feed_held(self, data: bytes, end_stream: bool, first: int, s: int) -> None:
+        """Iteration is held at filter ``s``: the filters ``first``..``s`` see the chunk (``s``
+        itself unless it stopped all iteration); what they pass on waits in the buffer."""
         fl = self.filters
-        # Held at filter s: the filters before it (they continued) see the chunk, and so does
-        # s itself unless it stopped all iteration; what they pass on waits in the buffer.
         last = s - 1 if self.stop_all else s
-        for i in range(last + 1):
+        for i in range(first, last + 1):
             r = self._d(fl[i], data, end_stream)
             if not self.alive():
                 return
             if r != CONTINUE:
                 if i < s:
+                    if self.hdr_idx == s + 1 and self.hdr_hold is None:
+                        # s still holds the headers: when i continues, the body goes on to s,
+                        # and the headers stay held until s continues them.
+                        self.hdr_hold = s
                     self.stop_at = i
                     self.stop_all = False
                 if r != STOP_ITERATION_NO_BUFFER:
@@ -157,8 +166,23 @@ class _Chain:
         that stopped all iteration has not seen the body it held: the body resumes at that
         filter (Envoy's iterate-from-current-filter), the headers after it."""
         s = self.stop_at
-        if s is not None and self.alive():
-            self._resume(s + 1, s if self.stop_all else s + 1)
+        if s is None or not self.alive():
+            return
+        h = self.hdr_hold
+        if h is not None and h > s:
+            # A filter before the one holding the headers continued: what it held reaches the
+            # filters up to the holder, the headers stay where they are.
+            self.hdr_hold = None
+            self.stop_at = h
+            body = self.body
+            end = self.end
+            self.body = None
+            self.end = False
+            self.body_bytes = 0
+            if body or end:
+                self._feed_held(b"".join(body) if body else b"", end, s + 1, h)
+            return
+        self._resume(s + 1, s if self.stop_all else s + 1)
 
     # -- iteration
     def _resume(self, start: int, body_start: int | None = None) -> None:
