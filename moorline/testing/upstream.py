@@ -585,7 +585,59 @@ class _LoopThread:
         self.thread.join(10)
 
 
-class TestUpstream:
+class _ThreadedServer:
+    """Start, stop and context management of a test server running on its own loop thread.
+    Subclasses set ``host``, ``port`` and ``_active`` (connections with a ``transport``) and
+    give the protocol factory and the thread's name."""
+
+    host: str
+    port: int
+    _active: set[Any]
+    _lt: _LoopThread | None
+    _server: asyncio.Server | None
+    _backlog = 100
+
+    def _protocol(self) -> asyncio.Protocol:
+        raise NotImplementedError
+
+    def _thread_name(self) -> str:
+        raise NotImplementedError
+
+    def start(self) -> Any:
+        self._lt = _LoopThread(self._thread_name())
+
+        async def _start() -> asyncio.Server:
+            loop = asyncio.get_running_loop()
+            return await loop.create_server(self._protocol, self.host, self.port, backlog=self._backlog)
+
+        self._server = self._lt.call(_start)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def stop(self) -> None:
+        if self._lt is None:
+            return
+        lt, self._lt = self._lt, None
+
+        async def _stop() -> None:
+            if self._server is not None:
+                self._server.close()
+            for c in list(self._active):
+                if c.transport is not None:
+                    c.transport.abort()
+
+        with contextlib.suppress(Exception):
+            lt.call(_stop)
+        lt.stop()
+
+    def __enter__(self) -> Any:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class TestUpstream(_ThreadedServer):
     """The scriptable HTTP/1.1 upstream; see the module docstring for the behaviours.
 
     ``port=0`` binds an ephemeral port (read ``.port`` after ``start()``). Thread-safe readers:
@@ -619,39 +671,17 @@ class TestUpstream:
         self._lt: _LoopThread | None = None
         self._server: asyncio.Server | None = None
 
-    # -- lifecycle --
-    def start(self) -> TestUpstream:
-        self._lt = _LoopThread(f"test-upstream-{self.upstream_id}")
-        self._server = self._lt.call(self._start)
-        sock = self._server.sockets[0]
-        self.port = sock.getsockname()[1]
-        return self
+    # -- lifecycle (start / stop / with: _ThreadedServer) --
+    _backlog = 512
 
-    async def _start(self) -> asyncio.Server:
-        loop = asyncio.get_running_loop()
-        return await loop.create_server(lambda: _HttpConn(self), self.host, self.port, backlog=512)
+    def _protocol(self) -> asyncio.Protocol:
+        return _HttpConn(self)
 
-    def stop(self) -> None:
-        if self._lt is None:
-            return
-        lt, self._lt = self._lt, None
-
-        async def _stop() -> None:
-            if self._server is not None:
-                self._server.close()
-            for c in list(self._active):
-                if c.transport is not None:
-                    c.transport.abort()
-
-        with contextlib.suppress(Exception):
-            lt.call(_stop)
-        lt.stop()
+    def _thread_name(self) -> str:
+        return f"test-upstream-{self.upstream_id}"
 
     def __enter__(self) -> TestUpstream:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        return self.start()  # type: ignore[no-any-return]
 
     @property
     def address(self) -> tuple[str, int]:
@@ -853,7 +883,7 @@ class _RecordingConn(asyncio.Protocol):
         self.server._lost(self)
 
 
-class RecordingUpstream:
+class RecordingUpstream(_ThreadedServer):
     """A raw HTTP/1.1 upstream that records what a proxy actually sends, byte for byte.
 
     It validates nothing: each request head is recorded as it arrived (:class:`RawRequest`,
@@ -878,38 +908,14 @@ class RecordingUpstream:
         self._lt: _LoopThread | None = None
         self._server: asyncio.Server | None = None
 
-    def start(self) -> RecordingUpstream:
-        self._lt = _LoopThread("recording-upstream")
+    def _protocol(self) -> asyncio.Protocol:
+        return _RecordingConn(self)
 
-        async def _start() -> asyncio.Server:
-            loop = asyncio.get_running_loop()
-            return await loop.create_server(lambda: _RecordingConn(self), self.host, self.port)
-
-        self._server = self._lt.call(_start)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    def stop(self) -> None:
-        if self._lt is None:
-            return
-        lt, self._lt = self._lt, None
-
-        async def _stop() -> None:
-            if self._server is not None:
-                self._server.close()
-            for c in list(self._active):
-                if c.transport is not None:
-                    c.transport.abort()
-
-        with contextlib.suppress(Exception):
-            lt.call(_stop)
-        lt.stop()
+    def _thread_name(self) -> str:
+        return "recording-upstream"
 
     def __enter__(self) -> RecordingUpstream:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        return self.start()  # type: ignore[no-any-return]
 
     # -- called on the loop thread --
     def _new_conn(self, conn: _RecordingConn) -> int:
