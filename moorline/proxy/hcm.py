@@ -405,14 +405,6 @@ class HcmConfig:
         # (AUTO: ALPN "h2" or the HTTP/2 preface picks HTTP/2, see stream.http2_server).
         serve_accepted(loop, sock, info, lambda: make(self, info))
 
-    @property
-    def draining(self) -> bool:
-        return self.runtime.draining
-
-    @property
-    def connections(self) -> ServerConnections:
-        return self.runtime
-
     def drain(self) -> None:
         """Stop keep-alive: in-flight responses get ``connection: close``; idle connections close."""
         self.runtime.draining = True
@@ -848,14 +840,8 @@ class ActiveStream:
         fm = self.fm
         if fm is not None:
             fm.enc.on_data(data, end_stream)
-            return
-        # write_data, inlined: this is once per response on the fast path.
-        n = len(data)
-        self.info.bytes_sent += n
-        self.cfg.stats.downstream_cx_tx_bytes_total.value += n
-        self.conn.encode_data(data, end_stream)
-        if end_stream:
-            self._finish()
+        else:
+            self.write_data(data, end_stream)
 
     def encode_trailers(self, trailers: HeaderMap) -> None:
         if self.phase == _END:
