@@ -46,7 +46,7 @@ from httptools import (
     HttpResponseParser,
 )
 
-from moorline.protocol.headers import HeaderMap
+from moorline.protocol.headers import HeaderMap, RequestHeaders, ResponseHeaders
 
 __all__ = [
     "ALLOW",
@@ -148,15 +148,18 @@ class Limits:
 _RESPONSE_LIMITS = Limits(max_header_bytes=80 * 1024)
 
 
-class RequestHead:
+class RequestHead(RequestHeaders):
+    """A parsed request head. It *is* the request's ``RequestHeaders`` (the server codec hands it
+    on without a copy: ``method``, ``path`` = the request-target as sent, ``authority`` empty,
+    ``scheme`` ``http``, until the codec resolves them), plus the codec's facts about the
+    message. ``headers`` is the head itself, for readers that want only the map."""
+
     __slots__ = (
         "chunked",
         "content_length",
         "expect_continue",
         "header_bytes",
-        "headers",
         "keep_alive",
-        "method",
         "target",
         "upgrade",
         "version",
@@ -175,10 +178,9 @@ class RequestHead:
         expect_continue: bool,
         header_bytes: int,
     ) -> None:
-        self.method = method
+        super().__init__(method, target, b"", b"http", headers.items())
         self.target = target  # raw request-target: origin, absolute, authority (CONNECT) or "*"
         self.version = version
-        self.headers = headers
         self.keep_alive = keep_alive
         self.content_length = content_length
         self.chunked = chunked
@@ -187,23 +189,28 @@ class RequestHead:
         # Wire size assuming single spaces around ": " (exact for canonical heads).
         self.header_bytes = header_bytes
 
+    @property
+    def headers(self) -> RequestHeaders:
+        return self
+
     def __repr__(self) -> str:
         return (
-            f"RequestHead({self.method!r}, {self.target!r}, {self.version!r}, {self.headers!r}, "
+            f"RequestHead({self.method!r}, {self.target!r}, {self.version!r}, {self._h!r}, "
             f"keep_alive={self.keep_alive}, content_length={self.content_length}, "
             f"chunked={self.chunked}, upgrade={self.upgrade}, expect_continue={self.expect_continue})"
         )
 
 
-class ResponseHead:
+class ResponseHead(ResponseHeaders):
+    """A parsed response head: the response's ``ResponseHeaders`` (handed on without a copy)
+    plus the codec's facts about the message."""
+
     __slots__ = (
         "chunked",
         "content_length",
         "header_bytes",
-        "headers",
         "keep_alive",
         "reason",
-        "status",
         "upgrade",
         "version",
     )
@@ -220,10 +227,9 @@ class ResponseHead:
         upgrade: bool,
         header_bytes: int,
     ) -> None:
-        self.status = status
+        super().__init__(status, headers.items())
         self.reason = reason
         self.version = version
-        self.headers = headers
         self.keep_alive = keep_alive
         self.content_length = content_length
         self.chunked = chunked
@@ -231,12 +237,19 @@ class ResponseHead:
         self.upgrade = upgrade
         self.header_bytes = header_bytes
 
+    @property
+    def headers(self) -> ResponseHeaders:
+        return self
+
     def __repr__(self) -> str:
         return (
-            f"ResponseHead({self.status}, {self.reason!r}, {self.version!r}, {self.headers!r}, "
+            f"ResponseHead({self.status}, {self.reason!r}, {self.version!r}, {self._h!r}, "
             f"keep_alive={self.keep_alive}, content_length={self.content_length}, "
             f"chunked={self.chunked}, upgrade={self.upgrade})"
         )
+
+
+_new = object.__new__  # builds a head without running __init__ (the parsers' fast path)
 
 
 # Parser states (``_st``): which bound applies to the next fed bytes.
@@ -538,19 +551,20 @@ class RequestParser(_Parser):
             self._h2c_pending = True
             self._h2c_body = self._cl or 0
         h = self._h
-        head = RequestHead(
-            method,
-            url,
-            ver,
-            HeaderMap.wrap(h),
-            p.should_keep_alive(),
-            self._cl,
-            self._chunked,
-            upgrade,
-            self._expect and ver == b"1.1",  # RFC 9110 10.1.1: ignore it from HTTP/1.0
-            self._hsize + len(method) + 14 + 4 * len(h),
-        )
-        self._st = _CHUNKED if self._chunked else _BODY
+        head = _new(RequestHead)
+        head._h = h
+        head.method = method
+        head.target = head.path = url
+        head.authority = b""
+        head.scheme = b"http"
+        head.version = ver
+        head.keep_alive = p.should_keep_alive()
+        head.content_length = self._cl
+        head.chunked = chunked = self._chunked
+        head.upgrade = upgrade
+        head.expect_continue = self._expect and ver == b"1.1"  # RFC 9110 10.1.1: not from HTTP/1.0
+        head.header_bytes = self._hsize + len(method) + 14 + 4 * len(h)
+        self._st = _CHUNKED if chunked else _BODY
         self._raw = 0
         self._upgrade = upgrade or self._h2c_body > 0  # (an h2c body: its end is ours to report)
         # Fresh per-message state for the next request on this connection.
@@ -745,17 +759,16 @@ class ResponseParser(_Parser):
             if cl == 0:
                 h[:] = [p for p in h if p[0] != b"content-length"]
                 cl = None
-        head = ResponseHead(
-            status,
-            self._reason,
-            ver,
-            HeaderMap.wrap(h),
-            keep_alive,
-            cl,
-            chunked,
-            upgrade,
-            self._hsize + len(self._reason) + 17 + 4 * len(h),
-        )
+        head = _new(ResponseHead)
+        head._h = h
+        head.status = status
+        head.reason = self._reason
+        head.version = ver
+        head.keep_alive = keep_alive
+        head.content_length = cl
+        head.chunked = chunked
+        head.upgrade = upgrade
+        head.header_bytes = self._hsize + len(self._reason) + 17 + 4 * len(h)
         if status < 200 or status == 204 or status == 304 or self._forced:
             self._st = _HEAD  # no body follows
             self._eof_body = False

@@ -25,7 +25,7 @@ import logging
 from typing import Any
 
 from moorline.net import upstream as net_upstream
-from moorline.protocol.headers import HeaderMap, RequestHeaders, ResponseHeaders
+from moorline.protocol.headers import HeaderMap, RequestHeaders
 from moorline.protocol.http1 import (
     LAST_CHUNK,
     HttpProtocolError,
@@ -193,11 +193,12 @@ class Http1ClientConnection(asyncio.Protocol):
             return
         if not head.keep_alive:
             self.keep_alive = False
-        h = ResponseHeaders.make(head.status, head.headers._h)
-        if head.status < 200 and head.status != 101:
-            req.on_upstream_1xx(h)
+        # ``head`` (protocol.http1.ResponseHead) is the response's ResponseHeaders: no copy.
+        status = head.status
+        if status < 200 and status != 101:
+            req.on_upstream_1xx(head)
             return
-        req.on_upstream_headers(h, False)
+        req.on_upstream_headers(head, False)
 
     def on_body(self, data: bytes) -> None:
         req = self.req

@@ -28,7 +28,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-from moorline.protocol.headers import HeaderMap, RequestHeaders, ResponseHeaders
+from moorline.protocol.headers import HeaderMap, ResponseHeaders
 from moorline.protocol.http1 import (
     LAST_CHUNK,
     HttpProtocolError,
@@ -250,6 +250,8 @@ class Http1ServerConnection(asyncio.Protocol):
                 s.decode_data(b"", True)
 
     def _new_stream(self, head: Any) -> None:
+        # ``head`` (protocol.http1.RequestHead) is the stream's RequestHeaders: the request line
+        # is resolved in place into method / authority / path / scheme.
         self.requests += 1
         self.partial_since = 0.0
         self.resp_chunked = False
@@ -261,25 +263,27 @@ class Http1ServerConnection(asyncio.Protocol):
         if head.expect_continue:
             self.transport.write(_CONTINUE_100)
         target = head.target
-        authority = b""
-        if target[:1] != b"/" and method != b"CONNECT" and target != b"*":
-            # absolute-form: the authority and path come from the target (RFC 9112 3.2.2)
-            sep = target.find(b"://")
-            if sep > 0:
-                rest = target[sep + 3 :]
-                slash = rest.find(b"/")
-                authority = rest if slash < 0 else rest[:slash]
-                target = b"/" if slash < 0 else rest[slash:]
+        if target[:1] != b"/":
+            if method == b"CONNECT":
+                head.authority = target
+                head.path = b""
+            elif target != b"*":
+                # absolute-form: the authority and path come from the target (RFC 9112 3.2.2)
+                sep = target.find(b"://")
+                if sep > 0:
+                    rest = target[sep + 3 :]
+                    slash = rest.find(b"/")
+                    head.authority = rest if slash < 0 else rest[:slash]
+                    head.path = b"/" if slash < 0 else rest[slash:]
         elif method == b"CONNECT":
-            authority = target
-            target = b""
-        scheme = b"https" if self.info.tls is not None else b"http"
-        headers = RequestHeaders.make(method, target, authority, scheme, head.headers._h)
+            head.authority = target
+            head.path = b""
+        if self.info.tls is not None:
+            head.scheme = b"https"
         s = self.cfg.new_stream(self)
         self.stream = s
         # A request without a body ends with its head; an upgrade's body is the tunnel.
-        end = not head.upgrade and not head.chunked and not head.content_length
-        s.decode_headers(headers, end)
+        s.decode_headers(head, not head.upgrade and not head.chunked and not head.content_length)
 
     # -- called by the stream -------------------------------------------
     def encode_headers(self, headers: ResponseHeaders, end_stream: bool) -> None:
