@@ -423,7 +423,11 @@ class _Parser:
 
 
 _REQ_SPECIAL = frozenset((b"content-length", b"transfer-encoding", b"host", b"expect", b"upgrade"))
-_RESP_SPECIAL = frozenset((b"content-length", b"transfer-encoding"))
+# What the response parser acts on. All but Content-Length are consumed (never listed):
+# ``Upgrade`` is listed (a 101 forwards it), the rest are this hop's.
+_RESP_SPECIAL = frozenset(
+    (b"content-length", b"transfer-encoding", b"connection", b"keep-alive", b"proxy-connection")
+)
 
 
 class RequestParser(_Parser):
@@ -594,6 +598,7 @@ class ResponseParser(_Parser):
 
     __slots__ = (
         "_connect_2xx",
+        "_connection",
         "_eof_body",
         "_forced",
         "_msg_open",
@@ -615,6 +620,7 @@ class ResponseParser(_Parser):
         self._tail = 0  # bytes of a CRLFCRLF seen at the end of the previous feed (0..3)
         self._forced = False  # head of a HEAD answer seen: complete it without a body
         self._connect_2xx = False
+        self._connection = b""  # the Connection header values of the head being parsed
         self._p = HttpResponseParser(self)
 
     @property
@@ -712,33 +718,42 @@ class ResponseParser(_Parser):
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._st:
+            self._trailer(name.lower(), value.rstrip(b" \t"))
+            return
         name = name.lower()
         value = value.rstrip(b" \t")
-        if self._st:
-            self._trailer(name, value)
-            return
-        h = self._h
-        h.append((name, value))
-        size = self._hsize = self._hsize + len(name) + len(value)
-        if size > self._max_bytes or len(h) > self._max_n:
-            self._too_large(size)
+        self._hsize += len(name) + len(value)  # checked at the end of the head (the raw bound holds till then)
         if name in _RESP_SPECIAL:
+            # Framing and connection management belong to this hop: the codec consumes them
+            # (Content-Length stays, it describes the body).
             if name == b"content-length":
                 self._content_length(value)
-            else:
+            elif name == b"transfer-encoding":
                 self._transfer_encoding(value)
+                return
+            else:
+                if name == b"connection":
+                    self._connection = self._connection + b"," + value if self._connection else value
+                return
+        h = self._h
+        h.append((name, value))
+        if len(h) > self._max_n:
+            self._too_large(self._hsize)
 
     def on_headers_complete(self) -> None:
         p = self._p
         ver = _VERSIONS.get(p.get_http_version())
         if ver is None:
             raise self._die(502, _CODEC_ERROR)
+        if self._hsize > self._max_bytes:
+            self._too_large(self._hsize)
         status = p.get_status_code()
         h = self._h
         scan = self._scan
         upgrade = status == 101 and p.should_upgrade()
         if scan and status >= 200:
-            keep_alive = _keep_alive(ver, h)  # llhttp would assume a read-until-close body
+            keep_alive = _keep_alive(ver, self._connection)  # llhttp would assume a read-until-close body
             if scan == 1:
                 self._forced = True
             elif status < 300:
@@ -782,6 +797,7 @@ class ResponseParser(_Parser):
         self._reason = b""
         self._cl = None
         self._chunked = False
+        self._connection = b""
         self._t.on_response_head(head)
 
     def on_message_complete(self) -> None:
@@ -801,12 +817,9 @@ class ResponseParser(_Parser):
         self._t.on_message_complete(HeaderMap.wrap(tr))
 
 
-def _keep_alive(version: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
-    """HTTP/1.x persistence from the Connection header (for heads llhttp cannot judge)."""
-    tokens: set[bytes] = set()
-    for k, v in headers:
-        if k == b"connection":
-            tokens.update(t.strip().lower() for t in v.split(b","))
+def _keep_alive(version: bytes, connection: bytes) -> bool:
+    """HTTP/1.x persistence from the Connection header values (for heads llhttp cannot judge)."""
+    tokens = {t.strip().lower() for t in connection.split(b",")}
     if version == b"1.1":
         return b"close" not in tokens
     return b"keep-alive" in tokens

@@ -652,6 +652,38 @@ def test_response_content_length() -> None:
     ]
 
 
+def test_response_hop_by_hop_headers_are_consumed_not_listed() -> None:
+    # Framing and connection management are this hop's: the codec acts on them (keep-alive,
+    # chunked) and the proxy never forwards them. Upgrade stays (a 101 writes it back).
+    r, _ = parse_resp(
+        [
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nKeep-Alive: timeout=5\r\n"
+            b"Proxy-Connection: x\r\nTransfer-Encoding: chunked\r\nUpgrade: foo\r\nX-A: 1\r\n\r\n"
+            b"0\r\n\r\n"
+        ]
+    )
+    assert r.ev[0][4] == [(b"upgrade", b"foo"), (b"x-a", b"1")]
+    assert r.ev[0][5] is False  # Connection: close was seen
+    assert r.ev[0][7] is True  # chunked
+
+
+def test_response_header_bytes_limit_checked_at_end_of_head() -> None:
+    p = ResponseParser(Rec(), Limits(max_header_bytes=100, max_headers=10))
+    with pytest.raises(HttpProtocolError) as ei:
+        p.feed(b"HTTP/1.1 200 OK\r\nX: " + b"v" * 60 + b"\r\nY: " + b"w" * 60 + b"\r\n\r\n")
+    assert (ei.value.status_hint, ei.value.detail) == (502, "http1.headers_too_large")
+
+
+def test_response_to_head_keep_alive_from_consumed_connection_header() -> None:
+    for conn, ka in ((b"close", False), (b"keep-alive", True)):
+        r = Rec()
+        p = ResponseParser(r)
+        p.expect(b"HEAD")
+        p.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: " + conn + b"\r\n\r\n")
+        assert r.ev[0][4] == [(b"content-length", b"5")]
+        assert r.ev[0][5] is ka
+
+
 def test_response_chunked_with_trailers() -> None:
     r, _ = parse_resp(
         [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nGrpc-Status: 0\r\n\r\n"]
