@@ -723,7 +723,9 @@ class ResponseParser(_Parser):
             return
         name = name.lower()
         value = value.rstrip(b" \t")
-        self._hsize += len(name) + len(value)  # checked at the end of the head (the raw bound holds till then)
+        self._hsize += len(name) + len(
+            value
+        )  # checked at the end of the head (the raw bound holds till then)
         if name in _RESP_SPECIAL:
             # Framing and connection management belong to this hop: the codec consumes them
             # (Content-Length stays, it describes the body).
