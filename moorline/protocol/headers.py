@@ -111,6 +111,11 @@ class RequestHeaders(HeaderMap):
 
     __slots__ = ("authority", "method", "path", "scheme")
 
+    # The codec that built these headers has already checked ``method`` (a token) and ``path``
+    # (visible ASCII) as the connection manager would (llhttp does, for HTTP/1.1); the
+    # connection manager then checks only the authority.
+    line_checked = False
+
     def __init__(
         self,
         method: bytes = b"GET",

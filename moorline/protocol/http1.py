@@ -165,6 +165,9 @@ class RequestHead(RequestHeaders):
         "version",
     )
 
+    # llhttp accepts only known methods and request-targets of visible ASCII (0x21-0x7e).
+    line_checked = True
+
     def __init__(
         self,
         method: bytes,
@@ -601,18 +604,18 @@ class ResponseParser(_Parser):
         "_connection",
         "_eof_body",
         "_forced",
-        "_msg_open",
         "_reason",
         "_scan",
         "_status",
         "_tail",
+        "message_open",
     )
 
     def __init__(self, target: Any, limits: Limits | None = None) -> None:
         super().__init__(target, limits or _RESPONSE_LIMITS, 502)
         self._reason = b""
         self._status = 0
-        self._msg_open = False
+        self.message_open = False  # a response has started (head or body bytes seen), not complete
         self._eof_body = False
         # 0: llhttp frames the response; 1: answer to HEAD; 2: answer to CONNECT. In 1 and 2 we
         # find the end of the head ourselves (see module docstring).
@@ -622,11 +625,6 @@ class ResponseParser(_Parser):
         self._connect_2xx = False
         self._connection = b""  # the Connection header values of the head being parsed
         self._p = HttpResponseParser(self)
-
-    @property
-    def message_open(self) -> bool:
-        """A response has started (head or body bytes seen) and is not complete."""
-        return self._msg_open
 
     def expect(self, method: bytes) -> None:
         """Name the method of the request whose response comes next."""
@@ -653,10 +651,10 @@ class ResponseParser(_Parser):
             if self._error is not None:
                 raise self._error
             return
-        if not self._msg_open:
+        if not self.message_open:
             return
         if self._st == _BODY and self._eof_body:
-            self._msg_open = False
+            self.message_open = False
             self._dead = True
             self._error = HttpProtocolError(502, _UPSTREAM_EOF)  # nothing may follow EOF
             self._t.on_message_complete(None)
@@ -698,8 +696,8 @@ class ResponseParser(_Parser):
             if self._forced:
                 self._forced = False
                 self._scan = 0
-                if self._msg_open:  # llhttp waits for a body that HEAD answers never carry
-                    self._msg_open = False
+                if self.message_open:  # llhttp waits for a body that HEAD answers never carry
+                    self.message_open = False
                     self._st = _HEAD
                     self._raw = 0
                     tr = self._tr  # always None: no body, no trailers
@@ -712,7 +710,7 @@ class ResponseParser(_Parser):
     def on_message_begin(self) -> None:
         # Stays set across 1xx interim responses: until the final response completes, EOF is
         # an error.
-        self._msg_open = True
+        self.message_open = True
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
@@ -809,7 +807,7 @@ class ResponseParser(_Parser):
             # Interim (1xx): the final response is still to come (101 ends parsing here).
             # CONNECT 2xx: the tunnel is the body.
             return
-        self._msg_open = False
+        self.message_open = False
         tr = self._tr
         if tr is None:
             self._t.on_message_complete(None)

@@ -341,6 +341,7 @@ class HcmConfig:
             ctx.notice(f"{path}.tracing: tracing is not supported yet; ignored")
         self.cluster_manager = ctx.cluster_manager
         self._rid_pool: list[bytes] = []
+        self.good_authorities: set[bytes] = {b""}  # validated authority values (check_authority)
         codecs = getattr(ctx, "codecs", None) or builtin_codecs()
         name = "http1" if codec == 1 else ("http2" if codec == 2 else "auto")
         factory = codecs.server(name)
@@ -359,6 +360,17 @@ class HcmConfig:
         s.info.protocol = _PROTO_LABEL[conn.protocol]
         s.request_complete = True
         s.send_local_reply(status, b"", flags.DOWNSTREAM_PROTOCOL_ERROR, details)
+
+    def check_authority(self, authority: bytes) -> bool:
+        """Whether ``authority`` holds only what an authority may (the answer for a good one is
+        remembered: a keep-alive client sends the same Host on every request)."""
+        if authority.translate(None, _AUTH_CHARS):
+            return False
+        good = self.good_authorities
+        if len(good) >= 1024:  # bounded: a client sending a new Host each time gets no cache
+            good.clear()
+        good.add(authority)
+        return True
 
     def new_request_id(self) -> bytes:
         pool = self._rid_pool
@@ -596,11 +608,9 @@ class ActiveStream:
             rest.append((k, v))
         path = headers.path
         if (
-            method.translate(None, _TCHAR)
-            or not method
-            or authority.translate(None, _AUTH_CHARS)
-            or path.translate(None, _PATH_CHARS)
-        ):
+            not headers.line_checked
+            and (not method or method.translate(None, _TCHAR) or path.translate(None, _PATH_CHARS))
+        ) or (authority not in cfg.good_authorities and not cfg.check_authority(authority)):
             self._bad_request("invalid request line or authority", end_stream)
             return
         if method == b"CONNECT":
@@ -937,7 +947,8 @@ class ActiveStream:
             st.downstream_cx_upgrades_active.value -= 1
         r = self.router
         if r is not None:
-            r.on_stream_done()
+            if not r.done:
+                r.on_stream_done()
             # Break the stream <-> router cycle so reference counting frees both now, instead of
             # leaving a cycle per request for the garbage collector (it cost ~30% of the
             # request's Python time, measured with bench/micro_h1.py).

@@ -176,7 +176,7 @@ class Router:
             self.retain = False
             self.retries_left = 0
         self.downstream_end = end_stream
-        if end_stream:
+        if end_stream and self.timeout:
             self._start_global_timer()
         self._start_attempt()
 
@@ -294,7 +294,10 @@ class Router:
 
             self.pending = h2_pool_for(host, self.loop).new_stream(self)
         else:
-            self.pending = pool_for(host, self.loop).new_stream(self)
+            pool = host.pool
+            if pool is None or pool.closed:
+                pool = pool_for(host, self.loop)
+            self.pending = pool.new_stream(self)
 
     def on_pool_ready(self, conn: Any) -> None:
         self.pending = None
@@ -386,11 +389,14 @@ class Router:
         cluster = self.cluster
         cluster.stats.rq_status(status)
         self.response_started = True
-        self._cancel_per_try()
+        if self.per_try_handle is not None:
+            self.per_try_handle.cancel()
+            self.per_try_handle = None
         stream = self.stream
-        if stream.info.first_upstream_rx_mono is None:
-            stream.info.first_upstream_rx_mono = now
-        headers.add(b"x-envoy-upstream-service-time", str(int((now - self.attempt_start) * 1000)).encode())
+        info = stream.info
+        if info.first_upstream_rx_mono is None:
+            info.first_upstream_rx_mono = now
+        headers._h.append((b"x-envoy-upstream-service-time", b"%d" % ((now - self.attempt_start) * 1000)))
         route = self.route
         if not route.plain:
             route.apply_response_headers(headers, self.cluster.name)
@@ -518,7 +524,9 @@ class Router:
     def _upstream_complete(self) -> None:
         now = self.loop.time()
         self.cluster.stats.upstream_rq_time.record((now - self.attempt_start) * 1000)
-        self._cancel_timers()
+        self.deadline = 0.0
+        if self.timeout_handle is not None or self.per_try_handle is not None:
+            self._cancel_timers()
         self._end_attempt()
         conn = self.conn
         self.conn = None

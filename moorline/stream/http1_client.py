@@ -32,7 +32,6 @@ from moorline.protocol.http1 import (
     ResponseParser,
     encode_chunk,
     encode_last_chunk,
-    encode_request_head,
 )
 from moorline.stream.api import ResetReason
 
@@ -231,12 +230,22 @@ class Http1ClientConnection(asyncio.Protocol):
 
     # -- used by the router (UpstreamStream)
     def send_headers(self, req: Any, headers: RequestHeaders, end_stream: bool) -> None:
-        """Attach ``req`` and write the request head."""
+        """Attach ``req`` and write the request head (built here in one pass: names and values
+        are written as given, the callers guarantee they hold no CR/LF)."""
         self.req = req
         self.request_done = end_stream
         self.response_done = False
         self.requests += 1
-        out: list[tuple[bytes, bytes]] = []
+        method = headers.method
+        authority = headers.authority
+        path = headers.path
+        if method == b"CONNECT":
+            path = path or authority
+        parts = (
+            [method, b" ", path, b" HTTP/1.1\r\nhost: ", authority]
+            if authority
+            else [method, b" ", path, b" HTTP/1.1"]
+        )
         has_len = False
         upgrade = False
         for k, v in headers._h:
@@ -247,22 +256,13 @@ class Http1ClientConnection(asyncio.Protocol):
                     has_len = True
                 else:
                     upgrade = True
-            out.append((k, v))
-        authority = headers.authority
-        if authority:
-            out.insert(0, (b"host", authority))
-        method = headers.method
+            parts += (b"\r\n", k, b": ", v)
         # A body of unknown length goes chunked; an upgrade request's "body" is the tunnel,
         # sent raw after the head (bytes a client sends before the 101 included).
-        self.chunked_out = not end_stream and not has_len and not upgrade and method != b"CONNECT"
-        if self.chunked_out:
-            out.append((b"transfer-encoding", b"chunked"))
+        chunked = self.chunked_out = not end_stream and not has_len and not upgrade and method != b"CONNECT"
+        parts.append(b"\r\ntransfer-encoding: chunked\r\n\r\n" if chunked else b"\r\n\r\n")
         self.parser.expect(method)
-        self.transport.write(
-            encode_request_head(
-                method, headers.path or authority if method == b"CONNECT" else headers.path, out
-            )
-        )
+        self.transport.write(b"".join(parts))
 
     def send_data(self, data: bytes, end_stream: bool) -> None:
         if self.tunnel:
@@ -439,7 +439,7 @@ class Pool:
                 if self.closed:
                     conn.close()
                     return
-                self._assign(conn)
+                self.on_connection_idle(conn)
                 return
             # failed connection: it never became active
             self.total -= 1
@@ -462,31 +462,30 @@ class Pool:
 
         net_upstream.connect(self.loop, self.host, conn, cluster.connect_timeout, cluster.tcp_keepalive, done)
 
-    def _assign(self, conn: Http1ClientConnection) -> None:
+    def _assign(self, conn: Http1ClientConnection) -> bool:
+        """Give ``conn`` to the first queued request still waiting; False when none is."""
         while self.pending:
             p = self.pending.popleft()
             self.cluster.stats.upstream_rq_pending_active.value -= 1
             if p.cancelled:
                 continue
             p.req.on_pool_ready(conn)
-            return
-        self._make_idle(conn)
+            return True
+        return False
 
     def on_connection_idle(self, conn: Http1ClientConnection) -> None:
-        if self.pending:
-            self._assign(conn)
+        """``conn`` is free: a queued request gets it, else it waits in ``idle``."""
+        if self.pending and self._assign(conn):
             return
-        self._make_idle(conn)
-
-    def _make_idle(self, conn: Http1ClientConnection) -> None:
         if self.draining:
             conn.close()
             return
         conn.idle_since = self.loop.time()
         self.idle.append(conn)
-        t = self.cluster.idle_timeout
-        if t and self._sweep is None:
-            self._sweep = self.loop.call_later(max(t / 4, 0.01), self._sweep_idle)
+        if self._sweep is None:
+            t = self.cluster.idle_timeout
+            if t:
+                self._sweep = self.loop.call_later(max(t / 4, 0.01), self._sweep_idle)
 
     def _sweep_idle(self) -> None:
         """Close connections idle longer than the cluster's idle timeout. One timer per pool,

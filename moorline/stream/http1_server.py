@@ -413,7 +413,8 @@ class Http1ServerConnection(asyncio.Protocol):
         self.tunnel = True
 
     def _response_complete(self) -> None:
-        self.flush_pending()
+        if self.pending_head is not None:
+            self.flush_pending()
         s = self.stream
         request_complete = s is None or s.request_complete
         self.stream = None
@@ -426,14 +427,15 @@ class Http1ServerConnection(asyncio.Protocol):
         # Run the next pipelined request, if any. Iteratively: a queued request answered at once
         # comes back here (re-entrant, see above) instead of recursing once per request.
         backlog = self.backlog
-        self.in_backlog = True
-        try:
-            self._drain_backlog(backlog)
-        finally:
-            self.in_backlog = False
-        if self.backlog or self.closed:
-            return  # the parser is past the active request; reading stays paused
-        self.backlog = _NO_BACKLOG
+        if backlog:
+            self.in_backlog = True
+            try:
+                self._drain_backlog(backlog)
+            finally:
+                self.in_backlog = False
+            if self.backlog or self.closed:
+                return  # the parser is past the active request; reading stays paused
+            self.backlog = _NO_BACKLOG
         # All that was queued is delivered: what the parser sees next belongs to the active
         # stream (its body) or starts the next request.
         self.parsing_backlog = False
@@ -441,7 +443,8 @@ class Http1ServerConnection(asyncio.Protocol):
             # The next request's head began arriving while this one was answered: its header
             # and idle timeouts run from now on.
             self.partial_since = self.last_activity
-        self.resume_reading()
+        if self.read_paused:
+            self.resume_reading()
 
     def _drain_backlog(self, backlog: Any) -> None:
         while backlog and not self.closed:

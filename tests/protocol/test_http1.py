@@ -1045,3 +1045,22 @@ def test_h2c_offer_with_a_body_keeps_the_body(framing: bytes) -> None:
     assert kinds == ["head", "body", "done", "head", "done"], r.ev
     assert r.ev[1] == ("body", b"hello")
     assert r.ev[3][2] == b"/next"
+
+
+def test_request_line_checks_match_what_the_connection_manager_requires() -> None:
+    # RequestHead.line_checked tells the connection manager to skip its own method/path checks
+    # for HTTP/1.1: that is only sound while llhttp refuses every target byte outside visible
+    # ASCII (0x21-0x7e) and every method that is not a token.
+    assert RequestHead.line_checked is True
+    for c in range(256):
+        r = Rec()
+        wire = b"GET /a" + bytes([c]) + b"b HTTP/1.1\r\nHost: x\r\n\r\n"
+        try:
+            RequestParser(r).feed(wire)
+            accepted = True
+        except HttpProtocolError:
+            accepted = False
+        assert accepted == (0x21 <= c <= 0x7E), hex(c)
+    for method in (b"G{T", b"GE T", b"G\x00T", b"\xffGET"):
+        with pytest.raises(HttpProtocolError):
+            RequestParser(Rec()).feed(method + b" / HTTP/1.1\r\nHost: x\r\n\r\n")

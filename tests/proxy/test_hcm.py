@@ -191,6 +191,28 @@ def test_invalid_host_is_400_and_not_forwarded(make: Any, host: bytes) -> None:
     pair.assert_settled()
 
 
+def test_good_authorities_are_remembered_bad_ones_never(make: Any) -> None:
+    # The connection manager remembers authorities it has checked (a keep-alive client repeats
+    # its Host): a bad one after good ones is still refused, and the memory is bounded.
+    pair = make()
+    c = pair.connect()
+    for _ in range(3):
+        c.send(b"GET / HTTP/1.1\r\nhost: good.example\r\n\r\n")
+        up = upstream_with_request(pair)
+        up.request()
+        up.respond(200)
+        assert c.response().status == 200
+    c.send(b"GET / HTTP/1.1\r\nhost: good.example{}\r\n\r\n")
+    assert c.response().status == 400
+    cfg = pair.hcm
+    assert b"good.example" in cfg.good_authorities and b"good.example{}" not in cfg.good_authorities
+    for i in range(3000):
+        assert cfg.check_authority(b"h%d.example" % i)
+    assert len(cfg.good_authorities) <= 1024
+    assert not cfg.check_authority(b"a b")
+    pair.assert_settled()
+
+
 @pytest.mark.parametrize("authority", ["evil/x?y", "illegal{}", "a b"])
 def test_invalid_h2_authority_is_400(make: Any, authority: str) -> None:
     pair = make()
