@@ -150,9 +150,9 @@ _RESPONSE_LIMITS = Limits(max_header_bytes=80 * 1024)
 
 class RequestHead(RequestHeaders):
     """A parsed request head. It *is* the request's ``RequestHeaders`` (the server codec hands it
-    on without a copy: ``method``, ``path`` = the request-target as sent, ``authority`` empty,
-    ``scheme`` ``http``, until the codec resolves them), plus the codec's facts about the
-    message. ``headers`` is the head itself, for readers that want only the map."""
+    on without a copy: ``method``, ``path`` = the request-target as sent, ``authority`` = the
+    Host header (never a header line), ``scheme`` ``http``, until the server codec resolves
+    absolute-form and TLS), plus the codec's facts about the message. ``headers`` is the head itself, for readers that want only the map."""
 
     __slots__ = (
         "chunked",
@@ -444,7 +444,7 @@ class RequestParser(_Parser):
         super().__init__(target, limits, 400)
         self._underscores = limits.headers_with_underscores
         self._url = b""
-        self._host = False
+        self._host: bytes | None = None  # the Host header's value
         self._expect = False
         # ``Upgrade: h2c`` (RFC 7540 3.2, what ``curl --http2`` sends on http://) is not a
         # tunnel: like Envoy, the request is served over HTTP/1.1 and the offer ignored. llhttp
@@ -511,23 +511,28 @@ class RequestParser(_Parser):
             if size > self._max_bytes:
                 self._too_large(size)
             return
-        h = self._h
-        h.append((name, value))
-        if size > self._max_bytes or len(h) > self._max_n:
-            self._too_large(size)
         if name in _REQ_SPECIAL:
+            if name == b"host":
+                # Host is the request's authority (HTTP/2's :authority): an attribute of the
+                # head, not a header line (Envoy's codec does the same).
+                if self._host is not None:  # RFC 9112 3.2: more than one Host -> 400
+                    raise self._die(400, _CODEC_ERROR)
+                self._host = value
+                if size > self._max_bytes:
+                    self._too_large(size)
+                return
             if name == b"content-length":
                 self._content_length(value)
             elif name == b"transfer-encoding":
                 self._transfer_encoding(value)
-            elif name == b"host":
-                if self._host:  # RFC 9112 3.2: more than one Host -> 400
-                    raise self._die(400, _CODEC_ERROR)
-                self._host = True
             elif name == b"upgrade":
                 self._h2c = value.strip().lower() == b"h2c"
             elif value.lower() == b"100-continue":
                 self._expect = True
+        h = self._h
+        h.append((name, value))
+        if size > self._max_bytes or len(h) > self._max_n:
+            self._too_large(size)
 
     def _drop_underscore(self) -> bool:
         if self._underscores == REJECT_REQUEST:
@@ -548,9 +553,10 @@ class RequestParser(_Parser):
                 raise self._die(501, _BAD_TE)
             if self._cl:
                 raise self._die(400, _BODY_DISALLOWED)
-        elif not self._host and ver == b"1.1" and (url[:1] == b"/" or url == b"*"):
+        elif self._host is None and ver == b"1.1" and (url[:1] == b"/" or url == b"*"):
             # Absolute-form carries its own authority (Envoy takes :authority from it).
             raise self._die(400, _MISSING_HOST)
+        host = self._host
         if upgrade and self._h2c and method != b"CONNECT":
             if self._chunked:
                 raise self._die(400, "http1.h2c_upgrade_with_chunked_body")
@@ -558,11 +564,13 @@ class RequestParser(_Parser):
             self._h2c_pending = True
             self._h2c_body = self._cl or 0
         h = self._h
+        if host is not None and len(h) >= self._max_n:  # Host counts as one of the headers
+            raise self._die(431, _TOO_MANY)
         head = _new(RequestHead)
         head._h = h
         head.method = method
         head.target = head.path = url
-        head.authority = b""
+        head.authority = b"" if host is None else host
         head.scheme = b"http"
         head.version = ver
         head.keep_alive = p.should_keep_alive()
@@ -570,7 +578,7 @@ class RequestParser(_Parser):
         head.chunked = chunked = self._chunked
         head.upgrade = upgrade
         head.expect_continue = self._expect and ver == b"1.1"  # RFC 9110 10.1.1: not from HTTP/1.0
-        head.header_bytes = self._hsize + len(method) + 14 + 4 * len(h)
+        head.header_bytes = self._hsize + len(method) + 14 + 4 * (len(h) if host is None else len(h) + 1)
         self._st = _CHUNKED if chunked else _BODY
         self._raw = 0
         self._upgrade = upgrade or self._h2c_body > 0  # (an h2c body: its end is ours to report)
@@ -579,7 +587,8 @@ class RequestParser(_Parser):
         self._hsize = 0
         self._url = b""
         self._cl = None
-        self._chunked = self._host = self._expect = self._h2c = False
+        self._host = None
+        self._chunked = self._expect = self._h2c = False
         self._t.on_request_head(head)
 
     def on_message_complete(self) -> None:

@@ -121,7 +121,9 @@ def test_simple_get_head_fields() -> None:
     assert h.method == b"GET"
     assert h.target == b"/a?b=1"
     assert h.version == b"1.1"
-    assert list(h.headers) == [(b"host", b"example.com"), (b"x-thing", b"v a l")]
+    # Host is the authority, not a header line (HTTP/2's :authority; Envoy's codec alike)
+    assert list(h.headers) == [(b"x-thing", b"v a l")]
+    assert h.authority == b"example.com" and h.get(b":authority") == b"example.com"
     assert h.keep_alive is True
     assert h.content_length is None and h.chunked is False
     assert h.upgrade is False and h.expect_continue is False
@@ -613,11 +615,11 @@ def test_chunk_extension_too_long_is_refused() -> None:
 def test_underscores_allow_reject_drop() -> None:
     data = b"GET / HTTP/1.1\r\nHost: a\r\nX_Foo: 1\r\nX-Bar: 2\r\n\r\n"
     r, _ = parse_req(data)
-    assert list(r.heads[0].headers) == [(b"host", b"a"), (b"x_foo", b"1"), (b"x-bar", b"2")]
+    assert list(r.heads[0].headers) == [(b"x_foo", b"1"), (b"x-bar", b"2")]
     err = req_error(data, Limits(headers_with_underscores=REJECT_REQUEST))
     assert (err.status_hint, err.detail) == (400, "http1.unexpected_underscore")
     r, _ = parse_req(data, Limits(headers_with_underscores=DROP_HEADER))
-    assert list(r.heads[0].headers) == [(b"host", b"a"), (b"x-bar", b"2")]
+    assert list(r.heads[0].headers) == [(b"x-bar", b"2")]
     # trailers follow the same rule
     chunked = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nT_X: 1\r\nT-Y: 2\r\n\r\n"
     r, _ = parse_req(chunked, Limits(headers_with_underscores=DROP_HEADER))
@@ -917,7 +919,7 @@ def test_encode_response_head() -> None:
 def test_encoded_heads_parse_back() -> None:
     hdrs = [(b"host", b"h"), (b"content-length", b"3"), (b"x-a", b"b c")]
     r, _ = parse_req(encode_request_head(b"PUT", b"/p?q", hdrs) + b"abc")
-    assert list(r.heads[0].headers) == hdrs
+    assert list(r.heads[0].headers) == hdrs[1:] and r.heads[0].authority == b"h"
     assert r.ev[1:] == [("body", b"abc"), ("done", None)]
     r2, _ = parse_resp([encode_response_head(201, [(b"content-length", b"2")]) + b"ok"])
     assert r2.ev[0][1:3] == (201, b"Created")

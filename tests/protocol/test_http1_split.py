@@ -78,7 +78,8 @@ def requests(draw: st.DrawFn) -> tuple[bytes, list[tuple]]:
         trailers = [(k.lower(), v) for k, v in tr] or None
     head = method + b" " + path + b" HTTP/1.1\r\n" + b"".join(b"%s: %s\r\n" % kv for kv in headers) + b"\r\n"
     ev: list[tuple] = [
-        ("head", method, path, [(k.lower(), v) for k, v in headers], cl, mode == "chunked", len(head))
+        # Host becomes the head's authority, not a header line
+        ("head", method, path, [(k.lower(), v) for k, v in headers[1:]], cl, mode == "chunked", len(head))
     ]
     if body:
         ev.append(("body", body))
