@@ -38,7 +38,7 @@ class StreamInfo:
         "first_upstream_rx_mono",
         "protocol",  # "HTTP/1.1", "HTTP/1.0", "HTTP/2", or None for L4
         "request_headers",  # protocol.headers.RequestHeaders (pseudo-headers as attributes)
-        "request_id",
+        "request_id_bytes",  # x-request-id as sent upstream (``request_id`` decodes it)
         "requested_server_name",
         "response_code",  # int, 0 when none was sent
         "response_code_details",
@@ -74,11 +74,16 @@ class StreamInfo:
         self.upstream_transport_failure_reason: str | None = None
         self.downstream_remote_address: str | None = None
         self.downstream_local_address: str | None = None
-        self.request_id: str | None = None
+        self.request_id_bytes: bytes | None = None
         self.route_name: str | None = None
         self.connection_id = 0
         self.attempt_count = 0
         self.requested_server_name: str | None = None
+
+    @property
+    def request_id(self) -> str | None:
+        rid = self.request_id_bytes
+        return None if rid is None else rid.decode("latin-1")
 
     def duration_ms(self) -> int | None:
         if self.end_mono is None:

@@ -176,8 +176,13 @@ class Router:
             self.retain = False
             self.retries_left = 0
         self.downstream_end = end_stream
-        if end_stream and self.timeout:
-            self._start_global_timer()
+        if end_stream:
+            t = self.timeout
+            if t and not self.tunnel and t >= stream.cfg.lazy_timeout_min:
+                # (``_start_global_timer``'s usual case, inline: the connection's sweep checks it)
+                self.deadline = self.loop.time() + t
+            elif t:
+                self._start_global_timer()
         self._start_attempt()
 
     def decode_data(self, data: bytes, end_stream: bool) -> None:
