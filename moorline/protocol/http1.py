@@ -436,7 +436,16 @@ _RESP_SPECIAL = frozenset(
 class RequestParser(_Parser):
     """Parses requests (downstream side). See the module docstring for the callback contract."""
 
-    __slots__ = ("_expect", "_h2c", "_h2c_body", "_h2c_pending", "_host", "_underscores", "_url")
+    __slots__ = (
+        "_expect",
+        "_h2c",
+        "_h2c_body",
+        "_h2c_chunked",
+        "_h2c_pending",
+        "_host",
+        "_underscores",
+        "_url",
+    )
 
     def __init__(self, target: Any, limits: Limits | None = None) -> None:
         if limits is None:
@@ -451,6 +460,7 @@ class RequestParser(_Parser):
         # still stops at it as at any upgrade; ``_upgraded`` then parses on.
         self._h2c = False
         self._h2c_pending = False
+        self._h2c_chunked = False  # the offer has a chunked body (see ``_upgraded``)
         # llhttp stops right after the head of an upgrade request (it reports the message
         # complete there), so the Content-Length body of an h2c offer is read here.
         self._h2c_body = 0
@@ -461,6 +471,17 @@ class RequestParser(_Parser):
             return super()._upgraded(data, offset)
         self._h2c_pending = False
         self._upgrade = False
+        if self._h2c_chunked:
+            # llhttp stopped at the head of the offer, before its chunked body: a fresh parser
+            # is given a made-up head that frames the rest as a chunked body, through a relay
+            # that hides that head and forwards everything after it (this connection only).
+            self._h2c_chunked = False
+            self._st = _CHUNKED  # (llhttp reported the message complete at its head)
+            relay = _AfterMadeUpHead(self)
+            p = self._p = HttpRequestParser(relay)
+            p.feed_data(_CHUNKED_HEAD)
+            relay.hide = False
+            return self._feed(data[offset:]) if len(data) > offset else None
         self._p = HttpRequestParser(self)
         return self._h2c_feed(data[offset:])
 
@@ -558,11 +579,10 @@ class RequestParser(_Parser):
             raise self._die(400, _MISSING_HOST)
         host = self._host
         if upgrade and self._h2c and method != b"CONNECT":
-            if self._chunked:
-                raise self._die(400, "http1.h2c_upgrade_with_chunked_body")
             upgrade = False
             self._h2c_pending = True
             self._h2c_body = self._cl or 0
+            self._h2c_chunked = self._chunked
         h = self._h
         if host is not None and len(h) >= self._max_n:  # Host counts as one of the headers
             raise self._die(431, _TOO_MANY)
@@ -581,7 +601,8 @@ class RequestParser(_Parser):
         head.header_bytes = self._hsize + len(method) + 14 + 4 * (len(h) if host is None else len(h) + 1)
         self._st = _CHUNKED if chunked else _BODY
         self._raw = 0
-        self._upgrade = upgrade or self._h2c_body > 0  # (an h2c body: its end is ours to report)
+        # (an h2c offer's body: its end is reported by us, or by the parser that frames it)
+        self._upgrade = upgrade or self._h2c_body > 0 or self._h2c_chunked
         # Fresh per-message state for the next request on this connection.
         self._h = []
         self._hsize = 0
@@ -603,6 +624,42 @@ class RequestParser(_Parser):
         self._tr = None
         self._trsize = 0
         self._t.on_message_complete(HeaderMap.wrap(tr))
+
+
+# A request head that frames what follows as a chunked body (see RequestParser._upgraded).
+_CHUNKED_HEAD = b"POST / HTTP/1.1\r\nHost: h2c\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+class _AfterMadeUpHead:
+    """llhttp callbacks for a parser fed ``_CHUNKED_HEAD`` first: the made-up head's events are
+    dropped (``hide``), every later one goes to the real parser."""
+
+    __slots__ = ("hide", "p")
+
+    def __init__(self, p: RequestParser) -> None:
+        self.p = p
+        self.hide = True
+
+    def on_url(self, url: bytes) -> None:
+        if not self.hide:
+            self.p.on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.hide:
+            self.p.on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if not self.hide:
+            self.p.on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self.p.on_body(body)
+
+    def on_chunk_complete(self) -> None:
+        self.p.on_chunk_complete()
+
+    def on_message_complete(self) -> None:
+        self.p.on_message_complete()
 
 
 class ResponseParser(_Parser):

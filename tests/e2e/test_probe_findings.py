@@ -592,10 +592,18 @@ def test_probes_left_no_traceback(env: Env) -> None:
     _no_traceback(env.proc)
 
 
-def test_h2c_upgrade_offer_with_a_body_reaches_the_upstream_whole() -> None:
-    """An h2c offer on a POST with a Content-Length body: llhttp stops at the head of any
-    upgrade request; the body must still be read as this request's body, not as the next
-    request (raw socket, since curl does not offer h2c with a body)."""
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Content-Length: 5\r\n\r\nhello",
+        b"Transfer-Encoding: chunked\r\n\r\n2\r\nhe\r\n3\r\nllo\r\n0\r\n\r\n",
+    ],
+    ids=["content-length", "chunked"],
+)
+def test_h2c_upgrade_offer_with_a_body_reaches_the_upstream_whole(framing: bytes) -> None:
+    """An h2c offer on a POST with a body: llhttp stops at the head of any upgrade request;
+    the body must still be read as this request's body, not as the next request (raw socket,
+    since curl does not offer h2c with a body)."""
     port = free_port()
     with RecordingUpstream() as up:
         p = subprocess.Popen(
@@ -618,9 +626,9 @@ def test_h2c_upgrade_offer_with_a_body_reaches_the_upstream_whole() -> None:
             with RawConn(H, port) as c:
                 c.send(
                     b"POST /h2c-body HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
-                    b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\nContent-Length: 5\r\n\r\n"
-                    b"hello"
-                    b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n"
+                    b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+                    + framing
+                    + b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n"
                 )
                 assert c.read_response().status == 200
                 assert c.read_response().status == 200
