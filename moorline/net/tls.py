@@ -981,7 +981,10 @@ class _Side(asyncio.Protocol):
         self.eof = True
         if self.peer is not None and self.peer.transport is None:
             return True  # passed on by StreamRelay._side_up once the peer is up
-        is_tls = self.transport is not None and self.transport.get_extra_info("sslcontext") is not None
+        # The loop's TLS transports close after EOF anyway; plain TCP and HalfCloseTls go on.
+        half_close = self.transport is not None and (
+            self.transport.get_extra_info("sslcontext") is None or isinstance(self.transport, HalfCloseTls)
+        )
         peer = self.peer
         if peer is not None and peer.transport is not None and not peer.lost:
             if peer.transport.can_write_eof():
@@ -991,8 +994,7 @@ class _Side(asyncio.Protocol):
         if peer is not None and peer.eof:
             self.relay._finish_both(CLOSE_DONE)
             return False
-        # Plain TCP: keep the other direction flowing. TLS transports close after EOF anyway.
-        return not is_tls
+        return half_close
 
     def pause_writing(self) -> None:
         p = self.peer
@@ -1059,12 +1061,9 @@ class StreamRelay:
         dcoro: Any
         ucoro: Any
         if down_tls is not None:
-            dcoro = loop.connect_accepted_socket(
-                lambda: _DownGate(self, down_tls),
-                down,
-                ssl=down_tls.server_context,
-                ssl_handshake_timeout=down_tls.handshake_timeout,
-            )
+            # TLS in memory BIOs over the plain socket, not the loop's TLS transport: a client's
+            # close_notify is then a half-close (passed on as FIN) and the answer still flows.
+            dcoro = loop.connect_accepted_socket(lambda: HalfCloseTls(self, down_tls), down)
         else:
             dcoro = loop.connect_accepted_socket(lambda: self.down, down)
         if up_tls is not None:
@@ -1205,24 +1204,199 @@ class _Tally:
             self.relay.b_to_a = v
 
 
-class _DownGate(asyncio.Protocol):
-    """Downstream TLS handshake check for the relay, then the relay's own side protocol."""
+class HalfCloseTls(asyncio.Protocol):
+    """The relay's downstream TLS: an ``ssl.SSLObject`` over memory BIOs on the plain socket's
+    transport, itself a transport to the relay's side protocol.
+
+    Unlike the loop's TLS transport it keeps the write direction open after the client's
+    close_notify (TLS 1.3 and 1.2 both allow it): ``eof_received`` reaches the relay, which
+    passes a FIN on upstream, and the answer still goes back encrypted. ``write_eof`` sends
+    close_notify (then FIN). The handshake is checked with ``DownstreamTls.after_handshake``
+    before the relay sees the connection, and bounded by the handshake timeout."""
 
     def __init__(self, relay: StreamRelay, tls: DownstreamTls) -> None:
         self.relay = relay
         self.tls = tls
-        self.handed = False
+        self.raw: Any = None
+        self.proto: _Side | None = None  # set once the handshake is done and checked
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self.sslobj = tls.server_context.wrap_bio(self._in, self._out, server_side=True)
+        self._timer: asyncio.TimerHandle | None = None
+        self._eof_in = False
+        self._eof_out = False
+        self._closing = False
 
+    # -- plain transport events ------------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
-        sslobj = transport.get_extra_info("ssl_object")
-        if sslobj is None or not self.tls.after_handshake(sslobj, self.relay.info):
-            transport.abort()
-            return
-        self.handed = True
-        side = self.relay.down
-        transport.set_protocol(side)
-        side.connection_made(transport)
+        self.raw = transport
+        t = self.tls.handshake_timeout
+        if t:
+            self._timer = self.relay.loop.call_later(t, self._handshake_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self._eof_in:
+            return  # bytes after the client's close_notify: nothing may follow it (and nothing is kept)
+        self._in.write(data)
+        if self.proto is None:
+            if not self._handshake():
+                return
+        self._read()
+
+    def eof_received(self) -> bool:
+        # A FIN without close_notify (a truncated stream): the same half-close for the relay.
+        if self.proto is None:  # gone during the handshake
+            self._fail(ConnectionResetError("EOF during the TLS handshake"))
+            return False
+        if not self._eof_in:
+            self._eof_in = True
+            return self.proto.eof_received()
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self.handed:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        p = self.proto
+        if p is None:
             self.relay._close(CLOSE_HANDSHAKE)
+            return
+        p.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.proto is not None:
+            self.proto.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.proto is not None:
+            self.proto.resume_writing()
+
+    # -- TLS ---------------------------------------------------------------------------------------
+    def _handshake(self) -> bool:
+        try:
+            self.sslobj.do_handshake()
+        except ssl.SSLWantReadError:
+            self._flush()
+            return False
+        except (ssl.SSLError, OSError) as e:
+            self._flush()
+            self._fail(e)
+            return False
+        self._flush()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.tls.after_handshake(self.sslobj, self.relay.info):  # (it counted why)
+            self.raw.abort()
+            return False
+        side = self.relay.down
+        self.proto = side
+        side.connection_made(self)  # type: ignore[arg-type]
+        return True
+
+    def _read(self) -> None:
+        p = self.proto
+        while p is not None and not self._eof_in:
+            try:
+                chunk = self.sslobj.read(65536)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                chunk = b""
+            except (ssl.SSLError, OSError) as e:
+                self.relay.close_error = e
+                self.abort()
+                return
+            if not chunk:
+                # The client's close_notify (SSLObject.read answers it with b""): its
+                # half-close. The relay passes it on; the answer may still come back.
+                self._eof_in = True
+                self._flush()
+                if not p.eof_received():
+                    self.close()
+                return
+            p.data_received(chunk)
+        self._flush()
+
+    def _flush(self) -> None:
+        out = self._out.read()
+        if out and self.raw is not None and not self.raw.is_closing():
+            self.raw.write(out)
+
+    def _fail(self, exc: BaseException | None) -> None:
+        self.tls.stats.on_failure(exc)
+        self.relay.close_error = exc
+        if self.raw is not None:
+            self.raw.abort()
+
+    def _handshake_timeout(self) -> None:
+        self._timer = None
+        if self.proto is None:
+            self._fail(TimeoutError("TLS handshake timeout"))
+
+    # -- the transport the relay's side protocol writes to ----------------------------------------
+    def write(self, data: bytes) -> None:
+        if self._eof_out or self._closing:
+            return
+        try:
+            self.sslobj.write(data)
+        except (ssl.SSLError, OSError) as e:
+            self.relay.close_error = e
+            self.abort()
+            return
+        self._flush()
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        if self._eof_out:
+            return
+        self._eof_out = True
+        self._close_notify()
+        if not self.raw.is_closing():
+            self.raw.write_eof()
+
+    def _close_notify(self) -> None:
+        try:
+            self.sslobj.unwrap()
+        except (ssl.SSLError, OSError, ValueError):
+            pass  # sent; the client's own close_notify (if any) is not waited for
+        self._flush()
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        if not self._eof_out:
+            self._eof_out = True
+            self._close_notify()
+        self.raw.close()
+
+    def abort(self) -> None:
+        self._closing = True
+        self.raw.abort()
+
+    def is_closing(self) -> bool:
+        return self._closing or self.raw.is_closing()
+
+    def pause_reading(self) -> None:
+        self.raw.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.raw.resume_reading()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self.raw.set_write_buffer_limits(high=high, low=low)
+
+    def get_write_buffer_size(self) -> int:
+        return int(self.raw.get_write_buffer_size())
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "ssl_object":
+            return self.sslobj
+        if name == "sslcontext":
+            return self.tls.server_context
+        if name == "peercert":
+            return self.sslobj.getpeercert()
+        return self.raw.get_extra_info(name, default)
