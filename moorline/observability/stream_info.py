@@ -6,6 +6,8 @@ receive it after the stream ends and format it off the request path.
 
 from __future__ import annotations
 
+from typing import Any
+
 from moorline.protocol.headers import HeaderMap
 
 # Envoy response flags (short form as printed by %RESPONSE_FLAGS%).
@@ -28,12 +30,13 @@ DURATION_TIMEOUT = "DT"
 
 class StreamInfo:
     __slots__ = (
+        "_down_local",  # set when the address was given directly (else from ``downstream``)
+        "_down_remote",
         "attempt_count",
         "bytes_received",
         "bytes_sent",
         "connection_id",
-        "downstream_local_address",
-        "downstream_remote_address",  # "ip:port"
+        "downstream",  # the downstream connection's net.conn_info.ConnInfo, or None
         "end_mono",  # loop.time() at end (None while running)
         "first_upstream_rx_mono",
         "protocol",  # "HTTP/1.1", "HTTP/1.0", "HTTP/2", or None for L4
@@ -72,13 +75,36 @@ class StreamInfo:
         self.upstream_cluster: str | None = None
         self.upstream_local_address: str | None = None
         self.upstream_transport_failure_reason: str | None = None
-        self.downstream_remote_address: str | None = None
-        self.downstream_local_address: str | None = None
+        self.downstream: Any = None
+        self._down_remote: str | None = None
+        self._down_local: str | None = None
         self.request_id_bytes: bytes | None = None
         self.route_name: str | None = None
         self.connection_id = 0
         self.attempt_count = 0
         self.requested_server_name: str | None = None
+
+    # The downstream addresses ("ip:port") are formatted when read (by an access log), not
+    # kept per connection: an idle keep-alive connection should not carry two strings.
+    @property
+    def downstream_remote_address(self) -> str | None:
+        if self._down_remote is None and self.downstream is not None:
+            return str(self.downstream.remote_str())
+        return self._down_remote
+
+    @downstream_remote_address.setter
+    def downstream_remote_address(self, v: str | None) -> None:
+        self._down_remote = v
+
+    @property
+    def downstream_local_address(self) -> str | None:
+        if self._down_local is None and self.downstream is not None:
+            return str(self.downstream.local_str())
+        return self._down_local
+
+    @downstream_local_address.setter
+    def downstream_local_address(self, v: str | None) -> None:
+        self._down_local = v
 
     @property
     def request_id(self) -> str | None:

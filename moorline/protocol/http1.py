@@ -253,6 +253,9 @@ class ResponseHead(ResponseHeaders):
 
 
 _new = object.__new__  # builds a head without running __init__ (the parsers' fast path)
+# The request parser's header list between requests (an immutable stand-in: a header before a
+# request line cannot happen, and would fail loudly rather than share a list).
+_NO_HEADERS: Any = ()
 
 
 # Parser states (``_st``): which bound applies to the next fed bytes.
@@ -279,7 +282,6 @@ class _Parser:
         "_raw_max",
         "_st",
         "_t",
-        "_t_body",
         "_tr",
         "_trsize",
         "_upgrade",
@@ -289,7 +291,6 @@ class _Parser:
 
     def __init__(self, target: Any, limits: Limits, bad_status: int) -> None:
         self._t = target
-        self._t_body = target.on_body
         self._bad = bad_status  # 400 downstream, 502 upstream
         self._max_bytes = limits.max_header_bytes
         self._max_n = limits.max_headers
@@ -388,7 +389,7 @@ class _Parser:
     # -- shared callbacks ---------------------------------------------------------------------
     def on_body(self, body: bytes) -> None:
         self._raw -= len(body)
-        self._t_body(body)
+        self._t.on_body(body)
 
     def on_chunk_complete(self) -> None:
         self._raw = 0
@@ -437,6 +438,7 @@ class RequestParser(_Parser):
     """Parses requests (downstream side). See the module docstring for the callback contract."""
 
     __slots__ = (
+        "_boundary",
         "_expect",
         "_h2c",
         "_h2c_body",
@@ -461,6 +463,8 @@ class RequestParser(_Parser):
         self._h2c = False
         self._h2c_pending = False
         self._h2c_chunked = False  # the offer has a chunked body (see ``_upgraded``)
+        self._boundary = False  # the last feed ended exactly at the end of a message (``release``)
+        self._h = _NO_HEADERS
         # llhttp stops right after the head of an upgrade request (it reports the message
         # complete there), so the Content-Length body of an h2c offer is read here.
         self._h2c_body = 0
@@ -490,7 +494,7 @@ class RequestParser(_Parser):
         if n:
             take = data[:n]
             if len(take):
-                self._t_body(bytes(take))
+                self._t.on_body(bytes(take))
             n = self._h2c_body = n - len(take)
             data = data[len(take) :]
             if n:
@@ -510,10 +514,41 @@ class RequestParser(_Parser):
             return self._after_death(data)
         if self._h2c_body:
             return self._h2c_feed(data)
-        return self._feed(data)
+        if self._p is None:  # released between messages (``release``)
+            self._p = HttpRequestParser(self)
+        self._boundary = False
+        left = self._feed(data)
+        if self._boundary and not data.endswith(b"\r\n\r\n"):
+            # The last message ended in this feed, but bytes may have followed it (the start of
+            # a request line makes no callback): not provably a clean boundary.
+            self._boundary = False
+        return left
+
+    def release(self) -> bool:
+        """Free llhttp's parser (about 0.9 KiB with its callbacks) while no message is in
+        progress; the next ``feed`` builds a fresh one. Only where that is provably lossless:
+        the last feed ended with a complete message whose last bytes were its head's CRLFCRLF
+        (or a chunked body's end), so llhttp holds nothing. Returns whether it was freed."""
+        if (
+            self._boundary
+            and self._st == _HEAD
+            and not self._dead
+            and not self._h2c_body
+            and not self._h
+            and not self._url
+            and self._tr is None
+        ):
+            self._p = None
+            return True
+        return False
 
     # -- llhttp callbacks (called by httptools) -----------------------------------------------
     def on_url(self, url: bytes) -> None:
+        # A request line starts every request: its header list is made here, so that an idle
+        # connection holds none (``_NO_HEADERS`` between requests).
+        self._boundary = False
+        if self._h is _NO_HEADERS:
+            self._h = []
         u = self._url = self._url + url
         self._hsize += len(url)
         if len(u) > self._max_bytes:
@@ -604,12 +639,12 @@ class RequestParser(_Parser):
         # (an h2c offer's body: its end is reported by us, or by the parser that frames it)
         self._upgrade = upgrade or self._h2c_body > 0 or self._h2c_chunked
         # Fresh per-message state for the next request on this connection.
-        self._h = []
+        self._h = _NO_HEADERS
         self._hsize = 0
         self._url = b""
         self._cl = None
         self._host = None
-        self._chunked = self._expect = self._h2c = False
+        self._chunked = self._expect = self._h2c = self._boundary = False
         self._t.on_request_head(head)
 
     def on_message_complete(self) -> None:
@@ -617,6 +652,7 @@ class RequestParser(_Parser):
         self._raw = 0
         if self._upgrade:
             return  # the tunnel is the body; llhttp stops right after this
+        self._boundary = True
         tr = self._tr
         if tr is None:
             self._t.on_message_complete(None)

@@ -513,9 +513,8 @@ class ActiveStream:
         self.cfg = cfg
         loop_time = conn.last_activity
         info = self.info = StreamInfo(time.time(), loop_time)
-        info.downstream_remote_address = conn.remote_str
-        info.downstream_local_address = conn.local_str
-        info.connection_id = conn.info.connection_id
+        ci = info.downstream = conn.info
+        info.connection_id = ci.connection_id
         self.phase = _INIT
         self.method = b""
         self.headers: Any = None
@@ -716,7 +715,7 @@ class ActiveStream:
         if self.phase >= _RESPONSE:
             return
         self.phase = _MATCH_ROUTE
-        route = self._match_route()
+        route = self.route if self.route_cached else self._match_route()
         cfg = self.cfg
         if route is None:
             cfg.stats.no_route.value += 1

@@ -139,7 +139,7 @@ class Router:
             plain = route.is_plain()
         name = route.cluster if plain else route.pick_cluster(headers)
         cm = stream.cfg.cluster_manager
-        cluster = cm.get(name) if (name and cm is not None) else None
+        cluster = cm.clusters.get(name) if (name and cm is not None) else None
         if cluster is None:
             stream.cfg.stats.no_cluster.value += 1
             self.done = True

@@ -89,8 +89,6 @@ class ServerConnection(Protocol):
     protocol: HttpProtocol
     info: Any  # net.conn_info.ConnInfo
     loop: Any
-    remote_str: str
-    local_str: str
     resp_keep_alive: bool  # False: the connection closes after this response
     close_after_response: bool
 

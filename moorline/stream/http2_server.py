@@ -178,10 +178,8 @@ class H2ServerStream:
         "closed",
         "conn",
         "info",
-        "local_str",
         "loop",
         "read_paused",
-        "remote_str",
         "req_ended",
         "resp_ended",
         "resp_keep_alive",
@@ -198,8 +196,6 @@ class H2ServerStream:
         self.cfg = conn.cfg
         self.info = conn.info
         self.loop = conn.loop
-        self.remote_str = conn.remote_str
-        self.local_str = conn.local_str
         self.backlog = _EMPTY
         self.resp_keep_alive = True
         self.resp_no_body = False
@@ -362,8 +358,6 @@ class Http2ServerConnection(asyncio.Protocol):
         self.goaway_last = 0
         self.last_activity = 0.0
         self.start = 0.0
-        self.remote_str = ""
-        self.local_str = ""
         self.backlog = _EMPTY
 
     @property
@@ -384,8 +378,6 @@ class Http2ServerConnection(asyncio.Protocol):
         self.stats_h2.downstream_cx_http2_total.value += 1
         self.stats_h2.downstream_cx_http2_active.value += 1
         self.start = self.last_activity = self.loop.time()
-        self.remote_str = self.info.remote_str()
-        self.local_str = self.info.local_str()
         self.cfg.runtime.add(self, self.loop)
         self.codec.initiate()
         self._flush_now()

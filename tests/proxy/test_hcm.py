@@ -715,3 +715,19 @@ def test_file_access_log_gets_one_line_per_request(make: Any, tmp_path: Any) -> 
     pair.run()
     pair.server.ctx.access_logs.flush_all()
     assert path.read_text().splitlines() == ["200 /a -", "400 /b DPE"]
+
+
+def test_stream_info_downstream_addresses_come_from_the_connection(make: Any) -> None:
+    # Formatted when read (an idle connection keeps no address strings), from the ConnInfo.
+    pair = make()
+    c = pair.connect(remote=("10.1.0.7", 40001), local=("10.0.0.1", 10000))
+    c.send(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+    up = upstream_with_request(pair)
+    up.request()
+    up.respond(200)
+    assert c.response().status == 200
+    e = pair.access_log.entries[0]
+    assert (e.downstream_remote_address, e.downstream_local_address) == ("10.1.0.7:40001", "10.0.0.1:10000")
+    e.downstream_remote_address = "1.2.3.4:5"  # a given address wins (L4 and tests set them)
+    assert e.downstream_remote_address == "1.2.3.4:5"
+    pair.assert_settled()

@@ -363,3 +363,40 @@ def test_request_split_into_single_bytes(make: Any) -> None:
     up.respond(200)
     assert c.response().status == 200
     pair.assert_settled()
+
+
+# -- memory of idle keep-alive connections ---------------------------------------------------------
+
+
+def test_crowded_keep_alive_connection_frees_its_parser_between_requests(
+    make: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Above RELEASE_PARSERS_ABOVE connections a keep-alive connection gives llhttp's parser
+    # back once a bodiless request is answered, and builds a new one for the next request.
+    import moorline.stream.http1_server as h1s
+
+    monkeypatch.setattr(h1s, "RELEASE_PARSERS_ABOVE", 0)
+    pair = make()
+    c = pair.connect()
+    for i in range(3):
+        c.send(b"GET /%d HTTP/1.1\r\nhost: a\r\n\r\n" % i)
+        server = c.transport.get_protocol()  # (the codec, once the sniffer handed over)
+        up = pair.upstream.accept() if pair.upstream.pending else pair.upstream.connections[-1]
+        assert up.request().target == b"/%d" % i
+        up.send(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        assert c.response().body == b"ok"
+        assert server.parser._p is None  # freed while idle
+    # A request with a body cannot prove the boundary: the parser is kept, and all still works.
+    c.send(b"POST /p HTTP/1.1\r\nhost: a\r\ncontent-length: 2\r\n\r\nhi")
+    up = pair.upstream.connections[-1]
+    assert up.request().body == b"hi"
+    up.send(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+    assert c.response().status == 200
+    assert server.parser._p is not None
+    pair.assert_settled()
+
+
+def test_few_connections_keep_their_parser(make: Any) -> None:
+    pair = make()
+    c, _, r = exchange(pair, GET, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+    assert r.status == 200 and c.transport.get_protocol().parser._p is not None
