@@ -1060,10 +1060,13 @@ class StreamRelay:
                 t.watcher.start(loop)
         dcoro: Any
         ucoro: Any
+        self._down_htls: HalfCloseTls | None = None
         if down_tls is not None:
             # TLS in memory BIOs over the plain socket, not the loop's TLS transport: a client's
             # close_notify is then a half-close (passed on as FIN) and the answer still flows.
-            dcoro = loop.connect_accepted_socket(lambda: HalfCloseTls(self, down_tls), down)
+            self._down_htls = HalfCloseTls(self, down_tls)
+            htls = self._down_htls
+            dcoro = loop.connect_accepted_socket(lambda: htls, down)
         else:
             dcoro = loop.connect_accepted_socket(lambda: self.down, down)
         if up_tls is not None:
@@ -1152,6 +1155,11 @@ class StreamRelay:
             if s.transport is not None and not s.lost:
                 s.transport.abort()
                 any_open = True
+        htls = self._down_htls
+        if htls is not None and htls.proto is None and htls.raw is not None and not htls.raw.is_closing():
+            # Still in the downstream handshake: its plain transport owns the socket.
+            htls.raw.abort()
+            any_open = True
         if not any_open:
             self._done()
         else:
@@ -1162,8 +1170,10 @@ class StreamRelay:
                     sk.close()
 
     def _owned_by_transport(self, sk: socket.socket) -> bool:
-        side = self.down if sk is self._socks[0] else self.up
-        return side.transport is not None
+        if sk is self._socks[0]:
+            htls = self._down_htls
+            return self.down.transport is not None or (htls is not None and htls.raw is not None)
+        return self.up.transport is not None
 
     def _done(self) -> None:
         if self.closed:

@@ -206,14 +206,14 @@ class RequestHead(RequestHeaders):
 
 class ResponseHead(ResponseHeaders):
     """A parsed response head: the response's ``ResponseHeaders`` (handed on without a copy)
-    plus the codec's facts about the message."""
+    plus the codec's facts about the message. The reason phrase is not kept (the proxy writes
+    the standard one, as Envoy does), so the parser needs no callback for it."""
 
     __slots__ = (
         "chunked",
         "content_length",
         "header_bytes",
         "keep_alive",
-        "reason",
         "upgrade",
         "version",
     )
@@ -221,7 +221,6 @@ class ResponseHead(ResponseHeaders):
     def __init__(
         self,
         status: int,
-        reason: bytes,
         version: bytes,
         headers: HeaderMap,
         keep_alive: bool,
@@ -231,7 +230,6 @@ class ResponseHead(ResponseHeaders):
         header_bytes: int,
     ) -> None:
         super().__init__(status, headers.items())
-        self.reason = reason
         self.version = version
         self.keep_alive = keep_alive
         self.content_length = content_length
@@ -246,7 +244,7 @@ class ResponseHead(ResponseHeaders):
 
     def __repr__(self) -> str:
         return (
-            f"ResponseHead({self.status}, {self.reason!r}, {self.version!r}, {self._h!r}, "
+            f"ResponseHead({self.status}, {self.version!r}, {self._h!r}, "
             f"keep_alive={self.keep_alive}, content_length={self.content_length}, "
             f"chunked={self.chunked}, upgrade={self.upgrade})"
         )
@@ -706,7 +704,6 @@ class ResponseParser(_Parser):
         "_connection",
         "_eof_body",
         "_forced",
-        "_reason",
         "_scan",
         "_status",
         "_tail",
@@ -715,7 +712,6 @@ class ResponseParser(_Parser):
 
     def __init__(self, target: Any, limits: Limits | None = None) -> None:
         super().__init__(target, limits or _RESPONSE_LIMITS, 502)
-        self._reason = b""
         self._status = 0
         self.message_open = False  # a response has started (head or body bytes seen), not complete
         self._eof_body = False
@@ -814,9 +810,6 @@ class ResponseParser(_Parser):
         # an error.
         self.message_open = True
 
-    def on_status(self, reason: bytes) -> None:
-        self._reason += reason
-
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._st:
             self._trailer(name.lower(), value.rstrip(b" \t"))
@@ -879,13 +872,12 @@ class ResponseParser(_Parser):
         head = _new(ResponseHead)
         head._h = h
         head.status = status
-        head.reason = self._reason
         head.version = ver
         head.keep_alive = keep_alive
         head.content_length = cl
         head.chunked = chunked
         head.upgrade = upgrade
-        head.header_bytes = self._hsize + len(self._reason) + 17 + 4 * len(h)
+        head.header_bytes = self._hsize + 17 + 4 * len(h)  # (the reason phrase is not counted)
         if status < 200 or status == 204 or status == 304 or self._forced:
             self._st = _HEAD  # no body follows
             self._eof_body = False
@@ -896,7 +888,6 @@ class ResponseParser(_Parser):
         self._status = status
         self._h = []
         self._hsize = 0
-        self._reason = b""
         self._cl = None
         self._chunked = False
         self._connection = b""
