@@ -282,9 +282,10 @@ class Router:
         self.host = host
         if self.route.auto_host_rewrite:
             self.headers.authority = host.hostname.encode()
-        self.attempts += 1
-        stream.info.attempt_count = self.attempts
-        stream.info.upstream_host = host.addr_str
+        n = self.attempts = self.attempts + 1
+        info = stream.info
+        info.attempt_count = n
+        info.upstream_host = host.addr_str
         if policy is not None:
             if self.tried is None:
                 self.tried = set()
@@ -314,22 +315,23 @@ class Router:
             # The client is already above its write high-water mark (pipelined or unread
             # responses): pause_writing will not be called again, so start paused.
             conn.pause_reading()
-        end = self.downstream_end and not self.body and self.trailers is None
+        body = self.body
+        end = self.downstream_end and not body and self.trailers is None
         conn.send_headers(self, self.headers, end)
         self.sent_idx = 0
         if self.tunnel:
             return  # tunnel bytes wait for the 101 (on_upstream_upgrade)
-        if self.body:
+        if body:
             self._flush_body(self.downstream_end and self.trailers is None)
+            if not self.retain:
+                body.clear()
+                self.sent_idx = 0
         if self.trailers is not None:
             conn.send_trailers(self.trailers)
-        if not self.retain:
-            self.body.clear()
-            self.sent_idx = 0
         if self.downstream_paused:
             self.downstream_paused = False
             self.stream.resume_downstream()
-        if self.downstream_end:
+        if self.downstream_end and self.policy is not None:
             self._start_per_try_timer()
 
     def on_pool_failure(self, reason: ResetReason, detail: str | None) -> None:
