@@ -639,7 +639,18 @@ class ActiveStream:
         if conn_tokens:
             drop = {t for t in conn_tokens if t not in (b"close", b"keep-alive", b"upgrade")}
             if drop:
+                # Headers the client names in Connection are this hop's: gone before the
+                # connection manager acts on them (a nominated x-request-id is then generated
+                # afresh, a nominated x-forwarded-for is not passed on).
                 rest = [p for p in rest if p[0] not in drop]
+                if b"x-forwarded-for" in drop:
+                    xff = None
+                if b"x-forwarded-proto" in drop:
+                    xfp = None
+                if b"x-request-id" in drop:
+                    rid = None
+                if b"content-type" in drop:
+                    ct = None
         if upgrade and upg is not None and method != b"CONNECT":
             rest.append((b"upgrade", upg))
             rest.append((b"connection", b"upgrade"))

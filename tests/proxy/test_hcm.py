@@ -146,6 +146,23 @@ def test_x_request_id_from_client_is_kept(make: Any) -> None:
     assert pair.access_log.entries[0].request_id == "abc-123"
 
 
+def test_headers_named_in_connection_are_gone_before_the_hcm_uses_them(make: Any) -> None:
+    # "Connection: x-request-id" makes the client's id hop-by-hop: the upstream gets a fresh id
+    # and the access log records that one (not the dropped one); a nominated x-forwarded-for
+    # is not passed on either.
+    pair = make()
+    _, req, _ = proxied(
+        pair,
+        b"GET / HTTP/1.1\r\nhost: a\r\nconnection: x-request-id, x-forwarded-for\r\n"
+        b"x-request-id: client-id\r\nx-forwarded-for: 192.0.2.9\r\n\r\n",
+    )
+    rid = req.header("x-request-id")
+    assert rid is not None and rid != b"client-id" and UUID4.match(rid), rid
+    assert pair.access_log.entries[0].request_id == rid.decode()
+    assert req.header("x-forwarded-for") is None
+    pair.assert_settled()
+
+
 def test_generate_request_id_off(make: Any) -> None:
     pair = make(hcm_extra={"generate_request_id": False})
     _, req, _ = proxied(pair, b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
