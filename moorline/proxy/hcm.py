@@ -993,13 +993,18 @@ class ActiveStream:
         if flag is not None:
             info.response_flags.append(flag)
         info.response_code_details = details
+        direct = False
         if self.phase >= _RESPONSE:
             if self.phase == _END:
                 return
-            # Too late for a reply: reset the stream.
-            self.cfg.stats.rq_reset_after_downstream_response_started.value += 1
-            self.reset_stream()
-            return
+            if info.response_code or self.upgrade:
+                # The response's headers already went to the codec: too late, reset.
+                self.cfg.stats.rq_reset_after_downstream_response_started.value += 1
+                self.reset_stream()
+                return
+            # An encoder filter answers before the response reached the codec: Envoy's direct
+            # local reply, written past the filters (the upstream response is dropped).
+            direct = True
         self.dec_aborted = True
         status, body, ctype = self.cfg.local_reply.apply(status, body, self, info)
         h: list[tuple[bytes, bytes]]
@@ -1030,7 +1035,14 @@ class ActiveStream:
         r = self.router
         if r is not None:
             r.reset()
-        if body:
+        if direct:
+            self.conn.resp_keep_alive = False  # (the upstream response was cut short)
+            if body:
+                self.write_headers(headers, False)
+                self.write_data(body, True)
+            else:
+                self.write_headers(headers, True)
+        elif body:
             self.encode_headers(headers, False)
             self.encode_data(body, True)
         else:

@@ -450,6 +450,33 @@ def test_local_reply_from_a_decoder_runs_through_every_encoder(make: Any) -> Non
     pair.assert_settled()
 
 
+def test_local_reply_from_an_encoder_is_a_direct_reply(make: Any) -> None:
+    # Envoy's sendLocalReply from encodeHeaders, before the response reached the codec: the
+    # reply goes straight to the client (past the filters), the upstream response is dropped.
+    def refuse(f: Scripted, headers: Any, end: bool) -> int:
+        if headers.status == 200:
+            f.callbacks.send_local_reply(502, b"refused by filter")  # type: ignore[union-attr]
+        return STOP_ITERATION
+
+    def tag(f: Scripted, headers: Any, end: bool) -> int:
+        headers.add(b"x-tag-" + f.name.encode(), b"1")
+        return CONTINUE
+
+    chain = Chain(a={"encode_headers": tag}, b={"encode_headers": refuse})
+    pair = make(chain)
+    c = pair.connect()
+    c.send(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+    up = pair.upstream.accept()
+    up.request()
+    up.respond(200, body=b"from upstream")
+    r = c.response()
+    assert r.status == 502 and r.body == b"refused by filter"
+    assert r.header("x-tag-a") is None  # past the filters
+    assert chain.calls("a", "encode_headers") == []  # a (after b in encode order) never ran
+    assert pair.access_log.entries[0].response_code == 502
+    pair.assert_settled()
+
+
 def test_router_local_reply_runs_through_the_encoders(make: Any) -> None:
     chain = Chain(a={})
     pair = make(chain, routes=[{"match": {"prefix": "/x"}, "route": {"cluster": "be"}}])
