@@ -1122,6 +1122,20 @@ class StreamRelay:
             else:
                 peer.transport.close()  # flush what the peer still has to send
         if (peer.lost or peer.transport is None) and not self.closed:
+            htls = self._down_htls
+            if (
+                peer is self.down
+                and htls is not None
+                and htls.proto is None
+                and htls.raw is not None
+                and not htls.lost
+            ):
+                if not htls.raw.is_closing():
+                    # Still in the downstream handshake: its plain transport owns the socket
+                    # (closing the socket under it would leave it, and its handshake timer,
+                    # on a stale fd). Its connection_lost ends the relay.
+                    htls.raw.abort()
+                return
             self._done()
 
     def _finish_both(self, reason: str) -> None:
@@ -1236,6 +1250,7 @@ class HalfCloseTls(asyncio.Protocol):
         self._eof_in = False
         self._eof_out = False
         self._closing = False
+        self.lost = False  # the plain transport's connection_lost has come
 
     # -- plain transport events ------------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
@@ -1264,6 +1279,7 @@ class HalfCloseTls(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -650,14 +650,16 @@ class RequestParser(_Parser):
         self._raw = 0
         if self._upgrade:
             return  # the tunnel is the body; llhttp stops right after this
-        self._boundary = True
         tr = self._tr
         if tr is None:
             self._t.on_message_complete(None)
-            return
-        self._tr = None
-        self._trsize = 0
-        self._t.on_message_complete(HeaderMap.wrap(tr))
+        else:
+            self._tr = None
+            self._trsize = 0
+            self._t.on_message_complete(HeaderMap.wrap(tr))
+        # Only now: a target that answers inside this callback (and releases the parser from
+        # there) is inside llhttp's feed_data, which may still hold bytes after this message.
+        self._boundary = True
 
 
 # A request head that frames what follows as a chunked body (see RequestParser._upgraded).

@@ -366,6 +366,8 @@ class HcmConfig:
         remembered: a keep-alive client sends the same Host on every request)."""
         if authority.translate(None, _AUTH_CHARS):
             return False
+        if len(authority) > 255:  # (a DNS name's limit) not kept: 1,024 long ones would be MiBs
+            return True
         good = self.good_authorities
         if len(good) >= 1024:  # bounded: a client sending a new Host each time gets no cache
             good.clear()

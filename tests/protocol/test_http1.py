@@ -1108,3 +1108,31 @@ def test_release_refuses_unless_at_a_clean_boundary() -> None:
     assert p.release() is False
     p.feed(b"ok")  # complete, but a body's last bytes cannot prove the boundary
     assert p.release() is False
+
+
+class _ReleasingRec(Rec):
+    """A target that releases the parser from inside its callbacks, as the server codec does
+    when a response completes synchronously (a local reply at the end of a request)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p: RequestParser | None = None
+
+    def on_message_complete(self, trailers: HeaderMap | None) -> None:
+        super().on_message_complete(trailers)
+        assert self.p is not None
+        self.p.release()
+
+
+def test_release_from_inside_a_callback_loses_nothing() -> None:
+    # Released while llhttp is still inside feed_data, the rest of that feed (a pipelined
+    # request, or the start of one) must not be lost nor hit a missing parser.
+    whole = Rec()
+    RequestParser(whole).feed(_RELEASE_WIRE)
+    for cut in range(len(_RELEASE_WIRE) + 1):
+        r = _ReleasingRec()
+        p = r.p = RequestParser(r)
+        for piece in (_RELEASE_WIRE[:cut], _RELEASE_WIRE[cut:]):
+            if piece:
+                p.feed(piece)
+        assert r.ev == whole.ev, cut

@@ -230,6 +230,24 @@ def test_good_authorities_are_remembered_bad_ones_never(make: Any) -> None:
     pair.assert_settled()
 
 
+def test_remembered_authorities_are_bounded_in_bytes_too(make: Any) -> None:
+    # A client may send a new, long Host on each request (up to the header limit): what the
+    # connection manager keeps of them must stay small, not 1,024 times the header limit.
+    pair = make()
+    c = pair.connect()
+    long_host = b"h" * 8000 + b".example"
+    c.send(b"GET / HTTP/1.1\r\nhost: " + long_host + b"\r\n\r\n")
+    up = upstream_with_request(pair)
+    up.request()
+    up.respond(200)
+    assert c.response().status == 200
+    cfg = pair.hcm
+    for i in range(1100):
+        assert cfg.check_authority(b"%d." % i + long_host)
+    assert sum(map(len, cfg.good_authorities)) <= 1024 * 256
+    pair.assert_settled()
+
+
 @pytest.mark.parametrize("authority", ["evil/x?y", "illegal{}", "a b"])
 def test_invalid_h2_authority_is_400(make: Any, authority: str) -> None:
     pair = make()

@@ -400,3 +400,34 @@ def test_few_connections_keep_their_parser(make: Any) -> None:
     pair = make()
     c, _, r = exchange(pair, GET, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
     assert r.status == 200 and c.transport.get_protocol().parser._p is not None
+
+
+@pytest.mark.parametrize("rest", [b"", b"ho"])
+def test_crowded_connection_answered_inside_a_read_keeps_the_pipelined_request(
+    make: Any, monkeypatch: pytest.MonkeyPatch, rest: bytes
+) -> None:
+    # A request answered at once when its body ends (buffer filter, direct response) completes
+    # its response inside the parser's callback: the parser must not be freed under the rest of
+    # that read (a pipelined request, whole or begun).
+    import moorline.stream.http1_server as h1s
+
+    monkeypatch.setattr(h1s, "RELEASE_PARSERS_ABOVE", 0)
+    buf = {
+        "name": "envoy.filters.http.buffer",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+            "max_request_bytes": 1000,
+        },
+    }
+    pair = make(routes=[{"match": {"prefix": "/"}, "direct_response": {"status": 200}}], http_filters=[buf])
+    c = pair.connect()
+    second = b"GET /2 HTTP/1.1\r\nhost: a\r\n\r\n"
+    c.send(
+        b"POST /1 HTTP/1.1\r\nhost: a\r\ncontent-length: 2\r\n\r\nhi"
+        + (second[:17] + rest if rest else second)
+    )
+    if rest:
+        c.send(second[17 + len(rest) :])
+    assert [r.status for r in c.responses()] == [200, 200]
+    assert not c.closed
+    pair.assert_settled()
