@@ -185,6 +185,13 @@ class MemPair:
         return int(self.cluster.stats.upstream_rq_active.value)
 
     def close(self) -> None:
+        # Connection attempts the pool started (tasks never run: nothing runs this loop) are
+        # cancelled and run to their end, so no coroutine is left un-awaited.
+        tasks = asyncio.all_tasks(self.loop)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
         self.loop.close()
         asyncio.set_event_loop(None)
 
