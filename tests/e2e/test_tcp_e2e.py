@@ -677,3 +677,31 @@ def test_oversized_client_hello_is_closed_by_the_inspector(env: Env) -> None:
         assert got == b""  # closed, nothing served
     assert wait_until(lambda: env.proc.stat("tls_inspector.client_hello_too_large") == too_large + 1)
     assert env.proc.stat(prefix + "no_filter_chain_match") == no_match  # never reached a chain
+
+
+def test_tcp_proxy_tls_handshake_stats(env: Env) -> None:
+    # The relay's own TLS (HalfCloseTls) counts handshakes and their failures like the
+    # listener's: a good mTLS client, one without a certificate, one with the wrong SAN.
+    def ssl_stats() -> dict[str, int]:
+        prefix = f"listener.{H}_{env.ports['mtls']}.ssl."
+        return {
+            k[len(prefix) :]: v
+            for k, v in env.proc.stats().items()
+            if isinstance(v, int) and k.startswith(prefix)
+        }
+
+    before = ssl_stats()
+    with tls_connect(env.client_ctx(env.client), env.ports["mtls"], "front.example.com") as t:
+        t.sendall(b"ping")
+        assert t.recv(10) == b"ping"
+    with contextlib.suppress(OSError, ssl.SSLError):
+        with tls_connect(env.client_ctx(env.bad_client), env.ports["mtls"], "front.example.com") as t:
+            t.sendall(b"hi")
+            t.recv(10)
+
+    def counted() -> bool:
+        after = ssl_stats()
+        d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+        return d.get("handshake", 0) >= 1 and d.get("fail_verify_san", 0) == 1
+
+    assert wait_until(counted), (before, ssl_stats())
