@@ -692,7 +692,89 @@ class WeightedClusters:
 # --------------------------------------------------------------------------- routes
 
 
-_PK_PREFIX, _PK_IPREFIX, _PK_EXACT, _PK_IEXACT, _PK_REGEX, _PK_SEP, _PK_ISEP, _PK_CONNECT = range(8)
+_PK_PREFIX, _PK_IPREFIX, _PK_EXACT, _PK_IEXACT, _PK_REGEX, _PK_SEP, _PK_ISEP, _PK_CONNECT, _PK_RUN = range(9)
+
+# Consecutive regex routes at least this many long are tried with one combined regex first.
+REGEX_RUN_MIN = 4
+_BACKREF = re.compile(rb"\\[1-9]|\(\?P=")
+
+
+class _RegexRun:
+    """Consecutive regex routes of a virtual host, compiled into one alternation: one C call
+    finds the first route whose regex matches the path (the alternatives are tried in order,
+    and a ``fullmatch`` backtracks into the next one), instead of one call per route. A run
+    whose regexes cannot be combined exactly (back-references, which a combined pattern would
+    renumber; inline global flags; clashing group names) is not made."""
+
+    __slots__ = ("_extra", "_pk", "groups", "re", "routes")
+
+    def __init__(self, routes: list[Any], combined: re.Pattern[bytes], groups: dict[int, int]) -> None:
+        self._pk = _PK_RUN
+        self._extra = False
+        self.routes = tuple(routes)
+        self.re = combined
+        self.groups = groups  # the combined pattern's group index of each route -> its position
+
+    def first(
+        self, m: re.Match[bytes], p: bytes, headers: Any, method: bytes, authority: bytes, path: bytes
+    ) -> Any:
+        """The first route of the run, from the combined match on, that matches entirely."""
+        qcache: list[Any] | None = None
+        routes = self.routes
+        for i in range(self.groups[m.lastindex or 0], len(routes)):
+            r = routes[i]
+            if r._pat.fullmatch(p) is None:
+                continue
+            if r._extra:
+                if qcache is None:
+                    qcache = [None]
+                if not r._matches_extra(headers, method, authority, path, qcache):
+                    continue
+            return r
+        return None
+
+
+def _regex_run(routes: list[Any]) -> _RegexRun | None:
+    parts: list[bytes] = []
+    groups: dict[int, int] = {}
+    flags = routes[0]._pat.flags
+    index = 1
+    for i, r in enumerate(routes):
+        pat = r._pat
+        if pat.flags != flags or _BACKREF.search(pat.pattern):
+            return None
+        parts.append(b"(" + pat.pattern + b")")
+        groups[index] = i
+        index += 1 + pat.groups
+    try:
+        combined = re.compile(b"|".join(parts), flags)
+    except (re.error, OverflowError, RecursionError):
+        return None
+    if combined.groups != index - 1:
+        return None
+    return _RegexRun(routes, combined, groups)
+
+
+def _with_regex_runs(routes: list[Any]) -> tuple[Any, ...]:
+    """``routes`` for matching, with each long enough run of regex routes made a _RegexRun."""
+    out: list[Any] = []
+    run: list[Any] = []
+    for r in [*routes, None]:
+        if r is not None and r._pk == _PK_REGEX:
+            run.append(r)
+            continue
+        if run:
+            combined = _regex_run(run) if len(run) >= REGEX_RUN_MIN else None
+            if combined is not None:
+                out.append(combined)
+            else:
+                out.extend(run)
+            run = []
+        if r is not None:
+            out.append(r)
+    return tuple(out)
+
+
 _RW_NONE, _RW_PREFIX_LEN, _RW_WHOLE, _RW_REGEX = range(4)
 
 
@@ -997,7 +1079,7 @@ class VirtualHost:
         self.name = name
         self.domains: tuple[str, ...] = ()
         self.routes: list[Route] = []
-        self._routes: tuple[Route, ...] = ()
+        self._routes: tuple[Any, ...] = ()  # routes as matched: Route, or a _RegexRun of several
         self.require_tls = 0  # 0 NONE, 1 EXTERNAL_ONLY, 2 ALL
         self.retry: RetryPolicy | None = None
         self.request_levels: _Level = (frozenset(), ())
@@ -1102,6 +1184,14 @@ class RouteTable:
             elif k == _PK_REGEX:
                 if r._pat.fullmatch(p) is None:
                     continue
+            elif k == _PK_RUN:
+                m = r.re.fullmatch(p)
+                if m is None:
+                    continue
+                found = r.first(m, p, headers, method, authority, path)
+                if found is None:
+                    continue
+                return found  # type: ignore[no-any-return]
             elif k == _PK_SEP or k == _PK_ISEP:
                 if k == _PK_ISEP:
                     if lower is None:
@@ -1251,7 +1341,7 @@ def _compile_vhost(
     for k, rproto in enumerate(vproto.routes):
         rp = f"{vp}.routes[{k}]"
         vh.routes.append(_compile_route(rproto, rp, vh, table, notes, max_body, most_specific_wins))
-    vh._routes = tuple(vh.routes)
+    vh._routes = _with_regex_runs(vh.routes)
     return vh
 
 

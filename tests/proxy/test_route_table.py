@@ -1186,3 +1186,91 @@ def test_typed_per_filter_config_most_specific_wins() -> None:
 
     assert val(r.typed_per_filter_config["f1"]) == "route"
     assert val(r.typed_per_filter_config["f2"]) == "config"
+
+
+# -- runs of regex routes (one combined regex) ----------------------------------------------------
+
+_RUN_REGEXES = [
+    "/api/v[0-9]+/users",
+    "/api/v1/.*",
+    "/(a|b)+/c",
+    "/static/[^/]+\\.css",
+    "/x(?P<id>[0-9]{2})",
+    "/x[0-9]{2}",
+    ".*/health",
+    "/api/v2/(users|groups)/[0-9]+",
+    "/(?:cat|dog)s?",
+    "/e",
+]
+
+
+def _run_table(regexes: list[str], header_on: set[int]) -> dict:
+    routes = []
+    for i, rx in enumerate(regexes):
+        match: dict = {"safe_regex": {"regex": rx}}
+        if i in header_on:
+            match["headers"] = [{"name": "x-v", "string_match": {"exact": "1"}}]
+        routes.append({"name": f"r{i}", "match": match, "route": {"cluster": "c"}})
+    routes.append({"name": "last", "match": {"prefix": "/"}, "route": {"cluster": "c"}})
+    return {"name": "t", "virtual_hosts": [{"name": "vh", "domains": ["*"], "routes": routes}]}
+
+
+@given(
+    st.lists(st.sampled_from(_RUN_REGEXES), min_size=1, max_size=10),
+    st.sets(st.integers(0, 9)),
+    st.lists(
+        st.sampled_from(
+            [
+                b"/api/v1/users",
+                b"/api/v12/users",
+                b"/abab/c",
+                b"/static/a.css",
+                b"/x12",
+                b"/x1",
+                b"/q/health",
+                b"/api/v2/users/7",
+                b"/cats",
+                b"/dog",
+                b"/e",
+                b"/nothing",
+                b"/api/v1/",
+                b"/x99?y=1",
+            ]
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    st.booleans(),
+)
+def test_regex_runs_pick_the_same_route_as_one_by_one(
+    regexes: list[str], header_on: set[int], paths: list[bytes], with_header: bool
+) -> None:
+    import moorline.proxy.route_table as rt
+
+    cfg = _run_table(regexes, header_on)
+    combined = compile_rc(cfg)
+    old = rt.REGEX_RUN_MIN
+    rt.REGEX_RUN_MIN = 10**9
+    try:
+        single = compile_rc(cfg)
+    finally:
+        rt.REGEX_RUN_MIN = old
+    if len(regexes) >= old and regexes.count("/x(?P<id>[0-9]{2})") < 2:  # (a name used twice: no run)
+        assert any(isinstance(r, rt._RegexRun) for r in combined._default._routes)
+    hdrs = [(b"x-v", b"1")] if with_header else []
+    for p in paths:
+        assert m(combined, p, headers=hdrs) == m(single, p, headers=hdrs), p
+
+
+def test_regex_runs_are_not_made_where_combining_would_change_meaning() -> None:
+    import moorline.proxy.route_table as rt
+
+    # A pattern that only compiles at the start of an expression (an inline global flag) cannot
+    # be combined: those routes stay single, and still match.
+    cfg = _run_table(["/a", "(?i)/B", "/c", "/d", "/e"], set())
+    t = compile_rc(cfg)
+    assert not any(isinstance(r, rt._RegexRun) for r in t._default._routes)
+    assert m(t, b"/b") == "r1" and m(t, b"/d") == "r3" and m(t, b"/zzz") == "last"
+    # Back-references never reach here (RE2 syntax: a config error), so renumbering is moot.
+    with pytest.raises(ConfigError):
+        compile_rc(_run_table(["/(a)\\1"], set()))
