@@ -660,6 +660,18 @@ class _PeerSide:
             fn()
         loop.run_ready()
 
+    def send(self, data: bytes) -> None:
+        self._act(lambda: self.transport.peer_data(data))
+
+    @property
+    def data(self) -> bytes:
+        """Every byte the proxy wrote to this connection."""
+        return bytes(self.transport.data)
+
+    def read(self) -> bytes:
+        """What the proxy wrote since the last ``read``."""
+        return self.transport.take()
+
     def eof(self) -> None:
         """Half-close (FIN) this side."""
         self._act(self.transport.peer_eof)
@@ -700,9 +712,7 @@ class Downstream(_PeerSide):
     def send(self, data: bytes) -> None:
         if data[:8] == b"CONNECT " and not self._reader.tunneled:
             self._connect = True  # the next response answers a CONNECT
-        with self.pair.loop.active():
-            self.transport.peer_data(data)
-        self.pair.loop.run_ready()
+        super().send(data)
 
     def request(self, method: str | bytes = "GET", target: str | bytes = "/", **kw: Any) -> None:
         """Send ``build_request(method, target, **kw)``; HEAD is remembered for the reader."""
@@ -713,13 +723,6 @@ class Downstream(_PeerSide):
         return self.pair.loop
 
     # -- what the proxy did
-    @property
-    def data(self) -> bytes:
-        return bytes(self.transport.data)
-
-    def read(self) -> bytes:
-        return self.transport.take()
-
     @property
     def closed(self) -> bool:
         """The proxy closed (or aborted) its side."""
@@ -763,19 +766,19 @@ class Downstream(_PeerSide):
         return self._reader.tunnel(self.transport.data)
 
 
-class H2Client:
-    """An ``h2`` client on a ``Downstream`` (prior knowledge: it sends the preface at once).
+class _H2Peer:
+    """An ``h2`` endpoint over one side of the pair, with header validation off both ways (so a
+    test can send what a hostile peer would). Subclasses say how a stream starts
+    (``_opened``); body, trailers, end and reset are recorded alike on both sides."""
 
-    Outbound header validation is off, so a test can send what a hostile client would."""
-
-    def __init__(self, down: Downstream) -> None:
+    def __init__(self, side: _PeerSide, client_side: bool) -> None:
         import h2.config
         import h2.connection
 
-        self.down = down
+        self._side = side
         self.h2 = h2.connection.H2Connection(
             h2.config.H2Configuration(
-                client_side=True,
+                client_side=client_side,
                 header_encoding=None,
                 validate_outbound_headers=False,
                 normalize_outbound_headers=False,
@@ -783,43 +786,76 @@ class H2Client:
             )
         )
         self.events: list[Any] = []
-        self.streams: dict[int, H2Response] = {}
+        self._streams: dict[int, Any] = {}
         self.h2.initiate_connection()
         self._flush()
+
+    def _opened(self, ev: Any) -> bool:
+        """Handle an event that starts or heads a stream; True when it was one."""
+        raise NotImplementedError
 
     def _flush(self) -> None:
         data = self.h2.data_to_send()
         if data:
-            self.down.send(data)
+            self._side.send(data)
         self._receive()
 
     def _receive(self) -> None:
         import h2.events
 
-        data = self.down.read()
+        data = self._side.read()
         if not data:
             return
-        events = self.h2.receive_data(data)
-        for ev in events:
+        for ev in self.h2.receive_data(data):
             self.events.append(ev)
+            if self._opened(ev):
+                continue
             sid = getattr(ev, "stream_id", None)
-            r = self.streams.get(sid) if sid else None
-            if isinstance(ev, h2.events.ResponseReceived) and r is not None:
-                r.headers = list(ev.headers)
-            elif isinstance(ev, h2.events.InformationalResponseReceived) and r is not None:
-                r.informational.append(list(ev.headers))
-            elif isinstance(ev, h2.events.DataReceived) and r is not None:
+            r = self._streams.get(sid) if sid else None
+            if r is None:
+                continue
+            if isinstance(ev, h2.events.DataReceived):
                 r.body += ev.data
                 if ev.flow_controlled_length:
                     self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-            elif isinstance(ev, h2.events.TrailersReceived) and r is not None:
+            elif isinstance(ev, h2.events.TrailersReceived):
                 r.trailers = list(ev.headers)
-            elif isinstance(ev, h2.events.StreamEnded) and r is not None:
+            elif isinstance(ev, h2.events.StreamEnded):
                 r.ended = True
-            elif isinstance(ev, h2.events.StreamReset) and r is not None:
+            elif isinstance(ev, h2.events.StreamReset):
                 r.reset_code = int(ev.error_code)
         if self.h2.data_to_send():
             self._flush()
+
+    def poll(self) -> None:
+        """Read what the proxy wrote since the last call."""
+        self._receive()
+
+
+class H2Client(_H2Peer):
+    """An ``h2`` client on a ``Downstream`` (prior knowledge: it sends the preface at once).
+
+    Outbound header validation is off, so a test can send what a hostile client would."""
+
+    def __init__(self, down: Downstream) -> None:
+        self.down = down
+        super().__init__(down, client_side=True)
+        self.streams: dict[int, H2Response] = self._streams
+
+    def _opened(self, ev: Any) -> bool:
+        import h2.events
+
+        if isinstance(ev, h2.events.ResponseReceived):
+            r = self._streams.get(ev.stream_id)
+            if r is not None:
+                r.headers = list(ev.headers)
+            return True
+        if isinstance(ev, h2.events.InformationalResponseReceived):
+            r = self._streams.get(ev.stream_id)
+            if r is not None:
+                r.informational.append(list(ev.headers))
+            return True
+        return False
 
     def request(
         self,
@@ -857,10 +893,6 @@ class H2Client:
     def reset(self, sid: int, code: int = 8) -> None:
         self.h2.reset_stream(sid, code)
         self._flush()
-
-    def poll(self) -> None:
-        """Read what the proxy wrote since the last call (after upstream events)."""
-        self._receive()
 
     def response(self, sid: int) -> H2Response:
         self._receive()
@@ -965,13 +997,6 @@ class UpstreamConn(_PeerSide):
     def protocol(self) -> Any:
         return self.transport.get_protocol()
 
-    @property
-    def data(self) -> bytes:
-        return bytes(self.transport.data)
-
-    def read(self) -> bytes:
-        return self.transport.take()
-
     def next_request(self) -> Message | None:
         return self._reader.next(self.transport.data, eof=self.transport.closed)
 
@@ -1012,11 +1037,6 @@ class UpstreamConn(_PeerSide):
     def reading(self) -> bool:
         return self.transport.reading
 
-    def send(self, data: bytes) -> None:
-        with self.loop.active():
-            self.transport.peer_data(data)
-        self.loop.run_ready()
-
     def respond(
         self,
         status: int = 200,
@@ -1043,65 +1063,22 @@ class UpstreamConn(_PeerSide):
         return H2Upstream(self)
 
 
-class H2Upstream:
+class H2Upstream(_H2Peer):
     """An ``h2`` server on an ``UpstreamConn``: ``requests`` by stream id, ``respond()``,
     ``reset()``, ``goaway()``."""
 
     def __init__(self, conn: UpstreamConn) -> None:
-        import h2.config
-        import h2.connection
-
         self.conn = conn
-        self.h2 = h2.connection.H2Connection(
-            h2.config.H2Configuration(
-                client_side=False,
-                header_encoding=None,
-                validate_outbound_headers=False,
-                normalize_outbound_headers=False,
-                validate_inbound_headers=False,
-            )
-        )
-        self.requests: dict[int, H2Request] = {}
-        self.events: list[Any] = []
-        self.h2.initiate_connection()
-        self._flush()
+        super().__init__(conn, client_side=False)
+        self.requests: dict[int, H2Request] = self._streams
 
-    def _flush(self) -> None:
-        data = self.h2.data_to_send()
-        if data:
-            self.conn.send(data)
-        self._receive()
-
-    def _receive(self) -> None:
+    def _opened(self, ev: Any) -> bool:
         import h2.events
 
-        data = self.conn.read()
-        if not data:
-            return
-        for ev in self.h2.receive_data(data):
-            self.events.append(ev)
-            sid = getattr(ev, "stream_id", None)
-            if isinstance(ev, h2.events.RequestReceived):
-                self.requests[ev.stream_id] = H2Request(ev.stream_id, list(ev.headers))
-                continue
-            r = self.requests.get(sid) if sid else None
-            if r is None:
-                continue
-            if isinstance(ev, h2.events.DataReceived):
-                r.body += ev.data
-                if ev.flow_controlled_length:
-                    self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-            elif isinstance(ev, h2.events.TrailersReceived):
-                r.trailers = list(ev.headers)
-            elif isinstance(ev, h2.events.StreamEnded):
-                r.ended = True
-            elif isinstance(ev, h2.events.StreamReset):
-                r.reset_code = int(ev.error_code)
-        if self.h2.data_to_send():
-            self._flush()
-
-    def poll(self) -> None:
-        self._receive()
+        if isinstance(ev, h2.events.RequestReceived):
+            self._streams[ev.stream_id] = H2Request(ev.stream_id, list(ev.headers))
+            return True
+        return False
 
     def request(self, sid: int | None = None) -> H2Request:
         """The request on stream ``sid`` (default: the newest)."""
