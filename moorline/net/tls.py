@@ -981,10 +981,9 @@ class _Side(asyncio.Protocol):
         self.eof = True
         if self.peer is not None and self.peer.transport is None:
             return True  # passed on by StreamRelay._side_up once the peer is up
-        # The loop's TLS transports close after EOF anyway; plain TCP and HalfCloseTls go on.
-        half_close = self.transport is not None and (
-            self.transport.get_extra_info("sslcontext") is None or isinstance(self.transport, HalfCloseTls)
-        )
+        # A transport that can half-close (plain TCP, HalfCloseTls) keeps its write direction;
+        # the loop's TLS transports cannot, and close after EOF anyway.
+        half_close = self.transport is not None and self.transport.can_write_eof()
         peer = self.peer
         if peer is not None and peer.transport is not None and not peer.lost:
             if peer.transport.can_write_eof():
@@ -1123,13 +1122,7 @@ class StreamRelay:
                 peer.transport.close()  # flush what the peer still has to send
         if (peer.lost or peer.transport is None) and not self.closed:
             htls = self._down_htls
-            if (
-                peer is self.down
-                and htls is not None
-                and htls.proto is None
-                and htls.raw is not None
-                and not htls.lost
-            ):
+            if peer is self.down and htls is not None and htls.handshaking:
                 if not htls.raw.is_closing():
                     # Still in the downstream handshake: its plain transport owns the socket
                     # (closing the socket under it would leave it, and its handshake timer,
@@ -1170,7 +1163,7 @@ class StreamRelay:
                 s.transport.abort()
                 any_open = True
         htls = self._down_htls
-        if htls is not None and htls.proto is None and htls.raw is not None and not htls.raw.is_closing():
+        if htls is not None and htls.handshaking and not htls.raw.is_closing():
             # Still in the downstream handshake: its plain transport owns the socket.
             htls.raw.abort()
             any_open = True
@@ -1251,6 +1244,11 @@ class HalfCloseTls(asyncio.Protocol):
         self._eof_out = False
         self._closing = False
         self.lost = False  # the plain transport's connection_lost has come
+
+    @property
+    def handshaking(self) -> bool:
+        """The plain transport holds the socket, and the relay has no side for it yet."""
+        return self.proto is None and self.raw is not None and not self.lost
 
     # -- plain transport events ------------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
