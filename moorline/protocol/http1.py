@@ -642,7 +642,7 @@ class RequestParser(_Parser):
         self._url = b""
         self._cl = None
         self._host = None
-        self._chunked = self._expect = self._h2c = self._boundary = False
+        self._chunked = self._expect = self._h2c = False
         self._t.on_request_head(head)
 
     def on_message_complete(self) -> None:
