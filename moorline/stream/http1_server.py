@@ -261,21 +261,17 @@ class Http1ServerConnection(asyncio.Protocol):
         if head.expect_continue:
             self.transport.write(_CONTINUE_100)
         target = head.target
-        if target[:1] != b"/":
-            if method == b"CONNECT":
-                head.authority = target
-                head.path = b""
-            elif target != b"*":
-                # absolute-form: the authority and path come from the target (RFC 9112 3.2.2)
-                sep = target.find(b"://")
-                if sep > 0:
-                    rest = target[sep + 3 :]
-                    slash = rest.find(b"/")
-                    head.authority = rest if slash < 0 else rest[:slash]
-                    head.path = b"/" if slash < 0 else rest[slash:]
-        elif method == b"CONNECT":
+        if method == b"CONNECT":
             head.authority = target
             head.path = b""
+        elif target[:1] != b"/" and target != b"*":
+            # absolute-form: the authority and path come from the target (RFC 9112 3.2.2)
+            sep = target.find(b"://")
+            if sep > 0:
+                rest = target[sep + 3 :]
+                slash = rest.find(b"/")
+                head.authority = rest if slash < 0 else rest[:slash]
+                head.path = b"/" if slash < 0 else rest[slash:]
         if self.info.tls is not None:
             head.scheme = b"https"
         s = self.cfg.new_stream(self)
