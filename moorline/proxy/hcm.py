@@ -1039,16 +1039,14 @@ class ActiveStream:
             r.reset()
         if direct:
             self.conn.resp_keep_alive = False  # (the upstream response was cut short)
-            if body:
-                self.write_headers(headers, False)
-                self.write_data(body, True)
-            else:
-                self.write_headers(headers, True)
-        elif body:
-            self.encode_headers(headers, False)
-            self.encode_data(body, True)
+            send_headers, send_data = self.write_headers, self.write_data  # past the filters
         else:
-            self.encode_headers(headers, True)
+            send_headers, send_data = self.encode_headers, self.encode_data
+        if body:
+            send_headers(headers, False)
+            send_data(body, True)
+        else:
+            send_headers(headers, True)
 
     def protocol_error(self, status: int, details: str) -> None:
         self.conn.resp_keep_alive = False
