@@ -676,8 +676,7 @@ class ActiveStream:
             rest.append((b"x-forwarded-for", xff))
         # x-request-id: kept when the client sent one, generated otherwise
         if rid is None and cfg.generate_request_id:
-            ids = cfg._rid_pool
-            rid = ids.pop() if ids else cfg.new_request_id()
+            rid = cfg.new_request_id()
             rest.append((b"x-request-id", rid))
         info.request_id_bytes = rid
         # gRPC is application/grpc, +proto / +json, or with parameters; grpc-web is not (Envoy:

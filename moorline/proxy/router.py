@@ -139,7 +139,7 @@ class Router:
             plain = route.is_plain()
         name = route.cluster if plain else route.pick_cluster(headers)
         cm = stream.cfg.cluster_manager
-        cluster = cm.clusters.get(name) if (name and cm is not None) else None
+        cluster = cm.get(name) if (name and cm is not None) else None
         if cluster is None:
             stream.cfg.stats.no_cluster.value += 1
             self.done = True
@@ -176,13 +176,8 @@ class Router:
             self.retain = False
             self.retries_left = 0
         self.downstream_end = end_stream
-        if end_stream:
-            t = self.timeout
-            if t and not self.tunnel and t >= stream.cfg.lazy_timeout_min:
-                # (``_start_global_timer``'s usual case, inline: the connection's sweep checks it)
-                self.deadline = self.loop.time() + t
-            elif t:
-                self._start_global_timer()
+        if end_stream and self.timeout:
+            self._start_global_timer()
         self._start_attempt()
 
     def decode_data(self, data: bytes, end_stream: bool) -> None:
