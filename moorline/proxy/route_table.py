@@ -696,15 +696,15 @@ _PK_PREFIX, _PK_IPREFIX, _PK_EXACT, _PK_IEXACT, _PK_REGEX, _PK_SEP, _PK_ISEP, _P
 
 # Consecutive regex routes at least this many long are tried with one combined regex first.
 REGEX_RUN_MIN = 4
-_BACKREF = re.compile(rb"\\[1-9]|\(\?P=")
 
 
 class _RegexRun:
     """Consecutive regex routes of a virtual host, compiled into one alternation: one C call
     finds the first route whose regex matches the path (the alternatives are tried in order,
     and a ``fullmatch`` backtracks into the next one), instead of one call per route. A run
-    whose regexes cannot be combined exactly (back-references, which a combined pattern would
-    renumber; inline global flags; clashing group names) is not made."""
+    whose regexes do not compile as one (inline global flags, clashing group names) is not
+    made; back-references, which a combined pattern would renumber, are refused at load (RE2
+    syntax)."""
 
     __slots__ = ("_extra", "_pk", "groups", "re", "routes")
 
@@ -741,7 +741,7 @@ def _regex_run(routes: list[Any]) -> _RegexRun | None:
     index = 1
     for i, r in enumerate(routes):
         pat = r._pat
-        if pat.flags != flags or _BACKREF.search(pat.pattern):
+        if pat.flags != flags:
             return None
         parts.append(b"(" + pat.pattern + b")")
         groups[index] = i
@@ -749,8 +749,6 @@ def _regex_run(routes: list[Any]) -> _RegexRun | None:
     try:
         combined = re.compile(b"|".join(parts), flags)
     except (re.error, OverflowError, RecursionError):
-        return None
-    if combined.groups != index - 1:
         return None
     return _RegexRun(routes, combined, groups)
 
