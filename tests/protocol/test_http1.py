@@ -1136,3 +1136,17 @@ def test_release_from_inside_a_callback_loses_nothing() -> None:
             if piece:
                 p.feed(piece)
         assert r.ev == whole.ev, cut
+
+
+def test_h2c_offer_with_a_malformed_chunked_body_is_400() -> None:
+    # The made-up head that frames an h2c offer's chunked body does not relax the framing: a
+    # bad chunk size is the same 400 as on any request, and the parser stays failed.
+    p = RequestParser(Rec())
+    with pytest.raises(HttpProtocolError) as e:
+        p.feed(
+            b"POST / HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: h2c\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\nZZ\r\nabc\r\n0\r\n\r\n"
+        )
+    assert e.value.status_hint == 400
+    with pytest.raises(HttpProtocolError):
+        p.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
