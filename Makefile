@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit deps venv bench bench-smoke clean
+.PHONY: run test lint typecheck unit deps venv native bench bench-smoke clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,25 +15,34 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-run: $(STAMP)
+# The compiled HTTP/1.1 parsers (moorline/protocol/_http1c.pyx on llhttp): rebuilt when the .pyx
+# changed, a no-op otherwise. Without a compiler moorline runs its pure-Python parsers (say so).
+native: $(STAMP)
+	$(BIN)/python scripts/build-native.py $(NATIVE_FLAGS)
+
+run: native
 	$(BIN)/moorline run $(ARGS)
 
 deps:
-	./scripts/install-deps.sh
+	PYTHON=$(PYTHON) ./scripts/install-deps.sh
 
 lint: $(STAMP)
-	$(BIN)/ruff check moorline tests bench
-	$(BIN)/ruff format --check moorline tests bench
+	$(BIN)/ruff check moorline tests bench scripts
+	$(BIN)/ruff format --check moorline tests bench scripts
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# The whole suite on the compiled parsers (required: a build failure fails the run), then the
+# codec, stream and proxy tests again on the pure-Python reference parsers.
 test: deps $(STAMP) lint typecheck
-	$(BIN)/pytest -n 2 -p no:cacheprovider tests
+	$(MAKE) native NATIVE_FLAGS=--strict
+	MOORLINE_REQUIRE_NATIVE=1 $(BIN)/pytest -n 2 -p no:cacheprovider tests
+	MOORLINE_PURE_PYTHON=1 $(BIN)/pytest -n 2 -p no:cacheprovider tests/protocol tests/stream tests/proxy
 
-bench: deps $(STAMP)
+bench: deps native
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python -m bench $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build moorline/protocol/_http1c.*.so

@@ -18,6 +18,7 @@ from moorline.config.ignored import check_bootstrap_fields
 from moorline.config.util import addr_str, address_of
 from moorline.extensions import register_builtin
 from moorline.observability.stats import Store
+from moorline.protocol import http1
 from moorline.stream import builtin_codecs
 
 # The "moorline" logger itself prints as [main] (Envoy's component); a "moorline.main" child
@@ -149,7 +150,11 @@ class Server:
         # bench/: gc_collect_main fell from ~8% of proxy CPU). MOORLINE_GC_GEN0 overrides.
         gc.set_threshold(int(os.environ.get("MOORLINE_GC_GEN0", "20000")), 50, 100)
         uptime_task = loop.create_task(self._tick())
-        log.info("moorline %s ready", __version__)
+        log.info(
+            "moorline %s ready (HTTP/1.1 parsers: %s)",
+            __version__,
+            "compiled, llhttp" if http1.NATIVE else "pure Python on httptools",
+        )
         await self._stop.wait()
         uptime_task.cancel()
         await self.shutdown()

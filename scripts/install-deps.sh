@@ -9,6 +9,13 @@ for pair in nginx:/usr/sbin/nginx haproxy:/usr/sbin/haproxy wrk:/usr/bin/wrk ipe
   pkg=${pair%%:*}; bin=${pair#*:}
   [ -e "$bin" ] || need+=("$pkg")
 done
+# The compiled HTTP/1.1 parsers (scripts/build-native.py) need a C compiler and Python's headers.
+command -v cc >/dev/null || need+=(gcc libc6-dev)
+PY=${PYTHON:-python3}
+if command -v "$PY" >/dev/null; then
+  inc=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+  [ -e "$inc/Python.h" ] || need+=(python3-dev)
+fi
 [ ${#need[@]} -eq 0 ] && exit 0
 SUDO=""
 if [ "$(id -u)" != 0 ]; then

@@ -15,6 +15,7 @@ import yaml
 
 from moorline import __version__
 from moorline.observability import logging as mlog
+from moorline.protocol import http1
 from moorline.testing import procs
 from moorline.testing.procs import free_port
 
@@ -91,4 +92,7 @@ def test_startup_log_shows_every_notice_at_info(tmp_path: Path) -> None:
         f"{hcm}.tracing",
         "stats_sinks[0]",
     ], lines
-    assert any(ln.endswith("[info][main] moorline " + __version__ + " ready") for ln in lines), lines
+    ready = "[info][main] moorline " + __version__ + " ready (HTTP/1.1 parsers: "
+    assert any(ready in ln for ln in lines), lines
+    backend = "compiled, llhttp)" if http1.NATIVE else "pure Python on httptools)"
+    assert any(ln.endswith(backend) for ln in lines if ready in ln), lines

@@ -385,21 +385,21 @@ def test_crowded_keep_alive_connection_frees_its_parser_between_requests(
         assert up.request().target == b"/%d" % i
         up.send(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
         assert c.response().body == b"ok"
-        assert server.parser._p is None  # freed while idle
+        assert server.parser.released  # freed while idle
     # A request with a body cannot prove the boundary: the parser is kept, and all still works.
     c.send(b"POST /p HTTP/1.1\r\nhost: a\r\ncontent-length: 2\r\n\r\nhi")
     up = pair.upstream.connections[-1]
     assert up.request().body == b"hi"
     up.send(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
     assert c.response().status == 200
-    assert server.parser._p is not None
+    assert not server.parser.released
     pair.assert_settled()
 
 
 def test_few_connections_keep_their_parser(make: Any) -> None:
     pair = make()
     c, _, r = exchange(pair, GET, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-    assert r.status == 200 and c.transport.get_protocol().parser._p is not None
+    assert r.status == 200 and not c.transport.get_protocol().parser.released
 
 
 @pytest.mark.parametrize("rest", [b"", b"ho"])

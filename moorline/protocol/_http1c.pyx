@@ -1,0 +1,874 @@
+# cython: language_level=3, boundscheck=False
+"""The HTTP/1.1 parsers, compiled: the same contract as ``http1.RequestParser`` and
+``http1.ResponseParser`` (the reference, pure Python on httptools), on llhttp called directly.
+
+Why it exists: on the pure path every llhttp event is a call from C into Python (request line,
+each header, head end, body, message end: about 14 per proxied request) and each of those runs a
+few dozen bytecodes. Here llhttp's callbacks are C functions: header names are lowercased and
+values trimmed in C, the header list and the head are built in C, and Python runs only for what
+the target is told (head, body, message end). Everything the pure parsers decide (limits, the
+special headers, Host as the authority, h2c offers, HEAD and CONNECT framing, trailers, the raw
+bound, errors and their statuses) is decided the same way, in the same order; the codec tests
+run against both (``MOORLINE_PURE_PYTHON=1`` selects the pure ones).
+
+llhttp is the copy httptools ships (same version as the pure path's), compiled into this
+module by ``scripts/build-native.py``.
+"""
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyObject_GetBuffer, PyBuffer_Release
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.stdint cimport uint8_t, uint16_t, uint64_t, int32_t
+from libc.string cimport memcmp
+
+from moorline.protocol.headers import HeaderMap
+from moorline.protocol.http1_head import (
+    _BAD_TE, _BODY_DISALLOWED, _CHUNKED_HEAD, _CODEC_ERROR, _CRLF2, _LLHTTP_ERRORS, _MISSING_HOST,
+    _RESPONSE_LIMITS, _TOO_LARGE, _TOO_MANY, _UNDERSCORE, _UPSTREAM_EOF, REJECT_REQUEST,
+    HttpProtocolError, Limits, RequestHead, ResponseHead, _keep_alive,
+)
+
+
+cdef extern from "llhttp.h":
+    ctypedef struct llhttp_t:
+        int32_t error
+        void* data
+        uint8_t method
+        uint8_t http_major
+        uint8_t http_minor
+        uint8_t upgrade
+        uint16_t status_code
+
+    ctypedef int (*llhttp_data_cb)(llhttp_t*, const char* at, size_t length) noexcept
+    ctypedef int (*llhttp_cb)(llhttp_t*) noexcept
+
+    ctypedef struct llhttp_settings_t:
+        llhttp_cb on_message_begin
+        llhttp_data_cb on_url
+        llhttp_data_cb on_header_field
+        llhttp_data_cb on_header_value
+        llhttp_cb on_headers_complete
+        llhttp_data_cb on_body
+        llhttp_cb on_message_complete
+        llhttp_cb on_chunk_complete
+
+    ctypedef enum llhttp_type_t:
+        HTTP_REQUEST
+        HTTP_RESPONSE
+
+    ctypedef enum llhttp_errno_t:
+        HPE_OK
+        HPE_PAUSED_UPGRADE
+        HPE_USER
+
+    void llhttp_init(llhttp_t* parser, llhttp_type_t type, const llhttp_settings_t* settings)
+    void llhttp_settings_init(llhttp_settings_t* settings)
+    llhttp_errno_t llhttp_execute(llhttp_t* parser, const char* data, size_t len)
+    int llhttp_should_keep_alive(const llhttp_t* parser)
+    void llhttp_resume_after_upgrade(llhttp_t* parser)
+    const char* llhttp_get_error_reason(const llhttp_t* parser)
+    const char* llhttp_get_error_pos(const llhttp_t* parser)
+    const char* llhttp_method_name(uint8_t method)
+
+
+# Parser states (``_st``), as in http1_head.
+cdef enum:
+    S_HEAD = 0
+    S_BODY = 1
+    S_CHUNKED = 2
+
+cdef bytes B11 = b"1.1"
+cdef bytes B10 = b"1.0"
+cdef bytes B_CONNECT = b"CONNECT"
+cdef bytes B_HEAD = b"HEAD"
+cdef bytes B_HTTP = b"http"
+cdef bytes B_EMPTY = b""
+cdef object _new = object.__new__
+# llhttp's method names by number (0 DELETE .. 46 QUERY; llhttp_method_name aborts past that).
+cdef tuple _METHODS = tuple(llhttp_method_name(i) for i in range(47))
+
+cdef llhttp_settings_t REQ_SETTINGS
+cdef llhttp_settings_t RESP_SETTINGS
+
+
+cdef inline bytes _lower(const char* at, size_t n):
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, n)
+    cdef char* o = PyBytes_AS_STRING(out)
+    cdef size_t i
+    cdef char c
+    for i in range(n):
+        c = at[i]
+        o[i] = c + 32 if 65 <= c <= 90 else c
+    return out
+
+
+cdef inline bytes _rstrip(bytes v):
+    """Trailing spaces and tabs off (llhttp drops the leading ones)."""
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(v)
+    cdef const char* p = PyBytes_AS_STRING(v)
+    cdef Py_ssize_t m = n
+    while m and (p[m - 1] == 32 or p[m - 1] == 9):
+        m -= 1
+    return v if m == n else PyBytes_FromStringAndSize(p, m)
+
+
+# Special names, matched by length first: C comparisons, no hashing.
+cdef inline int _is(bytes name, const char* lit, Py_ssize_t n):
+    return PyBytes_GET_SIZE(name) == n and memcmp(PyBytes_AS_STRING(name), lit, n) == 0
+
+
+cdef class _Parser:
+    cdef llhttp_t _c
+    cdef object _t
+    cdef int _bad
+    cdef Py_ssize_t _max_bytes, _max_n, _raw_max, _raw, _hsize, _trsize
+    cdef int _st
+    cdef bint _dead, _upgrade, _chunked
+    cdef object _error, _cl, _tr, _h, _exc
+    cdef object _fname, _fval  # the header line being read: name (lowercased), value
+
+    def __init__(self, target, limits, int bad_status):
+        self._t = target
+        self._bad = bad_status
+        self._max_bytes = limits.max_header_bytes
+        self._max_n = limits.max_headers
+        self._raw_max = 2 * limits.max_header_bytes + 4 * limits.max_headers + 4096
+        self._raw = 0
+        self._st = S_HEAD
+        self._dead = False
+        self._error = None
+        self._upgrade = False
+        self._h = []
+        self._hsize = 0
+        self._cl = None
+        self._chunked = False
+        self._tr = None
+        self._trsize = 0
+        self._exc = None
+        self._fname = None
+        self._fval = None
+
+    # -- feeding ------------------------------------------------------------------------------
+    cdef object _feed(self, data):
+        """Feed ``data`` (bytes or memoryview) under the raw bound."""
+        cdef Py_ssize_t raw
+        if self._st != S_BODY:
+            raw = self._raw + len(data)
+            if raw > self._raw_max:
+                return self._feed_bounded(data)
+            self._raw = raw
+        cdef Py_ssize_t off = self._exec(data)
+        if off >= 0:
+            return self._upgraded(data, off)
+        return None
+
+    cdef Py_ssize_t _exec(self, data) except -2:
+        """Run llhttp over ``data``: -1 when all was parsed, else the offset after the head of
+        an upgrade; raises the protocol error (or a target's own exception)."""
+        cdef Py_buffer buf
+        cdef llhttp_errno_t err
+        cdef const char* base
+        cdef Py_ssize_t n
+        if type(data) is bytes:
+            base = PyBytes_AS_STRING(data)
+            n = PyBytes_GET_SIZE(data)
+            err = llhttp_execute(&self._c, base, n)
+        else:
+            PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
+            base = <const char*>buf.buf
+            err = llhttp_execute(&self._c, base, buf.len)
+            PyBuffer_Release(&buf)
+        if err == HPE_OK:
+            return -1
+        if err == HPE_PAUSED_UPGRADE and self._c.upgrade:
+            n = llhttp_get_error_pos(&self._c) - base
+            llhttp_resume_after_upgrade(&self._c)
+            return n
+        raise self._fail()
+
+    cdef object _fail(self):
+        exc = self._exc
+        self._exc = None
+        if self._error is not None:  # raised by our own callbacks
+            return self._error
+        if exc is not None:
+            # The target raised: a bug upstairs, not the peer's fault. Keep the parser dead and
+            # let the original exception through.
+            self._dead = True
+            self._error = HttpProtocolError(500, "http1.callback_error")
+            raise exc
+        cdef const char* r = llhttp_get_error_reason(&self._c)
+        reason = r.decode("latin-1") if r != NULL else ""
+        status, detail = _LLHTTP_ERRORS.get(reason, (400, _CODEC_ERROR))
+        if self._bad != 400:
+            status = self._bad
+        return self._die(status, detail)
+
+    cdef object _feed_bounded(self, data):
+        cdef object mv = memoryview(data)
+        cdef Py_ssize_t room, off
+        while len(mv):
+            if self._st == S_BODY:
+                return self._feed(mv)
+            room = self._raw_max - self._raw
+            if len(mv) <= room:
+                return self._feed(mv)
+            if room <= 0:
+                raise self._die(431 if self._bad == 400 else self._bad, _TOO_LARGE)
+            self._raw = self._raw_max
+            piece = mv[:room]
+            off = self._exec(piece)
+            if off >= 0:
+                left = self._upgraded(piece, off)
+                if left is None:  # not a tunnel after all (h2c offer): parse on
+                    return self.feed(bytes(mv[room:])) if len(mv) > room else None
+                return left + bytes(mv[room:])
+            if self._raw >= self._raw_max:
+                raise self._die(431 if self._bad == 400 else self._bad, _TOO_LARGE)
+            mv = mv[room:]
+        return None
+
+    cdef object _upgraded(self, data, Py_ssize_t offset):
+        self._dead = True
+        return bytes(data[offset:])
+
+    def feed(self, data):
+        raise NotImplementedError
+
+    cdef object _die(self, int status, str detail):
+        err = HttpProtocolError(status, detail)
+        self._error = err
+        self._dead = True
+        return err
+
+    cdef object _after_death(self, data):
+        if self._error is not None:
+            raise self._error
+        return bytes(data)  # tunnel: everything is payload
+
+    cdef int _too_large(self, Py_ssize_t size) except -1:
+        cdef int bad = 431 if self._bad == 400 else self._bad
+        if size > self._max_bytes:
+            raise self._die(bad, _TOO_LARGE)
+        raise self._die(bad, _TOO_MANY)
+
+    cdef int _trailer(self, bytes name, bytes value) except -1:
+        tr = self._tr
+        if tr is None:
+            tr = self._tr = []
+        tr.append((name, value))
+        cdef Py_ssize_t size = self._trsize + len(name) + len(value)
+        self._trsize = size
+        if size > self._max_bytes or len(tr) > self._max_n:
+            self._too_large(size)
+        return 0
+
+    cdef int _content_length(self, bytes value) except -1:
+        if not value.isdigit():
+            raise self._die(self._bad, _CODEC_ERROR)
+        n = int(value)
+        if self._cl is not None and self._cl != n:
+            raise self._die(self._bad, _CODEC_ERROR)
+        self._cl = n
+        return 0
+
+    cdef int _transfer_encoding(self, bytes value) except -1:
+        if self._chunked or value.lower() != b"chunked":
+            raise self._die(501 if self._bad == 400 else self._bad, _BAD_TE)
+        self._chunked = True
+        return 0
+
+    # -- events (called from the llhttp callbacks below) ---------------------------------------
+    # A header line is acted on when the next name starts, or at the end of the head (or of a
+    # chunk): the moments httptools reports it, so that both backends fail the same way when
+    # llhttp refuses the bytes right after a value.
+    cdef int _on_field(self, const char* at, size_t n) except -1:
+        if self._fval is not None:
+            self._flush()
+        piece = _lower(at, n)
+        self._fname = piece if self._fname is None else self._fname + piece
+        return 0
+
+    cdef int _on_value(self, const char* at, size_t n) except -1:
+        piece = PyBytes_FromStringAndSize(at, n)
+        self._fval = piece if self._fval is None else self._fval + piece
+        return 0
+
+    cdef int _flush(self) except -1:
+        name = self._fname
+        value = self._fval
+        self._fname = self._fval = None
+        if value is None or name is None:
+            return 0
+        return self._header(name, _rstrip(value))
+
+    cdef int _on_chunk_complete(self) except -1:
+        if self._fval is not None:
+            self._flush()
+        self._raw = 0
+        return 0
+
+    cdef int _header(self, bytes name, bytes value) except -1:
+        return 0
+
+    cdef int _on_headers_complete(self) except -1:
+        return 0
+
+    cdef int _on_body(self, const char* at, size_t n) except -1:
+        self._raw -= n
+        self._t.on_body(PyBytes_FromStringAndSize(at, n))
+        return 0
+
+    cdef int _on_message_complete(self) except -1:
+        return 0
+
+    cdef int _on_url(self, const char* at, size_t n) except -1:
+        return 0
+
+    cdef int _on_message_begin(self) except -1:
+        return 0
+
+
+# -- llhttp callbacks: C functions; an exception is kept on the parser for ``_exec`` ----------
+cdef int _cb_url(llhttp_t* c, const char* at, size_t n) noexcept:
+    cdef _Parser p = <_Parser>c.data
+    try:
+        p._on_url(at, n)
+    except BaseException as e:
+        p._exc = e
+        return HPE_USER
+    return 0
+
+
+cdef int _cb_field(llhttp_t* c, const char* at, size_t n) noexcept:
+    cdef _Parser p = <_Parser>c.data
+    try:
+        p._on_field(at, n)
+    except BaseException as e:
+        p._exc = e
+        return HPE_USER
+    return 0
+
+
+cdef int _cb_value(llhttp_t* c, const char* at, size_t n) noexcept:
+    cdef _Parser p = <_Parser>c.data
+    try:
+        p._on_value(at, n)
+    except BaseException as e:
+        p._exc = e
+        return HPE_USER
+    return 0
+
+
+cdef int _cb_headers_complete(llhttp_t* c) noexcept:
+    cdef _Parser p = <_Parser>c.data
+    try:
+        if p._fval is not None:
+            p._flush()
+        p._on_headers_complete()
+    except BaseException as e:
+        p._exc = e
+        return -1
+    return 1 if c.upgrade else 0
+
+
+cdef int _cb_body(llhttp_t* c, const char* at, size_t n) noexcept:
+    cdef _Parser p = <_Parser>c.data
+    try:
+        p._on_body(at, n)
+    except BaseException as e:
+        p._exc = e
+        return HPE_USER
+    return 0
+
+
+cdef int _cb_message_complete(llhttp_t* c) noexcept:
+    cdef _Parser p = <_Parser>c.data
+    try:
+        p._on_message_complete()
+    except BaseException as e:
+        p._exc = e
+        return -1
+    return 0
+
+
+cdef int _cb_chunk_complete(llhttp_t* c) noexcept:
+    cdef _Parser p = <_Parser>c.data
+    try:
+        p._on_chunk_complete()
+    except BaseException as e:
+        p._exc = e
+        return -1
+    return 0
+
+
+cdef int _cb_message_begin(llhttp_t* c) noexcept:
+    cdef _Parser p = <_Parser>c.data
+    try:
+        p._on_message_begin()
+    except BaseException as e:
+        p._exc = e
+        return -1
+    return 0
+
+
+llhttp_settings_init(&REQ_SETTINGS)
+REQ_SETTINGS.on_url = _cb_url
+REQ_SETTINGS.on_header_field = _cb_field
+REQ_SETTINGS.on_header_value = _cb_value
+REQ_SETTINGS.on_headers_complete = _cb_headers_complete
+REQ_SETTINGS.on_body = _cb_body
+REQ_SETTINGS.on_message_complete = _cb_message_complete
+REQ_SETTINGS.on_chunk_complete = _cb_chunk_complete
+
+llhttp_settings_init(&RESP_SETTINGS)
+RESP_SETTINGS.on_message_begin = _cb_message_begin
+RESP_SETTINGS.on_header_field = _cb_field
+RESP_SETTINGS.on_header_value = _cb_value
+RESP_SETTINGS.on_headers_complete = _cb_headers_complete
+RESP_SETTINGS.on_body = _cb_body
+RESP_SETTINGS.on_message_complete = _cb_message_complete
+RESP_SETTINGS.on_chunk_complete = _cb_chunk_complete
+
+
+cdef class RequestParser(_Parser):
+    """Parses requests (downstream side): ``http1.RequestParser``'s contract."""
+
+    cdef bint _boundary, _expect, _h2c, _h2c_chunked, _h2c_pending, _hide, _fresh
+    cdef Py_ssize_t _h2c_body
+    cdef object _host, _url
+    cdef int _underscores
+
+    def __init__(self, target, limits=None):
+        if limits is None:
+            limits = Limits()
+        _Parser.__init__(self, target, limits, 400)
+        self._underscores = limits.headers_with_underscores
+        self._url = B_EMPTY
+        self._host = None
+        self._expect = False
+        self._h2c = False
+        self._h2c_pending = False
+        self._h2c_chunked = False
+        self._boundary = False
+        self._hide = False
+        self._h = None  # made per request, at its request line (an idle connection holds none)
+        self._h2c_body = 0
+        self._reset()
+
+    cdef void _reset(self):
+        llhttp_init(&self._c, HTTP_REQUEST, &REQ_SETTINGS)
+        self._c.data = <void*>self
+        self._fresh = False
+
+    cdef object _upgraded(self, data, Py_ssize_t offset):
+        if not self._h2c_pending:
+            self._dead = True
+            return bytes(data[offset:])
+        self._h2c_pending = False
+        self._upgrade = False
+        self._reset()
+        if self._h2c_chunked:
+            # llhttp stopped at the head of the offer, before its chunked body: the fresh parser
+            # is given a made-up head that frames the rest as a chunked body, with the head's
+            # own events hidden (``_hide``).
+            self._h2c_chunked = False
+            self._st = S_CHUNKED  # (llhttp reported the message complete at its head)
+            self._hide = True
+            try:
+                self._exec(_CHUNKED_HEAD)
+            finally:
+                self._hide = False
+            return self._feed(data[offset:]) if len(data) > offset else None
+        return self._h2c_feed(data[offset:])
+
+    cdef object _h2c_feed(self, data):
+        cdef Py_ssize_t n = self._h2c_body
+        if n:
+            take = data[:n]
+            if len(take):
+                self._t.on_body(bytes(take))
+            n = self._h2c_body = n - len(take)
+            data = data[len(take):]
+            if n:
+                return None
+            self._st = S_HEAD
+            self._t.on_message_complete(None)
+        return self._feed(data) if len(data) else None
+
+    @property
+    def head_pending(self):
+        """Part of a request head has arrived (request line or header bytes), not all of it."""
+        return self._st == S_HEAD and bool(self._url or self._h)
+
+    def feed(self, data):
+        """Parse ``data``; returns the bytes after the head of an upgrade/CONNECT, else None."""
+        if self._dead:
+            return self._after_death(data)
+        if self._h2c_body:
+            return self._h2c_feed(data)
+        if self._fresh:
+            self._reset()
+        self._boundary = False
+        left = self._feed(data)
+        if self._boundary and not data.endswith(b"\r\n\r\n"):
+            self._boundary = False
+        return left
+
+    @property
+    def released(self):
+        """``release`` reset llhttp's state and no feed has come since."""
+        return self._fresh
+
+    def release(self):
+        """As ``http1.RequestParser.release``: at a provably clean boundary, forget llhttp's
+        state (here it is part of this object, so nothing is freed; the next feed starts a
+        fresh llhttp state). Returns whether it was released."""
+        if (
+            self._boundary
+            and self._st == S_HEAD
+            and not self._dead
+            and not self._h2c_body
+            and not self._h
+            and not self._url
+            and self._tr is None
+        ):
+            self._fresh = True
+            return True
+        return False
+
+    # -- events -------------------------------------------------------------------------------
+    cdef int _on_url(self, const char* at, size_t n) except -1:
+        if self._hide:
+            return 0
+        self._boundary = False
+        if self._h is None:
+            self._h = []
+        u = self._url = self._url + PyBytes_FromStringAndSize(at, n) if self._url else PyBytes_FromStringAndSize(at, n)
+        self._hsize += n
+        if len(u) > self._max_bytes:
+            raise self._die(431, _TOO_LARGE)
+        return 0
+
+    cdef int _header(self, bytes name, bytes value) except -1:
+        if self._hide:
+            return 0
+        if self._st:
+            if self._underscores and b"_" in name and self._drop_underscore():
+                return 0
+            return self._trailer(name, value)
+        cdef Py_ssize_t size = self._hsize + len(name) + len(value)
+        self._hsize = size
+        if self._underscores and b"_" in name and self._drop_underscore():
+            if size > self._max_bytes:
+                self._too_large(size)
+            return 0
+        cdef Py_ssize_t ln = PyBytes_GET_SIZE(name)
+        if ln == 4 and _is(name, b"host", 4):
+            if self._host is not None:  # RFC 9112 3.2: more than one Host -> 400
+                raise self._die(400, _CODEC_ERROR)
+            self._host = value
+            if size > self._max_bytes:
+                self._too_large(size)
+            return 0
+        if ln == 14 and _is(name, b"content-length", 14):
+            self._content_length(value)
+        elif ln == 17 and _is(name, b"transfer-encoding", 17):
+            self._transfer_encoding(value)
+        elif ln == 7 and _is(name, b"upgrade", 7):
+            self._h2c = value.strip().lower() == b"h2c"
+        elif ln == 6 and _is(name, b"expect", 6) and value.lower() == b"100-continue":
+            self._expect = True
+        h = self._h
+        h.append((name, value))
+        if size > self._max_bytes or len(h) > self._max_n:
+            self._too_large(size)
+        return 0
+
+    cdef bint _drop_underscore(self) except -1:
+        if self._underscores == REJECT_REQUEST:
+            raise self._die(400, _UNDERSCORE)
+        return True
+
+    cdef int _on_headers_complete(self) except -1:
+        if self._hide:
+            return 0
+        cdef llhttp_t* c = &self._c
+        cdef bytes ver
+        if c.http_major == 1 and c.http_minor == 1:
+            ver = B11
+        elif c.http_major == 1 and c.http_minor == 0:
+            ver = B10
+        else:
+            # "GET /" (HTTP/0.9) is malformed for us; "HTTP/2.0" is a version we do not speak.
+            raise self._die(400 if (c.http_major == 0 and c.http_minor == 9) else 505, _CODEC_ERROR)
+        cdef bytes method = <bytes>_METHODS[c.method] if c.method < 47 else b"<unknown>"
+        url = self._url
+        cdef bint upgrade = c.upgrade != 0
+        cdef bint connect = method == B_CONNECT
+        if connect:
+            if self._chunked:
+                raise self._die(501, _BAD_TE)
+            if self._cl:
+                raise self._die(400, _BODY_DISALLOWED)
+        elif self._host is None and ver is B11 and (url[:1] == b"/" or url == b"*"):
+            raise self._die(400, _MISSING_HOST)
+        host = self._host
+        if upgrade and self._h2c and not connect:
+            upgrade = False
+            self._h2c_pending = True
+            self._h2c_body = self._cl or 0
+            self._h2c_chunked = self._chunked
+        h = self._h
+        if h is None:
+            h = []
+        if host is not None and len(h) >= self._max_n:  # Host counts as one of the headers
+            raise self._die(431, _TOO_MANY)
+        head = _new(RequestHead)
+        head._h = h
+        head.method = method
+        head.target = url
+        head.path = url
+        head.authority = B_EMPTY if host is None else host
+        head.scheme = B_HTTP
+        head.version = ver
+        head.keep_alive = llhttp_should_keep_alive(c) != 0
+        head.content_length = self._cl
+        cdef bint chunked = self._chunked
+        head.chunked = chunked
+        head.upgrade = upgrade
+        head.expect_continue = self._expect and ver is B11
+        head.header_bytes = self._hsize + len(method) + 14 + 4 * (len(h) if host is None else len(h) + 1)
+        self._st = S_CHUNKED if chunked else S_BODY
+        self._raw = 0
+        self._upgrade = upgrade or self._h2c_body > 0 or self._h2c_chunked
+        self._h = None
+        self._hsize = 0
+        self._url = B_EMPTY
+        self._cl = None
+        self._host = None
+        self._chunked = self._expect = self._h2c = False
+        self._t.on_request_head(head)
+        return 0
+
+    cdef int _on_message_complete(self) except -1:
+        self._st = S_HEAD
+        self._raw = 0
+        if self._upgrade:
+            return 0  # the tunnel is the body; llhttp stops right after this
+        tr = self._tr
+        if tr is None:
+            self._t.on_message_complete(None)
+        else:
+            self._tr = None
+            self._trsize = 0
+            self._t.on_message_complete(HeaderMap.wrap(tr))
+        self._boundary = True
+        return 0
+
+
+cdef class ResponseParser(_Parser):
+    """Parses responses (upstream side): ``http1.ResponseParser``'s contract."""
+
+    cdef bint _connect_2xx, _eof_body, _forced
+    cdef public bint message_open
+    cdef int _scan, _tail, _status
+    cdef object _connection
+
+    def __init__(self, target, limits=None):
+        _Parser.__init__(self, target, limits or _RESPONSE_LIMITS, 502)
+        self._status = 0
+        self.message_open = False
+        self._eof_body = False
+        self._scan = 0
+        self._tail = 0
+        self._forced = False
+        self._connect_2xx = False
+        self._connection = B_EMPTY
+        self._reset()
+
+    cdef void _reset(self):
+        llhttp_init(&self._c, HTTP_RESPONSE, &RESP_SETTINGS)
+        self._c.data = <void*>self
+
+    def expect(self, method):
+        """Name the method of the request whose response comes next."""
+        if method == B_HEAD:
+            self._scan = 1
+        elif method == B_CONNECT:
+            self._scan = 2
+        else:
+            self._scan = 0
+            return
+        self._tail = 0
+
+    def feed(self, data):
+        """Parse ``data``; returns the bytes after a 101 / CONNECT 2xx head, else None."""
+        if self._dead:
+            return self._after_death(data)
+        if self._scan:
+            return self._feed_scan(data)
+        return self._feed(data)
+
+    def feed_eof(self):
+        """The upstream closed its side: finish a read-until-close body, or fail."""
+        if self._dead:
+            if self._error is not None:
+                raise self._error
+            return
+        if not self.message_open:
+            return
+        if self._st == S_BODY and self._eof_body:
+            self.message_open = False
+            self._dead = True
+            self._error = HttpProtocolError(502, _UPSTREAM_EOF)  # nothing may follow EOF
+            self._t.on_message_complete(None)
+            return
+        raise self._die(502, _UPSTREAM_EOF)
+
+    # -- HEAD / CONNECT framing (as in http1.ResponseParser) ----------------------------------
+    cdef Py_ssize_t _head_end(self, bytes data):
+        cdef int t = self._tail
+        cdef Py_ssize_t i
+        if t:
+            i = (_CRLF2[:t] + data[:3]).find(_CRLF2)
+            if i >= 0:
+                self._tail = 0
+                return i + 4 - t
+        i = data.find(_CRLF2)
+        if i >= 0:
+            self._tail = 0
+            return i + 4
+        s = (_CRLF2[:t] + data)[-3:] if len(data) < 3 else data[-3:]
+        self._tail = 3 if s == b"\r\n\r" else 2 if s.endswith(b"\r\n") else 1 if s.endswith(b"\r") else 0
+        return -1
+
+    cdef object _feed_scan(self, data):
+        cdef Py_ssize_t end
+        data = bytes(data)
+        while data:
+            if not self._scan:
+                return self._feed(data)
+            end = self._head_end(data)
+            if end < 0:
+                return self._feed(data)
+            piece, data = data[:end], data[end:]
+            left = self._feed(piece)
+            if left is not None:  # 101 inside the piece
+                return left + data
+            if self._connect_2xx:
+                self._dead = True
+                return data
+            if self._forced:
+                self._forced = False
+                self._scan = 0
+                if self.message_open:  # llhttp waits for a body that HEAD answers never carry
+                    self.message_open = False
+                    self._st = S_HEAD
+                    self._raw = 0
+                    tr = self._tr  # always None: no body, no trailers
+                    self._tr = None
+                    self._reset()
+                    self._t.on_message_complete(tr)
+        return None
+
+    # -- events -------------------------------------------------------------------------------
+    cdef int _on_message_begin(self) except -1:
+        self.message_open = True
+        return 0
+
+    cdef int _header(self, bytes name, bytes value) except -1:
+        if self._st:
+            return self._trailer(name, value)
+        self._hsize += len(name) + len(value)  # checked at the end of the head
+        cdef Py_ssize_t ln = PyBytes_GET_SIZE(name)
+        if ln == 14 and _is(name, b"content-length", 14):
+            self._content_length(value)
+        elif ln == 17 and _is(name, b"transfer-encoding", 17):
+            self._transfer_encoding(value)
+            return 0
+        elif ln == 10 and _is(name, b"connection", 10):
+            self._connection = self._connection + b"," + value if self._connection else value
+            return 0
+        elif (ln == 10 and _is(name, b"keep-alive", 10)) or (ln == 16 and _is(name, b"proxy-connection", 16)):
+            return 0
+        h = self._h
+        h.append((name, value))
+        if len(h) > self._max_n:
+            self._too_large(self._hsize)
+        return 0
+
+    cdef int _on_headers_complete(self) except -1:
+        cdef llhttp_t* c = &self._c
+        cdef bytes ver
+        if c.http_major == 1 and c.http_minor == 1:
+            ver = B11
+        elif c.http_major == 1 and c.http_minor == 0:
+            ver = B10
+        else:
+            raise self._die(502, _CODEC_ERROR)
+        if self._hsize > self._max_bytes:
+            self._too_large(self._hsize)
+        cdef int status = c.status_code
+        h = self._h
+        cdef int scan = self._scan
+        cdef bint upgrade = status == 101 and c.upgrade != 0
+        cdef bint keep_alive
+        if scan and status >= 200:
+            keep_alive = _keep_alive(ver, self._connection)
+            if scan == 1:
+                self._forced = True
+            elif status < 300:
+                self._connect_2xx = upgrade = True
+                keep_alive = False
+            else:
+                self._scan = 0  # a refused CONNECT is an ordinary response with a body
+                keep_alive = llhttp_should_keep_alive(c) != 0
+        else:
+            keep_alive = llhttp_should_keep_alive(c) != 0
+        cdef bint chunked = self._chunked
+        cl = self._cl
+        if (status < 200 or status == 204) and status != 101:
+            if chunked or (cl is not None and cl != 0):
+                raise self._die(502, "http1.content_length_not_allowed")
+            if cl == 0:
+                h[:] = [p for p in h if p[0] != b"content-length"]
+                cl = None
+        head = _new(ResponseHead)
+        head._h = h
+        head.status = status
+        head.version = ver
+        head.keep_alive = keep_alive
+        head.content_length = cl
+        head.chunked = chunked
+        head.upgrade = upgrade
+        head.header_bytes = self._hsize + 17 + 4 * len(h)
+        if status < 200 or status == 204 or status == 304 or self._forced:
+            self._st = S_HEAD
+            self._eof_body = False
+        else:
+            self._st = S_CHUNKED if chunked else S_BODY
+            self._eof_body = not chunked and cl is None
+        self._raw = 0
+        self._status = status
+        self._h = []
+        self._hsize = 0
+        self._cl = None
+        self._chunked = False
+        self._connection = B_EMPTY
+        self._t.on_response_head(head)
+        return 0
+
+    cdef int _on_message_complete(self) except -1:
+        self._st = S_HEAD
+        self._raw = 0
+        if self._status < 200 or self._connect_2xx:
+            return 0
+        self.message_open = False
+        tr = self._tr
+        if tr is None:
+            self._t.on_message_complete(None)
+            return 0
+        self._tr = None
+        self._trsize = 0
+        self._t.on_message_complete(HeaderMap.wrap(tr))
+        return 0

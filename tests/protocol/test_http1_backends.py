@@ -1,0 +1,275 @@
+"""The two HTTP/1.1 parser backends agree: the compiled one (``_http1c``, llhttp called directly)
+and the pure-Python reference (``http1.PyRequestParser`` / ``PyResponseParser`` on httptools).
+
+Both are fed the same bytes, split the same way, and must report the same events, the same
+errors (status and detail) and the same leftover bytes. The inputs are valid and hostile
+messages, and mutations of them (bytes flipped, inserted, deleted), so the error paths are
+compared as much as the happy ones. The rest of the codec tests run against whichever backend
+is active; CI runs them once per backend (``MOORLINE_PURE_PYTHON=1``)."""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+import pytest
+
+from moorline.protocol import http1
+from moorline.protocol.headers import HeaderMap
+from moorline.protocol.http1 import (
+    REJECT_REQUEST,
+    HttpProtocolError,
+    Limits,
+    PyRequestParser,
+    PyResponseParser,
+)
+
+if os.environ.get("MOORLINE_REQUIRE_NATIVE") and not http1.NATIVE:
+    raise RuntimeError("MOORLINE_REQUIRE_NATIVE is set but moorline.protocol._http1c is not built")
+
+try:
+    from moorline.protocol import _http1c  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - the build is part of make test; this says why it failed
+    _http1c = None
+
+needs_native = pytest.mark.skipif(
+    _http1c is None and not os.environ.get("MOORLINE_REQUIRE_NATIVE"),
+    reason="compiled parsers not built (scripts/build-native.py)",
+)
+
+
+class Rec:
+    """Records every event as plain data; bodies are merged across pieces."""
+
+    def __init__(self) -> None:
+        self.ev: list[tuple[Any, ...]] = []
+
+    def on_request_head(self, h: Any) -> None:
+        self.ev.append(
+            (
+                "head",
+                type(h).__name__,
+                h.method,
+                h.target,
+                h.path,
+                h.authority,
+                h.scheme,
+                h.version,
+                list(h.headers),
+                h.keep_alive,
+                h.content_length,
+                h.chunked,
+                h.upgrade,
+                h.expect_continue,
+                h.header_bytes,
+            )
+        )
+
+    def on_response_head(self, h: Any) -> None:
+        self.ev.append(
+            (
+                "rhead",
+                type(h).__name__,
+                h.status,
+                h.version,
+                list(h.headers),
+                h.keep_alive,
+                h.content_length,
+                h.chunked,
+                h.upgrade,
+                h.header_bytes,
+            )
+        )
+
+    def on_body(self, b: bytes) -> None:
+        assert type(b) is bytes
+        if self.ev and self.ev[-1][0] == "body":
+            self.ev[-1] = ("body", self.ev[-1][1] + b)
+        else:
+            self.ev.append(("body", b))
+
+    def on_message_complete(self, trailers: HeaderMap | None) -> None:
+        self.ev.append(("done", None if trailers is None else list(trailers)))
+
+
+def _run(parser_cls: Any, pieces: list[bytes], limits: Limits | None, method: bytes | None) -> list[Any]:
+    rec = Rec()
+    p = parser_cls(rec, limits)
+    out: list[Any] = []
+    for piece in pieces:
+        if method is not None and not p.message_open:
+            p.expect(method)
+        try:
+            left = p.feed(piece)
+        except HttpProtocolError as e:
+            out.append(("error", e.status_hint, e.detail))
+            break
+        if left is not None:
+            out.append(("left", left))
+    else:
+        if method is not None:
+            try:
+                p.feed_eof()
+            except HttpProtocolError as e:
+                out.append(("eof-error", e.status_hint, e.detail))
+        else:
+            out.append(("pending", p.head_pending))
+    return rec.ev + out
+
+
+def _split(data: bytes, rnd: random.Random) -> list[bytes]:
+    if len(data) < 2 or rnd.random() < 0.3:
+        return [data]
+    cuts = sorted(rnd.sample(range(1, len(data)), min(len(data) - 1, rnd.randint(1, 6))))
+    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+
+
+def _mutate(data: bytes, rnd: random.Random) -> bytes:
+    b = bytearray(data)
+    for _ in range(rnd.randint(1, 3)):
+        if not b:
+            break
+        i = rnd.randrange(len(b))
+        op = rnd.random()
+        if op < 0.4:
+            b[i] = rnd.choice(b" \t\r\n:;,_-/0aAzZ\x00\x7f\xff") if rnd.random() < 0.7 else rnd.randrange(256)
+        elif op < 0.7:
+            b.insert(i, rnd.choice(b" \r\n:0\t"))
+        else:
+            del b[i]
+    return bytes(b)
+
+
+REQUESTS = [
+    b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET /x?y=1 HTTP/1.1\r\nHost: a.example:8080\r\nUser-Agent: t\r\nAccept: */*\r\n\r\n",
+    b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello",
+    b"POST /p HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n0\r\nX-T: v \r\n\r\n",
+    b"PUT /p HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nhi",
+    b"GET / HTTP/1.0\r\n\r\n",
+    b"GET http://b.example/abs HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"CONNECT b.example:443 HTTP/1.1\r\nHost: b.example:443\r\n\r\nTUNNEL",
+    b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nframes",
+    b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+    b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: h2c\r\nContent-Length: 3\r\n\r\nabc"
+    b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: h2c\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"3\r\nabc\r\n0\r\n\r\nGET /n HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\nx",
+    b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nX_Under: 1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+    b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+    b"GET / HTTP/2.0\r\nHost: a\r\n\r\n",
+    b"GET /\r\n\r\n",
+    b"GET / HTTP/1.1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nEmpty:\r\nSpaces:   \r\nTab: v\t\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\nPOST /3 HTTP/1.1\r\nHost: a\r\n"
+    b"Content-Length: 2\r\n\r\nok",
+    b"GET /" + b"u" * 300 + b" HTTP/1.1\r\nHost: a\r\nX: " + b"v" * 300 + b"\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"H%d: v\r\n" % i for i in range(12)) + b"\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"DELETE /d HTTP/1.1\r\nHOST: Mixed.Case\r\nCONTENT-LENGTH: 0\r\n\r\n",
+]
+
+RESPONSES = [
+    (b"GET", b"HTTP/1.1 200 OK\r\nServer: s\r\nContent-Length: 5\r\nConnection: keep-alive\r\n\r\nhello"),
+    (b"GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nGrpc-Status: 0\r\n\r\n"),
+    (b"GET", b"HTTP/1.0 200 OK\r\nContent-Type: t\r\n\r\nread until close"),
+    (b"GET", b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"),
+    (b"GET", b"HTTP/1.1 204 No Content\r\nContent-Length: 3\r\n\r\n"),
+    (b"GET", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+    (b"GET", b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nframes"),
+    (
+        b"HEAD",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx",
+    ),
+    (b"CONNECT", b"HTTP/1.1 200 Connection Established\r\n\r\ntunnel bytes"),
+    (b"CONNECT", b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\nno"),
+    (b"GET", b"HTTP/1.1 304 Not Modified\r\nETag: x\r\n\r\n"),
+    (
+        b"GET",
+        b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5\r\nProxy-Connection: x\r\nConnection: close\r\n\r\nbody",
+    ),
+    (b"GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"),
+    (b"GET", b"HTTP/2 200\r\n\r\n"),
+    (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort"),
+    (
+        b"GET",
+        b"HTTP/1.1 200 OK\r\n"
+        + b"".join(b"H%d: v\r\n" % i for i in range(12))
+        + b"Content-Length: 0\r\n\r\n",
+    ),
+]
+
+TIGHT = Limits(max_header_bytes=256, max_headers=8)
+UNDERSCORES = Limits(headers_with_underscores=REJECT_REQUEST)
+
+
+@needs_native
+@pytest.mark.parametrize("seed", range(8))
+def test_request_backends_agree_on_valid_hostile_and_mutated_input(seed: int) -> None:
+    rnd = random.Random(seed)
+    compared = 0
+    for base in REQUESTS:
+        for limits in (None, TIGHT, UNDERSCORES):
+            for variant in range(12):
+                data = base if variant == 0 else _mutate(base, rnd)
+                pieces = _split(data, rnd)
+                py = _run(PyRequestParser, pieces, limits, None)
+                c = _run(_http1c.RequestParser, pieces, limits, None)
+                assert c == py, (data, pieces, limits)
+                compared += 1
+    assert compared == len(REQUESTS) * 3 * 12
+
+
+@needs_native
+@pytest.mark.parametrize("seed", range(8))
+def test_response_backends_agree_on_valid_hostile_and_mutated_input(seed: int) -> None:
+    rnd = random.Random(1000 + seed)
+    for method, base in RESPONSES:
+        for limits in (None, TIGHT):
+            for variant in range(12):
+                data = base if variant == 0 else _mutate(base, rnd)
+                pieces = _split(data, rnd)
+                py = _run(PyResponseParser, pieces, limits, method)
+                c = _run(_http1c.ResponseParser, pieces, limits, method)
+                assert c == py, (method, data, pieces, limits)
+
+
+@needs_native
+def test_request_backends_agree_byte_by_byte_and_on_release() -> None:
+    # Every request fed one byte per call, then the whole stream again after a release.
+    for base in REQUESTS:
+        pieces = [base[i : i + 1] for i in range(len(base))]
+        assert _run(_http1c.RequestParser, pieces, None, None) == _run(PyRequestParser, pieces, None, None)
+    for cls in (PyRequestParser, _http1c.RequestParser):
+        rec = Rec()
+        p = cls(rec)
+        p.feed(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert p.release() and p.released
+        p.feed(b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert not p.released
+        assert [e[3] for e in rec.ev if e[0] == "head"] == [b"/1", b"/2"]
+
+
+@needs_native
+def test_a_target_bug_surfaces_as_itself_in_both_backends() -> None:
+    class Boom(Rec):
+        def on_request_head(self, h: Any) -> None:
+            raise KeyError("target bug")
+
+    for cls in (PyRequestParser, _http1c.RequestParser):
+        p = cls(Boom())
+        with pytest.raises(KeyError):
+            p.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        with pytest.raises(HttpProtocolError) as e:  # and the parser stays dead
+            p.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert e.value.status_hint == 500
+
+
+def test_the_active_backend_is_the_compiled_one_when_built() -> None:
+    assert http1.NATIVE == (_http1c is not None and not os.environ.get("MOORLINE_PURE_PYTHON"))
