@@ -16,7 +16,7 @@ module by ``scripts/build-native.py``.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyObject_GetBuffer, PyBuffer_Release
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_Check, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport uint8_t, uint16_t, uint64_t, int32_t
 from libc.string cimport memcmp
 
@@ -872,3 +872,165 @@ cdef class ResponseParser(_Parser):
         self._trsize = 0
         self._t.on_message_complete(HeaderMap.wrap(tr))
         return 0
+
+
+# -- encoders: ``http1.encode_request_head_fields`` / ``encode_response_fields``, in C --------
+from libc.string cimport memcpy
+from libc.stdlib cimport malloc, free
+
+cdef enum:
+    HAS_CONTENT_LENGTH = 1
+    HAS_DATE = 2
+    HAS_SERVER = 4
+
+
+cdef inline char* _put(char* o, object b):
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(b)
+    memcpy(o, PyBytes_AS_STRING(b), n)
+    return o + n
+
+
+cdef inline char* _put_lit(char* o, const char* s, Py_ssize_t n):
+    memcpy(o, s, n)
+    return o + n
+
+
+cdef inline tuple _pair(object item):
+    """``item`` as a (name, value) tuple of bytes (what the codecs and HeaderMap hold)."""
+    if type(item) is not tuple or len(<tuple>item) != 2:
+        k, v = item
+        item = (k, v)
+    if not PyBytes_Check((<tuple>item)[0]) or not PyBytes_Check((<tuple>item)[1]):
+        raise TypeError("header names and values must be bytes")
+    return <tuple>item
+
+
+cdef list _pairs(list fields):
+    """``fields`` itself when every item is a (bytes, bytes) tuple (always, from moorline's own
+    header maps), else a checked copy."""
+    for item in fields:
+        if (type(item) is not tuple or len(<tuple>item) != 2 or type((<tuple>item)[0]) is not bytes
+                or type((<tuple>item)[1]) is not bytes):
+            return [_pair(x) for x in fields]
+    return fields
+
+
+def encode_request_head_fields(bytes method, bytes path, bytes authority, list fields, bint body_follows):
+    cdef list pairs = _pairs(fields)
+    cdef Py_ssize_t n = len(pairs), i
+    cdef Py_ssize_t total = PyBytes_GET_SIZE(method) + PyBytes_GET_SIZE(path) + 10  # SP, SP HTTP/1.1
+    cdef bint has_len = False, upgrade = False
+    cdef unsigned char small[64]
+    cdef unsigned char* skip = &small[0]
+    cdef Py_ssize_t ln
+    if n > 64:
+        skip = <unsigned char*>malloc(n)
+    if skip == NULL:
+        raise MemoryError()
+    try:
+        if PyBytes_GET_SIZE(authority):
+            total += 8 + PyBytes_GET_SIZE(authority)
+        for i in range(n):
+            item = pairs[i]
+            k = (<tuple>item)[0]
+            v = (<tuple>item)[1]
+            ln = PyBytes_GET_SIZE(k)
+            skip[i] = 0
+            if ln == 17 and _is(k, b"transfer-encoding", 17):
+                skip[i] = 1
+                continue
+            if ln == 14 and _is(k, b"content-length", 14):
+                has_len = True
+            elif ln == 7 and _is(k, b"upgrade", 7):
+                upgrade = True
+            total += 4 + ln + PyBytes_GET_SIZE(v)
+        chunked = body_follows and not has_len and not upgrade and method != B_CONNECT
+        total += 32 if chunked else 4
+        out = PyBytes_FromStringAndSize(NULL, total)
+        o = PyBytes_AS_STRING(out)
+        o = _put(o, method)
+        o = _put_lit(o, b" ", 1)
+        o = _put(o, path)
+        o = _put_lit(o, b" HTTP/1.1", 9)
+        if PyBytes_GET_SIZE(authority):
+            o = _put_lit(o, b"\r\nhost: ", 8)
+            o = _put(o, authority)
+        for i in range(n):
+            if skip[i]:
+                continue
+            item = pairs[i]
+            o = _put_lit(o, b"\r\n", 2)
+            o = _put(o, (<tuple>item)[0])
+            o = _put_lit(o, b": ", 2)
+            o = _put(o, (<tuple>item)[1])
+        if chunked:
+            o = _put_lit(o, b"\r\ntransfer-encoding: chunked\r\n\r\n", 32)
+        else:
+            o = _put_lit(o, b"\r\n\r\n", 4)
+        if o != PyBytes_AS_STRING(out) + total:
+            raise SystemError("request head size miscounted")
+        return out, chunked
+    finally:
+        if skip != &small[0]:
+            free(skip)
+
+
+def encode_response_fields(list fields, bint keep_server):
+    cdef list pairs = _pairs(fields)
+    cdef Py_ssize_t n = len(pairs), i, ln
+    cdef Py_ssize_t total = 0
+    cdef int seen = 0
+    cdef unsigned char small[64]
+    cdef unsigned char* skip = &small[0]
+    if n > 64:
+        skip = <unsigned char*>malloc(n)
+    if skip == NULL:
+        raise MemoryError()
+    try:
+        for i in range(n):
+            item = pairs[i]
+            k = (<tuple>item)[0]
+            ln = PyBytes_GET_SIZE(k)
+            skip[i] = 0
+            if ln == 10:
+                if _is(k, b"connection", 10) or _is(k, b"keep-alive", 10):
+                    skip[i] = 1
+            elif ln == 16:
+                if _is(k, b"proxy-connection", 16):
+                    skip[i] = 1
+            elif ln == 17:
+                if _is(k, b"transfer-encoding", 17):
+                    skip[i] = 1
+            elif ln == 7:
+                if _is(k, b"upgrade", 7):
+                    skip[i] = 1
+            elif ln == 14:
+                if _is(k, b"content-length", 14):
+                    seen |= HAS_CONTENT_LENGTH
+            elif ln == 4:
+                if _is(k, b"date", 4):
+                    seen |= HAS_DATE
+            elif ln == 6:
+                if _is(k, b"server", 6):
+                    if keep_server:
+                        seen |= HAS_SERVER
+                    else:
+                        skip[i] = 1
+            if not skip[i]:
+                total += 4 + ln + PyBytes_GET_SIZE((<tuple>item)[1])
+        out = PyBytes_FromStringAndSize(NULL, total)
+        o = PyBytes_AS_STRING(out)
+        for i in range(n):
+            if skip[i]:
+                continue
+            item = pairs[i]
+            o = _put(o, (<tuple>item)[0])
+            o = _put_lit(o, b": ", 2)
+            o = _put(o, (<tuple>item)[1])
+            o = _put_lit(o, b"\r\n", 2)
+        if o != PyBytes_AS_STRING(out) + total:
+            raise SystemError("response fields size miscounted")
+        return out, seen
+    finally:
+        if skip != &small[0]:
+            free(skip)

@@ -796,6 +796,69 @@ def encode_response_head(
     return b"".join(parts)
 
 
+# What ``encode_response_fields`` saw (bit flags).
+HAS_CONTENT_LENGTH = 1
+HAS_DATE = 2
+HAS_SERVER = 4
+
+_REQ_FRAMING = frozenset((b"content-length", b"transfer-encoding", b"upgrade"))
+_RESP_DROP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"))
+
+
+def encode_request_head_fields(
+    method: bytes, path: bytes, authority: bytes, fields: list[tuple[bytes, bytes]], body_follows: bool
+) -> tuple[bytes, bool]:
+    """A proxied request's head in one pass: the request line, ``host`` from the authority, the
+    fields as given except Transfer-Encoding (this hop frames the body itself), and the blank
+    line. Returns the head and whether the body goes chunked: it does when one follows with no
+    Content-Length, unless the request is an upgrade or CONNECT (its body is the tunnel).
+    Names and values are written as given; the callers guarantee they hold no CR/LF."""
+    parts = (
+        [method, b" ", path, b" HTTP/1.1\r\nhost: ", authority]
+        if authority
+        else [method, b" ", path, b" HTTP/1.1"]
+    )
+    has_len = upgrade = False
+    for k, v in fields:
+        if k in _REQ_FRAMING:
+            if k == b"transfer-encoding":
+                continue
+            if k == b"content-length":
+                has_len = True
+            else:
+                upgrade = True
+        parts += (b"\r\n", k, b": ", v)
+    chunked = body_follows and not has_len and not upgrade and method != b"CONNECT"
+    parts.append(b"\r\ntransfer-encoding: chunked\r\n\r\n" if chunked else b"\r\n\r\n")
+    return b"".join(parts), chunked
+
+
+def encode_response_fields(fields: list[tuple[bytes, bytes]], keep_server: bool) -> tuple[bytes, int]:
+    """A response's header lines (``name: value`` and CRLF each) without the hop-by-hop ones
+    (Connection, Keep-Alive, Proxy-Connection, Transfer-Encoding, Upgrade: the encoder writes its
+    own) and without ``server`` unless ``keep_server``. Returns them with the ``HAS_*`` flags of
+    what was present (Content-Length, Date, and Server when kept)."""
+    parts: list[bytes] = []
+    seen = 0
+    for k, v in fields:
+        if k in _RESP_NOTED:
+            if k in _RESP_DROP:
+                continue
+            if k == b"content-length":
+                seen |= HAS_CONTENT_LENGTH
+            elif k == b"date":
+                seen |= HAS_DATE
+            elif keep_server:
+                seen |= HAS_SERVER
+            else:
+                continue
+        parts += (k, b": ", v, b"\r\n")
+    return b"".join(parts), seen
+
+
+_RESP_NOTED = _RESP_DROP | frozenset((b"content-length", b"date", b"server"))
+
+
 def encode_chunk(data: bytes) -> bytes:
     """One chunk; ``b""`` encodes to ``b""`` so it can never end the body by accident."""
     if not data:
@@ -818,16 +881,20 @@ def encode_last_chunk(trailers: HeaderMap | list[tuple[bytes, bytes]] | None = N
 encode_trailers = encode_last_chunk
 
 
-# The compiled parsers (``_http1c``, built by scripts/build-native.py) have the same contract and
-# are used when present; ``MOORLINE_PURE_PYTHON=1`` keeps these reference ones (the codec tests
+# The compiled parsers and field encoders (``_http1c``, built by scripts/build-native.py) have the
+# same contract and are used when present; ``MOORLINE_PURE_PYTHON=1`` keeps these reference ones (the codec tests
 # run against both).
 PyRequestParser = RequestParser
 PyResponseParser = ResponseParser
+py_encode_request_head_fields = encode_request_head_fields
+py_encode_response_fields = encode_response_fields
 if not os.environ.get("MOORLINE_PURE_PYTHON"):
     try:
         from moorline.protocol._http1c import (  # type: ignore[import-not-found,no-redef,assignment,unused-ignore]
             RequestParser,
             ResponseParser,
+            encode_request_head_fields,
+            encode_response_fields,
         )
     except ImportError:
         pass

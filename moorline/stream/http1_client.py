@@ -32,13 +32,11 @@ from moorline.protocol.http1 import (
     ResponseParser,
     encode_chunk,
     encode_last_chunk,
+    encode_request_head_fields,
 )
 from moorline.stream.api import ResetReason
 
 log = logging.getLogger("moorline.pool")
-
-
-_FRAMING = frozenset((b"content-length", b"transfer-encoding", b"upgrade"))
 
 
 class Http1ClientConnection(asyncio.Protocol):
@@ -241,28 +239,13 @@ class Http1ClientConnection(asyncio.Protocol):
         path = headers.path
         if method == b"CONNECT":
             path = path or authority
-        parts = (
-            [method, b" ", path, b" HTTP/1.1\r\nhost: ", authority]
-            if authority
-            else [method, b" ", path, b" HTTP/1.1"]
-        )
-        has_len = False
-        upgrade = False
-        for k, v in headers._h:
-            if k in _FRAMING:
-                if k == b"transfer-encoding":
-                    continue
-                if k == b"content-length":
-                    has_len = True
-                else:
-                    upgrade = True
-            parts += (b"\r\n", k, b": ", v)
         # A body of unknown length goes chunked; an upgrade request's "body" is the tunnel,
         # sent raw after the head (bytes a client sends before the 101 included).
-        chunked = self.chunked_out = not end_stream and not has_len and not upgrade and method != b"CONNECT"
-        parts.append(b"\r\ntransfer-encoding: chunked\r\n\r\n" if chunked else b"\r\n\r\n")
+        head, self.chunked_out = encode_request_head_fields(
+            method, path, authority, headers._h, not end_stream
+        )
         self.parser.expect(method)
-        self.transport.write(b"".join(parts))
+        self.transport.write(head)
 
     def send_data(self, data: bytes, end_stream: bool) -> None:
         if self.tunnel:

@@ -30,11 +30,15 @@ from typing import TYPE_CHECKING, Any
 
 from moorline.protocol.headers import HeaderMap, ResponseHeaders
 from moorline.protocol.http1 import (
+    HAS_CONTENT_LENGTH,
+    HAS_DATE,
+    HAS_SERVER,
     LAST_CHUNK,
     HttpProtocolError,
     RequestParser,
     encode_chunk,
     encode_last_chunk,
+    encode_response_fields,
     encode_response_head,
 )
 from moorline.stream.api import HttpProtocol, ResetReason
@@ -283,33 +287,20 @@ class Http1ServerConnection(asyncio.Protocol):
     def encode_headers(self, headers: ResponseHeaders, end_stream: bool) -> None:
         """Write the response head.
 
-        One pass over the headers builds the wire bytes: it drops pseudo and hop-by-hop headers,
-        applies the ``server`` header policy, notes Content-Length and Date; framing headers
-        are then added as the response needs them."""
+        ``encode_response_fields`` writes the header lines in one pass (hop-by-hop ones dropped,
+        the ``server`` policy applied, Content-Length and Date noted); the server, date and
+        framing lines are then added as the response needs them."""
         h = headers._h
         status = headers.status
         version = self.version
         cfg = self.cfg
         server_mode = cfg.server_header_transformation  # 0 overwrite, 1 append if absent, 2 pass
-        line = _status_line(version, status)
-        parts = [line]
-        has_len = has_date = has_server = False
-        for k, v in h:
-            if k in _RESP_SPECIAL:
-                if k == b"content-length":
-                    has_len = True
-                elif k == b"date":
-                    has_date = True
-                elif k == b"server":
-                    if server_mode == 0:
-                        continue
-                    has_server = True
-                else:  # hop-by-hop
-                    continue
-            parts += (k, b": ", v, b"\r\n")
-        if server_mode == 0 or (server_mode == 1 and not has_server):
+        fields, seen = encode_response_fields(h, server_mode != 0)
+        parts = [_status_line(version, status), fields]
+        has_len = seen & HAS_CONTENT_LENGTH
+        if server_mode == 0 or (server_mode == 1 and not seen & HAS_SERVER):
             parts += (b"server: ", cfg.server_name, b"\r\n")
-        if not has_date:
+        if not seen & HAS_DATE:
             parts += (b"date: ", http_date(), b"\r\n")
         keep_alive = self.resp_keep_alive and not cfg.runtime.draining
         tunnel = self.tunnel and not end_stream  # 101, or a 2xx answer to CONNECT
@@ -596,18 +587,6 @@ class Http1ServerConnection(asyncio.Protocol):
                 return
             self.resp_keep_alive = False
 
-
-_RESP_HOP = frozenset(
-    (
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"transfer-encoding",
-        b"upgrade",
-    )
-)
-# Names the response encoder looks at: hop-by-hop ones, framing, date/server and pseudo headers.
-_RESP_SPECIAL = _RESP_HOP | frozenset((b"content-length", b"date", b"server"))
 
 _status_lines: dict[tuple[bytes, int], bytes] = {}
 

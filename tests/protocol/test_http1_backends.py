@@ -273,3 +273,53 @@ def test_a_target_bug_surfaces_as_itself_in_both_backends() -> None:
 
 def test_the_active_backend_is_the_compiled_one_when_built() -> None:
     assert http1.NATIVE == (_http1c is not None and not os.environ.get("MOORLINE_PURE_PYTHON"))
+
+
+FIELD_NAMES = [
+    b"content-length",
+    b"transfer-encoding",
+    b"upgrade",
+    b"connection",
+    b"keep-alive",
+    b"proxy-connection",
+    b"date",
+    b"server",
+    b"content-type",
+    b"x-request-id",
+    b"x",
+    b"upgradeX",
+    b"dates",
+    b"",
+]
+
+
+def _random_fields(rnd: random.Random) -> list[tuple[bytes, bytes]]:
+    n = rnd.choice([0, 1, 2, 5, 8, 63, 64, 65, 130])
+    return [(rnd.choice(FIELD_NAMES), rnd.randbytes(rnd.randint(0, 12))) for _ in range(n)]
+
+
+@needs_native
+@pytest.mark.parametrize("seed", range(4))
+def test_field_encoders_agree(seed: int) -> None:
+    rnd = random.Random(seed)
+    for _ in range(400):
+        fields = _random_fields(rnd)
+        method = rnd.choice([b"GET", b"POST", b"CONNECT", b"HEAD"])
+        path = rnd.choice([b"/", b"/a/b?c=d", b"", b"h.example:443"])
+        authority = rnd.choice([b"", b"h.example", b"h.example:8080"])
+        body = rnd.random() < 0.5
+        assert _http1c.encode_request_head_fields(method, path, authority, fields, body) == (
+            http1.py_encode_request_head_fields(method, path, authority, fields, body)
+        )
+        keep = rnd.random() < 0.5
+        assert _http1c.encode_response_fields(fields, keep) == http1.py_encode_response_fields(fields, keep)
+
+
+@needs_native
+def test_field_encoders_take_pairs_of_bytes_only() -> None:
+    as_lists: Any = [[b"a", b"1"], (b"b", b"2")]
+    for enc in (_http1c.encode_response_fields, http1.py_encode_response_fields):
+        assert enc(as_lists, True) == (b"a: 1\r\nb: 2\r\n", 0)
+        bad: Any = [(b"a", "text")]
+        with pytest.raises(TypeError):
+            enc(bad, True)
