@@ -106,6 +106,7 @@ class _Parser:
 
     __slots__ = (
         "_bad",
+        "_busy",
         "_chunked",
         "_cl",
         "_dead",
@@ -129,6 +130,7 @@ class _Parser:
     def __init__(self, target: Any, limits: Limits, bad_status: int) -> None:
         self._t = target
         self._bad = bad_status  # 400 downstream, 502 upstream
+        self._busy = False  # inside llhttp's feed_data (``_exec``): a feed from a callback is refused
         self._max_bytes = limits.max_header_bytes
         self._max_n = limits.max_headers
         self._raw_max = 2 * limits.max_header_bytes + 4 * limits.max_headers + 4096
@@ -151,13 +153,39 @@ class _Parser:
             if raw > self._raw_max:
                 return self._feed_bounded(data)
             self._raw = raw
+        off = self._exec(data)
+        return None if off is None else self._upgraded(data, off)
+
+    def _exec(self, data: Any) -> int | None:
+        """Run llhttp over ``data``: None when all of it was parsed, else the offset just past the
+        head of an upgrade; raises the protocol error (or a target's own exception).
+
+        What follows an upgrade stop is parsed by the caller, outside any ``except`` block: an
+        exception raised inside one gets the handled exception as its ``__context__``, which is
+        where ``_fail`` finds a target's exception."""
+        self._busy = True
         try:
             self._p.feed_data(data)
         except HttpParserUpgrade as e:
-            return self._upgraded(data, e.args[0])
+            return e.args[0]  # type: ignore[no-any-return]
         except HttpParserError as e:
-            raise self._fail(e) from None
-        return None
+            err = e
+        else:
+            return None
+        finally:
+            self._busy = False
+        raise self._fail(err) from None
+
+    def _reentered(self) -> None:
+        # A target fed the parser from one of its callbacks, in the middle of llhttp's execute:
+        # llhttp would go on with span pointers into the inner call's buffer (a negative size or
+        # a read of unrelated memory). A bug in the target, refused before any state changes.
+        raise RuntimeError("HTTP/1.1 parser fed from inside one of its own callbacks")
+
+    def _target_failed(self) -> None:
+        """A target callback run outside llhttp raised: dead, as after one run inside it."""
+        self._dead = True
+        self._error = HttpProtocolError(500, "http1.callback_error")
 
     def _feed_bounded(self, data: Any) -> bytes | None:
         """Feed ``data`` without letting an unfinished head/trailer grow past ``_raw_max``.
@@ -175,15 +203,12 @@ class _Parser:
                 raise self._die(431 if self._bad == 400 else self._bad, _TOO_LARGE)
             self._raw = self._raw_max
             piece = mv[:room]
-            try:
-                self._p.feed_data(piece)
-            except HttpParserUpgrade as e:
-                left = self._upgraded(piece, e.args[0])
+            off = self._exec(piece)
+            if off is not None:
+                left = self._upgraded(piece, off)
                 if left is None:  # not a tunnel after all (h2c offer): parse on
                     return self.feed(bytes(mv[room:])) if len(mv) > room else None
                 return left + bytes(mv[room:])
-            except HttpParserError as e:
-                raise self._fail(e) from None
             if self._raw >= self._raw_max:
                 raise self._die(431 if self._bad == 400 else self._bad, _TOO_LARGE)
             mv = mv[room:]
@@ -311,8 +336,8 @@ class RequestParser(_Parser):
             self._h2c_chunked = False
             self._st = _CHUNKED  # (llhttp reported the message complete at its head)
             relay = _AfterMadeUpHead(self)
-            p = self._p = HttpRequestParser(relay)
-            p.feed_data(_CHUNKED_HEAD)
+            self._p = HttpRequestParser(relay)
+            self._exec(_CHUNKED_HEAD)
             relay.hide = False
             return self._feed(data[offset:]) if len(data) > offset else None
         self._p = HttpRequestParser(self)
@@ -322,14 +347,18 @@ class RequestParser(_Parser):
         n = self._h2c_body
         if n:
             take = data[:n]
-            if len(take):
-                self._t.on_body(bytes(take))
-            n = self._h2c_body = n - len(take)
-            data = data[len(take) :]
-            if n:
-                return None
-            self._st = _HEAD
-            self._t.on_message_complete(None)
+            try:  # (the target's calls run outside llhttp here)
+                if len(take):
+                    self._t.on_body(bytes(take))
+                n = self._h2c_body = n - len(take)
+                data = data[len(take) :]
+                if n:
+                    return None
+                self._st = _HEAD
+                self._t.on_message_complete(None)
+            except BaseException:
+                self._target_failed()
+                raise
         return self._feed(data) if len(data) else None
 
     @property
@@ -339,6 +368,8 @@ class RequestParser(_Parser):
 
     def feed(self, data: bytes) -> bytes | None:
         """Parse ``data``; returns the bytes after the head of an upgrade/CONNECT, else None."""
+        if self._busy:
+            self._reentered()
         if self._dead:
             return self._after_death(data)
         if self._h2c_body:
@@ -571,6 +602,8 @@ class ResponseParser(_Parser):
 
     def feed(self, data: bytes) -> bytes | None:
         """Parse ``data``; returns the bytes after a 101 / CONNECT 2xx head, else None."""
+        if self._busy:
+            self._reentered()
         if self._dead:
             return self._after_death(data)
         if self._scan:
@@ -635,7 +668,11 @@ class ResponseParser(_Parser):
                     tr = self._tr  # always None: no body, no trailers
                     self._tr = None
                     self._p = HttpResponseParser(self)
-                    self._t.on_message_complete(tr)
+                    try:
+                        self._t.on_message_complete(tr)
+                    except BaseException:
+                        self._target_failed()
+                        raise
         return None
 
     # -- llhttp callbacks ---------------------------------------------------------------------

@@ -273,3 +273,114 @@ def test_a_target_bug_surfaces_as_itself_in_both_backends() -> None:
 
 def test_the_active_backend_is_the_compiled_one_when_built() -> None:
     assert http1.NATIVE == (_http1c is not None and not os.environ.get("MOORLINE_PURE_PYTHON"))
+
+
+# -- review: target bugs after an h2c offer, re-entrant feeds, a seeded differential run -------
+
+H2C_THEN_NEXT = [
+    # (an h2c offer with a chunked body, then a pipelined request, all in one feed)
+    b"POST / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: h2c\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"3\r\nabc\r\n0\r\n\r\nGET /n HTTP/1.1\r\nHost: a\r\n\r\n",
+    # (the same with a Content-Length body)
+    b"POST / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: h2c\r\nContent-Length: 3\r\n\r\nabc"
+    b"GET /n HTTP/1.1\r\nHost: a\r\n\r\n",
+]
+
+
+@needs_native
+@pytest.mark.parametrize("cls", [PyRequestParser, "native"])
+@pytest.mark.parametrize("data", H2C_THEN_NEXT)
+@pytest.mark.parametrize("nth", [1, 2, 3, 4, 5])
+def test_a_target_bug_after_an_h2c_offer_surfaces_as_itself(cls: Any, data: bytes, nth: int) -> None:
+    # The events after an h2c offer are parsed while the pure parser handles llhttp's upgrade
+    # stop: a target's exception there must still come out as itself (it used to come out as
+    # httptools' HttpParserUpgrade), and leave the parser dead.
+    class Boom(Rec):
+        n = 0
+
+        def _tick(self) -> None:
+            self.n += 1
+            if self.n == nth:
+                raise LookupError(nth)
+
+        def on_request_head(self, h: Any) -> None:
+            super().on_request_head(h)
+            self._tick()
+
+        def on_body(self, b: bytes) -> None:
+            super().on_body(b)
+            self._tick()
+
+        def on_message_complete(self, trailers: HeaderMap | None) -> None:
+            super().on_message_complete(trailers)
+            self._tick()
+
+    p = (_http1c.RequestParser if cls == "native" else cls)(Boom())
+    with pytest.raises(LookupError):
+        p.feed(data)
+    with pytest.raises(HttpProtocolError) as e:
+        p.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert e.value.status_hint == 500
+
+
+def _reentrant_target(inner: bytes) -> Any:
+    class Reenter(Rec):
+        parser: Any = None
+        inner_error: BaseException | None = None
+
+        def on_message_complete(self, trailers: HeaderMap | None) -> None:
+            super().on_message_complete(trailers)
+            if self.inner_error is None:
+                try:
+                    self.parser.feed(inner)
+                except BaseException as e:  # recorded for the test
+                    self.inner_error = e
+
+    return Reenter()
+
+
+@needs_native
+@pytest.mark.parametrize("cls", [PyRequestParser, "native"])
+def test_a_feed_from_inside_a_callback_is_refused(cls: Any) -> None:
+    # A target that feeds the parser from one of its callbacks re-enters llhttp in the middle of
+    # llhttp_execute: the inner call leaves llhttp's span pointer inside *its* buffer, and the
+    # outer call then hands on_url (outer end - inner start) bytes: a negative size (SystemError)
+    # or a read of unrelated heap memory into the request target. Refused instead, before any
+    # state changes; the outer parse goes on.
+    t = _reentrant_target(b"GET /inner")
+    p = (_http1c.RequestParser if cls == "native" else cls)(t)
+    t.parser = p
+    assert p.feed(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n") is None
+    assert isinstance(t.inner_error, RuntimeError)
+    p.feed(b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert [e[3] for e in t.ev if e[0] == "head"] == [b"/a", b"/b"]
+
+
+@needs_native
+@pytest.mark.parametrize("cls", [PyResponseParser, "native"])
+def test_a_response_feed_from_inside_a_callback_is_refused(cls: Any) -> None:
+    t = _reentrant_target(b"HTTP/1.1 200 OK\r\nConte")
+    p = (_http1c.ResponseParser if cls == "native" else cls)(t)
+    t.parser = p
+    assert p.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok") is None
+    assert isinstance(t.inner_error, RuntimeError)
+    p.feed(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert [e[2] for e in t.ev if e[0] == "rhead"] == [200, 204]
+
+
+@needs_native
+@pytest.mark.parametrize("cls", [PyResponseParser, "native"])
+def test_a_target_bug_ending_a_head_answer_leaves_the_parser_dead(cls: Any) -> None:
+    # The end of an answer to HEAD is reported by the parser itself, outside llhttp: a target's
+    # exception there comes out as itself and leaves the parser dead, like one inside llhttp.
+    class Boom(Rec):
+        def on_message_complete(self, trailers: HeaderMap | None) -> None:
+            raise LookupError("target bug")
+
+    p = (_http1c.ResponseParser if cls == "native" else cls)(Boom())
+    p.expect(b"HEAD")
+    with pytest.raises(LookupError):
+        p.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+    with pytest.raises(HttpProtocolError) as e:
+        p.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert e.value.status_hint == 500
