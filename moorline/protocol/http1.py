@@ -111,6 +111,7 @@ class _Parser:
         "_cl",
         "_dead",
         "_error",
+        "_exc",
         "_h",
         "_hsize",
         "_max_bytes",
@@ -138,6 +139,10 @@ class _Parser:
         self._st = _HEAD
         self._dead = False  # errored (``_error`` set) or switched to a tunnel
         self._error: HttpProtocolError | None = None
+        # What a target raised inside an llhttp callback, for ``_fail``: httptools hands it on as
+        # its error's ``__context__``, which Python overwrites with the exception being handled
+        # when ``feed`` is called inside an ``except`` block.
+        self._exc: BaseException | None = None
         self._upgrade = False
         self._h: list[tuple[bytes, bytes]] = []
         self._hsize = 0
@@ -160,9 +165,7 @@ class _Parser:
         """Run llhttp over ``data``: None when all of it was parsed, else the offset just past the
         head of an upgrade; raises the protocol error (or a target's own exception).
 
-        What follows an upgrade stop is parsed by the caller, outside any ``except`` block: an
-        exception raised inside one gets the handled exception as its ``__context__``, which is
-        where ``_fail`` finds a target's exception."""
+        What follows an upgrade stop is parsed by the caller, outside this ``except`` block."""
         self._busy = True
         try:
             self._p.feed_data(data)
@@ -223,15 +226,18 @@ class _Parser:
 
     def _fail(self, e: Exception) -> HttpProtocolError:
         """Turn an httptools error into our error (or re-raise a bug from the target)."""
+        exc = self._exc
+        self._exc = None
         if self._error is not None:  # raised by one of our callbacks
             return self._error
-        ctx = e.__context__
-        if isinstance(e, HttpParserCallbackError) and ctx is not None:
+        if exc is None and isinstance(e, HttpParserCallbackError):
+            exc = e.__context__  # (raised by the parser's own code)
+        if exc is not None:
             # The target raised: a bug upstairs, not the peer's fault. Keep the parser dead and
             # let the original exception through.
             self._dead = True
             self._error = HttpProtocolError(500, "http1.callback_error")
-            raise ctx
+            raise exc
         status, detail = _LLHTTP_ERRORS.get(str(e), (400, _CODEC_ERROR))
         if self._bad != 400:
             status = self._bad
@@ -251,7 +257,11 @@ class _Parser:
     # -- shared callbacks ---------------------------------------------------------------------
     def on_body(self, body: bytes) -> None:
         self._raw -= len(body)
-        self._t.on_body(body)
+        try:
+            self._t.on_body(body)
+        except BaseException as e:
+            self._exc = e
+            raise
 
     def on_chunk_complete(self) -> None:
         self._raw = 0
@@ -510,7 +520,11 @@ class RequestParser(_Parser):
         self._cl = None
         self._host = None
         self._chunked = self._expect = self._h2c = False
-        self._t.on_request_head(head)
+        try:
+            self._t.on_request_head(head)
+        except BaseException as e:
+            self._exc = e
+            raise
 
     def on_message_complete(self) -> None:
         self._st = _HEAD
@@ -518,12 +532,16 @@ class RequestParser(_Parser):
         if self._upgrade:
             return  # the tunnel is the body; llhttp stops right after this
         tr = self._tr
-        if tr is None:
-            self._t.on_message_complete(None)
-        else:
-            self._tr = None
-            self._trsize = 0
-            self._t.on_message_complete(HeaderMap.wrap(tr))
+        try:
+            if tr is None:
+                self._t.on_message_complete(None)
+            else:
+                self._tr = None
+                self._trsize = 0
+                self._t.on_message_complete(HeaderMap.wrap(tr))
+        except BaseException as e:
+            self._exc = e
+            raise
         # Only now: a target that answers inside this callback (and releases the parser from
         # there) is inside llhttp's feed_data, which may still hold bytes after this message.
         self._boundary = True
@@ -762,7 +780,11 @@ class ResponseParser(_Parser):
         self._cl = None
         self._chunked = False
         self._connection = b""
-        self._t.on_response_head(head)
+        try:
+            self._t.on_response_head(head)
+        except BaseException as e:
+            self._exc = e
+            raise
 
     def on_message_complete(self) -> None:
         self._st = _HEAD
@@ -773,12 +795,16 @@ class ResponseParser(_Parser):
             return
         self.message_open = False
         tr = self._tr
-        if tr is None:
-            self._t.on_message_complete(None)
-            return
-        self._tr = None
-        self._trsize = 0
-        self._t.on_message_complete(HeaderMap.wrap(tr))
+        try:
+            if tr is None:
+                self._t.on_message_complete(None)
+                return
+            self._tr = None
+            self._trsize = 0
+            self._t.on_message_complete(HeaderMap.wrap(tr))
+        except BaseException as e:
+            self._exc = e
+            raise
 
 
 # -- encoders ---------------------------------------------------------------------------------

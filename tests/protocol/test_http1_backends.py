@@ -660,3 +660,24 @@ def test_backends_agree_on_target_bugs_at_every_event() -> None:
                 py = run(PyResponseParser, pieces, nth, method)
                 c = run(_http1c.ResponseParser, pieces, nth, method)
             assert c == py, (data, pieces, nth, method)
+
+
+@needs_native
+@pytest.mark.parametrize("cls", [PyRequestParser, "native"])
+def test_a_target_bug_surfaces_as_itself_when_fed_inside_an_except_block(cls: Any) -> None:
+    # httptools hands the target's exception on as its error's __context__, and Python replaces
+    # that with the exception being handled: the pure parser used to re-raise the caller's own
+    # (handled) exception instead of the target's.
+    class Boom(Rec):
+        def on_request_head(self, h: Any) -> None:
+            raise KeyError("target bug")
+
+    p = (_http1c.RequestParser if cls == "native" else cls)(Boom())
+    try:
+        raise ValueError("the caller's own, being handled")
+    except ValueError:
+        with pytest.raises(KeyError):
+            p.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    with pytest.raises(HttpProtocolError) as e:
+        p.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert e.value.status_hint == 500
