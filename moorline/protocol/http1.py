@@ -29,6 +29,9 @@ Design notes:
   end), feeds llhttp exactly the head, completes the message and starts a fresh llhttp parser.
 * Upgrades (WebSocket, CONNECT) end parsing after the head: ``feed`` returns the bytes after the
   head and ``on_message_complete`` is *not* called (Envoy's model: the tunnel is the body).
+* llhttp is not re-entrant: a target must not call ``feed`` from inside one of its callbacks
+  (that ``feed`` raises RuntimeError). A target's exception, inside llhttp or out, comes out of
+  ``feed`` as itself and leaves the parser dead (500 ``http1.callback_error`` after that).
 * Transfer-Encoding other than exactly ``chunked`` is answered with 501 (Envoy's choice, RFC 9112
   6.1 "not understood"); Content-Length together with Transfer-Encoding with 400.
 """
