@@ -123,6 +123,7 @@ cdef class _Parser:
     cdef Py_ssize_t _max_bytes, _max_n, _raw_max, _raw, _hsize, _trsize
     cdef int _st
     cdef bint _dead, _upgrade, _chunked
+    cdef bint _busy  # inside llhttp_execute (``_exec``): a feed from a callback is refused
     cdef object _error, _cl, _tr, _h, _exc
     cdef object _fname, _fval  # the header line being read: name (lowercased), value
 
@@ -146,6 +147,7 @@ cdef class _Parser:
         self._exc = None
         self._fname = None
         self._fval = None
+        self._busy = False
 
     # -- feeding ------------------------------------------------------------------------------
     cdef object _feed(self, data):
@@ -171,11 +173,15 @@ cdef class _Parser:
         if type(data) is bytes:
             base = PyBytes_AS_STRING(data)
             n = PyBytes_GET_SIZE(data)
+            self._busy = True
             err = llhttp_execute(&self._c, base, n)
+            self._busy = False
         else:
             PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
             base = <const char*>buf.buf
+            self._busy = True
             err = llhttp_execute(&self._c, base, buf.len)
+            self._busy = False
             PyBuffer_Release(&buf)
         if err == HPE_OK:
             return -1
@@ -233,6 +239,17 @@ cdef class _Parser:
 
     def feed(self, data):
         raise NotImplementedError
+
+    cdef int _reentered(self) except -1:
+        # A target fed the parser from one of its callbacks, in the middle of llhttp_execute:
+        # llhttp would go on with span pointers into the inner call's buffer (a negative size or
+        # a read of unrelated memory). A bug in the target, refused before any state changes.
+        raise RuntimeError("HTTP/1.1 parser fed from inside one of its own callbacks")
+
+    cdef void _target_failed(self):
+        """A target callback run outside llhttp raised: dead, as after one run inside it."""
+        self._dead = True
+        self._error = HttpProtocolError(500, "http1.callback_error")
 
     cdef object _die(self, int status, str detail):
         err = HttpProtocolError(status, detail)
@@ -485,14 +502,18 @@ cdef class RequestParser(_Parser):
         cdef Py_ssize_t n = self._h2c_body
         if n:
             take = data[:n]
-            if len(take):
-                self._t.on_body(bytes(take))
-            n = self._h2c_body = n - len(take)
-            data = data[len(take):]
-            if n:
-                return None
-            self._st = S_HEAD
-            self._t.on_message_complete(None)
+            try:  # (the target's calls run outside llhttp here)
+                if len(take):
+                    self._t.on_body(bytes(take))
+                n = self._h2c_body = n - len(take)
+                data = data[len(take):]
+                if n:
+                    return None
+                self._st = S_HEAD
+                self._t.on_message_complete(None)
+            except BaseException:
+                self._target_failed()
+                raise
         return self._feed(data) if len(data) else None
 
     @property
@@ -502,6 +523,8 @@ cdef class RequestParser(_Parser):
 
     def feed(self, data):
         """Parse ``data``; returns the bytes after the head of an upgrade/CONNECT, else None."""
+        if self._busy:
+            self._reentered()
         if self._dead:
             return self._after_death(data)
         if self._h2c_body:
@@ -703,6 +726,8 @@ cdef class ResponseParser(_Parser):
 
     def feed(self, data):
         """Parse ``data``; returns the bytes after a 101 / CONNECT 2xx head, else None."""
+        if self._busy:
+            self._reentered()
         if self._dead:
             return self._after_death(data)
         if self._scan:
@@ -768,7 +793,11 @@ cdef class ResponseParser(_Parser):
                     tr = self._tr  # always None: no body, no trailers
                     self._tr = None
                     self._reset()
-                    self._t.on_message_complete(tr)
+                    try:
+                        self._t.on_message_complete(tr)
+                    except BaseException:
+                        self._target_failed()
+                        raise
         return None
 
     # -- events -------------------------------------------------------------------------------

@@ -29,6 +29,9 @@ Design notes:
   end), feeds llhttp exactly the head, completes the message and starts a fresh llhttp parser.
 * Upgrades (WebSocket, CONNECT) end parsing after the head: ``feed`` returns the bytes after the
   head and ``on_message_complete`` is *not* called (Envoy's model: the tunnel is the body).
+* llhttp is not re-entrant: a target must not call ``feed`` from inside one of its callbacks
+  (that ``feed`` raises RuntimeError). A target's exception, inside llhttp or out, comes out of
+  ``feed`` as itself and leaves the parser dead (500 ``http1.callback_error`` after that).
 * Transfer-Encoding other than exactly ``chunked`` is answered with 501 (Envoy's choice, RFC 9112
   6.1 "not understood"); Content-Length together with Transfer-Encoding with 400.
 """
@@ -106,10 +109,12 @@ class _Parser:
 
     __slots__ = (
         "_bad",
+        "_busy",
         "_chunked",
         "_cl",
         "_dead",
         "_error",
+        "_exc",
         "_h",
         "_hsize",
         "_max_bytes",
@@ -129,6 +134,7 @@ class _Parser:
     def __init__(self, target: Any, limits: Limits, bad_status: int) -> None:
         self._t = target
         self._bad = bad_status  # 400 downstream, 502 upstream
+        self._busy = False  # inside llhttp's feed_data (``_exec``): a feed from a callback is refused
         self._max_bytes = limits.max_header_bytes
         self._max_n = limits.max_headers
         self._raw_max = 2 * limits.max_header_bytes + 4 * limits.max_headers + 4096
@@ -136,6 +142,10 @@ class _Parser:
         self._st = _HEAD
         self._dead = False  # errored (``_error`` set) or switched to a tunnel
         self._error: HttpProtocolError | None = None
+        # What a target raised inside an llhttp callback, for ``_fail``: httptools hands it on as
+        # its error's ``__context__``, which Python overwrites with the exception being handled
+        # when ``feed`` is called inside an ``except`` block.
+        self._exc: BaseException | None = None
         self._upgrade = False
         self._h: list[tuple[bytes, bytes]] = []
         self._hsize = 0
@@ -151,13 +161,37 @@ class _Parser:
             if raw > self._raw_max:
                 return self._feed_bounded(data)
             self._raw = raw
+        off = self._exec(data)
+        return None if off is None else self._upgraded(data, off)
+
+    def _exec(self, data: Any) -> int | None:
+        """Run llhttp over ``data``: None when all of it was parsed, else the offset just past the
+        head of an upgrade; raises the protocol error (or a target's own exception).
+
+        What follows an upgrade stop is parsed by the caller, outside this ``except`` block."""
+        self._busy = True
         try:
             self._p.feed_data(data)
         except HttpParserUpgrade as e:
-            return self._upgraded(data, e.args[0])
+            return e.args[0]  # type: ignore[no-any-return]
         except HttpParserError as e:
-            raise self._fail(e) from None
-        return None
+            err = e
+        else:
+            return None
+        finally:
+            self._busy = False
+        raise self._fail(err) from None
+
+    def _reentered(self) -> None:
+        # A target fed the parser from one of its callbacks, in the middle of llhttp's execute:
+        # llhttp would go on with span pointers into the inner call's buffer (a negative size or
+        # a read of unrelated memory). A bug in the target, refused before any state changes.
+        raise RuntimeError("HTTP/1.1 parser fed from inside one of its own callbacks")
+
+    def _target_failed(self) -> None:
+        """A target callback run outside llhttp raised: dead, as after one run inside it."""
+        self._dead = True
+        self._error = HttpProtocolError(500, "http1.callback_error")
 
     def _feed_bounded(self, data: Any) -> bytes | None:
         """Feed ``data`` without letting an unfinished head/trailer grow past ``_raw_max``.
@@ -175,15 +209,12 @@ class _Parser:
                 raise self._die(431 if self._bad == 400 else self._bad, _TOO_LARGE)
             self._raw = self._raw_max
             piece = mv[:room]
-            try:
-                self._p.feed_data(piece)
-            except HttpParserUpgrade as e:
-                left = self._upgraded(piece, e.args[0])
+            off = self._exec(piece)
+            if off is not None:
+                left = self._upgraded(piece, off)
                 if left is None:  # not a tunnel after all (h2c offer): parse on
                     return self.feed(bytes(mv[room:])) if len(mv) > room else None
                 return left + bytes(mv[room:])
-            except HttpParserError as e:
-                raise self._fail(e) from None
             if self._raw >= self._raw_max:
                 raise self._die(431 if self._bad == 400 else self._bad, _TOO_LARGE)
             mv = mv[room:]
@@ -198,15 +229,18 @@ class _Parser:
 
     def _fail(self, e: Exception) -> HttpProtocolError:
         """Turn an httptools error into our error (or re-raise a bug from the target)."""
+        exc = self._exc
+        self._exc = None
         if self._error is not None:  # raised by one of our callbacks
             return self._error
-        ctx = e.__context__
-        if isinstance(e, HttpParserCallbackError) and ctx is not None:
+        if exc is None and isinstance(e, HttpParserCallbackError):
+            exc = e.__context__  # (raised by the parser's own code)
+        if exc is not None:
             # The target raised: a bug upstairs, not the peer's fault. Keep the parser dead and
             # let the original exception through.
             self._dead = True
             self._error = HttpProtocolError(500, "http1.callback_error")
-            raise ctx
+            raise exc
         status, detail = _LLHTTP_ERRORS.get(str(e), (400, _CODEC_ERROR))
         if self._bad != 400:
             status = self._bad
@@ -226,7 +260,11 @@ class _Parser:
     # -- shared callbacks ---------------------------------------------------------------------
     def on_body(self, body: bytes) -> None:
         self._raw -= len(body)
-        self._t.on_body(body)
+        try:
+            self._t.on_body(body)
+        except BaseException as e:
+            self._exc = e
+            raise
 
     def on_chunk_complete(self) -> None:
         self._raw = 0
@@ -311,8 +349,8 @@ class RequestParser(_Parser):
             self._h2c_chunked = False
             self._st = _CHUNKED  # (llhttp reported the message complete at its head)
             relay = _AfterMadeUpHead(self)
-            p = self._p = HttpRequestParser(relay)
-            p.feed_data(_CHUNKED_HEAD)
+            self._p = HttpRequestParser(relay)
+            self._exec(_CHUNKED_HEAD)
             relay.hide = False
             return self._feed(data[offset:]) if len(data) > offset else None
         self._p = HttpRequestParser(self)
@@ -322,14 +360,18 @@ class RequestParser(_Parser):
         n = self._h2c_body
         if n:
             take = data[:n]
-            if len(take):
-                self._t.on_body(bytes(take))
-            n = self._h2c_body = n - len(take)
-            data = data[len(take) :]
-            if n:
-                return None
-            self._st = _HEAD
-            self._t.on_message_complete(None)
+            try:  # (the target's calls run outside llhttp here)
+                if len(take):
+                    self._t.on_body(bytes(take))
+                n = self._h2c_body = n - len(take)
+                data = data[len(take) :]
+                if n:
+                    return None
+                self._st = _HEAD
+                self._t.on_message_complete(None)
+            except BaseException:
+                self._target_failed()
+                raise
         return self._feed(data) if len(data) else None
 
     @property
@@ -339,6 +381,8 @@ class RequestParser(_Parser):
 
     def feed(self, data: bytes) -> bytes | None:
         """Parse ``data``; returns the bytes after the head of an upgrade/CONNECT, else None."""
+        if self._busy:
+            self._reentered()
         if self._dead:
             return self._after_death(data)
         if self._h2c_body:
@@ -479,7 +523,11 @@ class RequestParser(_Parser):
         self._cl = None
         self._host = None
         self._chunked = self._expect = self._h2c = False
-        self._t.on_request_head(head)
+        try:
+            self._t.on_request_head(head)
+        except BaseException as e:
+            self._exc = e
+            raise
 
     def on_message_complete(self) -> None:
         self._st = _HEAD
@@ -487,12 +535,16 @@ class RequestParser(_Parser):
         if self._upgrade:
             return  # the tunnel is the body; llhttp stops right after this
         tr = self._tr
-        if tr is None:
-            self._t.on_message_complete(None)
-        else:
-            self._tr = None
-            self._trsize = 0
-            self._t.on_message_complete(HeaderMap.wrap(tr))
+        try:
+            if tr is None:
+                self._t.on_message_complete(None)
+            else:
+                self._tr = None
+                self._trsize = 0
+                self._t.on_message_complete(HeaderMap.wrap(tr))
+        except BaseException as e:
+            self._exc = e
+            raise
         # Only now: a target that answers inside this callback (and releases the parser from
         # there) is inside llhttp's feed_data, which may still hold bytes after this message.
         self._boundary = True
@@ -571,6 +623,8 @@ class ResponseParser(_Parser):
 
     def feed(self, data: bytes) -> bytes | None:
         """Parse ``data``; returns the bytes after a 101 / CONNECT 2xx head, else None."""
+        if self._busy:
+            self._reentered()
         if self._dead:
             return self._after_death(data)
         if self._scan:
@@ -635,7 +689,11 @@ class ResponseParser(_Parser):
                     tr = self._tr  # always None: no body, no trailers
                     self._tr = None
                     self._p = HttpResponseParser(self)
-                    self._t.on_message_complete(tr)
+                    try:
+                        self._t.on_message_complete(tr)
+                    except BaseException:
+                        self._target_failed()
+                        raise
         return None
 
     # -- llhttp callbacks ---------------------------------------------------------------------
@@ -725,7 +783,11 @@ class ResponseParser(_Parser):
         self._cl = None
         self._chunked = False
         self._connection = b""
-        self._t.on_response_head(head)
+        try:
+            self._t.on_response_head(head)
+        except BaseException as e:
+            self._exc = e
+            raise
 
     def on_message_complete(self) -> None:
         self._st = _HEAD
@@ -736,12 +798,16 @@ class ResponseParser(_Parser):
             return
         self.message_open = False
         tr = self._tr
-        if tr is None:
-            self._t.on_message_complete(None)
-            return
-        self._tr = None
-        self._trsize = 0
-        self._t.on_message_complete(HeaderMap.wrap(tr))
+        try:
+            if tr is None:
+                self._t.on_message_complete(None)
+                return
+            self._tr = None
+            self._trsize = 0
+            self._t.on_message_complete(HeaderMap.wrap(tr))
+        except BaseException as e:
+            self._exc = e
+            raise
 
 
 # -- encoders ---------------------------------------------------------------------------------
