@@ -86,6 +86,60 @@ cdef object _new = object.__new__
 # llhttp's method names by number (0 DELETE .. 46 QUERY; llhttp_method_name aborts past that).
 cdef tuple _METHODS = tuple(llhttp_method_name(i) for i in range(47))
 
+# The heads' fields are written straight into their slots (the offsets of the classes' own
+# member descriptors, read once here): a generic setattr per field costs about ten times more.
+cdef extern from "Python.h":
+    ctypedef struct PyMemberDef:
+        Py_ssize_t offset
+    ctypedef struct PyMemberDescrObject:
+        PyMemberDef* d_member
+    ctypedef struct PyTypeObject:
+        pass
+    PyTypeObject PyMemberDescr_Type
+    ctypedef struct PyObject:
+        pass
+    void Py_INCREF(object o)
+    void Py_XDECREF(PyObject* o)
+
+
+cdef Py_ssize_t _slot(type cls, str name) except -1:
+    d = getattr(cls, name)
+    t = type(d)
+    if <PyTypeObject*>t is not &PyMemberDescr_Type:
+        raise ImportError(f"{cls.__name__}.{name} is not a slot")
+    return (<PyMemberDescrObject*>d).d_member.offset
+
+
+cdef inline void _put_slot(object obj, Py_ssize_t off, object value):
+    cdef PyObject** p = <PyObject**>((<char*><PyObject*>obj) + off)
+    cdef PyObject* old = p[0]
+    Py_INCREF(value)
+    p[0] = <PyObject*>value
+    Py_XDECREF(old)
+
+
+cdef Py_ssize_t RQ_H = _slot(RequestHead, "_h")
+cdef Py_ssize_t RQ_METHOD = _slot(RequestHead, "method")
+cdef Py_ssize_t RQ_TARGET = _slot(RequestHead, "target")
+cdef Py_ssize_t RQ_PATH = _slot(RequestHead, "path")
+cdef Py_ssize_t RQ_AUTHORITY = _slot(RequestHead, "authority")
+cdef Py_ssize_t RQ_SCHEME = _slot(RequestHead, "scheme")
+cdef Py_ssize_t RQ_VERSION = _slot(RequestHead, "version")
+cdef Py_ssize_t RQ_KEEP_ALIVE = _slot(RequestHead, "keep_alive")
+cdef Py_ssize_t RQ_CONTENT_LENGTH = _slot(RequestHead, "content_length")
+cdef Py_ssize_t RQ_CHUNKED = _slot(RequestHead, "chunked")
+cdef Py_ssize_t RQ_UPGRADE = _slot(RequestHead, "upgrade")
+cdef Py_ssize_t RQ_EXPECT = _slot(RequestHead, "expect_continue")
+cdef Py_ssize_t RQ_HEADER_BYTES = _slot(RequestHead, "header_bytes")
+cdef Py_ssize_t RS_H = _slot(ResponseHead, "_h")
+cdef Py_ssize_t RS_STATUS = _slot(ResponseHead, "status")
+cdef Py_ssize_t RS_VERSION = _slot(ResponseHead, "version")
+cdef Py_ssize_t RS_KEEP_ALIVE = _slot(ResponseHead, "keep_alive")
+cdef Py_ssize_t RS_CONTENT_LENGTH = _slot(ResponseHead, "content_length")
+cdef Py_ssize_t RS_CHUNKED = _slot(ResponseHead, "chunked")
+cdef Py_ssize_t RS_UPGRADE = _slot(ResponseHead, "upgrade")
+cdef Py_ssize_t RS_HEADER_BYTES = _slot(ResponseHead, "header_bytes")
+
 cdef llhttp_settings_t REQ_SETTINGS
 cdef llhttp_settings_t RESP_SETTINGS
 
@@ -111,6 +165,12 @@ cdef inline bytes _rstrip(bytes v):
     return v if m == n else PyBytes_FromStringAndSize(p, m)
 
 
+cdef inline bint _ends_crlf2(data):
+    if type(data) is bytes:
+        return PyBytes_GET_SIZE(data) >= 4 and memcmp(PyBytes_AS_STRING(data) + PyBytes_GET_SIZE(data) - 4, b"\r\n\r\n", 4) == 0
+    return data.endswith(b"\r\n\r\n")
+
+
 # Special names, matched by length first: C comparisons, no hashing.
 cdef inline int _is(bytes name, const char* lit, Py_ssize_t n):
     return PyBytes_GET_SIZE(name) == n and memcmp(PyBytes_AS_STRING(name), lit, n) == 0
@@ -126,6 +186,9 @@ cdef class _Parser:
     cdef bint _busy  # inside llhttp_execute (``_exec``): a feed from a callback is refused
     cdef object _error, _cl, _tr, _h, _exc
     cdef object _fname, _fval  # the header line being read: name (lowercased), value
+    # The target's callbacks, bound once (a lookup per call costs more than the call): None
+    # when the target has no such method, looked up (and failing) at the call as before.
+    cdef object _on_head_cb, _on_body_cb, _on_done_cb
 
     def __init__(self, target, limits, int bad_status):
         self._t = target
@@ -147,6 +210,8 @@ cdef class _Parser:
         self._exc = None
         self._fname = None
         self._fval = None
+        self._on_body_cb = getattr(target, "on_body", None)
+        self._on_done_cb = getattr(target, "on_message_complete", None)
         self._busy = False
 
     # -- feeding ------------------------------------------------------------------------------
@@ -251,6 +316,14 @@ cdef class _Parser:
         self._dead = True
         self._error = HttpProtocolError(500, "http1.callback_error")
 
+    cdef inline object _body(self, data):
+        cb = self._on_body_cb
+        return self._t.on_body(data) if cb is None else cb(data)
+
+    cdef inline object _done(self, trailers):
+        cb = self._on_done_cb
+        return self._t.on_message_complete(trailers) if cb is None else cb(trailers)
+
     cdef object _die(self, int status, str detail):
         err = HttpProtocolError(status, detail)
         self._error = err
@@ -332,7 +405,7 @@ cdef class _Parser:
 
     cdef int _on_body(self, const char* at, size_t n) except -1:
         self._raw -= n
-        self._t.on_body(PyBytes_FromStringAndSize(at, n))
+        self._body(PyBytes_FromStringAndSize(at, n))
         return 0
 
     cdef int _on_message_complete(self) except -1:
@@ -459,6 +532,7 @@ cdef class RequestParser(_Parser):
         if limits is None:
             limits = Limits()
         _Parser.__init__(self, target, limits, 400)
+        self._on_head_cb = getattr(target, "on_request_head", None)
         self._underscores = limits.headers_with_underscores
         self._url = B_EMPTY
         self._host = None
@@ -504,13 +578,13 @@ cdef class RequestParser(_Parser):
             take = data[:n]
             try:  # (the target's calls run outside llhttp here)
                 if len(take):
-                    self._t.on_body(bytes(take))
+                    self._body(bytes(take))
                 n = self._h2c_body = n - len(take)
                 data = data[len(take):]
                 if n:
                     return None
                 self._st = S_HEAD
-                self._t.on_message_complete(None)
+                self._done(None)
             except BaseException:
                 self._target_failed()
                 raise
@@ -533,7 +607,7 @@ cdef class RequestParser(_Parser):
             self._reset()
         self._boundary = False
         left = self._feed(data)
-        if self._boundary and not data.endswith(b"\r\n\r\n"):
+        if self._boundary and not _ends_crlf2(data):
             self._boundary = False
         return left
 
@@ -647,20 +721,20 @@ cdef class RequestParser(_Parser):
         if host is not None and len(h) >= self._max_n:  # Host counts as one of the headers
             raise self._die(431, _TOO_MANY)
         head = _new(RequestHead)
-        head._h = h
-        head.method = method
-        head.target = url
-        head.path = url
-        head.authority = B_EMPTY if host is None else host
-        head.scheme = B_HTTP
-        head.version = ver
-        head.keep_alive = llhttp_should_keep_alive(c) != 0
-        head.content_length = self._cl
+        _put_slot(head, RQ_H, h)
+        _put_slot(head, RQ_METHOD, method)
+        _put_slot(head, RQ_TARGET, url)
+        _put_slot(head, RQ_PATH, url)
+        _put_slot(head, RQ_AUTHORITY, B_EMPTY if host is None else host)
+        _put_slot(head, RQ_SCHEME, B_HTTP)
+        _put_slot(head, RQ_VERSION, ver)
+        _put_slot(head, RQ_KEEP_ALIVE, llhttp_should_keep_alive(c) != 0)
+        _put_slot(head, RQ_CONTENT_LENGTH, self._cl)
         cdef bint chunked = self._chunked
-        head.chunked = chunked
-        head.upgrade = upgrade
-        head.expect_continue = self._expect and ver is B11
-        head.header_bytes = self._hsize + len(method) + 14 + 4 * (len(h) if host is None else len(h) + 1)
+        _put_slot(head, RQ_CHUNKED, chunked)
+        _put_slot(head, RQ_UPGRADE, upgrade)
+        _put_slot(head, RQ_EXPECT, self._expect and ver is B11)
+        _put_slot(head, RQ_HEADER_BYTES, self._hsize + len(method) + 14 + 4 * (len(h) if host is None else len(h) + 1))
         self._st = S_CHUNKED if chunked else S_BODY
         self._raw = 0
         self._upgrade = upgrade or self._h2c_body > 0 or self._h2c_chunked
@@ -670,7 +744,11 @@ cdef class RequestParser(_Parser):
         self._cl = None
         self._host = None
         self._chunked = self._expect = self._h2c = False
-        self._t.on_request_head(head)
+        cb = self._on_head_cb
+        if cb is None:
+            self._t.on_request_head(head)
+        else:
+            cb(head)
         return 0
 
     cdef int _on_message_complete(self) except -1:
@@ -680,11 +758,11 @@ cdef class RequestParser(_Parser):
             return 0  # the tunnel is the body; llhttp stops right after this
         tr = self._tr
         if tr is None:
-            self._t.on_message_complete(None)
+            self._done(None)
         else:
             self._tr = None
             self._trsize = 0
-            self._t.on_message_complete(HeaderMap.wrap(tr))
+            self._done(HeaderMap.wrap(tr))
         self._boundary = True
         return 0
 
@@ -699,6 +777,7 @@ cdef class ResponseParser(_Parser):
 
     def __init__(self, target, limits=None):
         _Parser.__init__(self, target, limits or _RESPONSE_LIMITS, 502)
+        self._on_head_cb = getattr(target, "on_response_head", None)
         self._status = 0
         self.message_open = False
         self._eof_body = False
@@ -746,7 +825,7 @@ cdef class ResponseParser(_Parser):
             self.message_open = False
             self._dead = True
             self._error = HttpProtocolError(502, _UPSTREAM_EOF)  # nothing may follow EOF
-            self._t.on_message_complete(None)
+            self._done(None)
             return
         raise self._die(502, _UPSTREAM_EOF)
 
@@ -794,7 +873,7 @@ cdef class ResponseParser(_Parser):
                     self._tr = None
                     self._reset()
                     try:
-                        self._t.on_message_complete(tr)
+                        self._done(tr)
                     except BaseException:
                         self._target_failed()
                         raise
@@ -863,14 +942,14 @@ cdef class ResponseParser(_Parser):
                 h[:] = [p for p in h if p[0] != b"content-length"]
                 cl = None
         head = _new(ResponseHead)
-        head._h = h
-        head.status = status
-        head.version = ver
-        head.keep_alive = keep_alive
-        head.content_length = cl
-        head.chunked = chunked
-        head.upgrade = upgrade
-        head.header_bytes = self._hsize + 17 + 4 * len(h)
+        _put_slot(head, RS_H, h)
+        _put_slot(head, RS_STATUS, status)
+        _put_slot(head, RS_VERSION, ver)
+        _put_slot(head, RS_KEEP_ALIVE, keep_alive)
+        _put_slot(head, RS_CONTENT_LENGTH, cl)
+        _put_slot(head, RS_CHUNKED, chunked)
+        _put_slot(head, RS_UPGRADE, upgrade)
+        _put_slot(head, RS_HEADER_BYTES, self._hsize + 17 + 4 * len(h))
         if status < 200 or status == 204 or status == 304 or self._forced:
             self._st = S_HEAD
             self._eof_body = False
@@ -884,7 +963,11 @@ cdef class ResponseParser(_Parser):
         self._cl = None
         self._chunked = False
         self._connection = B_EMPTY
-        self._t.on_response_head(head)
+        cb = self._on_head_cb
+        if cb is None:
+            self._t.on_response_head(head)
+        else:
+            cb(head)
         return 0
 
     cdef int _on_message_complete(self) except -1:
@@ -895,11 +978,11 @@ cdef class ResponseParser(_Parser):
         self.message_open = False
         tr = self._tr
         if tr is None:
-            self._t.on_message_complete(None)
+            self._done(None)
             return 0
         self._tr = None
         self._trsize = 0
-        self._t.on_message_complete(HeaderMap.wrap(tr))
+        self._done(HeaderMap.wrap(tr))
         return 0
 
 

@@ -731,3 +731,20 @@ def test_a_target_bug_surfaces_as_itself_when_fed_inside_an_except_block(cls: An
     with pytest.raises(HttpProtocolError) as e:
         p.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
     assert e.value.status_hint == 500
+
+
+def test_a_target_without_a_callback_fails_when_it_is_needed_in_both_backends() -> None:
+    class HeadOnly:
+        def __init__(self) -> None:
+            self.heads: list[Any] = []
+
+        def on_request_head(self, h: Any) -> None:
+            self.heads.append(h)
+
+    classes = [PyRequestParser] + ([_http1c.RequestParser] if _http1c is not None else [])
+    for cls in classes:
+        t = HeadOnly()
+        p = cls(t)
+        with pytest.raises(AttributeError):  # no on_message_complete: the target's bug, surfaced
+            p.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert len(t.heads) == 1
