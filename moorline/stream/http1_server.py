@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from moorline.protocol.headers import HeaderMap, ResponseHeaders
@@ -296,7 +297,8 @@ class Http1ServerConnection(asyncio.Protocol):
         cfg = self.cfg
         server_mode = cfg.server_header_transformation  # 0 overwrite, 1 append if absent, 2 pass
         fields, seen = encode_response_fields(h, server_mode != 0)
-        parts = [_status_line(version, status), fields]
+        line = (_LINES_11 if version == b"1.1" else _LINES_10).get(status)
+        parts = [line or _status_line(version, status), fields]
         has_len = seen & HAS_CONTENT_LENGTH
         if server_mode == 0 or (server_mode == 1 and not seen & HAS_SERVER):
             parts += (b"server: ", cfg.server_name, b"\r\n")
@@ -588,13 +590,11 @@ class Http1ServerConnection(asyncio.Protocol):
             self.resp_keep_alive = False
 
 
-_status_lines: dict[tuple[bytes, int], bytes] = {}
-
-
 def _status_line(version: bytes, status: int) -> bytes:
-    line = _status_lines.get((version, status))
-    if line is None:
-        line = encode_response_head(status, [], version=version)[:-2]
-        if len(_status_lines) < 1024:  # bounded: unusual codes are rebuilt each time
-            _status_lines[(version, status)] = line
-    return line
+    return encode_response_head(status, [], version=version)[:-2]
+
+
+# Status lines of the standard codes, built once (never written after import); other codes
+# are built per response.
+_LINES_11 = {int(c): _status_line(b"1.1", int(c)) for c in HTTPStatus}
+_LINES_10 = {int(c): _status_line(b"1.0", int(c)) for c in HTTPStatus}
