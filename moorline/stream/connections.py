@@ -16,6 +16,7 @@ between 10 ms and 1 s, see ``HcmConfig``).
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, Protocol
 
 
@@ -26,7 +27,7 @@ class Tickable(Protocol):
 
 
 class ServerConnections:
-    __slots__ = ("_handle", "_loop", "conns", "draining", "period")
+    __slots__ = ("_date", "_date_sec", "_handle", "_loop", "conns", "draining", "period")
 
     def __init__(self, period: float = 0.0) -> None:
         self.conns: set[Any] = set()
@@ -34,6 +35,17 @@ class ServerConnections:
         self.period = period
         self._handle: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._date_sec = -1
+        self._date = b""
+
+    def http_date(self) -> bytes:
+        """The ``date`` of this manager's responses (RFC 9110 IMF-fixdate), formatted at most
+        once per second."""
+        now = int(time.time())
+        if now != self._date_sec:
+            self._date_sec = now
+            self._date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)).encode()
+        return self._date
 
     def __len__(self) -> int:
         return len(self.conns)

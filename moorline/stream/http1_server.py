@@ -25,7 +25,6 @@ active stream's upstream reads, ``resume_writing`` resumes them.
 from __future__ import annotations
 
 import asyncio
-import time
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
@@ -49,18 +48,6 @@ if TYPE_CHECKING:
 
 _CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 _NO_BODY_STATUS = frozenset((204, 304))
-
-_date_cache = [0, b""]
-
-
-def http_date() -> bytes:
-    """RFC 7231 date, recomputed at most once per second."""
-    now = int(time.time())
-    if now != _date_cache[0]:
-        _date_cache[0] = now
-        _date_cache[1] = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)).encode()
-    return _date_cache[1]  # type: ignore[return-value]
-
 
 _NO_BACKLOG: tuple[()] = ()
 # Above this many connections on one connection manager, a keep-alive connection frees its
@@ -303,7 +290,7 @@ class Http1ServerConnection(asyncio.Protocol):
         if server_mode == 0 or (server_mode == 1 and not seen & HAS_SERVER):
             parts += (b"server: ", cfg.server_name, b"\r\n")
         if not seen & HAS_DATE:
-            parts += (b"date: ", http_date(), b"\r\n")
+            parts += (b"date: ", cfg.runtime.http_date(), b"\r\n")
         keep_alive = self.resp_keep_alive and not cfg.runtime.draining
         tunnel = self.tunnel and not end_stream  # 101, or a 2xx answer to CONNECT
         if status == 101:

@@ -33,7 +33,7 @@ from moorline.observability.stats import Counter, Gauge
 from moorline.protocol import http2 as h2c
 from moorline.protocol.headers import HeaderMap, RequestHeaders, ResponseHeaders
 from moorline.stream.api import HttpProtocol, ResetReason
-from moorline.stream.http1_server import Http1ServerConnection, http_date
+from moorline.stream.http1_server import Http1ServerConnection
 
 if TYPE_CHECKING:
     from moorline.stream.api import ServerConnectionCallbacks as HcmConfig
@@ -241,7 +241,7 @@ class H2ServerStream:
         if server_mode == 0 or (server_mode == 1 and not has_server):
             out.append((b"server", cfg.server_name))
         if not has_date:
-            out.append((b"date", http_date()))
+            out.append((b"date", cfg.runtime.http_date()))
         informational = code < 200
         conn = self.conn
         conn.codec.send_headers(self.sid, out, end_stream and not informational)

@@ -73,3 +73,19 @@ def test_period_change_rearms_the_sweep() -> None:
     assert c.ticks == [0.1]
     sc.stop()
     assert loop.timers == []
+
+
+def test_the_date_is_formatted_once_per_second_per_manager(monkeypatch: pytest.MonkeyPatch) -> None:
+    from moorline.stream import connections
+
+    clock = [1_780_000_000.2]
+    monkeypatch.setattr(connections.time, "time", lambda: clock[0])
+    sc = connections.ServerConnections()
+    first = sc.http_date()
+    assert first == b"Thu, 28 May 2026 20:26:40 GMT"
+    clock[0] += 0.5
+    assert sc.http_date() is first  # same second: not formatted again
+    clock[0] += 1.0
+    assert sc.http_date() == b"Thu, 28 May 2026 20:26:41 GMT"
+    # Each manager keeps its own (no module-level cache).
+    assert connections.ServerConnections().http_date() == b"Thu, 28 May 2026 20:26:41 GMT"
