@@ -407,7 +407,11 @@ class HcmConfig:
         # at run time (grpc-timeout) get a timer of their own.
         self.timer_period = max(0.01, min(1.0, min(periods) / 10)) if periods else 0.0
         self.lazy_timeout_min = self.timer_period * 10 if self.timer_period else float("inf")
-        self.runtime.set_period(self.timer_period or 1.0)
+        # Idle keep-alive connections have only the connection deadlines (stream.connections).
+        idle = [t for t in (self.idle_timeout, self.max_connection_duration) if t]
+        self.runtime.set_period(
+            self.timer_period or 1.0, max(0.01, min(1.0, min(idle) / 10)) if idle else 1.0
+        )
 
     # -- network filter terminal ------------------------------------------
     terminal = True

@@ -11,6 +11,14 @@ holds one entry per listener, not one per connection.
 The timer runs only while there are connections (``HcmConfig`` always gives it a period: a
 tenth of the shortest timeout, or 1 s; HTTP/2 GOAWAYs on drain from the sweep). A deadline fires at most ``period`` late (a tenth of the shortest timeout,
 between 10 ms and 1 s, see ``HcmConfig``).
+
+Idle connections are swept less often. A connection added with ``idle_aware=True`` (HTTP/1.1)
+says when it is ``busy`` (a request head arriving, a stream open) and when it is idle again; an
+idle one has only the connection deadlines (idle timeout, max connection duration), so it is
+ticked every ``idle_period`` (a tenth of the shorter of those two, 10 ms to 1 s) instead of every
+``period``. Otherwise a short route timeout (period 10 ms) would tick every idle keep-alive
+connection a hundred times a second: 4,000 idle connections cost 16% of a core that way.
+Connections that do not say (HTTP/2) are always busy.
 """
 
 from __future__ import annotations
@@ -27,12 +35,28 @@ class Tickable(Protocol):
 
 
 class ServerConnections:
-    __slots__ = ("_date", "_date_sec", "_handle", "_loop", "conns", "draining", "period")
+    __slots__ = (
+        "_date",
+        "_date_sec",
+        "_handle",
+        "_loop",
+        "_next_full",
+        "busy",
+        "conns",
+        "draining",
+        "idle_period",
+        "period",
+    )
 
-    def __init__(self, period: float = 0.0) -> None:
+    def __init__(self, period: float = 0.0, idle_period: float = 1.0) -> None:
         self.conns: set[Any] = set()
+        # Ticked every ``period``: connections with a request in progress, and those that do
+        # not report it (the rest only every ``idle_period``).
+        self.busy: set[Any] = set()
         self.draining = False
         self.period = period
+        self.idle_period = max(period, idle_period)
+        self._next_full = 0.0
         self._handle: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._date_sec = -1
@@ -56,8 +80,12 @@ class ServerConnections:
     def __contains__(self, conn: object) -> bool:
         return conn in self.conns
 
-    def add(self, conn: Tickable, loop: asyncio.AbstractEventLoop) -> None:
+    def add(self, conn: Tickable, loop: asyncio.AbstractEventLoop, idle_aware: bool = False) -> None:
+        """Track ``conn``. With ``idle_aware`` it starts idle and adds itself to ``busy`` while a
+        request is in progress (``busy.add`` / ``busy.discard``); else it is always busy."""
         self.conns.add(conn)
+        if not idle_aware:
+            self.busy.add(conn)
         if self._handle is None and self.period:
             self._loop = loop
             self._handle = loop.call_later(self.period, self._sweep)
@@ -67,14 +95,16 @@ class ServerConnections:
         if conn not in self.conns:
             return False
         self.conns.discard(conn)
+        self.busy.discard(conn)
         if not self.conns and self._handle is not None:
             self._handle.cancel()
             self._handle = None
         return True
 
-    def set_period(self, period: float) -> None:
+    def set_period(self, period: float, idle_period: float | None = None) -> None:
         """The shortest configured timeout changed (a route update)."""
         self.period = period
+        self.idle_period = max(period, self.idle_period if idle_period is None else idle_period)
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
@@ -85,7 +115,12 @@ class ServerConnections:
         loop = self._loop
         assert loop is not None
         now = loop.time()
-        for c in list(self.conns):
+        if now >= self._next_full or len(self.busy) == len(self.conns):
+            self._next_full = now + self.idle_period
+            ticked = list(self.conns)
+        else:
+            ticked = list(self.busy)
+        for c in ticked:
             if not c.closed:
                 c.on_tick(now)
         if self.conns and self.period:

@@ -129,7 +129,8 @@ class Http1ServerConnection(asyncio.Protocol):
         st.downstream_cx_http1_total.value += 1
         st.downstream_cx_active.value += 1
         self.start = self.last_activity = self.loop.time()
-        self.cfg.runtime.add(self, self.loop)
+        # Idle-aware: swept at the fine period only while busy (a head arriving, a stream open).
+        self.cfg.runtime.add(self, self.loop, idle_aware=True)
 
     def data_received(self, data: bytes) -> None:
         self.stats.downstream_cx_rx_bytes_total.value += len(data)
@@ -142,6 +143,7 @@ class Http1ServerConnection(asyncio.Protocol):
             return
         if self.stream is None and not self.partial_since:
             self.partial_since = now
+            self.cfg.runtime.busy.add(self)
         try:
             leftover = self.parser.feed(data)
         except HttpProtocolError as e:
@@ -419,7 +421,10 @@ class Http1ServerConnection(asyncio.Protocol):
             self.partial_since = self.last_activity
         if self.read_paused:
             self.resume_reading()
-        if len(self.cfg.runtime.conns) > RELEASE_PARSERS_ABOVE:
+        rt = self.cfg.runtime
+        if not self.partial_since and self.stream is None:
+            rt.busy.discard(self)  # idle: only the connection deadlines remain
+        if len(rt.conns) > RELEASE_PARSERS_ABOVE:
             # Many connections, most of them idle in keep-alive: between requests a connection
             # gives back its llhttp parser (rebuilding one costs ~0.5 us on the next request,
             # a price only paid here).

@@ -91,3 +91,32 @@ def test_the_date_is_formatted_once_per_second_per_manager(monkeypatch: pytest.M
     assert sc.http_date() == b"Thu, 28 May 2026 20:26:41 GMT"
     # Each manager keeps its own (no module-level cache).
     assert connections.ServerConnections().http_date() == b"Thu, 28 May 2026 20:26:41 GMT"
+
+
+def test_idle_connections_are_ticked_only_every_idle_period() -> None:
+    loop = FakeLoop()
+    sc = ServerConnections(0.125, idle_period=1.0)  # (binary fractions: exact sums)
+    idle, busy, other = Conn(), Conn(), Conn()
+    sc.add(idle, loop, idle_aware=True)  # type: ignore[arg-type]
+    sc.add(busy, loop, idle_aware=True)  # type: ignore[arg-type]
+    sc.add(other, loop)  # type: ignore[arg-type]  # not idle-aware: always busy
+    sc.busy.add(busy)
+    for _ in range(8):
+        loop.advance(0.125)
+    assert len(busy.ticks) == 8 and len(other.ticks) == 8
+    assert idle.ticks == [0.125]  # the first sweep is a full one, then one per idle period
+    loop.advance(0.125)
+    assert idle.ticks == [0.125, 1.125]
+    sc.busy.discard(busy)  # its request finished
+    for _ in range(4):
+        loop.advance(0.125)
+    assert len(busy.ticks) == 9 and len(other.ticks) == 13
+    assert sc.discard(busy) and busy not in sc.busy
+
+
+def test_a_route_update_keeps_the_idle_period_at_least_the_period() -> None:
+    sc = ServerConnections(0.01, idle_period=1.0)
+    sc.set_period(2.0)
+    assert sc.idle_period == 2.0
+    sc.set_period(0.01, 0.5)
+    assert sc.idle_period == 0.5

@@ -431,3 +431,21 @@ def test_crowded_connection_answered_inside_a_read_keeps_the_pipelined_request(
     assert [r.status for r in c.responses()] == [200, 200]
     assert not c.closed
     pair.assert_settled()
+
+
+def test_a_keep_alive_connection_is_swept_finely_only_while_a_request_is_in_progress(make: Any) -> None:
+    # stream.connections: idle connections are ticked every idle period, busy ones every period.
+    pair = make()
+    c, _, r = exchange(pair, GET, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+    server = c.transport.get_protocol()
+    rt = server.cfg.runtime
+    assert r.status == 200 and server in rt.conns and server not in rt.busy
+    c.send(b"GET /next HTTP/1.1\r\nho")  # a head arriving: its deadlines need the fine sweep
+    assert server in rt.busy
+    c.send(b"st: a\r\n\r\n")
+    up = pair.upstream.connections[-1]
+    assert up.request().target == b"/next"
+    assert server in rt.busy  # the stream is open
+    up.send(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+    assert c.response().status == 200
+    assert server not in rt.busy
