@@ -84,10 +84,7 @@ class Server:
             if bootstrap.HasField("admin") and bootstrap.admin.HasField("address"):
                 self.admin_address = address_of(bootstrap.admin.address, "admin.address")
             self.admin_allow_paths = compile_allow_paths(bootstrap.admin.allow_paths, "admin.allow_paths")
-            if bootstrap.HasField("dynamic_resources"):
-                self.ctx.notice(
-                    "dynamic_resources: xDS is not supported yet; only static_resources are served"
-                )
+            self.xds_files = self._file_sources(bootstrap)
             # Cluster notices carry paths relative to their cluster.
             for i, cp in enumerate(sr.clusters):
                 for n in getattr(self.cluster_manager.get(cp.name), "notices", None) or []:
@@ -96,6 +93,45 @@ class Server:
         except ConfigError as e:
             raise e.with_source(source) from None
         self.server_stats()
+
+    def _file_sources(self, bootstrap: Any) -> Any:
+        """``dynamic_resources``: CDS and LDS from watched files are served (``xds.files``); the
+        other sources (ADS, gRPC, locators) are noticed as not implemented yet."""
+        from envoy.config.cluster.v3.cluster_pb2 import Cluster as ClusterProto
+        from envoy.config.listener.v3.listener_pb2 import Listener as ListenerProto
+
+        from moorline.xds.files import (
+            CLUSTER_TYPE,
+            LISTENER_TYPE,
+            FileSources,
+            FileSubscription,
+            config_source_path,
+        )
+
+        sources = FileSources()
+        if not bootstrap.HasField("dynamic_resources"):
+            return sources
+        dr = bootstrap.dynamic_resources
+        kinds = (
+            ("cds_config", CLUSTER_TYPE, ClusterProto, self.cluster_manager, "cluster_manager.cds"),
+            ("lds_config", LISTENER_TYPE, ListenerProto, self.listener_manager, "listener_manager.lds"),
+        )
+        for field, type_url, cls, manager, prefix in kinds:
+            if not dr.HasField(field):
+                continue
+            fpath = f"dynamic_resources.{field}"
+            file = config_source_path(getattr(dr, field))
+            if file is None:
+                self.ctx.notice(
+                    f"{fpath}: only file sources (path_config_source) are served; xDS over gRPC is not supported yet"
+                )
+                continue
+            sources.add(FileSubscription(file, type_url, cls, manager, self.stats, prefix, fpath))
+        for field in ("ads_config", "cds_resources_locator", "lds_resources_locator"):
+            if dr.HasField(field) if field == "ads_config" else getattr(dr, field):
+                self.ctx.notice(f"dynamic_resources.{field}: not supported yet")
+        sources.load_initial()
+        return sources
 
     @property
     def listeners(self) -> list[Any]:
@@ -123,6 +159,7 @@ class Server:
         self.secrets.start(loop)
         await self.cluster_manager.start()
         await self.listener_manager.start(loop)
+        self.xds_files.start(loop)
         if self.admin_address is not None:
             from moorline.admin.server import AdminServer
 
@@ -198,6 +235,7 @@ class Server:
             await self.admin.close()
         self.cluster_manager.stop()
         self.secrets.stop()
+        self.xds_files.stop()
         if self.ctx.access_logs is not None:
             self.ctx.access_logs.flush_all()
 

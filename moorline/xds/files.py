@@ -1,0 +1,240 @@
+"""LDS and CDS from watched files: ``ConfigSource.path_config_source`` (and the deprecated
+``path``), as in Envoy's dynamic-config-fs example.
+
+A file holds one state-of-the-world discovery response in YAML or JSON::
+
+    version_info: "3"
+    resources:
+    - "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+      name: listener_0
+      ...
+
+Each load is all or nothing, the way a control plane's update is ACKed or NACKed:
+
+* every resource is parsed and compiled first; a bad one (a field error, a wrong ``@type``, a
+  duplicate name, a static resource's name) rejects the whole file, counts ``update_rejected``,
+  logs the file and field path, and the running configuration stays as it was (the last good
+  version keeps serving);
+* otherwise the resources are applied through the managers' public API (``add_or_update``:
+  unchanged resources are kept as they run, changed ones replaced without dropping traffic) and
+  the dynamic resources the file no longer names are removed (state of the world), then
+  ``update_success`` and ``version`` count it.
+
+The file is polled (``net.secrets.FileWatcher``: mtime, size and inode, so an atomic rename is
+seen, which is how Envoy's example updates its files). At start-up a bad file is a
+configuration error (exit 2 naming the file and field path): there is no last good version yet.
+
+Stats, under Envoy's names: ``listener_manager.lds.*`` and ``cluster_manager.cds.*`` with
+``update_attempt``, ``update_success``, ``update_rejected``, ``update_failure`` (the file cannot
+be read) and the gauge ``version`` (a 64-bit hash of ``version_info``, as Envoy's).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from moorline.config.errors import ConfigError
+from moorline.config.loader import load_document, parse_message
+from moorline.net.secrets import FileWatcher
+from moorline.observability.stats import Store
+
+log = logging.getLogger("moorline.xds")
+
+LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
+CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+
+
+class ResourceManager(Protocol):
+    """What a subscription drives: ``net.listener_manager.ListenerManager`` and
+    ``upstream.manager.ClusterManager`` both have this shape."""
+
+    def compile(self, proto: Any, path: str = "") -> Any: ...
+
+    def add_or_update(self, proto: Any, path: str = "", version_info: str = "") -> Any: ...
+
+    def remove(self, name: str) -> bool: ...
+
+    def __iter__(self) -> Any: ...
+
+
+def version_hash(version_info: str) -> int:
+    """The ``version`` gauge: a 64-bit hash of ``version_info`` (0 for none)."""
+    if not version_info:
+        return 0
+    return int.from_bytes(hashlib.blake2b(version_info.encode(), digest_size=8).digest(), "big") >> 1
+
+
+class FileSubscription:
+    """One resource type (LDS or CDS) served from one file."""
+
+    def __init__(
+        self,
+        path: str,
+        type_url: str,
+        message_cls: Any,
+        manager: ResourceManager,
+        stats: Store,
+        stat_prefix: str,
+        field_path: str,
+    ) -> None:
+        self.path = path
+        self.type_url = type_url
+        self.message_cls = message_cls
+        self.manager = manager
+        self.field_path = field_path  # where the bootstrap names this source, for messages
+        self.version_info = ""
+        self.last_error: str | None = None
+        self._attempt = stats.counter(f"{stat_prefix}.update_attempt")
+        self._success = stats.counter(f"{stat_prefix}.update_success")
+        self._rejected = stats.counter(f"{stat_prefix}.update_rejected")
+        self._failure = stats.counter(f"{stat_prefix}.update_failure")
+        self._version = stats.gauge(f"{stat_prefix}.version")
+
+    # -- loading ------------------------------------------------------------------------------
+    def _read(self) -> tuple[str, list[Any]]:
+        """The file's version and parsed resources; ``ConfigError`` (with this file as its
+        source) for anything wrong in it, ``OSError`` when it cannot be read."""
+        with open(self.path, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            doc = load_document(text, self.path)
+            version = doc.get("version_info", "")
+            if not isinstance(version, str):
+                raise ConfigError("version_info", "must be a string")
+            items = doc.get("resources", [])
+            if not isinstance(items, list):
+                raise ConfigError("resources", "must be a list")
+            unknown = sorted(set(doc) - {"version_info", "resources", "type_url", "nonce"})
+            if unknown:
+                raise ConfigError(unknown[0], "unknown field of a discovery response")
+            protos = []
+            names: set[str] = set()
+            for i, item in enumerate(items):
+                rpath = f"resources[{i}]"
+                if not isinstance(item, Mapping):
+                    raise ConfigError(rpath, "must be a mapping")
+                if item.get("@type") != self.type_url:
+                    raise ConfigError(
+                        f"{rpath}.@type", f"expected {self.type_url}, got {item.get('@type')!r}"
+                    )
+                proto = parse_message(item, self.message_cls, rpath)
+                if not proto.name:
+                    raise ConfigError(f"{rpath}.name", "a resource needs a name")
+                if proto.name in names:
+                    raise ConfigError(f"{rpath}.name", f"duplicate name {proto.name!r}")
+                names.add(proto.name)
+                self.manager.compile(proto, rpath)  # validated before anything changes
+                protos.append(proto)
+        except ConfigError as e:
+            raise e.with_source(self.path) from None
+        return version, protos
+
+    def _apply(self, version: str, protos: list[Any]) -> None:
+        mgr = self.manager
+        for i, proto in enumerate(protos):
+            try:
+                mgr.add_or_update(proto, f"resources[{i}]", version)
+            except ConfigError as e:
+                raise e.with_source(self.path) from None
+        wanted = {p.name for p in protos}
+        for res in list(mgr):
+            if getattr(res, "added_via_api", False) and res.name not in wanted:
+                mgr.remove(res.name)
+        self.version_info = version
+        self._version.value = version_hash(version)
+
+    def load_initial(self) -> None:
+        """At start-up: a bad or unreadable file is a configuration error."""
+        self._attempt.value += 1
+        try:
+            version, protos = self._read()
+        except OSError as e:
+            self._failure.value += 1
+            raise ConfigError(self.field_path, f"cannot read {self.path}: {e.strerror or e}") from None
+        self._apply(version, protos)
+        self._success.value += 1
+
+    def reload(self) -> bool:
+        """The file changed: apply it, or reject it and keep serving the last good version.
+        Returns whether it was applied."""
+        self._attempt.value += 1
+        try:
+            version, protos = self._read()
+            self._apply(version, protos)
+        except OSError as e:
+            self._failure.value += 1
+            self.last_error = f"{self.path}: {e.strerror or e}"
+            log.warning("%s update failed: cannot read %s (%s)", self.field_path, self.path, e.strerror or e)
+            return False
+        except ConfigError as e:
+            self._rejected.value += 1
+            self.last_error = str(e)
+            log.warning(
+                "%s update rejected, version %r keeps serving: %s", self.field_path, self.version_info, e
+            )
+            return False
+        self._success.value += 1
+        self.last_error = None
+        log.info("%s: version %r applied from %s", self.field_path, version, self.path)
+        return True
+
+    def _changed(self) -> None:
+        self.reload()
+
+    def watch(self, watcher: FileWatcher) -> None:
+        watcher.watch(self.path, self._changed)
+
+
+class FileSources:
+    """The file-based subscriptions of one server (CDS before LDS, as Envoy initializes them),
+    and the watcher that polls their files."""
+
+    def __init__(self, watcher: FileWatcher | None = None) -> None:
+        self.watcher = watcher or FileWatcher()
+        self.subscriptions: list[FileSubscription] = []
+
+    def add(self, sub: FileSubscription) -> None:
+        self.subscriptions.append(sub)
+
+    def load_initial(self) -> None:
+        for sub in sorted(self.subscriptions, key=lambda s: s.type_url != CLUSTER_TYPE):
+            sub.load_initial()
+
+    def start(self, loop: Any) -> None:
+        for sub in self.subscriptions:
+            sub.watch(self.watcher)
+        if self.subscriptions:
+            self.watcher.start(loop)
+
+    def stop(self) -> None:
+        self.watcher.stop()
+
+
+def config_source_path(source: Any) -> str | None:
+    """The file of a ``ConfigSource`` that names one (``path_config_source.path`` or the
+    deprecated ``path``), else None."""
+    which = source.WhichOneof("config_source_specifier")
+    if which == "path_config_source":
+        return str(source.path_config_source.path)
+    if which == "path":
+        return str(source.path)
+    return None
+
+
+def is_file_source(source: Any) -> bool:
+    return config_source_path(source) is not None
+
+
+__all__ = [
+    "CLUSTER_TYPE",
+    "LISTENER_TYPE",
+    "FileSources",
+    "FileSubscription",
+    "ResourceManager",
+    "config_source_path",
+    "is_file_source",
+    "version_hash",
+]

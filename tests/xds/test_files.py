@@ -1,0 +1,247 @@
+"""LDS and CDS from watched files (``xds.files``): a real moorline process, real requests, the
+files rewritten the way Envoy's dynamic-config-fs example does it (write aside, rename)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from moorline.testing import procs
+from moorline.testing.procs import free_port, http_request
+from moorline.xds.files import config_source_path, version_hash
+
+HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+ROUTER = {
+    "name": "envoy.filters.http.router",
+    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+}
+
+
+def _listener(name: str, port: int, route: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
+        "name": name,
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "filter_chains": [
+            {
+                "filters": [
+                    {
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": {
+                            "@type": HCM,
+                            "stat_prefix": name,
+                            "route_config": {
+                                "virtual_hosts": [
+                                    {
+                                        "name": "all",
+                                        "domains": ["*"],
+                                        "routes": [{"match": {"prefix": "/"}, **route}],
+                                    }
+                                ]
+                            },
+                            "http_filters": [ROUTER],
+                        },
+                    }
+                ]
+            }
+        ],
+    }
+
+
+def _cluster(name: str, port: int) -> dict[str, Any]:
+    return {
+        "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
+    }
+
+
+def _write(path: Path, doc: Any) -> None:
+    """Atomically, as Envoy's example does (mv of a file written aside)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc, sort_keys=False))
+    os.replace(tmp, path)
+
+
+def _wait(cond: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+class Setup:
+    def __init__(self, tmp_path: Path) -> None:
+        self.dir = tmp_path
+        self.port = free_port()  # the LDS listener
+        self.be_port = free_port()  # a static listener answering as the CDS cluster's backend
+        self.admin_port = free_port()
+        self.lds = tmp_path / "lds.yaml"
+        self.cds = tmp_path / "cds.yaml"
+        backend = procs.hcm_listener(
+            "backend",
+            self.be_port,
+            [
+                {
+                    "match": {"prefix": "/"},
+                    "direct_response": {"status": 200, "body": {"inline_string": "from be"}},
+                }
+            ],
+        )
+        doc = yaml.safe_load(procs.bootstrap([backend], [], self.admin_port))
+        doc["dynamic_resources"] = {
+            "cds_config": {"path_config_source": {"path": str(self.cds)}, "resource_api_version": "V3"},
+            "lds_config": {"path_config_source": {"path": str(self.lds)}, "resource_api_version": "V3"},
+        }
+        self.boot = tmp_path / "bootstrap.yaml"
+        self.boot.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+    def get(self) -> tuple[int, bytes]:
+        r = http_request("127.0.0.1", self.port, "GET", "/")
+        return r.status, r.body
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Setup:
+    return Setup(tmp_path)
+
+
+@pytest.mark.e2e
+def test_listeners_and_clusters_from_files_serve_and_follow_updates(setup: Setup, moorline: Any) -> None:
+    _write(setup.cds, {"version_info": "c1", "resources": [_cluster("be", setup.be_port)]})
+    _write(
+        setup.lds,
+        {"version_info": "l1", "resources": [_listener("dyn", setup.port, {"route": {"cluster": "be"}})]},
+    )
+    p = moorline(setup.boot)
+    assert setup.get() == (200, b"from be")  # LDS listener -> CDS cluster -> backend
+    assert p.stat("listener_manager.lds.update_success") == 1
+    assert p.stat("cluster_manager.cds.update_success") == 1
+    assert p.stat("listener_manager.lds.version") == version_hash("l1")
+
+    # A route change: the listener is replaced, the next request sees it.
+    direct = {"direct_response": {"status": 200, "body": {"inline_string": "v2"}}}
+    _write(setup.lds, {"version_info": "l2", "resources": [_listener("dyn", setup.port, direct)]})
+    _wait(lambda: setup.get() == (200, b"v2"), "the LDS update")
+    assert p.stat("listener_manager.lds.update_success") == 2
+    assert p.stat("listener_manager.lds.version") == version_hash("l2")
+    dump = json.loads(p.admin_get("/config_dump").body)
+    dyn = [
+        d
+        for c in dump["configs"]
+        if c["@type"].endswith("ListenersConfigDump")
+        for d in c.get("dynamic_listeners", [])
+    ]
+    assert [(d["name"], d["active_state"]["version_info"]) for d in dyn] == [("dyn", "l2")]
+
+
+@pytest.mark.e2e
+def test_a_bad_update_is_rejected_and_the_last_good_version_keeps_serving(
+    setup: Setup, moorline: Any
+) -> None:
+    _write(setup.cds, {"version_info": "c1", "resources": [_cluster("be", setup.be_port)]})
+    _write(
+        setup.lds,
+        {"version_info": "l1", "resources": [_listener("dyn", setup.port, {"route": {"cluster": "be"}})]},
+    )
+    p = moorline(setup.boot)
+    bad = _listener("dyn", setup.port, {"route": {"cluster": "be"}})
+    bad["filter_chains"][0]["filters"][0]["typed_config"]["no_such_field"] = 1
+    good_too = _listener("other", free_port(), {"route": {"cluster": "be"}})
+    _write(setup.lds, {"version_info": "l2", "resources": [good_too, bad]})
+    _wait(lambda: p.stat("listener_manager.lds.update_rejected") == 1, "the rejection")
+    # All or nothing: the good resource of the rejected file was not applied either.
+    assert setup.get() == (200, b"from be")
+    assert p.stat("listener_manager.lds.update_success") == 1
+    assert p.stat("listener_manager.lds.version") == version_hash("l1")
+    log = p.stderr_text()
+    assert (
+        str(setup.lds) in log and "resources[1].filter_chains[0].filters[0].typed_config.no_such_field" in log
+    ), log
+    # Then a good file applies again.
+    direct = {"direct_response": {"status": 200, "body": {"inline_string": "v3"}}}
+    _write(setup.lds, {"version_info": "l3", "resources": [_listener("dyn", setup.port, direct)]})
+    _wait(lambda: setup.get() == (200, b"v3"), "the next good update")
+
+
+@pytest.mark.e2e
+def test_a_file_that_no_longer_names_a_cluster_removes_it(setup: Setup, moorline: Any) -> None:
+    _write(
+        setup.cds, {"version_info": "c1", "resources": [_cluster("be", setup.be_port), _cluster("spare", 9)]}
+    )
+    _write(
+        setup.lds,
+        {"version_info": "l1", "resources": [_listener("dyn", setup.port, {"route": {"cluster": "be"}})]},
+    )
+    p = moorline(setup.boot)
+    assert setup.get() == (200, b"from be")
+    clusters = p.admin_get("/clusters").body.decode()
+    assert "be::" in clusters and "spare::" in clusters
+    _write(setup.cds, {"version_info": "c2", "resources": [_cluster("spare", 9)]})  # state of the world
+    _wait(lambda: p.stat("cluster_manager.cds.update_success") == 2, "the CDS update")
+    status, _ = setup.get()
+    assert status == 503  # Envoy's cluster_not_found_response_code default
+    assert "be::" not in p.admin_get("/clusters").body.decode()
+
+
+@pytest.mark.e2e
+def test_a_bad_file_at_start_up_exits_2_naming_the_file_and_the_field(setup: Setup) -> None:
+    _write(setup.cds, {"version_info": "c1", "resources": [_cluster("be", setup.be_port)]})
+    wrong = _cluster("x", 1)
+    wrong["@type"] = "type.googleapis.com/envoy.config.listener.v3.Listener"
+    _write(setup.lds, {"resources": [wrong]})
+    r = subprocess.run(
+        [sys.executable, "-m", "moorline", "validate", str(setup.boot)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2, r.stderr
+    assert str(setup.lds) in r.stderr and "resources[0]" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    setup.lds.unlink()
+    r = subprocess.run(
+        [sys.executable, "-m", "moorline", "validate", str(setup.boot)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "dynamic_resources.lds_config" in r.stderr and "cannot read" in r.stderr, (
+        r.stderr
+    )
+
+
+def test_config_source_path_and_version_hash() -> None:
+    from envoy.config.core.v3.config_source_pb2 import ConfigSource
+
+    assert config_source_path(ConfigSource(path_config_source={"path": "/a"})) == "/a"
+    assert config_source_path(ConfigSource(path="/b")) == "/b"
+    assert config_source_path(ConfigSource(ads={})) is None
+    assert version_hash("") == 0
+    assert version_hash("1") == version_hash("1") != version_hash("2")
+    assert 0 < version_hash("1") < 2**63
