@@ -176,6 +176,11 @@ class FileSubscription:
                 "%s update rejected, version %r keeps serving: %s", self.field_path, self.version_info, e
             )
             return False
+        except Exception as e:  # a bug of ours: counted and logged, the watcher goes on
+            self._failure.value += 1
+            self.last_error = f"{self.path}: {type(e).__name__}: {e}"
+            log.exception("%s update from %s failed", self.field_path, self.path)
+            return False
         self._success.value += 1
         self.last_error = None
         log.info("%s: version %r applied from %s", self.field_path, version, self.path)

@@ -245,3 +245,101 @@ def test_config_source_path_and_version_hash() -> None:
     assert version_hash("") == 0
     assert version_hash("1") == version_hash("1") != version_hash("2")
     assert 0 < version_hash("1") < 2**63
+
+
+class FakeManager:
+    """Records what a subscription does to it; ``bad`` names fail to compile."""
+
+    def __init__(self, bad: str = "") -> None:
+        self.bad = bad
+        self.live: dict[str, Any] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.explode = False
+
+    def compile(self, proto: Any, path: str = "") -> Any:
+        from moorline.config.errors import ConfigError
+
+        if proto.name == self.bad:
+            raise ConfigError(f"{path}.name", "refused")
+        return proto
+
+    def add_or_update(self, proto: Any, path: str = "", version_info: str = "") -> Any:
+        if self.explode:
+            raise KeyError("bug")
+        self.calls.append(("put", proto.name))
+        res = type("R", (), {"name": proto.name, "added_via_api": True})()
+        self.live[proto.name] = res
+        return res
+
+    def remove(self, name: str) -> bool:
+        self.calls.append(("remove", name))
+        return self.live.pop(name, None) is not None
+
+    def __iter__(self) -> Any:
+        return iter(list(self.live.values()))
+
+
+def _sub(tmp_path: Path, mgr: FakeManager) -> Any:
+    from envoy.config.cluster.v3.cluster_pb2 import Cluster
+
+    from moorline.observability.stats import Store
+    from moorline.xds.files import CLUSTER_TYPE, FileSubscription
+
+    store = Store()
+    sub = FileSubscription(
+        str(tmp_path / "c.yaml"), CLUSTER_TYPE, Cluster, mgr, store, "cluster_manager.cds", "x"
+    )
+    return sub, store
+
+
+def _stat(store: Any, name: str) -> int:
+    return int(store.counter(name).value)
+
+
+def test_a_file_is_applied_all_or_nothing(tmp_path: Path) -> None:
+    mgr = FakeManager(bad="b")
+    sub, store = _sub(tmp_path, mgr)
+    _write(tmp_path / "c.yaml", {"version_info": "1", "resources": [_cluster("a", 1)]})
+    sub.load_initial()
+    assert mgr.calls == [("put", "a")] and sub.version_info == "1"
+    _write(tmp_path / "c.yaml", {"version_info": "2", "resources": [_cluster("c", 1), _cluster("b", 1)]})
+    assert not sub.reload()
+    assert mgr.calls == [("put", "a")]  # "c" was valid, but the file as a whole was refused
+    assert sub.version_info == "1" and "resources[1].name" in (sub.last_error or "")
+    assert _stat(store, "cluster_manager.cds.update_rejected") == 1
+    _write(tmp_path / "c.yaml", {"version_info": "3", "resources": [_cluster("c", 1)]})
+    assert sub.reload()
+    assert mgr.calls[1:] == [("put", "c"), ("remove", "a")]  # state of the world
+    assert _stat(store, "cluster_manager.cds.update_success") == 2
+
+
+def test_duplicates_wrong_types_and_unknown_fields_are_refused(tmp_path: Path) -> None:
+    mgr = FakeManager()
+    sub, store = _sub(tmp_path, mgr)
+    cases = [
+        ({"resources": [_cluster("a", 1), _cluster("a", 2)]}, "resources[1].name"),
+        ({"resources": [{**_cluster("a", 1), "@type": "type.googleapis.com/x.Y"}]}, "resources[0].@type"),
+        ({"resources": [_cluster("a", 1)], "surprise": 1}, "surprise"),
+        ({"version_info": 3, "resources": []}, "version_info"),
+        ("just text", ""),
+    ]
+    for doc, where in cases:
+        _write(tmp_path / "c.yaml", doc)
+        assert not sub.reload()
+        assert where in (sub.last_error or ""), (doc, sub.last_error)
+    assert mgr.calls == []
+    assert _stat(store, "cluster_manager.cds.update_rejected") == len(cases)
+
+
+def test_a_bug_while_applying_is_counted_and_the_subscription_goes_on(tmp_path: Path) -> None:
+    mgr = FakeManager()
+    sub, store = _sub(tmp_path, mgr)
+    _write(tmp_path / "c.yaml", {"resources": [_cluster("a", 1)]})
+    mgr.explode = True
+    assert not sub.reload()
+    assert _stat(store, "cluster_manager.cds.update_failure") == 1 and "KeyError" in (sub.last_error or "")
+    mgr.explode = False
+    assert sub.reload() and mgr.live.keys() == {"a"}
+    (tmp_path / "c.yaml").unlink()
+    assert not sub.reload()  # unreadable: a failure, the last good version stays
+    assert _stat(store, "cluster_manager.cds.update_failure") == 2 and mgr.live.keys() == {"a"}
