@@ -188,6 +188,37 @@ class HcmStats:
         )
 
 
+class _RdsTarget:
+    """The one route configuration an HCM asked RDS for, as an ``xds.files.ResourceManager``:
+    other route configurations in the file are validated and not used."""
+
+    def __init__(self, name: str, ctx: Any) -> None:
+        self.name = name
+        self.ctx = ctx
+        self.provider: RouteConfigProvider | None = None
+
+    def compile(self, proto: Any, path: str = "") -> Any:
+        return RouteTable.compile(proto, path)
+
+    def add_or_update(self, proto: Any, path: str = "", version_info: str = "") -> Any:
+        if proto.name != self.name:
+            return None
+        table = RouteTable.compile(proto, path)
+        if self.provider is None:
+            for n in table.notices:
+                self.ctx.notice(n)
+            self.provider = RouteConfigProvider(table, proto, version_info, static=False)
+        else:
+            self.provider.update(table, proto, version_info)
+        return self.provider
+
+    def remove(self, name: str) -> bool:
+        return False
+
+    def __iter__(self) -> Any:
+        return iter(())
+
+
 class HcmConfig:
     """Compiled ``HttpConnectionManager``.
 
@@ -228,7 +259,7 @@ class HcmConfig:
                 ctx.notice(n)
             self.route_provider = RouteConfigProvider(table, proto.route_config)
         elif kind == "rds":
-            raise ConfigError(f"{path}.rds", "RDS needs an xDS control plane, which is not supported yet")
+            self.route_provider = self._rds_from_file(proto.rds, f"{path}.rds")
         elif kind is None:
             raise ConfigError(path, "one of route_config or rds is required")
         else:
@@ -379,6 +410,41 @@ class HcmConfig:
         if not pool:
             pool.extend(_request_ids())
         return pool.pop()
+
+    def _rds_from_file(self, rds: Any, path: str) -> RouteConfigProvider:
+        """``rds`` with a file source (``xds.files``): the named route configuration is read now
+        (a bad file fails this listener, as a bad inline one does) and followed when the file
+        changes; a bad update is rejected and the routes in use stay."""
+        from envoy.config.route.v3.route_pb2 import RouteConfiguration
+
+        from moorline.net.secrets import secrets_of
+        from moorline.xds.files import ROUTE_TYPE, FileSubscription, config_source_path
+
+        file = config_source_path(rds.config_source)
+        if file is None:
+            raise ConfigError(
+                f"{path}.config_source",
+                "only file sources (path_config_source) are served; RDS over gRPC or ADS is not supported yet",
+            )
+        name = rds.route_config_name
+        if not name:
+            raise ConfigError(f"{path}.route_config_name", "route_config_name is required")
+        target = _RdsTarget(name, self.ctx)
+        sub = FileSubscription(
+            file,
+            ROUTE_TYPE,
+            RouteConfiguration,
+            target,
+            self.ctx.stats,
+            f"http.{self.stat_prefix}.rds.{name}",
+            path,
+            name,
+        )
+        sub.load_initial()
+        assert target.provider is not None
+        self.rds_subscription = sub  # lives (and is watched) as long as this HCM
+        sub.watch(secrets_of(self.ctx).watcher)
+        return target.provider
 
     @property
     def route_table(self) -> RouteTable:

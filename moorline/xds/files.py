@@ -1,5 +1,6 @@
-"""LDS and CDS from watched files: ``ConfigSource.path_config_source`` (and the deprecated
-``path``), as in Envoy's dynamic-config-fs example.
+"""LDS, CDS and RDS from watched files: ``ConfigSource.path_config_source`` (and the deprecated
+``path``), as in Envoy's dynamic-config-fs example. (RDS: an HCM's ``rds`` names its file and
+``route_config_name``; ``proxy.hcm`` drives its route-config provider through this module.)
 
 A file holds one state-of-the-world discovery response in YAML or JSON::
 
@@ -45,6 +46,7 @@ log = logging.getLogger("moorline.xds")
 
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 
 
 class ResourceManager(Protocol):
@@ -79,8 +81,11 @@ class FileSubscription:
         stats: Store,
         stat_prefix: str,
         field_path: str,
+        required_name: str | None = None,
     ) -> None:
         self.path = path
+        # RDS: the one resource the subscriber asked for must be in the file.
+        self.required_name = required_name
         self.type_url = type_url
         self.message_cls = message_cls
         self.manager = manager
@@ -128,6 +133,8 @@ class FileSubscription:
                 names.add(proto.name)
                 self.manager.compile(proto, rpath)  # validated before anything changes
                 protos.append(proto)
+            if self.required_name is not None and self.required_name not in names:
+                raise ConfigError("resources", f"no resource named {self.required_name!r}")
         except ConfigError as e:
             raise e.with_source(self.path) from None
         return version, protos
@@ -236,6 +243,7 @@ def is_file_source(source: Any) -> bool:
 __all__ = [
     "CLUSTER_TYPE",
     "LISTENER_TYPE",
+    "ROUTE_TYPE",
     "FileSources",
     "FileSubscription",
     "ResourceManager",

@@ -343,3 +343,72 @@ def test_a_bug_while_applying_is_counted_and_the_subscription_goes_on(tmp_path: 
     (tmp_path / "c.yaml").unlink()
     assert not sub.reload()  # unreadable: a failure, the last good version stays
     assert _stat(store, "cluster_manager.cds.update_failure") == 2 and mgr.live.keys() == {"a"}
+
+
+def _route_config(name: str, body: str) -> dict[str, Any]:
+    return {
+        "@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+        "name": name,
+        "virtual_hosts": [
+            {
+                "name": "all",
+                "domains": ["*"],
+                "routes": [
+                    {
+                        "match": {"prefix": "/"},
+                        "direct_response": {"status": 200, "body": {"inline_string": body}},
+                    }
+                ],
+            }
+        ],
+    }
+
+
+def _rds_bootstrap(tmp_path: Path, port: int, rds_file: Path, name: str = "routes") -> Path:
+    listener = procs.hcm_listener("l", port, [])
+    tc = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    tc.pop("route_config", None)
+    tc["rds"] = {"route_config_name": name, "config_source": {"path_config_source": {"path": str(rds_file)}}}
+    boot = tmp_path / "rds-bootstrap.yaml"
+    boot.write_text(procs.bootstrap([listener], [], free_port()))
+    return boot
+
+
+@pytest.mark.e2e
+def test_routes_from_an_rds_file_follow_updates_and_a_bad_one_keeps_the_last(
+    tmp_path: Path, moorline: Any
+) -> None:
+    port = free_port()
+    rds = tmp_path / "rds.yaml"
+    _write(
+        rds,
+        {
+            "version_info": "r1",
+            "resources": [_route_config("other", "not me"), _route_config("routes", "r1")],
+        },
+    )
+    p = moorline(_rds_bootstrap(tmp_path, port, rds))
+    get = lambda: http_request("127.0.0.1", port, "GET", "/").body  # noqa: E731
+    assert get() == b"r1"
+    _write(rds, {"version_info": "r2", "resources": [_route_config("routes", "r2")]})
+    _wait(lambda: get() == b"r2", "the RDS update")
+    assert p.stat("http.l.rds.routes.update_success") == 2
+    # The named route configuration missing from the file: rejected, r2 keeps serving.
+    _write(rds, {"version_info": "r3", "resources": [_route_config("other", "x")]})
+    _wait(lambda: p.stat("http.l.rds.routes.update_rejected") == 1, "the rejection")
+    assert get() == b"r2"
+    dump = json.loads(p.admin_get("/config_dump").body)
+    routes = next(c for c in dump["configs"] if c["@type"].endswith("RoutesConfigDump"))
+    assert [(d["route_config"]["name"], d["version_info"]) for d in routes["dynamic_route_configs"]] == [
+        ("routes", "r2")
+    ]
+
+
+def test_an_rds_file_without_the_named_routes_is_a_config_error(tmp_path: Path) -> None:
+    rds = tmp_path / "rds.yaml"
+    _write(rds, {"resources": [_route_config("other", "x")]})
+    boot = _rds_bootstrap(tmp_path, free_port(), rds)
+    r = subprocess.run(
+        [sys.executable, "-m", "moorline", "validate", str(boot)], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 2 and str(rds) in r.stderr and "no resource named 'routes'" in r.stderr, r.stderr
