@@ -54,8 +54,13 @@ class Server:
         self.options = options or {}
         self.stats = Store()
         self.secrets = SecretsManager()
+        from moorline.xds.files import FileSources
+
+        self.xds_files = FileSources(self.stats)
         self.cluster_manager = ClusterManager(
-            self.stats, transport_factory=UpstreamTransportFactory(self.secrets)
+            self.stats,
+            transport_factory=UpstreamTransportFactory(self.secrets),
+            eds_sources=self.xds_files.eds_source,
         )
         self.ctx = BuildContext(
             stats=self.stats,
@@ -84,7 +89,7 @@ class Server:
             if bootstrap.HasField("admin") and bootstrap.admin.HasField("address"):
                 self.admin_address = address_of(bootstrap.admin.address, "admin.address")
             self.admin_allow_paths = compile_allow_paths(bootstrap.admin.allow_paths, "admin.allow_paths")
-            self.xds_files = self._file_sources(bootstrap)
+            self._file_sources(bootstrap)
             # Cluster notices carry paths relative to their cluster.
             for i, cp in enumerate(sr.clusters):
                 for n in getattr(self.cluster_manager.get(cp.name), "notices", None) or []:
@@ -94,23 +99,17 @@ class Server:
             raise e.with_source(source) from None
         self.server_stats()
 
-    def _file_sources(self, bootstrap: Any) -> Any:
+    def _file_sources(self, bootstrap: Any) -> None:
         """``dynamic_resources``: CDS and LDS from watched files are served (``xds.files``); the
         other sources (ADS, gRPC, locators) are noticed as not implemented yet."""
         from envoy.config.cluster.v3.cluster_pb2 import Cluster as ClusterProto
         from envoy.config.listener.v3.listener_pb2 import Listener as ListenerProto
 
-        from moorline.xds.files import (
-            CLUSTER_TYPE,
-            LISTENER_TYPE,
-            FileSources,
-            FileSubscription,
-            config_source_path,
-        )
+        from moorline.xds.files import CLUSTER_TYPE, LISTENER_TYPE, FileSubscription, config_source_path
 
-        sources = FileSources()
+        sources = self.xds_files
         if not bootstrap.HasField("dynamic_resources"):
-            return sources
+            return
         dr = bootstrap.dynamic_resources
         kinds = (
             ("cds_config", CLUSTER_TYPE, ClusterProto, self.cluster_manager, "cluster_manager.cds"),
@@ -131,7 +130,6 @@ class Server:
             if dr.HasField(field) if field == "ads_config" else getattr(dr, field):
                 self.ctx.notice(f"dynamic_resources.{field}: not supported yet")
         sources.load_initial()
-        return sources
 
     @property
     def listeners(self) -> list[Any]:

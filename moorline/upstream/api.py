@@ -30,3 +30,12 @@ class TransportFactory(Protocol):
         ``path`` (relative to the cluster) when the transport socket is invalid. Notices go to
         ``cluster.notice``."""
         ...
+
+
+class EdsSourceFactory(Protocol):
+    """Given by the server: follows an EDS cluster's ``eds_config`` when it names a source the
+    server serves (a watched file, ``xds.files``). Returns the subscription (kept on the cluster,
+    so it lives exactly as long) or None when the source is not one it serves; raises
+    ``ConfigError`` for a bad first assignment."""
+
+    def __call__(self, cluster: Any, eds_config: Any, path: str) -> Any: ...

@@ -392,6 +392,7 @@ class Cluster:
         self.choice_count = 2
         self.active_request_bias = 1.0
         self.eds_service_name = name
+        self.eds_subscription: Any = None  # xds.files: the watched file its assignment comes from
         self.dns_lookup_family = "AUTO"
         self.dns_refresh_rate = DEFAULT_DNS_REFRESH
         self.dns_failure_refresh_rate: tuple[float, float] | None = None  # (base, max)
@@ -525,12 +526,20 @@ class Cluster:
         """Apply an EDS ``ClusterLoadAssignment``; raises ``ConfigError`` (-> NACK) and then
         leaves membership unchanged. Counts ``update_attempt`` / ``update_success``."""
         self.stats.update_attempt.value += 1
+        self.apply_load_assignment(cla, path)
+        self.stats.update_success.value += 1
+
+    def check_load_assignment(self, cla: Any, path: str = "") -> None:
+        """Validate an assignment without applying it (``ConfigError`` with the field path)."""
+        self._parse_assignment(cla, path, need_ip=True)
+
+    def apply_load_assignment(self, cla: Any, path: str = "") -> None:
+        """``update_load_assignment`` without the counting (the caller counts)."""
         endpoints = self._parse_assignment(cla, path, need_ip=True)
         self.update_hosts(
             Host(self, e.address, e.port, e.hostname, e.weight, e.healthy, e.degraded, e.locality)
             for e in endpoints
         )
-        self.stats.update_success.value += 1
 
     def _parse_assignment(self, cla: Any, path: str, need_ip: bool) -> list[_Endpoint]:
         pre = f"{path}." if path else ""

@@ -25,7 +25,7 @@ from typing import Any
 
 from moorline.config.errors import ConfigError
 from moorline.observability.stats import Store
-from moorline.upstream.api import TransportFactory
+from moorline.upstream.api import EdsSourceFactory, TransportFactory
 from moorline.upstream.cluster import Cluster, compile_cluster
 from moorline.upstream.dns import Resolver
 
@@ -38,8 +38,10 @@ class ClusterManager:
         resolver: Resolver | None = None,
         rng: random.Random | None = None,
         transport_factory: TransportFactory | None = None,
+        eds_sources: EdsSourceFactory | None = None,
     ) -> None:
         self.store = store
+        self.eds_sources = eds_sources
         self.clusters: dict[str, Cluster] = {}
         self.resolver = resolver or Resolver()
         self.transport_factory = transport_factory
@@ -85,6 +87,7 @@ class ClusterManager:
             p = f"{path}.name" if path else "name"
             raise ConfigError(p, f"duplicate cluster name {proto.name!r}")
         c = self.compile(proto, path)
+        self._follow_eds(c, proto, path)
         c.last_updated = time.time()
         self._register(c)
         return c
@@ -110,13 +113,21 @@ class ClusterManager:
         c.added_via_api = True
         c.version_info = version_info
         c.last_updated = time.time()
+        same_eds = (
+            old is not None and c.type == old.type == "EDS" and c.eds_service_name == old.eds_service_name
+        )
+        if same_eds:
+            assert old is not None
+            c.update_hosts([h.copy_for(c) for h in old.hosts])
+        self._follow_eds(c, proto, path)  # (a file source replaces the carried-over hosts)
         if old is None:
             self._register(c)
             return c
-        if c.type == old.type == "EDS" and c.eds_service_name == old.eds_service_name:
-            c.update_hosts([h.copy_for(c) for h in old.hosts])
-        elif (
-            c.type == old.type and c.type in ("STRICT_DNS", "LOGICAL_DNS") and c._endpoints == old._endpoints
+        if (
+            not same_eds
+            and c.type == old.type
+            and c.type in ("STRICT_DNS", "LOGICAL_DNS")
+            and c._endpoints == old._endpoints
         ):
             c._resolved = dict(old._resolved)
             c.update_hosts([h.copy_for(c) for h in old.hosts])
@@ -128,6 +139,14 @@ class ClusterManager:
         self._updated.value += 1
         self._start_later(c)
         return c
+
+    def _follow_eds(self, c: Cluster, proto: Any, path: str) -> None:
+        """An EDS cluster whose ``eds_config`` the server serves gets its subscription now (its
+        first assignment applied, or ``ConfigError``), kept on the cluster."""
+        if self.eds_sources is None or c.type != "EDS" or not proto.eds_cluster_config.HasField("eds_config"):
+            return
+        p = f"{path}.eds_cluster_config.eds_config" if path else "eds_cluster_config.eds_config"
+        c.eds_subscription = self.eds_sources(c, proto.eds_cluster_config.eds_config, p)
 
     def remove(self, name: str) -> bool:
         """Remove a dynamic cluster: routing to it answers "no cluster" from now on; requests

@@ -47,6 +47,7 @@ log = logging.getLogger("moorline.xds")
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 
 
 class ResourceManager(Protocol):
@@ -82,8 +83,10 @@ class FileSubscription:
         stat_prefix: str,
         field_path: str,
         required_name: str | None = None,
+        name_field: str = "name",
     ) -> None:
         self.path = path
+        self.name_field = name_field  # ClusterLoadAssignment: cluster_name
         # RDS: the one resource the subscriber asked for must be in the file.
         self.required_name = required_name
         self.type_url = type_url
@@ -126,11 +129,12 @@ class FileSubscription:
                         f"{rpath}.@type", f"expected {self.type_url}, got {item.get('@type')!r}"
                     )
                 proto = parse_message(item, self.message_cls, rpath)
-                if not proto.name:
-                    raise ConfigError(f"{rpath}.name", "a resource needs a name")
-                if proto.name in names:
-                    raise ConfigError(f"{rpath}.name", f"duplicate name {proto.name!r}")
-                names.add(proto.name)
+                name = getattr(proto, self.name_field)
+                if not name:
+                    raise ConfigError(f"{rpath}.{self.name_field}", "a resource needs a name")
+                if name in names:
+                    raise ConfigError(f"{rpath}.{self.name_field}", f"duplicate name {name!r}")
+                names.add(name)
                 self.manager.compile(proto, rpath)  # validated before anything changes
                 protos.append(proto)
             if self.required_name is not None and self.required_name not in names:
@@ -146,7 +150,7 @@ class FileSubscription:
                 mgr.add_or_update(proto, f"resources[{i}]", version)
             except ConfigError as e:
                 raise e.with_source(self.path) from None
-        wanted = {p.name for p in protos}
+        wanted = {getattr(p, self.name_field) for p in protos}
         for res in list(mgr):
             if getattr(res, "added_via_api", False) and res.name not in wanted:
                 mgr.remove(res.name)
@@ -200,11 +204,36 @@ class FileSubscription:
         watcher.watch(self.path, self._changed)
 
 
+class EdsTarget:
+    """An EDS cluster (``upstream.cluster.Cluster``) as a ``ResourceManager``: the assignment
+    named after its ``eds_service_name`` replaces its hosts (the others in the file are only
+    validated)."""
+
+    def __init__(self, cluster: Any) -> None:
+        self.cluster = cluster
+
+    def compile(self, proto: Any, path: str = "") -> Any:
+        self.cluster.check_load_assignment(proto, path)
+        return proto
+
+    def add_or_update(self, proto: Any, path: str = "", version_info: str = "") -> Any:
+        if proto.cluster_name == self.cluster.eds_service_name:
+            self.cluster.apply_load_assignment(proto, path)
+        return None
+
+    def remove(self, name: str) -> bool:
+        return False
+
+    def __iter__(self) -> Any:
+        return iter(())
+
+
 class FileSources:
     """The file-based subscriptions of one server (CDS before LDS, as Envoy initializes them),
     and the watcher that polls their files."""
 
-    def __init__(self, watcher: FileWatcher | None = None) -> None:
+    def __init__(self, store: Store, watcher: FileWatcher | None = None) -> None:
+        self.store = store
         self.watcher = watcher or FileWatcher()
         self.subscriptions: list[FileSubscription] = []
 
@@ -215,11 +244,35 @@ class FileSources:
         for sub in sorted(self.subscriptions, key=lambda s: s.type_url != CLUSTER_TYPE):
             sub.load_initial()
 
+    def eds_source(self, cluster: Any, eds_config: Any, path: str) -> FileSubscription | None:
+        """``upstream.api.EdsSourceFactory``: an EDS cluster whose ``eds_config`` is a file
+        follows the assignment named after its service in that file (stats ``cluster.<name>.*``:
+        ``update_attempt``, ``update_success``, ``update_rejected``, ``update_failure``,
+        ``version``)."""
+        file = config_source_path(eds_config)
+        if file is None:
+            return None
+        from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
+
+        sub = FileSubscription(
+            file,
+            ENDPOINT_TYPE,
+            ClusterLoadAssignment,
+            EdsTarget(cluster),
+            self.store,
+            f"cluster.{cluster.stat_name}",
+            path,
+            required_name=cluster.eds_service_name,
+            name_field="cluster_name",
+        )
+        sub.load_initial()
+        sub.watch(self.watcher)
+        return sub
+
     def start(self, loop: Any) -> None:
         for sub in self.subscriptions:
             sub.watch(self.watcher)
-        if self.subscriptions:
-            self.watcher.start(loop)
+        self.watcher.start(loop)  # (EDS files are watched from their clusters' creation)
 
     def stop(self) -> None:
         self.watcher.stop()
@@ -242,8 +295,10 @@ def is_file_source(source: Any) -> bool:
 
 __all__ = [
     "CLUSTER_TYPE",
+    "ENDPOINT_TYPE",
     "LISTENER_TYPE",
     "ROUTE_TYPE",
+    "EdsTarget",
     "FileSources",
     "FileSubscription",
     "ResourceManager",

@@ -412,3 +412,64 @@ def test_an_rds_file_without_the_named_routes_is_a_config_error(tmp_path: Path) 
         [sys.executable, "-m", "moorline", "validate", str(boot)], capture_output=True, text=True, timeout=60
     )
     assert r.returncode == 2 and str(rds) in r.stderr and "no resource named 'routes'" in r.stderr, r.stderr
+
+
+def _assignment(name: str, ports: list[int], unhealthy: tuple[int, ...] = ()) -> dict[str, Any]:
+    return {
+        "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+        "cluster_name": name,
+        "endpoints": [
+            {
+                "lb_endpoints": [
+                    {
+                        "endpoint": {
+                            "address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}
+                        },
+                        **({"health_status": "UNHEALTHY"} if p in unhealthy else {}),
+                    }
+                    for p in ports
+                ]
+            }
+        ],
+    }
+
+
+@pytest.mark.e2e
+def test_endpoints_from_an_eds_file_move_traffic_and_a_bad_one_keeps_the_hosts(
+    tmp_path: Path, moorline: Any
+) -> None:
+    port, be_a, be_b = free_port(), free_port(), free_port()
+    eds = tmp_path / "eds.yaml"
+    _write(eds, {"version_info": "e1", "resources": [_assignment("svc", [be_a])]})
+
+    def backend(name: str, p: int) -> dict[str, Any]:
+        body = {"inline_string": name}
+        return procs.hcm_listener(
+            name, p, [{"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": body}}]
+        )
+
+    front = procs.hcm_listener("front", port, [{"match": {"prefix": "/"}, "route": {"cluster": "dyn"}}])
+    cluster = {
+        "name": "dyn",
+        "type": "EDS",
+        "connect_timeout": "1s",
+        "eds_cluster_config": {
+            "service_name": "svc",
+            "eds_config": {"path_config_source": {"path": str(eds)}},
+        },
+    }
+    boot = tmp_path / "eds-bootstrap.yaml"
+    boot.write_text(procs.bootstrap([front, backend("a", be_a), backend("b", be_b)], [cluster], free_port()))
+    p = moorline(boot)
+    get = lambda: http_request("127.0.0.1", port, "GET", "/").body  # noqa: E731
+    assert get() == b"a"
+    # b joins, a is marked unhealthy: all traffic moves to b.
+    _write(eds, {"version_info": "e2", "resources": [_assignment("svc", [be_a, be_b], unhealthy=(be_a,))]})
+    _wait(lambda: p.stat("cluster.dyn.update_success") == 2, "the EDS update")
+    assert {get() for _ in range(6)} == {b"b"}
+    assert p.stat("cluster.dyn.version") == version_hash("e2")
+    # A port 0 endpoint: rejected, the hosts in use stay.
+    _write(eds, {"version_info": "e3", "resources": [_assignment("svc", [0])]})
+    _wait(lambda: p.stat("cluster.dyn.update_rejected") == 1, "the rejection")
+    assert {get() for _ in range(4)} == {b"b"}
+    assert str(eds) in p.stderr_text() and "resources[0].endpoints[0].lb_endpoints[0]" in p.stderr_text()
