@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -95,6 +96,7 @@ class FileSubscription:
         self.field_path = field_path  # where the bootstrap names this source, for messages
         self.version_info = ""
         self.last_error: str | None = None
+        self.loaded_key: tuple[int, int, int] | None = None  # (mtime, size, inode) of the last read
         self._attempt = stats.counter(f"{stat_prefix}.update_attempt")
         self._success = stats.counter(f"{stat_prefix}.update_success")
         self._rejected = stats.counter(f"{stat_prefix}.update_rejected")
@@ -106,6 +108,8 @@ class FileSubscription:
         """The file's version and parsed resources; ``ConfigError`` (with this file as its
         source) for anything wrong in it, ``OSError`` when it cannot be read."""
         with open(self.path, encoding="utf-8") as f:
+            st = os.fstat(f.fileno())
+            self.loaded_key = (st.st_mtime_ns, st.st_size, st.st_ino)
             text = f.read()
         try:
             doc = load_document(text, self.path)
@@ -202,6 +206,13 @@ class FileSubscription:
 
     def watch(self, watcher: FileWatcher) -> None:
         watcher.watch(self.path, self._changed)
+        # A change between the last read and the watch's first look would go unseen.
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return
+        if (st.st_mtime_ns, st.st_size, st.st_ino) != self.loaded_key:
+            self.reload()
 
 
 class EdsTarget:

@@ -473,3 +473,15 @@ def test_endpoints_from_an_eds_file_move_traffic_and_a_bad_one_keeps_the_hosts(
     _wait(lambda: p.stat("cluster.dyn.update_rejected") == 1, "the rejection")
     assert {get() for _ in range(4)} == {b"b"}
     assert str(eds) in p.stderr_text() and "resources[0].endpoints[0].lb_endpoints[0]" in p.stderr_text()
+
+
+def test_a_change_before_the_watch_starts_is_applied_when_it_starts(tmp_path: Path) -> None:
+    from moorline.net.secrets import FileWatcher
+
+    mgr = FakeManager()
+    sub, _ = _sub(tmp_path, mgr)
+    _write(tmp_path / "c.yaml", {"version_info": "1", "resources": [_cluster("a", 1)]})
+    sub.load_initial()
+    _write(tmp_path / "c.yaml", {"version_info": "2", "resources": [_cluster("b", 1)]})  # (before the watch)
+    sub.watch(FileWatcher())
+    assert sub.version_info == "2" and mgr.live.keys() == {"b"}
