@@ -100,14 +100,17 @@ class Server:
         self.server_stats()
 
     def _file_sources(self, bootstrap: Any) -> None:
-        """``dynamic_resources``: CDS and LDS from watched files are served (``xds.files``); the
-        other sources (ADS, gRPC, locators) are noticed as not implemented yet."""
+        """``dynamic_resources``: CDS and LDS from watched files (``xds.files``) or over ADS,
+        state of the world (``xds.ads``); the other sources (delta, plain gRPC, locators) are
+        noticed as not implemented yet."""
         from envoy.config.cluster.v3.cluster_pb2 import Cluster as ClusterProto
         from envoy.config.listener.v3.listener_pb2 import Listener as ListenerProto
 
+        from moorline.xds.ads import AdsClient, AdsKind, grpc_target
         from moorline.xds.files import CLUSTER_TYPE, LISTENER_TYPE, FileSubscription, config_source_path
 
         sources = self.xds_files
+        self.ads: AdsClient | None = None
         if not bootstrap.HasField("dynamic_resources"):
             return
         dr = bootstrap.dynamic_resources
@@ -115,19 +118,42 @@ class Server:
             ("cds_config", CLUSTER_TYPE, ClusterProto, self.cluster_manager, "cluster_manager.cds"),
             ("lds_config", LISTENER_TYPE, ListenerProto, self.listener_manager, "listener_manager.lds"),
         )
+        ads_kinds: list[AdsKind] = []
+        ads_ok = dr.HasField("ads_config") and dr.ads_config.api_type == dr.ads_config.GRPC
         for field, type_url, cls, manager, prefix in kinds:
             if not dr.HasField(field):
                 continue
             fpath = f"dynamic_resources.{field}"
-            file = config_source_path(getattr(dr, field))
-            if file is None:
+            src = getattr(dr, field)
+            file = config_source_path(src)
+            if file is not None:
+                sources.add(FileSubscription(file, type_url, cls, manager, self.stats, prefix, fpath))
+            elif src.WhichOneof("config_source_specifier") == "ads" and ads_ok:
+                ads_kinds.append(AdsKind(type_url, cls, manager, prefix))
+            else:
                 self.ctx.notice(
-                    f"{fpath}: only file sources (path_config_source) are served; xDS over gRPC is not supported yet"
+                    f"{fpath}: only file sources and ADS (state of the world, GRPC) are served; "
+                    "this source is not supported yet"
                 )
-                continue
-            sources.add(FileSubscription(file, type_url, cls, manager, self.stats, prefix, fpath))
-        for field in ("ads_config", "cds_resources_locator", "lds_resources_locator"):
-            if dr.HasField(field) if field == "ads_config" else getattr(dr, field):
+        if dr.HasField("ads_config"):
+            if not ads_ok:
+                self.ctx.notice(
+                    "dynamic_resources.ads_config.api_type: only GRPC (state of the world) is supported yet"
+                )
+            elif ads_kinds:
+                gs = dr.ads_config.grpc_services
+                if not gs:
+                    raise ConfigError(
+                        "dynamic_resources.ads_config.grpc_services", "a gRPC service is required"
+                    )
+                target = grpc_target(
+                    gs[0],
+                    bootstrap.static_resources.clusters,
+                    "dynamic_resources.ads_config.grpc_services[0]",
+                )
+                self.ads = AdsClient(target, bootstrap.node, ads_kinds, self.stats)
+        for field in ("cds_resources_locator", "lds_resources_locator"):
+            if getattr(dr, field):
                 self.ctx.notice(f"dynamic_resources.{field}: not supported yet")
         sources.load_initial()
 
@@ -158,6 +184,8 @@ class Server:
         await self.cluster_manager.start()
         await self.listener_manager.start(loop)
         self.xds_files.start(loop)
+        if self.ads is not None:
+            self.ads.start(loop)
         if self.admin_address is not None:
             from moorline.admin.server import AdminServer
 
@@ -234,6 +262,8 @@ class Server:
         self.cluster_manager.stop()
         self.secrets.stop()
         self.xds_files.stop()
+        if self.ads is not None:
+            self.ads.stop()
         if self.ctx.access_logs is not None:
             self.ctx.access_logs.flush_all()
 

@@ -71,6 +71,38 @@ def version_hash(version_info: str) -> int:
     return int.from_bytes(hashlib.blake2b(version_info.encode(), digest_size=8).digest(), "big") >> 1
 
 
+def check_resources(
+    manager: ResourceManager, protos: list[Any], name_field: str = "name", required_name: str | None = None
+) -> None:
+    """Validate one state-of-the-world update before anything changes: names present and
+    unique, each resource compiles (``ConfigError`` with ``resources[i]`` paths)."""
+    names: set[str] = set()
+    for i, proto in enumerate(protos):
+        rpath = f"resources[{i}]"
+        name = getattr(proto, name_field)
+        if not name:
+            raise ConfigError(f"{rpath}.{name_field}", "a resource needs a name")
+        if name in names:
+            raise ConfigError(f"{rpath}.{name_field}", f"duplicate name {name!r}")
+        names.add(name)
+        manager.compile(proto, rpath)
+    if required_name is not None and required_name not in names:
+        raise ConfigError("resources", f"no resource named {required_name!r}")
+
+
+def apply_resources(
+    manager: ResourceManager, protos: list[Any], version: str, name_field: str = "name"
+) -> None:
+    """Apply a checked update: ``add_or_update`` each resource, then remove the dynamic
+    resources it no longer names (state of the world)."""
+    for i, proto in enumerate(protos):
+        manager.add_or_update(proto, f"resources[{i}]", version)
+    wanted = {getattr(p, name_field) for p in protos}
+    for res in list(manager):
+        if getattr(res, "added_via_api", False) and res.name not in wanted:
+            manager.remove(res.name)
+
+
 class FileSubscription:
     """One resource type (LDS or CDS) served from one file."""
 
@@ -123,7 +155,6 @@ class FileSubscription:
             if unknown:
                 raise ConfigError(unknown[0], "unknown field of a discovery response")
             protos = []
-            names: set[str] = set()
             for i, item in enumerate(items):
                 rpath = f"resources[{i}]"
                 if not isinstance(item, Mapping):
@@ -132,32 +163,17 @@ class FileSubscription:
                     raise ConfigError(
                         f"{rpath}.@type", f"expected {self.type_url}, got {item.get('@type')!r}"
                     )
-                proto = parse_message(item, self.message_cls, rpath)
-                name = getattr(proto, self.name_field)
-                if not name:
-                    raise ConfigError(f"{rpath}.{self.name_field}", "a resource needs a name")
-                if name in names:
-                    raise ConfigError(f"{rpath}.{self.name_field}", f"duplicate name {name!r}")
-                names.add(name)
-                self.manager.compile(proto, rpath)  # validated before anything changes
-                protos.append(proto)
-            if self.required_name is not None and self.required_name not in names:
-                raise ConfigError("resources", f"no resource named {self.required_name!r}")
+                protos.append(parse_message(item, self.message_cls, rpath))
+            check_resources(self.manager, protos, self.name_field, self.required_name)
         except ConfigError as e:
             raise e.with_source(self.path) from None
         return version, protos
 
     def _apply(self, version: str, protos: list[Any]) -> None:
-        mgr = self.manager
-        for i, proto in enumerate(protos):
-            try:
-                mgr.add_or_update(proto, f"resources[{i}]", version)
-            except ConfigError as e:
-                raise e.with_source(self.path) from None
-        wanted = {getattr(p, self.name_field) for p in protos}
-        for res in list(mgr):
-            if getattr(res, "added_via_api", False) and res.name not in wanted:
-                mgr.remove(res.name)
+        try:
+            apply_resources(self.manager, protos, version, self.name_field)
+        except ConfigError as e:
+            raise e.with_source(self.path) from None
         self.version_info = version
         self._version.value = version_hash(version)
 
@@ -313,6 +329,8 @@ __all__ = [
     "FileSources",
     "FileSubscription",
     "ResourceManager",
+    "apply_resources",
+    "check_resources",
     "config_source_path",
     "is_file_source",
     "version_hash",

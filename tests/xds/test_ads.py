@@ -1,0 +1,142 @@
+"""ADS (state of the world) against the test control plane (``moorline.testing.xds_server``),
+with a real moorline process and real requests: ACK, NACK with the last good version kept,
+state-of-the-world removal, and reconnection after the control plane restarts."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from envoy.config.cluster.v3.cluster_pb2 import Cluster
+from envoy.config.listener.v3.listener_pb2 import Listener
+
+from moorline.config.loader import parse_message
+from moorline.testing import procs
+from moorline.testing.procs import free_port, http_request
+from moorline.testing.xds_server import XdsServer
+from moorline.xds.files import CLUSTER_TYPE, LISTENER_TYPE
+
+HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+
+
+def _listener(port: int, route: dict[str, Any], name: str = "dyn") -> Listener:
+    doc = procs.hcm_listener(name, port, [{"match": {"prefix": "/"}, **route}])
+    return parse_message(doc, Listener)  # type: ignore[return-value]
+
+
+def _cluster(name: str, port: int) -> Cluster:
+    return parse_message(yaml.safe_load(yaml.safe_dump(procs.cluster(name, [port]))), Cluster)  # type: ignore[return-value]
+
+
+def _wait(cond: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def cp() -> Iterator[XdsServer]:
+    s = XdsServer().start()
+    yield s
+    s.stop()
+
+
+def _boot(tmp_path: Path, cp_port: int, be_port: int) -> Path:
+    backend = procs.hcm_listener(
+        "backend",
+        be_port,
+        [
+            {
+                "match": {"prefix": "/"},
+                "direct_response": {"status": 200, "body": {"inline_string": "from be"}},
+            }
+        ],
+    )
+    doc = yaml.safe_load(procs.bootstrap([backend], [procs.cluster("xds", [cp_port])], free_port()))
+    doc["node"] = {"id": "sidecar~10.0.0.1~test~default.svc.cluster.local", "cluster": "test"}
+    doc["static_resources"]["clusters"][0]["typed_extension_protocol_options"] = {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }
+    }
+    doc["dynamic_resources"] = {
+        "ads_config": {
+            "api_type": "GRPC",
+            "transport_api_version": "V3",
+            "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}],
+        },
+        "cds_config": {"ads": {}, "resource_api_version": "V3"},
+        "lds_config": {"ads": {}, "resource_api_version": "V3"},
+    }
+    boot = tmp_path / "ads.yaml"
+    boot.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return boot
+
+
+@pytest.mark.e2e
+def test_ads_serves_acks_nacks_and_removes(tmp_path: Path, moorline: Any, cp: XdsServer) -> None:
+    port, be = free_port(), free_port()
+    cp.push(CLUSTER_TYPE, "c1", [_cluster("be", be)])
+    cp.push(LISTENER_TYPE, "l1", [_listener(port, {"route": {"cluster": "be"}})])
+    p = moorline(_boot(tmp_path, cp.port, be))
+    first = cp.wait_for(lambda r: r.type_url == CLUSTER_TYPE)
+    assert first.node.id.startswith("sidecar~") and not first.response_nonce  # the node, on the first request
+    cp.wait_for(
+        lambda r: r.type_url == LISTENER_TYPE and r.version_info == "l1" and not r.HasField("error_detail")
+    )
+    _wait(lambda: p.stat("listener_manager.lds.update_success") == 1, "the LDS ACK")
+    assert http_request("127.0.0.1", port, "GET", "/").body == b"from be"
+    assert p.stat("control_plane.connected_state") == 1
+
+    # A NACK: a listener whose HCM config has a bad field. The last good version keeps serving.
+    broken = Listener()
+    broken.CopyFrom(_listener(port, {"route": {"cluster": "be"}}))
+    broken.filter_chains[0].filters[0].typed_config.type_url = "type.googleapis.com/no.such.Type"
+    nonce = cp.push(LISTENER_TYPE, "l2", [broken])
+    nack = cp.wait_for(lambda r: r.type_url == LISTENER_TYPE and r.response_nonce == nonce)
+    assert nack.HasField("error_detail") and nack.version_info == "l1", nack
+    assert "resources[0]" in nack.error_detail.message
+    assert http_request("127.0.0.1", port, "GET", "/").body == b"from be"
+    assert p.stat("listener_manager.lds.update_rejected") == 1
+
+    # A good update after the NACK, then removal (state of the world).
+    direct = {"direct_response": {"status": 200, "body": {"inline_string": "l3"}}}
+    nonce = cp.push(LISTENER_TYPE, "l3", [_listener(port, direct)])
+    ack = cp.wait_for(lambda r: r.type_url == LISTENER_TYPE and r.response_nonce == nonce)
+    assert ack.version_info == "l3" and not ack.HasField("error_detail")
+    assert http_request("127.0.0.1", port, "GET", "/").body == b"l3"
+    nonce = cp.push(CLUSTER_TYPE, "c2", [])
+    cp.wait_for(lambda r: r.type_url == CLUSTER_TYPE and r.response_nonce == nonce)
+    _wait(lambda: "be::" not in p.admin_get("/clusters").body.decode(), "the cluster removal")
+
+
+@pytest.mark.e2e
+def test_ads_reconnects_after_the_control_plane_restarts(tmp_path: Path, moorline: Any) -> None:
+    port, be = free_port(), free_port()
+    cp = XdsServer().start()
+    cp_port = cp.port
+    cp.push(CLUSTER_TYPE, "c1", [_cluster("be", be)])
+    cp.push(LISTENER_TYPE, "l1", [_listener(port, {"route": {"cluster": "be"}})])
+    p = moorline(_boot(tmp_path, cp_port, be))
+    _wait(lambda: p.stat("listener_manager.lds.update_success") == 1, "the first LDS")
+    cp.stop()
+    _wait(lambda: p.stat("control_plane.connected_state") == 0, "the disconnect")
+    assert http_request("127.0.0.1", port, "GET", "/").body == b"from be"  # still serving
+    cp2 = XdsServer(port=cp_port).start()
+    try:
+        direct = {"direct_response": {"status": 200, "body": {"inline_string": "after restart"}}}
+        cp2.push(CLUSTER_TYPE, "c1", [_cluster("be", be)])
+        cp2.push(LISTENER_TYPE, "l2", [_listener(port, direct)])
+        again = cp2.wait_for(lambda r: r.type_url == CLUSTER_TYPE, timeout=60)
+        assert again.version_info == "c1"  # it resumes from what it has
+        _wait(lambda: http_request("127.0.0.1", port, "GET", "/").body == b"after restart", "the update", 60)
+        assert p.stat("control_plane.connected_state") == 1
+    finally:
+        cp2.stop()
