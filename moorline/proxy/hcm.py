@@ -188,6 +188,33 @@ class HcmStats:
         )
 
 
+class _RdsAdsTarget:
+    """An HCM's route configuration over ADS (``xds.ads.NamedTarget``)."""
+
+    def __init__(self, provider: RouteConfigProvider, stats: Any, prefix: str) -> None:
+        self.provider = provider
+        self.success = stats.counter(f"{prefix}.update_success")
+        self.rejected = stats.counter(f"{prefix}.update_rejected")
+        self.version = stats.gauge(f"{prefix}.version")
+        self._table: RouteTable | None = None
+
+    def check(self, proto: Any, path: str) -> None:
+        try:
+            self._table = RouteTable.compile(proto, path)
+        except ConfigError:
+            self.rejected.value += 1
+            raise
+
+    def apply(self, proto: Any, version_info: str) -> None:
+        from moorline.xds.files import version_hash
+
+        table = self._table if self._table is not None else RouteTable.compile(proto, "")
+        self._table = None
+        self.provider.update(table, proto, version_info)
+        self.success.value += 1
+        self.version.value = version_hash(version_info)
+
+
 class _RdsTarget:
     """The one route configuration an HCM asked RDS for, as an ``xds.files.ResourceManager``:
     other route configurations in the file are validated and not used."""
@@ -421,6 +448,13 @@ class HcmConfig:
         from moorline.xds.files import ROUTE_TYPE, FileSubscription, config_source_path
 
         file = config_source_path(rds.config_source)
+        ads = getattr(self.ctx.server, "ads", None)
+        if (
+            file is None
+            and rds.config_source.WhichOneof("config_source_specifier") == "ads"
+            and ads is not None
+        ):
+            return self._rds_over_ads(rds, path, ads)
         if file is None:
             raise ConfigError(
                 f"{path}.config_source",
@@ -445,6 +479,23 @@ class HcmConfig:
         self.rds_subscription = sub  # lives (and is watched) as long as this HCM
         sub.watch(secrets_of(self.ctx).watcher)
         return target.provider
+
+    def _rds_over_ads(self, rds: Any, path: str, ads: Any) -> RouteConfigProvider:
+        """``rds`` over the server's ADS stream: the route configuration is asked for by name;
+        until it arrives the table is empty (404, no route), as a listener that has not warmed."""
+        from envoy.config.route.v3.route_pb2 import RouteConfiguration
+
+        from moorline.xds.files import ROUTE_TYPE
+
+        name = rds.route_config_name
+        if not name:
+            raise ConfigError(f"{path}.route_config_name", "route_config_name is required")
+        provider = RouteConfigProvider(RouteTable.compile(RouteConfiguration(name=name), path), static=False)
+        provider.proto = None  # nothing received yet: not in /config_dump
+        target = _RdsAdsTarget(provider, self.ctx.stats, f"http.{self.stat_prefix}.rds.{name}")
+        self.rds_target = target  # lives as long as this HCM (the ADS client holds it weakly)
+        ads.subscribe(ROUTE_TYPE, RouteConfiguration, name, target)
+        return provider
 
     @property
     def route_table(self) -> RouteTable:

@@ -26,8 +26,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from moorline.config.errors import ConfigError
 from moorline.observability.stats import Store
@@ -38,6 +39,38 @@ log = logging.getLogger("moorline.xds")
 BACKOFF_BASE = 0.5
 BACKOFF_MAX = 30.0
 _INVALID_ARGUMENT = 3
+
+
+class NamedTarget(Protocol):
+    """Who asked for one named resource (RDS: an HCM's route configuration). Held weakly: when
+    it is gone, its name is dropped from the next request."""
+
+    def check(self, proto: Any, path: str) -> None: ...
+
+    def apply(self, proto: Any, version_info: str) -> None: ...
+
+
+@dataclass
+class NamedKind:
+    """A type subscribed to by name (not wildcard): RDS. A response carries the named resources;
+    a name it leaves out is unchanged (as for Envoy's RDS and EDS)."""
+
+    type_url: str
+    message_cls: Any
+    stat_prefix: str
+    name_field: str = "name"
+    version_info: str = ""
+    nonce: str = ""
+    targets: dict[str, list[weakref.ref[Any]]] = field(default_factory=dict)
+
+    def names(self) -> list[str]:
+        live = {}
+        for name, refs in self.targets.items():
+            alive = [r for r in refs if r() is not None]
+            if alive:
+                live[name] = alive
+        self.targets = live
+        return sorted(live)
 
 
 @dataclass
@@ -63,9 +96,33 @@ class AdsClient:
                 k.stats[n] = stats.counter(f"{k.stat_prefix}.{n}")
             k.stats["version"] = stats.gauge(f"{k.stat_prefix}.version")
         self.connected = stats.gauge("control_plane.connected_state")
+        self.named: dict[str, NamedKind] = {}
+        self._stats = stats
+        self._out: asyncio.Queue[Any] | None = None  # the live stream's writes
         self._task: asyncio.Task[None] | None = None
         self._rng = random.Random()
         self.streams = 0  # streams opened (for tests and logs)
+
+    def subscribe(self, type_url: str, message_cls: Any, name: str, target: NamedTarget) -> None:
+        """Ask for the resource ``name`` of ``type_url`` on behalf of ``target`` (held weakly);
+        on a live stream the request goes out at once, else with the next stream's first ones."""
+        kind = self.named.get(type_url)
+        if kind is None:
+            kind = self.named[type_url] = NamedKind(type_url, message_cls, _named_prefix(type_url))
+        before = kind.names()
+        kind.targets.setdefault(name, []).append(weakref.ref(target))
+        if kind.names() != before and self._out is not None:
+            self._out.put_nowait(self._named_request(kind))
+
+    def _named_request(self, kind: NamedKind) -> Any:
+        from envoy.service.discovery.v3 import discovery_pb2
+
+        return discovery_pb2.DiscoveryRequest(
+            type_url=kind.type_url,
+            resource_names=kind.names(),
+            version_info=kind.version_info,
+            response_nonce=kind.nonce,
+        )
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._task is None:
@@ -101,22 +158,43 @@ class AdsClient:
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
         call = stub.StreamAggregatedResources()
         self.streams += 1
+        out: asyncio.Queue[Any] = asyncio.Queue()
         first = True
         for url in self.order:
             req = discovery_pb2.DiscoveryRequest(type_url=url, version_info=self.kinds[url].version_info)
             if first:
                 req.node.CopyFrom(self.node)
                 first = False
-            await call.write(req)
-        self.connected.value = 1
-        while True:
-            resp = await call.read()
-            if resp is grpc_eof():
-                raise ConnectionError("the control plane closed the stream")
-            await call.write(self.handle(resp, discovery_pb2))
+            out.put_nowait(req)
+        for kind in self.named.values():
+            if kind.names():
+                kind.nonce = ""  # (a nonce belongs to its stream)
+                out.put_nowait(self._named_request(kind))
+
+        async def writer() -> None:
+            while True:
+                await call.write(await out.get())
+
+        self._out = out
+        wtask = asyncio.ensure_future(writer())
+        try:
+            self.connected.value = 1
+            while True:
+                resp = await call.read()
+                if resp is grpc_eof():
+                    raise ConnectionError("the control plane closed the stream")
+                if wtask.done():
+                    wtask.result()  # a failed write ends the stream
+                out.put_nowait(self.handle(resp, discovery_pb2))
+        finally:
+            self._out = None
+            wtask.cancel()
 
     def handle(self, resp: Any, discovery_pb2: Any) -> Any:
         """Apply one DiscoveryResponse; the ACK or NACK to send back."""
+        named = self.named.get(resp.type_url)
+        if named is not None:
+            return self._handle_named(named, resp, discovery_pb2)
         kind = self.kinds.get(resp.type_url)
         req = discovery_pb2.DiscoveryRequest(type_url=resp.type_url, response_nonce=resp.nonce)
         if kind is None:
@@ -157,6 +235,56 @@ class AdsClient:
         req.version_info = resp.version_info
         return req
 
+    def _handle_named(self, kind: NamedKind, resp: Any, discovery_pb2: Any) -> Any:
+        st = self._stats
+        pre = kind.stat_prefix
+        st.counter(f"{pre}.update_attempt").value += 1
+        req = discovery_pb2.DiscoveryRequest(type_url=kind.type_url, response_nonce=resp.nonce)
+        work: list[tuple[Any, Any]] = []
+        try:
+            for i, any_msg in enumerate(resp.resources):
+                rpath = f"resources[{i}]"
+                if any_msg.type_url != kind.type_url:
+                    raise ConfigError(rpath, f"expected {kind.type_url}, got {any_msg.type_url}")
+                msg = kind.message_cls()
+                try:
+                    msg.ParseFromString(any_msg.value)
+                except Exception as e:
+                    raise ConfigError(rpath, f"cannot decode: {e}") from None
+                for r in kind.targets.get(getattr(msg, kind.name_field), []):
+                    t = r()
+                    if t is not None:
+                        t.check(msg, rpath)  # every target checks before any applies
+                        work.append((t, msg))
+        except ConfigError as e:
+            st.counter(f"{pre}.update_rejected").value += 1
+            log.warning("%s update %r rejected (NACK): %s", pre, resp.version_info, e)
+            req.version_info = kind.version_info
+            req.resource_names.extend(kind.names())
+            req.error_detail.code = _INVALID_ARGUMENT
+            req.error_detail.message = str(e)
+            kind.nonce = resp.nonce
+            return req
+        for t, msg in work:
+            t.apply(msg, resp.version_info)
+        kind.version_info = resp.version_info
+        kind.nonce = resp.nonce
+        st.counter(f"{pre}.update_success").value += 1
+        st.gauge(f"{pre}.version").value = version_hash(resp.version_info)
+        req.version_info = resp.version_info
+        req.resource_names.extend(kind.names())
+        return req
+
+
+def _named_prefix(type_url: str) -> str:
+    return (
+        "rds"
+        if type_url.endswith("RouteConfiguration")
+        else "eds"
+        if type_url.endswith("ClusterLoadAssignment")
+        else "xds"
+    )
+
 
 def grpc_eof() -> Any:
     import grpc
@@ -189,4 +317,4 @@ def grpc_target(grpc_service: Any, clusters: Any, path: str) -> str:
     raise ConfigError(f"{path}.envoy_grpc.cluster_name", f"no static cluster named {name!r}")
 
 
-__all__ = ["BACKOFF_BASE", "BACKOFF_MAX", "AdsClient", "AdsKind", "grpc_target"]
+__all__ = ["BACKOFF_BASE", "BACKOFF_MAX", "AdsClient", "AdsKind", "NamedKind", "NamedTarget", "grpc_target"]

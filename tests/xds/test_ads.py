@@ -140,3 +140,42 @@ def test_ads_reconnects_after_the_control_plane_restarts(tmp_path: Path, moorlin
         assert p.stat("control_plane.connected_state") == 1
     finally:
         cp2.stop()
+
+
+@pytest.mark.e2e
+def test_rds_over_ads_asks_by_name_and_follows_updates(tmp_path: Path, moorline: Any, cp: XdsServer) -> None:
+    from envoy.config.route.v3.route_pb2 import RouteConfiguration
+
+    from moorline.xds.files import ROUTE_TYPE
+
+    port, be = free_port(), free_port()
+    doc = procs.hcm_listener("dyn", port, [])
+    tc = doc["filter_chains"][0]["filters"][0]["typed_config"]
+    tc.pop("route_config", None)
+    tc["rds"] = {"route_config_name": "r", "config_source": {"ads": {}, "resource_api_version": "V3"}}
+    cp.push(CLUSTER_TYPE, "c1", [_cluster("be", be)])
+    cp.push(LISTENER_TYPE, "l1", [parse_message(doc, Listener)])
+    p = moorline(_boot(tmp_path, cp.port, be))
+    ask = cp.wait_for(lambda r: r.type_url == ROUTE_TYPE)
+    assert list(ask.resource_names) == ["r"]
+    assert http_request("127.0.0.1", port, "GET", "/").status == 404  # no routes yet
+
+    def routes(body: str) -> RouteConfiguration:
+        vh = {"name": "all", "domains": ["*"]}
+        vh["routes"] = [
+            {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": body}}}
+        ]
+        return parse_message({"name": "r", "virtual_hosts": [vh]}, RouteConfiguration)  # type: ignore[return-value]
+
+    nonce = cp.push(ROUTE_TYPE, "r1", [routes("rds1")])
+    ack = cp.wait_for(lambda r: r.type_url == ROUTE_TYPE and r.response_nonce == nonce)
+    assert ack.version_info == "r1" and not ack.HasField("error_detail")
+    assert http_request("127.0.0.1", port, "GET", "/").body == b"rds1"
+    assert p.stat("http.dyn.rds.r.update_success") == 1
+    bad = routes("x")
+    bad.virtual_hosts[0].routes[0].match.safe_regex.regex = "(unclosed"
+    nonce = cp.push(ROUTE_TYPE, "r2", [bad])
+    nack = cp.wait_for(lambda r: r.type_url == ROUTE_TYPE and r.response_nonce == nonce)
+    assert nack.HasField("error_detail") and nack.version_info == "r1", nack
+    assert http_request("127.0.0.1", port, "GET", "/").body == b"rds1"
+    assert p.stat("http.dyn.rds.r.update_rejected") == 1
