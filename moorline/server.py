@@ -152,6 +152,7 @@ class Server:
                     "dynamic_resources.ads_config.grpc_services[0]",
                 )
                 self.ads = AdsClient(target, bootstrap.node, ads_kinds, self.stats)
+                sources.ads = self.ads  # EDS clusters pushed by CDS ask for their endpoints on it
         for field in ("cds_resources_locator", "lds_resources_locator"):
             if getattr(dr, field):
                 self.ctx.notice(f"dynamic_resources.{field}: not supported yet")

@@ -39,6 +39,7 @@ log = logging.getLogger("moorline.xds")
 BACKOFF_BASE = 0.5
 BACKOFF_MAX = 30.0
 _INVALID_ARGUMENT = 3
+_INTERNAL = 13
 
 
 class NamedTarget(Protocol):
@@ -108,7 +109,10 @@ class AdsClient:
         on a live stream the request goes out at once, else with the next stream's first ones."""
         kind = self.named.get(type_url)
         if kind is None:
-            kind = self.named[type_url] = NamedKind(type_url, message_cls, _named_prefix(type_url))
+            name_field = "cluster_name" if type_url.endswith("ClusterLoadAssignment") else "name"
+            kind = self.named[type_url] = NamedKind(
+                type_url, message_cls, _named_prefix(type_url), name_field
+            )
         before = kind.names()
         kind.targets.setdefault(name, []).append(weakref.ref(target))
         if kind.names() != before and self._out is not None:
@@ -185,7 +189,14 @@ class AdsClient:
                     raise ConnectionError("the control plane closed the stream")
                 if wtask.done():
                     wtask.result()  # a failed write ends the stream
-                out.put_nowait(self.handle(resp, discovery_pb2))
+                try:
+                    reply = self.handle(resp, discovery_pb2)
+                except Exception as e:  # a bug of ours: NACK it, log it, keep the stream
+                    log.exception("ADS response for %s could not be handled", resp.type_url)
+                    reply = discovery_pb2.DiscoveryRequest(type_url=resp.type_url, response_nonce=resp.nonce)
+                    reply.error_detail.code = _INTERNAL
+                    reply.error_detail.message = f"{type(e).__name__}: {e}"
+                out.put_nowait(reply)
         finally:
             self._out = None
             wtask.cancel()

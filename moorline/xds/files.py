@@ -255,12 +255,34 @@ class EdsTarget:
         return iter(())
 
 
+class EdsAdsTarget:
+    """An EDS cluster's assignment over ADS (``xds.ads.NamedTarget``), kept on the cluster."""
+
+    def __init__(self, cluster: Any, store: Store) -> None:
+        self.cluster = cluster
+        pre = f"cluster.{cluster.stat_name}"
+        self.rejected = store.counter(f"{pre}.update_rejected")
+        self.version = store.gauge(f"{pre}.version")
+
+    def check(self, proto: Any, path: str) -> None:
+        try:
+            self.cluster.check_load_assignment(proto, path)
+        except ConfigError:
+            self.rejected.value += 1
+            raise
+
+    def apply(self, proto: Any, version_info: str) -> None:
+        self.cluster.update_load_assignment(proto)  # (counts update_attempt / update_success)
+        self.version.value = version_hash(version_info)
+
+
 class FileSources:
     """The file-based subscriptions of one server (CDS before LDS, as Envoy initializes them),
     and the watcher that polls their files."""
 
     def __init__(self, store: Store, watcher: FileWatcher | None = None) -> None:
         self.store = store
+        self.ads: Any = None  # xds.ads.AdsClient, when the server has one (EDS over ADS)
         self.watcher = watcher or FileWatcher()
         self.subscriptions: list[FileSubscription] = []
 
@@ -271,16 +293,22 @@ class FileSources:
         for sub in sorted(self.subscriptions, key=lambda s: s.type_url != CLUSTER_TYPE):
             sub.load_initial()
 
-    def eds_source(self, cluster: Any, eds_config: Any, path: str) -> FileSubscription | None:
+    def eds_source(self, cluster: Any, eds_config: Any, path: str) -> Any:
         """``upstream.api.EdsSourceFactory``: an EDS cluster whose ``eds_config`` is a file
-        follows the assignment named after its service in that file (stats ``cluster.<name>.*``:
+        (``FileSubscription``) or ADS (``EdsAdsTarget``, asked for on the server's ADS stream)
+        follows the assignment named after its service (stats ``cluster.<name>.*``:
         ``update_attempt``, ``update_success``, ``update_rejected``, ``update_failure``,
         ``version``)."""
-        file = config_source_path(eds_config)
-        if file is None:
-            return None
         from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
 
+        file = config_source_path(eds_config)
+        if file is None:
+            ads = self.ads
+            if ads is not None and eds_config.WhichOneof("config_source_specifier") == "ads":
+                target = EdsAdsTarget(cluster, self.store)
+                ads.subscribe(ENDPOINT_TYPE, ClusterLoadAssignment, cluster.eds_service_name, target)
+                return target
+            return None
         sub = FileSubscription(
             file,
             ENDPOINT_TYPE,
@@ -325,6 +353,7 @@ __all__ = [
     "ENDPOINT_TYPE",
     "LISTENER_TYPE",
     "ROUTE_TYPE",
+    "EdsAdsTarget",
     "EdsTarget",
     "FileSources",
     "FileSubscription",

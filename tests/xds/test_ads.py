@@ -179,3 +179,52 @@ def test_rds_over_ads_asks_by_name_and_follows_updates(tmp_path: Path, moorline:
     assert nack.HasField("error_detail") and nack.version_info == "r1", nack
     assert http_request("127.0.0.1", port, "GET", "/").body == b"rds1"
     assert p.stat("http.dyn.rds.r.update_rejected") == 1
+
+
+@pytest.mark.e2e
+def test_eds_over_ads_asks_for_the_service_and_moves_traffic(
+    tmp_path: Path, moorline: Any, cp: XdsServer
+) -> None:
+    from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
+
+    from moorline.xds.files import ENDPOINT_TYPE
+
+    port, be = free_port(), free_port()
+    eds_cluster = parse_message(
+        {
+            "name": "svc",
+            "type": "EDS",
+            "connect_timeout": "1s",
+            "eds_cluster_config": {
+                "service_name": "svc-eds",
+                "eds_config": {"ads": {}, "resource_api_version": "V3"},
+            },
+        },
+        Cluster,
+    )
+    cp.push(CLUSTER_TYPE, "c1", [eds_cluster])
+    cp.push(LISTENER_TYPE, "l1", [_listener(port, {"route": {"cluster": "svc"}})])
+    p = moorline(_boot(tmp_path, cp.port, be))
+    ask = cp.wait_for(lambda r: r.type_url == ENDPOINT_TYPE)
+    assert list(ask.resource_names) == ["svc-eds"]
+    assert http_request("127.0.0.1", port, "GET", "/").status == 503  # no endpoints yet
+
+    def cla(ports: list[int]) -> ClusterLoadAssignment:
+        eps = [
+            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": q}}}}
+            for q in ports
+        ]
+        return parse_message(
+            {"cluster_name": "svc-eds", "endpoints": [{"lb_endpoints": eps}]}, ClusterLoadAssignment
+        )  # type: ignore[return-value]
+
+    nonce = cp.push(ENDPOINT_TYPE, "e1", [cla([be])])
+    ack = cp.wait_for(lambda r: r.type_url == ENDPOINT_TYPE and r.response_nonce == nonce)
+    assert ack.version_info == "e1" and not ack.HasField("error_detail")
+    assert http_request("127.0.0.1", port, "GET", "/").body == b"from be"
+    nonce = cp.push(ENDPOINT_TYPE, "e2", [cla([0])])  # port 0: refused
+    nack = cp.wait_for(lambda r: r.type_url == ENDPOINT_TYPE and r.response_nonce == nonce)
+    assert nack.HasField("error_detail") and nack.version_info == "e1"
+    assert http_request("127.0.0.1", port, "GET", "/").body == b"from be"
+    assert p.stat("cluster.svc.update_rejected") == 1
+    assert "Traceback" not in p.stderr_text()
