@@ -146,7 +146,13 @@ class ClusterManager:
         if self.eds_sources is None or c.type != "EDS" or not proto.eds_cluster_config.HasField("eds_config"):
             return
         p = f"{path}.eds_cluster_config.eds_config" if path else "eds_cluster_config.eds_config"
-        c.eds_subscription = self.eds_sources(c, proto.eds_cluster_config.eds_config, p)
+        sub = self.eds_sources(c, proto.eds_cluster_config.eds_config, p)
+        if sub is None:
+            c.notice(
+                "eds_cluster_config.eds_config: this EDS source is not served (EDS comes from files, or "
+                "over ADS for clusters the ADS stream pushes): the cluster has no endpoints"
+            )
+        c.eds_subscription = sub
 
     def remove(self, name: str) -> bool:
         """Remove a dynamic cluster: routing to it answers "no cluster" from now on; requests

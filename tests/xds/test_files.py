@@ -485,3 +485,21 @@ def test_a_change_before_the_watch_starts_is_applied_when_it_starts(tmp_path: Pa
     _write(tmp_path / "c.yaml", {"version_info": "2", "resources": [_cluster("b", 1)]})  # (before the watch)
     sub.watch(FileWatcher())
     assert sub.version_info == "2" and mgr.live.keys() == {"b"}
+
+
+def test_an_eds_source_that_is_not_served_is_listed(tmp_path: Path) -> None:
+    cluster = {
+        "name": "dyn",
+        "type": "EDS",
+        "connect_timeout": "1s",
+        "eds_cluster_config": {"eds_config": {"ads": {}}},
+    }
+    boot = tmp_path / "b.yaml"
+    boot.write_text(procs.bootstrap([], [cluster], free_port()))
+    r = subprocess.run(
+        [sys.executable, "-m", "moorline", "validate", str(boot)], capture_output=True, text=True, timeout=60
+    )
+    out = r.stdout + r.stderr
+    assert (
+        "static_resources.clusters[0].eds_cluster_config.eds_config: this EDS source is not served" in out
+    ), out
