@@ -214,16 +214,7 @@ class AdsClient:
             return req
         kind.stats["update_attempt"].value += 1
         try:
-            protos = []
-            for i, any_msg in enumerate(resp.resources):
-                if any_msg.type_url != kind.type_url:
-                    raise ConfigError(f"resources[{i}]", f"expected {kind.type_url}, got {any_msg.type_url}")
-                msg = kind.message_cls()
-                try:
-                    msg.ParseFromString(any_msg.value)
-                except Exception as e:
-                    raise ConfigError(f"resources[{i}]", f"cannot decode: {e}") from None
-                protos.append(msg)
+            protos = [msg for _, msg in _decode(resp, kind.type_url, kind.message_cls)]
             check_resources(kind.manager, protos)
             apply_resources(kind.manager, protos, resp.version_info)
         except ConfigError as e:
@@ -253,15 +244,7 @@ class AdsClient:
         req = discovery_pb2.DiscoveryRequest(type_url=kind.type_url, response_nonce=resp.nonce)
         work: list[tuple[Any, Any]] = []
         try:
-            for i, any_msg in enumerate(resp.resources):
-                rpath = f"resources[{i}]"
-                if any_msg.type_url != kind.type_url:
-                    raise ConfigError(rpath, f"expected {kind.type_url}, got {any_msg.type_url}")
-                msg = kind.message_cls()
-                try:
-                    msg.ParseFromString(any_msg.value)
-                except Exception as e:
-                    raise ConfigError(rpath, f"cannot decode: {e}") from None
+            for rpath, msg in _decode(resp, kind.type_url, kind.message_cls):
                 for r in kind.targets.get(getattr(msg, kind.name_field), []):
                     t = r()
                     if t is not None:
@@ -285,6 +268,23 @@ class AdsClient:
         req.version_info = resp.version_info
         req.resource_names.extend(kind.names())
         return req
+
+
+def _decode(resp: Any, type_url: str, message_cls: Any) -> list[tuple[str, Any]]:
+    """A response's resources as messages, with their ``resources[i]`` paths; ``ConfigError``
+    for one of another type or one that does not decode."""
+    out = []
+    for i, any_msg in enumerate(resp.resources):
+        rpath = f"resources[{i}]"
+        if any_msg.type_url != type_url:
+            raise ConfigError(rpath, f"expected {type_url}, got {any_msg.type_url}")
+        msg = message_cls()
+        try:
+            msg.ParseFromString(any_msg.value)
+        except Exception as e:
+            raise ConfigError(rpath, f"cannot decode: {e}") from None
+        out.append((rpath, msg))
+    return out
 
 
 def _named_prefix(type_url: str) -> str:
