@@ -414,86 +414,88 @@ cdef class _Parser:
 
 
 # -- llhttp callbacks: C functions; an exception is kept on the parser for ``_exec`` ----------
-cdef int _cb_url(llhttp_t* c, const char* at, size_t n) noexcept:
+cdef enum:
+    EV_URL
+    EV_FIELD
+    EV_VALUE
+    EV_BODY
+    EV_BEGIN
+    EV_HEADERS
+    EV_CHUNK
+    EV_DONE
+
+
+cdef int _span(llhttp_t* c, int ev, const char* at, size_t n) noexcept:
+    """One span event (URL, header name or value piece, body) to the parser."""
     cdef _Parser p = <_Parser>c.data
     try:
-        p._on_url(at, n)
+        if ev == EV_URL:
+            p._on_url(at, n)
+        elif ev == EV_FIELD:
+            p._on_field(at, n)
+        elif ev == EV_VALUE:
+            p._on_value(at, n)
+        else:
+            p._on_body(at, n)
     except BaseException as e:
         p._exc = e
         return HPE_USER
     return 0
+
+
+cdef int _event(llhttp_t* c, int ev) noexcept:
+    """One point event to the parser. At the end of the head, the last header line is acted on
+    first, and ``1`` tells llhttp that an upgrade has no body to parse (as httptools does)."""
+    cdef _Parser p = <_Parser>c.data
+    try:
+        if ev == EV_HEADERS:
+            if p._fval is not None:
+                p._flush()
+            p._on_headers_complete()
+            return 1 if c.upgrade else 0
+        if ev == EV_DONE:
+            p._on_message_complete()
+        elif ev == EV_CHUNK:
+            p._on_chunk_complete()
+        else:
+            p._on_message_begin()
+    except BaseException as e:
+        p._exc = e
+        return -1
+    return 0
+
+
+# The callbacks llhttp calls (C function pointers, one per event).
+cdef int _cb_url(llhttp_t* c, const char* at, size_t n) noexcept:
+    return _span(c, EV_URL, at, n)
 
 
 cdef int _cb_field(llhttp_t* c, const char* at, size_t n) noexcept:
-    cdef _Parser p = <_Parser>c.data
-    try:
-        p._on_field(at, n)
-    except BaseException as e:
-        p._exc = e
-        return HPE_USER
-    return 0
+    return _span(c, EV_FIELD, at, n)
 
 
 cdef int _cb_value(llhttp_t* c, const char* at, size_t n) noexcept:
-    cdef _Parser p = <_Parser>c.data
-    try:
-        p._on_value(at, n)
-    except BaseException as e:
-        p._exc = e
-        return HPE_USER
-    return 0
-
-
-cdef int _cb_headers_complete(llhttp_t* c) noexcept:
-    cdef _Parser p = <_Parser>c.data
-    try:
-        if p._fval is not None:
-            p._flush()
-        p._on_headers_complete()
-    except BaseException as e:
-        p._exc = e
-        return -1
-    return 1 if c.upgrade else 0
+    return _span(c, EV_VALUE, at, n)
 
 
 cdef int _cb_body(llhttp_t* c, const char* at, size_t n) noexcept:
-    cdef _Parser p = <_Parser>c.data
-    try:
-        p._on_body(at, n)
-    except BaseException as e:
-        p._exc = e
-        return HPE_USER
-    return 0
+    return _span(c, EV_BODY, at, n)
+
+
+cdef int _cb_headers_complete(llhttp_t* c) noexcept:
+    return _event(c, EV_HEADERS)
 
 
 cdef int _cb_message_complete(llhttp_t* c) noexcept:
-    cdef _Parser p = <_Parser>c.data
-    try:
-        p._on_message_complete()
-    except BaseException as e:
-        p._exc = e
-        return -1
-    return 0
+    return _event(c, EV_DONE)
 
 
 cdef int _cb_chunk_complete(llhttp_t* c) noexcept:
-    cdef _Parser p = <_Parser>c.data
-    try:
-        p._on_chunk_complete()
-    except BaseException as e:
-        p._exc = e
-        return -1
-    return 0
+    return _event(c, EV_CHUNK)
 
 
 cdef int _cb_message_begin(llhttp_t* c) noexcept:
-    cdef _Parser p = <_Parser>c.data
-    try:
-        p._on_message_begin()
-    except BaseException as e:
-        p._exc = e
-        return -1
-    return 0
+    return _event(c, EV_BEGIN)
 
 
 llhttp_settings_init(&REQ_SETTINGS)
