@@ -18,7 +18,7 @@ module by ``scripts/build-native.py``.
 from cpython.buffer cimport PyBUF_SIMPLE, PyObject_GetBuffer, PyBuffer_Release
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_Check, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport uint8_t, uint16_t, uint64_t, int32_t
-from libc.string cimport memcmp
+from libc.string cimport memcmp, strlen
 
 from moorline.protocol.headers import HeaderMap
 from moorline.protocol.http1_head import (
@@ -172,7 +172,9 @@ cdef inline bint _ends_crlf2(data):
 
 
 # Special names, matched by length first: C comparisons, no hashing.
-cdef inline int _is(bytes name, const char* lit, Py_ssize_t n):
+cdef inline int _is(bytes name, const char* lit):
+    """``name == lit`` for a C literal (its strlen folds to a constant)."""
+    cdef Py_ssize_t n = strlen(lit)
     return PyBytes_GET_SIZE(name) == n and memcmp(PyBytes_AS_STRING(name), lit, n) == 0
 
 
@@ -655,21 +657,20 @@ cdef class RequestParser(_Parser):
             if size > self._max_bytes:
                 self._too_large(size)
             return 0
-        cdef Py_ssize_t ln = PyBytes_GET_SIZE(name)
-        if ln == 4 and _is(name, b"host", 4):
+        if _is(name, b"host"):
             if self._host is not None:  # RFC 9112 3.2: more than one Host -> 400
                 raise self._die(400, _CODEC_ERROR)
             self._host = value
             if size > self._max_bytes:
                 self._too_large(size)
             return 0
-        if ln == 14 and _is(name, b"content-length", 14):
+        if _is(name, b"content-length"):
             self._content_length(value)
-        elif ln == 17 and _is(name, b"transfer-encoding", 17):
+        elif _is(name, b"transfer-encoding"):
             self._transfer_encoding(value)
-        elif ln == 7 and _is(name, b"upgrade", 7):
+        elif _is(name, b"upgrade"):
             self._h2c = value.strip().lower() == b"h2c"
-        elif ln == 6 and _is(name, b"expect", 6) and value.lower() == b"100-continue":
+        elif _is(name, b"expect") and value.lower() == b"100-continue":
             self._expect = True
         h = self._h
         h.append((name, value))
@@ -879,16 +880,15 @@ cdef class ResponseParser(_Parser):
         if self._st:
             return self._trailer(name, value)
         self._hsize += len(name) + len(value)  # checked at the end of the head
-        cdef Py_ssize_t ln = PyBytes_GET_SIZE(name)
-        if ln == 14 and _is(name, b"content-length", 14):
+        if _is(name, b"content-length"):
             self._content_length(value)
-        elif ln == 17 and _is(name, b"transfer-encoding", 17):
+        elif _is(name, b"transfer-encoding"):
             self._transfer_encoding(value)
             return 0
-        elif ln == 10 and _is(name, b"connection", 10):
+        elif _is(name, b"connection"):
             self._connection = self._connection + b"," + value if self._connection else value
             return 0
-        elif (ln == 10 and _is(name, b"keep-alive", 10)) or (ln == 16 and _is(name, b"proxy-connection", 16)):
+        elif _is(name, b"keep-alive") or _is(name, b"proxy-connection"):
             return 0
         h = self._h
         h.append((name, value))
@@ -1035,12 +1035,12 @@ def encode_request_head_fields(bytes method, bytes path, bytes authority, list f
             v = (<tuple>item)[1]
             ln = PyBytes_GET_SIZE(k)
             skip[i] = 0
-            if ln == 17 and _is(k, b"transfer-encoding", 17):
+            if _is(k, b"transfer-encoding"):
                 skip[i] = 1
                 continue
-            if ln == 14 and _is(k, b"content-length", 14):
+            if _is(k, b"content-length"):
                 has_len = True
-            elif ln == 7 and _is(k, b"upgrade", 7):
+            elif _is(k, b"upgrade"):
                 upgrade = True
             total += 4 + ln + PyBytes_GET_SIZE(v)
         chunked = body_follows and not has_len and not upgrade and method != B_CONNECT
@@ -1091,30 +1091,23 @@ def encode_response_fields(list fields, bint keep_server):
             k = (<tuple>item)[0]
             ln = PyBytes_GET_SIZE(k)
             skip[i] = 0
-            if ln == 10:
-                if _is(k, b"connection", 10) or _is(k, b"keep-alive", 10):
+            if (
+                _is(k, b"connection")
+                or _is(k, b"keep-alive")
+                or _is(k, b"proxy-connection")
+                or _is(k, b"transfer-encoding")
+                or _is(k, b"upgrade")
+            ):
+                skip[i] = 1
+            elif _is(k, b"content-length"):
+                seen |= HAS_CONTENT_LENGTH
+            elif _is(k, b"date"):
+                seen |= HAS_DATE
+            elif _is(k, b"server"):
+                if keep_server:
+                    seen |= HAS_SERVER
+                else:
                     skip[i] = 1
-            elif ln == 16:
-                if _is(k, b"proxy-connection", 16):
-                    skip[i] = 1
-            elif ln == 17:
-                if _is(k, b"transfer-encoding", 17):
-                    skip[i] = 1
-            elif ln == 7:
-                if _is(k, b"upgrade", 7):
-                    skip[i] = 1
-            elif ln == 14:
-                if _is(k, b"content-length", 14):
-                    seen |= HAS_CONTENT_LENGTH
-            elif ln == 4:
-                if _is(k, b"date", 4):
-                    seen |= HAS_DATE
-            elif ln == 6:
-                if _is(k, b"server", 6):
-                    if keep_server:
-                        seen |= HAS_SERVER
-                    else:
-                        skip[i] = 1
             if not skip[i]:
                 total += 4 + ln + PyBytes_GET_SIZE((<tuple>item)[1])
         out = PyBytes_FromStringAndSize(NULL, total)
