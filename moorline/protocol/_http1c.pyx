@@ -22,9 +22,9 @@ from libc.string cimport memcmp, strlen
 
 from moorline.protocol.headers import HeaderMap
 from moorline.protocol.http1_head import (
-    _BAD_TE, _BODY_DISALLOWED, _CHUNKED_HEAD, _CODEC_ERROR, _CRLF2, _LLHTTP_ERRORS, _MISSING_HOST,
-    _RESPONSE_LIMITS, _TOO_LARGE, _TOO_MANY, _UNDERSCORE, _UPSTREAM_EOF, REJECT_REQUEST,
-    HttpProtocolError, Limits, RequestHead, ResponseHead, _keep_alive,
+    _BAD_TE, _BODY_DISALLOWED, _CHUNKED_HEAD, _CODEC_ERROR, _MISSING_HOST, _RESPONSE_LIMITS,
+    _TOO_LARGE, _TOO_MANY, _UNDERSCORE, _UPSTREAM_EOF, REJECT_REQUEST, HttpProtocolError, Limits,
+    RequestHead, ResponseHead, _keep_alive, find_head_end, llhttp_error,
 )
 
 
@@ -266,9 +266,7 @@ cdef class _Parser:
             raise exc
         cdef const char* r = llhttp_get_error_reason(&self._c)
         reason = r.decode("latin-1") if r != NULL else ""
-        status, detail = _LLHTTP_ERRORS.get(reason, (400, _CODEC_ERROR))
-        if self._bad != 400:
-            status = self._bad
+        status, detail = llhttp_error(reason, self._bad)
         return self._die(status, detail)
 
     cdef object _feed_bounded(self, data):
@@ -822,29 +820,13 @@ cdef class ResponseParser(_Parser):
         raise self._die(502, _UPSTREAM_EOF)
 
     # -- HEAD / CONNECT framing (as in http1.ResponseParser) ----------------------------------
-    cdef Py_ssize_t _head_end(self, bytes data):
-        cdef int t = self._tail
-        cdef Py_ssize_t i
-        if t:
-            i = (_CRLF2[:t] + data[:3]).find(_CRLF2)
-            if i >= 0:
-                self._tail = 0
-                return i + 4 - t
-        i = data.find(_CRLF2)
-        if i >= 0:
-            self._tail = 0
-            return i + 4
-        s = (_CRLF2[:t] + data)[-3:] if len(data) < 3 else data[-3:]
-        self._tail = 3 if s == b"\r\n\r" else 2 if s.endswith(b"\r\n") else 1 if s.endswith(b"\r") else 0
-        return -1
-
     cdef object _feed_scan(self, data):
         cdef Py_ssize_t end
         data = bytes(data)
         while data:
             if not self._scan:
                 return self._feed(data)
-            end = self._head_end(data)
+            end, self._tail = find_head_end(self._tail, data)
             if end < 0:
                 return self._feed(data)
             piece, data = data[:end], data[end:]

@@ -58,9 +58,7 @@ from moorline.protocol.http1_head import (
     _CHUNKED,
     _CHUNKED_HEAD,
     _CODEC_ERROR,
-    _CRLF2,
     _HEAD,
-    _LLHTTP_ERRORS,
     _MISSING_HOST,
     _NO_HEADERS,
     _REQ_SPECIAL,
@@ -82,6 +80,8 @@ from moorline.protocol.http1_head import (
     ResponseHead,
     _keep_alive,
     _new,
+    find_head_end,
+    llhttp_error,
 )
 
 __all__ = [
@@ -241,10 +241,7 @@ class _Parser:
             self._dead = True
             self._error = HttpProtocolError(500, "http1.callback_error")
             raise exc
-        status, detail = _LLHTTP_ERRORS.get(str(e), (400, _CODEC_ERROR))
-        if self._bad != 400:
-            status = self._bad
-        return self._die(status, detail)
+        return self._die(*llhttp_error(str(e), self._bad))
 
     def _die(self, status: int, detail: str) -> HttpProtocolError:
         err = HttpProtocolError(status, detail)
@@ -648,28 +645,11 @@ class ResponseParser(_Parser):
         raise self._die(502, _UPSTREAM_EOF)
 
     # -- HEAD / CONNECT framing ---------------------------------------------------------------
-    def _head_end(self, data: bytes) -> int:
-        """Index just past the first CRLFCRLF in the stream (``data`` continues the previous
-        feed), or -1 with ``_tail`` updated."""
-        t = self._tail
-        if t:
-            i = (_CRLF2[:t] + data[:3]).find(_CRLF2)
-            if i >= 0:
-                self._tail = 0
-                return i + 4 - t
-        i = data.find(_CRLF2)
-        if i >= 0:
-            self._tail = 0
-            return i + 4
-        s = (_CRLF2[:t] + data)[-3:] if len(data) < 3 else data[-3:]
-        self._tail = 3 if s == b"\r\n\r" else 2 if s.endswith(b"\r\n") else 1 if s.endswith(b"\r") else 0
-        return -1
-
     def _feed_scan(self, data: bytes) -> bytes | None:
         while data:
             if not self._scan:
                 return self._feed(data)
-            end = self._head_end(data)
+            end, self._tail = find_head_end(self._tail, data)
             if end < 0:
                 return self._feed(data)
             piece, data = data[:end], data[end:]

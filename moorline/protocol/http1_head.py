@@ -220,3 +220,26 @@ def _keep_alive(version: bytes, connection: bytes) -> bool:
     if version == b"1.1":
         return b"close" not in tokens
     return b"keep-alive" in tokens
+
+
+def llhttp_error(reason: str, bad_status: int) -> tuple[int, str]:
+    """The status and detail to answer for llhttp's error ``reason``: the precise ones of
+    ``_LLHTTP_ERRORS``, else 400 ``http1.codec_error``; an upstream parser (``bad_status``
+    502) always answers its own status."""
+    status, detail = _LLHTTP_ERRORS.get(reason, (400, _CODEC_ERROR))
+    return (status if bad_status == 400 else bad_status), detail
+
+
+def find_head_end(tail: int, data: bytes) -> tuple[int, int]:
+    """Where a head ends, for heads llhttp cannot frame (answers to HEAD and CONNECT): the index
+    just past the first CRLFCRLF of the stream (``data`` continues the previous feed, whose last
+    ``tail`` bytes, 0-3, were a CRLFCRLF prefix), or -1; and the new ``tail``."""
+    if tail:
+        i = (_CRLF2[:tail] + data[:3]).find(_CRLF2)
+        if i >= 0:
+            return i + 4 - tail, 0
+    i = data.find(_CRLF2)
+    if i >= 0:
+        return i + 4, 0
+    s = (_CRLF2[:tail] + data)[-3:] if len(data) < 3 else data[-3:]
+    return -1, (3 if s == b"\r\n\r" else 2 if s.endswith(b"\r\n") else 1 if s.endswith(b"\r") else 0)
