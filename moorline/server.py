@@ -89,7 +89,7 @@ class Server:
             if bootstrap.HasField("admin") and bootstrap.admin.HasField("address"):
                 self.admin_address = address_of(bootstrap.admin.address, "admin.address")
             self.admin_allow_paths = compile_allow_paths(bootstrap.admin.allow_paths, "admin.allow_paths")
-            self._file_sources(bootstrap)
+            self._dynamic_resources(bootstrap)
             # Cluster notices carry paths relative to their cluster.
             for i, cp in enumerate(sr.clusters):
                 for n in getattr(self.cluster_manager.get(cp.name), "notices", None) or []:
@@ -99,7 +99,7 @@ class Server:
             raise e.with_source(source) from None
         self.server_stats()
 
-    def _file_sources(self, bootstrap: Any) -> None:
+    def _dynamic_resources(self, bootstrap: Any) -> None:
         """``dynamic_resources``: CDS and LDS from watched files (``xds.files``) or over ADS,
         state of the world (``xds.ads``); the other sources (delta, plain gRPC, locators) are
         noticed as not implemented yet."""
