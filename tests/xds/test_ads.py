@@ -13,6 +13,7 @@ import pytest
 import yaml
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
 from envoy.config.listener.v3.listener_pb2 import Listener
+from google.protobuf import any_pb2
 
 from moorline.config.loader import parse_message
 from moorline.testing import procs
@@ -228,3 +229,56 @@ def test_eds_over_ads_asks_for_the_service_and_moves_traffic(
     assert http_request("127.0.0.1", port, "GET", "/").body == b"from be"
     assert p.stat("cluster.svc.update_rejected") == 1
     assert "Traceback" not in p.stderr_text()
+
+
+class _Mgr:
+    def __init__(self) -> None:
+        self.live: dict[str, Any] = {}
+
+    def compile(self, proto: Any, path: str = "") -> Any:
+        return proto
+
+    def add_or_update(self, proto: Any, path: str = "", version_info: str = "") -> Any:
+        self.live[proto.name] = type("R", (), {"name": proto.name, "added_via_api": True})()
+
+    def remove(self, name: str) -> bool:
+        return self.live.pop(name, None) is not None
+
+    def __iter__(self) -> Any:
+        return iter(list(self.live.values()))
+
+
+def test_responses_that_do_not_decode_or_were_not_asked_for_are_nacked() -> None:
+    from envoy.service.discovery.v3 import discovery_pb2
+
+    from moorline.observability.stats import Store
+    from moorline.xds.ads import AdsClient, AdsKind
+
+    mgr = _Mgr()
+    client = AdsClient(
+        "127.0.0.1:1", None, [AdsKind(CLUSTER_TYPE, Cluster, mgr, "cluster_manager.cds")], Store()
+    )
+    good = any_pb2.Any()
+    good.Pack(_cluster("a", 1))
+    ack = client.handle(
+        discovery_pb2.DiscoveryResponse(
+            type_url=CLUSTER_TYPE, version_info="1", nonce="n1", resources=[good]
+        ),
+        discovery_pb2,
+    )
+    assert ack.version_info == "1" and ack.response_nonce == "n1" and not ack.HasField("error_detail")
+    garbage = any_pb2.Any(type_url=CLUSTER_TYPE, value=b"\xff\xff\xff")
+    wrong = any_pb2.Any()
+    wrong.Pack(_listener(1, {"route": {"cluster": "a"}}))
+    for resources, where in (([garbage], "cannot decode"), ([good, wrong], "resources[1]")):
+        nack = client.handle(
+            discovery_pb2.DiscoveryResponse(
+                type_url=CLUSTER_TYPE, version_info="2", nonce="n2", resources=resources
+            ),
+            discovery_pb2,
+        )
+        assert nack.version_info == "1" and nack.response_nonce == "n2", nack
+        assert nack.error_detail.code == 3 and where in nack.error_detail.message, nack
+    assert set(mgr.live) == {"a"}  # nothing of the refused updates was applied
+    other = client.handle(discovery_pb2.DiscoveryResponse(type_url=LISTENER_TYPE, nonce="n3"), discovery_pb2)
+    assert other.HasField("error_detail") and "not subscribed" in other.error_detail.message
