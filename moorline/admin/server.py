@@ -67,7 +67,7 @@ class AdminHost(Protocol):
         command_line_options, node."""
         ...
 
-    def config_dump(self) -> dict[str, Any]:
+    def config_dump(self, include_eds: bool = False) -> dict[str, Any]:
         """``/config_dump`` JSON, secrets already redacted."""
         ...
 
@@ -453,11 +453,12 @@ class AdminServer:
         )
 
     def _h_config_dump(self, req: Request, params: dict[str, str]) -> Response:
-        # ?resource= and ?mask= as in Envoy; ?include_eds and ?name_regex are accepted and ignored.
+        # ?resource=, ?mask= and ?include_eds as in Envoy; ?name_regex is accepted and ignored.
         from moorline.admin.config_dump import ViewError, select
 
+        dump = self.host.config_dump(include_eds="include_eds" in params)
         try:
-            return _json(select(self.host.config_dump(), params.get("resource"), params.get("mask")))
+            return _json(select(dump, params.get("resource"), params.get("mask")))
         except ViewError as e:
             return _text(404, f"{e}\n")
 

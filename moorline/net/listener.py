@@ -178,6 +178,16 @@ class Listener:
             chains.append(self.selector.default)
         return chains
 
+    def init_targets(self) -> list[Any]:
+        """What this listener warms on (``config.warming.InitTarget``): its connection managers'
+        first RDS responses and its TLS contexts' first SDS secrets."""
+        out: list[Any] = []
+        for fc in self.filter_chains:
+            out.extend(getattr(fc.terminal, "init_targets", ()))
+            if fc.tls is not None:
+                out.extend(getattr(fc.tls, "init_targets", ()))
+        return out
+
     # -- lifecycle --
 
     @property

@@ -550,7 +550,15 @@ class _TlsBase:
         self.stats = _detached_stats(stats_prefix)
         self.generation = 0
         self.last_error: str | None = None
-        self._built = self._build()  # ConfigError at compile time
+        # Secrets over xDS not received yet (SDS): what the listener or cluster warms on. Until
+        # they arrive there is no context (a connection is refused); their arrival builds it.
+        inits = [getattr(p, "init", None) for p in common.providers]
+        self.init_targets = [t for t in inits if t is not None and not t.ready]
+        if self.init_targets:
+            self._built = _Built()
+            self.last_error = "waiting for SDS secrets: " + ", ".join(t.name for t in self.init_targets)
+        else:
+            self._built = self._build()  # ConfigError at compile time
         for p in common.providers:
             p.subscribe(self._reload_cb)
 
@@ -566,7 +574,14 @@ class _TlsBase:
         pass
 
     def _reload_cb(self) -> None:
+        if any(not t.ready for t in self.init_targets):
+            return  # (every secret first)
         self.reload()
+
+    @property
+    def has_context(self) -> bool:
+        """False until the SDS secrets it waits for arrived (or after they never did)."""
+        return self._built.context is not None
 
     def reload(self) -> bool:
         """Rebuild from the current files and secrets; keep the old contexts when that fails."""
@@ -824,6 +839,11 @@ def serve_accepted(
         task.add_done_callback(lambda t: _plain_done(t, sock, info))
         return
     tls.watcher.start(loop)
+    if not tls.has_context:  # its SDS secrets never arrived: refuse, as a handshake failure
+        tls.stats.connection_error.value += 1
+        sock.close()
+        info.notify_closed()
+        return
     gate = _ServerGate(tls, info, protocol_factory)
     task = loop.create_task(
         loop.connect_accepted_socket(
@@ -915,6 +935,12 @@ def upstream_connect_coro(
     tls.watcher.start(loop)
     sni = tls.server_hostname(host)
     gate = _ClientGate(tls, sni, protocol)
+    if not tls.has_context:
+
+        async def refuse() -> Any:
+            raise ConnectionError(f"TLS context has no certificates yet ({tls.last_error})")
+
+        return refuse(), gate
     kw: dict[str, Any] = {"ssl": tls.context, "server_hostname": sni}
     if timeout and timeout > 0:
         kw["ssl_handshake_timeout"] = timeout

@@ -189,13 +189,18 @@ class HcmStats:
 
 
 class _RdsAdsTarget:
-    """An HCM's route configuration over ADS (``xds.ads.NamedTarget``)."""
+    """An HCM's route configuration over gRPC xDS (``xds.ads.NamedTarget``). ``init`` is what
+    its listener warms on: done by the first route configuration, or by the source's initial
+    fetch timeout (the listener then serves with no routes: 404)."""
 
-    def __init__(self, provider: RouteConfigProvider, stats: Any, prefix: str) -> None:
+    def __init__(self, provider: RouteConfigProvider, stats: Any, prefix: str, name: str) -> None:
+        from moorline.config.warming import InitTarget
+
         self.provider = provider
         self.success = stats.counter(f"{prefix}.update_success")
         self.rejected = stats.counter(f"{prefix}.update_rejected")
         self.version = stats.gauge(f"{prefix}.version")
+        self.init = InitTarget(f"rds {name}")
         self._table: RouteTable | None = None
 
     def check(self, proto: Any, path: str) -> None:
@@ -213,6 +218,11 @@ class _RdsAdsTarget:
         self.provider.update(table, proto, version_info)
         self.success.value += 1
         self.version.value = version_hash(version_info)
+        self.init.done()
+
+    def on_fetch_timeout(self) -> None:
+        self.init.timed_out = True
+        self.init.done()
 
 
 class _RdsTarget:
@@ -258,6 +268,8 @@ class HcmConfig:
         from moorline.observability.access_log import compile_access_logs
 
         self.ctx = ctx
+        # What the listener warms on (config.warming.InitTarget): the first RDS response.
+        self.init_targets: list[Any] = []
         self.stat_prefix = proto.stat_prefix
         if not self.stat_prefix:
             raise ConfigError(f"{path}.stat_prefix", "stat_prefix is required")
@@ -448,17 +460,19 @@ class HcmConfig:
         from moorline.xds.files import ROUTE_TYPE, FileSubscription, config_source_path
 
         file = config_source_path(rds.config_source)
-        ads = getattr(self.ctx.server, "ads", None)
-        if (
-            file is None
-            and rds.config_source.WhichOneof("config_source_specifier") == "ads"
-            and ads is not None
-        ):
-            return self._rds_over_ads(rds, path, ads)
         if file is None:
+            clients = getattr(self.ctx.server, "xds", None)
+            client = (
+                clients.for_source(rds.config_source, ROUTE_TYPE, f"{path}.config_source")
+                if clients is not None
+                else None
+            )
+            if client is not None:
+                return self._rds_over_grpc(rds, path, client)
             raise ConfigError(
                 f"{path}.config_source",
-                "only file sources (path_config_source) are served; RDS over gRPC or ADS is not supported yet",
+                "RDS needs a file (path_config_source), ads or a gRPC api_config_source"
+                + ("" if clients is not None else " (gRPC sources are served only by a running server)"),
             )
         name = rds.route_config_name
         if not name:
@@ -480,9 +494,9 @@ class HcmConfig:
         sub.watch(secrets_of(self.ctx).watcher)
         return target.provider
 
-    def _rds_over_ads(self, rds: Any, path: str, ads: Any) -> RouteConfigProvider:
-        """``rds`` over the server's ADS stream: the route configuration is asked for by name;
-        until it arrives the table is empty (404, no route), as a listener that has not warmed."""
+    def _rds_over_grpc(self, rds: Any, path: str, client: Any) -> RouteConfigProvider:
+        """``rds`` over gRPC xDS (ADS or an RDS stream): the route configuration is asked for by
+        name; the listener warms until it arrives (``init_targets``)."""
         from envoy.config.route.v3.route_pb2 import RouteConfiguration
 
         from moorline.xds.files import ROUTE_TYPE
@@ -492,9 +506,14 @@ class HcmConfig:
             raise ConfigError(f"{path}.route_config_name", "route_config_name is required")
         provider = RouteConfigProvider(RouteTable.compile(RouteConfiguration(name=name), path), static=False)
         provider.proto = None  # nothing received yet: not in /config_dump
-        target = _RdsAdsTarget(provider, self.ctx.stats, f"http.{self.stat_prefix}.rds.{name}")
-        self.rds_target = target  # lives as long as this HCM (the ADS client holds it weakly)
-        ads.subscribe(ROUTE_TYPE, RouteConfiguration, name, target)
+        from moorline.xds.files import initial_fetch_timeout
+
+        target = _RdsAdsTarget(provider, self.ctx.stats, f"http.{self.stat_prefix}.rds.{name}", name)
+        self.rds_target = target  # lives as long as this HCM (the client holds it weakly)
+        self.init_targets.append(target.init)
+        client.subscribe(
+            ROUTE_TYPE, RouteConfiguration, name, target, initial_fetch_timeout(rds.config_source)
+        )
         return provider
 
     @property

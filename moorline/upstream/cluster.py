@@ -250,6 +250,7 @@ class Host:
         "locality",
         "pool",
         "port",
+        "priority",
         "removed",
         "stats_cx_connect_fail",
         "stats_cx_total",
@@ -270,8 +271,10 @@ class Host:
         healthy: bool = True,
         degraded: bool = False,
         locality: tuple[str, str, str] = ("", "", ""),
+        priority: int = 0,
     ) -> None:
         self.cluster = cluster
+        self.priority = priority  # EDS priority level (0 is the highest)
         self.hostname = hostname or address
         self.weight = weight
         self.healthy = healthy
@@ -322,6 +325,7 @@ class Host:
             self.healthy,
             self.degraded,
             self.locality,
+            self.priority,
         )
 
     def drain_pools(self) -> None:
@@ -345,6 +349,7 @@ class _Endpoint(NamedTuple):
     healthy: bool
     degraded: bool
     locality: tuple[str, str, str]
+    priority: int = 0
 
 
 class Cluster:
@@ -389,10 +394,14 @@ class Cluster:
         self.max_requests = 1024
         self.max_retries = 3
         self.panic_threshold = DEFAULT_PANIC_THRESHOLD
+        self.overprovisioning = lbmod.DEFAULT_OVERPROVISIONING  # the assignment's policy (percent)
         self.choice_count = 2
         self.active_request_bias = 1.0
         self.eds_service_name = name
         self.eds_subscription: Any = None  # xds.files: the watched file its assignment comes from
+        # What the cluster warms on before it takes traffic (config.warming.InitTarget: its
+        # first EDS assignment over xDS); empty for every other cluster.
+        self.init_targets: list[Any] = []
         self.dns_lookup_family = "AUTO"
         self.dns_refresh_rate = DEFAULT_DNS_REFRESH
         self.dns_failure_refresh_rate: tuple[float, float] | None = None  # (base, max)
@@ -478,6 +487,7 @@ class Cluster:
                     o.healthy = h.healthy
                     o.degraded = h.degraded
                     o.locality = h.locality
+                    o.priority = h.priority
                 merged.append(o)
         removed = list(old.values())
         for h in removed:
@@ -511,6 +521,9 @@ class Cluster:
         if self.type == "ORIGINAL_DST" or not hosts:
             self._lb = None
             return
+        if hosts[-1].priority or any(h.priority for h in hosts):
+            self._rebuild_priorities(hosts)
+            return
         members = healthy
         if self.panic_threshold > 0 and len(healthy) * 100 < self.panic_threshold * len(hosts):
             self._panic = True
@@ -521,6 +534,62 @@ class Cluster:
         self._lb = lbmod.build(
             self.lb_policy, members, self._rng, self.choice_count, self.active_request_bias
         )
+
+    def _rebuild_priorities(self, hosts: list[Host]) -> None:
+        """Hosts on several priority levels: Envoy's priority load (``lb.priority_loads`` with the
+        assignment's overprovisioning factor) picks the level, each level balances its healthy
+        hosts; a level whose healthy share is under the panic threshold balances all of its
+        hosts, and with no healthy host anywhere level 0 panics (as Envoy's)."""
+        by_level: dict[int, list[Host]] = {}
+        for h in hosts:
+            by_level.setdefault(h.priority, []).append(h)
+        levels = [by_level.get(p, []) for p in range(max(by_level) + 1)]
+        counts = [(sum(1 for h in lv if h.healthy), len(lv)) for lv in levels]
+        loads = lbmod.priority_loads(counts, self.overprovisioning)
+        if not any(loads):
+            loads = [100.0] + [0.0] * (len(levels) - 1)
+        balancers: list[Any] = []
+        for lv, (healthy, total), load in zip(levels, counts, loads, strict=True):
+            if not lv or (load <= 0 and healthy == 0):
+                balancers.append(None)
+                continue
+            members = [h for h in lv if h.healthy]
+            if self.panic_threshold > 0 and healthy * 100 < self.panic_threshold * total:
+                members = lv
+                self._panic = self._panic or load > 0
+            balancers.append(
+                lbmod.build(self.lb_policy, members, self._rng, self.choice_count, self.active_request_bias)
+                if members
+                else None
+            )
+        self._lb = lbmod.PriorityLB(balancers, loads, self._rng)
+
+    def load_assignment_view(self) -> Any:
+        """The membership as a ``ClusterLoadAssignment`` (for ``/config_dump?include_eds``)."""
+        from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
+
+        cla = ClusterLoadAssignment(cluster_name=self.eds_service_name)
+        groups: dict[tuple[int, tuple[str, str, str]], Any] = {}
+        for h in self.hosts:
+            key = (h.priority, h.locality)
+            lle = groups.get(key)
+            if lle is None:
+                lle = groups[key] = cla.endpoints.add()
+                lle.priority = h.priority
+                lle.locality.region, lle.locality.zone, lle.locality.sub_zone = h.locality
+            lbe = lle.lb_endpoints.add()
+            if h.port is None:
+                lbe.endpoint.address.pipe.path = h.address
+            else:
+                lbe.endpoint.address.socket_address.address = h.address
+                lbe.endpoint.address.socket_address.port_value = h.port
+            if h.hostname != h.address:
+                lbe.endpoint.hostname = h.hostname
+            lbe.load_balancing_weight.value = h.weight
+            lbe.health_status = _HS.DEGRADED if h.degraded else (_HS.HEALTHY if h.healthy else _HS.UNHEALTHY)
+        if self.overprovisioning != lbmod.DEFAULT_OVERPROVISIONING:
+            cla.policy.overprovisioning_factor.value = self.overprovisioning
+        return cla
 
     def update_load_assignment(self, cla: Any, path: str = "") -> None:
         """Apply an EDS ``ClusterLoadAssignment``; raises ``ConfigError`` (-> NACK) and then
@@ -536,8 +605,14 @@ class Cluster:
     def apply_load_assignment(self, cla: Any, path: str = "") -> None:
         """``update_load_assignment`` without the counting (the caller counts)."""
         endpoints = self._parse_assignment(cla, path, need_ip=True)
+        op = cla.policy.overprovisioning_factor
+        self.overprovisioning = (
+            int(op.value)
+            if cla.policy.HasField("overprovisioning_factor")
+            else lbmod.DEFAULT_OVERPROVISIONING
+        )
         self.update_hosts(
-            Host(self, e.address, e.port, e.hostname, e.weight, e.healthy, e.degraded, e.locality)
+            Host(self, e.address, e.port, e.hostname, e.weight, e.healthy, e.degraded, e.locality, e.priority)
             for e in endpoints
         )
 
@@ -550,10 +625,6 @@ class Cluster:
             lpath = f"{pre}endpoints[{i}]"
             if lle.HasField("leds_cluster_locality_config") or lle.HasField("load_balancer_endpoints"):
                 raise ConfigError(lpath, "LEDS endpoints are not supported")
-            if lle.priority != 0:
-                # Priority failover is not implemented: only priority 0 hosts are used.
-                self.notice(f"{lpath}: priority {lle.priority} endpoints ignored (only priority 0 is used)")
-                continue
             loc = lle.locality
             locality = (loc.region, loc.zone, loc.sub_zone)
             for j, lbe in enumerate(lle.lb_endpoints):
@@ -595,6 +666,7 @@ class Cluster:
                         healthy=status not in _UNHEALTHY,
                         degraded=status == _HS.DEGRADED,
                         locality=locality,
+                        priority=lle.priority,
                     )
                 )
         return out
@@ -682,7 +754,17 @@ class Cluster:
         for i, ep in enumerate(self._endpoints):
             for _fam, ip in self._resolved.get(i, ()):
                 hosts.append(
-                    Host(self, ip, ep.port, ep.hostname, ep.weight, ep.healthy, ep.degraded, ep.locality)
+                    Host(
+                        self,
+                        ip,
+                        ep.port,
+                        ep.hostname,
+                        ep.weight,
+                        ep.healthy,
+                        ep.degraded,
+                        ep.locality,
+                        ep.priority,
+                    )
                 )
         self.update_hosts(hosts)
 
@@ -698,7 +780,19 @@ class Cluster:
                 h.set_address(ip, ep.port)  # logical host: same object, new connections follow
             return
         self.update_hosts(
-            [Host(self, ip, ep.port, ep.hostname, ep.weight, ep.healthy, ep.degraded, ep.locality)]
+            [
+                Host(
+                    self,
+                    ip,
+                    ep.port,
+                    ep.hostname,
+                    ep.weight,
+                    ep.healthy,
+                    ep.degraded,
+                    ep.locality,
+                    ep.priority,
+                )
+            ]
         )
 
     # -- ORIGINAL_DST ---------------------------------------------------------------------------
@@ -943,6 +1037,7 @@ def compile_cluster(
             # Compiled now: a bad certificate or option is a config error at load time (with
             # its field path), not a failure of the first connection.
             c.transport = transport_factory(ts, c, "transport_socket")
+            c.init_targets.extend(getattr(c.transport, "init_targets", ()))  # (SDS secrets)
         elif not _is_raw_buffer(ts):
             c.transport_error = "transport_socket was not compiled (no transport socket factory)"
     if proto.transport_socket_matches:
@@ -984,9 +1079,12 @@ def compile_cluster(
             raise ConfigError("load_assignment", "ORIGINAL_DST clusters must not have endpoints")
     elif proto.HasField("load_assignment"):
         eps = c._parse_assignment(proto.load_assignment, "load_assignment", need_ip=ctype == "STATIC")
+        c.overprovisioning = _overprovisioning(proto.load_assignment)
         if ctype == "STATIC":
             c.update_hosts(
-                Host(c, e.address, e.port, e.hostname, e.weight, e.healthy, e.degraded, e.locality)
+                Host(
+                    c, e.address, e.port, e.hostname, e.weight, e.healthy, e.degraded, e.locality, e.priority
+                )
                 for e in eps
             )
         else:
@@ -1004,6 +1102,13 @@ def compile_cluster(
     # Initialise gauges and the (empty) balancer even when no host was added.
     c._rebuild()
     return c
+
+
+def _overprovisioning(cla: Any) -> int:
+    """An assignment's ``policy.overprovisioning_factor`` (percent; Envoy's default 140)."""
+    if cla.HasField("policy") and cla.policy.HasField("overprovisioning_factor"):
+        return int(cla.policy.overprovisioning_factor.value)
+    return lbmod.DEFAULT_OVERPROVISIONING
 
 
 class _ClusterNotices:

@@ -198,12 +198,58 @@ def test_weights_health_and_locality_from_load_assignment() -> None:
     assert picks[c.hosts[0]] == 500
 
 
-def test_other_priorities_ignored_with_notice() -> None:
-    d = static("c", ep("10.0.0.1"))
-    d["load_assignment"]["endpoints"].append({"priority": 1, "lb_endpoints": [ep("10.0.0.9")]})
-    c = build(d)
-    assert [h.address for h in c.hosts] == ["10.0.0.1"]
-    assert any("priority 1" in n and "load_assignment.endpoints[1]" in n for n in c.notices)
+def _prio(levels: list[list[dict[str, Any]]], **policy: Any) -> Cluster:
+    d = static("c")
+    d["load_assignment"]["endpoints"] = [{"priority": p, "lb_endpoints": eps} for p, eps in enumerate(levels)]
+    if policy:
+        d["load_assignment"]["policy"] = policy
+    return build(d)
+
+
+def _unhealthy(addr: str) -> dict[str, Any]:
+    return ep(addr, health_status="UNHEALTHY")
+
+
+def test_priority_failover_follows_envoys_priority_load() -> None:
+    # All of P0 healthy: P1 gets nothing.
+    c = _prio([[ep("10.0.0.1"), ep("10.0.0.2")], [ep("10.0.1.1")]])
+    assert {h.priority for h in c.hosts} == {0, 1}
+    assert {c.choose_host().address for _ in range(200)} == {"10.0.0.1", "10.0.0.2"}  # type: ignore[union-attr]
+    # Half of P0 healthy: health 50 * 1.4 = 70 %, P1 takes the other 30 %.
+    c = _prio([[ep("10.0.0.1"), _unhealthy("10.0.0.2")], [ep("10.0.1.1")]])
+    assert c._lb.loads == [70.0, 30.0]  # type: ignore[union-attr]
+    picks = Counter(c.choose_host().address for _ in range(2000))  # type: ignore[union-attr]
+    assert set(picks) == {"10.0.0.1", "10.0.1.1"}
+    assert 1200 < picks["10.0.0.1"] < 1600
+    # An overprovisioning factor of 100: P0 gets exactly its healthy share.
+    c = _prio([[ep("10.0.0.1"), _unhealthy("10.0.0.2")], [ep("10.0.1.1")]], overprovisioning_factor=100)
+    assert c._lb.loads == [50.0, 50.0]  # type: ignore[union-attr]
+    # P0 all down: P1 takes everything.
+    c = _prio([[_unhealthy("10.0.0.1")], [ep("10.0.1.1")], [ep("10.0.2.1")]])
+    assert {c.choose_host().address for _ in range(200)} == {"10.0.1.1"}  # type: ignore[union-attr]
+
+
+def test_priority_loads_are_normalized_when_every_level_is_degraded() -> None:
+    from moorline.upstream.lb import priority_loads
+
+    # 1 of 4 healthy on each of two levels: healths 35 and 35, scaled to 50 / 50.
+    assert priority_loads([(1, 4), (1, 4)], 140) == [50.0, 50.0]
+    assert priority_loads([(0, 3), (0, 2)], 140) == [0.0, 0.0]
+    assert priority_loads([(3, 3)], 140) == [100.0]
+    # No healthy host anywhere: level 0 panics over all of its hosts, as in Envoy.
+    c = _prio([[_unhealthy("10.0.0.1")], [_unhealthy("10.0.1.1")]])
+    assert c.choose_host().address == "10.0.0.1"  # type: ignore[union-attr]
+
+
+def test_load_assignment_view_round_trips_priorities_and_health() -> None:
+    c = _prio(
+        [[ep("10.0.0.1", load_balancing_weight=3)], [_unhealthy("10.0.1.1")]], overprovisioning_factor=120
+    )
+    view = c.load_assignment_view()
+    assert [(e.priority, len(e.lb_endpoints)) for e in view.endpoints] == [(0, 1), (1, 1)]
+    assert view.endpoints[0].lb_endpoints[0].load_balancing_weight.value == 3
+    assert view.endpoints[1].lb_endpoints[0].health_status == 2  # UNHEALTHY
+    assert view.policy.overprovisioning_factor.value == 120
 
 
 @pytest.mark.parametrize("policy", ["ROUND_ROBIN", "RANDOM", "LEAST_REQUEST"])
