@@ -88,7 +88,10 @@ def test_empty_fault_is_in_the_chain_when_a_route_has_a_per_route_fault(make: An
             "match": {"prefix": "/a"},
             "route": {"cluster": "be"},
             "typed_per_filter_config": {
-                "envoy.filters.http.fault": {"@type": FAULT_TYPE, "abort": {"http_status": 418, "percentage": pct(100)}}
+                "envoy.filters.http.fault": {
+                    "@type": FAULT_TYPE,
+                    "abort": {"http_status": 418, "percentage": pct(100)},
+                }
             },
         },
         {"match": {"prefix": "/"}, "route": {"cluster": "be"}},
@@ -207,7 +210,9 @@ def test_header_grpc_abort(make: Any) -> None:
 def test_header_percentage_is_capped_by_the_configured_one(make: Any) -> None:
     pair = make(http_filters=[fault(abort={"header_abort": {}, "percentage": pct(0)})])
     c = pair.connect()
-    get(c, headers=[("x-envoy-fault-abort-request", "503"), ("x-envoy-fault-abort-request-percentage", "100")])
+    get(
+        c, headers=[("x-envoy-fault-abort-request", "503"), ("x-envoy-fault-abort-request-percentage", "100")]
+    )
     pair.upstream.accept().respond(200)
     assert c.response().status == 200
 
@@ -215,8 +220,13 @@ def test_header_percentage_is_capped_by_the_configured_one(make: Any) -> None:
 # -- percentages ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("num", "den", "modulus"), [(50, "HUNDRED", 100), (2500, "TEN_THOUSAND", 10_000), (300_000, "MILLION", 1_000_000)])
-def test_percentage_draws_come_from_the_seeded_config_rng(make: Any, num: int, den: str, modulus: int) -> None:
+@pytest.mark.parametrize(
+    ("num", "den", "modulus"),
+    [(50, "HUNDRED", 100), (2500, "TEN_THOUSAND", 10_000), (300_000, "MILLION", 1_000_000)],
+)
+def test_percentage_draws_come_from_the_seeded_config_rng(
+    make: Any, num: int, den: str, modulus: int
+) -> None:
     pair = make(http_filters=[fault(abort={"http_status": 503, "percentage": pct(num, den)})])
     config_of(pair).rng.seed(1234)
     twin = random.Random(1234)
@@ -309,7 +319,10 @@ def test_header_delay(make: Any) -> None:
     assert answer(pair)
     assert c.response().status == 200
     # Without the header, or with a 0 % percentage header: no delay.
-    for hdrs in ([], [("x-envoy-fault-delay-request", "500"), ("x-envoy-fault-delay-request-percentage", "0")]):
+    for hdrs in (
+        [],
+        [("x-envoy-fault-delay-request", "500"), ("x-envoy-fault-delay-request-percentage", "0")],
+    ):
         get(c, headers=hdrs)
         assert answer(pair)  # no time passed: it was not delayed
         assert c.response().status == 200
@@ -381,7 +394,12 @@ def test_headers_nodes_and_upstream_cluster_restrict_faults(make: Any) -> None:
     node = ("x-envoy-downstream-service-node", "node-a")
     get(c, "/x", [node, ("x-fault", "1")])
     assert c.response().status == 503
-    cases = [("/x", [node]), ("/x", [("x-fault", "1")]), ("/x", [("x-envoy-downstream-service-node", "b"), ("x-fault", "1")]), ("/other", [node, ("x-fault", "1")])]
+    cases = [
+        ("/x", [node]),
+        ("/x", [("x-fault", "1")]),
+        ("/x", [("x-envoy-downstream-service-node", "b"), ("x-fault", "1")]),
+        ("/other", [node, ("x-fault", "1")]),
+    ]
     for target, hdrs in cases:
         get(c, target, hdrs)
         assert answer(pair), (target, hdrs)
@@ -390,7 +408,15 @@ def test_headers_nodes_and_upstream_cluster_restrict_faults(make: Any) -> None:
 
 
 def test_max_active_faults(make: Any) -> None:
-    pair = make(http_filters=[fault(delay={"header_delay": {}, "percentage": pct(100)}, abort={"header_abort": {}, "percentage": pct(100)}, max_active_faults=1)])
+    pair = make(
+        http_filters=[
+            fault(
+                delay={"header_delay": {}, "percentage": pct(100)},
+                abort={"header_abort": {}, "percentage": pct(100)},
+                max_active_faults=1,
+            )
+        ]
+    )
     c1 = pair.connect()
     get(c1, headers=[("x-envoy-fault-delay-request", "10000")])
     assert pair.http("fault.active_faults") == 1

@@ -19,7 +19,7 @@ from moorline.testing import procs
 from moorline.testing.upstream import TestUpstream
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "e2e" / "grpc_svc"))
-from grpc_test_service import SERVICE, TestGrpcServer, channel, method  # noqa: E402
+from grpc_test_service import SERVICE, TestGrpcServer, channel, method
 
 pytestmark = pytest.mark.e2e
 
@@ -136,7 +136,11 @@ def test_header_abort(env: Env) -> None:
     n = len(env.up.requests)
     r = get(env, "/h/abort", {"x-envoy-fault-abort-request": "418"})
     assert r.status == 418
-    r = get(env, "/h/abort2", {"x-envoy-fault-abort-request": "418", "x-envoy-fault-abort-request-percentage": "0"})
+    r = get(
+        env,
+        "/h/abort2",
+        {"x-envoy-fault-abort-request": "418", "x-envoy-fault-abort-request-percentage": "0"},
+    )
     assert r.status == 200
     assert [q.path for q in env.up.requests[n:]] == ["/h/abort2"]
     assert env.proc.stat("http.listener_http.fault.aborts_injected") >= 2

@@ -165,9 +165,7 @@ def _compile(msg: Any, path: str, notices: list[str]) -> _Fault:
         f.has_abort = True
     f.upstream_cluster = msg.upstream_cluster or None
     f.nodes = frozenset(n.encode() for n in msg.downstream_nodes)
-    f.headers = tuple(
-        HeaderMatcher.compile(h, f"{path}.headers[{i}]") for i, h in enumerate(msg.headers)
-    )
+    f.headers = tuple(HeaderMatcher.compile(h, f"{path}.headers[{i}]") for i, h in enumerate(msg.headers))
     if msg.HasField("max_active_faults"):
         f.max_active = int(msg.max_active_faults.value)
     if msg.HasField("response_rate_limit"):
