@@ -357,6 +357,35 @@ def test_h2_stream_reset_during_delay(make: Any) -> None:
     pair.assert_settled()
 
 
+def test_body_over_the_buffer_limit_during_a_delay_gets_413_and_frees_the_fault(make: Any) -> None:
+    pair = make(http_filters=[fault(delay={"fixed_delay": "100s", "percentage": pct(100)})])
+    c = pair.connect(buffer_limit=16)
+    c.send(build_request("POST", "/", [], body=b"x" * 100))
+    assert c.response().status == 413
+    assert pair.http("fault.active_faults") == 0
+    assert not any(t > pair.now + 50 for t in pair.loop.pending_timers())
+    pair.advance(200)
+    assert pair.upstream.attempts == []
+    pair.assert_settled()
+
+
+def test_oversized_numeric_headers_are_not_numbers(make: Any) -> None:
+    pair = make(
+        http_filters=[
+            fault(
+                delay={"header_delay": {}, "percentage": pct(100)},
+                abort={"header_abort": {}, "percentage": pct(100)},
+            )
+        ]
+    )
+    c = pair.connect()
+    huge = "9" * 5000  # int() of this raises ValueError past Python's digit limit
+    get(c, headers=[("x-envoy-fault-delay-request", huge), ("x-envoy-fault-abort-request", huge)])
+    assert answer(pair)
+    assert c.response().status == 200
+    assert pair.http("fault.delays_injected") == 0 and pair.http("fault.aborts_injected") == 0
+
+
 def test_delay_does_not_use_up_the_route_timeout(make: Any) -> None:
     # Envoy's router arms the route timeout when it has the whole request, i.e. after the fault
     # filter let it go: a 2 s delay in front of a 1 s route timeout still leaves 1 s upstream.

@@ -248,11 +248,13 @@ class FaultConfig:
 
 
 def _int_header(headers: HeaderMap, name: bytes) -> int | None:
+    """A non-negative integer header, or None. At most 18 digits: a longer value is not a
+    number here (and would make ``int()`` slow, or raise past Python's digit limit)."""
     v = headers.get(name)
     if v is None:
         return None
     v = v.strip()
-    return int(v) if v.isdigit() else None
+    return int(v) if 0 < len(v) <= 18 and v.isdigit() else None
 
 
 class FaultFilter(HttpFilter):
