@@ -56,6 +56,9 @@ class BuildContext:
     access_logs: Any = None  # observability.access_log.AccessLogSinks, made on first use
     codecs: Any = None  # stream.api.CodecRegistry (the server's; built-ins when None)
     secrets: Any = None  # moorline.net.secrets.SecretsManager (made on first use when None)
+    # The stat prefix of the HTTP connection manager whose filters are being built (HTTP filter
+    # factories name their stats ``http.<stat_prefix>.<filter>.*``); "" outside one.
+    http_stat_prefix: str = ""
 
     def loop(self) -> asyncio.AbstractEventLoop:
         return asyncio.get_event_loop()

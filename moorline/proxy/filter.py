@@ -47,8 +47,15 @@ class FilterCallbacks(Protocol):
     def continue_encoding(self) -> None: ...
 
     def send_local_reply(
-        self, status: int, body: bytes = b"", flag: str | None = None, details: str | None = None
-    ) -> None: ...
+        self,
+        status: int,
+        body: bytes = b"",
+        flag: str | None = None,
+        details: str | None = None,
+        grpc_status: int | None = None,
+    ) -> None:
+        """Answer locally. A gRPC request gets a trailers-only reply whose grpc-status is
+        ``grpc_status`` when given, else the one mapped from ``status``."""
 
     def matched_route(self) -> Any:
         """The route this stream matched (None: no route)."""

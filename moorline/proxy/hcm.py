@@ -304,8 +304,13 @@ class HcmConfig:
         else:
             raise ConfigError(f"{path}.{kind}", f"{kind} is not supported")
 
-        # filters: router must be last
+        # filters: router must be last. A factory may return None (nothing to do for any
+        # stream: left out of the chain) or an object with ``wanted(table) -> bool`` (needed only
+        # while some route asks for it, e.g. through typed_per_filter_config): such a filter is
+        # in the chain only for route tables that want it, recomputed when the routes change, so
+        # a configured-but-idle filter costs nothing per request.
         self.filter_factories: list[Any] = []
+        self._all_filter_factories: list[Any] = []
         fl = list(proto.http_filters)
         # No http_filters at all is a valid Envoy config; the router alone serves it.
         for i, f in enumerate(fl):
@@ -331,7 +336,18 @@ class HcmConfig:
                     continue
                 raise ConfigError(fpath, f"unknown or unsupported HTTP filter {f.name!r}")
             cfg = unpack_any(f.typed_config, f"{fpath}.typed_config") if type_url else None
-            self.filter_factories.append(ext.factory(cfg, ctx, fpath))
+            saved_prefix = ctx.http_stat_prefix
+            ctx.http_stat_prefix = self.stat_prefix
+            try:
+                made = ext.factory(cfg, ctx, fpath)
+            finally:
+                ctx.http_stat_prefix = saved_prefix
+            if made is not None:
+                self._all_filter_factories.append(made)
+        self._conditional_filters = any(hasattr(f, "wanted") for f in self._all_filter_factories)
+        self._select_filters()
+        if self._conditional_filters:
+            self.route_provider.subscribe(self._select_filters)
 
         # limits
         cho = proto.common_http_protocol_options
@@ -519,6 +535,14 @@ class HcmConfig:
     @property
     def route_table(self) -> RouteTable:
         return self.route_provider.current
+
+    def _select_filters(self) -> None:
+        """The chain new streams get: every factory, but those with ``wanted(table)`` only while
+        the current route table wants them. Streams already running keep their chain."""
+        table = self.route_provider.current
+        self.filter_factories = [
+            f for f in self._all_filter_factories if not hasattr(f, "wanted") or f.wanted(table)
+        ]
 
     def _set_timer_period(self) -> None:
         periods = [
@@ -1129,6 +1153,7 @@ class ActiveStream:
         details: str | None = None,
         extra: list[tuple[bytes, bytes]] | None = None,
         route: Any = None,
+        grpc_status: int | None = None,
     ) -> None:
         info = self.info
         if flag is not None:
@@ -1153,7 +1178,10 @@ class ActiveStream:
             # Trailers-only gRPC answer, as Envoy.
             h = [
                 (b"content-type", b"application/grpc"),
-                (b"grpc-status", _grpc_status_for(status, details)),
+                (
+                    b"grpc-status",
+                    _grpc_status_for(status, details) if grpc_status is None else b"%d" % grpc_status,
+                ),
                 (b"grpc-message", _grpc_percent_encode(body)),
             ]
             status = 200

@@ -483,7 +483,9 @@ def _compile_filter_configs(merged: dict[str, Any], path: str, notes: list[str])
         if isinstance(msg, OpaqueAny):
             notes.append(f"{fpath}: per-route config {any_msg.type_url} is not supported; ignored")
             continue
-        out[name] = ext.per_route(msg, fpath)
+        compiled = out[name] = ext.per_route(msg, fpath)
+        # A per-route compiler announces what it accepted but does not act on.
+        notes.extend(getattr(compiled, "notices", ()))
     return out
 
 
