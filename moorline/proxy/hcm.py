@@ -295,31 +295,12 @@ class HcmConfig:
         # filters: router must be last
         self.filter_factories: list[Any] = []
         fl = list(proto.http_filters)
-        # No http_filters at all is a valid Envoy config; the router alone serves it.
-        for i, f in enumerate(fl):
-            fpath = f"{path}.http_filters[{i}]"
-            type_url = f.typed_config.type_url if f.HasField("typed_config") else None
-            is_router = f.name in ROUTER_NAMES or (type_url or "").endswith(ROUTER_TYPE)
-            if is_router:
-                if i != len(fl) - 1:
-                    raise ConfigError(fpath, "the router filter must be the last HTTP filter")
-                continue
-            if i == len(fl) - 1:
-                raise ConfigError(
-                    fpath, "the last HTTP filter must be the router (envoy.filters.http.router)"
-                )
-            reason = registry.noop_reason(f.name, type_url)
-            if reason is not None:
-                ctx.notice(f"{fpath} ({f.name}): accepted as a no-op: {reason}")
-                continue
-            ext = registry.lookup("http", f.name, type_url)
-            if ext is None:
-                if f.is_optional:
-                    ctx.notice(f"{fpath} ({f.name}): optional filter not supported, skipped")
-                    continue
-                raise ConfigError(fpath, f"unknown or unsupported HTTP filter {f.name!r}")
-            cfg = unpack_any(f.typed_config, f"{fpath}.typed_config") if type_url else None
-            self.filter_factories.append(ext.factory(cfg, ctx, fpath))
+        saved = ctx.http_stat_prefix, ctx.http_chain_state
+        ctx.http_stat_prefix, ctx.http_chain_state = f"http.{self.stat_prefix}.", {}
+        try:
+            self._compile_filters(fl, ctx, path)
+        finally:
+            ctx.http_stat_prefix, ctx.http_chain_state = saved
 
         # limits
         cho = proto.common_http_protocol_options
@@ -437,6 +418,39 @@ class HcmConfig:
         if not pool:
             pool.extend(_request_ids())
         return pool.pop()
+
+    def _compile_filters(self, fl: list[Any], ctx: BuildContext, path: str) -> None:
+        from moorline.config.loader import unpack_any
+
+        # No http_filters at all is a valid Envoy config; the router alone serves it.
+        for i, f in enumerate(fl):
+            fpath = f"{path}.http_filters[{i}]"
+            type_url = f.typed_config.type_url if f.HasField("typed_config") else None
+            is_router = f.name in ROUTER_NAMES or (type_url or "").endswith(ROUTER_TYPE)
+            if is_router:
+                if i != len(fl) - 1:
+                    raise ConfigError(fpath, "the router filter must be the last HTTP filter")
+                continue
+            if i == len(fl) - 1:
+                raise ConfigError(
+                    fpath, "the last HTTP filter must be the router (envoy.filters.http.router)"
+                )
+            reason = registry.noop_reason(f.name, type_url)
+            if reason is not None:
+                ctx.notice(f"{fpath} ({f.name}): accepted as a no-op: {reason}")
+                continue
+            ext = registry.lookup("http", f.name, type_url)
+            if ext is None:
+                if f.is_optional:
+                    ctx.notice(f"{fpath} ({f.name}): optional filter not supported, skipped")
+                    continue
+                raise ConfigError(fpath, f"unknown or unsupported HTTP filter {f.name!r}")
+            cfg = unpack_any(f.typed_config, f"{fpath}.typed_config") if type_url else None
+            ctx.http_filter_name = f.name
+            try:
+                self.filter_factories.append(ext.factory(cfg, ctx, fpath))
+            finally:
+                ctx.http_filter_name = ""
 
     def _rds_from_file(self, rds: Any, path: str) -> RouteConfigProvider:
         """``rds`` with a file source (``xds.files``): the named route configuration is read now
@@ -955,6 +969,10 @@ class ActiveStream:
         if self.fm is not None:
             self.fm.dec.add_buffered(data)
 
+    def set_decoded_data(self, data: bytes) -> None:
+        if self.fm is not None:
+            self.fm.dec.set_data(data)
+
     def set_decoder_buffer_limit(self, limit: int) -> None:
         """A filter that buffers whole requests (``buffer``) raises or lowers how much the
         decoder chain may hold for it (default: the connection's buffer limit)."""
@@ -1005,6 +1023,10 @@ class ActiveStream:
     def add_encoded_data(self, data: bytes) -> None:
         if self.fm is not None:
             self.fm.enc.add_buffered(data)
+
+    def set_encoded_data(self, data: bytes) -> None:
+        if self.fm is not None:
+            self.fm.enc.set_data(data)
 
     def response_too_large(self) -> None:
         """An encoder filter buffered more than the limit (Envoy: 500, or a reset once the
