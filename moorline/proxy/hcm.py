@@ -254,7 +254,6 @@ class HcmConfig:
     the provider's current table, for callers that do not pin a snapshot."""
 
     def __init__(self, proto: Any, ctx: BuildContext, path: str) -> None:
-        from moorline.config.loader import unpack_any
         from moorline.observability.access_log import compile_access_logs
 
         self.ctx = ctx

@@ -32,7 +32,9 @@ def lib(kind: str = "gzip", name: str | None = None, **fields: Any) -> dict[str,
     }
 
 
-def comp(library: dict[str, Any] | None = None, name: str = "envoy.filters.http.compressor", **cfg: Any) -> dict[str, Any]:
+def comp(
+    library: dict[str, Any] | None = None, name: str = "envoy.filters.http.compressor", **cfg: Any
+) -> dict[str, Any]:
     return {
         "name": name,
         "typed_config": {
@@ -286,7 +288,9 @@ def test_negotiation_stats(make: Any) -> None:
     assert st[g + "header_compressor_used"] == 1 and st[b + "header_compressor_overshadowed"] == 1
     assert st[b + "header_wildcard"] == 1 and st[g + "header_wildcard"] == 1
     assert st[g + "header_identity"] == 1 and st[g + "header_not_valid"] == 1
-    assert st[b + "compressed"] == 1 and st[g + "compressed"] == 1  # no response_direction_config: no "response."
+    assert (
+        st[b + "compressed"] == 1 and st[g + "compressed"] == 1
+    )  # no response_direction_config: no "response."
 
 
 def test_choose_first_wins_ties(make: Any) -> None:
@@ -326,7 +330,10 @@ def test_per_route_disabled_and_library_override(make: Any) -> None:
             "match": {"prefix": "/br"},
             "route": {"cluster": "be"},
             "typed_per_filter_config": {
-                "envoy.filters.http.compressor": {"@type": pr, "overrides": {"compressor_library": lib("brotli")}}
+                "envoy.filters.http.compressor": {
+                    "@type": pr,
+                    "overrides": {"compressor_library": lib("brotli")},
+                }
             },
         },
         {"match": {"prefix": "/"}, "route": {"cluster": "be"}},
@@ -337,7 +344,9 @@ def test_per_route_disabled_and_library_override(make: Any) -> None:
         c.send(b"GET " + path + b" HTTP/1.1\r\nhost: a\r\naccept-encoding: br, gzip\r\n\r\n")
         up = up_for(pair)
         up.request()
-        up.send(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n" % len(BODY) + BODY)
+        up.send(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n" % len(BODY) + BODY
+        )
         r = c.response()
         assert r.header("content-encoding") == want, path
         if want == b"br":
@@ -365,7 +374,9 @@ def test_per_route_overrides_enable_a_disabled_filter(make: Any) -> None:
         c.send(b"GET " + path + b" HTTP/1.1\r\nhost: a\r\naccept-encoding: gzip\r\n\r\n")
         up = up_for(pair)
         up.request()
-        up.send(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n" % len(BODY) + BODY)
+        up.send(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n" % len(BODY) + BODY
+        )
         assert c.response().header("content-encoding") == want
 
 
@@ -375,7 +386,10 @@ def test_per_route_overrides_enable_a_disabled_filter(make: Any) -> None:
 def test_request_compression(make: Any) -> None:
     pair = make([comp(request_direction_config={})])
     c = pair.connect()
-    c.send(b"POST / HTTP/1.1\r\nhost: a\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(BODY))
+    c.send(
+        b"POST / HTTP/1.1\r\nhost: a\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+        % len(BODY)
+    )
     up = up_for(pair)
     c.send(BODY)
     req = up.request()
@@ -389,7 +403,10 @@ def test_request_compression(make: Any) -> None:
 
 
 def test_request_compression_is_off_by_default_and_skips_encoded_bodies(make: Any) -> None:
-    for filters, extra in (([comp()], b""), ([comp(request_direction_config={})], b"content-encoding: br\r\n")):
+    for filters, extra in (
+        ([comp()], b""),
+        ([comp(request_direction_config={})], b"content-encoding: br\r\n"),
+    ):
         pair = make(filters)
         c = pair.connect()
         c.send(
@@ -521,7 +538,9 @@ def test_library_settings_apply(make: Any) -> None:
     r = exchange(pair)
     assert gzip.decompress(r.body) == BODY
     assert r.body[:3] == b"\x1f\x8b\x08" and r.body[8] == 2  # gzip header: XFL 2 = best compression
-    pair2 = make([comp(lib("zstd", compression_level=19, enable_checksum=True, strategy="BTULTRA"))], stat_prefix="z")
+    pair2 = make(
+        [comp(lib("zstd", compression_level=19, enable_checksum=True, strategy="BTULTRA"))], stat_prefix="z"
+    )
     r = exchange(pair2, "accept-encoding: zstd\r\n")
     fp = zstandard.get_frame_parameters(r.body)
     assert fp.has_checksum

@@ -91,7 +91,10 @@ def _comp(kind: str, msg: str, **cfg: Any) -> dict[str, Any]:
         "name": f"envoy.filters.http.compressor.{kind}",
         "typed_config": {
             "@type": f"{T}filters.http.compressor.v3.Compressor",
-            "compressor_library": {"name": kind, "typed_config": {"@type": f"{T}compression.{kind}.compressor.v3.{msg}"}},
+            "compressor_library": {
+                "name": kind,
+                "typed_config": {"@type": f"{T}compression.{kind}.compressor.v3.{msg}"},
+            },
             **cfg,
         },
     }
@@ -194,7 +197,9 @@ def test_etag_and_vary(moorline: Any, origin: Any) -> None:
     r = _get(port, "/etag", "gzip")
     assert r.getheader("etag") == 'W/"v1"' and r.getheader("vary") == "Origin, Accept-Encoding"
     assert gzip.decompress(r.read()) == BIG
-    port2 = _start(moorline, origin, [_comp("gzip", "Gzip", response_direction_config={"disable_on_etag_header": True})])
+    port2 = _start(
+        moorline, origin, [_comp("gzip", "Gzip", response_direction_config={"disable_on_etag_header": True})]
+    )
     r = _get(port2, "/etag", "gzip")
     assert r.getheader("etag") == '"v1"' and r.getheader("content-encoding") is None
     assert r.read() == BIG

@@ -611,7 +611,11 @@ def test_chunk_added_from_trailers_waits_behind_a_holding_filter(make: Any) -> N
     """b adds its last chunk from its trailers hook while a (after it, encoding) holds the
     headers: a sees that chunk, then the trailers; continue_encoding releases all in order."""
     chain = Chain(
-        a={"encode_headers": STOP_ITERATION, "encode_data": STOP_ITERATION, "encode_trailers": STOP_ITERATION},
+        a={
+            "encode_headers": STOP_ITERATION,
+            "encode_data": STOP_ITERATION,
+            "encode_trailers": STOP_ITERATION,
+        },
         b={"encode_data": _upper_enc, "encode_trailers": _tail_enc},
     )
     pair = make(chain)
@@ -641,7 +645,9 @@ def test_chunk_added_from_trailers_then_held_by_a_later_filter(make: Any) -> Non
     def hold_tail(f: Scripted, data: bytes, end: bool) -> int:
         return STOP_ITERATION if data == b"<end>" else CONTINUE
 
-    chain = Chain(a={"encode_data": hold_tail, "encode_trailers": STOP_ITERATION}, b={"encode_trailers": _tail_enc})
+    chain = Chain(
+        a={"encode_data": hold_tail, "encode_trailers": STOP_ITERATION}, b={"encode_trailers": _tail_enc}
+    )
     pair = make(chain)
     c = pair.connect()
     c.send(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")

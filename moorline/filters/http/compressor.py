@@ -334,8 +334,15 @@ class _ResponseStats:
     __slots__ = _RESPONSE
 
     def __init__(self, scope: Any) -> None:
-        for n, c in zip(_RESPONSE, _counters(scope, _RESPONSE), strict=True):
-            setattr(self, n, c)
+        (
+            self.no_accept_header,
+            self.header_identity,
+            self.header_compressor_used,
+            self.header_compressor_overshadowed,
+            self.header_wildcard,
+            self.header_not_valid,
+            self.not_compressed_etag,
+        ) = _counters(scope, _RESPONSE)
 
 
 class Config:
@@ -355,9 +362,30 @@ class Config:
         "uncompressible",
     )
 
-    def __init__(self, **kw: Any) -> None:
-        for k, v in kw.items():
-            setattr(self, k, v)
+    def __init__(
+        self,
+        lib: Library,
+        resp: _Direction,
+        req: _Direction | None,
+        etag_off: bool,
+        remove_ae: bool,
+        choose_first: bool,
+        uncompressible: frozenset[int],
+        rstats: _ResponseStats,
+        group: list[Config],
+        name: str,
+    ) -> None:
+        self.lib = lib
+        self.encoding = lib.encoding
+        self.resp = resp
+        self.req = req  # None: request compression off
+        self.etag_off = etag_off
+        self.remove_ae = remove_ae
+        self.choose_first = choose_first
+        self.uncompressible = uncompressible
+        self.rstats = rstats
+        self.group = group  # every compressor filter of this http_filters list, in order
+        self.name = name  # the filter's name: its typed_per_filter_config key
 
 
 class _PerRoute:
@@ -379,9 +407,7 @@ def _flag(flag: Any, path: str, ctx: Any) -> bool:
     return bool(flag.default_value.value) if flag.HasField("default_value") else True
 
 
-def _common(
-    cc: Any | None, legacy: Any | None, scope: Any, ctx: Any, path: str, default_on: bool
-) -> _Direction:
+def _common(cc: Any, legacy: Any, scope: Any, ctx: Any, path: str, default_on: bool) -> _Direction:
     """A direction from a CommonDirectionConfig, or from the deprecated top-level fields."""
     src = cc if cc is not None else legacy
     enabled = default_on
@@ -471,17 +497,16 @@ def _factory(cfg: Any, ctx: Any, path: str) -> Any:
     state = ctx.http_chain_state
     group: list[Config] = state.setdefault("compressors", []) if state is not None else []
     c = Config(
-        choose_first=bool(cfg.choose_first),
-        encoding=lib.encoding,
-        etag_off=etag_off,
-        group=group,
-        lib=lib,
-        name=ctx.http_filter_name or NAME,
-        remove_ae=remove_ae,
-        req=req,
-        resp=resp,
-        rstats=_ResponseStats(base),
-        uncompressible=uncompressible,
+        lib,
+        resp,
+        req,
+        etag_off,
+        remove_ae,
+        bool(cfg.choose_first),
+        uncompressible,
+        _ResponseStats(base),
+        group,
+        ctx.http_filter_name or NAME,
     )
     group.append(c)
     return lambda stream: CompressorFilter(c)
@@ -598,7 +623,9 @@ class CompressorFilter(HttpFilter):
             self.accept = b",".join(ae)
         self.head = headers.method == b"HEAD"
         pr = self.pr = cb.route_config(cfg.name) if cb is not None else None
-        if self._enabled(pr) and (pr.remove_ae if pr is not None and pr.remove_ae is not None else cfg.remove_ae):
+        if self._enabled(pr) and (
+            pr.remove_ae if pr is not None and pr.remove_ae is not None else cfg.remove_ae
+        ):
             headers.remove(b"accept-encoding")
         req = cfg.req
         if req is None:
