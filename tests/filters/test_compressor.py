@@ -402,6 +402,23 @@ def test_request_compression(make: Any) -> None:
     assert st["http.ingress.compressor.gzip.gzip.request.total_uncompressed_bytes"] == len(BODY)
 
 
+def test_request_compression_ends_before_request_trailers(make: Any) -> None:
+    pair = make([comp(request_direction_config={})])
+    c = pair.connect()
+    c.send(
+        b"POST / HTTP/1.1\r\nhost: a\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n"
+        + b"%x\r\n%s\r\n" % (len(BODY), BODY)
+        + b"0\r\nx-t: 1\r\n\r\n"
+    )
+    up = up_for(pair)
+    req = up.request()
+    assert req.header("content-encoding") == b"gzip" and req.trailer("x-t") == b"1"
+    assert gzip.decompress(req.body) == BODY
+    up.send(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert c.response().status == 204
+    pair.assert_settled()
+
+
 def test_request_compression_is_off_by_default_and_skips_encoded_bodies(make: Any) -> None:
     for filters, extra in (
         ([comp()], b""),

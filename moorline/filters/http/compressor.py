@@ -688,6 +688,7 @@ class CompressorFilter(HttpFilter):
         big_enough = self._enabled(pr) and resp.length_ok(headers)
         compressible = (
             big_enough
+            and status >= 200  # an interim answer is no representation to vary
             and status not in cfg.uncompressible
             and resp.type_ok(headers)
             and not _no_transform(headers)
