@@ -56,9 +56,13 @@ class BuildContext:
     access_logs: Any = None  # observability.access_log.AccessLogSinks, made on first use
     codecs: Any = None  # stream.api.CodecRegistry (the server's; built-ins when None)
     secrets: Any = None  # moorline.net.secrets.SecretsManager (made on first use when None)
-    # The stat prefix of the HTTP connection manager whose filters are being built (HTTP filter
-    # factories name their stats ``http.<stat_prefix>.<filter>.*``); "" outside one.
+    # Set by the HTTP connection manager while it compiles one ``http_filters`` list (and reset
+    # after it): the ``http.<stat_prefix>.`` its filters root their stats at, the ``name`` of
+    # the filter being compiled (its key in ``typed_per_filter_config``), and a scratch dict the
+    # filters of that one list share (compressor filters find each other through it).
     http_stat_prefix: str = ""
+    http_filter_name: str = ""
+    http_chain_state: dict[str, Any] | None = None
 
     def loop(self) -> asyncio.AbstractEventLoop:
         return asyncio.get_event_loop()

@@ -5,7 +5,8 @@ the entry point, at the top of the layers) imports every built-in module. This
 module never imports upward and the core never imports a filter by name.
 
 Categories: ``network`` (network filters), ``http`` (HTTP filters),
-``listener`` (listener filters), ``access_logger``.
+``listener`` (listener filters), ``access_logger``, ``compressor_library`` (the
+compressor filter's compression libraries).
 
 A factory is called as ``factory(config, ctx, path)`` where ``config`` is the
 unpacked proto message (or ``OpaqueAny`` for types xds-protos does not know,

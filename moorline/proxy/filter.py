@@ -77,6 +77,15 @@ class FilterCallbacks(Protocol):
 
     def add_encoded_data(self, data: bytes) -> None: ...
 
+    def set_decoded_data(self, data: bytes) -> None:
+        """Only from inside ``decode_data``: the filters after this one (and the router) get
+        ``data`` instead of the chunk (Envoy's filters edit the chunk's buffer in place). From
+        inside ``decode_trailers``: ``data`` reaches them as a last chunk before the trailers."""
+
+    def set_encoded_data(self, data: bytes) -> None:
+        """``set_decoded_data`` for the response: from inside ``encode_data`` or
+        ``encode_trailers`` only."""
+
 
 class HttpFilter:
     """Base class: every hook continues. Override the hooks you need."""

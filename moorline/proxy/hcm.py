@@ -264,7 +264,6 @@ class HcmConfig:
     the provider's current table, for callers that do not pin a snapshot."""
 
     def __init__(self, proto: Any, ctx: BuildContext, path: str) -> None:
-        from moorline.config.loader import unpack_any
         from moorline.observability.access_log import compile_access_logs
 
         self.ctx = ctx
@@ -312,38 +311,12 @@ class HcmConfig:
         self.filter_factories: list[Any] = []
         self._all_filter_factories: list[Any] = []
         fl = list(proto.http_filters)
-        # No http_filters at all is a valid Envoy config; the router alone serves it.
-        for i, f in enumerate(fl):
-            fpath = f"{path}.http_filters[{i}]"
-            type_url = f.typed_config.type_url if f.HasField("typed_config") else None
-            is_router = f.name in ROUTER_NAMES or (type_url or "").endswith(ROUTER_TYPE)
-            if is_router:
-                if i != len(fl) - 1:
-                    raise ConfigError(fpath, "the router filter must be the last HTTP filter")
-                continue
-            if i == len(fl) - 1:
-                raise ConfigError(
-                    fpath, "the last HTTP filter must be the router (envoy.filters.http.router)"
-                )
-            reason = registry.noop_reason(f.name, type_url)
-            if reason is not None:
-                ctx.notice(f"{fpath} ({f.name}): accepted as a no-op: {reason}")
-                continue
-            ext = registry.lookup("http", f.name, type_url)
-            if ext is None:
-                if f.is_optional:
-                    ctx.notice(f"{fpath} ({f.name}): optional filter not supported, skipped")
-                    continue
-                raise ConfigError(fpath, f"unknown or unsupported HTTP filter {f.name!r}")
-            cfg = unpack_any(f.typed_config, f"{fpath}.typed_config") if type_url else None
-            saved_prefix = ctx.http_stat_prefix
-            ctx.http_stat_prefix = self.stat_prefix
-            try:
-                made = ext.factory(cfg, ctx, fpath)
-            finally:
-                ctx.http_stat_prefix = saved_prefix
-            if made is not None:
-                self._all_filter_factories.append(made)
+        saved = ctx.http_stat_prefix, ctx.http_chain_state
+        ctx.http_stat_prefix, ctx.http_chain_state = f"http.{self.stat_prefix}.", {}
+        try:
+            self._compile_filters(fl, ctx, path)
+        finally:
+            ctx.http_stat_prefix, ctx.http_chain_state = saved
         self._conditional_filters = any(hasattr(f, "wanted") for f in self._all_filter_factories)
         self._select_filters()
         if self._conditional_filters:
@@ -465,6 +438,41 @@ class HcmConfig:
         if not pool:
             pool.extend(_request_ids())
         return pool.pop()
+
+    def _compile_filters(self, fl: list[Any], ctx: BuildContext, path: str) -> None:
+        from moorline.config.loader import unpack_any
+
+        # No http_filters at all is a valid Envoy config; the router alone serves it.
+        for i, f in enumerate(fl):
+            fpath = f"{path}.http_filters[{i}]"
+            type_url = f.typed_config.type_url if f.HasField("typed_config") else None
+            is_router = f.name in ROUTER_NAMES or (type_url or "").endswith(ROUTER_TYPE)
+            if is_router:
+                if i != len(fl) - 1:
+                    raise ConfigError(fpath, "the router filter must be the last HTTP filter")
+                continue
+            if i == len(fl) - 1:
+                raise ConfigError(
+                    fpath, "the last HTTP filter must be the router (envoy.filters.http.router)"
+                )
+            reason = registry.noop_reason(f.name, type_url)
+            if reason is not None:
+                ctx.notice(f"{fpath} ({f.name}): accepted as a no-op: {reason}")
+                continue
+            ext = registry.lookup("http", f.name, type_url)
+            if ext is None:
+                if f.is_optional:
+                    ctx.notice(f"{fpath} ({f.name}): optional filter not supported, skipped")
+                    continue
+                raise ConfigError(fpath, f"unknown or unsupported HTTP filter {f.name!r}")
+            cfg = unpack_any(f.typed_config, f"{fpath}.typed_config") if type_url else None
+            ctx.http_filter_name = f.name
+            try:
+                made = ext.factory(cfg, ctx, fpath)
+            finally:
+                ctx.http_filter_name = ""
+            if made is not None:  # (None: a filter with nothing to do, e.g. an empty fault)
+                self._all_filter_factories.append(made)
 
     def _rds_from_file(self, rds: Any, path: str) -> RouteConfigProvider:
         """``rds`` with a file source (``xds.files``): the named route configuration is read now
@@ -998,6 +1006,10 @@ class ActiveStream:
         if self.fm is not None:
             self.fm.dec.add_buffered(data)
 
+    def set_decoded_data(self, data: bytes) -> None:
+        if self.fm is not None:
+            self.fm.dec.set_data(data)
+
     def set_decoder_buffer_limit(self, limit: int) -> None:
         """A filter that buffers whole requests (``buffer``) raises or lowers how much the
         decoder chain may hold for it (default: the connection's buffer limit)."""
@@ -1048,6 +1060,10 @@ class ActiveStream:
     def add_encoded_data(self, data: bytes) -> None:
         if self.fm is not None:
             self.fm.enc.add_buffered(data)
+
+    def set_encoded_data(self, data: bytes) -> None:
+        if self.fm is not None:
+            self.fm.enc.set_data(data)
 
     def response_too_large(self) -> None:
         """An encoder filter buffered more than the limit (Envoy: 500, or a reset once the

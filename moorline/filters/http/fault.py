@@ -442,7 +442,7 @@ def _factory(cfg: Any, ctx: Any, path: str) -> FaultConfig:
     fault = _compile(cfg, tpath, notices)
     for n in notices:
         ctx.notice(n)
-    scope = ctx.stats.scope(f"http.{ctx.http_stat_prefix}.fault.")
+    scope = ctx.stats.scope(f"{ctx.http_stat_prefix}fault.")
     return FaultConfig(fault, scope, not cfg.disable_downstream_cluster_stats)
 
 
