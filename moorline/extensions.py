@@ -13,8 +13,10 @@ def register_builtin() -> None:
     """Import (once) every module that registers a built-in extension."""
     import moorline.filters.http.buffer
     import moorline.filters.http.health_check
+    import moorline.filters.http.rbac
     import moorline.filters.listener.http_inspector
     import moorline.filters.listener.tls_inspector
+    import moorline.filters.network.rbac
     import moorline.observability.access_log
     import moorline.proxy.hcm
     import moorline.proxy.tcp_proxy  # noqa: F401

@@ -319,7 +319,11 @@ class HcmConfig:
                     continue
                 raise ConfigError(fpath, f"unknown or unsupported HTTP filter {f.name!r}")
             cfg = unpack_any(f.typed_config, f"{fpath}.typed_config") if type_url else None
-            self.filter_factories.append(ext.factory(cfg, ctx, fpath))
+            if ext.wants_stat_prefix:
+                built = ext.factory(cfg, ctx, fpath, stat_prefix=f"http.{self.stat_prefix}.")  # type: ignore[call-arg]
+            else:
+                built = ext.factory(cfg, ctx, fpath)
+            self.filter_factories.append(built)
 
         # limits
         cho = proto.common_http_protocol_options
@@ -538,7 +542,10 @@ class HcmConfig:
         make = self.server_factory
         # TLS chains (info.tls): handshake first, then the codec with info.negotiated_alpn set
         # (AUTO: ALPN "h2" or the HTTP/2 preface picks HTTP/2, see stream.http2_server).
-        serve_accepted(loop, sock, info, lambda: make(self, info))
+        # The chain's connection filters (network RBAC) decide first: at once on plain TCP,
+        # after the handshake with TLS (they may need the peer certificate).
+        admit = info.admit if info.filters else None
+        serve_accepted(loop, sock, info, lambda: make(self, info), admit)
 
     def drain(self) -> None:
         """Stop keep-alive: in-flight responses get ``connection: close``; idle connections close."""
