@@ -295,7 +295,8 @@ class _PeerPrincipal:
 
 # ----------------------------------------------------------------------------------- compiling
 
-Notice = Callable[[str], None]
+# notice(field_path, why): ``lambda p, m: ctx.notice(m, path=p)`` (policy names may hold brackets).
+Notice = Callable[[str, str], None]
 
 
 def _cidr(r: Any, path: str, source: bool) -> _Cidr:
@@ -326,8 +327,9 @@ def _path_matcher(pm: Any, path: str) -> StringMatcher:
 
 def _metadata(md: Any, path: str, notice: Notice) -> _Never:
     notice(
-        f"{path}: dynamic metadata is never set by moorline, so this matcher never matches"
-        + (" (inverted: always matches)" if md.invert else "")
+        path,
+        "dynamic metadata is never set by moorline, so this matcher never matches"
+        + (" (inverted: always matches)" if md.invert else ""),
     )
     return _Never(bool(md.invert))
 
@@ -349,11 +351,11 @@ def compile_permission(p: Any, path: str, notice: Notice, http: bool) -> Any:
         return _Not(compile_permission(p.not_rule, kp, notice, http))
     if kind == "header":
         if not http:
-            notice(f"{kp}: a network filter sees no headers: matched as a missing header")
+            notice(kp, "a network filter sees no headers: matched as a missing header")
         return _Header(HeaderMatcher.compile(p.header, kp))
     if kind == "url_path":
         if not http:
-            notice(f"{kp}: a network filter sees no path: never matches")
+            notice(kp, "a network filter sees no path: never matches")
         return _UrlPath(_path_matcher(p.url_path, kp))
     if kind == "destination_ip":
         return _cidr(p.destination_ip, kp, source=False)
@@ -401,22 +403,22 @@ def compile_principal(p: Any, path: str, notice: Notice, http: bool) -> Any:
         return _Authenticated(sm)
     if kind in ("source_ip", "direct_remote_ip", "remote_ip"):
         if kind == "remote_ip" and http:
-            notice(f"{kp}: matched against the connection's peer address (x-forwarded-for is not used)")
+            notice(kp, "matched against the connection's peer address (x-forwarded-for is not used)")
         return _cidr(getattr(p, kind), kp, source=True)
     if kind == "header":
         if not http:
-            notice(f"{kp}: a network filter sees no headers: matched as a missing header")
+            notice(kp, "a network filter sees no headers: matched as a missing header")
         return _Header(HeaderMatcher.compile(p.header, kp))
     if kind == "url_path":
         if not http:
-            notice(f"{kp}: a network filter sees no path: never matches")
+            notice(kp, "a network filter sees no path: never matches")
         return _UrlPath(_path_matcher(p.url_path, kp))
     if kind == "filter_state":
         fs = p.filter_state
         mk = fs.WhichOneof("matcher")
         if fs.key == PEER_PRINCIPAL_KEY and mk == "string_match":
             return _PeerPrincipal(_string(fs.string_match, f"{kp}.string_match"))
-        notice(f"{kp}: filter state {fs.key!r} is never set by moorline, so this matcher never matches")
+        notice(kp, f"filter state {fs.key!r} is never set by moorline, so this matcher never matches")
         return _Never()
     if kind == "metadata":
         return _metadata(p.metadata, kp, notice)
@@ -464,9 +466,9 @@ class Engine:
         if action not in _ACTION_NAMES:
             raise ConfigError(f"{path}.action", f"unknown action {action}")
         if rules.HasField("audit_logging_options"):
-            notice(f"{path}.audit_logging_options: RBAC audit loggers are not supported; ignored")
+            notice(f"{path}.audit_logging_options", "RBAC audit loggers are not supported; ignored")
         if action == LOG:
-            notice(f"{path}.action: LOG allows every request; the access-log hint metadata is not produced")
+            notice(f"{path}.action", "LOG allows every request; the access-log hint metadata is not produced")
         policies = []
         for name in sorted(rules.policies):
             pol = rules.policies[name]

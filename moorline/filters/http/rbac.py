@@ -89,12 +89,16 @@ def _check_type(cfg: Any, expected: str, path: str) -> None:
         raise ConfigError(path, f"expected {expected}, got {got or type(cfg).__name__}")
 
 
+def _notifier(ctx: Any) -> Any:
+    return lambda path, why: ctx.notice(why, path=path)
+
+
 def _factory(cfg: Any, ctx: Any, path: str, stat_prefix: str = "") -> Any:
     cpath = f"{path}.typed_config"
     if cfg is None:
         raise ConfigError(cpath, "typed_config is required")
     _check_type(cfg, TYPE, cpath)
-    rules, shadow = compile_pair(cfg, cpath, ctx.notice, http=True)
+    rules, shadow = compile_pair(cfg, cpath, _notifier(ctx), http=True)
     if cfg.track_per_rule_stats:
         ctx.notice(f"{cpath}.track_per_rule_stats: per-policy stats are not kept; ignored")
     stats = RbacStats(ctx.stats, stat_prefix, cfg.rules_stat_prefix, cfg.shadow_rules_stat_prefix)
@@ -102,10 +106,9 @@ def _factory(cfg: Any, ctx: Any, path: str, stat_prefix: str = "") -> Any:
     return lambda stream: RbacFilter(c)
 
 
-def _raise_notice(text: str) -> None:
+def _raise_notice(path: str, why: str) -> None:
     # A per-route config is compiled with the route table, which has no notice channel for
     # filters: what the filter's own config would announce is refused here instead.
-    path, _, why = text.partition(": ")
     raise ConfigError(path, f"{why} (not accepted in RBACPerRoute)")
 
 

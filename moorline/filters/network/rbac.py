@@ -57,6 +57,10 @@ class NetworkRbac:
         return False
 
 
+def _notifier(ctx: Any) -> Any:
+    return lambda path, why: ctx.notice(why, path=path)
+
+
 def _factory(cfg: Any, ctx: Any, path: str) -> NetworkRbac:
     cpath = f"{path}.typed_config"
     if cfg is None:
@@ -66,7 +70,7 @@ def _factory(cfg: Any, ctx: Any, path: str) -> NetworkRbac:
         raise ConfigError(cpath, f"expected {TYPE}, got {got or type(cfg).__name__}")
     if not cfg.stat_prefix:
         raise ConfigError(f"{cpath}.stat_prefix", "stat_prefix is required")
-    rules, shadow = compile_pair(cfg, cpath, ctx.notice, http=False)
+    rules, shadow = compile_pair(cfg, cpath, _notifier(ctx), http=False)
     if cfg.enforcement_type == _CONTINUOUS:
         ctx.notice(
             f"{cpath}.enforcement_type: CONTINUOUS is evaluated once per connection "
