@@ -254,7 +254,7 @@ class _ServerName:
 
 class _Authenticated:
     """The peer certificate: its URI SANs, then DNS SANs, then subject against ``principal_name``;
-    without ``principal_name`` any connection whose peer presented a certificate."""
+    without ``principal_name`` any TLS connection (Envoy's rule: the session is the proof)."""
 
     __slots__ = ("sm",)
 
@@ -262,12 +262,12 @@ class _Authenticated:
         self.sm = sm
 
     def match(self, f: Facts) -> bool:
+        sm = self.sm
+        if sm is None:
+            return f.tls()
         ids = f.identities()
         if ids is None:
             return False
-        sm = self.sm
-        if sm is None:
-            return True
         uris, dns, subject = ids
         for v in uris:
             if sm.match(v):

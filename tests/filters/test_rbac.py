@@ -302,9 +302,13 @@ def test_authenticated_principal_uri_dns_then_subject() -> None:
     subject = ((("countryName", "US"),), (("organizationName", "Acme"),), (("commonName", "bob"),))
     by_subject = allow({"any": True}, {"authenticated": {"principal_name": {"exact": "CN=bob,O=Acme,C=US"}}})
     assert by_subject.evaluate(Facts(conn(sans=[], subject=subject)))[0]
-    any_cert = allow({"any": True}, {"authenticated": {}})
-    assert any_cert.evaluate(Facts(conn(sans=[])))[0]
-    assert not any_cert.evaluate(Facts(conn()))[0]
+    # No principal_name: any TLS connection, with or without a client certificate (Envoy).
+    any_tls = allow({"any": True}, {"authenticated": {}})
+    assert any_tls.evaluate(Facts(conn(sans=[])))[0]
+    no_cert = conn()
+    no_cert.tls = object()
+    assert any_tls.evaluate(Facts(no_cert))[0]
+    assert not any_tls.evaluate(Facts(conn()))[0]  # plain TCP
 
 
 def test_metadata_and_unknown_filter_state_never_match_with_a_notice() -> None:
@@ -540,3 +544,22 @@ def test_http_filter_per_route_override_and_disable() -> None:
     d3.request("GET", "/get-only")
     assert len(p.upstream.attempts) == 2
     assert p.http("rbac.allowed") == 1
+
+
+def test_http_denial_with_a_body_keeps_the_connection_in_step() -> None:
+    """A denied POST's body is never taken for a request of its own: the denial closes the
+    connection (``connection: close``), and nothing sent after it reaches the upstream."""
+    tc = {
+        "@type": HTTP_TYPE,
+        "rules": {"policies": {"get": _policy({"header": {"name": ":method", "exact_match": "GET"}})}},
+    }
+    p = _pair([tc])
+    d = p.connect()
+    d.request("POST", "/x", body=b"GET /smuggled HTTP/1.1\r\nhost: a\r\n\r\n")
+    r = d.response()
+    assert r.status == 403 and r.header("connection") == b"close"
+    d.request("GET", "/next")
+    assert d.responses() == []
+    assert not p.upstream.attempts
+    assert p.http("downstream_rq_total") == 1
+    assert (p.http("rbac.denied"), p.http("rbac.allowed")) == (1, 0)

@@ -11,6 +11,7 @@ import json
 import socket
 import ssl
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,17 @@ def _tcp_listener(
 
 def _policy(perms: list[dict[str, Any]], prins: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return {"permissions": perms, "principals": prins or [{"any": True}]}
+
+
+def settled(proc: Any, names: list[str]) -> dict[str, int | str]:
+    """/stats once every gauge in ``names`` is back to 0 (closing is asynchronous; polled,
+    without asserting how long it takes)."""
+    deadline = time.monotonic() + 10
+    while True:
+        stats = proc.stats()
+        if all(stats.get(n) == 0 for n in names) or time.monotonic() > deadline:
+            return stats  # type: ignore[no-any-return]
+        time.sleep(0.05)
 
 
 def _echo(sock: socket.socket, data: bytes) -> bytes:
@@ -326,7 +338,8 @@ def test_http_mtls_spiffe_identity(moorline: Any, upstream: TestUpstream, tmp_pa
     code, body = curl(port, "/hello", tls=(pki.ca_cert, *intruder))
     assert code == 403 and body.startswith("RBAC: access denied"), body
     assert len(upstream.requests) == 1
-    stats = proc.stats()
+    stats = settled(proc, [f"listener.127.0.0.1_{port}.downstream_cx_active"])
+    assert stats[f"listener.127.0.0.1_{port}.downstream_cx_active"] == 0
     assert (stats["http.mtls.rbac.allowed"], stats["http.mtls.rbac.denied"]) == (1, 1)
 
 
@@ -372,7 +385,10 @@ def test_network_rbac_mtls_spiffe_identity_in_front_of_tcp_proxy(moorline: Any, 
 
         assert client(sleep) == b"ping from a mesh client"
         assert client(intruder) == b""
-        stats = proc.stats()
+        # Nothing is left behind by the refused connection (downstream, session, upstream).
+        gauges = [f"listener.127.0.0.1_{port}.downstream_cx_active", "cluster.echo.upstream_cx_active"]
+        stats = settled(proc, gauges)
+        assert [stats[g] for g in gauges] == [0, 0]
         assert (stats["tcp.rbac.allowed"], stats["tcp.rbac.denied"]) == (1, 1)
         assert (stats["tcp.rbac.dry_shadow_denied"], stats["tcp.rbac.dry_shadow_allowed"]) == (2, 0)
         # Only the allowed connection's bytes went upstream.
@@ -416,7 +432,9 @@ def test_network_rbac_source_ip_and_istio_deny_all(moorline: Any) -> None:
         assert client(p1, "127.0.0.1") == b"hello"
         assert client(p1, "127.0.0.2") == b""
         assert client(p2, "127.0.0.1") == b""
-        stats = proc.stats()
+        gauges = [f"listener.127.0.0.1_{p}.downstream_cx_active" for p in (p1, p2)]
+        stats = settled(proc, [*gauges, "cluster.echo.upstream_cx_active"])
+        assert [stats[g] for g in gauges] == [0, 0]
         assert (stats["src.rbac.allowed"], stats["src.rbac.denied"]) == (1, 1)
         assert (stats["tcp.rbac.allowed"], stats["tcp.rbac.denied"]) == (0, 1)
         # Refused plain connections never dialled the upstream.
@@ -424,3 +442,46 @@ def test_network_rbac_source_ip_and_istio_deny_all(moorline: Any) -> None:
         assert echo.connections_total == 1
     finally:
         echo.stop()
+
+
+def test_network_rbac_in_front_of_the_http_connection_manager(
+    moorline: Any, upstream: TestUpstream, tmp_path: Path
+) -> None:
+    """Network RBAC before the HCM on an mTLS chain: a refused identity's connection is closed
+    after the handshake, before the codec sees its request; plain TCP is decided at accept."""
+    pki = Pki(tmp_path / "pki")
+    server = pki.issue("server", NAME, [f"DNS:{NAME}"])
+    sleep = pki.issue("sleep", "sleep", [f"URI:{SLEEP}"], client=True)
+    intruder = pki.issue("intruder", "intruder", [f"URI:{INTRUDER}"], client=True)
+    rbac = {
+        "@type": NET_TYPE,
+        "stat_prefix": "h.",
+        "rules": {
+            "policies": {
+                "sleep": _policy([{"any": True}], [{"authenticated": {"principal_name": {"exact": SLEEP}}}])
+            }
+        },
+    }
+    port, plain = free_port(), free_port()
+    routes = [{"match": {"prefix": "/"}, "route": {"cluster": "svc"}}]
+    lst = hcm_listener("mtls", port, routes)
+    lst["filter_chains"][0]["filters"].insert(0, {"name": NET_RBAC, "typed_config": rbac})
+    lst["filter_chains"][0]["transport_socket"] = _dtls(pki, server)
+    lst2 = hcm_listener("plain", plain, routes)
+    lst2["filter_chains"][0]["filters"].insert(
+        0, {"name": NET_RBAC, "typed_config": {**rbac, "stat_prefix": "p."}}
+    )
+    proc = moorline(bootstrap([lst, lst2], [cluster("svc", [upstream.port])]))
+    code, body = curl(port, "/ok", tls=(pki.ca_cert, *sleep))
+    assert code == 200, body
+    code, body = curl(port, "/no", tls=(pki.ca_cert, *intruder))
+    assert code == 0, body  # no HTTP answer at all: the connection was closed
+    code, body = curl(plain, "/no")
+    assert code == 0, body  # plain TCP is never authenticated
+    assert [r.path for r in upstream.requests] == ["/ok"]
+    gauges = [f"listener.127.0.0.1_{p}.downstream_cx_active" for p in (port, plain)]
+    stats = settled(proc, gauges)
+    assert [stats[g] for g in gauges] == [0, 0]
+    assert (stats["h.rbac.allowed"], stats["h.rbac.denied"]) == (1, 1)
+    assert (stats["p.rbac.allowed"], stats["p.rbac.denied"]) == (0, 1)
+    assert stats["http.mtls.downstream_rq_total"] == 1
