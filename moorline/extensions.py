@@ -15,8 +15,10 @@ def register_builtin() -> None:
     import moorline.filters.http.compressor
     import moorline.filters.http.fault
     import moorline.filters.http.health_check
+    import moorline.filters.http.rbac
     import moorline.filters.listener.http_inspector
     import moorline.filters.listener.tls_inspector
+    import moorline.filters.network.rbac
     import moorline.observability.access_log
     import moorline.proxy.hcm
     import moorline.proxy.tcp_proxy  # noqa: F401

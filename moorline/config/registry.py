@@ -36,6 +36,9 @@ class Extension:
     # of ``per_route_types`` once, when the route table is compiled.
     per_route: Callable[[Any, str], Any] | None = None
     per_route_types: tuple[str, ...] = ()
+    # HTTP filters: the connection manager calls ``factory(config, ctx, path, stat_prefix=...)``
+    # with its stats namespace (``"http.<stat_prefix>."``), as Envoy hands filters theirs.
+    wants_stat_prefix: bool = False
 
 
 _by_name: dict[tuple[str, str], Extension] = {}
@@ -63,6 +66,7 @@ def register(
     factory: Factory,
     per_route: Callable[[Any, str], Any] | None = None,
     per_route_types: list[str] | tuple[str, ...] = (),
+    wants_stat_prefix: bool = False,
 ) -> None:
     ext = Extension(
         category,
@@ -71,6 +75,7 @@ def register(
         factory,
         per_route,
         tuple(_type_name(t) for t in per_route_types),
+        wants_stat_prefix,
     )
     for n in ext.names:
         _by_name[(category, n)] = ext

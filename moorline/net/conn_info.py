@@ -29,6 +29,8 @@ class ConnInfo:
 
     ``tls`` is the chain's compiled server side (``moorline.net.tls.DownstreamTls``) or ``None``
     for plain TCP: terminal filters hand the socket to ``moorline.net.tls`` when it is set.
+    ``filters`` are the chain's non-terminal ``moorline.net.api.ConnectionFilter``s (usually
+    none); the terminal filter calls ``admit()`` once the connection's facts are known.
 
     The terminal network filter owns the connection and must call ``notify_closed()`` exactly
     when it is gone (calling it again is harmless): the listener's active-connection gauge, destroy
@@ -39,6 +41,7 @@ class ConnInfo:
         "alpn",
         "buffer_limit",
         "connection_id",
+        "filters",
         "listener_name",
         "local",
         "negotiated_alpn",
@@ -75,6 +78,7 @@ class ConnInfo:
         self.start_mono = start_mono  # loop.time() at accept; 0.0 when unknown
         self.transport_protocol = "raw_buffer"
         self.tls: Any = None  # moorline.net.tls.DownstreamTls of the chain, None for plain TCP
+        self.filters: tuple[Any, ...] = ()  # the chain's ConnectionFilters (net.api)
         self.negotiated_alpn: str | None = None
         self.tls_version: str | None = None
         self.peer_certificate: dict[str, Any] | None = None
@@ -85,6 +89,13 @@ class ConnInfo:
         if cb is not None:
             self.on_close = None
             cb()
+
+    def admit(self) -> bool:
+        """Ask the chain's connection filters, in order: False as soon as one refuses."""
+        for f in self.filters:
+            if not f.on_new_connection(self):
+                return False
+        return True
 
     def remote_str(self) -> str:
         return _fmt(self.remote)

@@ -826,15 +826,24 @@ def serve_accepted(
     sock: socket.socket,
     info: Any,
     protocol_factory: Callable[[], asyncio.BaseProtocol],
+    admit: Callable[[], bool] | None = None,
 ) -> None:
     """Attach an accepted socket to a protocol, through TLS when ``info.tls`` is set.
 
     With TLS the handshake runs first; ``protocol_factory()`` is only called after it succeeded
     and ``info`` carries ``negotiated_alpn``, ``server_name``, ``tls_version``. A failed
     handshake (or SAN check) counts its stat, closes the socket and calls ``info.notify_closed()``.
+
+    ``admit`` (the chain's connection filters, ``ConnInfo.admit``) decides before the protocol
+    exists: at once for plain TCP, after the checked handshake with TLS. ``False`` closes the
+    connection the same way, without reading a byte of it.
     """
     tls: DownstreamTls | None = info.tls
     if tls is None:
+        if admit is not None and not admit():
+            sock.close()
+            info.notify_closed()
+            return
         task = loop.create_task(loop.connect_accepted_socket(protocol_factory, sock))  # type: ignore[arg-type]
         task.add_done_callback(lambda t: _plain_done(t, sock, info))
         return
@@ -844,7 +853,7 @@ def serve_accepted(
         sock.close()
         info.notify_closed()
         return
-    gate = _ServerGate(tls, info, protocol_factory)
+    gate = _ServerGate(tls, info, protocol_factory, admit)
     task = loop.create_task(
         loop.connect_accepted_socket(
             lambda: gate, sock, ssl=tls.server_context, ssl_handshake_timeout=tls.handshake_timeout
@@ -864,16 +873,28 @@ class _ServerGate(asyncio.Protocol):
     """Sits on the TLS transport until the handshake is checked, then hands it to the real
     protocol with ``transport.set_protocol``."""
 
-    def __init__(self, tls: DownstreamTls, info: Any, factory: Callable[[], asyncio.BaseProtocol]) -> None:
+    def __init__(
+        self,
+        tls: DownstreamTls,
+        info: Any,
+        factory: Callable[[], asyncio.BaseProtocol],
+        admit: Callable[[], bool] | None = None,
+    ) -> None:
         self.tls = tls
         self.info = info
         self.factory = factory
+        self.admit = admit
         self.handed = False
         self.failed = False
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         sslobj = transport.get_extra_info("ssl_object")
         if sslobj is None or not self.tls.after_handshake(sslobj, self.info):
+            self.failed = True
+            transport.abort()
+            return
+        if self.admit is not None and not self.admit():
+            # Refused by a connection filter (it counted why): not a TLS failure.
             self.failed = True
             transport.abort()
             return
@@ -1059,8 +1080,12 @@ class StreamRelay:
         on_close: Callable[[int, int], None] | None,
         counters_a_to_b: Sequence[Any] = (),
         counters_b_to_a: Sequence[Any] = (),
+        admit: Callable[[], bool] | None = None,
     ) -> None:
         self.loop = loop
+        # The chain's connection filters, asked once the downstream handshake is checked
+        # (before a byte of the downstream goes upstream); None for a plain downstream.
+        self.admit = admit if down_tls is not None else None
         self.buffer_limit = max(buffer_limit, 4096)
         self.idle_timeout = idle_timeout or None
         self._on_close = on_close
@@ -1337,6 +1362,10 @@ class HalfCloseTls(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         if not self.tls.after_handshake(self.sslobj, self.relay.info):  # (it counted why)
+            self.raw.abort()
+            return False
+        admit = self.relay.admit
+        if admit is not None and not admit():  # refused by a connection filter (it counted why)
             self.raw.abort()
             return False
         side = self.relay.down

@@ -468,7 +468,10 @@ class HcmConfig:
             cfg = unpack_any(f.typed_config, f"{fpath}.typed_config") if type_url else None
             ctx.http_filter_name = f.name
             try:
-                made = ext.factory(cfg, ctx, fpath)
+                if ext.wants_stat_prefix:
+                    made = ext.factory(cfg, ctx, fpath, stat_prefix=ctx.http_stat_prefix)  # type: ignore[call-arg]
+                else:
+                    made = ext.factory(cfg, ctx, fpath)
             finally:
                 ctx.http_filter_name = ""
             if made is not None:  # (None: a filter with nothing to do, e.g. an empty fault)
@@ -589,7 +592,10 @@ class HcmConfig:
         make = self.server_factory
         # TLS chains (info.tls): handshake first, then the codec with info.negotiated_alpn set
         # (AUTO: ALPN "h2" or the HTTP/2 preface picks HTTP/2, see stream.http2_server).
-        serve_accepted(loop, sock, info, lambda: make(self, info))
+        # The chain's connection filters (network RBAC) decide first: at once on plain TCP,
+        # after the handshake with TLS (they may need the peer certificate).
+        admit = info.admit if info.filters else None
+        serve_accepted(loop, sock, info, lambda: make(self, info), admit)
 
     def drain(self) -> None:
         """Stop keep-alive: in-flight responses get ``connection: close``; idle connections close."""

@@ -141,6 +141,12 @@ class TcpProxy:
 
     def on_accept(self, sock: socket.socket, info: ConnInfo) -> None:
         self.stats.downstream_cx_total.value += 1
+        if info.filters and info.tls is None and not info.admit():
+            # Refused by a connection filter (network RBAC) before any upstream work. With TLS
+            # the filters are asked after the handshake instead (StreamRelay ``admit``).
+            sock.close()
+            info.notify_closed()
+            return
         name = self.pick_cluster()
         cm = self.ctx.cluster_manager
         cluster = cm.get(name) if cm is not None else None
@@ -323,6 +329,7 @@ class _Session:
                 on_close=self._relay_closed,
                 counters_a_to_b=(st.downstream_cx_rx_bytes_total, cs.upstream_cx_tx_bytes_total),
                 counters_b_to_a=(st.downstream_cx_tx_bytes_total, cs.upstream_cx_rx_bytes_total),
+                admit=self.info.admit if self.info.filters else None,
             )
             if proxy.max_duration:
                 self._duration_handle = self.loop.call_later(proxy.max_duration, self._on_max_duration)
