@@ -68,16 +68,21 @@ class Listener:
         self.added_via_api = False
         self.version_info = ""
         self.last_updated = 0.0
-        if proto.WhichOneof("listener_specifier") == "internal_listener":
-            raise ConfigError(_join(path, "internal_listener"), "internal listeners are not supported")
+        internal = proto.WhichOneof("listener_specifier") == "internal_listener"
+        if internal:
+            # Envoy's in-process listeners (Istio's tunnel origination): compiled, never served.
+            ctx.notice(
+                f"{_join(path, 'internal_listener')}: internal listeners are not supported; "
+                "the listener is compiled and takes no connections"
+            )
         if proto.HasField("api_listener"):
             raise ConfigError(_join(path, "api_listener"), "api_listener is not supported")
         if proto.HasField("udp_listener_config"):
             raise ConfigError(_join(path, "udp_listener_config"), "UDP listeners are not supported")
-        if not proto.HasField("address"):
+        if not proto.HasField("address") and not internal:
             raise ConfigError(_join(path, "address"), "address is required")
         apath = _join(path, "address")
-        self.address: Addr = address_of(proto.address, apath)
+        self.address: Addr = ("internal", proto.name, None) if internal else address_of(proto.address, apath)
         self.pipe_mode = 0
         self.ipv4_compat = False
         if self.address[0] == "tcp":
@@ -113,7 +118,7 @@ class Listener:
             self.reuse_port = bool(proto.enable_reuse_port.value)
         else:
             self.reuse_port = True
-        self.bind_to_port = proto.bind_to_port.value if proto.HasField("bind_to_port") else True
+        self.bind_to_port = proto.bind_to_port.value if proto.HasField("bind_to_port") else not internal
         self.buffer_limit = (
             int(proto.per_connection_buffer_limit_bytes.value)
             if proto.HasField("per_connection_buffer_limit_bytes")
