@@ -61,6 +61,8 @@ class BuildContext:
     # the filter being compiled (its key in ``typed_per_filter_config``), and a scratch dict the
     # filters of that one list share (compressor filters find each other through it).
     http_stat_prefix: str = ""
+    # True while an internal listener's chains compile (they never take connections).
+    in_internal_listener: bool = False
     http_filter_name: str = ""
     http_chain_state: dict[str, Any] | None = None
 

@@ -56,6 +56,12 @@ NOOP_EXTENSIONS: dict[str, str] = {
     "istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig": "Istio ALPN filter config",
     "envoy.tcp.metadataexchange.config.MetadataExchange": "Istio TCP metadata exchange",
     "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig": "gRPC stats filter (stats only)",
+    "envoy.extensions.filters.network.set_filter_state.v3.Config": (
+        "set_filter_state: filter state is not kept (nothing in moorline reads these keys)"
+    ),
+    "envoy.extensions.filters.http.set_filter_state.v3.Config": (
+        "set_filter_state: filter state is not kept (nothing in moorline reads these keys)"
+    ),
 }
 
 

@@ -151,7 +151,16 @@ class Listener:
         if len(proto.access_log):
             ctx.notice(f"{_join(path, 'access_log')}: listener access logs are not supported yet; ignored")
 
-        self.selector: FilterChainSelector = compile_filter_chains(proto, ctx, path)
+        # An internal listener takes no connections: what only matters to its traffic (tcp_proxy
+        # tunneling) is noticed instead of refused (``BuildContext.in_internal_listener``).
+        saved = getattr(ctx, "in_internal_listener", False)
+        if internal:
+            ctx.in_internal_listener = True
+        try:
+            self.selector: FilterChainSelector = compile_filter_chains(proto, ctx, path)
+        finally:
+            if internal:
+                ctx.in_internal_listener = saved
 
         scope = ctx.stats.scope(listener_stat_prefix(self.address[1], self.address[2], proto.stat_prefix))
         self.stats_prefix = scope.prefix

@@ -113,7 +113,11 @@ class TcpProxy:
             opt_duration_s(cfg, "max_downstream_connection_duration", None) or None
         )
         if cfg.HasField("tunneling_config"):
-            raise ConfigError(f"{path}.tunneling_config", "tunneling over HTTP is not supported yet")
+            if not getattr(ctx, "in_internal_listener", False):
+                raise ConfigError(f"{path}.tunneling_config", "tunneling over HTTP is not supported yet")
+            ctx.notice(
+                f"{path}.tunneling_config: tunneling over HTTP is not supported (internal listener); ignored"
+            )
         for field, why in (
             ("on_demand", "on-demand cluster discovery is not supported"),
             ("metadata_match", "subset load balancing is not supported"),
