@@ -1,0 +1,140 @@
+"""A Linux network namespace for tests that need iptables (transparent interception).
+
+``NetNs`` creates a namespace (``ip netns add``) with its loopback up and extra local addresses,
+runs iptables inside it, and gives the test two ways in:
+
+- ``ns.argv(cmd)``: a command line that runs ``cmd`` inside (``ip netns exec NS ...``), for child
+  processes such as moorline (``start_moorline(..., wrap=ns.argv([]))``);
+- ``ns.run(fn, *args)``: call ``fn`` on a thread that has entered the namespace (``setns(2)``), so
+  every socket ``fn`` opens, and every thread it starts (the in-process test upstreams' loop
+  threads), lives there. Blocking clients (``http.client``, raw sockets) work unchanged.
+
+``close()`` (also on ``with`` exit) stops the thread and deletes the namespace, which takes its
+iptables rules and addresses with it: nothing is left in the host's network. Needs root (CI runs
+these tests as root) and the ``iptables`` package (scripts/install-deps.sh).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import itertools
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+CLONE_NEWNET = 0x40000000
+_seq = itertools.count(1)
+
+
+class NetNsError(RuntimeError):
+    """The namespace or a rule in it could not be set up (the message has the command's stderr)."""
+
+
+def _sh(argv: Sequence[str]) -> str:
+    r = subprocess.run(list(argv), capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        raise NetNsError(f"{' '.join(argv)} failed ({r.returncode}): {r.stderr.strip()}")
+    return r.stdout
+
+
+def iptables_binary(ns: NetNs | None = None) -> str:
+    """The iptables that works on this kernel: ``iptables`` (whichever backend Debian's
+    alternatives chose), else ``iptables-nft``, else ``iptables-legacy``; checked by listing
+    the nat table (inside ``ns`` when given)."""
+    errors = []
+    for name in ("iptables", "iptables-nft", "iptables-legacy"):
+        path = shutil.which(name) or (f"/usr/sbin/{name}" if os.access(f"/usr/sbin/{name}", os.X_OK) else None)
+        if path is None:
+            continue
+        argv = [path, "-t", "nat", "-S"]
+        try:
+            _sh(ns.argv(argv) if ns is not None else argv)
+        except NetNsError as e:
+            errors.append(str(e))
+            continue
+        return path
+    raise NetNsError(
+        "no working iptables (the Debian package iptables provides it; scripts/install-deps.sh "
+        "installs it): " + "; ".join(errors)
+    )
+
+
+class NetNs:
+    """See the module docstring. ``addresses``: extra IPs (``"10.44.0.2/32"``) put on ``lo``."""
+
+    def __init__(self, prefix: str = "ml", addresses: Sequence[str] = ()) -> None:
+        self.name = f"{prefix}-{os.getpid()}-{next(_seq)}"
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._iptables: str | None = None
+        _sh(["ip", "netns", "add", self.name])
+        try:
+            _sh(["ip", "-n", self.name, "link", "set", "lo", "up"])
+            for a in addresses:
+                _sh(["ip", "-n", self.name, "addr", "add", a, "dev", "lo"])
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=f"netns-{self.name}", initializer=self._enter
+            )
+            self.run(lambda: None)  # fail here, not in the test, when setns is refused
+        except BaseException:
+            self.close()
+            raise
+
+    def _enter(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
+        try:
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns({self.name}): {os.strerror(err)}")
+        finally:
+            os.close(fd)
+
+    def argv(self, cmd: Sequence[str]) -> list[str]:
+        """``cmd`` run inside the namespace."""
+        return ["ip", "netns", "exec", self.name, *cmd]
+
+    def run(self, fn: Callable[..., T], *args: Any, timeout: float = 60.0, **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)`` on the namespace's thread; its result or its exception."""
+        if self._pool is None:
+            raise NetNsError(f"namespace {self.name} is closed")
+        return self._pool.submit(fn, *args, **kwargs).result(timeout)
+
+    def iptables(self, *args: str) -> None:
+        if self._iptables is None:
+            self._iptables = iptables_binary(self)
+        _sh(self.argv([self._iptables, *args]))
+
+    def iptables_rules(self, table: str = "nat") -> str:
+        if self._iptables is None:
+            self._iptables = iptables_binary(self)
+        return _sh(self.argv([self._iptables, "-t", table, "-S"]))
+
+    def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=30)
+
+    def __enter__(self) -> NetNs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def redirect_outbound(ns: NetNs, to_port: int, exclude_gid: int) -> None:
+    """istio-iptables' outbound capture, in short: every TCP connection a process in ``ns``
+    opens goes to ``to_port`` on loopback (``REDIRECT``), except the proxy's own (its group
+    ``exclude_gid``, as Istio excludes uid 1337) and connections to 127.0.0.1."""
+    ns.iptables("-t", "nat", "-N", "MOORLINE_REDIRECT")
+    ns.iptables("-t", "nat", "-A", "MOORLINE_REDIRECT", "-p", "tcp", "-j", "REDIRECT", "--to-ports", str(to_port))
+    ns.iptables("-t", "nat", "-N", "MOORLINE_OUTPUT")
+    ns.iptables("-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-j", "MOORLINE_OUTPUT")
+    ns.iptables("-t", "nat", "-A", "MOORLINE_OUTPUT", "-m", "owner", "--gid-owner", str(exclude_gid), "-j", "RETURN")
+    ns.iptables("-t", "nat", "-A", "MOORLINE_OUTPUT", "-d", "127.0.0.1/32", "-j", "RETURN")
+    ns.iptables("-t", "nat", "-A", "MOORLINE_OUTPUT", "-j", "MOORLINE_REDIRECT")
