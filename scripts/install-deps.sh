@@ -2,7 +2,8 @@
 # Installs the Debian packages the tests and benchmarks drive (real peers: nginx, HAProxy, wrk,
 # iperf3, h2load, curl, openssl; iptables for the transparent-interception tests, which install
 # REDIRECT rules in a network namespace of their own: both the nft and the legacy backend work
-# there, tests/net/test_original_dst_netns.py takes whichever `iptables` is). Idempotent: does nothing when all are present.
+# there, tests/net/test_original_dst_netns.py takes whichever `iptables` is).
+# Idempotent: does nothing when all are present.
 set -euo pipefail
 need=()
 for pair in nginx:/usr/sbin/nginx haproxy:/usr/sbin/haproxy wrk:/usr/bin/wrk iperf3:/usr/bin/iperf3 \
