@@ -136,7 +136,9 @@ class Listener:
         )
         if self.use_original_dst and not has_original_dst:
             if self.address[0] != "tcp":
-                raise ConfigError(_join(path, "use_original_dst"), "only TCP listeners have an original destination")
+                raise ConfigError(
+                    _join(path, "use_original_dst"), "only TCP listeners have an original destination"
+                )
             ext = registry.lookup("listener", ORIGINAL_DST_FILTER, None)
             if ext is None:
                 raise ConfigError(

@@ -48,7 +48,9 @@ def iptables_binary(ns: NetNs | None = None) -> str:
     the nat table (inside ``ns`` when given)."""
     errors = []
     for name in ("iptables", "iptables-nft", "iptables-legacy"):
-        path = shutil.which(name) or (f"/usr/sbin/{name}" if os.access(f"/usr/sbin/{name}", os.X_OK) else None)
+        path = shutil.which(name) or (
+            f"/usr/sbin/{name}" if os.access(f"/usr/sbin/{name}", os.X_OK) else None
+        )
         if path is None:
             continue
         argv = [path, "-t", "nat", "-S"]
@@ -132,9 +134,13 @@ def redirect_outbound(ns: NetNs, to_port: int, exclude_gid: int) -> None:
     opens goes to ``to_port`` on loopback (``REDIRECT``), except the proxy's own (its group
     ``exclude_gid``, as Istio excludes uid 1337) and connections to 127.0.0.1."""
     ns.iptables("-t", "nat", "-N", "MOORLINE_REDIRECT")
-    ns.iptables("-t", "nat", "-A", "MOORLINE_REDIRECT", "-p", "tcp", "-j", "REDIRECT", "--to-ports", str(to_port))
+    ns.iptables(
+        "-t", "nat", "-A", "MOORLINE_REDIRECT", "-p", "tcp", "-j", "REDIRECT", "--to-ports", str(to_port)
+    )
     ns.iptables("-t", "nat", "-N", "MOORLINE_OUTPUT")
     ns.iptables("-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-j", "MOORLINE_OUTPUT")
-    ns.iptables("-t", "nat", "-A", "MOORLINE_OUTPUT", "-m", "owner", "--gid-owner", str(exclude_gid), "-j", "RETURN")
+    ns.iptables(
+        "-t", "nat", "-A", "MOORLINE_OUTPUT", "-m", "owner", "--gid-owner", str(exclude_gid), "-j", "RETURN"
+    )
     ns.iptables("-t", "nat", "-A", "MOORLINE_OUTPUT", "-d", "127.0.0.1/32", "-j", "RETURN")
     ns.iptables("-t", "nat", "-A", "MOORLINE_OUTPUT", "-j", "MOORLINE_REDIRECT")

@@ -1051,7 +1051,9 @@ def compile_cluster(
                 raise ConfigError("original_dst_lb_config.upstream_port_override", "must be a port (1-65535)")
             c.original_dst_port_override = p
         if od.HasField("metadata_key"):
-            c.notice("original_dst_lb_config.metadata_key: destinations from metadata are not supported; ignored")
+            c.notice(
+                "original_dst_lb_config.metadata_key: destinations from metadata are not supported; ignored"
+            )
         c.cleanup_interval = (
             opt_duration_s(proto, "cleanup_interval", DEFAULT_CLEANUP_INTERVAL) or DEFAULT_CLEANUP_INTERVAL
         )

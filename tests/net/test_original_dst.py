@@ -16,6 +16,7 @@ import pytest
 from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2  # noqa: F401 (type URL)
 from google.protobuf import json_format
+from test_listener import RECORDERS, connect, run, until
 
 import moorline.filters.listener.original_dst as od_filter
 from moorline.config.context import BuildContext
@@ -25,7 +26,6 @@ from moorline.net.conn_info import ConnInfo
 from moorline.net.listener import Listener
 from moorline.net.listener_manager import ListenerManager
 from moorline.observability.stats import Store
-from test_listener import RECORDERS, connect, run, until
 
 REC = [{"name": "test.listener.recorder"}]
 
@@ -47,7 +47,9 @@ def _lst(name: str, addr: str, port: int, **extra: Any) -> dict[str, Any]:
 
 
 def test_parse_sockaddr_v4_and_v6() -> None:
-    raw4 = struct.pack("=H", socket.AF_INET) + struct.pack("!H", 8080) + socket.inet_aton("10.1.2.3") + b"\0" * 8
+    raw4 = (
+        struct.pack("=H", socket.AF_INET) + struct.pack("!H", 8080) + socket.inet_aton("10.1.2.3") + b"\0" * 8
+    )
     assert sockopts.parse_sockaddr(raw4) == ("10.1.2.3", 8080)
     raw6 = (
         struct.pack("=H", socket.AF_INET6)
@@ -76,7 +78,9 @@ def loopback_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
         c.close()
 
 
-def test_not_redirected_connection_keeps_its_address(loopback_pair: tuple[socket.socket, socket.socket]) -> None:
+def test_not_redirected_connection_keeps_its_address(
+    loopback_pair: tuple[socket.socket, socket.socket],
+) -> None:
     a, c = loopback_pair
     local = a.getsockname()
     got = sockopts.original_dst(a)
@@ -125,8 +129,12 @@ class Pod:
         self.vo = self.lm.add(
             _proto(_lst("virtualOutbound", "127.0.0.1", 0, use_original_dst=True)), "listeners[0]"
         )
-        self.any80 = self.lm.add(_proto(_lst("0.0.0.0_44080", "0.0.0.0", 44080, bind_to_port=False)), "listeners[1]")
-        self.exact = self.lm.add(_proto(_lst("10.1.2.3_44080", "10.1.2.3", 44080, bind_to_port=False)), "listeners[2]")
+        self.any80 = self.lm.add(
+            _proto(_lst("0.0.0.0_44080", "0.0.0.0", 44080, bind_to_port=False)), "listeners[1]"
+        )
+        self.exact = self.lm.add(
+            _proto(_lst("10.1.2.3_44080", "10.1.2.3", 44080, bind_to_port=False)), "listeners[2]"
+        )
         self.v6 = self.lm.add(_proto(_lst("[::]_44080", "::", 44080, bind_to_port=False)), "listeners[3]")
 
     def rec(self, i: int) -> Any:
@@ -177,7 +185,12 @@ def test_use_original_dst_hands_over_to_the_destinations_listener(
 
     run(main)
     # The connection counts on the listener that served it, not on virtualOutbound.
-    prefixes = ["listener.127.0.0.1_", "listener.0.0.0.0_44080.", "listener.10.1.2.3_44080.", "listener.[__]_44080."]
+    prefixes = [
+        "listener.127.0.0.1_",
+        "listener.0.0.0.0_44080.",
+        "listener.10.1.2.3_44080.",
+        "listener.[__]_44080.",
+    ]
     totals = {
         p: sum(s.value for s in store if s.name.startswith(p) and s.name.endswith(".downstream_cx_total"))  # type: ignore[attr-defined]
         for p in prefixes
@@ -195,7 +208,9 @@ def test_handoff_target_follows_listener_updates_and_removal(monkeypatch: pytest
             dyn = lm.add_or_update(_proto(_lst("dyn", "10.5.5.5", 44090, bind_to_port=False)), "dyn")
             assert lm.find_by_destination(("10.5.5.5", 44090)) is dyn
             new = lm.add_or_update(
-                _proto(_lst("dyn", "10.5.5.5", 44090, bind_to_port=False, per_connection_buffer_limit_bytes=4096)),
+                _proto(
+                    _lst("dyn", "10.5.5.5", 44090, bind_to_port=False, per_connection_buffer_limit_bytes=4096)
+                ),
                 "dyn",
             )
             assert new is not dyn and lm.find_by_destination(("10.5.5.5", 44090)) is new

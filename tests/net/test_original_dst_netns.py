@@ -91,9 +91,7 @@ def _http_listener(name: str, address: str, log: Path, inspectors: bool) -> dict
                         {
                             "match": {"prefix": "/"},
                             "route": {"cluster": "PassthroughCluster", "timeout": "0s"},
-                            "response_headers_to_add": [
-                                {"header": {"key": "x-ml-listener", "value": name}}
-                            ],
+                            "response_headers_to_add": [{"header": {"key": "x-ml-listener", "value": name}}],
                         }
                     ],
                 }

@@ -73,7 +73,9 @@ def test_router_passthrough_override_header_blackhole_and_no_destination(
     r = http_request("127.0.0.1", port, "GET", "/nowhere")
     assert r.status == 503 and b"no healthy upstream" in r.body
     assert "code=503 flags=UH method=GET path=/nowhere" in wait_for_log(log, "path=/nowhere")
-    r = http_request("127.0.0.1", port, "GET", "/bad", headers={"x-envoy-original-dst-host": "upstream.svc:80"})
+    r = http_request(
+        "127.0.0.1", port, "GET", "/bad", headers={"x-envoy-original-dst-host": "upstream.svc:80"}
+    )
     assert r.status == 503
     r = http_request("127.0.0.1", port, "GET", "/blackhole")
     assert r.status == 503
@@ -103,7 +105,9 @@ def test_tcp_proxy_blackhole_and_passthrough_without_destination(moorline: Any) 
 
 def test_bind_to_port_false_listener_is_compiled_listed_and_not_bound(moorline: Any) -> None:
     bound, unbound = free_port(), free_port()
-    lst = hcm_listener("svc_unbound", unbound, [{"match": {"prefix": "/"}, "route": {"cluster": "PassthroughCluster"}}])
+    lst = hcm_listener(
+        "svc_unbound", unbound, [{"match": {"prefix": "/"}, "route": {"cluster": "PassthroughCluster"}}]
+    )
     lst["bind_to_port"] = False
     lst["address"]["socket_address"]["address"] = "0.0.0.0"
     proc = moorline(bootstrap([tcp_listener("vo", bound, "PassthroughCluster"), lst], [_passthrough()]))
