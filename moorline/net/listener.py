@@ -491,12 +491,14 @@ class Listener:
 #
 # A listener filter (registry category ``listener``) is an object with ``max_read_bytes: int``
 # (how much of the stream's beginning it may need to see) and ``on_data(data: bytes, info:
-# ConnInfo) -> bool`` (True: done; False: needs more bytes). A filter with ``max_read_bytes == 0``
-# instead has ``on_accept(sock, info) -> bool | LISTENER_FILTER_CLOSE``, called once at accept
-# before any peeking (original_dst: the socket goes to ``moorline.net.sockopts``, never read). It reads *peeked* bytes, never
-# consuming them, and records what it learnt in ``info`` (``server_name``, ``alpn``,
+# ConnInfo) -> bool`` (True: done; False: needs more bytes). ``on_data`` reads *peeked* bytes,
+# never consuming them, and records what it learnt in ``info`` (``server_name``, ``alpn``,
 # ``transport_protocol``) for filter chain selection. ``data`` always starts at the first byte of
 # the connection (each call sees everything received so far).
+#
+# A filter with ``max_read_bytes == 0`` has ``on_accept(sock, info) -> bool |
+# LISTENER_FILTER_CLOSE`` instead, called once at accept before any peeking filter (original_dst:
+# it hands the socket to ``moorline.net.sockopts`` and never reads from it).
 
 
 def _compile_listener_filters(protos: Any, ctx: Any, path: str) -> tuple[list[Any], bool]:

@@ -722,24 +722,29 @@ class Cluster:
             h = Host(self, address, port)
             if len(self._od_hosts) >= MAX_ORIGINAL_DST_HOSTS:
                 self._od_sweep(reschedule=False)
-            if len(self._od_hosts) < MAX_ORIGINAL_DST_HOSTS and not self.retired:
-                self._od_hosts[key] = h
-                self.hosts.append(h)
-                self.stats.membership_change.value += 1
-                self._rebuild()
-            else:
+            if len(self._od_hosts) >= MAX_ORIGINAL_DST_HOSTS or self.retired:
                 # Over the bound (every cached host busy) or retired: serve this connection
                 # with a host nothing keeps, whose pools close with its last request.
                 h.removed = True
+                return h
+            self._od_hosts[key] = h
+            self.hosts.append(h)
+            self.stats.membership_change.value += 1
+            self._rebuild()
         self._od_used.add(h)
         return h
 
     def _od_sweep(self, reschedule: bool = True) -> None:
-        # A host survives a sweep if used since the previous one or still carrying traffic.
+        # A host survives a sweep if used since the previous one or still carrying traffic:
+        # requests in flight, or connections of its own (tcp_proxy sessions). Idle keep-alive
+        # connections in its pools do not keep it (as in Envoy, an unused host goes; its pools
+        # drain), or every destination ever seen would stay until the pools' idle timeout.
         gone = [
             h
             for h in self._od_hosts.values()
-            if h not in self._od_used and h.active_rq == 0 and h.active_cx == 0
+            if h not in self._od_used
+            and not h.active_rq
+            and not (h.active_cx and h.pool is None and h.h2pool is None)
         ]
         self._od_used.clear()
         if gone:

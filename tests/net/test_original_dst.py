@@ -7,6 +7,7 @@ iptables path is in ``test_original_dst_netns.py``."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import struct
 from collections.abc import Iterator
@@ -21,11 +22,14 @@ from test_listener import RECORDERS, connect, run, until
 import moorline.filters.listener.original_dst as od_filter
 from moorline.config.context import BuildContext
 from moorline.config.errors import ConfigError
+from moorline.config.loader import parse_message
+from moorline.extensions import register_builtin
 from moorline.net import sockopts
 from moorline.net.conn_info import ConnInfo
 from moorline.net.listener import Listener
 from moorline.net.listener_manager import ListenerManager
 from moorline.observability.stats import Store
+from moorline.testing.fixtures import FIXTURES
 
 REC = [{"name": "test.listener.recorder"}]
 
@@ -266,3 +270,27 @@ def test_use_original_dst_implies_the_filter_and_needs_tcp() -> None:
     with pytest.raises(ConfigError) as ei:
         Listener(_proto(pipe), ctx, "listeners[0]")
     assert ei.value.path == "listeners[0].use_original_dst"
+
+
+def test_istio_outbound_listeners_as_istio_writes_them() -> None:
+    """virtualOutbound and the TCP service listeners of a real Istio config dump: the service
+    listeners are never bound and are what an original destination finds. (The HTTP ones use
+    RDS over ADS, which needs the ADS client; they are not compiled here.)"""
+    register_builtin()
+    dump = json.loads((FIXTURES / "istio" / "sidecar_configdump_authz.json").read_text())
+    protos = {
+        e["active_state"]["listener"]["name"]: e["active_state"]["listener"]
+        for c in dump["configs"]
+        for e in c.get("dynamic_listeners", [])
+    }
+    lm = ListenerManager(BuildContext(stats=Store()))
+    for name in ("virtualOutbound", "10.96.0.1_443", "10.108.65.203_443", "10.102.11.148_15021"):
+        lm.add_or_update(parse_message(protos[name], listener_pb2.Listener, name), name)
+    vo = lm.get("virtualOutbound")
+    assert vo is not None and vo.use_original_dst and vo.find_listener is not None
+    assert [type(f).__name__ for f in vo.accept_filters] == ["OriginalDst"]
+    svc = lm.get("10.96.0.1_443")
+    assert svc is not None and not svc.bind_to_port and not svc.use_original_dst
+    assert vo.find_listener(("10.96.0.1", 443)) is svc
+    assert vo.find_listener(("10.96.0.1", 80)) is None  # -> virtualOutbound's PassthroughCluster chain
+    assert vo.find_listener(("0.0.0.0", 15001)) is vo  # a direct connection stays (blackhole chain)

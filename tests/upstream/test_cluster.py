@@ -531,6 +531,32 @@ def test_original_dst_idle_hosts_are_swept_on_the_cleanup_interval() -> None:
     asyncio.run(main())
 
 
+class _Pool:
+    closed = False
+    draining = False
+
+    def drain(self) -> None:
+        self.draining = True
+
+
+def test_original_dst_sweep_drops_hosts_with_only_idle_pooled_connections() -> None:
+    c = build(_od(cleanup_interval="3600s"))
+    idle_http = c.choose_host(None, Ctx(("10.1.1.1", 80)))
+    in_flight = c.choose_host(None, Ctx(("10.1.1.2", 80)))
+    tcp_session = c.choose_host(None, Ctx(("10.1.1.3", 5432)))
+    assert idle_http is not None and in_flight is not None and tcp_session is not None
+    pool = _Pool()
+    idle_http.pool = pool
+    idle_http.active_cx = 1  # a keep-alive connection waiting in the pool
+    in_flight.pool = _Pool()
+    in_flight.active_cx = in_flight.active_rq = 1
+    tcp_session.active_cx = 1  # tcp_proxy: no pool
+    c._od_sweep(reschedule=False)  # all used since the start
+    c._od_sweep(reschedule=False)
+    assert idle_http.removed and pool.draining
+    assert c.hosts == [in_flight, tcp_session]
+
+
 def test_original_dst_retired_cluster_keeps_no_new_hosts() -> None:
     c = build(_od())
     c.retire()
