@@ -42,12 +42,13 @@ def _sh(argv: Sequence[str]) -> str:
     return r.stdout
 
 
-def iptables_binary(ns: NetNs | None = None) -> str:
+def iptables_binary(ns: NetNs | None = None, ipv6: bool = False) -> str:
     """The iptables that works on this kernel: ``iptables`` (whichever backend Debian's
-    alternatives chose), else ``iptables-nft``, else ``iptables-legacy``; checked by listing
-    the nat table (inside ``ns`` when given)."""
+    alternatives chose), else ``iptables-nft``, else ``iptables-legacy`` (``ip6tables...`` with
+    ``ipv6``); checked by listing the nat table (inside ``ns`` when given)."""
     errors = []
-    for name in ("iptables", "iptables-nft", "iptables-legacy"):
+    base = "ip6tables" if ipv6 else "iptables"
+    for name in (base, f"{base}-nft", f"{base}-legacy"):
         path = shutil.which(name) or (
             f"/usr/sbin/{name}" if os.access(f"/usr/sbin/{name}", os.X_OK) else None
         )
@@ -70,9 +71,10 @@ class NetNs:
     """See the module docstring. ``addresses``: extra IPs (``"10.44.0.2/32"``) put on ``lo``."""
 
     def __init__(self, prefix: str = "ml", addresses: Sequence[str] = ()) -> None:
+        _remove_stale(prefix)
         self.name = f"{prefix}-{os.getpid()}-{next(_seq)}"
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._iptables: str | None = None
+        self._iptables: dict[bool, str] = {}
         _sh(["ip", "netns", "add", self.name])
         try:
             _sh(["ip", "-n", self.name, "link", "set", "lo", "up"])
@@ -106,15 +108,17 @@ class NetNs:
             raise NetNsError(f"namespace {self.name} is closed")
         return self._pool.submit(fn, *args, **kwargs).result(timeout)
 
-    def iptables(self, *args: str) -> None:
-        if self._iptables is None:
-            self._iptables = iptables_binary(self)
-        _sh(self.argv([self._iptables, *args]))
+    def _binary(self, ipv6: bool) -> str:
+        b = self._iptables.get(ipv6)
+        if b is None:
+            b = self._iptables[ipv6] = iptables_binary(self, ipv6)
+        return b
 
-    def iptables_rules(self, table: str = "nat") -> str:
-        if self._iptables is None:
-            self._iptables = iptables_binary(self)
-        return _sh(self.argv([self._iptables, "-t", table, "-S"]))
+    def iptables(self, *args: str, ipv6: bool = False) -> None:
+        _sh(self.argv([self._binary(ipv6), *args]))
+
+    def iptables_rules(self, table: str = "nat", ipv6: bool = False) -> str:
+        return _sh(self.argv([self._binary(ipv6), "-t", table, "-S"]))
 
     def close(self) -> None:
         pool, self._pool = self._pool, None
@@ -129,18 +133,36 @@ class NetNs:
         self.close()
 
 
-def redirect_outbound(ns: NetNs, to_port: int, exclude_gid: int) -> None:
+def _remove_stale(prefix: str) -> None:
+    """Namespaces an earlier test process (killed before its cleanup ran) left behind: named
+    ``<prefix>-<pid>-<n>`` with a pid that no longer runs."""
+    try:
+        names = os.listdir("/run/netns")
+    except OSError:
+        return
+    for name in names:
+        parts = name.split("-")
+        if len(parts) != 3 or parts[0] != prefix or not parts[1].isdigit():
+            continue
+        if int(parts[1]) == os.getpid() or os.path.exists(f"/proc/{parts[1]}"):
+            continue
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+
+
+def redirect_outbound(ns: NetNs, to_port: int, exclude_gid: int, ipv6: bool = False) -> None:
     """istio-iptables' outbound capture, in short: every TCP connection a process in ``ns``
     opens goes to ``to_port`` on loopback (``REDIRECT``), except the proxy's own (its group
-    ``exclude_gid``, as Istio excludes uid 1337) and connections to 127.0.0.1."""
-    ns.iptables("-t", "nat", "-N", "MOORLINE_REDIRECT")
-    ns.iptables(
-        "-t", "nat", "-A", "MOORLINE_REDIRECT", "-p", "tcp", "-j", "REDIRECT", "--to-ports", str(to_port)
-    )
-    ns.iptables("-t", "nat", "-N", "MOORLINE_OUTPUT")
-    ns.iptables("-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-j", "MOORLINE_OUTPUT")
-    ns.iptables(
-        "-t", "nat", "-A", "MOORLINE_OUTPUT", "-m", "owner", "--gid-owner", str(exclude_gid), "-j", "RETURN"
-    )
-    ns.iptables("-t", "nat", "-A", "MOORLINE_OUTPUT", "-d", "127.0.0.1/32", "-j", "RETURN")
-    ns.iptables("-t", "nat", "-A", "MOORLINE_OUTPUT", "-j", "MOORLINE_REDIRECT")
+    ``exclude_gid``, as Istio excludes uid 1337) and connections to 127.0.0.1 (``::1`` with
+    ``ipv6``, through ip6tables)."""
+    loopback = "::1/128" if ipv6 else "127.0.0.1/32"
+
+    def ipt(*args: str) -> None:
+        ns.iptables(*args, ipv6=ipv6)
+
+    ipt("-t", "nat", "-N", "MOORLINE_REDIRECT")
+    ipt("-t", "nat", "-A", "MOORLINE_REDIRECT", "-p", "tcp", "-j", "REDIRECT", "--to-ports", str(to_port))
+    ipt("-t", "nat", "-N", "MOORLINE_OUTPUT")
+    ipt("-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-j", "MOORLINE_OUTPUT")
+    ipt("-t", "nat", "-A", "MOORLINE_OUTPUT", "-m", "owner", "--gid-owner", str(exclude_gid), "-j", "RETURN")
+    ipt("-t", "nat", "-A", "MOORLINE_OUTPUT", "-d", loopback, "-j", "RETURN")
+    ipt("-t", "nat", "-A", "MOORLINE_OUTPUT", "-j", "MOORLINE_REDIRECT")

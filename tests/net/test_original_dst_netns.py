@@ -14,6 +14,7 @@ access log and /clusters name the original destination) on the path Istio's conf
 - HTTP: virtualOutbound hands the connection to the ``bind_to_port: false`` listener of the
   destination's port (``0.0.0.0:44080``, or the exact ``10.44.0.3:44080``), whose HCM routes to
   ``PassthroughCluster``;
+- IPv6 the same way (ip6tables, ``IP6T_SO_ORIGINAL_DST``), through a ``[::]`` virtualOutbound;
 - a connection straight to virtualOutbound's own port hits Istio's ``virtualOutbound-blackhole``
   chain (``BlackHoleCluster``: no endpoints) and is closed.
 
@@ -55,6 +56,7 @@ HTTP_PORT = 44080
 TCP_PORT = 44090
 SVC_A = "10.44.0.2"
 SVC_B = "10.44.0.3"
+SVC_V6 = "fd00:44::2"
 PROXY_GID = 1337
 LOG_FORMAT = (
     "listener=%REQ(X-ML-LISTENER?:X-FORWARDED-PROTO)% local=%DOWNSTREAM_LOCAL_ADDRESS% "
@@ -171,8 +173,15 @@ def _config(log: Path) -> str:
         },
         {"name": "BlackHoleCluster", "type": "STATIC", "connect_timeout": "10s"},
     ]
+    # IPv6 capture (ip6tables REDIRECT to [::1]:44001; IP6T_SO_ORIGINAL_DST): the same chains.
+    virtual_outbound6 = {
+        **virtual_outbound,
+        "name": "virtualOutbound6",
+        "address": {"socket_address": {"address": "::", "port_value": OUTBOUND_PORT}},
+    }
     listeners = [
         virtual_outbound,
+        virtual_outbound6,
         _http_listener(f"0.0.0.0_{HTTP_PORT}", "0.0.0.0", log, inspectors=True),
         _http_listener(f"{SVC_B}_{HTTP_PORT}", SVC_B, log, inspectors=False),
     ]
@@ -186,6 +195,7 @@ class Pod:
     svc_a: TestUpstream
     svc_b: TestUpstream
     echo: TcpEchoServer
+    echo6: TcpEchoServer
     log: Path
 
     def admin(self, path: str) -> str:
@@ -210,21 +220,24 @@ class Pod:
 def pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pod]:
     tmp = tmp_path_factory.mktemp("origdst")
     log = tmp / "access.log"
-    ns = NetNs("mlod", addresses=[f"{SVC_A}/32", f"{SVC_B}/32"])
+    ns = NetNs("mlod", addresses=[f"{SVC_A}/32", f"{SVC_B}/32", f"{SVC_V6}/128"])
     started: list[Any] = []
     try:
         redirect_outbound(ns, OUTBOUND_PORT, PROXY_GID)
+        redirect_outbound(ns, OUTBOUND_PORT, PROXY_GID, ipv6=True)
         svc_a = ns.run(TestUpstream(SVC_A, HTTP_PORT, upstream_id="svc-a").start)
         started.append(svc_a)
         svc_b = ns.run(TestUpstream(SVC_B, HTTP_PORT, upstream_id="svc-b").start)
         started.append(svc_b)
         echo = ns.run(TcpEchoServer(SVC_A, TCP_PORT).start)
         started.append(echo)
+        echo6 = ns.run(TcpEchoServer(SVC_V6, TCP_PORT).start)
+        started.append(echo6)
         wrap = ns.argv(["setpriv", f"--regid={PROXY_GID}", "--clear-groups", "--"])
         proxy = start_moorline(_config(log), tmp, wrap=wrap, wait="none", admin=("127.0.0.1", ADMIN_PORT))
         started.append(proxy)
         ns.run(wait_ready, "127.0.0.1", ADMIN_PORT, 20.0, proxy, timeout=30.0)
-        yield Pod(ns, proxy, svc_a, svc_b, echo, log)
+        yield Pod(ns, proxy, svc_a, svc_b, echo, echo6, log)
     finally:
         for s in reversed(started):
             s.stop()
@@ -315,6 +328,19 @@ def test_tcp_without_a_listener_goes_to_passthrough_cluster(pod: Pod) -> None:
     assert int(after[rx]) - int(before.get(rx, 0)) == len(payload)
     # The host made for the original destination is listed with its address.
     assert f"PassthroughCluster::{SVC_A}:{TCP_PORT}::" in pod.admin("/clusters")
+
+
+def test_ipv6_tcp_is_captured_and_passed_through(pod: Pod) -> None:
+    assert "--to-ports" in pod.ns.iptables_rules(ipv6=True)
+    before = pod.stats()
+    n = pod.echo6.connections_total
+    payload = b"v6 " * 5000
+    assert pod.ns.run(_echo_through, SVC_V6, TCP_PORT, payload) == payload
+    assert pod.echo6.connections_total == n + 1
+    after = pod.stats()
+    vo6 = f"listener.[__]_{OUTBOUND_PORT}.downstream_cx_total"
+    assert int(after[vo6]) == int(before.get(vo6, 0)) + 1
+    assert f"PassthroughCluster::[{SVC_V6}]:{TCP_PORT}::" in pod.admin("/clusters")
 
 
 def test_direct_connection_to_the_capture_port_is_blackholed(pod: Pod) -> None:
