@@ -166,3 +166,25 @@ def redirect_outbound(ns: NetNs, to_port: int, exclude_gid: int, ipv6: bool = Fa
     ipt("-t", "nat", "-A", "MOORLINE_OUTPUT", "-m", "owner", "--gid-owner", str(exclude_gid), "-j", "RETURN")
     ipt("-t", "nat", "-A", "MOORLINE_OUTPUT", "-d", loopback, "-j", "RETURN")
     ipt("-t", "nat", "-A", "MOORLINE_OUTPUT", "-j", "MOORLINE_REDIRECT")
+
+
+def connect_veth(a: NetNs, b: NetNs, addr_a: str, addr_b: str, name: str = "veth0") -> None:
+    """A veth pair between ``a`` and ``b`` (``name`` on both sides, which lives inside the
+    namespaces only), addresses ``addr_a`` / ``addr_b`` (``"10.45.0.1/24"``), both up. It goes
+    away with either namespace."""
+    _sh(["ip", "link", "add", name, "netns", a.name, "type", "veth", "peer", "name", name, "netns", b.name])
+    for ns, addr in ((a, addr_a), (b, addr_b)):
+        _sh(["ip", "-n", ns.name, "addr", "add", addr, "dev", name])
+        _sh(["ip", "-n", ns.name, "link", "set", name, "up"])
+
+
+def redirect_inbound(ns: NetNs, to_port: int, exclude_ports: Sequence[int] = ()) -> None:
+    """istio-iptables' inbound capture, in short: TCP connections arriving from outside ``ns``
+    go to ``to_port`` (``REDIRECT`` in PREROUTING), except to ``exclude_ports``."""
+    ns.iptables("-t", "nat", "-N", "MOORLINE_INBOUND")
+    ns.iptables("-t", "nat", "-A", "PREROUTING", "-p", "tcp", "-j", "MOORLINE_INBOUND")
+    for p in exclude_ports:
+        ns.iptables("-t", "nat", "-A", "MOORLINE_INBOUND", "-p", "tcp", "--dport", str(p), "-j", "RETURN")
+    ns.iptables(
+        "-t", "nat", "-A", "MOORLINE_INBOUND", "-p", "tcp", "-j", "REDIRECT", "--to-ports", str(to_port)
+    )

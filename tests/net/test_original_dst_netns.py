@@ -18,6 +18,12 @@ access log and /clusters name the original destination) on the path Istio's conf
 - a connection straight to virtualOutbound's own port hits Istio's ``virtualOutbound-blackhole``
   chain (``BlackHoleCluster``: no endpoints) and is closed.
 
+Inbound, as Istio's virtualInbound: a second namespace (the client) reaches the pod over a veth
+pair; the pod's PREROUTING REDIRECT sends the connection to virtualInbound, whose original_dst
+listener filter and ``destination_port`` chains take it to the app through
+``InboundPassthroughClusterIpv4`` (ORIGINAL_DST), as HTTP on a port it knows and as TCP on one it
+does not.
+
 Needs root (CI runs as root) and iptables (scripts/install-deps.sh); without them the tests fail.
 The namespace, with its rules and addresses, is deleted at the end even when a test fails.
 """
@@ -35,7 +41,7 @@ from typing import Any
 
 import pytest
 
-from moorline.testing.netns import NetNs, iptables_binary, redirect_outbound
+from moorline.testing.netns import NetNs, connect_veth, iptables_binary, redirect_inbound, redirect_outbound
 from moorline.testing.procs import (
     MoorlineProc,
     bootstrap,
@@ -353,3 +359,158 @@ def test_direct_connection_to_the_capture_port_is_blackholed(pod: Pod) -> None:
     assert int(after[key]) == int(before.get(key, 0)) + 1
     t = "tcp.PassthroughCluster.downstream_cx_total"
     assert int(after[t]) == int(before.get(t, 0))
+
+
+# -- inbound: virtualInbound behind a PREROUTING REDIRECT, a client in another namespace ----------
+
+INBOUND_PORT = 44006
+INBOUND_ADMIN = 44901
+POD_IP = "10.45.0.2"
+CLIENT_IP = "10.45.0.1"
+APP_PORT = 44080  # an HTTP port the config knows (its own chain)
+APP_TCP_PORT = 44090  # a port it does not (the passthrough chain)
+
+
+def _inbound_config(log: Path) -> str:
+    hcm = {
+        "@type": HCM,
+        "stat_prefix": f"inbound_0.0.0.0_{APP_PORT}",
+        "route_config": {
+            "name": f"inbound|{APP_PORT}||",
+            "virtual_hosts": [
+                {
+                    "name": "inbound|http|0",
+                    "domains": ["*"],
+                    "routes": [
+                        {
+                            "match": {"prefix": "/"},
+                            "route": {"cluster": "InboundPassthroughClusterIpv4", "timeout": "0s"},
+                            "response_headers_to_add": [
+                                {"header": {"key": "x-ml-listener", "value": "inbound"}}
+                            ],
+                        }
+                    ],
+                }
+            ],
+        },
+        "http_filters": [ROUTER],
+        "access_log": file_access_log(log, LOG_FORMAT),
+    }
+    virtual_inbound = {
+        "name": "virtualInbound",
+        "address": {"socket_address": {"address": "0.0.0.0", "port_value": INBOUND_PORT}},
+        "traffic_direction": "INBOUND",
+        # As Istio writes it: the filter listed explicitly, chains by the original port.
+        "listener_filters": [
+            {
+                "name": "envoy.filters.listener.original_dst",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst"
+                },
+            }
+        ],
+        "filter_chains": [
+            {
+                "name": "virtualInbound-blackhole",
+                "filter_chain_match": {"destination_port": INBOUND_PORT},
+                "filters": [_tcp_proxy("BlackHoleCluster")],
+            },
+            {
+                "name": f"0.0.0.0_{APP_PORT}",
+                "filter_chain_match": {"destination_port": APP_PORT},
+                "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}],
+            },
+            {
+                "name": "virtualInbound-catchall",
+                "filter_chain_match": {"prefix_ranges": [{"address_prefix": "0.0.0.0", "prefix_len": 0}]},
+                "filters": [_tcp_proxy("InboundPassthroughClusterIpv4")],
+            },
+        ],
+    }
+    clusters = [
+        {
+            "name": "InboundPassthroughClusterIpv4",
+            "type": "ORIGINAL_DST",
+            "connect_timeout": "10s",
+            "lb_policy": "CLUSTER_PROVIDED",
+        },
+        {"name": "BlackHoleCluster", "type": "STATIC", "connect_timeout": "10s"},
+    ]
+    return bootstrap([virtual_inbound], clusters, INBOUND_ADMIN)
+
+
+@dataclass
+class InboundPod:
+    pod: NetNs
+    client: NetNs
+    app: TestUpstream
+    app_tcp: TcpEchoServer
+    log: Path
+
+    def stats(self) -> dict[str, int | str]:
+        res = self.pod.run(http_request, "127.0.0.1", INBOUND_ADMIN, "GET", "/stats")
+        assert res.status == 200
+        return parse_stats_text(res.body.decode())
+
+
+@pytest.fixture(scope="module")
+def inbound(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InboundPod]:
+    tmp = tmp_path_factory.mktemp("origdst-in")
+    log = tmp / "access.log"
+    started: list[Any] = []
+    namespaces: list[NetNs] = []
+    try:
+        pod = NetNs("mlod")
+        namespaces.append(pod)
+        client = NetNs("mlod")
+        namespaces.append(client)
+        connect_veth(client, pod, f"{CLIENT_IP}/24", f"{POD_IP}/24")
+        redirect_inbound(pod, INBOUND_PORT)
+        app = pod.run(TestUpstream(POD_IP, APP_PORT, upstream_id="app").start)
+        started.append(app)
+        app_tcp = pod.run(TcpEchoServer(POD_IP, APP_TCP_PORT).start)
+        started.append(app_tcp)
+        wrap = pod.argv(["setpriv", f"--regid={PROXY_GID}", "--clear-groups", "--"])
+        proxy = start_moorline(
+            _inbound_config(log), tmp, wrap=wrap, wait="none", admin=("127.0.0.1", INBOUND_ADMIN)
+        )
+        started.append(proxy)
+        pod.run(wait_ready, "127.0.0.1", INBOUND_ADMIN, 20.0, proxy, timeout=30.0)
+        yield InboundPod(pod, client, app, app_tcp, log)
+    finally:
+        for s in reversed(started):
+            s.stop()
+        for ns in namespaces:
+            ns.close()
+
+
+def test_inbound_http_reaches_the_app_through_virtual_inbound(inbound: InboundPod) -> None:
+    before = inbound.stats()
+    res = inbound.client.run(http_request, POD_IP, APP_PORT, "GET", "/in")
+    assert res.status == 200
+    assert res.header("x-upstream-id") == "app" and res.header("x-ml-listener") == "inbound"
+    rec = inbound.app.requests[-1]
+    assert rec.path == "/in" and rec.header("x-request-id")
+    after = inbound.stats()
+    key = f"http.inbound_0.0.0.0_{APP_PORT}.downstream_rq_total"
+    assert int(after[key]) == int(before.get(key, 0)) + 1
+    deadline = time.monotonic() + 10
+    while "path=/in" not in (inbound.log.read_text() if inbound.log.exists() else ""):
+        assert time.monotonic() < deadline, "no access log line"
+        time.sleep(0.05)
+    line = next(ln for ln in inbound.log.read_text().splitlines() if "path=/in" in ln)
+    assert (
+        f"local={POD_IP}:{APP_PORT} upstream={POD_IP}:{APP_PORT} cluster=InboundPassthroughClusterIpv4"
+        in line
+    )
+
+
+def test_inbound_tcp_on_an_unknown_port_is_passed_through(inbound: InboundPod) -> None:
+    before = inbound.stats()
+    payload = b"inbound " * 2000
+    assert inbound.client.run(_echo_through, POD_IP, APP_TCP_PORT, payload) == payload
+    after = inbound.stats()
+    key = "tcp.InboundPassthroughClusterIpv4.downstream_cx_total"
+    assert int(after[key]) == int(before.get(key, 0)) + 1
+    bh = "cluster.BlackHoleCluster.upstream_cx_none_healthy"
+    assert int(after.get(bh, 0)) == int(before.get(bh, 0))
