@@ -721,7 +721,9 @@ class Cluster:
         if h is None:
             h = Host(self, address, port)
             if len(self._od_hosts) >= MAX_ORIGINAL_DST_HOSTS:
-                self._od_sweep(reschedule=False)
+                # Full: drop what the next sweep would, keeping the marks of hosts used since
+                # the last one (a burst of new destinations must not evict the busy ones).
+                self._od_sweep(reschedule=False, keep_marks=True)
             if len(self._od_hosts) >= MAX_ORIGINAL_DST_HOSTS or self.retired:
                 # Over the bound (every cached host busy) or retired: serve this connection
                 # with a host nothing keeps, whose pools close with its last request.
@@ -734,7 +736,7 @@ class Cluster:
         self._od_used.add(h)
         return h
 
-    def _od_sweep(self, reschedule: bool = True) -> None:
+    def _od_sweep(self, reschedule: bool = True, keep_marks: bool = False) -> None:
         # A host survives a sweep if used since the previous one or still carrying traffic:
         # requests in flight, or connections of its own (tcp_proxy sessions). Idle keep-alive
         # connections in its pools do not keep it (as in Envoy, an unused host goes; its pools
@@ -746,7 +748,8 @@ class Cluster:
             and not h.active_rq
             and not (h.active_cx and h.pool is None and h.h2pool is None)
         ]
-        self._od_used.clear()
+        if not keep_marks:
+            self._od_used.clear()
         if gone:
             for h in gone:
                 del self._od_hosts[h.key]

@@ -557,6 +557,27 @@ def test_original_dst_sweep_drops_hosts_with_only_idle_pooled_connections() -> N
     assert c.hosts == [in_flight, tcp_session]
 
 
+def test_original_dst_host_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import moorline.upstream.cluster as cluster_mod
+
+    monkeypatch.setattr(cluster_mod, "MAX_ORIGINAL_DST_HOSTS", 2)
+    c = build(_od(cleanup_interval="3600s"))
+    a = c.choose_host(None, Ctx(("10.0.0.1", 1)))
+    b = c.choose_host(None, Ctx(("10.0.0.2", 1)))
+    assert a is not None and b is not None
+    # Full, both used since the last sweep: a new destination is served by a host nothing
+    # keeps (its pools drain after use), and the cached ones keep their marks.
+    extra = c.choose_host(None, Ctx(("10.0.0.3", 1)))
+    assert extra is not None and extra.removed and extra not in c.hosts
+    assert c.hosts == [a, b] and c._od_used == {a, b}
+    # After a sweep cleared the marks, an idle host makes room for the next destination.
+    c._od_sweep(reschedule=False)
+    b.active_rq = 1
+    d = c.choose_host(None, Ctx(("10.0.0.4", 1)))
+    assert d is not None and not d.removed and a.removed
+    assert c.hosts == [b, d]
+
+
 def test_original_dst_retired_cluster_keeps_no_new_hosts() -> None:
     c = build(_od())
     c.retire()
