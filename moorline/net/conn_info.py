@@ -27,6 +27,9 @@ class ConnInfo:
     protocol agreed, ``"h2"``, ``"http/1.1"`` or ``None``) once its handshake is done, and
     ``peer_certificate`` (``getpeercert()`` dict) when the client presented one.
 
+    ``local_restored``: ``local`` is the connection's original destination (the
+    ``original_dst`` listener filter read it from conntrack after an iptables REDIRECT).
+
     ``tls`` is the chain's compiled server side (``moorline.net.tls.DownstreamTls``) or ``None``
     for plain TCP: terminal filters hand the socket to ``moorline.net.tls`` when it is set.
     ``filters`` are the chain's non-terminal ``moorline.net.api.ConnectionFilter``s (usually
@@ -44,6 +47,7 @@ class ConnInfo:
         "filters",
         "listener_name",
         "local",
+        "local_restored",
         "negotiated_alpn",
         "on_close",
         "peer_certificate",
@@ -68,6 +72,9 @@ class ConnInfo:
         start_mono: float = 0.0,
     ) -> None:
         self.local = local
+        # True once a listener filter (original_dst) replaced ``local`` with the destination the
+        # client asked for before NAT; only then do ORIGINAL_DST clusters and listener handoff use it.
+        self.local_restored = False
         self.remote = remote
         self.listener_name = listener_name
         self.connection_id = next_connection_id() if connection_id is None else connection_id

@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import stat
+from collections.abc import Callable
 from typing import Any
 
 from moorline.config import registry
@@ -35,6 +36,7 @@ from moorline.observability.stats import listener_stat_prefix
 
 log = logging.getLogger("moorline.listener")
 
+ORIGINAL_DST_FILTER = "envoy.filters.listener.original_dst"
 DEFAULT_BACKLOG = 1024
 DEFAULT_ACCEPTS_PER_EVENT = 64
 DEFAULT_LISTENER_FILTERS_TIMEOUT = 15.0  # Envoy's listener_filters_timeout default
@@ -129,13 +131,28 @@ class Listener:
         self.socket_options: list[CompiledSockOpt] = compile_socket_options(
             proto.socket_options, _join(path, "socket_options")
         )
-        if proto.HasField("use_original_dst") and proto.use_original_dst.value:
-            ctx.notice(
-                f"{_join(path, 'use_original_dst')}: original destination is not supported yet; ignored"
-            )
-        self.listener_filters: list[Any] = _compile_listener_filters(
+        # use_original_dst (Istio's virtualOutbound): a connection whose original destination is
+        # another listener's address is handed to that listener (``find_listener``, set by the
+        # listener manager); as in Envoy the original_dst listener filter is implied.
+        self.use_original_dst = bool(proto.HasField("use_original_dst") and proto.use_original_dst.value)
+        self.find_listener: Callable[[tuple[str, int]], Listener | None] | None = None
+        filters, has_original_dst = _compile_listener_filters(
             proto.listener_filters, ctx, _join(path, "listener_filters")
         )
+        if self.use_original_dst and not has_original_dst:
+            if self.address[0] != "tcp":
+                raise ConfigError(
+                    _join(path, "use_original_dst"), "only TCP listeners have an original destination"
+                )
+            ext = registry.lookup("listener", ORIGINAL_DST_FILTER, None)
+            if ext is None:
+                raise ConfigError(
+                    _join(path, "use_original_dst"), f"needs the {ORIGINAL_DST_FILTER} listener filter"
+                )
+            filters.insert(0, ext.factory(None, ctx, _join(path, "use_original_dst")))
+        # Filters that need no bytes (original_dst) run once at accept, before any peeking.
+        self.accept_filters: list[Any] = [f for f in filters if not f.max_read_bytes]
+        self.listener_filters: list[Any] = [f for f in filters if f.max_read_bytes]
         # Envoy: 15 s by default; an explicit 0 disables the timeout.
         self.listener_filters_timeout: float | None = (
             (duration_s(proto.listener_filters_timeout) or None)
@@ -414,12 +431,42 @@ class Listener:
         loop = self._loop
         assert loop is not None
         info = ConnInfo(local_t, remote_t, self.name, buffer_limit=self.buffer_limit, start_mono=loop.time())
+        self._run_listener_filters(conn, info, loop)
+
+    def _run_listener_filters(
+        self, conn: socket.socket, info: ConnInfo, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        for f in self.accept_filters:
+            if f.on_accept(conn, info) == LISTENER_FILTER_CLOSE:
+                conn.close()
+                return
         if self.listener_filters:
             _ListenerFilterRun(self, loop, conn, info).start()
             return
         self._select_and_hand_over(conn, info)
 
+    def accept_redirected(self, conn: socket.socket, info: ConnInfo, loop: asyncio.AbstractEventLoop) -> None:
+        """Take a connection another listener accepted (``use_original_dst``: its original
+        destination is this listener's address). It runs this listener's listener filters and
+        filter chains, and counts in this listener's stats, as if accepted here; it is not
+        redirected again."""
+        if self._loop is None:
+            self._loop = loop
+        info.listener_name = self.name
+        info.buffer_limit = self.buffer_limit
+        self._run_listener_filters(conn, info, loop)
+
     def _select_and_hand_over(self, conn: socket.socket, info: ConnInfo) -> None:
+        find = self.find_listener
+        if find is not None and info.local_restored:
+            lo = info.local
+            assert isinstance(lo, tuple)
+            target = find(lo)
+            if target is not None and target is not self:
+                loop = self._loop
+                assert loop is not None
+                target.accept_redirected(conn, info, loop)
+                return
         if self._is_tcp:
             lo, re = info.local, info.remote
             assert isinstance(lo, tuple) and isinstance(re, tuple)
@@ -468,14 +515,20 @@ class Listener:
 #
 # A listener filter (registry category ``listener``) is an object with ``max_read_bytes: int``
 # (how much of the stream's beginning it may need to see) and ``on_data(data: bytes, info:
-# ConnInfo) -> bool`` (True: done; False: needs more bytes). It reads *peeked* bytes, never
-# consuming them, and records what it learnt in ``info`` (``server_name``, ``alpn``,
+# ConnInfo) -> bool`` (True: done; False: needs more bytes). ``on_data`` reads *peeked* bytes,
+# never consuming them, and records what it learnt in ``info`` (``server_name``, ``alpn``,
 # ``transport_protocol``) for filter chain selection. ``data`` always starts at the first byte of
 # the connection (each call sees everything received so far).
+#
+# A filter with ``max_read_bytes == 0`` has ``on_accept(sock, info) -> bool |
+# LISTENER_FILTER_CLOSE`` instead, called once at accept before any peeking filter (original_dst:
+# it hands the socket to ``moorline.net.sockopts`` and never reads from it).
 
 
-def _compile_listener_filters(protos: Any, ctx: Any, path: str) -> list[Any]:
+def _compile_listener_filters(protos: Any, ctx: Any, path: str) -> tuple[list[Any], bool]:
+    """The compiled filters, and whether original_dst is among them."""
     out: list[Any] = []
+    has_original_dst = False
     for i, f in enumerate(protos):
         fpath = f"{path}[{i}]"
         kind = f.WhichOneof("config_type")
@@ -495,8 +548,12 @@ def _compile_listener_filters(protos: Any, ctx: Any, path: str) -> list[Any]:
             raise ConfigError(
                 f"{fpath}.config_discovery", "extension config discovery (ECDS) is not supported"
             )
-        out.append(ext.factory(cfg, ctx, fpath))
-    return out
+        flt = ext.factory(cfg, ctx, fpath)
+        if not flt.max_read_bytes and not hasattr(flt, "on_accept"):
+            raise ConfigError(fpath, f"listener filter {f.name!r} reads no bytes and has no on_accept")
+        has_original_dst = has_original_dst or ext.names[0] == ORIGINAL_DST_FILTER
+        out.append(flt)
+    return out, has_original_dst
 
 
 # A listener filter's on_data may return this (instead of True/False) to close the connection.

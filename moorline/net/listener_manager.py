@@ -29,6 +29,7 @@ Stats (Envoy's names): ``listener_manager.listener_added``, ``listener_modified`
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections.abc import Iterator
@@ -83,6 +84,8 @@ class ListenerManager:
         self.ctx = ctx
         self.drain_time = drain_time
         self.listeners: dict[str, Listener] = {}
+        # (ip, port) -> listener, for use_original_dst handoff; rebuilt whenever listeners change.
+        self._by_address: dict[tuple[str, int], Listener] = {}
         self.draining: list[DrainingListener] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         scope = ctx.stats.scope("listener_manager.")
@@ -107,6 +110,36 @@ class ListenerManager:
 
     def __len__(self) -> int:
         return len(self.listeners)
+
+    def find_by_destination(self, dst: tuple[str, int]) -> Listener | None:
+        """The listener for a connection's original destination: the one on exactly that
+        ``ip:port``, else the wildcard ``0.0.0.0:port`` / ``[::]:port`` of the same family.
+        Listeners with ``bind_to_port: false`` count (they exist to be found here)."""
+        by = self._by_address
+        lst = by.get(dst)
+        if lst is None:
+            ip, port = dst
+            lst = by.get(("::" if ":" in ip else "0.0.0.0", port))
+        return lst
+
+    def _reindex(self) -> None:
+        by: dict[tuple[str, int], Listener] = {}
+        for lst in self.listeners.values():
+            kind, host, port = lst.address
+            if kind != "tcp" or not port:
+                continue
+            try:
+                host = ipaddress.ip_address(host).compressed
+            except ValueError:
+                continue
+            by.setdefault((host, port), lst)
+        self._by_address = by
+
+    def _registered(self, lst: Listener) -> None:
+        if lst.use_original_dst:
+            lst.find_listener = self.find_by_destination
+        self._reindex()
+        self._active.value = len(self.listeners)
 
     def terminals(self) -> list[Any]:
         """Terminal filters of every listener still holding connections (active and draining)."""
@@ -143,7 +176,7 @@ class ListenerManager:
         self._bind_new(lst, path)
         self.listeners[lst.name] = lst
         self._added.value += 1
-        self._active.value = len(self.listeners)
+        self._registered(lst)
         return lst
 
     def add_or_update(self, proto: Any, path: str = "", version_info: str = "") -> Listener:
@@ -227,7 +260,7 @@ class ListenerManager:
             self._retire(old, close_socket=True)
             self._modified.value += 1
         self.listeners[lst.name] = lst
-        self._active.value = len(self.listeners)
+        self._registered(lst)
 
     def remove(self, name: str) -> bool:
         """Remove a dynamic listener: it stops accepting and its port is released at once; its
@@ -238,6 +271,7 @@ class ListenerManager:
         if lst is None or not lst.added_via_api:
             return warm
         del self.listeners[name]
+        self._reindex()
         self._retire(lst, close_socket=True)
         self._removed.value += 1
         self._active.value = len(self.listeners)

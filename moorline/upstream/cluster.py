@@ -15,9 +15,11 @@ Cluster types:
   Envoy's logical host, the ``Host`` object is kept and its address updated in place when DNS
   changes, so existing connections are not drained, only new ones go to the new address.
 - ``EDS``: no hosts until the xDS layer calls ``update_load_assignment`` (or ``update_hosts``).
-- ``ORIGINAL_DST``: ``choose_host()`` has no destination, so it returns ``None``; the router or
-  tcp_proxy calls ``original_dst_host(ip, port)`` with the downstream connection's original
-  destination instead. Hosts are cached (bounded) and swept every ``cleanup_interval``.
+- ``ORIGINAL_DST`` (``OriginalDstCluster``): ``choose_host(exclude, context)`` asks the
+  ``api.LbContext`` (the router or the tcp_proxy session) for the downstream connection's
+  original destination, or the request's override header, and returns
+  ``original_dst_host(ip, port)``. Hosts are cached (bounded) and swept every
+  ``cleanup_interval`` when idle. Without a context or a destination: ``None``.
 
 Host identity: hosts are keyed by ``(address, port)``. A membership update reuses the existing
 ``Host`` object for a key that stays (keeping ``active_rq``, ``pool`` and per-host counters);
@@ -48,7 +50,7 @@ from moorline.config.errors import ConfigError
 from moorline.config.util import addr_str, address_of, opt_duration_s, opt_uint
 from moorline.observability.stats import Counter, Gauge, Histogram, Scope, Store
 from moorline.upstream import lb as lbmod
-from moorline.upstream.api import ConnPool, TransportFactory
+from moorline.upstream.api import ConnPool, LbContext, TransportFactory
 from moorline.upstream.dns import LOOKUP_FAMILIES, Answer, DnsError, Resolver, ip_family
 
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -118,6 +120,7 @@ class ClusterStats:
         "update_empty",
         "membership_change",
         "lb_healthy_panic",
+        "original_dst_host_invalid",
         "upstream_flow_control_paused_reading_total",
         "upstream_flow_control_resumed_reading_total",
     )
@@ -188,6 +191,7 @@ class ClusterStats:
     update_empty: Counter
     membership_change: Counter
     lb_healthy_panic: Counter
+    original_dst_host_invalid: Counter
     upstream_flow_control_paused_reading_total: Counter
     upstream_flow_control_resumed_reading_total: Counter
     upstream_cx_active: Gauge
@@ -407,7 +411,10 @@ class Cluster:
         self.dns_failure_refresh_rate: tuple[float, float] | None = None  # (base, max)
         self.dns_jitter = 0.0
         self.last_dns_error: str | None = None
-        self.original_dst_use_http_header = False
+        # ORIGINAL_DST (OriginalDstCluster): header name (lower case bytes) when the
+        # use_http_header override is on, the port that replaces the destination's.
+        self.original_dst_header: bytes | None = None
+        self.original_dst_port_override: int | None = None
         self.cleanup_interval = DEFAULT_CLEANUP_INTERVAL
         self.notices: list[str] = []
         # Runtime state owned by this cluster (freed with it): concurrent retries for the
@@ -436,8 +443,11 @@ class Cluster:
 
     # -- hot path -------------------------------------------------------------------------------
 
-    def choose_host(self, exclude: Collection[Host] | None = None) -> Host | None:
-        """A host for the next request; ``exclude`` holds hosts a retry already tried."""
+    def choose_host(
+        self, exclude: Collection[Host] | None = None, context: LbContext | None = None
+    ) -> Host | None:
+        """A host for the next request; ``exclude`` holds hosts a retry already tried.
+        ``context`` is only read by ORIGINAL_DST clusters (``OriginalDstCluster``)."""
         lb = self._lb
         if lb is None:
             return None
@@ -798,28 +808,42 @@ class Cluster:
     # -- ORIGINAL_DST ---------------------------------------------------------------------------
 
     def original_dst_host(self, address: str, port: int) -> Host:
-        """The host for a connection's original destination (ORIGINAL_DST clusters)."""
+        """The host for a connection's original destination (ORIGINAL_DST clusters): made on
+        first use, kept while used, dropped by the sweep after ``cleanup_interval`` idle."""
         key = (address, port)
         h = self._od_hosts.get(key)
         if h is None:
             h = Host(self, address, port)
             if len(self._od_hosts) >= MAX_ORIGINAL_DST_HOSTS:
-                self._od_sweep(reschedule=False)
-            if len(self._od_hosts) < MAX_ORIGINAL_DST_HOSTS:
-                self._od_hosts[key] = h
-                self.hosts.append(h)
-                self._rebuild()
+                # Full: drop what the next sweep would, keeping the marks of hosts used since
+                # the last one (a burst of new destinations must not evict the busy ones).
+                self._od_sweep(reschedule=False, keep_marks=True)
+            if len(self._od_hosts) >= MAX_ORIGINAL_DST_HOSTS or self.retired:
+                # Over the bound (every cached host busy) or retired: serve this connection
+                # with a host nothing keeps, whose pools close with its last request.
+                h.removed = True
+                return h
+            self._od_hosts[key] = h
+            self.hosts.append(h)
+            self.stats.membership_change.value += 1
+            self._rebuild()
         self._od_used.add(h)
         return h
 
-    def _od_sweep(self, reschedule: bool = True) -> None:
-        # A host survives a sweep if used since the previous one or still carrying traffic.
+    def _od_sweep(self, reschedule: bool = True, keep_marks: bool = False) -> None:
+        # A host survives a sweep if used since the previous one or still carrying traffic:
+        # requests in flight, or connections of its own (tcp_proxy sessions). Idle keep-alive
+        # connections in its pools do not keep it (as in Envoy, an unused host goes; its pools
+        # drain), or every destination ever seen would stay until the pools' idle timeout.
         gone = [
             h
             for h in self._od_hosts.values()
-            if h not in self._od_used and h.active_rq == 0 and h.active_cx == 0
+            if h not in self._od_used
+            and not h.active_rq
+            and not (h.active_cx and h.pool is None and h.h2pool is None)
         ]
-        self._od_used = set()
+        if not keep_marks:
+            self._od_used.clear()
         if gone:
             for h in gone:
                 del self._od_hosts[h.key]
@@ -829,6 +853,63 @@ class Cluster:
 
     def __repr__(self) -> str:
         return f"<Cluster {self.name} {self.type} hosts={len(self.hosts)}>"
+
+
+class OriginalDstCluster(Cluster):
+    """``type: ORIGINAL_DST`` (``lb_policy: CLUSTER_PROVIDED``): the upstream host is where the
+    downstream connection was going before an iptables REDIRECT (Istio's
+    ``PassthroughCluster``), or, with ``original_dst_lb_config.use_http_header``, the ``ip:port``
+    in the request's ``x-envoy-original-dst-host`` (or ``http_header_name``) header. A header
+    that is not an ``ip:port`` counts ``original_dst_host_invalid`` and the connection's
+    destination is used. No destination at all (the connection was not redirected): no host.
+    Its own subclass so that other clusters' ``choose_host`` never looks at the context."""
+
+    def choose_host(
+        self, exclude: Collection[Host] | None = None, context: LbContext | None = None
+    ) -> Host | None:
+        if context is None:
+            return None
+        dst: tuple[str, int] | None = None
+        name = self.original_dst_header
+        if name is not None:
+            v = context.downstream_header(name)
+            if v is not None:
+                dst = parse_ip_port(v)
+                if dst is None:
+                    self.stats.original_dst_host_invalid.value += 1
+        if dst is None:
+            dst = context.downstream_local_address()
+            if dst is None:
+                return None
+        port = self.original_dst_port_override
+        return self.original_dst_host(dst[0], port if port is not None else dst[1])
+
+
+def parse_ip_port(v: bytes) -> tuple[str, int] | None:
+    """``b"10.1.2.3:80"`` / ``b"[::1]:80"`` -> ``(ip, port)``; ``None`` for anything else (host
+    names included: the override names an address, it is not resolved)."""
+    try:
+        text = v.decode("ascii").strip()
+    except UnicodeDecodeError:
+        return None
+    host, sep, port_s = text.rpartition(":")
+    if not sep or not port_s.isdigit() or len(port_s) > 5:
+        return None
+    port = int(port_s)
+    if not 0 < port < 65536:
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        fam = socket.AF_INET6
+    elif ":" in host:
+        return None  # IPv6 needs brackets
+    else:
+        fam = socket.AF_INET
+    try:
+        packed = socket.inet_pton(fam, host)
+    except OSError:
+        return None
+    return socket.inet_ntop(fam, packed), port
 
 
 # -- compilation ----------------------------------------------------------------------------------
@@ -965,7 +1046,7 @@ def compile_cluster(
     if proto.HasField("cluster_type"):
         raise ConfigError("cluster_type", f"custom cluster type {proto.cluster_type.name!r} is not supported")
     ctype = cluster_pb2.Cluster.DiscoveryType.Name(proto.type)
-    c = Cluster(
+    c = (OriginalDstCluster if ctype == "ORIGINAL_DST" else Cluster)(
         proto.name,
         store,
         type=ctype,
@@ -1063,9 +1144,19 @@ def compile_cluster(
         _dns_options(proto, c)
     elif ctype == "ORIGINAL_DST":
         od = proto.original_dst_lb_config
-        c.original_dst_use_http_header = od.use_http_header
-        if od.http_header_name or od.HasField("upstream_port_override") or od.HasField("metadata_key"):
-            c.notice("original_dst_lb_config: only use_http_header is supported")
+        if od.use_http_header:
+            c.original_dst_header = (od.http_header_name or "x-envoy-original-dst-host").lower().encode()
+        elif od.http_header_name:
+            c.notice("original_dst_lb_config.http_header_name: use_http_header is off; ignored")
+        if od.HasField("upstream_port_override"):
+            p = od.upstream_port_override.value
+            if not 0 < p < 65536:
+                raise ConfigError("original_dst_lb_config.upstream_port_override", "must be a port (1-65535)")
+            c.original_dst_port_override = p
+        if od.HasField("metadata_key"):
+            c.notice(
+                "original_dst_lb_config.metadata_key: destinations from metadata are not supported; ignored"
+            )
         c.cleanup_interval = (
             opt_duration_s(proto, "cleanup_interval", DEFAULT_CLEANUP_INTERVAL) or DEFAULT_CLEANUP_INTERVAL
         )
