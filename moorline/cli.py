@@ -37,6 +37,16 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("version", help="print the version")
 
+    xs = sub.add_parser(
+        "xds-serve", help="serve a directory of xDS resource files to sidecars (ADS, SotW and delta)"
+    )
+    xs.add_argument("directory")
+    xs.add_argument(
+        "--listen", default="127.0.0.1:18000", help="HOST:PORT for the gRPC server (default 127.0.0.1:18000)"
+    )
+    xs.add_argument("--unix", default=None, help="serve on this Unix socket instead")
+    xs.add_argument("-l", "--log-level", default="info")
+
     px = sub.add_parser("proxy", help="quick mode: one listener proxying to one address")
     px.add_argument("--listen", required=True, help="HOST:PORT to listen on")
     px.add_argument("--to", required=True, help="HOST:PORT to proxy to")
@@ -90,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "validate":
         return _validate(args.file, None, args.reject_ignored)
+    if args.cmd == "xds-serve":
+        from moorline.xds.serve import main as xds_serve
+
+        logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s][%(levelname)s] %(message)s")
+        return xds_serve(args.directory, args.listen, args.unix)
     if args.cmd == "proxy":
         text = quick_config(args.listen, args.to, args.http, args.admin)
         return _run(None, text, args.log_level, 600.0, {"mode": "proxy"}, source="moorline proxy")

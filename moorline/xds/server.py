@@ -63,6 +63,7 @@ class _Sub:
 
 class _Stream:
     def __init__(self, delta: bool, only_type: str | None) -> None:
+        self.node = ""  # the node id of the stream's first request
         self.delta = delta
         self.only_type = only_type  # a type's own service: that type only
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -78,8 +79,8 @@ class XdsServer:
         self.nonce = ""
         self.streams_opened = 0
         self._lock = threading.Lock()
-        # type URL -> (version, [(name, version, Any)])
-        self._snapshot: dict[str, tuple[str, list[tuple[str, str, Any]]]] = {}
+        # (node id or "" for every node, type URL) -> (version, [(name, version, Any)])
+        self._snapshot: dict[tuple[str, str], tuple[str, list[tuple[str, str, Any]]]] = {}
         self._streams: list[_Stream] = []
         self._n = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -169,9 +170,10 @@ class XdsServer:
             self._thread.join(10)
         self._loop = None
 
-    def push(self, type_url: str, version: str, resources: list[Any]) -> str:
+    def push(self, type_url: str, version: str, resources: list[Any], node: str = "") -> str:
         """Set ``type_url``'s resources (protos, or ``Any``s as they are) and send them to every
-        stream subscribed to it. Returns the nonce of the last response sent (or "")."""
+        stream subscribed to it: for ``node`` "" every node without a snapshot of its own, else
+        the streams of that node id. Returns the nonce of the last response sent (or "")."""
         items = []
         for r in resources:
             a = _any(r)
@@ -181,9 +183,13 @@ class XdsServer:
         out: list[str] = []
 
         def do() -> None:
-            self._snapshot[type_url] = (version, items)
+            self._snapshot[(node, type_url)] = (version, items)
             for st in self._streams:
                 sub = st.subs.get(type_url)
+                if node and st.node != node:
+                    continue
+                if not node and (st.node, type_url) in self._snapshot and st.node:
+                    continue  # (that node has its own)
                 if sub is not None:
                     resp = self._response(st, type_url, sub, changed_only=True)
                     if resp is not None:
@@ -196,8 +202,8 @@ class XdsServer:
         self.nonce = out[-1] if out else self.nonce
         return self.nonce
 
-    def snapshot_names(self, type_url: str) -> list[str]:
-        snap = self._snapshot.get(type_url)
+    def snapshot_names(self, type_url: str, node: str = "") -> list[str]:
+        snap = self._snapshot.get((node, type_url))
         return [n for n, _v, _a in snap[1]] if snap else []
 
     # -- streams --------------------------------------------------------------------------------
@@ -227,6 +233,8 @@ class XdsServer:
             self._streams.remove(st)
 
     def _on_request(self, st: _Stream, req: Any) -> None:
+        if not st.node and req.HasField("node"):
+            st.node = req.node.id
         type_url = req.type_url or st.only_type or ""
         if st.only_type is not None and type_url != st.only_type:
             return
@@ -262,7 +270,7 @@ class XdsServer:
     def _response(self, st: _Stream, type_url: str, sub: _Sub, changed_only: bool) -> Any:
         from envoy.service.discovery.v3 import discovery_pb2 as pb
 
-        snap = self._snapshot.get(type_url)
+        snap = self._snapshot.get((st.node, type_url)) or self._snapshot.get(("", type_url))
         if snap is None:
             return None
         version, items = snap

@@ -106,7 +106,7 @@ def test_delta_sends_only_changes_and_removals(cp: XdsServer) -> None:
 
 
 def cp_version(cp: XdsServer, type_url: str, name: str) -> str:
-    for n, v, _a in cp._snapshot[type_url][1]:
+    for n, v, _a in cp._snapshot[("", type_url)][1]:
         if n == name:
             return v
     raise KeyError(name)
