@@ -90,6 +90,13 @@ STARTUP_METRICS = (
     Metric("startup_ms", "exec → /ready 200 ms", "{:.0f}", "lower"),
     Metric("rss_mib", "RSS at ready MiB", "{:.1f}", None),
 )
+XDS_METRICS = (
+    Metric("cds_ack_ms", "CDS push → ACK ms", "{:.0f}", "lower"),
+    Metric("applied_ms", "push → all applied ms", "{:.0f}", "lower"),
+    Metric("resend_ms", "resend (1 changed) → ACK ms", "{:.0f}", "lower"),
+    Metric("rss_per_cluster_kib", "RSS KiB/cluster", "{:.1f}", "lower"),
+    Metric("rss_mib", "RSS after MiB", "{:.1f}", None),
+)
 METRICS_BY_KIND = {
     "http": HTTP_METRICS,
     "h2": H2_METRICS,
@@ -97,6 +104,7 @@ METRICS_BY_KIND = {
     "l4": L4_METRICS,
     "idle": IDLE_METRICS,
     "startup": STARTUP_METRICS,
+    "xds": XDS_METRICS,
 }
 # Kinds whose table has an "errors" column (socket errors + failed requests over all runs).
 _ERROR_KINDS = ("http", "h2", "tls", "l4", "idle")
@@ -268,6 +276,11 @@ def markdown(doc: dict[str, Any]) -> str:
     s = doc["settings"]
     if doc["kind"] == "startup":
         lines.append(f"{s['runs']} runs; median [min–max].")
+    elif doc["kind"] == "xds":
+        lines.append(
+            f"{s['rounds']} round(s), {s.get('clusters', 0):,} clusters each, a fresh moorline per round; "
+            "median [min–max]. moorline only (nginx and HAProxy take no xDS)."
+        )
     elif doc["kind"] == "idle":
         lines.append(
             f"{s['rounds']} round(s) per proxy, proxies interleaved, {s.get('idle_conns', 0):,} connections each;"
@@ -335,7 +348,7 @@ def markdown(doc: dict[str, Any]) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         if any(k.endswith("/floor") for k, _ in ratio_rows):
             lines += ["", FLOOR_NOTE]
-    elif doc["kind"] != "startup":
+    elif doc["kind"] not in ("startup", "xds"):
         lines.append("No ratios: no peer (nginx, HAProxy, floor) was measured with moorline in this run.")
     if lines[-1] != "":
         lines.append("")

@@ -108,6 +108,17 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("l4-iperf", "l4", "TCP proxy throughput, one iperf3 stream through the proxy"),
         Scenario("idle-conns", "idle", "memory per idle keep-alive connection (one request each, then idle)"),
         Scenario("startup", "startup", "moorline with the embedded default config: exec to admin /ready 200"),
+        Scenario(
+            "xds-scale",
+            "xds",
+            "ADS state of the world: 1,000 EDS clusters (2 endpoints each), 1,000 routes and a listener pushed at once",
+        ),
+        Scenario(
+            "xds-scale-delta",
+            "xds",
+            "delta ADS: 1,000 EDS clusters (2 endpoints each), 1,000 routes and a listener pushed at once",
+            mode="delta",
+        ),
     )
 }
 
@@ -164,7 +175,7 @@ def floor_runs(sc: Scenario) -> bool:
 
 
 def variants_for(sc: Scenario, proxies: list[str]) -> list[str]:
-    if sc.kind == "startup":
+    if sc.kind in ("startup", "xds"):
         return ["moorline"] if "moorline" in proxies else []
     if sc.kind == "l4":
         pool: tuple[str, ...] = L4_VARIANTS
@@ -265,6 +276,8 @@ class Harness:
             doc["skipped"] = f"none of the selected proxies ({', '.join(self.s.proxies)}) runs this scenario"
         elif sc.kind == "startup":
             self._startup(sc, doc)
+        elif sc.kind == "xds":
+            self._xds(sc, doc)
         else:
             if sc.kind == "idle":
                 doc["settings"]["idle_conns"] = self.s.idle_conns
@@ -490,6 +503,22 @@ class Harness:
             "peak_rss_mib": peak / 1024.0,
             "config": p.config_text,
         }
+
+    # -- xds-scale --------------------------------------------------------------------------------
+
+    def _xds(self, sc: Scenario, doc: dict[str, Any]) -> None:
+        from bench.xds_scale import run_once
+
+        n = 1000
+        doc["settings"]["clusters"] = n
+        for rnd in range(1, self.s.rounds + 1):
+            self.progress(f"{sc.name}: round {rnd}/{self.s.rounds}")
+            try:
+                sample = run_once(n, sc.mode == "delta", self.lab.workdir / "xds", self.lab.proxy_cpus)
+            except (StartError, RuntimeError, OSError, AssertionError) as exc:
+                sample = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            sample["round"] = rnd
+            doc["samples"]["moorline"].append(sample)
 
     # -- startup ----------------------------------------------------------------------------------
 

@@ -179,7 +179,11 @@ class ListenerManager:
         self._registered(lst)
         return lst
 
-    def add_or_update(self, proto: Any, path: str = "", version_info: str = "") -> Listener:
+    takes_compiled = True  # (xds.files.apply_resources hands over what its check compiled)
+
+    def add_or_update(
+        self, proto: Any, path: str = "", version_info: str = "", compiled: Listener | None = None
+    ) -> Listener:
         """Add a dynamic listener, or replace the one of that name (see the module docstring).
 
         An unchanged proto keeps the running listener (only ``version_info`` is recorded).
@@ -200,7 +204,7 @@ class ListenerManager:
             warm.version_info = version_info
             return warm
         try:
-            lst = self.compile(proto, path)
+            lst = compiled if compiled is not None else self.compile(proto, path)
         except ConfigError:
             self._create_failure.value += 1
             raise

@@ -96,7 +96,11 @@ class ClusterManager:
         self._register(c)
         return c
 
-    def add_or_update(self, proto: Any, path: str = "", version_info: str = "") -> Cluster:
+    takes_compiled = True  # (xds.files.apply_resources hands over what its check compiled)
+
+    def add_or_update(
+        self, proto: Any, path: str = "", version_info: str = "", compiled: Cluster | None = None
+    ) -> Cluster:
         """Add a dynamic cluster, or replace the one of that name (CDS semantics).
 
         An unchanged proto keeps the running cluster (only ``version_info`` is recorded). A
@@ -118,7 +122,7 @@ class ClusterManager:
         if warm is not None and warm.proto == proto:
             warm.version_info = version_info
             return warm
-        c = self.compile(proto, path)
+        c = compiled if compiled is not None else self.compile(proto, path)
         c.added_via_api = True
         c.version_info = version_info
         c.last_updated = time.time()

@@ -189,6 +189,7 @@ class XdsClient:
         self._rng = random.Random()
         self.streams = 0  # streams opened (for tests and logs)
         self.on_wildcard_applied: list[Any] = []  # callbacks(type_url) after a wildcard update
+        self._dirty: set[str] = set()  # named types whose subscription changed this loop turn
 
     # -- subscriptions -----------------------------------------------------------------------
     def add_wildcard(self, kind: WildcardKind) -> None:
@@ -215,7 +216,8 @@ class XdsClient:
         if kind is None:
             name_field = "cluster_name" if type_url.endswith("ClusterLoadAssignment") else "name"
             kind = self.named[type_url] = NamedKind(type_url, message_cls, name_field)
-        before = kind.names()
+        refs = kind.targets.get(name)
+        is_new = not refs or all(r() is None for r in refs)
         kind.targets.setdefault(name, []).append(weakref.ref(target))
         have = kind.received.get(name)
         if have is not None:
@@ -227,8 +229,21 @@ class XdsClient:
             return
         if initial_fetch_timeout > 0 and hasattr(target, "on_fetch_timeout"):
             self._arm_timer(initial_fetch_timeout, target, type_url, name)
-        if kind.names() != before and self._out is not None:
-            self._send_subscription(kind)
+        if is_new and self._out is not None:
+            # One request for every name added in this turn of the loop (a CDS update with
+            # a thousand EDS clusters asks once, not a thousand times).
+            if not self._dirty:
+                asyncio.get_running_loop().call_soon(self._flush_subscriptions)
+            self._dirty.add(type_url)
+
+    def _flush_subscriptions(self) -> None:
+        dirty, self._dirty = self._dirty, set()
+        if self._out is None:
+            return  # (the next stream's first requests carry them)
+        for type_url in sorted(dirty):
+            kind = self.named.get(type_url)
+            if kind is not None:
+                self._send_subscription(kind)
 
     def _arm_timer(self, timeout: float, target: Any, type_url: str, name: str) -> None:
         ref = weakref.ref(target)
@@ -422,8 +437,8 @@ class XdsClient:
         kind.stats["update_attempt"].value += 1
         try:
             protos = [msg for _, _n, _v, msg in _decode(resp.resources, kind.type_url, kind.message_cls)]
-            check_resources(kind.manager, protos)
-            apply_resources(kind.manager, protos, resp.version_info)
+            compiled = check_resources(kind.manager, protos)
+            apply_resources(kind.manager, protos, resp.version_info, compiled=compiled)
         except ConfigError as e:
             self._rejected(kind, resp.version_info, e, req)
             return req
@@ -534,9 +549,9 @@ class XdsClient:
                 state.pop(name, None)
             # Only what changed is compiled here; the rest was compiled when it arrived.
             changed = [msg for _p, _n, _v, msg in decoded]
-            check_resources(kind.manager, changed)
+            compiled = check_resources(kind.manager, changed)
             protos = [p for p, _v in state.values()]
-            apply_resources(kind.manager, protos, version)
+            apply_resources(kind.manager, protos, version, compiled=compiled)
         except ConfigError as e:
             self._rejected(kind, version, e, req)
             return req

@@ -74,10 +74,15 @@ def version_hash(version_info: str) -> int:
 
 def check_resources(
     manager: ResourceManager, protos: list[Any], name_field: str = "name", required_name: str | None = None
-) -> None:
+) -> dict[str, Any]:
     """Validate one state-of-the-world update before anything changes: names present and
-    unique, each resource compiles (``ConfigError`` with ``resources[i]`` paths)."""
+    unique, each resource compiles (``ConfigError`` with ``resources[i]`` paths). Returns what
+    was compiled, by name, for ``apply_resources`` to install without compiling again; a
+    resource equal to the one the manager runs is not compiled at all (a control plane resends
+    every resource of a type on each change)."""
     names: set[str] = set()
+    compiled: dict[str, Any] = {}
+    running = getattr(manager, "get", None)
     for i, proto in enumerate(protos):
         rpath = f"resources[{i}]"
         name = getattr(proto, name_field)
@@ -86,18 +91,32 @@ def check_resources(
         if name in names:
             raise ConfigError(f"{rpath}.{name_field}", f"duplicate name {name!r}")
         names.add(name)
-        manager.compile(proto, rpath)
+        cur = running(name) if running is not None else None
+        if cur is not None and getattr(cur, "added_via_api", False) and getattr(cur, "proto", None) == proto:
+            continue
+        compiled[name] = manager.compile(proto, rpath)
     if required_name is not None and required_name not in names:
         raise ConfigError("resources", f"no resource named {required_name!r}")
+    return compiled
 
 
 def apply_resources(
-    manager: ResourceManager, protos: list[Any], version: str, name_field: str = "name"
+    manager: ResourceManager,
+    protos: list[Any],
+    version: str,
+    name_field: str = "name",
+    compiled: dict[str, Any] | None = None,
 ) -> None:
-    """Apply a checked update: ``add_or_update`` each resource, then remove the dynamic
-    resources it no longer names (state of the world)."""
-    for i, proto in enumerate(protos):
-        manager.add_or_update(proto, f"resources[{i}]", version)
+    """Apply a checked update: ``add_or_update`` each resource (with what ``check_resources``
+    compiled, for managers that take it: ``takes_compiled``), then remove the dynamic resources
+    it no longer names (state of the world)."""
+    if compiled and getattr(manager, "takes_compiled", False):
+        for i, proto in enumerate(protos):
+            c = compiled.get(getattr(proto, name_field))
+            manager.add_or_update(proto, f"resources[{i}]", version, compiled=c)  # type: ignore[call-arg]
+    else:
+        for i, proto in enumerate(protos):
+            manager.add_or_update(proto, f"resources[{i}]", version)
     wanted = {getattr(p, name_field) for p in protos}
     for res in list(manager):
         if getattr(res, "added_via_api", False) and res.name not in wanted:
@@ -133,6 +152,7 @@ class FileSubscription:
         self.version_info = ""
         self.last_error: str | None = None
         self.loaded_key: tuple[int, int, int] | None = None  # (mtime, size, inode) of the last read
+        self._compiled: dict[str, Any] = {}  # what the last read compiled, for its apply
         self._attempt = stats.counter(f"{stat_prefix}.update_attempt")
         self._success = stats.counter(f"{stat_prefix}.update_success")
         self._rejected = stats.counter(f"{stat_prefix}.update_rejected")
@@ -168,14 +188,15 @@ class FileSubscription:
                         f"{rpath}.@type", f"expected {self.type_url}, got {item.get('@type')!r}"
                     )
                 protos.append(parse_message(item, self.message_cls, rpath))
-            check_resources(self.manager, protos, self.name_field, self.required_name)
+            self._compiled = check_resources(self.manager, protos, self.name_field, self.required_name)
         except ConfigError as e:
             raise e.with_source(self.path) from None
         return version, protos
 
     def _apply(self, version: str, protos: list[Any]) -> None:
         try:
-            apply_resources(self.manager, protos, version, self.name_field)
+            compiled, self._compiled = self._compiled, {}
+            apply_resources(self.manager, protos, version, self.name_field, compiled)
         except ConfigError as e:
             raise e.with_source(self.path) from None
         self.version_info = version

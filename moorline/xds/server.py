@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import threading
-from typing import Any
+from typing import Any, Self
 
 from moorline.xds.ads import ADS_SERVICE, SERVICES
 
@@ -88,7 +88,7 @@ class XdsServer:
         self._thread: threading.Thread | None = None
 
     # -- control --------------------------------------------------------------------------------
-    def start(self) -> XdsServer:
+    def start(self) -> Self:
         ready = threading.Event()
         errors: list[BaseException] = []
 
