@@ -540,9 +540,16 @@ class HcmConfig:
         # (AUTO: ALPN "h2" or the HTTP/2 preface picks HTTP/2, see stream.http2_server).
         serve_accepted(loop, sock, info, lambda: make(self, info))
 
-    def drain(self) -> None:
-        """Stop keep-alive: in-flight responses get ``connection: close``; idle connections close."""
-        self.runtime.draining = True
+    def drain(self, decision: Any = True) -> None:
+        """Stop keep-alive. ``True`` (Envoy's ``immediate``): in-flight responses get
+        ``connection: close`` (HTTP/2: GOAWAY) and idle connections close now. A
+        ``stream.connections.GradualDrain``: each response or new stream closes its connection
+        with the drain's growing probability; idle ones are left until the drain time cuts them."""
+        if self.runtime.draining is True:
+            return  # already draining at once; a gradual decision must not relax it
+        self.runtime.draining = decision
+        if decision is not True:
+            return
         for c in self.runtime:
             if c.stream is None and not getattr(c, "sniffing", False):
                 c.close()
