@@ -404,14 +404,14 @@ class Server:
     def _dump_endpoints(self) -> Any:
         """Each cluster's current hosts as a ``ClusterLoadAssignment``: static clusters under
         ``static_endpoint_configs``, EDS and API-added ones under ``dynamic_endpoint_configs``."""
-        from envoy.admin.v3 import endpoints_pb2
+        from envoy.admin.v3 import config_dump_shared_pb2
         from envoy.config.cluster.v3 import cluster_pb2
         from envoy.config.core.v3 import health_check_pb2
         from envoy.config.endpoint.v3 import endpoint_pb2
 
         from moorline.admin.config_dump import timestamp
 
-        m = endpoints_pb2.EndpointsConfigDump()
+        m = config_dump_shared_pb2.EndpointsConfigDump()
         for c in self.cluster_manager:
             cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=c.name)
             by_locality: dict[tuple[str, str, str], Any] = {}

@@ -78,7 +78,9 @@ class FakeHost:
     def set_health_check_failed(self, failed: bool) -> None:
         self.hc_failed.append(failed)
 
-    def drain_listeners(self, inbound_only: bool = False, graceful: bool = False, skip_exit: bool = False) -> None:
+    def drain_listeners(
+        self, inbound_only: bool = False, graceful: bool = False, skip_exit: bool = False
+    ) -> None:
         self.drained.append(inbound_only)
         self.drain_calls.append((inbound_only, graceful, skip_exit))
 
