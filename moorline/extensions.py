@@ -12,6 +12,7 @@ from __future__ import annotations
 def register_builtin() -> None:
     """Import (once) every module that registers a built-in extension."""
     import moorline.filters.http.buffer
+    import moorline.filters.http.cors
     import moorline.filters.http.health_check
     import moorline.filters.listener.http_inspector
     import moorline.filters.listener.tls_inspector

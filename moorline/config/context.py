@@ -56,6 +56,9 @@ class BuildContext:
     access_logs: Any = None  # observability.access_log.AccessLogSinks, made on first use
     codecs: Any = None  # stream.api.CodecRegistry (the server's; built-ins when None)
     secrets: Any = None  # moorline.net.secrets.SecretsManager (made on first use when None)
+    # While an HTTP connection manager compiles its http_filters: its stat_prefix, so a filter
+    # can make its ``http.<stat_prefix>.<filter>.*`` stats (Envoy's scope for filter stats).
+    http_stat_prefix: str | None = None
 
     def loop(self) -> asyncio.AbstractEventLoop:
         return asyncio.get_event_loop()

@@ -47,8 +47,14 @@ class FilterCallbacks(Protocol):
     def continue_encoding(self) -> None: ...
 
     def send_local_reply(
-        self, status: int, body: bytes = b"", flag: str | None = None, details: str | None = None
-    ) -> None: ...
+        self,
+        status: int,
+        body: bytes = b"",
+        flag: str | None = None,
+        details: str | None = None,
+        extra: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        """Answer locally; ``extra`` headers go on the reply (a CORS preflight's allow-* ones)."""
 
     def matched_route(self) -> Any:
         """The route this stream matched (None: no route)."""

@@ -42,7 +42,7 @@ from moorline.proxy.filter_manager import FilterManager
 from moorline.proxy.local_reply import LocalReplyConfig
 from moorline.proxy.phases import Phase
 from moorline.proxy.route_provider import RouteConfigProvider
-from moorline.proxy.route_table import DIRECT_RESPONSE, REDIRECT, RouteTable
+from moorline.proxy.route_table import DIRECT_RESPONSE, REDIRECT, ROUTE, RouteTable
 from moorline.proxy.router import Router
 from moorline.stream import builtin_codecs
 from moorline.stream.api import HttpProtocol, ResetReason
@@ -254,7 +254,6 @@ class HcmConfig:
     the provider's current table, for callers that do not pin a snapshot."""
 
     def __init__(self, proto: Any, ctx: BuildContext, path: str) -> None:
-        from moorline.config.loader import unpack_any
         from moorline.observability.access_log import compile_access_logs
 
         self.ctx = ctx
@@ -295,31 +294,18 @@ class HcmConfig:
         # filters: router must be last
         self.filter_factories: list[Any] = []
         fl = list(proto.http_filters)
-        # No http_filters at all is a valid Envoy config; the router alone serves it.
-        for i, f in enumerate(fl):
-            fpath = f"{path}.http_filters[{i}]"
-            type_url = f.typed_config.type_url if f.HasField("typed_config") else None
-            is_router = f.name in ROUTER_NAMES or (type_url or "").endswith(ROUTER_TYPE)
-            if is_router:
-                if i != len(fl) - 1:
-                    raise ConfigError(fpath, "the router filter must be the last HTTP filter")
-                continue
-            if i == len(fl) - 1:
-                raise ConfigError(
-                    fpath, "the last HTTP filter must be the router (envoy.filters.http.router)"
-                )
-            reason = registry.noop_reason(f.name, type_url)
-            if reason is not None:
-                ctx.notice(f"{fpath} ({f.name}): accepted as a no-op: {reason}")
-                continue
-            ext = registry.lookup("http", f.name, type_url)
-            if ext is None:
-                if f.is_optional:
-                    ctx.notice(f"{fpath} ({f.name}): optional filter not supported, skipped")
-                    continue
-                raise ConfigError(fpath, f"unknown or unsupported HTTP filter {f.name!r}")
-            cfg = unpack_any(f.typed_config, f"{fpath}.typed_config") if type_url else None
-            self.filter_factories.append(ext.factory(cfg, ctx, fpath))
+        outer_prefix, ctx.http_stat_prefix = ctx.http_stat_prefix, self.stat_prefix
+        try:
+            self._compile_filters(fl, ctx, path)
+        finally:
+            ctx.http_stat_prefix = outer_prefix
+        # Every filter acts only on routes that configure it (``route_gate``, e.g. the CORS
+        # filter Istio puts in every listener): a stream whose route configures none of them
+        # takes the router's fast path, without a filter manager.
+        gates = [getattr(f, "route_gate", None) for f in self.filter_factories]
+        self.route_gates: frozenset[str] | None = (
+            frozenset(g for g in gates if g) if gates and all(gates) else None
+        )
 
         # limits
         cho = proto.common_http_protocol_options
@@ -408,6 +394,35 @@ class HcmConfig:
         self.server_factory = factory
 
     # -- ServerConnectionCallbacks (moorline.stream.api) ---------------------------------------
+    def _compile_filters(self, fl: list[Any], ctx: BuildContext, path: str) -> None:
+        from moorline.config.loader import unpack_any
+
+        # No http_filters at all is a valid Envoy config; the router alone serves it.
+        for i, f in enumerate(fl):
+            fpath = f"{path}.http_filters[{i}]"
+            type_url = f.typed_config.type_url if f.HasField("typed_config") else None
+            is_router = f.name in ROUTER_NAMES or (type_url or "").endswith(ROUTER_TYPE)
+            if is_router:
+                if i != len(fl) - 1:
+                    raise ConfigError(fpath, "the router filter must be the last HTTP filter")
+                continue
+            if i == len(fl) - 1:
+                raise ConfigError(
+                    fpath, "the last HTTP filter must be the router (envoy.filters.http.router)"
+                )
+            reason = registry.noop_reason(f.name, type_url)
+            if reason is not None:
+                ctx.notice(f"{fpath} ({f.name}): accepted as a no-op: {reason}")
+                continue
+            ext = registry.lookup("http", f.name, type_url)
+            if ext is None:
+                if f.is_optional:
+                    ctx.notice(f"{fpath} ({f.name}): optional filter not supported, skipped")
+                    continue
+                raise ConfigError(fpath, f"unknown or unsupported HTTP filter {f.name!r}")
+            cfg = unpack_any(f.typed_config, f"{fpath}.typed_config") if type_url else None
+            self.filter_factories.append(ext.factory(cfg, ctx, fpath))
+
     def new_stream(self, conn: Any) -> ActiveStream:
         return ActiveStream(conn, self)
 
@@ -812,6 +827,12 @@ class ActiveStream:
         self.is_grpc = ct is not None and ct.startswith(b"application/grpc") and ct[16:17] in b"+;"
         self.headers_only = end_stream
         factories = cfg.filter_factories
+        gates = cfg.route_gates
+        if gates is not None and factories:
+            route = self._match_route()
+            fc = route.filter_configs if route is not None and route.kind == ROUTE else None
+            if not fc or gates.isdisjoint(fc):
+                factories = None
         if factories:
             self.phase = _DOWNSTREAM_FILTERS
             fm = self.fm = FilterManager(self, factories, self.conn.info.buffer_limit)
