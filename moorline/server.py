@@ -103,15 +103,7 @@ class Server:
                 self.admin_address = address_of(bootstrap.admin.address, "admin.address")
             self.admin_allow_paths = compile_allow_paths(bootstrap.admin.allow_paths, "admin.allow_paths")
             self._dynamic_resources(bootstrap)
-            from moorline.observability.logging import app_log_formatter
-
-            # Installed by the CLI (``moorline.cli``): a server embedded in tests leaves the
-            # process log alone.
-            self.app_log_formatter = app_log_formatter(
-                bootstrap.application_log_config,
-                self.options.get("log_format"),
-                bool(self.options.get("log_format_escaped")),
-            )
+            self.app_log_formatter = _app_log_formatter(bootstrap, self.options)
             # Cluster notices carry paths relative to their cluster.
             for i, cp in enumerate(sr.clusters):
                 for n in getattr(self.cluster_manager.get(cp.name), "notices", None) or []:
@@ -608,6 +600,29 @@ class Server:
 
     def quit(self) -> None:
         self.begin_shutdown()
+
+
+def _app_log_formatter(bootstrap: Any, options: dict) -> Any:
+    """``application_log_config.log_format`` compiled at load; installed by the CLI
+    (``moorline.cli``), so a server embedded in tests leaves the process log alone."""
+    from google.protobuf import json_format
+
+    from moorline.observability.logging import LogSetupError, app_log_formatter
+
+    lf = bootstrap.application_log_config.log_format
+    kind = lf.WhichOneof("log_format") if bootstrap.application_log_config.HasField("log_format") else None
+    path = "application_log_config.log_format"
+    if bootstrap.application_log_config.HasField("log_format") and kind is None:
+        raise ConfigError(path, "one of text_format or json_format is required")
+    try:
+        return app_log_formatter(
+            lf.text_format if kind == "text_format" else None,
+            json_format.MessageToDict(lf.json_format) if kind == "json_format" else None,
+            options.get("log_format"),
+            bool(options.get("log_format_escaped")),
+        )
+    except LogSetupError as e:
+        raise ConfigError(path, str(e)) from None
 
 
 def _inbound(lst: Any) -> bool:

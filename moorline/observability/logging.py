@@ -226,24 +226,19 @@ class JsonPatternFormatter(logging.Formatter):
         return json.dumps(self._eval(self._tpl, record, msg), separators=(",", ":"))
 
 
-def app_log_formatter(cfg: Any, cli_format: str | None, escaped: bool = False) -> logging.Formatter | None:
-    """The formatter ``application_log_config.log_format`` asks for (None when unset). Setting it
-    together with ``--log-format`` is a ``ConfigError``, as in Envoy."""
-    from google.protobuf import json_format
-
-    from moorline.config.errors import ConfigError
-
-    if not cfg.HasField("log_format"):
+def app_log_formatter(
+    text_format: str | None, json_format: dict[str, Any] | None, cli_format: str | None, escaped: bool = False
+) -> logging.Formatter | None:
+    """The formatter ``application_log_config.log_format`` asks for (its ``text_format`` or
+    ``json_format``; None when neither is set). Together with ``--log-format`` it is a
+    ``LogSetupError``, as Envoy refuses both."""
+    if text_format is None and json_format is None:
         return None
-    path = "application_log_config.log_format"
     if cli_format is not None:
-        raise ConfigError(path, "cannot be set together with the --log-format command-line option")
-    kind = cfg.log_format.WhichOneof("log_format")
-    if kind == "text_format":
-        return PatternFormatter(cfg.log_format.text_format, escaped)
-    if kind == "json_format":
-        return JsonPatternFormatter(json_format.MessageToDict(cfg.log_format.json_format))
-    raise ConfigError(path, "one of text_format or json_format is required")
+        raise LogSetupError("cannot be set together with the --log-format command-line option")
+    if text_format is not None:
+        return PatternFormatter(text_format, escaped)
+    return JsonPatternFormatter(json_format or {})
 
 
 def set_formatter(formatter: logging.Formatter) -> None:
