@@ -560,8 +560,9 @@ class HcmConfig:
         ``connection: close`` (HTTP/2: GOAWAY) and idle connections close now. A
         ``stream.connections.GradualDrain``: each response or new stream closes its connection
         with the drain's growing probability; idle ones are left until the drain time cuts them."""
-        if self.runtime.draining is True:
-            return  # already draining at once; a gradual decision must not relax it
+        current = self.runtime.draining
+        if current is True or (current is not False and decision is not True):
+            return  # already draining: a second gradual drain must not restart (or relax) it
         self.runtime.draining = decision
         if decision is not True:
             return
