@@ -12,10 +12,16 @@ from __future__ import annotations
 def register_builtin() -> None:
     """Import (once) every module that registers a built-in extension."""
     import moorline.filters.http.buffer
+    import moorline.filters.http.compressor
     import moorline.filters.http.cors
+    import moorline.filters.http.ext_authz
+    import moorline.filters.http.fault
     import moorline.filters.http.health_check
+    import moorline.filters.http.rbac
     import moorline.filters.listener.http_inspector
+    import moorline.filters.listener.original_dst
     import moorline.filters.listener.tls_inspector
+    import moorline.filters.network.rbac
     import moorline.observability.access_log
     import moorline.proxy.hcm
     import moorline.proxy.tcp_proxy  # noqa: F401

@@ -92,6 +92,7 @@ class Server:
         self._exit_code = 0
         sr = bootstrap.static_resources
         try:
+            self._xds_clients(bootstrap)
             for i, sec in enumerate(sr.secrets):
                 self.secrets.add_static(sec, f"static_resources.secrets[{i}]")
             for i, c in enumerate(sr.clusters):
@@ -113,18 +114,46 @@ class Server:
             raise e.with_source(source) from None
         self.server_stats()
 
+    def _xds_clients(self, bootstrap: Any) -> None:
+        """The gRPC xDS streams, made before any resource compiles (static clusters, listeners
+        and TLS contexts may name ``ads`` or an ``api_config_source``): the ADS stream of
+        ``dynamic_resources.ads_config`` (state of the world ``GRPC`` or ``DELTA_GRPC``), and
+        SDS over gRPC for every TLS context (``xds.sds``)."""
+        from moorline.xds.ads import XdsClient, XdsClients, grpc_target
+        from moorline.xds.sds import sds_client_factory
+
+        self.xds = XdsClients(bootstrap.node, self.stats, bootstrap.static_resources.clusters)
+        self.xds_files.grpc = self.xds
+        self.secrets.register_sds_client(sds_client_factory(self.xds, self.stats))
+        dr = bootstrap.dynamic_resources
+        if not bootstrap.HasField("dynamic_resources") or not dr.HasField("ads_config"):
+            return
+        ac = dr.ads_config
+        p = "dynamic_resources.ads_config"
+        if ac.api_type not in (ac.GRPC, ac.DELTA_GRPC):
+            raise ConfigError(f"{p}.api_type", "only GRPC and DELTA_GRPC are supported for ADS")
+        if not ac.grpc_services:
+            raise ConfigError(f"{p}.grpc_services", "a gRPC service is required")
+        target = grpc_target(
+            ac.grpc_services[0], bootstrap.static_resources.clusters, f"{p}.grpc_services[0]"
+        )
+        self.xds.ads = XdsClient(target, bootstrap.node, [], self.stats, delta=ac.api_type == ac.DELTA_GRPC)
+
+    @property
+    def ads(self) -> Any:
+        """The ADS stream (``xds.ads.XdsClient``), or None."""
+        return self.xds.ads
+
     def _dynamic_resources(self, bootstrap: Any) -> None:
-        """``dynamic_resources``: CDS and LDS from watched files (``xds.files``) or over ADS,
-        state of the world (``xds.ads``); the other sources (delta, plain gRPC, locators) are
-        noticed as not implemented yet."""
+        """``dynamic_resources``: CDS and LDS from watched files (``xds.files``), over ADS or a
+        type's own gRPC stream (``xds.ads``), state of the world or delta."""
         from envoy.config.cluster.v3.cluster_pb2 import Cluster as ClusterProto
         from envoy.config.listener.v3.listener_pb2 import Listener as ListenerProto
 
-        from moorline.xds.ads import AdsClient, AdsKind, grpc_target
+        from moorline.xds.ads import WildcardKind
         from moorline.xds.files import CLUSTER_TYPE, LISTENER_TYPE, FileSubscription, config_source_path
 
         sources = self.xds_files
-        self.ads: AdsClient | None = None
         if not bootstrap.HasField("dynamic_resources"):
             return
         dr = bootstrap.dynamic_resources
@@ -132,8 +161,6 @@ class Server:
             ("cds_config", CLUSTER_TYPE, ClusterProto, self.cluster_manager, "cluster_manager.cds"),
             ("lds_config", LISTENER_TYPE, ListenerProto, self.listener_manager, "listener_manager.lds"),
         )
-        ads_kinds: list[AdsKind] = []
-        ads_ok = dr.HasField("ads_config") and dr.ads_config.api_type == dr.ads_config.GRPC
         for field, type_url, cls, manager, prefix in kinds:
             if not dr.HasField(field):
                 continue
@@ -142,34 +169,18 @@ class Server:
             file = config_source_path(src)
             if file is not None:
                 sources.add(FileSubscription(file, type_url, cls, manager, self.stats, prefix, fpath))
-            elif src.WhichOneof("config_source_specifier") == "ads" and ads_ok:
-                ads_kinds.append(AdsKind(type_url, cls, manager, prefix))
-            else:
-                self.ctx.notice(
-                    f"{fpath}: only file sources and ADS (state of the world, GRPC) are served; "
-                    "this source is not supported yet"
+                continue
+            client = self.xds.for_source(src, type_url, fpath)
+            if client is None:
+                raise ConfigError(
+                    fpath, "a file (path_config_source), ads or a gRPC api_config_source is required"
                 )
-        if dr.HasField("ads_config"):
-            if not ads_ok:
-                self.ctx.notice(
-                    "dynamic_resources.ads_config.api_type: only GRPC (state of the world) is supported yet"
-                )
-            elif ads_kinds:
-                gs = dr.ads_config.grpc_services
-                if not gs:
-                    raise ConfigError(
-                        "dynamic_resources.ads_config.grpc_services", "a gRPC service is required"
-                    )
-                target = grpc_target(
-                    gs[0],
-                    bootstrap.static_resources.clusters,
-                    "dynamic_resources.ads_config.grpc_services[0]",
-                )
-                self.ads = AdsClient(target, bootstrap.node, ads_kinds, self.stats)
-                sources.ads = self.ads  # EDS clusters pushed by CDS ask for their endpoints on it
+            client.add_wildcard(WildcardKind(type_url, cls, manager, prefix))
         for field in ("cds_resources_locator", "lds_resources_locator"):
             if getattr(dr, field):
-                self.ctx.notice(f"dynamic_resources.{field}: not supported yet")
+                self.ctx.notice(
+                    f"dynamic_resources.{field}: xDS-TP resource locators are not supported; ignored"
+                )
         sources.load_initial()
 
     @property
@@ -204,8 +215,7 @@ class Server:
         await self.listener_manager.start(loop)
         self.st_workers_started.value = 1
         self.xds_files.start(loop)
-        if self.ads is not None:
-            self.ads.start(loop)
+        self.xds.start(loop)
         if self.admin_address is not None:
             from moorline.admin.server import AdminServer
 
@@ -304,8 +314,7 @@ class Server:
         self.cluster_manager.stop()
         self.secrets.stop()
         self.xds_files.stop()
-        if self.ads is not None:
-            self.ads.stop()
+        self.xds.stop()
         if self.ctx.access_logs is not None:
             self.ctx.access_logs.flush_all()
 
@@ -341,21 +350,19 @@ class Server:
 
     def config_dump(self, include_eds: bool = False) -> dict:
         """What the managers hold, in Envoy's ``envoy.admin.v3.ConfigDump`` JSON shape (secrets
-        redacted as Envoy does, see ``moorline.admin.config_dump``); ``include_eds`` adds the
-        endpoints of every cluster (``EndpointsConfigDump``), as Envoy's ``?include_eds``."""
+        redacted as Envoy does, see ``moorline.admin.config_dump``); the endpoints only with
+        ``include_eds``, as Envoy's ``?include_eds``."""
         from google.protobuf import json_format
 
         sections = [
             ("BootstrapConfigDump", self._dump_bootstrap),
             ("ClustersConfigDump", self._dump_clusters),
-        ]
-        if include_eds:
-            sections.append(("EndpointsConfigDump", self._dump_endpoints))
-        sections += [
             ("ListenersConfigDump", self._dump_listeners),
             ("RoutesConfigDump", self._dump_routes),
             ("SecretsConfigDump", self._dump_secrets),
         ]
+        if include_eds:
+            sections.insert(2, ("EndpointsConfigDump", self._dump_endpoints))
         configs = []
         for type_name, build in sections:
             try:
@@ -391,52 +398,28 @@ class Server:
                 item = m.static_clusters.add()
             item.cluster.Pack(redact(c.proto))
             item.last_updated.CopyFrom(timestamp(c.last_updated))
+        for c in self.cluster_manager.warming.values():
+            item = m.dynamic_warming_clusters.add()
+            item.version_info = c.version_info
+            item.cluster.Pack(redact(c.proto))
+            item.last_updated.CopyFrom(timestamp(c.last_updated))
         return m
 
     def _dump_endpoints(self) -> Any:
-        """Each cluster's current hosts as a ``ClusterLoadAssignment``: static clusters under
-        ``static_endpoint_configs``, EDS and API-added ones under ``dynamic_endpoint_configs``."""
+        """Each cluster's membership as a ``ClusterLoadAssignment`` (rebuilt from its hosts, as
+        Envoy's dump is): EDS clusters dynamic, with the version of their last assignment."""
         from envoy.admin.v3 import config_dump_shared_pb2
-        from envoy.config.cluster.v3 import cluster_pb2
-        from envoy.config.core.v3 import health_check_pb2
-        from envoy.config.endpoint.v3 import endpoint_pb2
 
         from moorline.admin.config_dump import timestamp
 
         m = config_dump_shared_pb2.EndpointsConfigDump()
         for c in self.cluster_manager:
-            cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=c.name)
-            by_locality: dict[tuple[str, str, str], Any] = {}
-            for h in c.hosts:
-                lle = by_locality.get(h.locality)
-                if lle is None:
-                    lle = by_locality[h.locality] = cla.endpoints.add()
-                    lle.locality.region, lle.locality.zone, lle.locality.sub_zone = h.locality
-                lb = lle.lb_endpoints.add()
-                if h.port is None:
-                    lb.endpoint.address.pipe.path = h.address
-                else:
-                    lb.endpoint.address.socket_address.address = h.address
-                    lb.endpoint.address.socket_address.port_value = h.port
-                if h.hostname and h.hostname != h.address:
-                    lb.endpoint.hostname = h.hostname
-                lb.load_balancing_weight.value = h.weight
-                lb.health_status = (
-                    health_check_pb2.HEALTHY
-                    if h.healthy and not h.degraded
-                    else health_check_pb2.DEGRADED
-                    if h.healthy
-                    else health_check_pb2.UNHEALTHY
-                )
-            proto = getattr(c, "proto", None)
-            eds = proto is not None and proto.type == cluster_pb2.Cluster.EDS
-            item: Any
-            if c.added_via_api or eds:
-                item = m.dynamic_endpoint_configs.add()
-                item.version_info = getattr(c, "version_info", "") or ""
+            if (c.type == "EDS" and c.added_via_api) or c.eds_subscription is not None:
+                item: Any = m.dynamic_endpoint_configs.add()
+                item.version_info = str(getattr(c.eds_subscription, "version_info", "") or "")
             else:
                 item = m.static_endpoint_configs.add()
-            item.endpoint_config.Pack(cla)
+            item.endpoint_config.Pack(c.load_assignment_view())
             item.last_updated.CopyFrom(timestamp(c.last_updated))
         return m
 
@@ -456,6 +439,15 @@ class Server:
             dl = dynamic[lst.name] = m.dynamic_listeners.add()
             dl.name = lst.name
             st = dl.active_state
+            st.version_info = lst.version_info
+            st.listener.Pack(redact(lst.proto))
+            st.last_updated.CopyFrom(timestamp(lst.last_updated))
+        for lst in self.listener_manager.warming.values():
+            dl = dynamic.get(lst.name)
+            if dl is None:
+                dl = dynamic[lst.name] = m.dynamic_listeners.add()
+                dl.name = lst.name
+            st = dl.warming_state
             st.version_info = lst.version_info
             st.listener.Pack(redact(lst.proto))
             st.last_updated.CopyFrom(timestamp(lst.last_updated))
@@ -508,9 +500,11 @@ class Server:
                 item.version_info = e.version_info
             item.secret.Pack(redact(e.secret))
             item.last_updated.CopyFrom(timestamp(e.last_updated))
-        for fp in self.secrets.file_providers():
+        for fp in [*self.secrets.file_providers(), *self.secrets.xds_providers()]:
             sec = fp.get()
             if sec is None:
+                item = m.dynamic_warming_secrets.add()  # (asked for over SDS, not received yet)
+                item.name = fp.name
                 continue
             item = m.dynamic_active_secrets.add()
             item.name = fp.name

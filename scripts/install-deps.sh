@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests and benchmarks drive (real peers: nginx, HAProxy, wrk,
-# iperf3, h2load, curl, openssl). Idempotent: does nothing when all are present.
+# iperf3, h2load, curl, openssl; iptables for the transparent-interception tests, which install
+# REDIRECT rules in a network namespace of their own: both the nft and the legacy backend work
+# there, tests/net/test_original_dst_netns.py takes whichever `iptables` is).
+# Idempotent: does nothing when all are present.
 set -euo pipefail
 need=()
 for pair in nginx:/usr/sbin/nginx haproxy:/usr/sbin/haproxy wrk:/usr/bin/wrk iperf3:/usr/bin/iperf3 \
             nghttp2-client:/usr/bin/h2load curl:/usr/bin/curl openssl:/usr/bin/openssl \
-            libnginx-mod-stream:/usr/lib/nginx/modules/ngx_stream_module.so; do
+            libnginx-mod-stream:/usr/lib/nginx/modules/ngx_stream_module.so \
+            iptables:/usr/sbin/iptables; do
   pkg=${pair%%:*}; bin=${pair#*:}
   [ -e "$bin" ] || need+=("$pkg")
 done

@@ -56,9 +56,15 @@ class BuildContext:
     access_logs: Any = None  # observability.access_log.AccessLogSinks, made on first use
     codecs: Any = None  # stream.api.CodecRegistry (the server's; built-ins when None)
     secrets: Any = None  # moorline.net.secrets.SecretsManager (made on first use when None)
-    # While an HTTP connection manager compiles its http_filters: its stat_prefix, so a filter
-    # can make its ``http.<stat_prefix>.<filter>.*`` stats (Envoy's scope for filter stats).
-    http_stat_prefix: str | None = None
+    # Set by the HTTP connection manager while it compiles one ``http_filters`` list (and reset
+    # after it): the ``http.<stat_prefix>.`` its filters root their stats at, the ``name`` of
+    # the filter being compiled (its key in ``typed_per_filter_config``), and a scratch dict the
+    # filters of that one list share (compressor filters find each other through it).
+    http_stat_prefix: str = ""
+    # True while an internal listener's chains compile (they never take connections).
+    in_internal_listener: bool = False
+    http_filter_name: str = ""
+    http_chain_state: dict[str, Any] | None = None
 
     def loop(self) -> asyncio.AbstractEventLoop:
         return asyncio.get_event_loop()

@@ -5,7 +5,8 @@ the entry point, at the top of the layers) imports every built-in module. This
 module never imports upward and the core never imports a filter by name.
 
 Categories: ``network`` (network filters), ``http`` (HTTP filters),
-``listener`` (listener filters), ``access_logger``.
+``listener`` (listener filters), ``access_logger``, ``compressor_library`` (the
+compressor filter's compression libraries).
 
 A factory is called as ``factory(config, ctx, path)`` where ``config`` is the
 unpacked proto message (or ``OpaqueAny`` for types xds-protos does not know,
@@ -40,6 +41,9 @@ class Extension:
     # leaves unset comes from its virtual host (Envoy's CORS policy); otherwise the most specific
     # level's config is used whole.
     per_route_merge: Callable[[Any, Any], Any] | None = None
+    # HTTP filters: the connection manager calls ``factory(config, ctx, path, stat_prefix=...)``
+    # with its stats namespace (``"http.<stat_prefix>."``), as Envoy hands filters theirs.
+    wants_stat_prefix: bool = False
 
 
 _by_name: dict[tuple[str, str], Extension] = {}
@@ -57,6 +61,12 @@ NOOP_EXTENSIONS: dict[str, str] = {
     "istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig": "Istio ALPN filter config",
     "envoy.tcp.metadataexchange.config.MetadataExchange": "Istio TCP metadata exchange",
     "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig": "gRPC stats filter (stats only)",
+    "envoy.extensions.filters.network.set_filter_state.v3.Config": (
+        "set_filter_state: filter state is not kept (nothing in moorline reads these keys)"
+    ),
+    "envoy.extensions.filters.http.set_filter_state.v3.Config": (
+        "set_filter_state: filter state is not kept (nothing in moorline reads these keys)"
+    ),
 }
 
 
@@ -68,6 +78,7 @@ def register(
     per_route: Callable[[Any, str], Any] | None = None,
     per_route_types: list[str] | tuple[str, ...] = (),
     per_route_merge: Callable[[Any, Any], Any] | None = None,
+    wants_stat_prefix: bool = False,
 ) -> None:
     ext = Extension(
         category,
@@ -77,6 +88,7 @@ def register(
         per_route,
         tuple(_type_name(t) for t in per_route_types),
         per_route_merge,
+        wants_stat_prefix,
     )
     for n in ext.names:
         _by_name[(category, n)] = ext

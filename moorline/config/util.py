@@ -63,7 +63,7 @@ def address_of(addr: Any, path: str) -> Addr:
 def addr_str(a: Addr) -> str:
     """Envoy's textual form: ``127.0.0.1:80``, ``[::1]:80``, or the pipe path."""
     kind, host, port = a
-    if kind == "pipe":
+    if kind in ("pipe", "internal"):
         return host
     if ":" in host:
         return f"[{host}]:{port}"

@@ -27,8 +27,13 @@ class ConnInfo:
     protocol agreed, ``"h2"``, ``"http/1.1"`` or ``None``) once its handshake is done, and
     ``peer_certificate`` (``getpeercert()`` dict) when the client presented one.
 
+    ``local_restored``: ``local`` is the connection's original destination (the
+    ``original_dst`` listener filter read it from conntrack after an iptables REDIRECT).
+
     ``tls`` is the chain's compiled server side (``moorline.net.tls.DownstreamTls``) or ``None``
     for plain TCP: terminal filters hand the socket to ``moorline.net.tls`` when it is set.
+    ``filters`` are the chain's non-terminal ``moorline.net.api.ConnectionFilter``s (usually
+    none); the terminal filter calls ``admit()`` once the connection's facts are known.
 
     The terminal network filter owns the connection and must call ``notify_closed()`` exactly
     when it is gone (calling it again is harmless): the listener's active-connection gauge, destroy
@@ -39,8 +44,10 @@ class ConnInfo:
         "alpn",
         "buffer_limit",
         "connection_id",
+        "filters",
         "listener_name",
         "local",
+        "local_restored",
         "negotiated_alpn",
         "on_close",
         "peer_certificate",
@@ -65,6 +72,9 @@ class ConnInfo:
         start_mono: float = 0.0,
     ) -> None:
         self.local = local
+        # True once a listener filter (original_dst) replaced ``local`` with the destination the
+        # client asked for before NAT; only then do ORIGINAL_DST clusters and listener handoff use it.
+        self.local_restored = False
         self.remote = remote
         self.listener_name = listener_name
         self.connection_id = next_connection_id() if connection_id is None else connection_id
@@ -75,6 +85,7 @@ class ConnInfo:
         self.start_mono = start_mono  # loop.time() at accept; 0.0 when unknown
         self.transport_protocol = "raw_buffer"
         self.tls: Any = None  # moorline.net.tls.DownstreamTls of the chain, None for plain TCP
+        self.filters: tuple[Any, ...] = ()  # the chain's ConnectionFilters (net.api)
         self.negotiated_alpn: str | None = None
         self.tls_version: str | None = None
         self.peer_certificate: dict[str, Any] | None = None
@@ -85,6 +96,13 @@ class ConnInfo:
         if cb is not None:
             self.on_close = None
             cb()
+
+    def admit(self) -> bool:
+        """Ask the chain's connection filters, in order: False as soon as one refuses."""
+        for f in self.filters:
+            if not f.on_new_connection(self):
+                return False
+        return True
 
     def remote_str(self) -> str:
         return _fmt(self.remote)

@@ -22,6 +22,7 @@ from typing import Any
 
 from moorline.config import registry
 from moorline.config.errors import ConfigError
+from moorline.net.api import ConnectionFilter
 from moorline.net.conn_info import ConnInfo
 
 SOURCE_ANY = 0
@@ -191,7 +192,8 @@ class FilterChain:
 
     ``terminal.on_accept(sock, info)`` takes ownership of the accepted socket. ``tls`` is the
     chain's compiled ``DownstreamTlsContext`` (``moorline.net.tls.DownstreamTls``) or ``None``;
-    it travels to the terminal filter as ``info.tls``."""
+    it travels to the terminal filter as ``info.tls``, and ``filters`` (the non-terminal
+    ``moorline.net.api.ConnectionFilter``s, a tuple) as ``info.filters``."""
 
     __slots__ = ("filters", "index", "match", "name", "terminal", "tls")
 
@@ -200,19 +202,20 @@ class FilterChain:
         name: str,
         match: FilterChainMatch,
         terminal: Any,
-        filters: list[Any],
+        filters: list[Any] | tuple[Any, ...],
         index: int,
         tls: Any = None,
     ) -> None:
         self.name = name
         self.match = match
         self.terminal = terminal
-        self.filters = filters
+        self.filters = tuple(filters)
         self.index = index  # position in filter_chains; -1 for the default chain
         self.tls = tls
 
     def on_accept(self, sock: socket.socket, info: ConnInfo) -> None:
         info.tls = self.tls
+        info.filters = self.filters
         self.terminal.on_accept(sock, info)
 
     def __repr__(self) -> str:
@@ -451,6 +454,8 @@ def _compile_filters(chain: Any, ctx: Any, path: str) -> tuple[Any, list[Any]]:
         if j < n - 1:
             if is_terminal:
                 raise ConfigError(fpath, f"terminal filter {f.name!r} must be the last filter in the chain")
+            if not isinstance(obj, ConnectionFilter):
+                raise ConfigError(fpath, f"network filter {f.name!r} has no on_new_connection hook")
             filters.append(obj)
         else:
             if not is_terminal or not hasattr(obj, "on_accept"):

@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import stat
+from collections.abc import Callable
 from typing import Any
 
 from moorline.config import registry
@@ -35,6 +36,7 @@ from moorline.observability.stats import listener_stat_prefix
 
 log = logging.getLogger("moorline.listener")
 
+ORIGINAL_DST_FILTER = "envoy.filters.listener.original_dst"
 DEFAULT_BACKLOG = 1024
 DEFAULT_ACCEPTS_PER_EVENT = 64
 DEFAULT_LISTENER_FILTERS_TIMEOUT = 15.0  # Envoy's listener_filters_timeout default
@@ -68,16 +70,21 @@ class Listener:
         self.added_via_api = False
         self.version_info = ""
         self.last_updated = 0.0
-        if proto.WhichOneof("listener_specifier") == "internal_listener":
-            raise ConfigError(_join(path, "internal_listener"), "internal listeners are not supported")
+        internal = proto.WhichOneof("listener_specifier") == "internal_listener"
+        if internal:
+            # Envoy's in-process listeners (Istio's tunnel origination): compiled, never served.
+            ctx.notice(
+                f"{_join(path, 'internal_listener')}: internal listeners are not supported; "
+                "the listener is compiled and takes no connections"
+            )
         if proto.HasField("api_listener"):
             raise ConfigError(_join(path, "api_listener"), "api_listener is not supported")
         if proto.HasField("udp_listener_config"):
             raise ConfigError(_join(path, "udp_listener_config"), "UDP listeners are not supported")
-        if not proto.HasField("address"):
+        if not proto.HasField("address") and not internal:
             raise ConfigError(_join(path, "address"), "address is required")
         apath = _join(path, "address")
-        self.address: Addr = address_of(proto.address, apath)
+        self.address: Addr = ("internal", proto.name, None) if internal else address_of(proto.address, apath)
         self.pipe_mode = 0
         self.ipv4_compat = False
         if self.address[0] == "tcp":
@@ -113,7 +120,7 @@ class Listener:
             self.reuse_port = bool(proto.enable_reuse_port.value)
         else:
             self.reuse_port = True
-        self.bind_to_port = proto.bind_to_port.value if proto.HasField("bind_to_port") else True
+        self.bind_to_port = proto.bind_to_port.value if proto.HasField("bind_to_port") else not internal
         self.buffer_limit = (
             int(proto.per_connection_buffer_limit_bytes.value)
             if proto.HasField("per_connection_buffer_limit_bytes")
@@ -124,13 +131,28 @@ class Listener:
         self.socket_options: list[CompiledSockOpt] = compile_socket_options(
             proto.socket_options, _join(path, "socket_options")
         )
-        if proto.HasField("use_original_dst") and proto.use_original_dst.value:
-            ctx.notice(
-                f"{_join(path, 'use_original_dst')}: original destination is not supported yet; ignored"
-            )
-        self.listener_filters: list[Any] = _compile_listener_filters(
+        # use_original_dst (Istio's virtualOutbound): a connection whose original destination is
+        # another listener's address is handed to that listener (``find_listener``, set by the
+        # listener manager); as in Envoy the original_dst listener filter is implied.
+        self.use_original_dst = bool(proto.HasField("use_original_dst") and proto.use_original_dst.value)
+        self.find_listener: Callable[[tuple[str, int]], Listener | None] | None = None
+        filters, has_original_dst = _compile_listener_filters(
             proto.listener_filters, ctx, _join(path, "listener_filters")
         )
+        if self.use_original_dst and not has_original_dst:
+            if self.address[0] != "tcp":
+                raise ConfigError(
+                    _join(path, "use_original_dst"), "only TCP listeners have an original destination"
+                )
+            ext = registry.lookup("listener", ORIGINAL_DST_FILTER, None)
+            if ext is None:
+                raise ConfigError(
+                    _join(path, "use_original_dst"), f"needs the {ORIGINAL_DST_FILTER} listener filter"
+                )
+            filters.insert(0, ext.factory(None, ctx, _join(path, "use_original_dst")))
+        # Filters that need no bytes (original_dst) run once at accept, before any peeking.
+        self.accept_filters: list[Any] = [f for f in filters if not f.max_read_bytes]
+        self.listener_filters: list[Any] = [f for f in filters if f.max_read_bytes]
         # Envoy: 15 s by default; an explicit 0 disables the timeout.
         self.listener_filters_timeout: float | None = (
             (duration_s(proto.listener_filters_timeout) or None)
@@ -146,7 +168,16 @@ class Listener:
         if len(proto.access_log):
             ctx.notice(f"{_join(path, 'access_log')}: listener access logs are not supported yet; ignored")
 
-        self.selector: FilterChainSelector = compile_filter_chains(proto, ctx, path)
+        # An internal listener takes no connections: what only matters to its traffic (tcp_proxy
+        # tunneling) is noticed instead of refused (``BuildContext.in_internal_listener``).
+        saved = getattr(ctx, "in_internal_listener", False)
+        if internal:
+            ctx.in_internal_listener = True
+        try:
+            self.selector: FilterChainSelector = compile_filter_chains(proto, ctx, path)
+        finally:
+            if internal:
+                ctx.in_internal_listener = saved
 
         scope = ctx.stats.scope(listener_stat_prefix(self.address[1], self.address[2], proto.stat_prefix))
         self.stats_prefix = scope.prefix
@@ -179,6 +210,16 @@ class Listener:
         if self.selector.default is not None:
             chains.append(self.selector.default)
         return chains
+
+    def init_targets(self) -> list[Any]:
+        """What this listener warms on (``config.warming.InitTarget``): its connection managers'
+        first RDS responses and its TLS contexts' first SDS secrets."""
+        out: list[Any] = []
+        for fc in self.filter_chains:
+            out.extend(getattr(fc.terminal, "init_targets", ()))
+            if fc.tls is not None:
+                out.extend(getattr(fc.tls, "init_targets", ()))
+        return out
 
     # -- lifecycle --
 
@@ -392,12 +433,42 @@ class Listener:
         loop = self._loop
         assert loop is not None
         info = ConnInfo(local_t, remote_t, self.name, buffer_limit=self.buffer_limit, start_mono=loop.time())
+        self._run_listener_filters(conn, info, loop)
+
+    def _run_listener_filters(
+        self, conn: socket.socket, info: ConnInfo, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        for f in self.accept_filters:
+            if f.on_accept(conn, info) == LISTENER_FILTER_CLOSE:
+                conn.close()
+                return
         if self.listener_filters:
             _ListenerFilterRun(self, loop, conn, info).start()
             return
         self._select_and_hand_over(conn, info)
 
+    def accept_redirected(self, conn: socket.socket, info: ConnInfo, loop: asyncio.AbstractEventLoop) -> None:
+        """Take a connection another listener accepted (``use_original_dst``: its original
+        destination is this listener's address). It runs this listener's listener filters and
+        filter chains, and counts in this listener's stats, as if accepted here; it is not
+        redirected again."""
+        if self._loop is None:
+            self._loop = loop
+        info.listener_name = self.name
+        info.buffer_limit = self.buffer_limit
+        self._run_listener_filters(conn, info, loop)
+
     def _select_and_hand_over(self, conn: socket.socket, info: ConnInfo) -> None:
+        find = self.find_listener
+        if find is not None and info.local_restored:
+            lo = info.local
+            assert isinstance(lo, tuple)
+            target = find(lo)
+            if target is not None and target is not self:
+                loop = self._loop
+                assert loop is not None
+                target.accept_redirected(conn, info, loop)
+                return
         if self._is_tcp:
             lo, re = info.local, info.remote
             assert isinstance(lo, tuple) and isinstance(re, tuple)
@@ -446,14 +517,20 @@ class Listener:
 #
 # A listener filter (registry category ``listener``) is an object with ``max_read_bytes: int``
 # (how much of the stream's beginning it may need to see) and ``on_data(data: bytes, info:
-# ConnInfo) -> bool`` (True: done; False: needs more bytes). It reads *peeked* bytes, never
-# consuming them, and records what it learnt in ``info`` (``server_name``, ``alpn``,
+# ConnInfo) -> bool`` (True: done; False: needs more bytes). ``on_data`` reads *peeked* bytes,
+# never consuming them, and records what it learnt in ``info`` (``server_name``, ``alpn``,
 # ``transport_protocol``) for filter chain selection. ``data`` always starts at the first byte of
 # the connection (each call sees everything received so far).
+#
+# A filter with ``max_read_bytes == 0`` has ``on_accept(sock, info) -> bool |
+# LISTENER_FILTER_CLOSE`` instead, called once at accept before any peeking filter (original_dst:
+# it hands the socket to ``moorline.net.sockopts`` and never reads from it).
 
 
-def _compile_listener_filters(protos: Any, ctx: Any, path: str) -> list[Any]:
+def _compile_listener_filters(protos: Any, ctx: Any, path: str) -> tuple[list[Any], bool]:
+    """The compiled filters, and whether original_dst is among them."""
     out: list[Any] = []
+    has_original_dst = False
     for i, f in enumerate(protos):
         fpath = f"{path}[{i}]"
         kind = f.WhichOneof("config_type")
@@ -473,8 +550,12 @@ def _compile_listener_filters(protos: Any, ctx: Any, path: str) -> list[Any]:
             raise ConfigError(
                 f"{fpath}.config_discovery", "extension config discovery (ECDS) is not supported"
             )
-        out.append(ext.factory(cfg, ctx, fpath))
-    return out
+        flt = ext.factory(cfg, ctx, fpath)
+        if not flt.max_read_bytes and not hasattr(flt, "on_accept"):
+            raise ConfigError(fpath, f"listener filter {f.name!r} reads no bytes and has no on_accept")
+        has_original_dst = has_original_dst or ext.names[0] == ORIGINAL_DST_FILTER
+        out.append(flt)
+    return out, has_original_dst
 
 
 # A listener filter's on_data may return this (instead of True/False) to close the connection.

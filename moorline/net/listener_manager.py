@@ -29,6 +29,7 @@ Stats (Envoy's names): ``listener_manager.listener_added``, ``listener_modified`
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ from typing import Any
 
 from moorline.config.errors import ConfigError
 from moorline.config.util import addr_str
+from moorline.config.warming import when_all_ready
 from moorline.net.listener import Listener
 
 log = logging.getLogger("moorline.listener")
@@ -82,6 +84,8 @@ class ListenerManager:
         self.ctx = ctx
         self.drain_time = drain_time
         self.listeners: dict[str, Listener] = {}
+        # (ip, port) -> listener, for use_original_dst handoff; rebuilt whenever listeners change.
+        self._by_address: dict[tuple[str, int], Listener] = {}
         self.draining: list[DrainingListener] = []
         # What a terminal's ``drain(decision)`` gets: True closes at once (Envoy's "immediate");
         # the server sets this for ``--drain-strategy gradual`` (net/ does not know the policy).
@@ -95,6 +99,9 @@ class ListenerManager:
         self._create_failure = scope.counter("listener_create_failure")
         self._active = scope.gauge("total_listeners_active")
         self._draining_gauge = scope.gauge("total_listeners_draining")
+        self._warming_gauge = scope.gauge("total_listeners_warming")
+        # Dynamic listeners waiting for their first RDS / SDS resources (see add_or_update).
+        self.warming: dict[str, Listener] = {}
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -106,6 +113,36 @@ class ListenerManager:
 
     def __len__(self) -> int:
         return len(self.listeners)
+
+    def find_by_destination(self, dst: tuple[str, int]) -> Listener | None:
+        """The listener for a connection's original destination: the one on exactly that
+        ``ip:port``, else the wildcard ``0.0.0.0:port`` / ``[::]:port`` of the same family.
+        Listeners with ``bind_to_port: false`` count (they exist to be found here)."""
+        by = self._by_address
+        lst = by.get(dst)
+        if lst is None:
+            ip, port = dst
+            lst = by.get(("::" if ":" in ip else "0.0.0.0", port))
+        return lst
+
+    def _reindex(self) -> None:
+        by: dict[tuple[str, int], Listener] = {}
+        for lst in self.listeners.values():
+            kind, host, port = lst.address
+            if kind != "tcp" or not port:
+                continue
+            try:
+                host = ipaddress.ip_address(host).compressed
+            except ValueError:
+                continue
+            by.setdefault((host, port), lst)
+        self._by_address = by
+
+    def _registered(self, lst: Listener) -> None:
+        if lst.use_original_dst:
+            lst.find_listener = self.find_by_destination
+        self._reindex()
+        self._active.value = len(self.listeners)
 
     def terminals(self) -> list[Any]:
         """Terminal filters of every listener still holding connections (active and draining)."""
@@ -142,7 +179,7 @@ class ListenerManager:
         self._bind_new(lst, path)
         self.listeners[lst.name] = lst
         self._added.value += 1
-        self._active.value = len(self.listeners)
+        self._registered(lst)
         return lst
 
     def add_or_update(self, proto: Any, path: str = "", version_info: str = "") -> Listener:
@@ -159,7 +196,12 @@ class ListenerManager:
             )
         if old is not None and old.proto == proto:
             old.version_info = version_info
+            self._drop_warming(proto.name)
             return old
+        warm = self.warming.get(proto.name) if proto.name else None
+        if warm is not None and warm.proto == proto:
+            warm.version_info = version_info
+            return warm
         try:
             lst = self.compile(proto, path)
         except ConfigError:
@@ -178,6 +220,36 @@ class ListenerManager:
                 f"listener {lst.name!r}: the socket options of a bound address cannot be changed in place; "
                 "remove the listener and add it again",
             )
+        self._drop_warming(lst.name)
+        targets = lst.init_targets()
+        if any(not t.ready for t in targets):
+            # Warming: the listener waits aside for its routes / secrets (or the initial fetch
+            # timeout); the listener it replaces, if any, keeps serving meanwhile.
+            self.warming[lst.name] = lst
+            self._warming_gauge.value = len(self.warming)
+            when_all_ready(targets, lambda: self._warmed(lst, path))
+            return lst
+        self._install(lst, path)
+        return lst
+
+    def _warmed(self, lst: Listener, path: str) -> None:
+        if self.warming.get(lst.name) is not lst:
+            return  # replaced or removed while it warmed
+        del self.warming[lst.name]
+        self._warming_gauge.value = len(self.warming)
+        try:
+            self._install(lst, path)
+        except ConfigError as e:  # (already ACKed: a bind that fails now can only be logged)
+            log.warning("listener %s could not be started after warming: %s", lst.name, e)
+
+    def _drop_warming(self, name: str) -> None:
+        if self.warming.pop(name, None) is not None:
+            self._warming_gauge.value = len(self.warming)
+
+    def _install(self, lst: Listener, path: str) -> None:
+        """Put a compiled (and warmed) dynamic listener in service: bind it, or take over the
+        socket of the one it replaces, which then drains."""
+        old = self.listeners.get(lst.name)
         if old is None:
             self._bind_new(lst, path)
             self._added.value += 1
@@ -191,16 +263,18 @@ class ListenerManager:
             self._retire(old, close_socket=True)
             self._modified.value += 1
         self.listeners[lst.name] = lst
-        self._active.value = len(self.listeners)
-        return lst
+        self._registered(lst)
 
     def remove(self, name: str) -> bool:
         """Remove a dynamic listener: it stops accepting and its port is released at once; its
         connections drain. False when there is no dynamic listener of that name."""
+        warm = self.warming.get(name) is not None
+        self._drop_warming(name)
         lst = self.listeners.get(name)
         if lst is None or not lst.added_via_api:
-            return False
+            return warm
         del self.listeners[name]
+        self._reindex()
         self._retire(lst, close_socket=True)
         self._removed.value += 1
         self._active.value = len(self.listeners)

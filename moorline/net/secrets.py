@@ -367,6 +367,11 @@ class SecretsManager:
         """The SDS-file secrets in use (for ``/config_dump``'s dynamic secrets)."""
         return [self._file_providers[k] for k in sorted(self._file_providers.keys())]
 
+    def xds_providers(self) -> list[Any]:
+        """The secrets asked for over SDS (gRPC), received or not (for ``/config_dump``)."""
+        providers = getattr(self._sds_client, "providers", None) or {}
+        return [providers[k] for k in sorted(providers, key=lambda k: k[1])]
+
     # -- lookups by TLS contexts ------------------------------------------------------------
 
     def register_sds_client(self, factory: SdsClientFactory | None) -> None:

@@ -6,6 +6,7 @@ Everything here runs once per socket (at bind, accept or connect), never per byt
 from __future__ import annotations
 
 import socket
+import sys
 from typing import Any
 
 from moorline.config.errors import ConfigError
@@ -87,3 +88,45 @@ def apply_socket_options(sock: socket.socket, opts: list[CompiledSockOpt], state
     for st, level, name, value in opts:
         if st == state:
             sock.setsockopt(level, name, value)
+
+
+# Netfilter's getsockopt for the destination a connection had before NAT (REDIRECT/DNAT):
+# SO_ORIGINAL_DST at SOL_IP for IPv4, IP6T_SO_ORIGINAL_DST (same number) at SOL_IPV6 for IPv6.
+SO_ORIGINAL_DST = 80
+IP6T_SO_ORIGINAL_DST = 80
+_SOCKADDR_IN = 16
+_SOCKADDR_IN6 = 28
+
+
+def original_dst(sock: socket.socket) -> tuple[str, int] | None:
+    """The connection's destination before NAT, from conntrack, or ``None`` when the kernel has
+    none (no conntrack entry: the connection was not tracked, or not TCP over IP). A tracked
+    connection that was not redirected reports its own local address."""
+    fam = sock.family
+    try:
+        if fam == socket.AF_INET:
+            raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN)
+        elif fam == socket.AF_INET6:
+            try:
+                raw = sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, _SOCKADDR_IN6)
+            except OSError:
+                # A dual-stack socket carrying IPv4 (a mapped address): conntrack knows it as IPv4.
+                raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN)
+        else:
+            return None
+    except OSError:
+        return None
+    return parse_sockaddr(raw)
+
+
+def parse_sockaddr(raw: bytes) -> tuple[str, int] | None:
+    """A ``struct sockaddr_in`` / ``sockaddr_in6`` as the kernel returns it -> ``(ip, port)``."""
+    if len(raw) < 8:
+        return None
+    family = int.from_bytes(raw[:2], sys.byteorder)
+    port = int.from_bytes(raw[2:4], "big")
+    if family == socket.AF_INET:
+        return socket.inet_ntop(socket.AF_INET, raw[4:8]), port
+    if family == socket.AF_INET6 and len(raw) >= 24:
+        return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port
+    return None

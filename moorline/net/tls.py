@@ -550,7 +550,15 @@ class _TlsBase:
         self.stats = _detached_stats(stats_prefix)
         self.generation = 0
         self.last_error: str | None = None
-        self._built = self._build()  # ConfigError at compile time
+        # Secrets over xDS not received yet (SDS): what the listener or cluster warms on. Until
+        # they arrive there is no context (a connection is refused); their arrival builds it.
+        inits = [getattr(p, "init", None) for p in common.providers]
+        self.init_targets = [t for t in inits if t is not None and not t.ready]
+        if self.init_targets:
+            self._built = _Built()
+            self.last_error = "waiting for SDS secrets: " + ", ".join(t.name for t in self.init_targets)
+        else:
+            self._built = self._build()  # ConfigError at compile time
         for p in common.providers:
             p.subscribe(self._reload_cb)
 
@@ -566,7 +574,14 @@ class _TlsBase:
         pass
 
     def _reload_cb(self) -> None:
+        if any(not t.ready for t in self.init_targets):
+            return  # (every secret first)
         self.reload()
+
+    @property
+    def has_context(self) -> bool:
+        """False until the SDS secrets it waits for arrived (or after they never did)."""
+        return self._built.context is not None
 
     def reload(self) -> bool:
         """Rebuild from the current files and secrets; keep the old contexts when that fails."""
@@ -811,20 +826,34 @@ def serve_accepted(
     sock: socket.socket,
     info: Any,
     protocol_factory: Callable[[], asyncio.BaseProtocol],
+    admit: Callable[[], bool] | None = None,
 ) -> None:
     """Attach an accepted socket to a protocol, through TLS when ``info.tls`` is set.
 
     With TLS the handshake runs first; ``protocol_factory()`` is only called after it succeeded
     and ``info`` carries ``negotiated_alpn``, ``server_name``, ``tls_version``. A failed
     handshake (or SAN check) counts its stat, closes the socket and calls ``info.notify_closed()``.
+
+    ``admit`` (the chain's connection filters, ``ConnInfo.admit``) decides before the protocol
+    exists: at once for plain TCP, after the checked handshake with TLS. ``False`` closes the
+    connection the same way, without reading a byte of it.
     """
     tls: DownstreamTls | None = info.tls
     if tls is None:
+        if admit is not None and not admit():
+            sock.close()
+            info.notify_closed()
+            return
         task = loop.create_task(loop.connect_accepted_socket(protocol_factory, sock))  # type: ignore[arg-type]
         task.add_done_callback(lambda t: _plain_done(t, sock, info))
         return
     tls.watcher.start(loop)
-    gate = _ServerGate(tls, info, protocol_factory)
+    if not tls.has_context:  # its SDS secrets never arrived: refuse, as a handshake failure
+        tls.stats.connection_error.value += 1
+        sock.close()
+        info.notify_closed()
+        return
+    gate = _ServerGate(tls, info, protocol_factory, admit)
     task = loop.create_task(
         loop.connect_accepted_socket(
             lambda: gate, sock, ssl=tls.server_context, ssl_handshake_timeout=tls.handshake_timeout
@@ -844,16 +873,28 @@ class _ServerGate(asyncio.Protocol):
     """Sits on the TLS transport until the handshake is checked, then hands it to the real
     protocol with ``transport.set_protocol``."""
 
-    def __init__(self, tls: DownstreamTls, info: Any, factory: Callable[[], asyncio.BaseProtocol]) -> None:
+    def __init__(
+        self,
+        tls: DownstreamTls,
+        info: Any,
+        factory: Callable[[], asyncio.BaseProtocol],
+        admit: Callable[[], bool] | None = None,
+    ) -> None:
         self.tls = tls
         self.info = info
         self.factory = factory
+        self.admit = admit
         self.handed = False
         self.failed = False
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         sslobj = transport.get_extra_info("ssl_object")
         if sslobj is None or not self.tls.after_handshake(sslobj, self.info):
+            self.failed = True
+            transport.abort()
+            return
+        if self.admit is not None and not self.admit():
+            # Refused by a connection filter (it counted why): not a TLS failure.
             self.failed = True
             transport.abort()
             return
@@ -915,6 +956,12 @@ def upstream_connect_coro(
     tls.watcher.start(loop)
     sni = tls.server_hostname(host)
     gate = _ClientGate(tls, sni, protocol)
+    if not tls.has_context:
+
+        async def refuse() -> Any:
+            raise ConnectionError(f"TLS context has no certificates yet ({tls.last_error})")
+
+        return refuse(), gate
     kw: dict[str, Any] = {"ssl": tls.context, "server_hostname": sni}
     if timeout and timeout > 0:
         kw["ssl_handshake_timeout"] = timeout
@@ -1033,8 +1080,12 @@ class StreamRelay:
         on_close: Callable[[int, int], None] | None,
         counters_a_to_b: Sequence[Any] = (),
         counters_b_to_a: Sequence[Any] = (),
+        admit: Callable[[], bool] | None = None,
     ) -> None:
         self.loop = loop
+        # The chain's connection filters, asked once the downstream handshake is checked
+        # (before a byte of the downstream goes upstream); None for a plain downstream.
+        self.admit = admit if down_tls is not None else None
         self.buffer_limit = max(buffer_limit, 4096)
         self.idle_timeout = idle_timeout or None
         self._on_close = on_close
@@ -1311,6 +1362,10 @@ class HalfCloseTls(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         if not self.tls.after_handshake(self.sslobj, self.relay.info):  # (it counted why)
+            self.raw.abort()
+            return False
+        admit = self.relay.admit
+        if admit is not None and not admit():  # refused by a connection filter (it counted why)
             self.raw.abort()
             return False
         side = self.relay.down

@@ -52,9 +52,12 @@ class FilterCallbacks(Protocol):
         body: bytes = b"",
         flag: str | None = None,
         details: str | None = None,
+        grpc_status: int | None = None,
         extra: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
-        """Answer locally; ``extra`` headers go on the reply (a CORS preflight's allow-* ones)."""
+        """Answer locally. A gRPC request gets a trailers-only reply whose grpc-status is
+        ``grpc_status`` when given, else the one mapped from ``status``; ``extra`` headers go on
+        the reply (a CORS preflight's allow-* ones)."""
 
     def matched_route(self) -> Any:
         """The route this stream matched (None: no route)."""
@@ -75,6 +78,15 @@ class FilterCallbacks(Protocol):
     def encoding_buffer(self) -> bytes: ...
 
     def add_encoded_data(self, data: bytes) -> None: ...
+
+    def set_decoded_data(self, data: bytes) -> None:
+        """Only from inside ``decode_data``: the filters after this one (and the router) get
+        ``data`` instead of the chunk (Envoy's filters edit the chunk's buffer in place). From
+        inside ``decode_trailers``: ``data`` reaches them as a last chunk before the trailers."""
+
+    def set_encoded_data(self, data: bytes) -> None:
+        """``set_decoded_data`` for the response: from inside ``encode_data`` or
+        ``encode_trailers`` only."""
 
 
 class HttpFilter:

@@ -54,6 +54,7 @@ class _Chain:
         "on_overflow",
         "stop_all",
         "stop_at",
+        "swap",
         "t_data",
         "t_headers",
         "t_trailers",
@@ -89,6 +90,10 @@ class _Chain:
         self.body_bytes = 0
         self.end = False  # the buffered body ends the stream (no trailers follow)
         self.trailers: HeaderMap | None = None
+        # A filter's replacement for the chunk it is handling (``set_data``): our chunks are
+        # immutable bytes where Envoy's filters edit a buffer in place. Read after every data
+        # hook, so it never outlives the call that set it.
+        self.swap: bytes | None = None
 
     # -- hooks of the filters, by direction
     def _h(self, f: Any, headers: Any, end: bool) -> int:
@@ -122,6 +127,9 @@ class _Chain:
             r = self._d(fl[i], data, end_stream)
             if not self.alive():
                 return
+            if self.swap is not None:
+                data = self.swap
+                self.swap = None
             if r != CONTINUE:
                 if i < s:
                     if self.hdr_idx == s + 1 and self.hdr_hold is None:
@@ -141,16 +149,30 @@ class _Chain:
             self._resume(s + 1)
 
     def on_trailers(self, trailers: HeaderMap) -> None:
-        s = self.stop_at
-        if s is None:
+        if self.stop_at is None:
             self._push_trailers(trailers, 0)
-            return
+        else:
+            self._trailers_held(trailers, 0)
+
+    def _trailers_held(self, trailers: HeaderMap, first: int) -> None:
+        """Iteration is held at filter ``stop_at``: filters ``first``.. up to it see the
+        trailers, which then wait behind the buffered body."""
+        s = self.stop_at
+        assert s is not None
         fl = self.filters
         last = s - 1 if self.stop_all else s
-        for i in range(last + 1):
+        for i in range(first, last + 1):
             r = self._t(fl[i], trailers)
             if not self.alive():
                 return
+            sw = self.swap
+            if sw is not None:
+                # Filter i ends its body here (a compressor's last block): the filters up to
+                # the holder see it as a chunk, and it waits in the buffer before the trailers.
+                self.swap = None
+                self._held_chunk(sw, i + 1, last)
+                if not self.alive():
+                    return
             if r != CONTINUE:
                 if i < s:
                     self.stop_at = i
@@ -160,6 +182,19 @@ class _Chain:
         self.trailers = trailers
         if last == s:
             self._resume(s + 1)
+
+    def _held_chunk(self, data: bytes, first: int, last: int) -> None:
+        """A chunk a filter added from its trailers hook while a later filter holds iteration:
+        filters ``first``..``last`` see it (they may replace it), then it is buffered."""
+        fl = self.filters
+        for j in range(first, last + 1):
+            self._d(fl[j], data, False)
+            if not self.alive():
+                return
+            if self.swap is not None:
+                data = self.swap
+                self.swap = None
+        self._buffer(data, False)
 
     def resume(self) -> None:
         """``continue_decoding()`` / ``continue_encoding()`` from the holding filter. A filter
@@ -232,6 +267,9 @@ class _Chain:
             r = self._d(fl[i], data, end_stream)
             if not self.alive():
                 return
+            if self.swap is not None:
+                data = self.swap
+                self.swap = None
             if r != CONTINUE:
                 # Filter i saw this chunk and holds it: buffer it for the filters after i.
                 self.stop_at = i
@@ -248,6 +286,19 @@ class _Chain:
             r = self._t(fl[i], trailers)
             if not self.alive():
                 return
+            sw = self.swap
+            if sw is not None:
+                # Filter i ends its body before the trailers: the filters after it get that
+                # chunk first (Envoy's addEncodedData from a trailers callback).
+                self.swap = None
+                self._push_data(sw, False, i + 1)
+                if not self.alive():
+                    return
+                if self.stop_at is not None and r == CONTINUE:
+                    # A later filter holds that chunk: the filters up to it see the trailers,
+                    # which then wait behind it.
+                    self._trailers_held(trailers, i + 1)
+                    return
             if r != CONTINUE:
                 self.stop_at = i
                 self.trailers = trailers
@@ -272,6 +323,12 @@ class _Chain:
 
     def add_buffered(self, data: bytes) -> None:
         self._buffer(data, False)
+
+    def set_data(self, data: bytes) -> None:
+        """From a data hook: the chunk the following filters see becomes ``data``. From a
+        trailers hook: ``data`` is a last body chunk the following filters see before the
+        trailers."""
+        self.swap = data
 
 
 class FilterManager:

@@ -189,13 +189,18 @@ class HcmStats:
 
 
 class _RdsAdsTarget:
-    """An HCM's route configuration over ADS (``xds.ads.NamedTarget``)."""
+    """An HCM's route configuration over gRPC xDS (``xds.ads.NamedTarget``). ``init`` is what
+    its listener warms on: done by the first route configuration, or by the source's initial
+    fetch timeout (the listener then serves with no routes: 404)."""
 
-    def __init__(self, provider: RouteConfigProvider, stats: Any, prefix: str) -> None:
+    def __init__(self, provider: RouteConfigProvider, stats: Any, prefix: str, name: str) -> None:
+        from moorline.config.warming import InitTarget
+
         self.provider = provider
         self.success = stats.counter(f"{prefix}.update_success")
         self.rejected = stats.counter(f"{prefix}.update_rejected")
         self.version = stats.gauge(f"{prefix}.version")
+        self.init = InitTarget(f"rds {name}")
         self._table: RouteTable | None = None
 
     def check(self, proto: Any, path: str) -> None:
@@ -213,6 +218,11 @@ class _RdsAdsTarget:
         self.provider.update(table, proto, version_info)
         self.success.value += 1
         self.version.value = version_hash(version_info)
+        self.init.done()
+
+    def on_fetch_timeout(self) -> None:
+        self.init.timed_out = True
+        self.init.done()
 
 
 class _RdsTarget:
@@ -257,6 +267,8 @@ class HcmConfig:
         from moorline.observability.access_log import compile_access_logs
 
         self.ctx = ctx
+        # What the listener warms on (config.warming.InitTarget): the first RDS response.
+        self.init_targets: list[Any] = []
         self.stat_prefix = proto.stat_prefix
         if not self.stat_prefix:
             raise ConfigError(f"{path}.stat_prefix", "stat_prefix is required")
@@ -291,21 +303,24 @@ class HcmConfig:
         else:
             raise ConfigError(f"{path}.{kind}", f"{kind} is not supported")
 
-        # filters: router must be last
+        # filters: router must be last. A factory may return None (nothing to do for any
+        # stream: left out of the chain) or an object with ``wanted(table) -> bool`` (needed only
+        # while some route asks for it, e.g. through typed_per_filter_config): such a filter is
+        # in the chain only for route tables that want it, recomputed when the routes change, so
+        # a configured-but-idle filter costs nothing per request.
         self.filter_factories: list[Any] = []
+        self._all_filter_factories: list[Any] = []
         fl = list(proto.http_filters)
-        outer_prefix, ctx.http_stat_prefix = ctx.http_stat_prefix, self.stat_prefix
+        saved = ctx.http_stat_prefix, ctx.http_chain_state
+        ctx.http_stat_prefix, ctx.http_chain_state = f"http.{self.stat_prefix}.", {}
         try:
             self._compile_filters(fl, ctx, path)
         finally:
-            ctx.http_stat_prefix = outer_prefix
-        # Every filter acts only on routes that configure it (``route_gate``, e.g. the CORS
-        # filter Istio puts in every listener): a stream whose route configures none of them
-        # takes the router's fast path, without a filter manager.
-        gates = [getattr(f, "route_gate", None) for f in self.filter_factories]
-        self.route_gates: frozenset[str] | None = (
-            frozenset(g for g in gates if g) if gates and all(gates) else None
-        )
+            ctx.http_stat_prefix, ctx.http_chain_state = saved
+        self._conditional_filters = any(hasattr(f, "wanted") for f in self._all_filter_factories)
+        self._select_filters()
+        if self._conditional_filters:
+            self.route_provider.subscribe(self._select_filters)
 
         # limits
         cho = proto.common_http_protocol_options
@@ -394,35 +409,6 @@ class HcmConfig:
         self.server_factory = factory
 
     # -- ServerConnectionCallbacks (moorline.stream.api) ---------------------------------------
-    def _compile_filters(self, fl: list[Any], ctx: BuildContext, path: str) -> None:
-        from moorline.config.loader import unpack_any
-
-        # No http_filters at all is a valid Envoy config; the router alone serves it.
-        for i, f in enumerate(fl):
-            fpath = f"{path}.http_filters[{i}]"
-            type_url = f.typed_config.type_url if f.HasField("typed_config") else None
-            is_router = f.name in ROUTER_NAMES or (type_url or "").endswith(ROUTER_TYPE)
-            if is_router:
-                if i != len(fl) - 1:
-                    raise ConfigError(fpath, "the router filter must be the last HTTP filter")
-                continue
-            if i == len(fl) - 1:
-                raise ConfigError(
-                    fpath, "the last HTTP filter must be the router (envoy.filters.http.router)"
-                )
-            reason = registry.noop_reason(f.name, type_url)
-            if reason is not None:
-                ctx.notice(f"{fpath} ({f.name}): accepted as a no-op: {reason}")
-                continue
-            ext = registry.lookup("http", f.name, type_url)
-            if ext is None:
-                if f.is_optional:
-                    ctx.notice(f"{fpath} ({f.name}): optional filter not supported, skipped")
-                    continue
-                raise ConfigError(fpath, f"unknown or unsupported HTTP filter {f.name!r}")
-            cfg = unpack_any(f.typed_config, f"{fpath}.typed_config") if type_url else None
-            self.filter_factories.append(ext.factory(cfg, ctx, fpath))
-
     def new_stream(self, conn: Any) -> ActiveStream:
         return ActiveStream(conn, self)
 
@@ -453,6 +439,44 @@ class HcmConfig:
             pool.extend(_request_ids())
         return pool.pop()
 
+    def _compile_filters(self, fl: list[Any], ctx: BuildContext, path: str) -> None:
+        from moorline.config.loader import unpack_any
+
+        # No http_filters at all is a valid Envoy config; the router alone serves it.
+        for i, f in enumerate(fl):
+            fpath = f"{path}.http_filters[{i}]"
+            type_url = f.typed_config.type_url if f.HasField("typed_config") else None
+            is_router = f.name in ROUTER_NAMES or (type_url or "").endswith(ROUTER_TYPE)
+            if is_router:
+                if i != len(fl) - 1:
+                    raise ConfigError(fpath, "the router filter must be the last HTTP filter")
+                continue
+            if i == len(fl) - 1:
+                raise ConfigError(
+                    fpath, "the last HTTP filter must be the router (envoy.filters.http.router)"
+                )
+            reason = registry.noop_reason(f.name, type_url)
+            if reason is not None:
+                ctx.notice(f"{fpath} ({f.name}): accepted as a no-op: {reason}")
+                continue
+            ext = registry.lookup("http", f.name, type_url)
+            if ext is None:
+                if f.is_optional:
+                    ctx.notice(f"{fpath} ({f.name}): optional filter not supported, skipped")
+                    continue
+                raise ConfigError(fpath, f"unknown or unsupported HTTP filter {f.name!r}")
+            cfg = unpack_any(f.typed_config, f"{fpath}.typed_config") if type_url else None
+            ctx.http_filter_name = f.name
+            try:
+                if ext.wants_stat_prefix:
+                    made = ext.factory(cfg, ctx, fpath, stat_prefix=ctx.http_stat_prefix)  # type: ignore[call-arg]
+                else:
+                    made = ext.factory(cfg, ctx, fpath)
+            finally:
+                ctx.http_filter_name = ""
+            if made is not None:  # (None: a filter with nothing to do, e.g. an empty fault)
+                self._all_filter_factories.append(made)
+
     def _rds_from_file(self, rds: Any, path: str) -> RouteConfigProvider:
         """``rds`` with a file source (``xds.files``): the named route configuration is read now
         (a bad file fails this listener, as a bad inline one does) and followed when the file
@@ -463,17 +487,19 @@ class HcmConfig:
         from moorline.xds.files import ROUTE_TYPE, FileSubscription, config_source_path
 
         file = config_source_path(rds.config_source)
-        ads = getattr(self.ctx.server, "ads", None)
-        if (
-            file is None
-            and rds.config_source.WhichOneof("config_source_specifier") == "ads"
-            and ads is not None
-        ):
-            return self._rds_over_ads(rds, path, ads)
         if file is None:
+            clients = getattr(self.ctx.server, "xds", None)
+            client = (
+                clients.for_source(rds.config_source, ROUTE_TYPE, f"{path}.config_source")
+                if clients is not None
+                else None
+            )
+            if client is not None:
+                return self._rds_over_grpc(rds, path, client)
             raise ConfigError(
                 f"{path}.config_source",
-                "only file sources (path_config_source) are served; RDS over gRPC or ADS is not supported yet",
+                "RDS needs a file (path_config_source), ads or a gRPC api_config_source"
+                + ("" if clients is not None else " (gRPC sources are served only by a running server)"),
             )
         name = rds.route_config_name
         if not name:
@@ -495,9 +521,9 @@ class HcmConfig:
         sub.watch(secrets_of(self.ctx).watcher)
         return target.provider
 
-    def _rds_over_ads(self, rds: Any, path: str, ads: Any) -> RouteConfigProvider:
-        """``rds`` over the server's ADS stream: the route configuration is asked for by name;
-        until it arrives the table is empty (404, no route), as a listener that has not warmed."""
+    def _rds_over_grpc(self, rds: Any, path: str, client: Any) -> RouteConfigProvider:
+        """``rds`` over gRPC xDS (ADS or an RDS stream): the route configuration is asked for by
+        name; the listener warms until it arrives (``init_targets``)."""
         from envoy.config.route.v3.route_pb2 import RouteConfiguration
 
         from moorline.xds.files import ROUTE_TYPE
@@ -507,14 +533,34 @@ class HcmConfig:
             raise ConfigError(f"{path}.route_config_name", "route_config_name is required")
         provider = RouteConfigProvider(RouteTable.compile(RouteConfiguration(name=name), path), static=False)
         provider.proto = None  # nothing received yet: not in /config_dump
-        target = _RdsAdsTarget(provider, self.ctx.stats, f"http.{self.stat_prefix}.rds.{name}")
-        self.rds_target = target  # lives as long as this HCM (the ADS client holds it weakly)
-        ads.subscribe(ROUTE_TYPE, RouteConfiguration, name, target)
+        from moorline.xds.files import initial_fetch_timeout
+
+        target = _RdsAdsTarget(provider, self.ctx.stats, f"http.{self.stat_prefix}.rds.{name}", name)
+        self.rds_target = target  # lives as long as this HCM (the client holds it weakly)
+        self.init_targets.append(target.init)
+        client.subscribe(
+            ROUTE_TYPE, RouteConfiguration, name, target, initial_fetch_timeout(rds.config_source)
+        )
         return provider
 
     @property
     def route_table(self) -> RouteTable:
         return self.route_provider.current
+
+    def _select_filters(self) -> None:
+        """The chain new streams get: every factory, but those with ``wanted(table)`` only while
+        the current route table wants them. Streams already running keep their chain."""
+        table = self.route_provider.current
+        self.filter_factories = [
+            f for f in self._all_filter_factories if not hasattr(f, "wanted") or f.wanted(table)
+        ]
+        # When every filter left acts only on routes that configure it (``route_gate``: the
+        # name it reads in ``typed_per_filter_config``, e.g. CORS), a stream whose route has
+        # none of those names takes the router's fast path, without a filter manager.
+        gates = [getattr(f, "route_gate", None) for f in self.filter_factories]
+        self.route_gates: frozenset[str] | None = (
+            frozenset(g for g in gates if g) if gates and all(gates) else None
+        )
 
     def _set_timer_period(self) -> None:
         periods = [
@@ -553,7 +599,10 @@ class HcmConfig:
         make = self.server_factory
         # TLS chains (info.tls): handshake first, then the codec with info.negotiated_alpn set
         # (AUTO: ALPN "h2" or the HTTP/2 preface picks HTTP/2, see stream.http2_server).
-        serve_accepted(loop, sock, info, lambda: make(self, info))
+        # The chain's connection filters (network RBAC) decide first: at once on plain TCP,
+        # after the handshake with TLS (they may need the peer certificate).
+        admit = info.admit if info.filters else None
+        serve_accepted(loop, sock, info, lambda: make(self, info), admit)
 
     def drain(self, decision: Any = True) -> None:
         """Stop keep-alive. ``True`` (Envoy's ``immediate``): in-flight responses get
@@ -984,6 +1033,10 @@ class ActiveStream:
         if self.fm is not None:
             self.fm.dec.add_buffered(data)
 
+    def set_decoded_data(self, data: bytes) -> None:
+        if self.fm is not None:
+            self.fm.dec.set_data(data)
+
     def set_decoder_buffer_limit(self, limit: int) -> None:
         """A filter that buffers whole requests (``buffer``) raises or lowers how much the
         decoder chain may hold for it (default: the connection's buffer limit)."""
@@ -1034,6 +1087,10 @@ class ActiveStream:
     def add_encoded_data(self, data: bytes) -> None:
         if self.fm is not None:
             self.fm.enc.add_buffered(data)
+
+    def set_encoded_data(self, data: bytes) -> None:
+        if self.fm is not None:
+            self.fm.enc.set_data(data)
 
     def response_too_large(self) -> None:
         """An encoder filter buffered more than the limit (Envoy: 500, or a reset once the
@@ -1139,6 +1196,7 @@ class ActiveStream:
         details: str | None = None,
         extra: list[tuple[bytes, bytes]] | None = None,
         route: Any = None,
+        grpc_status: int | None = None,
     ) -> None:
         info = self.info
         if flag is not None:
@@ -1163,7 +1221,10 @@ class ActiveStream:
             # Trailers-only gRPC answer, as Envoy.
             h = [
                 (b"content-type", b"application/grpc"),
-                (b"grpc-status", _grpc_status_for(status, details)),
+                (
+                    b"grpc-status",
+                    _grpc_status_for(status, details) if grpc_status is None else b"%d" % grpc_status,
+                ),
                 (b"grpc-message", _grpc_percent_encode(body)),
             ]
             status = 200

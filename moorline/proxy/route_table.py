@@ -495,6 +495,8 @@ def _compile_filter_configs(levels: list[dict[str, Any]], path: str, notes: list
                 compiled = None
                 break
             one = ext.per_route(msg, fpath)
+            # A per-route compiler announces what it accepted but does not act on.
+            notes.extend(getattr(one, "notices", ()))
             compiled = one if compiled is None or merge is None else merge(compiled, one)
         if compiled is not None:
             out[name] = compiled

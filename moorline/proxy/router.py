@@ -129,6 +129,14 @@ class Router:
         self.refused_retried = False
         self.attempts = 0
 
+    # -- LbContext (upstream.api): only ORIGINAL_DST clusters ask ---------------
+    def downstream_local_address(self) -> tuple[str, int] | None:
+        info = self.stream.conn.info
+        return info.local if info.local_restored else None
+
+    def downstream_header(self, name: bytes) -> bytes | None:
+        return self.headers.get(name)
+
     # -- downstream events -------------------------------------------------
     def decode_headers(self, headers: RequestHeaders, end_stream: bool) -> None:
         stream = self.stream
@@ -265,7 +273,7 @@ class Router:
         cluster = self.cluster
         policy = self.policy
         exclude = self.tried if (policy is not None and policy.retry_host_predicate_previous_hosts) else None
-        host = cluster.choose_host(exclude)
+        host = cluster.choose_host(exclude, self)
         if host is None:
             self._local_failure(503, b"no healthy upstream", flags.NO_HEALTHY_UPSTREAM, "no_healthy_upstream")
             return

@@ -6,7 +6,9 @@ Connection lifecycle (phases of ``_Session``):
    weighted pick from ``weighted_clusters``, per connection) and look it up in the cluster
    manager *now* (clusters may arrive later through xDS; Envoy does not check at config time).
    No such cluster: close, ``downstream_cx_no_route``.
-2. **connect**: ``cluster.choose_host(exclude)`` and a non-blocking connect with the cluster's
+2. **connect**: ``cluster.choose_host(exclude, self)`` (the session is the load balancer's
+   context: an ORIGINAL_DST cluster such as Istio's ``PassthroughCluster`` connects to the
+   connection's original destination) and a non-blocking connect with the cluster's
    ``connect_timeout`` (``moorline.net.upstream.connect_socket``: only net/ touches sockets). The downstream socket is not read meanwhile, so the kernel's buffers and
    the client's TCP window are the backpressure. A failure or timeout retries with another host
    (the failed ones excluded) up to ``max_connect_attempts``; then the downstream is closed.
@@ -113,7 +115,11 @@ class TcpProxy:
             opt_duration_s(cfg, "max_downstream_connection_duration", None) or None
         )
         if cfg.HasField("tunneling_config"):
-            raise ConfigError(f"{path}.tunneling_config", "tunneling over HTTP is not supported yet")
+            if not getattr(ctx, "in_internal_listener", False):
+                raise ConfigError(f"{path}.tunneling_config", "tunneling over HTTP is not supported yet")
+            ctx.notice(
+                f"{path}.tunneling_config: tunneling over HTTP is not supported (internal listener); ignored"
+            )
         for field, why in (
             ("on_demand", "on-demand cluster discovery is not supported"),
             ("metadata_match", "subset load balancing is not supported"),
@@ -141,6 +147,12 @@ class TcpProxy:
 
     def on_accept(self, sock: socket.socket, info: ConnInfo) -> None:
         self.stats.downstream_cx_total.value += 1
+        if info.filters and info.tls is None and not info.admit():
+            # Refused by a connection filter (network RBAC) before any upstream work. With TLS
+            # the filters are asked after the handshake instead (StreamRelay ``admit``).
+            sock.close()
+            info.notify_closed()
+            return
         name = self.pick_cluster()
         cm = self.ctx.cluster_manager
         cluster = cm.get(name) if cm is not None else None
@@ -208,15 +220,24 @@ class _Session:
         self._duration_handle: asyncio.TimerHandle | None = None
         self._started = 0.0
 
+    # -- LbContext (upstream.api): only ORIGINAL_DST clusters ask --
+
+    def downstream_local_address(self) -> tuple[str, int] | None:
+        info = self.info
+        return info.local if info.local_restored and isinstance(info.local, tuple) else None
+
+    def downstream_header(self, name: bytes) -> bytes | None:
+        return None
+
     # -- connect phase --
 
     def connect_next(self) -> None:
         cluster = self.cluster
         cs = cluster.stats
         self.attempts += 1
-        host = cluster.choose_host(self.failed) if self.failed else cluster.choose_host()
+        host = cluster.choose_host(self.failed or None, self)
         if host is None and self.failed:
-            host = cluster.choose_host()  # every host failed once: any is as good as another
+            host = cluster.choose_host(None, self)  # every host failed once: any will do
         if host is None:
             c = getattr(cs, "upstream_cx_none_healthy", None)
             if c is not None:
@@ -323,6 +344,7 @@ class _Session:
                 on_close=self._relay_closed,
                 counters_a_to_b=(st.downstream_cx_rx_bytes_total, cs.upstream_cx_tx_bytes_total),
                 counters_b_to_a=(st.downstream_cx_tx_bytes_total, cs.upstream_cx_rx_bytes_total),
+                admit=self.info.admit if self.info.filters else None,
             )
             if proxy.max_duration:
                 self._duration_handle = self.loop.call_later(proxy.max_duration, self._on_max_duration)

@@ -360,6 +360,7 @@ def start_moorline(
     log_level: str = "info",
     subcommand: list[str] | None = None,
     admin: tuple[str, int] | None = None,
+    wrap: list[str] | tuple[str, ...] = (),
 ) -> MoorlineProc:
     """Launch ``python -m moorline run -c <config> --log-level <level> <extra_args>``.
 
@@ -369,7 +370,9 @@ def start_moorline(
     returns at once. ``admin`` overrides the admin (host, port) read from the config (needed
     with ``--config-yaml``). ``subcommand`` replaces ``run -c ...`` entirely (e.g. ``["proxy",
     "--listen", ...]``). On a failed start the process is stopped and ProcStartError carries
-    its stderr.
+    its stderr. ``wrap`` goes before the command line (``ip netns exec NS setpriv ...``: run
+    it inside a network namespace, as another group); the command must exec moorline in
+    place, so that stopping the process stops moorline.
     """
     tmp_path = Path(tmp_path)
     config_path: Path | None = None
@@ -391,7 +394,7 @@ def start_moorline(
         if config_path is not None:
             argv += ["-c", str(config_path)]
         argv += ["--log-level", log_level]
-    argv += list(extra_args)
+    argv = [*wrap, *argv, *extra_args]
     if admin is None:
         admin = admin_port_of(text) if text is not None else None
     if admin is None and config is None and subcommand is None and "--config-yaml" not in extra_args:

@@ -5,6 +5,9 @@
 - ``ConnPool``: a connection pool kept on a ``Host`` (``host.pool`` for HTTP/1.1, ``host.h2pool``
   for HTTP/2, both made by ``moorline.stream``). The cluster drains them when the host leaves the
   cluster or the cluster is replaced or removed.
+- ``LbContext``: what a load balancer may ask about the request or connection it picks a host
+  for. ``Cluster.choose_host(exclude, context)`` takes it; only ORIGINAL_DST clusters call it
+  (the router and tcp_proxy pass themselves, so other clusters cost nothing extra).
 - ``TransportFactory``: compiles a cluster's ``transport_socket`` (``moorline.net.upstream.
   UpstreamTransportFactory`` builds TLS); handed to the ``ClusterManager`` by the server.
 """
@@ -21,6 +24,18 @@ class ConnPool(Protocol):
     def drain(self) -> None:
         """Stop reusing connections: idle ones close now, busy ones when their request ends.
         Requests already queued are still served."""
+        ...
+
+
+class LbContext(Protocol):
+    def downstream_local_address(self) -> tuple[str, int] | None:
+        """The downstream connection's original destination ``(ip, port)`` when a listener
+        filter restored it (``original_dst`` after an iptables REDIRECT), else ``None``."""
+        ...
+
+    def downstream_header(self, name: bytes) -> bytes | None:
+        """A request header's value (``name`` lower case), ``None`` when absent or when the
+        caller is not HTTP (tcp_proxy)."""
         ...
 
 

@@ -15,9 +15,11 @@ Cluster types:
   Envoy's logical host, the ``Host`` object is kept and its address updated in place when DNS
   changes, so existing connections are not drained, only new ones go to the new address.
 - ``EDS``: no hosts until the xDS layer calls ``update_load_assignment`` (or ``update_hosts``).
-- ``ORIGINAL_DST``: ``choose_host()`` has no destination, so it returns ``None``; the router or
-  tcp_proxy calls ``original_dst_host(ip, port)`` with the downstream connection's original
-  destination instead. Hosts are cached (bounded) and swept every ``cleanup_interval``.
+- ``ORIGINAL_DST`` (``OriginalDstCluster``): ``choose_host(exclude, context)`` asks the
+  ``api.LbContext`` (the router or the tcp_proxy session) for the downstream connection's
+  original destination, or the request's override header, and returns
+  ``original_dst_host(ip, port)``. Hosts are cached (bounded) and swept every
+  ``cleanup_interval`` when idle. Without a context or a destination: ``None``.
 
 Host identity: hosts are keyed by ``(address, port)``. A membership update reuses the existing
 ``Host`` object for a key that stays (keeping ``active_rq``, ``pool`` and per-host counters);
@@ -48,7 +50,7 @@ from moorline.config.errors import ConfigError
 from moorline.config.util import addr_str, address_of, opt_duration_s, opt_uint
 from moorline.observability.stats import Counter, Gauge, Histogram, Scope, Store
 from moorline.upstream import lb as lbmod
-from moorline.upstream.api import ConnPool, TransportFactory
+from moorline.upstream.api import ConnPool, LbContext, TransportFactory
 from moorline.upstream.dns import LOOKUP_FAMILIES, Answer, DnsError, Resolver, ip_family
 
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -118,6 +120,7 @@ class ClusterStats:
         "update_empty",
         "membership_change",
         "lb_healthy_panic",
+        "original_dst_host_invalid",
         "upstream_flow_control_paused_reading_total",
         "upstream_flow_control_resumed_reading_total",
     )
@@ -188,6 +191,7 @@ class ClusterStats:
     update_empty: Counter
     membership_change: Counter
     lb_healthy_panic: Counter
+    original_dst_host_invalid: Counter
     upstream_flow_control_paused_reading_total: Counter
     upstream_flow_control_resumed_reading_total: Counter
     upstream_cx_active: Gauge
@@ -250,6 +254,7 @@ class Host:
         "locality",
         "pool",
         "port",
+        "priority",
         "removed",
         "stats_cx_connect_fail",
         "stats_cx_total",
@@ -270,8 +275,10 @@ class Host:
         healthy: bool = True,
         degraded: bool = False,
         locality: tuple[str, str, str] = ("", "", ""),
+        priority: int = 0,
     ) -> None:
         self.cluster = cluster
+        self.priority = priority  # EDS priority level (0 is the highest)
         self.hostname = hostname or address
         self.weight = weight
         self.healthy = healthy
@@ -322,6 +329,7 @@ class Host:
             self.healthy,
             self.degraded,
             self.locality,
+            self.priority,
         )
 
     def drain_pools(self) -> None:
@@ -345,6 +353,7 @@ class _Endpoint(NamedTuple):
     healthy: bool
     degraded: bool
     locality: tuple[str, str, str]
+    priority: int = 0
 
 
 class Cluster:
@@ -389,16 +398,23 @@ class Cluster:
         self.max_requests = 1024
         self.max_retries = 3
         self.panic_threshold = DEFAULT_PANIC_THRESHOLD
+        self.overprovisioning = lbmod.DEFAULT_OVERPROVISIONING  # the assignment's policy (percent)
         self.choice_count = 2
         self.active_request_bias = 1.0
         self.eds_service_name = name
         self.eds_subscription: Any = None  # xds.files: the watched file its assignment comes from
+        # What the cluster warms on before it takes traffic (config.warming.InitTarget: its
+        # first EDS assignment over xDS); empty for every other cluster.
+        self.init_targets: list[Any] = []
         self.dns_lookup_family = "AUTO"
         self.dns_refresh_rate = DEFAULT_DNS_REFRESH
         self.dns_failure_refresh_rate: tuple[float, float] | None = None  # (base, max)
         self.dns_jitter = 0.0
         self.last_dns_error: str | None = None
-        self.original_dst_use_http_header = False
+        # ORIGINAL_DST (OriginalDstCluster): header name (lower case bytes) when the
+        # use_http_header override is on, the port that replaces the destination's.
+        self.original_dst_header: bytes | None = None
+        self.original_dst_port_override: int | None = None
         self.cleanup_interval = DEFAULT_CLEANUP_INTERVAL
         self.notices: list[str] = []
         # Runtime state owned by this cluster (freed with it): concurrent retries for the
@@ -427,8 +443,11 @@ class Cluster:
 
     # -- hot path -------------------------------------------------------------------------------
 
-    def choose_host(self, exclude: Collection[Host] | None = None) -> Host | None:
-        """A host for the next request; ``exclude`` holds hosts a retry already tried."""
+    def choose_host(
+        self, exclude: Collection[Host] | None = None, context: LbContext | None = None
+    ) -> Host | None:
+        """A host for the next request; ``exclude`` holds hosts a retry already tried.
+        ``context`` is only read by ORIGINAL_DST clusters (``OriginalDstCluster``)."""
         lb = self._lb
         if lb is None:
             return None
@@ -478,6 +497,7 @@ class Cluster:
                     o.healthy = h.healthy
                     o.degraded = h.degraded
                     o.locality = h.locality
+                    o.priority = h.priority
                 merged.append(o)
         removed = list(old.values())
         for h in removed:
@@ -511,6 +531,9 @@ class Cluster:
         if self.type == "ORIGINAL_DST" or not hosts:
             self._lb = None
             return
+        if hosts[-1].priority or any(h.priority for h in hosts):
+            self._rebuild_priorities(hosts)
+            return
         members = healthy
         if self.panic_threshold > 0 and len(healthy) * 100 < self.panic_threshold * len(hosts):
             self._panic = True
@@ -521,6 +544,62 @@ class Cluster:
         self._lb = lbmod.build(
             self.lb_policy, members, self._rng, self.choice_count, self.active_request_bias
         )
+
+    def _rebuild_priorities(self, hosts: list[Host]) -> None:
+        """Hosts on several priority levels: Envoy's priority load (``lb.priority_loads`` with the
+        assignment's overprovisioning factor) picks the level, each level balances its healthy
+        hosts; a level whose healthy share is under the panic threshold balances all of its
+        hosts, and with no healthy host anywhere level 0 panics (as Envoy's)."""
+        by_level: dict[int, list[Host]] = {}
+        for h in hosts:
+            by_level.setdefault(h.priority, []).append(h)
+        levels = [by_level.get(p, []) for p in range(max(by_level) + 1)]
+        counts = [(sum(1 for h in lv if h.healthy), len(lv)) for lv in levels]
+        loads = lbmod.priority_loads(counts, self.overprovisioning)
+        if not any(loads):
+            loads = [100.0] + [0.0] * (len(levels) - 1)
+        balancers: list[Any] = []
+        for lv, (healthy, total), load in zip(levels, counts, loads, strict=True):
+            if not lv or (load <= 0 and healthy == 0):
+                balancers.append(None)
+                continue
+            members = [h for h in lv if h.healthy]
+            if self.panic_threshold > 0 and healthy * 100 < self.panic_threshold * total:
+                members = lv
+                self._panic = self._panic or load > 0
+            balancers.append(
+                lbmod.build(self.lb_policy, members, self._rng, self.choice_count, self.active_request_bias)
+                if members
+                else None
+            )
+        self._lb = lbmod.PriorityLB(balancers, loads, self._rng)
+
+    def load_assignment_view(self) -> Any:
+        """The membership as a ``ClusterLoadAssignment`` (for ``/config_dump?include_eds``)."""
+        from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
+
+        cla = ClusterLoadAssignment(cluster_name=self.eds_service_name)
+        groups: dict[tuple[int, tuple[str, str, str]], Any] = {}
+        for h in self.hosts:
+            key = (h.priority, h.locality)
+            lle = groups.get(key)
+            if lle is None:
+                lle = groups[key] = cla.endpoints.add()
+                lle.priority = h.priority
+                lle.locality.region, lle.locality.zone, lle.locality.sub_zone = h.locality
+            lbe = lle.lb_endpoints.add()
+            if h.port is None:
+                lbe.endpoint.address.pipe.path = h.address
+            else:
+                lbe.endpoint.address.socket_address.address = h.address
+                lbe.endpoint.address.socket_address.port_value = h.port
+            if h.hostname != h.address:
+                lbe.endpoint.hostname = h.hostname
+            lbe.load_balancing_weight.value = h.weight
+            lbe.health_status = _HS.DEGRADED if h.degraded else (_HS.HEALTHY if h.healthy else _HS.UNHEALTHY)
+        if self.overprovisioning != lbmod.DEFAULT_OVERPROVISIONING:
+            cla.policy.overprovisioning_factor.value = self.overprovisioning
+        return cla
 
     def update_load_assignment(self, cla: Any, path: str = "") -> None:
         """Apply an EDS ``ClusterLoadAssignment``; raises ``ConfigError`` (-> NACK) and then
@@ -536,8 +615,14 @@ class Cluster:
     def apply_load_assignment(self, cla: Any, path: str = "") -> None:
         """``update_load_assignment`` without the counting (the caller counts)."""
         endpoints = self._parse_assignment(cla, path, need_ip=True)
+        op = cla.policy.overprovisioning_factor
+        self.overprovisioning = (
+            int(op.value)
+            if cla.policy.HasField("overprovisioning_factor")
+            else lbmod.DEFAULT_OVERPROVISIONING
+        )
         self.update_hosts(
-            Host(self, e.address, e.port, e.hostname, e.weight, e.healthy, e.degraded, e.locality)
+            Host(self, e.address, e.port, e.hostname, e.weight, e.healthy, e.degraded, e.locality, e.priority)
             for e in endpoints
         )
 
@@ -550,10 +635,6 @@ class Cluster:
             lpath = f"{pre}endpoints[{i}]"
             if lle.HasField("leds_cluster_locality_config") or lle.HasField("load_balancer_endpoints"):
                 raise ConfigError(lpath, "LEDS endpoints are not supported")
-            if lle.priority != 0:
-                # Priority failover is not implemented: only priority 0 hosts are used.
-                self.notice(f"{lpath}: priority {lle.priority} endpoints ignored (only priority 0 is used)")
-                continue
             loc = lle.locality
             locality = (loc.region, loc.zone, loc.sub_zone)
             for j, lbe in enumerate(lle.lb_endpoints):
@@ -595,6 +676,7 @@ class Cluster:
                         healthy=status not in _UNHEALTHY,
                         degraded=status == _HS.DEGRADED,
                         locality=locality,
+                        priority=lle.priority,
                     )
                 )
         return out
@@ -682,7 +764,17 @@ class Cluster:
         for i, ep in enumerate(self._endpoints):
             for _fam, ip in self._resolved.get(i, ()):
                 hosts.append(
-                    Host(self, ip, ep.port, ep.hostname, ep.weight, ep.healthy, ep.degraded, ep.locality)
+                    Host(
+                        self,
+                        ip,
+                        ep.port,
+                        ep.hostname,
+                        ep.weight,
+                        ep.healthy,
+                        ep.degraded,
+                        ep.locality,
+                        ep.priority,
+                    )
                 )
         self.update_hosts(hosts)
 
@@ -698,34 +790,60 @@ class Cluster:
                 h.set_address(ip, ep.port)  # logical host: same object, new connections follow
             return
         self.update_hosts(
-            [Host(self, ip, ep.port, ep.hostname, ep.weight, ep.healthy, ep.degraded, ep.locality)]
+            [
+                Host(
+                    self,
+                    ip,
+                    ep.port,
+                    ep.hostname,
+                    ep.weight,
+                    ep.healthy,
+                    ep.degraded,
+                    ep.locality,
+                    ep.priority,
+                )
+            ]
         )
 
     # -- ORIGINAL_DST ---------------------------------------------------------------------------
 
     def original_dst_host(self, address: str, port: int) -> Host:
-        """The host for a connection's original destination (ORIGINAL_DST clusters)."""
+        """The host for a connection's original destination (ORIGINAL_DST clusters): made on
+        first use, kept while used, dropped by the sweep after ``cleanup_interval`` idle."""
         key = (address, port)
         h = self._od_hosts.get(key)
         if h is None:
             h = Host(self, address, port)
             if len(self._od_hosts) >= MAX_ORIGINAL_DST_HOSTS:
-                self._od_sweep(reschedule=False)
-            if len(self._od_hosts) < MAX_ORIGINAL_DST_HOSTS:
-                self._od_hosts[key] = h
-                self.hosts.append(h)
-                self._rebuild()
+                # Full: drop what the next sweep would, keeping the marks of hosts used since
+                # the last one (a burst of new destinations must not evict the busy ones).
+                self._od_sweep(reschedule=False, keep_marks=True)
+            if len(self._od_hosts) >= MAX_ORIGINAL_DST_HOSTS or self.retired:
+                # Over the bound (every cached host busy) or retired: serve this connection
+                # with a host nothing keeps, whose pools close with its last request.
+                h.removed = True
+                return h
+            self._od_hosts[key] = h
+            self.hosts.append(h)
+            self.stats.membership_change.value += 1
+            self._rebuild()
         self._od_used.add(h)
         return h
 
-    def _od_sweep(self, reschedule: bool = True) -> None:
-        # A host survives a sweep if used since the previous one or still carrying traffic.
+    def _od_sweep(self, reschedule: bool = True, keep_marks: bool = False) -> None:
+        # A host survives a sweep if used since the previous one or still carrying traffic:
+        # requests in flight, or connections of its own (tcp_proxy sessions). Idle keep-alive
+        # connections in its pools do not keep it (as in Envoy, an unused host goes; its pools
+        # drain), or every destination ever seen would stay until the pools' idle timeout.
         gone = [
             h
             for h in self._od_hosts.values()
-            if h not in self._od_used and h.active_rq == 0 and h.active_cx == 0
+            if h not in self._od_used
+            and not h.active_rq
+            and not (h.active_cx and h.pool is None and h.h2pool is None)
         ]
-        self._od_used = set()
+        if not keep_marks:
+            self._od_used.clear()
         if gone:
             for h in gone:
                 del self._od_hosts[h.key]
@@ -735,6 +853,63 @@ class Cluster:
 
     def __repr__(self) -> str:
         return f"<Cluster {self.name} {self.type} hosts={len(self.hosts)}>"
+
+
+class OriginalDstCluster(Cluster):
+    """``type: ORIGINAL_DST`` (``lb_policy: CLUSTER_PROVIDED``): the upstream host is where the
+    downstream connection was going before an iptables REDIRECT (Istio's
+    ``PassthroughCluster``), or, with ``original_dst_lb_config.use_http_header``, the ``ip:port``
+    in the request's ``x-envoy-original-dst-host`` (or ``http_header_name``) header. A header
+    that is not an ``ip:port`` counts ``original_dst_host_invalid`` and the connection's
+    destination is used. No destination at all (the connection was not redirected): no host.
+    Its own subclass so that other clusters' ``choose_host`` never looks at the context."""
+
+    def choose_host(
+        self, exclude: Collection[Host] | None = None, context: LbContext | None = None
+    ) -> Host | None:
+        if context is None:
+            return None
+        dst: tuple[str, int] | None = None
+        name = self.original_dst_header
+        if name is not None:
+            v = context.downstream_header(name)
+            if v is not None:
+                dst = parse_ip_port(v)
+                if dst is None:
+                    self.stats.original_dst_host_invalid.value += 1
+        if dst is None:
+            dst = context.downstream_local_address()
+            if dst is None:
+                return None
+        port = self.original_dst_port_override
+        return self.original_dst_host(dst[0], port if port is not None else dst[1])
+
+
+def parse_ip_port(v: bytes) -> tuple[str, int] | None:
+    """``b"10.1.2.3:80"`` / ``b"[::1]:80"`` -> ``(ip, port)``; ``None`` for anything else (host
+    names included: the override names an address, it is not resolved)."""
+    try:
+        text = v.decode("ascii").strip()
+    except UnicodeDecodeError:
+        return None
+    host, sep, port_s = text.rpartition(":")
+    if not sep or not port_s.isdigit() or len(port_s) > 5:
+        return None
+    port = int(port_s)
+    if not 0 < port < 65536:
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        fam = socket.AF_INET6
+    elif ":" in host:
+        return None  # IPv6 needs brackets
+    else:
+        fam = socket.AF_INET
+    try:
+        packed = socket.inet_pton(fam, host)
+    except OSError:
+        return None
+    return socket.inet_ntop(fam, packed), port
 
 
 # -- compilation ----------------------------------------------------------------------------------
@@ -871,7 +1046,7 @@ def compile_cluster(
     if proto.HasField("cluster_type"):
         raise ConfigError("cluster_type", f"custom cluster type {proto.cluster_type.name!r} is not supported")
     ctype = cluster_pb2.Cluster.DiscoveryType.Name(proto.type)
-    c = Cluster(
+    c = (OriginalDstCluster if ctype == "ORIGINAL_DST" else Cluster)(
         proto.name,
         store,
         type=ctype,
@@ -943,6 +1118,7 @@ def compile_cluster(
             # Compiled now: a bad certificate or option is a config error at load time (with
             # its field path), not a failure of the first connection.
             c.transport = transport_factory(ts, c, "transport_socket")
+            c.init_targets.extend(getattr(c.transport, "init_targets", ()))  # (SDS secrets)
         elif not _is_raw_buffer(ts):
             c.transport_error = "transport_socket was not compiled (no transport socket factory)"
     if proto.transport_socket_matches:
@@ -968,9 +1144,19 @@ def compile_cluster(
         _dns_options(proto, c)
     elif ctype == "ORIGINAL_DST":
         od = proto.original_dst_lb_config
-        c.original_dst_use_http_header = od.use_http_header
-        if od.http_header_name or od.HasField("upstream_port_override") or od.HasField("metadata_key"):
-            c.notice("original_dst_lb_config: only use_http_header is supported")
+        if od.use_http_header:
+            c.original_dst_header = (od.http_header_name or "x-envoy-original-dst-host").lower().encode()
+        elif od.http_header_name:
+            c.notice("original_dst_lb_config.http_header_name: use_http_header is off; ignored")
+        if od.HasField("upstream_port_override"):
+            p = od.upstream_port_override.value
+            if not 0 < p < 65536:
+                raise ConfigError("original_dst_lb_config.upstream_port_override", "must be a port (1-65535)")
+            c.original_dst_port_override = p
+        if od.HasField("metadata_key"):
+            c.notice(
+                "original_dst_lb_config.metadata_key: destinations from metadata are not supported; ignored"
+            )
         c.cleanup_interval = (
             opt_duration_s(proto, "cleanup_interval", DEFAULT_CLEANUP_INTERVAL) or DEFAULT_CLEANUP_INTERVAL
         )
@@ -984,9 +1170,12 @@ def compile_cluster(
             raise ConfigError("load_assignment", "ORIGINAL_DST clusters must not have endpoints")
     elif proto.HasField("load_assignment"):
         eps = c._parse_assignment(proto.load_assignment, "load_assignment", need_ip=ctype == "STATIC")
+        c.overprovisioning = _overprovisioning(proto.load_assignment)
         if ctype == "STATIC":
             c.update_hosts(
-                Host(c, e.address, e.port, e.hostname, e.weight, e.healthy, e.degraded, e.locality)
+                Host(
+                    c, e.address, e.port, e.hostname, e.weight, e.healthy, e.degraded, e.locality, e.priority
+                )
                 for e in eps
             )
         else:
@@ -1004,6 +1193,13 @@ def compile_cluster(
     # Initialise gauges and the (empty) balancer even when no host was added.
     c._rebuild()
     return c
+
+
+def _overprovisioning(cla: Any) -> int:
+    """An assignment's ``policy.overprovisioning_factor`` (percent; Envoy's default 140)."""
+    if cla.HasField("policy") and cla.policy.HasField("overprovisioning_factor"):
+        return int(cla.policy.overprovisioning_factor.value)
+    return lbmod.DEFAULT_OVERPROVISIONING
 
 
 class _ClusterNotices:

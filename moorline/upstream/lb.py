@@ -245,6 +245,64 @@ class LeastRequestLB:
         return first
 
 
+DEFAULT_OVERPROVISIONING = 140  # Envoy's overprovisioning_factor default (percent)
+
+
+def priority_loads(levels: Sequence[tuple[int, int]], overprovisioning: int) -> list[float]:
+    """Envoy's priority load: the share of traffic (percent) each priority level takes, from its
+    ``(healthy, total)`` host counts. A level's health is its healthy share times the
+    overprovisioning factor, capped at 100; level 0 takes its health, each next level what is
+    left up to its own health. When the levels' healths add up to less than 100 the loads are
+    scaled up to 100 (all zero when no level has a healthy host)."""
+    health = [min(100.0, healthy * overprovisioning / total) if total else 0.0 for healthy, total in levels]
+    loads: list[float] = []
+    left = 100.0
+    for h in health:
+        take = min(left, h)
+        loads.append(take)
+        left -= take
+    total = sum(health)
+    if 0 < total < 100:
+        loads = [x * 100 / min(100.0, total) for x in loads]
+    return loads
+
+
+class PriorityLB:
+    """Priority failover over per-level balancers: a draw over ``loads`` picks the level, the
+    level's balancer the host (another level is tried if it has nothing outside ``exclude``)."""
+
+    __slots__ = ("_cum", "_levels", "_rng", "loads")
+
+    def __init__(
+        self, levels: Sequence[LoadBalancer | None], loads: Sequence[float], rng: random.Random
+    ) -> None:
+        self._levels = list(levels)
+        self.loads = list(loads)
+        self._rng = rng
+        cum = []
+        acc = 0.0
+        for x in loads:
+            acc += x
+            cum.append(acc)
+        self._cum = cum
+
+    def pick(self, exclude: Collection[Host] | None = None) -> Host | None:
+        r = self._rng.random() * (self._cum[-1] if self._cum else 0.0)
+        order = list(range(len(self._levels)))
+        for i, c in enumerate(self._cum):
+            if r < c:
+                order.insert(0, order.pop(i))
+                break
+        for i in order:
+            lb = self._levels[i]
+            if lb is None or (self.loads[i] <= 0 and i != order[0]):
+                continue
+            h = lb.pick(exclude)
+            if h is not None:
+                return h
+        return None
+
+
 def build(
     policy: str,
     hosts: Sequence[Host],

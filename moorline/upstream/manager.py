@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from moorline.config.errors import ConfigError
+from moorline.config.warming import when_all_ready
 from moorline.observability.stats import Store
 from moorline.upstream.api import EdsSourceFactory, TransportFactory
 from moorline.upstream.cluster import Cluster, compile_cluster
@@ -56,6 +57,9 @@ class ClusterManager:
         self._removed = scope.counter("cluster_removed")
         self._updated = scope.counter("cluster_updated")
         self._active = scope.gauge("active_clusters")
+        self._warming_gauge = scope.gauge("warming_clusters")
+        # Dynamic clusters waiting for their first EDS assignment (see add_or_update).
+        self.warming: dict[str, Cluster] = {}
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -108,7 +112,12 @@ class ClusterManager:
             raise ConfigError(p, f"cluster {proto.name!r} is static (static_resources) and cannot be updated")
         if old is not None and old.proto is not None and old.proto == proto:
             old.version_info = version_info
+            self._drop_warming(proto.name)
             return old
+        warm = self.warming.get(proto.name)
+        if warm is not None and warm.proto == proto:
+            warm.version_info = version_info
+            return warm
         c = self.compile(proto, path)
         c.added_via_api = True
         c.version_info = version_info
@@ -120,15 +129,35 @@ class ClusterManager:
             assert old is not None
             c.update_hosts([h.copy_for(c) for h in old.hosts])
         self._follow_eds(c, proto, path)  # (a file source replaces the carried-over hosts)
+        self._drop_warming(c.name)
+        if any(not t.ready for t in c.init_targets):
+            # Warming: the cluster waits for its first assignment (or the initial fetch timeout)
+            # aside; the cluster it replaces, if any, serves meanwhile.
+            self.warming[c.name] = c
+            self._warming_gauge.value = len(self.warming)
+            when_all_ready(c.init_targets, lambda: self._warmed(c))
+            return c
+        self._install(c)
+        return c
+
+    def _warmed(self, c: Cluster) -> None:
+        if self.warming.get(c.name) is not c:
+            return  # replaced or removed while it warmed
+        del self.warming[c.name]
+        self._warming_gauge.value = len(self.warming)
+        self._install(c)
+
+    def _drop_warming(self, name: str) -> None:
+        if self.warming.pop(name, None) is not None:
+            self._warming_gauge.value = len(self.warming)
+
+    def _install(self, c: Cluster) -> None:
+        """Put a compiled (and warmed) dynamic cluster in service, retiring the one it replaces."""
+        old = self.clusters.get(c.name)
         if old is None:
             self._register(c)
-            return c
-        if (
-            not same_eds
-            and c.type == old.type
-            and c.type in ("STRICT_DNS", "LOGICAL_DNS")
-            and c._endpoints == old._endpoints
-        ):
+            return
+        if c.type == old.type and c.type in ("STRICT_DNS", "LOGICAL_DNS") and c._endpoints == old._endpoints:
             c._resolved = dict(old._resolved)
             c.update_hosts([h.copy_for(c) for h in old.hosts])
         # Whoever watched the old cluster's membership watches the new one.
@@ -138,7 +167,6 @@ class ClusterManager:
         self._modified.value += 1
         self._updated.value += 1
         self._start_later(c)
-        return c
 
     def _follow_eds(self, c: Cluster, proto: Any, path: str) -> None:
         """An EDS cluster whose ``eds_config`` the server serves gets its subscription now (its
@@ -158,9 +186,11 @@ class ClusterManager:
         """Remove a dynamic cluster: routing to it answers "no cluster" from now on; requests
         already on it finish and its connections drain. False when there is no dynamic cluster
         of that name (static clusters stay, as in Envoy)."""
+        warm = self.warming.get(name) is not None
+        self._drop_warming(name)
         c = self.clusters.get(name)
         if c is None or not c.added_via_api:
-            return False
+            return warm
         del self.clusters[name]
         # The membership gauges of a removed cluster read 0 (the stats themselves stay).
         c.update_hosts([])

@@ -1,24 +1,41 @@
-"""ADS, state of the world, over gRPC: CDS and LDS from a control plane (istiod,
-go-control-plane, ``moorline.testing.xds_server``).
+"""xDS over gRPC: ADS and per-type streams, state of the world and delta (incremental), from a
+control plane (istiod, go-control-plane, ``moorline xds-serve``, ``moorline.testing.xds_server``).
 
-One bidirectional ``AggregatedDiscoveryService.StreamAggregatedResources`` stream on the
-server's loop (``grpc.aio``). On each stream the client subscribes to CDS, then LDS (wildcard:
-no resource names), sending the node on the stream's first request. Each response is one
-state-of-the-world update, checked and applied as a file is (``xds.files.check_resources`` /
-``apply_resources``: all or nothing, then the dynamic resources it no longer names removed):
+An ``XdsClient`` owns one bidirectional stream, re-opened with jittered exponential backoff
+(0.5 s doubling to 30 s) when it breaks. The stream is either the aggregated one
+(``AggregatedDiscoveryService``: every type on one stream, ``dynamic_resources.ads_config``) or a
+type's own service (``ListenerDiscoveryService``, ``SecretDiscoveryService``, ...: a
+``ConfigSource.api_config_source``), and speaks either protocol variant:
 
-* applied: ACK, a request with the response's ``version_info`` and ``nonce``;
-* refused (a resource that does not decode, compile or is named twice): NACK, a request with
-  the last good ``version_info``, the response's nonce and ``error_detail`` (INVALID_ARGUMENT and
-  the field path); the running configuration stays.
+* state of the world (``GRPC``): ``DiscoveryRequest`` / ``DiscoveryResponse``; a response holds
+  every resource of its type (wildcard types) or every requested one (named types);
+* delta (``DELTA_GRPC``): ``DeltaDiscoveryRequest`` / ``DeltaDiscoveryResponse``; a response holds
+  the resources that changed and the names removed; a new stream tells the server the versions
+  it already has (``initial_resource_versions``).
 
-A broken stream is retried with jittered exponential backoff (0.5 s doubling to 30 s), and
-``control_plane.connected_state`` says whether one is up. Stats per type, under Envoy's names:
+Two kinds of subscription ride a stream:
+
+* wildcard (CDS and LDS, ``WildcardKind``): the client wants every resource; updates go to a
+  ``files.ResourceManager`` (the cluster or listener manager) all or nothing: every resource
+  decoded and compiled first, a bad one refuses the whole response;
+* named (RDS, EDS, SDS, ``NamedKind``): resources asked for by name on behalf of ``NamedTarget``s
+  (an HCM's route configuration, an EDS cluster, a TLS context's secret), held weakly: when a
+  target is gone its name is dropped from the next request. The last resource received for a
+  name is kept, so a target that subscribes later (a cluster or listener replaced by an update)
+  gets it at once instead of waiting for a push that will not come.
+
+Each response is ACKed (state of the world: its ``version_info`` and nonce; delta: its nonce) or
+NACKed (the last good version, the nonce and ``error_detail``: INVALID_ARGUMENT and the field path);
+a NACKed response changes nothing. The node goes on the stream's first request.
+
+A named target that has not received its resource ``initial_fetch_timeout`` (the config
+source's, 15 s by default, 0 for never) after it subscribed is told so (``on_fetch_timeout``):
+warming listeners and clusters then go ahead without it, as in Envoy.
+
+Stats, under Envoy's names: ``control_plane.connected_state`` (the ADS stream);
 ``cluster_manager.cds.*`` / ``listener_manager.lds.*`` (``update_attempt``, ``update_success``,
-``update_rejected``, ``version``).
-
-Not here yet: delta xDS, RDS/EDS/SDS through ADS (their resources are named by the listeners
-and clusters that use them), warming and ``initial_fetch_timeout``.
+``update_rejected``, ``version``); named resources count on their targets
+(``http.<prefix>.rds.<name>.*``, ``cluster.<name>.*``, ``sds.<name>.*``).
 """
 
 from __future__ import annotations
@@ -32,7 +49,14 @@ from typing import Any, Protocol
 
 from moorline.config.errors import ConfigError
 from moorline.observability.stats import Store
-from moorline.xds.files import ResourceManager, apply_resources, check_resources, version_hash
+from moorline.xds.files import (
+    DEFAULT_INITIAL_FETCH_TIMEOUT,
+    ResourceManager,
+    apply_resources,
+    check_resources,
+    initial_fetch_timeout,
+    version_hash,
+)
 
 log = logging.getLogger("moorline.xds")
 
@@ -41,10 +65,44 @@ BACKOFF_MAX = 30.0
 _INVALID_ARGUMENT = 3
 _INTERNAL = 13
 
+ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+# A type's own discovery service (a ConfigSource.api_config_source), by type URL.
+SERVICES = {
+    "type.googleapis.com/envoy.config.listener.v3.Listener": (
+        "envoy.service.listener.v3.ListenerDiscoveryService",
+        "Listeners",
+    ),
+    "type.googleapis.com/envoy.config.cluster.v3.Cluster": (
+        "envoy.service.cluster.v3.ClusterDiscoveryService",
+        "Clusters",
+    ),
+    "type.googleapis.com/envoy.config.route.v3.RouteConfiguration": (
+        "envoy.service.route.v3.RouteDiscoveryService",
+        "Routes",
+    ),
+    "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment": (
+        "envoy.service.endpoint.v3.EndpointDiscoveryService",
+        "Endpoints",
+    ),
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret": (
+        "envoy.service.secret.v3.SecretDiscoveryService",
+        "Secrets",
+    ),
+}
+
+
+def method_path(type_url: str | None, delta: bool) -> str:
+    """The gRPC method of a stream: ADS (``type_url`` None) or a type's own service."""
+    if type_url is None:
+        return f"/{ADS_SERVICE}/{'Delta' if delta else 'Stream'}AggregatedResources"
+    service, noun = SERVICES[type_url]
+    return f"/{service}/{'Delta' if delta else 'Stream'}{noun}"
+
 
 class NamedTarget(Protocol):
-    """Who asked for one named resource (RDS: an HCM's route configuration). Held weakly: when
-    it is gone, its name is dropped from the next request."""
+    """Who asked for one named resource. ``check`` validates (``ConfigError`` refuses the whole
+    response), ``apply`` installs; ``on_fetch_timeout`` (optional) runs when nothing arrived
+    within the initial fetch timeout."""
 
     def check(self, proto: Any, path: str) -> None: ...
 
@@ -53,16 +111,18 @@ class NamedTarget(Protocol):
 
 @dataclass
 class NamedKind:
-    """A type subscribed to by name (not wildcard): RDS. A response carries the named resources;
-    a name it leaves out is unchanged (as for Envoy's RDS and EDS)."""
+    """A type subscribed to by name (RDS, EDS, SDS). A response carries some of the named
+    resources; a name it leaves out is unchanged (as for Envoy's RDS, EDS and SDS)."""
 
     type_url: str
     message_cls: Any
-    stat_prefix: str
     name_field: str = "name"
     version_info: str = ""
     nonce: str = ""
     targets: dict[str, list[weakref.ref[Any]]] = field(default_factory=dict)
+    # The last resource received per name, with its version (delta: the resource's own).
+    received: dict[str, tuple[Any, str]] = field(default_factory=dict)
+    sent_names: tuple[str, ...] = ()  # the names the last request on this stream asked for
 
     def names(self) -> list[str]:
         live = {}
@@ -70,65 +130,202 @@ class NamedKind:
             alive = [r for r in refs if r() is not None]
             if alive:
                 live[name] = alive
+        for gone in set(self.targets) - set(live):
+            self.received.pop(gone, None)
         self.targets = live
         return sorted(live)
 
 
 @dataclass
-class AdsKind:
-    """One resource type subscribed to over ADS."""
+class WildcardKind:
+    """A type subscribed to as a whole (CDS, LDS), applied to a resource manager."""
 
     type_url: str
     message_cls: Any
     manager: ResourceManager
     stat_prefix: str
     version_info: str = ""
+    nonce: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
+    # Delta: the resources the client holds (name -> (proto, version)); the update applied is
+    # this map with the response's changes, so the manager still sees a whole state.
+    known: dict[str, tuple[Any, str]] = field(default_factory=dict)
 
 
-class AdsClient:
-    def __init__(self, target: str, node: Any, kinds: list[AdsKind], stats: Store) -> None:
+AdsKind = WildcardKind  # (the name the server and tests used first)
+
+
+class XdsClient:
+    """One xDS stream (see the module docstring). ``service_type`` None: ADS; else the type URL
+    whose own service the stream calls."""
+
+    def __init__(
+        self,
+        target: str,
+        node: Any,
+        kinds: list[WildcardKind],
+        stats: Store,
+        delta: bool = False,
+        service_type: str | None = None,
+        connected_gauge: bool = True,
+    ) -> None:
         self.target = target  # a gRPC target: "host:port" or "unix:/path"
         self.node = node
-        self.kinds = {k.type_url: k for k in kinds}
-        self.order = [k.type_url for k in kinds]
-        for k in kinds:
-            for n in ("update_attempt", "update_success", "update_rejected"):
-                k.stats[n] = stats.counter(f"{k.stat_prefix}.{n}")
-            k.stats["version"] = stats.gauge(f"{k.stat_prefix}.version")
-        self.connected = stats.gauge("control_plane.connected_state")
-        self.named: dict[str, NamedKind] = {}
+        self.delta = delta
+        self.method = method_path(service_type, delta)
+        self.kinds: dict[str, WildcardKind] = {}
+        self.order: list[str] = []
         self._stats = stats
+        for k in kinds:
+            self.add_wildcard(k)
+        # Only the ADS stream is "the control plane"; other streams do not touch the gauge.
+        self.connected = stats.gauge("control_plane.connected_state") if connected_gauge else None
+        self.is_connected = False
+        self.named: dict[str, NamedKind] = {}
         self._out: asyncio.Queue[Any] | None = None  # the live stream's writes
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timers: list[tuple[float, weakref.ref[Any], str, str]] = []  # before start()
         self._rng = random.Random()
         self.streams = 0  # streams opened (for tests and logs)
+        self.on_wildcard_applied: list[Any] = []  # callbacks(type_url) after a wildcard update
 
-    def subscribe(self, type_url: str, message_cls: Any, name: str, target: NamedTarget) -> None:
-        """Ask for the resource ``name`` of ``type_url`` on behalf of ``target`` (held weakly);
-        on a live stream the request goes out at once, else with the next stream's first ones."""
+    # -- subscriptions -----------------------------------------------------------------------
+    def add_wildcard(self, kind: WildcardKind) -> None:
+        """Subscribe to every resource of ``kind.type_url`` (before the stream starts)."""
+        stats = self._stats
+        for n in ("update_attempt", "update_success", "update_rejected"):
+            kind.stats[n] = stats.counter(f"{kind.stat_prefix}.{n}")
+        kind.stats["version"] = stats.gauge(f"{kind.stat_prefix}.version")
+        self.kinds[kind.type_url] = kind
+        self.order.append(kind.type_url)
+
+    def subscribe(
+        self,
+        type_url: str,
+        message_cls: Any,
+        name: str,
+        target: NamedTarget,
+        initial_fetch_timeout: float = DEFAULT_INITIAL_FETCH_TIMEOUT,
+    ) -> None:
+        """Ask for the resource ``name`` of ``type_url`` on behalf of ``target`` (held weakly).
+        A resource already received for ``name`` is handed to ``target`` at once; otherwise the
+        request goes out now on a live stream, else with the next stream's first ones."""
         kind = self.named.get(type_url)
         if kind is None:
             name_field = "cluster_name" if type_url.endswith("ClusterLoadAssignment") else "name"
-            kind = self.named[type_url] = NamedKind(
-                type_url, message_cls, _named_prefix(type_url), name_field
-            )
+            kind = self.named[type_url] = NamedKind(type_url, message_cls, name_field)
         before = kind.names()
         kind.targets.setdefault(name, []).append(weakref.ref(target))
+        have = kind.received.get(name)
+        if have is not None:
+            try:
+                target.check(have[0], name)
+                target.apply(have[0], have[1])
+            except ConfigError as e:  # (valid for the targets it reached first; not for this one)
+                log.warning("%s %r: the resource received earlier does not apply here: %s", type_url, name, e)
+            return
+        if initial_fetch_timeout > 0 and hasattr(target, "on_fetch_timeout"):
+            self._arm_timer(initial_fetch_timeout, target, type_url, name)
         if kind.names() != before and self._out is not None:
-            self._out.put_nowait(self._named_request(kind))
+            self._send_subscription(kind)
 
-    def _named_request(self, kind: NamedKind) -> Any:
+    def _arm_timer(self, timeout: float, target: Any, type_url: str, name: str) -> None:
+        ref = weakref.ref(target)
+        if self._loop is None:
+            self._timers.append((timeout, ref, type_url, name))
+        else:
+            self._loop.call_later(timeout, self._fetch_timeout, ref, type_url, name)
+
+    def _fetch_timeout(self, ref: weakref.ref[Any], type_url: str, name: str) -> None:
+        target = ref()
+        kind = self.named.get(type_url)
+        if target is None or kind is None or name in kind.received:
+            return
+        log.warning(
+            "%s %r: nothing received within the initial fetch timeout", type_url.rsplit(".", 1)[-1], name
+        )
+        try:
+            target.on_fetch_timeout()
+        except Exception:
+            log.exception("initial fetch timeout of %r", name)
+
+    # -- requests ----------------------------------------------------------------------------
+    def _discovery(self) -> Any:
         from envoy.service.discovery.v3 import discovery_pb2
 
-        return discovery_pb2.DiscoveryRequest(
-            type_url=kind.type_url,
-            resource_names=kind.names(),
-            version_info=kind.version_info,
-            response_nonce=kind.nonce,
-        )
+        return discovery_pb2
 
+    def _send_subscription(self, kind: NamedKind) -> None:
+        assert self._out is not None
+        names = kind.names()
+        pb = self._discovery()
+        if self.delta:
+            old = set(kind.sent_names)
+            req = pb.DeltaDiscoveryRequest(
+                type_url=kind.type_url,
+                resource_names_subscribe=sorted(set(names) - old),
+                resource_names_unsubscribe=sorted(old - set(names)),
+            )
+        else:
+            req = pb.DiscoveryRequest(
+                type_url=kind.type_url,
+                resource_names=names,
+                version_info=kind.version_info,
+                response_nonce=kind.nonce,
+            )
+        kind.sent_names = tuple(names)
+        self._out.put_nowait(req)
+
+    def _first_requests(self) -> list[Any]:
+        """The requests that open a stream: wildcard types first (CDS before LDS), then the named
+        ones; the node rides on the first."""
+        pb = self._discovery()
+        reqs: list[Any] = []
+        for url in self.order:
+            kind = self.kinds[url]
+            kind.nonce = ""  # (a nonce belongs to its stream)
+            if self.delta:
+                reqs.append(
+                    pb.DeltaDiscoveryRequest(
+                        type_url=url,
+                        initial_resource_versions={n: v for n, (_p, v) in kind.known.items()},
+                    )
+                )
+            else:
+                reqs.append(pb.DiscoveryRequest(type_url=url, version_info=kind.version_info))
+        for nk in self.named.values():
+            names = nk.names()
+            nk.nonce = ""
+            if not names:
+                continue
+            if self.delta:
+                reqs.append(
+                    pb.DeltaDiscoveryRequest(
+                        type_url=nk.type_url,
+                        resource_names_subscribe=names,
+                        initial_resource_versions={
+                            n: v for n, (_p, v) in nk.received.items() if n in nk.targets
+                        },
+                    )
+                )
+            else:
+                reqs.append(
+                    pb.DiscoveryRequest(
+                        type_url=nk.type_url, resource_names=names, version_info=nk.version_info
+                    )
+                )
+            nk.sent_names = tuple(names)
+        if reqs and self.node is not None:
+            reqs[0].node.CopyFrom(self.node)
+        return reqs
+
+    # -- the stream --------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        for timeout, ref, type_url, name in self._timers:
+            loop.call_later(timeout, self._fetch_timeout, ref, type_url, name)
+        self._timers.clear()
         if self._task is None:
             self._task = loop.create_task(self._run())
 
@@ -136,7 +333,12 @@ class AdsClient:
         if self._task is not None:
             self._task.cancel()
             self._task = None
-        self.connected.value = 0
+        self._set_connected(False)
+
+    def _set_connected(self, up: bool) -> None:
+        self.is_connected = up
+        if self.connected is not None:
+            self.connected.value = int(up)
 
     async def _run(self) -> None:
         import grpc
@@ -151,29 +353,26 @@ class AdsClient:
                 raise
             except Exception as e:  # the stream broke (or never came up): retry after a while
                 details = e.details() if hasattr(e, "details") else str(e)
-                log.warning("ADS stream to %s ended: %s", self.target, details)
-            self.connected.value = 0
+                log.warning("xDS stream %s to %s ended: %s", self.method, self.target, details)
+            self._set_connected(False)
             await asyncio.sleep(delay * (0.5 + self._rng.random()))
             delay = min(delay * 2, BACKOFF_MAX)
 
     async def _stream(self, channel: Any) -> None:
-        from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+        import grpc
 
-        stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
-        call = stub.StreamAggregatedResources()
+        pb = self._discovery()
+        req_cls = pb.DeltaDiscoveryRequest if self.delta else pb.DiscoveryRequest
+        resp_cls = pb.DeltaDiscoveryResponse if self.delta else pb.DiscoveryResponse
+        call = channel.stream_stream(
+            self.method,
+            request_serializer=req_cls.SerializeToString,
+            response_deserializer=resp_cls.FromString,
+        )()
         self.streams += 1
         out: asyncio.Queue[Any] = asyncio.Queue()
-        first = True
-        for url in self.order:
-            req = discovery_pb2.DiscoveryRequest(type_url=url, version_info=self.kinds[url].version_info)
-            if first:
-                req.node.CopyFrom(self.node)
-                first = False
+        for req in self._first_requests():
             out.put_nowait(req)
-        for kind in self.named.values():
-            if kind.names():
-                kind.nonce = ""  # (a nonce belongs to its stream)
-                out.put_nowait(self._named_request(kind))
 
         async def writer() -> None:
             while True:
@@ -182,18 +381,21 @@ class AdsClient:
         self._out = out
         wtask = asyncio.ensure_future(writer())
         try:
-            self.connected.value = 1
+            self._set_connected(True)
+            received = False
             while True:
                 resp = await call.read()
-                if resp is grpc_eof():
+                if resp is grpc.aio.EOF:
                     raise ConnectionError("the control plane closed the stream")
+                if not received:
+                    received = True
                 if wtask.done():
                     wtask.result()  # a failed write ends the stream
                 try:
-                    reply = self.handle(resp, discovery_pb2)
+                    reply = self.handle(resp)
                 except Exception as e:  # a bug of ours: NACK it, log it, keep the stream
-                    log.exception("ADS response for %s could not be handled", resp.type_url)
-                    reply = discovery_pb2.DiscoveryRequest(type_url=resp.type_url, response_nonce=resp.nonce)
+                    log.exception("xDS response for %s could not be handled", resp.type_url)
+                    reply = req_cls(type_url=resp.type_url, response_nonce=resp.nonce)
                     reply.error_detail.code = _INTERNAL
                     reply.error_detail.message = f"{type(e).__name__}: {e}"
                 out.put_nowait(reply)
@@ -201,112 +403,192 @@ class AdsClient:
             self._out = None
             wtask.cancel()
 
-    def handle(self, resp: Any, discovery_pb2: Any) -> Any:
-        """Apply one DiscoveryResponse; the ACK or NACK to send back."""
+    # -- responses ---------------------------------------------------------------------------
+    def handle(self, resp: Any, discovery_pb2: Any = None) -> Any:
+        """Apply one response (state of the world or delta, as the stream speaks); the ACK or
+        NACK to send back."""
+        if self.delta:
+            return self._handle_delta(resp)
+        pb = discovery_pb2 or self._discovery()
         named = self.named.get(resp.type_url)
         if named is not None:
-            return self._handle_named(named, resp, discovery_pb2)
+            return self._handle_named(named, resp, pb)
         kind = self.kinds.get(resp.type_url)
-        req = discovery_pb2.DiscoveryRequest(type_url=resp.type_url, response_nonce=resp.nonce)
+        req = pb.DiscoveryRequest(type_url=resp.type_url, response_nonce=resp.nonce)
         if kind is None:
             req.error_detail.code = _INVALID_ARGUMENT
             req.error_detail.message = f"type {resp.type_url} was not subscribed to"
             return req
         kind.stats["update_attempt"].value += 1
         try:
-            protos = [msg for _, msg in _decode(resp, kind.type_url, kind.message_cls)]
+            protos = [msg for _, _n, _v, msg in _decode(resp.resources, kind.type_url, kind.message_cls)]
             check_resources(kind.manager, protos)
             apply_resources(kind.manager, protos, resp.version_info)
         except ConfigError as e:
-            kind.stats["update_rejected"].value += 1
-            log.warning(
-                "%s update %r rejected (NACK), version %r keeps serving: %s",
-                kind.stat_prefix,
-                resp.version_info,
-                kind.version_info,
-                e,
-            )
-            req.version_info = kind.version_info
-            req.error_detail.code = _INVALID_ARGUMENT
-            req.error_detail.message = str(e)
+            self._rejected(kind, resp.version_info, e, req)
             return req
-        kind.version_info = resp.version_info
-        kind.stats["update_success"].value += 1
-        kind.stats["version"].value = version_hash(resp.version_info)
-        log.info("%s: version %r applied from the control plane", kind.stat_prefix, resp.version_info)
+        self._applied(kind, resp.version_info)
         req.version_info = resp.version_info
         return req
 
-    def _handle_named(self, kind: NamedKind, resp: Any, discovery_pb2: Any) -> Any:
-        st = self._stats
-        pre = kind.stat_prefix
-        st.counter(f"{pre}.update_attempt").value += 1
-        req = discovery_pb2.DiscoveryRequest(type_url=kind.type_url, response_nonce=resp.nonce)
-        work: list[tuple[Any, Any]] = []
+    def _rejected(self, kind: WildcardKind, version: str, e: ConfigError, req: Any) -> None:
+        kind.stats["update_rejected"].value += 1
+        log.warning(
+            "%s update %r rejected (NACK), version %r keeps serving: %s",
+            kind.stat_prefix,
+            version,
+            kind.version_info,
+            e,
+        )
+        if not self.delta:
+            req.version_info = kind.version_info
+        req.error_detail.code = _INVALID_ARGUMENT
+        req.error_detail.message = str(e)
+
+    def _applied(self, kind: WildcardKind, version: str) -> None:
+        kind.version_info = version
+        kind.stats["update_success"].value += 1
+        kind.stats["version"].value = version_hash(version)
+        log.info("%s: version %r applied from the control plane", kind.stat_prefix, version)
+        for cb in list(self.on_wildcard_applied):
+            cb(kind.type_url)
+
+    def _handle_named(self, kind: NamedKind, resp: Any, pb: Any) -> Any:
+        req = pb.DiscoveryRequest(type_url=kind.type_url, response_nonce=resp.nonce)
         try:
-            for rpath, msg in _decode(resp, kind.type_url, kind.message_cls):
-                for r in kind.targets.get(getattr(msg, kind.name_field), []):
-                    t = r()
-                    if t is not None:
-                        t.check(msg, rpath)  # every target checks before any applies
-                        work.append((t, msg))
+            decoded = _decode(resp.resources, kind.type_url, kind.message_cls, kind.name_field)
+            work = self._check_named(kind, [(p, n, msg) for p, n, _v, msg in decoded])
         except ConfigError as e:
-            st.counter(f"{pre}.update_rejected").value += 1
-            log.warning("%s update %r rejected (NACK): %s", pre, resp.version_info, e)
+            log.warning("%s update %r rejected (NACK): %s", kind.type_url, resp.version_info, e)
             req.version_info = kind.version_info
             req.resource_names.extend(kind.names())
             req.error_detail.code = _INVALID_ARGUMENT
             req.error_detail.message = str(e)
             kind.nonce = resp.nonce
             return req
+        for _p, name, _v, msg in decoded:
+            if name in kind.targets:
+                kind.received[name] = (msg, resp.version_info)
         for t, msg in work:
             t.apply(msg, resp.version_info)
         kind.version_info = resp.version_info
         kind.nonce = resp.nonce
-        st.counter(f"{pre}.update_success").value += 1
-        st.gauge(f"{pre}.version").value = version_hash(resp.version_info)
         req.version_info = resp.version_info
         req.resource_names.extend(kind.names())
         return req
 
+    def _check_named(self, kind: NamedKind, items: list[tuple[str, str, Any]]) -> list[tuple[Any, Any]]:
+        """Every target checks before any applies; the (target, resource) pairs to apply."""
+        work: list[tuple[Any, Any]] = []
+        for rpath, name, msg in items:
+            for r in kind.targets.get(name, []):
+                t = r()
+                if t is not None:
+                    t.check(msg, rpath)
+                    work.append((t, msg))
+        return work
 
-def _decode(resp: Any, type_url: str, message_cls: Any) -> list[tuple[str, Any]]:
-    """A response's resources as messages, with their ``resources[i]`` paths; ``ConfigError``
-    for one of another type or one that does not decode."""
+    def _handle_delta(self, resp: Any) -> Any:
+        pb = self._discovery()
+        req = pb.DeltaDiscoveryRequest(type_url=resp.type_url, response_nonce=resp.nonce)
+        named = self.named.get(resp.type_url)
+        kind = self.kinds.get(resp.type_url)
+        if named is None and kind is None:
+            req.error_detail.code = _INVALID_ARGUMENT
+            req.error_detail.message = f"type {resp.type_url} was not subscribed to"
+            return req
+        version = resp.system_version_info
+        if named is not None:
+            try:
+                decoded = _decode(resp.resources, named.type_url, named.message_cls, named.name_field)
+                work = self._check_named(named, [(p, n, msg) for p, n, _v, msg in decoded])
+            except ConfigError as e:
+                log.warning("%s delta update rejected (NACK): %s", named.type_url, e)
+                req.error_detail.code = _INVALID_ARGUMENT
+                req.error_detail.message = str(e)
+                return req
+            for _p, name, v, msg in decoded:
+                if name in named.targets:
+                    named.received[name] = (msg, v)
+            for t, msg in work:
+                t.apply(msg, version or _version_of(decoded, msg))
+            for name in resp.removed_resources:
+                # A named resource withdrawn: its users keep what they have (Envoy's RDS and EDS
+                # do not empty themselves either); a later push replaces it.
+                named.received.pop(name, None)
+                log.info(
+                    "%s %r removed by the control plane; the last one received stays in use",
+                    named.type_url,
+                    name,
+                )
+            named.version_info = version
+            return req
+        assert kind is not None
+        kind.stats["update_attempt"].value += 1
+        try:
+            decoded = _decode(resp.resources, kind.type_url, kind.message_cls)
+            state = dict(kind.known)
+            for _p, name, v, msg in decoded:
+                state[name] = (msg, v)
+            for name in resp.removed_resources:
+                state.pop(name, None)
+            # Only what changed is compiled here; the rest was compiled when it arrived.
+            changed = [msg for _p, _n, _v, msg in decoded]
+            check_resources(kind.manager, changed)
+            protos = [p for p, _v in state.values()]
+            apply_resources(kind.manager, protos, version)
+        except ConfigError as e:
+            self._rejected(kind, version, e, req)
+            return req
+        kind.known = state
+        self._applied(kind, version)
+        return req
+
+
+def _version_of(decoded: list[tuple[str, str, str, Any]], msg: Any) -> str:
+    for _p, _n, v, m in decoded:
+        if m is msg:
+            return v
+    return ""
+
+
+def _decode(
+    resources: Any, type_url: str, message_cls: Any, name_field: str = "name"
+) -> list[tuple[str, str, str, Any]]:
+    """A response's resources as ``(path, name, version, message)``: state of the world gives
+    ``Any``s, delta gives ``Resource``s (name, version, the ``Any``). ``ConfigError`` for one of
+    another type, one that does not decode, or (delta) a name that does not match."""
     out = []
-    for i, any_msg in enumerate(resp.resources):
+    for i, item in enumerate(resources):
         rpath = f"resources[{i}]"
+        version = ""
+        wrapper_name = None
+        if item.DESCRIPTOR.full_name == "envoy.service.discovery.v3.Resource":
+            version = item.version
+            wrapper_name = item.name
+            any_msg = item.resource
+            rpath_any = f"{rpath}.resource"
+        else:
+            any_msg = item
+            rpath_any = rpath
         if any_msg.type_url != type_url:
-            raise ConfigError(rpath, f"expected {type_url}, got {any_msg.type_url}")
+            raise ConfigError(rpath_any, f"expected {type_url}, got {any_msg.type_url}")
         msg = message_cls()
         try:
             msg.ParseFromString(any_msg.value)
         except Exception as e:
-            raise ConfigError(rpath, f"cannot decode: {e}") from None
-        out.append((rpath, msg))
+            raise ConfigError(rpath_any, f"cannot decode: {e}") from None
+        name = getattr(msg, name_field)
+        if wrapper_name and name and wrapper_name != name:
+            raise ConfigError(f"{rpath}.name", f"{wrapper_name!r} names a resource called {name!r}")
+        out.append((rpath_any, name or wrapper_name or "", version, msg))
     return out
 
 
-def _named_prefix(type_url: str) -> str:
-    return (
-        "rds"
-        if type_url.endswith("RouteConfiguration")
-        else "eds"
-        if type_url.endswith("ClusterLoadAssignment")
-        else "xds"
-    )
-
-
-def grpc_eof() -> Any:
-    import grpc
-
-    return grpc.aio.EOF
-
-
 def grpc_target(grpc_service: Any, clusters: Any, path: str) -> str:
-    """The gRPC target of an ``ads_config.grpc_services[0]``: ``google_grpc.target_uri``, or the
-    first endpoint of the static cluster ``envoy_grpc.cluster_name`` names (an IP and port, or
-    a Unix socket as Istio's ``unix:./etc/istio/proxy/XDS``)."""
+    """The gRPC target of a ``GrpcService``: ``google_grpc.target_uri``, or the first endpoint of
+    the static cluster ``envoy_grpc.cluster_name`` names (an IP and port, or a Unix socket as
+    Istio's ``unix:./etc/istio/proxy/XDS``)."""
     which = grpc_service.WhichOneof("target_specifier")
     if which == "google_grpc":
         return str(grpc_service.google_grpc.target_uri)
@@ -328,4 +610,80 @@ def grpc_target(grpc_service: Any, clusters: Any, path: str) -> str:
     raise ConfigError(f"{path}.envoy_grpc.cluster_name", f"no static cluster named {name!r}")
 
 
-__all__ = ["BACKOFF_BASE", "BACKOFF_MAX", "AdsClient", "AdsKind", "NamedKind", "NamedTarget", "grpc_target"]
+class XdsClients:
+    """A server's gRPC xDS streams: the ADS one (``dynamic_resources.ads_config``) and one per
+    ``api_config_source`` target, type and protocol variant, made on first use and started with
+    the server (or at once when it already runs)."""
+
+    def __init__(self, node: Any, stats: Store, static_clusters: Any) -> None:
+        self.node = node
+        self.stats = stats
+        self.static_clusters = static_clusters  # the bootstrap's static cluster protos
+        self.ads: XdsClient | None = None
+        self.others: dict[tuple[str, bool, str], XdsClient] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def all(self) -> list[XdsClient]:
+        return ([self.ads] if self.ads is not None else []) + list(self.others.values())
+
+    def for_source(self, source: Any, type_url: str, path: str) -> XdsClient | None:
+        """The stream serving ``type_url`` from ``source`` (a ``ConfigSource``): the ADS stream for
+        ``ads``, a type stream for a ``GRPC`` / ``DELTA_GRPC`` ``api_config_source``; None when the
+        source is not a gRPC one. ``ConfigError`` for one that cannot work."""
+        which = source.WhichOneof("config_source_specifier")
+        if which == "ads":
+            if self.ads is None:
+                raise ConfigError(path, "ads is named, but dynamic_resources.ads_config is not set")
+            return self.ads
+        if which != "api_config_source":
+            return None
+        api = source.api_config_source
+        if api.api_type not in (api.GRPC, api.DELTA_GRPC):
+            raise ConfigError(
+                f"{path}.api_config_source.api_type",
+                "only GRPC and DELTA_GRPC are supported (REST polling is not)",
+            )
+        if not api.grpc_services:
+            raise ConfigError(f"{path}.api_config_source.grpc_services", "a gRPC service is required")
+        target = grpc_target(
+            api.grpc_services[0], self.static_clusters, f"{path}.api_config_source.grpc_services[0]"
+        )
+        delta = api.api_type == api.DELTA_GRPC
+        key = (target, delta, type_url)
+        client = self.others.get(key)
+        if client is None:
+            client = self.others[key] = XdsClient(
+                target, self.node, [], self.stats, delta=delta, service_type=type_url, connected_gauge=False
+            )
+            if self._loop is not None:
+                client.start(self._loop)
+        return client
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        for c in self.all():
+            c.start(loop)
+
+    def stop(self) -> None:
+        for c in self.all():
+            c.stop()
+        self._loop = None
+
+
+AdsClient = XdsClient  # (the name the server and tests used first)
+
+__all__ = [
+    "BACKOFF_BASE",
+    "BACKOFF_MAX",
+    "DEFAULT_INITIAL_FETCH_TIMEOUT",
+    "AdsClient",
+    "AdsKind",
+    "NamedKind",
+    "NamedTarget",
+    "WildcardKind",
+    "XdsClient",
+    "XdsClients",
+    "grpc_target",
+    "initial_fetch_timeout",
+    "method_path",
+]

@@ -49,6 +49,7 @@ LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+DEFAULT_INITIAL_FETCH_TIMEOUT = 15.0
 
 
 class ResourceManager(Protocol):
@@ -101,6 +102,9 @@ def apply_resources(
     for res in list(manager):
         if getattr(res, "added_via_api", False) and res.name not in wanted:
             manager.remove(res.name)
+    for name in list(getattr(manager, "warming", ())):
+        if name not in wanted:  # (a warming resource the new state no longer names)
+            manager.remove(name)
 
 
 class FileSubscription:
@@ -256,13 +260,18 @@ class EdsTarget:
 
 
 class EdsAdsTarget:
-    """An EDS cluster's assignment over ADS (``xds.ads.NamedTarget``), kept on the cluster."""
+    """An EDS cluster's assignment over gRPC xDS (``xds.ads.NamedTarget``), kept on the cluster.
+    ``init`` is what the cluster warms on: done by the first assignment, or by the source's
+    initial fetch timeout (the cluster then serves with no hosts)."""
 
     def __init__(self, cluster: Any, store: Store) -> None:
+        from moorline.config.warming import InitTarget
+
         self.cluster = cluster
         pre = f"cluster.{cluster.stat_name}"
         self.rejected = store.counter(f"{pre}.update_rejected")
         self.version = store.gauge(f"{pre}.version")
+        self.init = InitTarget(f"eds {cluster.eds_service_name}")
 
     def check(self, proto: Any, path: str) -> None:
         try:
@@ -274,6 +283,11 @@ class EdsAdsTarget:
     def apply(self, proto: Any, version_info: str) -> None:
         self.cluster.update_load_assignment(proto)  # (counts update_attempt / update_success)
         self.version.value = version_hash(version_info)
+        self.init.done()
+
+    def on_fetch_timeout(self) -> None:
+        self.init.timed_out = True
+        self.init.done()
 
 
 class FileSources:
@@ -282,7 +296,7 @@ class FileSources:
 
     def __init__(self, store: Store, watcher: FileWatcher | None = None) -> None:
         self.store = store
-        self.ads: Any = None  # xds.ads.AdsClient, when the server has one (EDS over ADS)
+        self.grpc: Any = None  # xds.ads.XdsClients, when a server runs (EDS over ADS or gRPC)
         self.watcher = watcher or FileWatcher()
         self.subscriptions: list[FileSubscription] = []
 
@@ -303,12 +317,19 @@ class FileSources:
 
         file = config_source_path(eds_config)
         if file is None:
-            ads = self.ads
-            if ads is not None and eds_config.WhichOneof("config_source_specifier") == "ads":
-                target = EdsAdsTarget(cluster, self.store)
-                ads.subscribe(ENDPOINT_TYPE, ClusterLoadAssignment, cluster.eds_service_name, target)
-                return target
-            return None
+            client = self.grpc.for_source(eds_config, ENDPOINT_TYPE, path) if self.grpc is not None else None
+            if client is None:
+                return None
+            target = EdsAdsTarget(cluster, self.store)
+            cluster.init_targets = [target.init]
+            client.subscribe(
+                ENDPOINT_TYPE,
+                ClusterLoadAssignment,
+                cluster.eds_service_name,
+                target,
+                initial_fetch_timeout(eds_config),
+            )
+            return target
         sub = FileSubscription(
             file,
             ENDPOINT_TYPE,
@@ -344,6 +365,14 @@ def config_source_path(source: Any) -> str | None:
     return None
 
 
+def initial_fetch_timeout(source: Any) -> float:
+    """A ``ConfigSource``'s ``initial_fetch_timeout`` in seconds (15 by default, 0: never)."""
+    if source is not None and source.HasField("initial_fetch_timeout"):
+        d = source.initial_fetch_timeout
+        return float(d.seconds + d.nanos / 1e9)
+    return DEFAULT_INITIAL_FETCH_TIMEOUT
+
+
 def is_file_source(source: Any) -> bool:
     return config_source_path(source) is not None
 
@@ -361,6 +390,7 @@ __all__ = [
     "apply_resources",
     "check_resources",
     "config_source_path",
+    "initial_fetch_timeout",
     "is_file_source",
     "version_hash",
 ]

@@ -51,13 +51,6 @@ def _rewrite(src: Path, dst: Path, ports: dict[str, int], tmp: Path) -> dict[str
     by_name = {"0.0.0.0_15090": ports["prometheus"], "0.0.0.0_15021": ports["status"]}
     for lst in d["static_resources"]["listeners"]:
         lst["address"]["socket_address"].update(address=H, port_value=by_name[lst["name"]])
-        for fc in lst["filter_chains"]:
-            for f in fc["filters"]:
-                for hf in f["typed_config"].get("http_filters", []):
-                    # The stats listener's compressors are not built in yet: optional, so they
-                    # are a notice (and used as soon as they are registered).
-                    if "compressor" in hf["name"]:
-                        hf["is_optional"] = True
     for c in d["static_resources"]["clusters"]:
         for e in c.get("load_assignment", {}).get("endpoints", []):
             for lb in e["lb_endpoints"]:

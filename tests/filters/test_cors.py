@@ -236,22 +236,30 @@ def test_redirect_and_direct_response_routes_bypass_cors() -> None:
 
 def test_no_policy_means_no_filter_manager() -> None:
     """Istio puts the CORS filter in every listener; a route without a policy must cost
-    nothing: the stream takes the router's fast path (no filter manager is made)."""
+    nothing: with no policy in the route table the filter is not in the chain at all, and with
+    one, a stream on another route takes the router's fast path (no filter manager is made)."""
     with _pair() as pair:
+        assert pair.hcm.filter_factories == [] and pair.hcm.route_gates is None
+        client = pair.connect()
+        _, r = _forward(pair, client, headers=[("origin", "https://app.example")])
+        assert r.header("access-control-allow-origin") is None
+    plain = {"match": {"prefix": "/plain"}, "route": {"cluster": "be"}}
+    with _pair(route_policy=FULL, extra_routes=[plain]) as pair:
         assert pair.hcm.route_gates == frozenset({"envoy.filters.http.cors"})
         client = pair.connect()
-        client.request("GET", "/x", headers=[("origin", "https://app.example")])
+        client.request("GET", "/plain", headers=[("origin", "https://app.example")])
         stream = next(iter(pair.hcm.runtime)).stream
         assert stream is not None and stream.fm is None
         up = pair.upstream.accept()
         up.request()
         up.respond(200, body=b"ok")
         assert client.response().header("access-control-allow-origin") is None
-    with _pair(route_policy=FULL) as pair:
-        client = pair.connect()
         client.request("GET", "/x", headers=[("origin", "https://app.example")])
         stream = next(iter(pair.hcm.runtime)).stream
         assert stream is not None and stream.fm is not None
+        up.request()
+        up.respond(200, body=b"ok")
+        assert client.response().header("access-control-allow-origin") == b"https://app.example"
     # Another filter that is not route-gated: the filter manager runs as before.
     buffer = {
         "name": "envoy.filters.http.buffer",
@@ -260,8 +268,8 @@ def test_no_policy_means_no_filter_manager() -> None:
             "max_request_bytes": 10,
         },
     }
-    with _pair(filters=[CORS_FILTER, buffer]) as pair:
-        assert pair.hcm.route_gates is None
+    with _pair(route_policy=FULL, filters=[CORS_FILTER, buffer]) as pair:
+        assert len(pair.hcm.filter_factories) == 2 and pair.hcm.route_gates is None
 
 
 def test_bad_policies_are_config_errors() -> None:

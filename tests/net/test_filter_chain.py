@@ -34,14 +34,24 @@ class Terminal:
 
 
 class NonTerminal:
+    """A ``moorline.net.api.ConnectionFilter`` that lets every connection through."""
+
     terminal = False
 
     def __init__(self, path: str) -> None:
         self.path = path
 
+    def on_new_connection(self, info: Any) -> bool:
+        return True
+
+
+class Hookless:
+    terminal = False
+
 
 registry.register("network", ["test.fc.terminal"], [], lambda cfg, ctx, path: Terminal(path))
 registry.register("network", ["test.fc.nonterminal"], [], lambda cfg, ctx, path: NonTerminal(path))
+registry.register("network", ["test.fc.hookless"], [], lambda cfg, ctx, path: Hookless())
 
 T = [{"name": "test.fc.terminal"}]
 
@@ -248,6 +258,11 @@ def test_filter_list_rules() -> None:
         compile_([{"filters": [{"name": "test.fc.nonterminal"}, {"name": "istio.stats"}]}])
     assert ei.value.path == "listeners[0].filter_chains[0].filters[1]"
     assert "terminal" in ei.value.message
+    # A non-terminal filter must be a ConnectionFilter (net/api.py): it has to decide something.
+    with pytest.raises(ConfigError) as ei:
+        compile_([{"filters": [{"name": "test.fc.hookless"}, {"name": "test.fc.terminal"}]}])
+    assert ei.value.path == "listeners[0].filter_chains[0].filters[0]"
+    assert "on_new_connection" in ei.value.message
 
 
 def test_tls_transport_socket_rejected_raw_buffer_accepted() -> None:
@@ -327,3 +342,29 @@ def test_sni_chain_selection_case_exact_and_wildcard_like_envoy() -> None:
     assert _pick(sel, "a.c.example.com") == "c0"
     assert _pick(sel, "example.com") is None  # the apex is not covered by *.example.com
     assert _pick(sel, None) is None
+
+
+def test_chain_hands_its_connection_filters_to_the_terminal() -> None:
+    """``FilterChain.on_accept`` puts the chain's non-terminal filters on ``info.filters`` (a
+    tuple; empty for a chain without any) for the terminal to ask through ``info.admit()``."""
+    from moorline.net.conn_info import ConnInfo
+
+    seen: list[tuple[Any, ...]] = []
+
+    class Spy:
+        terminal = True
+
+        def on_accept(self, sock: Any, info: Any) -> None:
+            seen.append(info.filters)
+
+    sel = compile_(
+        [
+            {"name": "with", "filters": [{"name": "test.fc.nonterminal"}, *T]},
+            {"name": "without", "filters": T, "filter_chain_match": {"destination_port": 9}},
+        ]
+    )
+    for fc in sel.chains:
+        fc.terminal = Spy()
+        fc.on_accept(None, ConnInfo(("10.0.0.1", 1), ("10.0.0.2", 2), "l"))  # type: ignore[arg-type]
+    assert [type(f).__name__ for f in seen[0]] == ["NonTerminal"]
+    assert seen[1] == ()

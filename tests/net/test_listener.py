@@ -407,11 +407,11 @@ def test_config_notices_and_errors() -> None:
     _, ctx = make(
         tcp(
             "127.0.0.1",
-            listener_filters=[{"name": "envoy.filters.listener.original_dst"}],
+            listener_filters=[{"name": "envoy.filters.listener.proxy_protocol"}],
             connection_balance_config={"exact_balance": {}},
         )
     )
-    assert any("original_dst" in n for n in ctx.notices)
+    assert any("proxy_protocol" in n for n in ctx.notices)
     assert any("connection_balance_config" in n for n in ctx.notices)
 
     with pytest.raises(ConfigError) as ei:

@@ -573,3 +573,106 @@ def test_route_config_finds_the_most_specific_per_route_config(make: Any) -> Non
     # Compiled at load by the buffer filter's per-route factory: (disabled, limit), from the
     # route's own entry and from the virtual host's.
     assert seen == [(True, None), (True, None)]
+
+
+# -- filters that replace the chunk (set_encoded_data / set_decoded_data) --------------------------
+
+
+def _upper_enc(f: Scripted, data: bytes, end: bool) -> int:
+    f.callbacks.set_encoded_data(data.upper())  # type: ignore[union-attr]
+    return CONTINUE
+
+
+def _tail_enc(f: Scripted, trailers: Any) -> int:
+    f.callbacks.set_encoded_data(b"<end>")  # type: ignore[union-attr]
+    return CONTINUE
+
+
+def test_encoder_replaces_chunks_and_adds_a_last_one_before_trailers(make: Any) -> None:
+    # Encoding runs b then a: a sees b's replacement, the client sees a's.
+    chain = Chain(a={}, b={"encode_data": _upper_enc, "encode_trailers": _tail_enc})
+    pair = make(chain)
+    c = pair.connect()
+    c.send(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+    up = pair.upstream.accept()
+    up.request()
+    up.send(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nx-t: 1\r\n\r\n")
+    r = c.response()
+    assert r.body == b"ABC<end>" and r.trailer("x-t") == b"1"
+    assert [e for e in chain.calls("a") if e[1] in ("encode_data", "encode_trailers")] == [
+        ("a", "encode_data", (b"ABC", False)),
+        ("a", "encode_data", (b"<end>", False)),
+        ("a", "encode_trailers", [(b"x-t", b"1")]),
+    ]
+    pair.assert_settled()
+
+
+def test_chunk_added_from_trailers_waits_behind_a_holding_filter(make: Any) -> None:
+    """b adds its last chunk from its trailers hook while a (after it, encoding) holds the
+    headers: a sees that chunk, then the trailers; continue_encoding releases all in order."""
+    chain = Chain(
+        a={
+            "encode_headers": STOP_ITERATION,
+            "encode_data": STOP_ITERATION,
+            "encode_trailers": STOP_ITERATION,
+        },
+        b={"encode_data": _upper_enc, "encode_trailers": _tail_enc},
+    )
+    pair = make(chain)
+    c = pair.connect()
+    c.send(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+    up = pair.upstream.accept()
+    up.request()
+    up.send(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nx-t: 1\r\n\r\n")
+    assert c.data == b""
+    assert chain.get("a").callbacks.encoding_buffer() == b"ABC<end>"  # type: ignore[union-attr]
+    later(pair, chain.get("a").callbacks.continue_encoding)  # type: ignore[union-attr]
+    r = c.response()
+    assert r.body == b"ABC<end>" and r.trailer("x-t") == b"1"
+    assert [e[1:] for e in chain.calls("a") if e[1] in ("encode_data", "encode_trailers")] == [
+        ("encode_data", (b"ABC", False)),
+        ("encode_data", (b"<end>", False)),
+        ("encode_trailers", [(b"x-t", b"1")]),
+    ]
+    pair.assert_settled()
+
+
+def test_chunk_added_from_trailers_then_held_by_a_later_filter(make: Any) -> None:
+    """Nothing held when the trailers come; a (later, encoding) stops on b's added chunk: the
+    trailers reach a (which holds them too) and wait behind that chunk instead of overtaking
+    it."""
+
+    def hold_tail(f: Scripted, data: bytes, end: bool) -> int:
+        return STOP_ITERATION if data == b"<end>" else CONTINUE
+
+    chain = Chain(
+        a={"encode_data": hold_tail, "encode_trailers": STOP_ITERATION}, b={"encode_trailers": _tail_enc}
+    )
+    pair = make(chain)
+    c = pair.connect()
+    c.send(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+    up = pair.upstream.accept()
+    up.request()
+    up.send(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nx-t: 1\r\n\r\n")
+    assert chain.calls("a", "encode_trailers") == [("a", "encode_trailers", [(b"x-t", b"1")])]
+    assert b"<end>" not in c.data and b"x-t" not in c.data
+    later(pair, chain.get("a").callbacks.continue_encoding)  # type: ignore[union-attr]
+    r = c.response()
+    assert r.body == b"abc<end>" and r.trailer("x-t") == b"1"
+    pair.assert_settled()
+
+
+def test_decoder_replaces_request_chunks(make: Any) -> None:
+    def upper(f: Scripted, data: bytes, end: bool) -> int:
+        f.callbacks.set_decoded_data(data.upper())  # type: ignore[union-attr]
+        return CONTINUE
+
+    chain = Chain(a={"decode_data": upper}, b={})
+    pair = make(chain)
+    c = pair.connect()
+    c.send(b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+    up = pair.upstream.accept()
+    assert up.request().body == b"ABC"
+    assert ("b", "decode_data", (b"ABC", False)) in chain.log
+    up.respond(200, body=b"ok")
+    assert c.response().status == 200

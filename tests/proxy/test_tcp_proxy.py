@@ -80,7 +80,7 @@ class FakeCluster:
         self.tcp_keepalive = (3, 30, 5)
         self.chosen: list[FakeHost] = []
 
-    def choose_host(self, exclude: Any = None) -> FakeHost | None:
+    def choose_host(self, exclude: Any = None, context: Any = None) -> FakeHost | None:
         for h in self.hosts:
             if not exclude or h not in exclude:
                 self.chosen.append(h)

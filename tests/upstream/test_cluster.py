@@ -198,12 +198,58 @@ def test_weights_health_and_locality_from_load_assignment() -> None:
     assert picks[c.hosts[0]] == 500
 
 
-def test_other_priorities_ignored_with_notice() -> None:
-    d = static("c", ep("10.0.0.1"))
-    d["load_assignment"]["endpoints"].append({"priority": 1, "lb_endpoints": [ep("10.0.0.9")]})
-    c = build(d)
-    assert [h.address for h in c.hosts] == ["10.0.0.1"]
-    assert any("priority 1" in n and "load_assignment.endpoints[1]" in n for n in c.notices)
+def _prio(levels: list[list[dict[str, Any]]], **policy: Any) -> Cluster:
+    d = static("c")
+    d["load_assignment"]["endpoints"] = [{"priority": p, "lb_endpoints": eps} for p, eps in enumerate(levels)]
+    if policy:
+        d["load_assignment"]["policy"] = policy
+    return build(d)
+
+
+def _unhealthy(addr: str) -> dict[str, Any]:
+    return ep(addr, health_status="UNHEALTHY")
+
+
+def test_priority_failover_follows_envoys_priority_load() -> None:
+    # All of P0 healthy: P1 gets nothing.
+    c = _prio([[ep("10.0.0.1"), ep("10.0.0.2")], [ep("10.0.1.1")]])
+    assert {h.priority for h in c.hosts} == {0, 1}
+    assert {c.choose_host().address for _ in range(200)} == {"10.0.0.1", "10.0.0.2"}  # type: ignore[union-attr]
+    # Half of P0 healthy: health 50 * 1.4 = 70 %, P1 takes the other 30 %.
+    c = _prio([[ep("10.0.0.1"), _unhealthy("10.0.0.2")], [ep("10.0.1.1")]])
+    assert c._lb.loads == [70.0, 30.0]  # type: ignore[union-attr]
+    picks = Counter(c.choose_host().address for _ in range(2000))  # type: ignore[union-attr]
+    assert set(picks) == {"10.0.0.1", "10.0.1.1"}
+    assert 1200 < picks["10.0.0.1"] < 1600
+    # An overprovisioning factor of 100: P0 gets exactly its healthy share.
+    c = _prio([[ep("10.0.0.1"), _unhealthy("10.0.0.2")], [ep("10.0.1.1")]], overprovisioning_factor=100)
+    assert c._lb.loads == [50.0, 50.0]  # type: ignore[union-attr]
+    # P0 all down: P1 takes everything.
+    c = _prio([[_unhealthy("10.0.0.1")], [ep("10.0.1.1")], [ep("10.0.2.1")]])
+    assert {c.choose_host().address for _ in range(200)} == {"10.0.1.1"}  # type: ignore[union-attr]
+
+
+def test_priority_loads_are_normalized_when_every_level_is_degraded() -> None:
+    from moorline.upstream.lb import priority_loads
+
+    # 1 of 4 healthy on each of two levels: healths 35 and 35, scaled to 50 / 50.
+    assert priority_loads([(1, 4), (1, 4)], 140) == [50.0, 50.0]
+    assert priority_loads([(0, 3), (0, 2)], 140) == [0.0, 0.0]
+    assert priority_loads([(3, 3)], 140) == [100.0]
+    # No healthy host anywhere: level 0 panics over all of its hosts, as in Envoy.
+    c = _prio([[_unhealthy("10.0.0.1")], [_unhealthy("10.0.1.1")]])
+    assert c.choose_host().address == "10.0.0.1"  # type: ignore[union-attr]
+
+
+def test_load_assignment_view_round_trips_priorities_and_health() -> None:
+    c = _prio(
+        [[ep("10.0.0.1", load_balancing_weight=3)], [_unhealthy("10.0.1.1")]], overprovisioning_factor=120
+    )
+    view = c.load_assignment_view()
+    assert [(e.priority, len(e.lb_endpoints)) for e in view.endpoints] == [(0, 1), (1, 1)]
+    assert view.endpoints[0].lb_endpoints[0].load_balancing_weight.value == 3
+    assert view.endpoints[1].lb_endpoints[0].health_status == 2  # UNHEALTHY
+    assert view.policy.overprovisioning_factor.value == 120
 
 
 @pytest.mark.parametrize("policy", ["ROUND_ROBIN", "RANDOM", "LEAST_REQUEST"])
@@ -421,6 +467,168 @@ def test_original_dst_hosts_by_destination() -> None:
             c.stop()
 
     asyncio.run(main())
+
+
+class Ctx:
+    """An ``api.LbContext``: the downstream connection's destination and request headers."""
+
+    def __init__(self, dst: tuple[str, int] | None, headers: dict[bytes, bytes] | None = None) -> None:
+        self.dst = dst
+        self.headers = headers or {}
+
+    def downstream_local_address(self) -> tuple[str, int] | None:
+        return self.dst
+
+    def downstream_header(self, name: bytes) -> bytes | None:
+        return self.headers.get(name)
+
+
+def _od(**extra: Any) -> dict[str, Any]:
+    return {"name": "PassthroughCluster", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED", **extra}
+
+
+def test_original_dst_choose_host_from_the_connection() -> None:
+    store = Store()
+    c = build(_od(), store)
+    assert type(c).__name__ == "OriginalDstCluster"
+    assert c.choose_host() is None  # no context: nowhere to go
+    assert c.choose_host(None, Ctx(None)) is None  # not redirected: no host (Envoy: UH)
+    h = c.choose_host(None, Ctx(("10.1.1.1", 8080)))
+    assert h is not None and h.addr_str == "10.1.1.1:8080"
+    assert c.choose_host({h}, Ctx(("10.1.1.1", 8080))) is h  # the destination is the destination
+    assert store.get("cluster.PassthroughCluster.membership_total").value == 1  # type: ignore[union-attr]
+    assert store.get("cluster.PassthroughCluster.membership_change").value == 1  # type: ignore[union-attr]
+    # The header is not looked at unless use_http_header is on.
+    g = c.choose_host(None, Ctx(("10.1.1.1", 8080), {b"x-envoy-original-dst-host": b"10.2.2.2:80"}))
+    assert g is h
+    # Other clusters ignore the context altogether.
+    s = build(static("s", ep("10.0.0.1", 80)))
+    sh = s.choose_host(None, Ctx(("10.9.9.9", 1)))
+    assert sh is not None and sh.addr_str == "10.0.0.1:80"
+
+
+def test_original_dst_http_header_override_and_port_override() -> None:
+    store = Store()
+    c = build(_od(original_dst_lb_config={"use_http_header": True}), store)
+    conn = ("10.1.1.1", 8080)
+    h = c.choose_host(None, Ctx(conn, {b"x-envoy-original-dst-host": b"10.2.2.2:9090"}))
+    assert h is not None and h.addr_str == "10.2.2.2:9090"
+    h6 = c.choose_host(None, Ctx(conn, {b"x-envoy-original-dst-host": b"[fd00::0:1]:443"}))
+    assert h6 is not None and (h6.address, h6.port) == ("fd00::1", 443)
+    # Absent: the connection's destination. Invalid (a name, no port, a bad port): counted, and
+    # the connection's destination is used.
+    assert c.choose_host(None, Ctx(conn)).addr_str == "10.1.1.1:8080"  # type: ignore[union-attr]
+    for bad in (b"svc.local:80", b"10.2.2.2", b"10.2.2.2:0", b"10.2.2.2:99999", b"fd00::1:80", b"\xff:1"):
+        got = c.choose_host(None, Ctx(conn, {b"x-envoy-original-dst-host": bad}))
+        assert got is not None and got.addr_str == "10.1.1.1:8080", bad
+    assert store.get("cluster.PassthroughCluster.original_dst_host_invalid").value == 6  # type: ignore[union-attr]
+    # An invalid header and no connection destination: no host.
+    assert c.choose_host(None, Ctx(None, {b"x-envoy-original-dst-host": b"nope"})) is None
+
+    named = build(
+        _od(
+            original_dst_lb_config={
+                "use_http_header": True,
+                "http_header_name": "X-Target",
+                "upstream_port_override": 7070,
+            }
+        )
+    )
+    t = named.choose_host(None, Ctx(conn, {b"x-target": b"10.3.3.3:1"}))
+    assert t is not None and t.addr_str == "10.3.3.3:7070"
+    assert named.choose_host(None, Ctx(conn, {b"x-envoy-original-dst-host": b"10.2.2.2:80"})).addr_str == (  # type: ignore[union-attr]
+        "10.1.1.1:7070"
+    )
+    assert not named.notices
+
+
+def test_original_dst_config_checks_and_notices() -> None:
+    with pytest.raises(ConfigError) as ei:
+        build(_od(original_dst_lb_config={"upstream_port_override": 70000}))
+    assert ei.value.path == "original_dst_lb_config.upstream_port_override"
+    c = build(_od(original_dst_lb_config={"http_header_name": "x-a", "metadata_key": {"key": "k"}}))
+    assert any(n.startswith("original_dst_lb_config.http_header_name") for n in c.notices)
+    assert any(n.startswith("original_dst_lb_config.metadata_key") for n in c.notices)
+    assert c.original_dst_header is None
+    assert build(_od(cleanup_interval="2s")).cleanup_interval == 2.0
+    assert build(_od()).cleanup_interval == 5.0
+
+
+def test_original_dst_idle_hosts_are_swept_on_the_cleanup_interval() -> None:
+    async def main() -> None:
+        c = build(_od(cleanup_interval="0.05s"))
+        await c.start()
+        try:
+            h = c.choose_host(None, Ctx(("10.1.1.1", 1)))
+            busy = c.choose_host(None, Ctx(("10.1.1.2", 2)))
+            assert h is not None and busy is not None
+            busy.active_cx = 1
+            for _ in range(200):
+                if h.removed:
+                    break
+                await asyncio.sleep(0.02)
+            assert h.removed and c.hosts == [busy]
+            # A host made again for the same destination is a new one.
+            again = c.choose_host(None, Ctx(("10.1.1.1", 1)))
+            assert again is not h and again in c.hosts
+        finally:
+            c.stop()
+
+    asyncio.run(main())
+
+
+class _Pool:
+    closed = False
+    draining = False
+
+    def drain(self) -> None:
+        self.draining = True
+
+
+def test_original_dst_sweep_drops_hosts_with_only_idle_pooled_connections() -> None:
+    c = build(_od(cleanup_interval="3600s"))
+    idle_http = c.choose_host(None, Ctx(("10.1.1.1", 80)))
+    in_flight = c.choose_host(None, Ctx(("10.1.1.2", 80)))
+    tcp_session = c.choose_host(None, Ctx(("10.1.1.3", 5432)))
+    assert idle_http is not None and in_flight is not None and tcp_session is not None
+    pool = _Pool()
+    idle_http.pool = pool
+    idle_http.active_cx = 1  # a keep-alive connection waiting in the pool
+    in_flight.pool = _Pool()
+    in_flight.active_cx = in_flight.active_rq = 1
+    tcp_session.active_cx = 1  # tcp_proxy: no pool
+    c._od_sweep(reschedule=False)  # all used since the start
+    c._od_sweep(reschedule=False)
+    assert idle_http.removed and pool.draining
+    assert c.hosts == [in_flight, tcp_session]
+
+
+def test_original_dst_host_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import moorline.upstream.cluster as cluster_mod
+
+    monkeypatch.setattr(cluster_mod, "MAX_ORIGINAL_DST_HOSTS", 2)
+    c = build(_od(cleanup_interval="3600s"))
+    a = c.choose_host(None, Ctx(("10.0.0.1", 1)))
+    b = c.choose_host(None, Ctx(("10.0.0.2", 1)))
+    assert a is not None and b is not None
+    # Full, both used since the last sweep: a new destination is served by a host nothing
+    # keeps (its pools drain after use), and the cached ones keep their marks.
+    extra = c.choose_host(None, Ctx(("10.0.0.3", 1)))
+    assert extra is not None and extra.removed and extra not in c.hosts
+    assert c.hosts == [a, b] and c._od_used == {a, b}
+    # After a sweep cleared the marks, an idle host makes room for the next destination.
+    c._od_sweep(reschedule=False)
+    b.active_rq = 1
+    d = c.choose_host(None, Ctx(("10.0.0.4", 1)))
+    assert d is not None and not d.removed and a.removed
+    assert c.hosts == [b, d]
+
+
+def test_original_dst_retired_cluster_keeps_no_new_hosts() -> None:
+    c = build(_od())
+    c.retire()
+    h = c.choose_host(None, Ctx(("10.1.1.1", 1)))
+    assert h is not None and h.removed and c.hosts == []
 
 
 # -- validation: every ConfigError path -------------------------------------------------------------

@@ -159,7 +159,10 @@ def test_rds_over_ads_asks_by_name_and_follows_updates(tmp_path: Path, moorline:
     p = moorline(_boot(tmp_path, cp.port, be))
     ask = cp.wait_for(lambda r: r.type_url == ROUTE_TYPE)
     assert list(ask.resource_names) == ["r"]
-    assert http_request("127.0.0.1", port, "GET", "/").status == 404  # no routes yet
+    # Warming: the listener waits for its routes and is not bound meanwhile.
+    _wait(lambda: p.stat("listener_manager.total_listeners_warming") == 1, "the listener to warm")
+    with pytest.raises(ConnectionRefusedError):
+        http_request("127.0.0.1", port, "GET", "/")
 
     def routes(body: str) -> RouteConfiguration:
         vh = {"name": "all", "domains": ["*"]}
@@ -171,6 +174,7 @@ def test_rds_over_ads_asks_by_name_and_follows_updates(tmp_path: Path, moorline:
     nonce = cp.push(ROUTE_TYPE, "r1", [routes("rds1")])
     ack = cp.wait_for(lambda r: r.type_url == ROUTE_TYPE and r.response_nonce == nonce)
     assert ack.version_info == "r1" and not ack.HasField("error_detail")
+    _wait(lambda: p.stat("listener_manager.total_listeners_warming") == 0, "the listener to warm up")
     assert http_request("127.0.0.1", port, "GET", "/").body == b"rds1"
     assert p.stat("http.dyn.rds.r.update_success") == 1
     bad = routes("x")
@@ -282,3 +286,138 @@ def test_responses_that_do_not_decode_or_were_not_asked_for_are_nacked() -> None
     assert set(mgr.live) == {"a"}  # nothing of the refused updates was applied
     other = client.handle(discovery_pb2.DiscoveryResponse(type_url=LISTENER_TYPE, nonce="n3"), discovery_pb2)
     assert other.HasField("error_detail") and "not subscribed" in other.error_detail.message
+
+
+# --- the client on its own: delta, named resources, the initial fetch timeout -----------------
+
+
+class _Named:
+    """A named target recording what it was given."""
+
+    def __init__(self, refuse: str | None = None) -> None:
+        self.applied: list[tuple[str, str]] = []
+        self.refuse = refuse
+        self.timeouts = 0
+
+    def check(self, proto: Any, path: str) -> None:
+        from moorline.config.errors import ConfigError
+
+        if self.refuse is not None and proto.name == self.refuse:
+            raise ConfigError(path, "refused")
+
+    def apply(self, proto: Any, version_info: str) -> None:
+        self.applied.append((proto.name, version_info))
+
+    def on_fetch_timeout(self) -> None:
+        self.timeouts += 1
+
+
+def _delta_resource(msg: Any, version: str) -> Any:
+    from envoy.service.discovery.v3 import discovery_pb2
+
+    a = any_pb2.Any()
+    a.Pack(msg)
+    return discovery_pb2.Resource(name=msg.name, version=version, resource=a)
+
+
+def test_delta_client_applies_changes_and_removals_to_the_whole_state() -> None:
+    from envoy.service.discovery.v3 import discovery_pb2
+
+    from moorline.observability.stats import Store
+    from moorline.xds.ads import WildcardKind, XdsClient
+
+    mgr = _Mgr()
+    st = Store()
+    client = XdsClient(
+        "127.0.0.1:1", None, [WildcardKind(CLUSTER_TYPE, Cluster, mgr, "cluster_manager.cds")], st, delta=True
+    )
+    r1 = discovery_pb2.DeltaDiscoveryResponse(
+        type_url=CLUSTER_TYPE,
+        system_version_info="1",
+        nonce="n1",
+        resources=[_delta_resource(_cluster("a", 1), "va"), _delta_resource(_cluster("b", 2), "vb")],
+    )
+    ack = client.handle(r1)
+    assert isinstance(ack, discovery_pb2.DeltaDiscoveryRequest)
+    assert ack.response_nonce == "n1" and not ack.HasField("error_detail")
+    assert set(mgr.live) == {"a", "b"}
+    # Only "c" is sent and "a" removed: "b" stays (a delta never repeats what did not change).
+    r2 = discovery_pb2.DeltaDiscoveryResponse(
+        type_url=CLUSTER_TYPE,
+        system_version_info="2",
+        nonce="n2",
+        resources=[_delta_resource(_cluster("c", 3), "vc")],
+        removed_resources=["a"],
+    )
+    assert not client.handle(r2).HasField("error_detail")
+    assert set(mgr.live) == {"b", "c"}
+    # A reconnecting stream tells the server what it has.
+    first = client._first_requests()
+    assert dict(first[0].initial_resource_versions) == {"b": "vb", "c": "vc"}
+    # A resource whose wrapper names another one, or that does not decode: NACK, nothing changes.
+    wrong = _delta_resource(_cluster("d", 4), "vd")
+    wrong.name = "e"
+    nack = client.handle(
+        discovery_pb2.DeltaDiscoveryResponse(type_url=CLUSTER_TYPE, nonce="n3", resources=[wrong])
+    )
+    assert nack.error_detail.code == 3 and "resources[0].name" in nack.error_detail.message
+    assert set(mgr.live) == {"b", "c"}
+    assert st.counter("cluster_manager.cds.update_rejected").value == 1
+    assert st.counter("cluster_manager.cds.update_success").value == 2
+
+
+def test_named_resources_are_kept_for_late_subscribers_and_time_out_when_absent() -> None:
+    import asyncio
+
+    from envoy.config.route.v3.route_pb2 import RouteConfiguration
+    from envoy.service.discovery.v3 import discovery_pb2
+
+    from moorline.observability.stats import Store
+    from moorline.xds.ads import XdsClient
+    from moorline.xds.files import ROUTE_TYPE
+
+    client = XdsClient("127.0.0.1:1", None, [], Store())
+    first, refusing = _Named(), _Named(refuse="r")
+    client.subscribe(ROUTE_TYPE, RouteConfiguration, "r", first)
+    a = any_pb2.Any()
+    a.Pack(RouteConfiguration(name="r"))
+    ok = client.handle(
+        discovery_pb2.DiscoveryResponse(type_url=ROUTE_TYPE, version_info="1", nonce="n1", resources=[a])
+    )
+    assert ok.version_info == "1" and list(ok.resource_names) == ["r"]
+    assert first.applied == [("r", "1")]
+    # A target subscribing later (a listener replaced by an update) gets it at once.
+    late = _Named()
+    client.subscribe(ROUTE_TYPE, RouteConfiguration, "r", late)
+    assert late.applied == [("r", "1")]
+    # Every target checks before any applies: one refusing NACKs the response for all.
+    client.subscribe(ROUTE_TYPE, RouteConfiguration, "r", refusing)
+    nack = client.handle(
+        discovery_pb2.DiscoveryResponse(type_url=ROUTE_TYPE, version_info="2", nonce="n2", resources=[a])
+    )
+    assert nack.HasField("error_detail") and nack.version_info == "1"
+    assert first.applied == [("r", "1")]
+    # A name nothing arrives for: the target hears of the timeout (and only then).
+    loop = asyncio.new_event_loop()
+    try:
+        waiting, served = _Named(), _Named()
+        client._loop = loop
+        client.subscribe(ROUTE_TYPE, RouteConfiguration, "never", waiting, initial_fetch_timeout=0.05)
+        client.subscribe(ROUTE_TYPE, RouteConfiguration, "r", served, initial_fetch_timeout=0.05)
+        loop.run_until_complete(asyncio.sleep(0.2))
+        assert waiting.timeouts == 1 and served.timeouts == 0
+    finally:
+        client._loop = None
+        loop.close()
+    # Targets that are gone are dropped from the next request, with what was kept for them.
+    other = XdsClient("127.0.0.1:1", None, [], Store())
+    keep, gone = _Named(), _Named()
+    other.subscribe(ROUTE_TYPE, RouteConfiguration, "never", keep)
+    other.subscribe(ROUTE_TYPE, RouteConfiguration, "r", gone)
+    other.handle(
+        discovery_pb2.DiscoveryResponse(type_url=ROUTE_TYPE, version_info="1", nonce="n1", resources=[a])
+    )
+    assert "r" in other.named[ROUTE_TYPE].received
+    del gone
+    assert other.named[ROUTE_TYPE].names() == ["never"]
+    assert "r" not in other.named[ROUTE_TYPE].received

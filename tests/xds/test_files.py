@@ -487,7 +487,7 @@ def test_a_change_before_the_watch_starts_is_applied_when_it_starts(tmp_path: Pa
     assert sub.version_info == "2" and mgr.live.keys() == {"b"}
 
 
-def test_an_eds_source_that_is_not_served_is_listed(tmp_path: Path) -> None:
+def test_an_eds_source_naming_ads_without_ads_config_is_a_config_error(tmp_path: Path) -> None:
     cluster = {
         "name": "dyn",
         "type": "EDS",
@@ -499,7 +499,8 @@ def test_an_eds_source_that_is_not_served_is_listed(tmp_path: Path) -> None:
     r = subprocess.run(
         [sys.executable, "-m", "moorline", "validate", str(boot)], capture_output=True, text=True, timeout=60
     )
-    out = r.stdout + r.stderr
+    assert r.returncode == 2, r
     assert (
-        "static_resources.clusters[0].eds_cluster_config.eds_config: this EDS source is not served" in out
-    ), out
+        "static_resources.clusters[0].eds_cluster_config.eds_config: ads is named, but "
+        "dynamic_resources.ads_config is not set" in r.stderr
+    ), r.stderr

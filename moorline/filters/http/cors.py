@@ -10,9 +10,10 @@ comes from the matched route. Its sources, compiled once with the route table:
   (``envoy.config.route.v3.CorsPolicy``, the route's fields over its virtual host's).
 
 Only routes that forward (``route`` action) are served; redirects and direct responses bypass
-the filter, as in Envoy. A route without a policy costs nothing: the factory is route-gated
-(``route_gate``), so when every filter of a listener is, a stream whose route has no policy runs
-the router's fast path with no filter manager at all.
+the filter, as in Envoy. A route without a policy costs nothing: a route table with no policy
+leaves the filter out of the chain (``wanted``), and the factory is route-gated (``route_gate``),
+so when every filter of a listener is, a stream whose route has no policy runs the router's fast
+path with no filter manager at all.
 
 Per request, with a policy:
 
@@ -235,8 +236,9 @@ class CorsFilter(HttpFilter):
 
 
 class _Factory:
-    """Makes one ``CorsFilter`` per stream. ``route_gate``: the filter acts only on routes with
-    a policy under this name (the connection manager may skip it on the others)."""
+    """Makes one ``CorsFilter`` per stream. The filter acts only where a route has a policy:
+    ``wanted(table)`` leaves it out of the chain of a route table with none, and ``route_gate``
+    lets the connection manager skip it for a stream whose route has none."""
 
     __slots__ = ("rand", "stats")
     route_gate = NAME
@@ -245,14 +247,15 @@ class _Factory:
         self.stats = stats
         self.rand = random.random
 
+    def wanted(self, table: Any) -> bool:
+        return any(NAME in r.filter_configs for vh in table.virtual_hosts for r in vh.routes)
+
     def __call__(self, stream: Any) -> CorsFilter:
         return CorsFilter(self.stats, self.rand)
 
 
-def _factory(cfg: Any, ctx: Any, path: str) -> _Factory:
-    prefix = getattr(ctx, "http_stat_prefix", None)
-    scope = ctx.stats.scope(f"http.{prefix}.cors." if prefix else "http.cors.")
-    return _Factory(CorsStats(scope))
+def _factory(cfg: Any, ctx: Any, path: str, stat_prefix: str = "http.") -> _Factory:
+    return _Factory(CorsStats(ctx.stats.scope(f"{stat_prefix}cors.")))
 
 
 registry.register(
@@ -263,4 +266,5 @@ registry.register(
     per_route=compile_policy,
     per_route_types=["type.googleapis.com/" + PER_ROUTE_TYPE, "type.googleapis.com/" + LEGACY_TYPE],
     per_route_merge=_merge,
+    wants_stat_prefix=True,
 )
