@@ -57,22 +57,73 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run_args(run: argparse.ArgumentParser) -> None:
+    # Envoy's flags as pilot-agent (istio/istio pkg/envoy/proxy.go) and other launchers pass them.
+    # What each does in moorline is in README.md ("Envoy command-line flags"); the ones moorline
+    # cannot act on are named in the start-up log by ``ignored_flag_lines``.
     run.add_argument("-c", "--config-path", dest="config", default=None)
     run.add_argument("--config-yaml", default=None)
     run.add_argument("-l", "--log-level", default="info")
+    run.add_argument("--component-log-level", default=None)
+    run.add_argument("--log-format", default=None)
+    run.add_argument("--log-format-escaped", action="store_true")
+    run.add_argument("--log-path", default=None)
+    run.add_argument("--skip-deprecated-logs", action="store_true")
+    run.add_argument("--enable-fine-grain-logging", action="store_true")
     run.add_argument("--concurrency", type=int, default=1)
+    run.add_argument("--cpuset-threads", action="store_true")
     run.add_argument("--drain-time-s", type=float, default=600.0)
+    run.add_argument("--drain-strategy", choices=("immediate", "gradual"), default="immediate")
     run.add_argument("--parent-shutdown-time-s", type=float, default=None)
+    run.add_argument("--local-address-ip-version", choices=("v4", "v6"), default="v4")
+    run.add_argument("--file-flush-interval-msec", type=int, default=None)
     run.add_argument("--mode", choices=("serve", "validate", "init_only"), default="serve")
     run.add_argument("--service-cluster", default=None)
     run.add_argument("--service-node", default=None)
     run.add_argument("--service-zone", default=None)
     run.add_argument("--base-id", default=None)
-    run.add_argument("--component-log-level", default=None)
-    run.add_argument("--log-format", default=None)
+    run.add_argument("--use-dynamic-base-id", action="store_true")
+    run.add_argument("--restart-epoch", type=int, default=None)
     run.add_argument("--disable-hot-restart", action="store_true")
     run.add_argument("--allow-unknown-static-fields", action="store_true")
+    run.add_argument("--ignore-unknown-dynamic-fields", action="store_true")
+    run.add_argument("--enable-core-dump", action="store_true")
+    run.add_argument("--enable-mutex-tracing", action="store_true")
     _reject_arg(run)
+
+
+# Flags accepted so that Envoy's launchers can start moorline, which moorline does not act on:
+# flag -> why (printed once at start-up, one line per flag given).
+IGNORED_FLAGS: dict[str, str] = {
+    "parent_shutdown_time_s": "moorline has no hot restart (there is no parent to shut down)",
+    "restart_epoch": "moorline has no hot restart",
+    "base_id": "moorline has no hot restart (no shared memory regions)",
+    "use_dynamic_base_id": "moorline has no hot restart (no shared memory regions)",
+    "disable_hot_restart": "moorline never hot restarts",
+    "local_address_ip_version": "moorline takes each connection's local address from its socket",
+    "skip_deprecated_logs": "moorline logs no deprecation warnings",
+    "enable_fine_grain_logging": "levels are set per component (--component-log-level, /logging)",
+    "cpuset_threads": "moorline runs one worker",
+    "allow_unknown_static_fields": "an unknown field in the static config is still an error",
+    "ignore_unknown_dynamic_fields": "an unknown field in an xDS resource is still a NACK",
+    "enable_core_dump": "core dumps follow the process limits (ulimit -c)",
+    "enable_mutex_tracing": "moorline has no mutexes to trace",
+}
+
+
+def ignored_flag_lines(opts: dict[str, Any]) -> list[str]:
+    """One start-up line per Envoy flag given that moorline accepts and does not act on."""
+    out = []
+    for key, why in IGNORED_FLAGS.items():
+        v = opts.get(key)
+        if v is None or v is False:
+            continue
+        if key == "local_address_ip_version" and v == "v4":
+            continue  # Envoy's default; nothing was asked
+        out.append(f"--{key.replace('_', '-')}: accepted and ignored ({why})")
+    conc = opts.get("concurrency")
+    if isinstance(conc, int) and conc > 1:
+        out.append(f"--concurrency {conc}: moorline runs one worker (an event loop in this process)")
+    return out
 
 
 def _reject_arg(p: argparse.ArgumentParser) -> None:
@@ -110,11 +161,6 @@ def main(argv: list[str] | None = None) -> int:
         return _run(None, text, args.log_level, 600.0, {"mode": "proxy"}, source="moorline proxy")
     if args.mode == "validate":
         return _validate(args.config, args.config_yaml, args.reject_ignored)
-    if args.concurrency not in (0, 1):
-        print(
-            f"moorline: --concurrency {args.concurrency}: one worker per process for now; running 1",
-            file=sys.stderr,
-        )
     opts = {k: v for k, v in vars(args).items() if v is not None}
     return _run(args.config, args.config_yaml, args.log_level, args.drain_time_s, opts)
 
@@ -164,9 +210,19 @@ def _print_rejected(notices: list[Any], source: str) -> None:
 def _run(
     path: str | None, yaml_text: str | None, level: str, drain: float, opts: dict, source: str | None = None
 ) -> int:
-    from moorline.observability.logging import setup_logging
+    from moorline.observability.logging import LogSetupError, setup_logging
 
-    setup_logging(level)
+    try:
+        unmapped = setup_logging(
+            level,
+            log_format=opts.get("log_format"),
+            escaped=bool(opts.get("log_format_escaped")),
+            component_levels=opts.get("component_log_level"),
+            path=opts.get("log_path"),
+        )
+    except LogSetupError as e:
+        print(f"moorline: {e}", file=sys.stderr)
+        return 2
     try:
         import uvloop
 
@@ -184,6 +240,12 @@ def _run(
     if opts.get("reject_ignored") and server.ctx.notices:
         _print_rejected(server.ctx.notices, source or src)
         return 2
+    if server.app_log_formatter is not None:
+        from moorline.observability.logging import set_formatter
+
+        set_formatter(server.app_log_formatter)
+    for line in [*unmapped, *ignored_flag_lines(opts)]:
+        log.info("%s", line)
     try:
         return asyncio.run(server.run())
     except OSError as e:

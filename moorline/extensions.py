@@ -13,6 +13,7 @@ def register_builtin() -> None:
     """Import (once) every module that registers a built-in extension."""
     import moorline.filters.http.buffer
     import moorline.filters.http.compressor
+    import moorline.filters.http.cors
     import moorline.filters.http.ext_authz
     import moorline.filters.http.fault
     import moorline.filters.http.health_check

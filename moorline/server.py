@@ -25,6 +25,10 @@ from moorline.stream import builtin_codecs
 # would shadow it in the per-component level table.
 log = logging.getLogger("moorline")
 
+# Envoy's ``envoy.admin.v3.ServerInfo.State`` numbers: the value of the ``server.state`` gauge,
+# which pilot-agent reads (``/stats?usedonly&filter=^(server\.state|...)``) to decide readiness.
+STATE_NUMBERS = {"LIVE": 0, "DRAINING": 1, "PRE_INITIALIZING": 2, "INITIALIZING": 3}
+
 
 class Server:
     """Compiled bootstrap plus the running state. Implements the admin's ``AdminHost``.
@@ -48,10 +52,11 @@ class Server:
         from moorline.upstream.manager import ClusterManager
 
         register_builtin()
-        self.bootstrap = bootstrap
+        self.options = options or {}
+        self.bootstrap = _with_cli_node(bootstrap, self.options)
         self.source = source
         self.drain_time = drain_time
-        self.options = options or {}
+        self.drain_strategy = self.options.get("drain_strategy", "immediate")
         self.stats = Store()
         self.secrets = SecretsManager()
         from moorline.xds.files import FileSources
@@ -70,7 +75,15 @@ class Server:
             secrets=self.secrets,
             codecs=builtin_codecs(),
         )
+        flush_ms = self.options.get("file_flush_interval_msec")
+        if flush_ms is not None:
+            from moorline.observability.access_log import AccessLogSinks
+
+            # Before anything compiles an access log, so every file logger gets the interval.
+            self.ctx.access_logs = AccessLogSinks(flush_interval=max(0, flush_ms) / 1000.0)
         self.listener_manager = ListenerManager(self.ctx, drain_time=drain_time)
+        self.listener_manager.drain_decision = self.drain_decision
+        self._graceful_stop: asyncio.TimerHandle | None = None
         self.state = "PRE_INITIALIZING"
         self.health_check_failed = False
         self.start_time = time.time()
@@ -91,6 +104,7 @@ class Server:
                 self.admin_address = address_of(bootstrap.admin.address, "admin.address")
             self.admin_allow_paths = compile_allow_paths(bootstrap.admin.allow_paths, "admin.allow_paths")
             self._dynamic_resources(bootstrap)
+            self.app_log_formatter = _app_log_formatter(bootstrap, self.options)
             # Cluster notices carry paths relative to their cluster.
             for i, cp in enumerate(sr.clusters):
                 for n in getattr(self.cluster_manager.get(cp.name), "notices", None) or []:
@@ -178,7 +192,10 @@ class Server:
         s = self.stats
         self.st_uptime = s.gauge("server.uptime")
         self.st_live = s.gauge("server.live")
-        self.st_state = s.gauge("server.state")
+        self.st_state = s.state_gauge("server.state")
+        self.st_state.value = STATE_NUMBERS[self.state]
+        # 1 once the listeners accept (Envoy: the workers started); pilot-agent waits for it.
+        self.st_workers_started = s.gauge("listener_manager.workers_started")
         self.st_concurrency = s.gauge("server.concurrency")
         self.st_concurrency.value = 1
         self.st_version = s.gauge("server.version")
@@ -192,9 +209,11 @@ class Server:
         loop = asyncio.get_running_loop()
         for n in self.ctx.notices:
             log.info("notice: %s", n)
+        self._set_state("INITIALIZING")
         self.secrets.start(loop)
         await self.cluster_manager.start()
         await self.listener_manager.start(loop)
+        self.st_workers_started.value = 1
         self.xds_files.start(loop)
         self.xds.start(loop)
         if self.admin_address is not None:
@@ -203,8 +222,28 @@ class Server:
             self.admin = AdminServer(self, self.admin_address, allow_paths=self.admin_allow_paths)
             await self.admin.start()
             log.info("admin on %s", _fmt_addr(self.admin.bound_address))
-        self.state = "LIVE"
+        self._set_state("LIVE")
         self.st_live.value = 1
+
+    def _set_state(self, state: str) -> None:
+        self.state = state
+        self.st_state.value = STATE_NUMBERS[self.reported_state()]
+
+    def reported_state(self) -> str:
+        """The state ``/server_info`` and ``server.state`` show: DRAINING while health checks
+        are failed (``/healthcheck/fail``), as Envoy reports it."""
+        return "DRAINING" if (self.health_check_failed and self.state == "LIVE") else self.state
+
+    def drain_decision(self) -> Any:
+        """What terminals get in ``drain(decision)``: True for ``--drain-strategy immediate``
+        (moorline's default), a fresh ``GradualDrain`` over the drain time for ``gradual``."""
+        if self.drain_strategy != "gradual":
+            return True
+        import random
+
+        from moorline.stream.connections import GradualDrain
+
+        return GradualDrain(self.drain_time, time.monotonic, random.random)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -248,15 +287,17 @@ class Server:
     async def shutdown(self) -> None:
         """Drain: stop accepting, let in-flight requests finish for up to ``drain_time``, cut
         the rest, close the admin and stop the clusters."""
-        self.state = "DRAINING"
-        self.st_state.value = 1
+        self._set_state("DRAINING")
         self.st_live.value = 0
+        if self._graceful_stop is not None:
+            self._graceful_stop.cancel()
+            self._graceful_stop = None
         self.listener_manager.stop_accepting()
         terminals = self._terminals()
         for t in terminals:
             d = getattr(t, "drain", None)
             if d is not None:
-                d()
+                d(self.drain_decision())
         deadline = time.monotonic() + self.drain_time
         while time.monotonic() < deadline:
             if not any(_active(t) for t in terminals):
@@ -299,9 +340,9 @@ class Server:
         up = int(time.time() - self.start_time)
         return {
             "version": f"moorline/{__version__}/Python-{sys.version.split()[0]}",
-            "state": "DRAINING" if (self.health_check_failed and self.state == "LIVE") else self.state,
+            "state": self.reported_state(),
             "hot_restart_version": "disabled",
-            "command_line_options": self.options,
+            "command_line_options": command_line_options(self.options),
             "node": node,
             "uptime_current_epoch": f"{up}s",
             "uptime_all_epochs": f"{up}s",
@@ -524,16 +565,136 @@ class Server:
     def set_health_check_failed(self, failed: bool) -> None:
         self.health_check_failed = failed
         self.stats.gauge("server.health_check_failed").value = 1 if failed else 0
+        self._set_state(self.state)
 
-    def drain_listeners(self, inbound_only: bool = False) -> None:
-        self.listener_manager.stop_accepting()
-        for t in self._terminals():
-            d = getattr(t, "drain", None)
-            if d is not None:
-                d()
+    def drain_listeners(
+        self, inbound_only: bool = False, graceful: bool = False, skip_exit: bool = False
+    ) -> None:
+        """``POST /drain_listeners``. ``inboundonly``: only listeners whose
+        ``traffic_direction`` is INBOUND (pilot-agent drains those while the app's outbound
+        calls go on). Without ``graceful`` they stop accepting now and their connections are
+        told to close; with it they keep accepting for the drain time while their connections
+        are told to close (per ``--drain-strategy``), then stop accepting, unless ``skip_exit``."""
+        lsts = [lst for lst in self.listener_manager if not inbound_only or _inbound(lst)]
+        decision = self.drain_decision() if graceful else True
+        for lst in lsts:
+            for ch in lst.filter_chains:
+                d = getattr(ch.terminal, "drain", None)
+                if d is not None:
+                    d(decision)
+        if not graceful:
+            self.listener_manager.stop_accepting(lsts)
+            return
+        if skip_exit:
+            return
+        if self._graceful_stop is not None:
+            self._graceful_stop.cancel()
+        loop = asyncio.get_running_loop()
+        self._graceful_stop = loop.call_later(self.drain_time, self.listener_manager.stop_accepting, lsts)
 
     def quit(self) -> None:
         self.begin_shutdown()
+
+
+def _app_log_formatter(bootstrap: Any, options: dict) -> Any:
+    """``application_log_config.log_format`` compiled at load; installed by the CLI
+    (``moorline.cli``), so a server embedded in tests leaves the process log alone."""
+    from google.protobuf import json_format
+
+    from moorline.observability.logging import LogSetupError, app_log_formatter
+
+    lf = bootstrap.application_log_config.log_format
+    kind = lf.WhichOneof("log_format") if bootstrap.application_log_config.HasField("log_format") else None
+    path = "application_log_config.log_format"
+    if bootstrap.application_log_config.HasField("log_format") and kind is None:
+        raise ConfigError(path, "one of text_format or json_format is required")
+    try:
+        return app_log_formatter(
+            lf.text_format if kind == "text_format" else None,
+            json_format.MessageToDict(lf.json_format) if kind == "json_format" else None,
+            options.get("log_format"),
+            bool(options.get("log_format_escaped")),
+        )
+    except LogSetupError as e:
+        raise ConfigError(path, str(e)) from None
+
+
+def _inbound(lst: Any) -> bool:
+    from envoy.config.core.v3 import base_pb2
+
+    proto = getattr(lst, "proto", None)
+    return proto is not None and proto.traffic_direction == base_pb2.INBOUND
+
+
+def _with_cli_node(bootstrap: Any, options: dict) -> Any:
+    """``--service-cluster`` / ``--service-node`` / ``--service-zone`` override the bootstrap's
+    ``node.cluster`` / ``node.id`` / ``node.locality.zone``, as Envoy's do."""
+    cluster, node, zone = (options.get(k) for k in ("service_cluster", "service_node", "service_zone"))
+    if cluster is not None:
+        bootstrap.node.cluster = cluster
+    if node is not None:
+        bootstrap.node.id = node
+    if zone is not None:
+        bootstrap.node.locality.zone = zone
+    return bootstrap
+
+
+def command_line_options(options: dict) -> dict:
+    """The CLI options as Envoy's ``envoy.admin.v3.CommandLineOptions`` JSON (what pilot-agent
+    and istioctl decode from ``/server_info``); options Envoy has no field for are left out."""
+    from envoy.admin.v3 import server_info_pb2
+    from google.protobuf import json_format
+
+    m = server_info_pb2.CommandLineOptions()
+    for key, field in (
+        ("config", "config_path"),
+        ("config_yaml", "config_yaml"),
+        ("log_level", "log_level"),
+        ("component_log_level", "component_log_level"),
+        ("log_format", "log_format"),
+        ("log_path", "log_path"),
+        ("service_cluster", "service_cluster"),
+        ("service_node", "service_node"),
+        ("service_zone", "service_zone"),
+    ):
+        v = options.get(key)
+        if isinstance(v, str):
+            setattr(m, field, v)
+    for key in (
+        "log_format_escaped",
+        "disable_hot_restart",
+        "allow_unknown_static_fields",
+        "ignore_unknown_dynamic_fields",
+        "skip_deprecated_logs",
+        "enable_core_dump",
+        "enable_fine_grain_logging",
+        "enable_mutex_tracing",
+        "cpuset_threads",
+        "use_dynamic_base_id",
+    ):
+        if options.get(key):
+            setattr(m, key, True)
+    if options.get("reject_ignored"):
+        m.reject_unknown_dynamic_fields = True
+    conc = options.get("concurrency")
+    if isinstance(conc, int) and conc >= 0:
+        m.concurrency = conc
+    if isinstance(options.get("restart_epoch"), int) and options["restart_epoch"] >= 0:
+        m.restart_epoch = options["restart_epoch"]
+    base_id = options.get("base_id")
+    if isinstance(base_id, str) and base_id.isdigit():
+        m.base_id = int(base_id)
+    for key, field in (("drain_time_s", "drain_time"), ("parent_shutdown_time_s", "parent_shutdown_time")):
+        v = options.get(key)
+        if isinstance(v, int | float) and v >= 0:
+            getattr(m, field).FromNanoseconds(int(v * 1e9))
+    ms = options.get("file_flush_interval_msec")
+    if isinstance(ms, int) and ms >= 0:
+        m.file_flush_interval.FromMilliseconds(ms)
+    m.local_address_ip_version = m.v6 if options.get("local_address_ip_version") == "v6" else m.v4
+    m.drain_strategy = m.Gradual if options.get("drain_strategy") == "gradual" else m.Immediate
+    m.mode = {"validate": m.Validate, "init_only": m.InitOnly}.get(str(options.get("mode")), m.Serve)
+    return json_format.MessageToDict(m, preserving_proto_field_name=True)
 
 
 def _active(terminal: Any) -> bool:

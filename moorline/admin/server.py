@@ -68,7 +68,8 @@ class AdminHost(Protocol):
         ...
 
     def config_dump(self, include_eds: bool = False) -> dict[str, Any]:
-        """``/config_dump`` JSON, secrets already redacted."""
+        """``/config_dump`` JSON, secrets already redacted; ``include_eds`` adds the
+        ``EndpointsConfigDump`` (every cluster's endpoints)."""
         ...
 
     def clusters_text(self) -> str:
@@ -86,7 +87,11 @@ class AdminHost(Protocol):
 
     def set_health_check_failed(self, failed: bool) -> None: ...
 
-    def drain_listeners(self, inbound_only: bool = False) -> None: ...
+    def drain_listeners(
+        self, inbound_only: bool = False, graceful: bool = False, skip_exit: bool = False
+    ) -> None:
+        """``/drain_listeners`` with its query options (``inboundonly``, ``graceful``, ``skip_exit``)."""
+        ...
 
     def quit(self) -> None: ...
 
@@ -257,7 +262,11 @@ class AdminServer:
             ),
             "/healthcheck/fail": (self._h_hc_fail, True, "cause the server to fail health checks"),
             "/healthcheck/ok": (self._h_hc_ok, True, "cause the server to pass health checks"),
-            "/drain_listeners": (self._h_drain, True, "drain listeners (?graceful, ?inboundonly)"),
+            "/drain_listeners": (
+                self._h_drain,
+                True,
+                "drain listeners (?graceful, ?inboundonly, ?skip_exit)",
+            ),
             "/reset_counters": (self._h_reset_counters, True, "reset all counters to zero"),
             "/quitquitquit": (self._h_quit, True, "exit the server"),
             "/memory": (self._h_memory, False, "print current allocation/heap usage"),
@@ -495,8 +504,13 @@ class AdminServer:
         return _text(200, "OK\n")
 
     def _h_drain(self, req: Request, params: dict[str, str]) -> Response:
-        # ?graceful is accepted: how long draining takes is the server's drain policy.
-        self.host.drain_listeners(inbound_only="inboundonly" in params)
+        if "skip_exit" in params and "graceful" not in params:
+            return _text(400, "skip_exit requires graceful\n")
+        self.host.drain_listeners(
+            inbound_only="inboundonly" in params,
+            graceful="graceful" in params,
+            skip_exit="skip_exit" in params,
+        )
         return _text(200, "OK\n")
 
     def _h_reset_counters(self, req: Request, params: dict[str, str]) -> Response:

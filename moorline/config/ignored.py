@@ -97,7 +97,6 @@ BOOTSTRAP: Table = {
     "xds_delegate_extension": _NO_XDS,
     "xds_config_tracker_extension": _NO_XDS,
     "listener_manager": "only the built-in listener manager exists; ignored",
-    "application_log_config": "the process log keeps Envoy's default line format; ignored",
     "grpc_async_client_manager_config": "moorline makes no gRPC client calls; ignored",
     "memory_allocator_manager": "the memory allocator is not configurable; ignored",
 }

@@ -36,6 +36,11 @@ class Extension:
     # of ``per_route_types`` once, when the route table is compiled.
     per_route: Callable[[Any, str], Any] | None = None
     per_route_types: tuple[str, ...] = ()
+    # ``per_route_merge(less_specific, more_specific)``: when set, the compiled configs of every
+    # level (route configuration, virtual host, route) are folded with it, so a field the route
+    # leaves unset comes from its virtual host (Envoy's CORS policy); otherwise the most specific
+    # level's config is used whole.
+    per_route_merge: Callable[[Any, Any], Any] | None = None
     # HTTP filters: the connection manager calls ``factory(config, ctx, path, stat_prefix=...)``
     # with its stats namespace (``"http.<stat_prefix>."``), as Envoy hands filters theirs.
     wants_stat_prefix: bool = False
@@ -72,6 +77,7 @@ def register(
     factory: Factory,
     per_route: Callable[[Any, str], Any] | None = None,
     per_route_types: list[str] | tuple[str, ...] = (),
+    per_route_merge: Callable[[Any, Any], Any] | None = None,
     wants_stat_prefix: bool = False,
 ) -> None:
     ext = Extension(
@@ -81,6 +87,7 @@ def register(
         factory,
         per_route,
         tuple(_type_name(t) for t in per_route_types),
+        per_route_merge,
         wants_stat_prefix,
     )
     for n in ext.names:

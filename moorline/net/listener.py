@@ -183,7 +183,9 @@ class Listener:
         self.stats_prefix = scope.prefix
         self.cx_total = scope.counter("downstream_cx_total")
         self.cx_destroy = scope.counter("downstream_cx_destroy")
-        self.cx_active = scope.gauge("downstream_cx_active")
+        self.cx_active = scope.state_gauge(
+            "downstream_cx_active"
+        )  # pilot-agent reads its 0 (EXIT_ON_ZERO_ACTIVE_CONNECTIONS)
         self.cx_length_ms = scope.histogram("downstream_cx_length_ms")
         self.no_filter_chain_match = scope.counter("no_filter_chain_match")
         self.cx_overflow = scope.counter("downstream_cx_overflow")

@@ -87,6 +87,9 @@ class ListenerManager:
         # (ip, port) -> listener, for use_original_dst handoff; rebuilt whenever listeners change.
         self._by_address: dict[tuple[str, int], Listener] = {}
         self.draining: list[DrainingListener] = []
+        # What a terminal's ``drain(decision)`` gets: True closes at once (Envoy's "immediate");
+        # the server sets this for ``--drain-strategy gradual`` (net/ does not know the policy).
+        self.drain_decision: Any = lambda: True
         self._loop: asyncio.AbstractEventLoop | None = None
         scope = ctx.stats.scope("listener_manager.")
         self._added = scope.counter("listener_added")
@@ -318,7 +321,7 @@ class ListenerManager:
         for t in terminals:
             d = getattr(t, "drain", None)
             if d is not None:
-                d()
+                d(self.drain_decision())
         loop = self._loop
         if loop is None or not any(open_connections(t) for t in terminals):
             for t in terminals:
@@ -354,9 +357,10 @@ class ListenerManager:
             log.info("listener %s on %s", lst.name, addr_str(lst.bound_address))
         self._loop = loop
 
-    def stop_accepting(self) -> None:
-        """Server drain: every listener stops accepting (sockets closed); connections stay."""
-        for lst in self.listeners.values():
+    def stop_accepting(self, only: list[Listener] | None = None) -> None:
+        """Server drain: every listener (or those in ``only``) stops accepting (sockets
+        closed); connections stay."""
+        for lst in self.listeners.values() if only is None else only:
             lst.stop_accepting()
 
     def close(self) -> None:

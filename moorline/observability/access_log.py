@@ -47,6 +47,9 @@ from moorline.observability.stream_info import StreamInfo
 log = logging.getLogger("moorline.access_log")
 
 MAX_PENDING = 10_000  # entries waiting per logger before new ones are dropped
+# With a flush interval (``--file-flush-interval-msec``), a batch this long is written without
+# waiting for the timer: about Envoy's 64 KiB flush buffer at ~256 bytes a line.
+FLUSH_AT = 256
 
 DEFAULT_FORMAT = (
     '[%START_TIME%] "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%" '
@@ -494,9 +497,17 @@ class AccessLogSinks:
     (SIGUSR1, after rotation) act on everything this server opened. Both are weak, so that
     loggers dropped by a config update close their files."""
 
-    def __init__(self) -> None:
+    def __init__(self, flush_interval: float | None = None) -> None:
         self.file_sinks: weakref.WeakValueDictionary[str, FileSink] = weakref.WeakValueDictionary()
         self.loggers: weakref.WeakSet[AccessLogger] = weakref.WeakSet()
+        # None: write once per loop iteration; seconds: Envoy's --file-flush-interval-msec.
+        self.flush_interval = flush_interval
+
+    def add(self, logger: AccessLogger) -> AccessLogger:
+        """Register a logger (for ``flush_all`` / ``reopen_all``) and give it the flush interval."""
+        logger.flush_interval = self.flush_interval
+        self.loggers.add(logger)
+        return logger
 
     def file_sink(self, path: str, err_path: str) -> FileSink:
         sink = self.file_sinks.get(path)
@@ -536,14 +547,26 @@ def sinks_of(ctx: Any) -> AccessLogSinks:
 class AccessLogger:
     """Queues StreamInfos; formats and writes them in one batch per loop iteration."""
 
-    __slots__ = ("__weakref__", "_dropped", "_pending", "_scheduled", "filter", "formatter", "sink")
+    __slots__ = (
+        "__weakref__",
+        "_dropped",
+        "_pending",
+        "_scheduled",
+        "_timer",
+        "filter",
+        "flush_interval",
+        "formatter",
+        "sink",
+    )
 
     def __init__(self, sink: Sink, formatter: Formatter, dropped: Counter | None = None) -> None:
         self.sink = sink
         self.formatter = formatter
         self.filter: Filter | None = None
+        self.flush_interval: float | None = None  # see AccessLogSinks.flush_interval
         self._pending: list[StreamInfo] = []  # bounded by MAX_PENDING
         self._scheduled = False
+        self._timer: asyncio.Handle | None = None
         self._dropped = dropped if dropped is not None else Counter("access_log.dropped")
 
     def log(self, info: StreamInfo) -> None:
@@ -559,10 +582,19 @@ class AccessLogger:
                 self.flush()
                 return
             self._scheduled = True
-            loop.call_soon(self.flush)
+            if self.flush_interval:
+                self._timer = loop.call_later(self.flush_interval, self.flush)
+            else:
+                loop.call_soon(self.flush)
+        elif self._timer is not None and len(pending) == FLUSH_AT:
+            self._timer.cancel()
+            self._timer = asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
         self._scheduled = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         batch = self._pending
         if not batch:
             return
@@ -611,9 +643,9 @@ def _file_factory(cfg: Any, ctx: Any, path: str) -> AccessLogger:
     else:
         formatter = TextFormatter(DEFAULT_FORMAT, path)
     sinks = sinks_of(ctx)
-    logger = AccessLogger(sinks.file_sink(cfg.path, f"{path}.path"), formatter, _dropped_counter(ctx))
-    sinks.loggers.add(logger)
-    return logger
+    return sinks.add(
+        AccessLogger(sinks.file_sink(cfg.path, f"{path}.path"), formatter, _dropped_counter(ctx))
+    )
 
 
 def _stream_factory(stream: str) -> Callable[[Any, Any, str], AccessLogger]:
@@ -622,9 +654,7 @@ def _stream_factory(stream: str) -> Callable[[Any, Any, str], AccessLogger]:
             formatter = formatter_from_substitution(cfg.log_format, f"{path}.log_format")
         else:
             formatter = TextFormatter(DEFAULT_FORMAT, path)
-        logger = AccessLogger(StreamSink(stream), formatter, _dropped_counter(ctx))
-        sinks_of(ctx).loggers.add(logger)
-        return logger
+        return sinks_of(ctx).add(AccessLogger(StreamSink(stream), formatter, _dropped_counter(ctx)))
 
     return factory
 

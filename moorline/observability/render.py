@@ -37,7 +37,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from moorline.observability.stats import Counter, Gauge, Histogram, Stat, Store
+from moorline.observability.stats import Counter, Gauge, Histogram, Stat, StateGauge, Store
 
 # Envoy's supported quantiles in percent, as printed by /stats (P0 ... P100).
 PERCENTILES: tuple[float, ...] = (0, 25, 50, 75, 90, 95, 99, 99.5, 99.9, 100)
@@ -255,7 +255,7 @@ def _used(s: Stat) -> bool:
     # for it (a gauge that went up and back to 0 reads as unused).
     if isinstance(s, Histogram):
         return s.count > 0
-    return s.value != 0
+    return s.value != 0 or isinstance(s, StateGauge)
 
 
 def _select(store: Store, filter: str | None, used_only: bool) -> list[Stat]:

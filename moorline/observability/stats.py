@@ -72,6 +72,13 @@ class Gauge:
         self.value = v
 
 
+class StateGauge(Gauge):
+    """A gauge whose 0 is a value, not "unused" (``server.state`` is 0 when LIVE): it is always
+    listed under ``/stats?usedonly``, as Envoy lists a gauge that was ever set."""
+
+    __slots__ = ()
+
+
 class Histogram:
     """Cumulative histogram with fixed bucket bounds.
 
@@ -139,6 +146,14 @@ class Store:
         assert isinstance(s, Gauge), name
         return s
 
+    def state_gauge(self, name: str) -> Gauge:
+        """A ``StateGauge`` (listed by ``usedonly`` even at 0); get-or-create like ``gauge``."""
+        s = self._stats.get(name)
+        if s is None:
+            s = self._stats[name] = StateGauge(name)
+        assert isinstance(s, Gauge), name
+        return s
+
     def histogram(self, name: str) -> Histogram:
         s = self._stats.get(name)
         if s is None:
@@ -175,6 +190,9 @@ class Scope:
 
     def gauge(self, name: str) -> Gauge:
         return self.store.gauge(self.prefix + name)
+
+    def state_gauge(self, name: str) -> Gauge:
+        return self.store.state_gauge(self.prefix + name)
 
     def histogram(self, name: str) -> Histogram:
         return self.store.histogram(self.prefix + name)

@@ -53,9 +53,11 @@ class FilterCallbacks(Protocol):
         flag: str | None = None,
         details: str | None = None,
         grpc_status: int | None = None,
+        extra: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         """Answer locally. A gRPC request gets a trailers-only reply whose grpc-status is
-        ``grpc_status`` when given, else the one mapped from ``status``."""
+        ``grpc_status`` when given, else the one mapped from ``status``; ``extra`` headers go on
+        the reply (a CORS preflight's allow-* ones)."""
 
     def matched_route(self) -> Any:
         """The route this stream matched (None: no route)."""

@@ -42,7 +42,7 @@ from moorline.proxy.filter_manager import FilterManager
 from moorline.proxy.local_reply import LocalReplyConfig
 from moorline.proxy.phases import Phase
 from moorline.proxy.route_provider import RouteConfigProvider
-from moorline.proxy.route_table import DIRECT_RESPONSE, REDIRECT, RouteTable
+from moorline.proxy.route_table import DIRECT_RESPONSE, REDIRECT, ROUTE, RouteTable
 from moorline.proxy.router import Router
 from moorline.stream import builtin_codecs
 from moorline.stream.api import HttpProtocol, ResetReason
@@ -554,6 +554,13 @@ class HcmConfig:
         self.filter_factories = [
             f for f in self._all_filter_factories if not hasattr(f, "wanted") or f.wanted(table)
         ]
+        # When every filter left acts only on routes that configure it (``route_gate``: the
+        # name it reads in ``typed_per_filter_config``, e.g. CORS), a stream whose route has
+        # none of those names takes the router's fast path, without a filter manager.
+        gates = [getattr(f, "route_gate", None) for f in self.filter_factories]
+        self.route_gates: frozenset[str] | None = (
+            frozenset(g for g in gates if g) if gates and all(gates) else None
+        )
 
     def _set_timer_period(self) -> None:
         periods = [
@@ -597,9 +604,17 @@ class HcmConfig:
         admit = info.admit if info.filters else None
         serve_accepted(loop, sock, info, lambda: make(self, info), admit)
 
-    def drain(self) -> None:
-        """Stop keep-alive: in-flight responses get ``connection: close``; idle connections close."""
-        self.runtime.draining = True
+    def drain(self, decision: Any = True) -> None:
+        """Stop keep-alive. ``True`` (Envoy's ``immediate``): in-flight responses get
+        ``connection: close`` (HTTP/2: GOAWAY) and idle connections close now. A
+        ``stream.connections.GradualDrain``: each response or new stream closes its connection
+        with the drain's growing probability; idle ones are left until the drain time cuts them."""
+        current = self.runtime.draining
+        if current is True or (current is not False and decision is not True):
+            return  # already draining: a second gradual drain must not restart (or relax) it
+        self.runtime.draining = decision
+        if decision is not True:
+            return
         for c in self.runtime:
             if c.stream is None and not getattr(c, "sniffing", False):
                 c.close()
@@ -862,6 +877,12 @@ class ActiveStream:
         self.is_grpc = ct is not None and ct.startswith(b"application/grpc") and ct[16:17] in b"+;"
         self.headers_only = end_stream
         factories = cfg.filter_factories
+        gates = cfg.route_gates
+        if gates is not None and factories:
+            route = self._match_route()
+            fc = route.filter_configs if route is not None and route.kind == ROUTE else None
+            if not fc or gates.isdisjoint(fc):
+                factories = None
         if factories:
             self.phase = _DOWNSTREAM_FILTERS
             fm = self.fm = FilterManager(self, factories, self.conn.info.buffer_limit)

@@ -464,29 +464,70 @@ def _tpfc(m: Any) -> dict[str, Any]:
     return {k: v for k, v in m.typed_per_filter_config.items()}
 
 
-def _compile_filter_configs(merged: dict[str, Any], path: str, notes: list[str]) -> dict[str, Any]:
-    """``typed_per_filter_config`` (route over virtual host over route configuration), each
-    entry compiled once by its filter's per-route factory; the request path reads the result."""
+def _compile_filter_configs(levels: list[dict[str, Any]], path: str, notes: list[str]) -> dict[str, Any]:
+    """``typed_per_filter_config`` of the route configuration, virtual host and route (least
+    specific first), each entry compiled once by its filter's per-route factory; the request path
+    reads the result. The most specific level wins, or, for a filter with ``per_route_merge``,
+    the levels are folded field by field."""
     from moorline.config import registry
     from moorline.config.loader import OpaqueAny, unpack_any
 
     out: dict[str, Any] = {}
-    for name, any_msg in merged.items():
+    names = list(dict.fromkeys(name for lv in levels for name in lv))
+    for name in names:
         fpath = f"{path}.typed_per_filter_config[{name!r}]"
+        present = [lv[name] for lv in levels if name in lv]
+        any_msg = present[-1]
         ext = registry.lookup_per_route(any_msg.type_url) if any_msg.type_url else None
         if ext is None or ext.per_route is None:
             notes.append(
                 f"{fpath}: per-route config {any_msg.type_url or '(empty)'} is not supported; ignored"
             )
             continue
-        msg = unpack_any(any_msg, fpath)
-        if isinstance(msg, OpaqueAny):
-            notes.append(f"{fpath}: per-route config {any_msg.type_url} is not supported; ignored")
-            continue
-        compiled = out[name] = ext.per_route(msg, fpath)
-        # A per-route compiler announces what it accepted but does not act on.
-        notes.extend(getattr(compiled, "notices", ()))
+        merge = ext.per_route_merge
+        compiled: Any = None
+        for m in present if merge is not None else [any_msg]:
+            if registry.lookup_per_route(m.type_url) is not ext:
+                continue  # a less specific level of another type: the most specific one decides
+            msg = unpack_any(m, fpath)
+            if isinstance(msg, OpaqueAny):
+                notes.append(f"{fpath}: per-route config {m.type_url} is not supported; ignored")
+                compiled = None
+                break
+            one = ext.per_route(msg, fpath)
+            # A per-route compiler announces what it accepted but does not act on.
+            notes.extend(getattr(one, "notices", ()))
+            compiled = one if compiled is None or merge is None else merge(compiled, one)
+        if compiled is not None:
+            out[name] = compiled
     return out
+
+
+LEGACY_CORS_TYPE = "type.googleapis.com/envoy.config.route.v3.CorsPolicy"
+
+
+def _legacy_cors(r: Any, vh: VirtualHost, action_cors: Any, rp: str) -> None:
+    """The deprecated ``cors`` of the virtual host and the route action, for the CORS filter when
+    no ``typed_per_filter_config`` gives it a policy (the filter registers this type too; the
+    route's fields override its virtual host's)."""
+    from moorline.config import registry
+
+    protos = [(vh.cors, vh.cors_path), (action_cors, f"{rp}.route.cors")]
+    protos = [(p, path) for p, path in protos if p is not None]
+    if not protos:
+        return
+    ext = registry.lookup_per_route(LEGACY_CORS_TYPE)
+    if ext is None or ext.per_route is None:
+        return
+    if ext.names[0] in r.filter_configs:
+        return  # a typed per-filter policy is set: Envoy uses it instead of the legacy field
+    compiled: Any = None
+    for proto, path in protos:
+        one = ext.per_route(proto, path)
+        compiled = (
+            one if compiled is None or ext.per_route_merge is None else ext.per_route_merge(compiled, one)
+        )
+    r.filter_configs = {**r.filter_configs, ext.names[0]: compiled}
 
 
 def _dur(msg: Any, field: str) -> float | None:
@@ -1062,6 +1103,8 @@ class VirtualHost:
 
     __slots__ = (
         "_routes",
+        "cors",
+        "cors_path",
         "domains",
         "include_attempt_count_in_response",
         "include_request_attempt_count",
@@ -1077,6 +1120,8 @@ class VirtualHost:
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.cors: Any = None  # the deprecated ``cors`` proto, compiled per route (_legacy_cors)
+        self.cors_path = ""
         self.domains: tuple[str, ...] = ()
         self.routes: list[Route] = []
         self._routes: tuple[Any, ...] = ()  # routes as matched: Route, or a _RegexRun of several
@@ -1327,9 +1372,10 @@ def _compile_vhost(
     for fname in ("rate_limits", "virtual_clusters", "request_mirror_policies"):
         if len(getattr(vproto, fname)):
             notes.append(f"{vp}.{fname}: ignored")
-    for fname in ("cors", "hedge_policy"):
-        if vproto.HasField(fname):
-            notes.append(f"{vp}.{fname}: ignored")
+    if vproto.HasField("hedge_policy"):
+        notes.append(f"{vp}.hedge_policy: ignored")
+    if vproto.HasField("cors"):
+        vh.cors, vh.cors_path = vproto.cors, f"{vp}.cors"  # see _legacy_cors
     if vproto.HasField("retry_policy"):
         vh.retry = RetryPolicy.compile(vproto.retry_policy, f"{vp}.retry_policy", notes)
     vh.request_levels = _compile_level(
@@ -1382,7 +1428,13 @@ def _compile_route(
     merged.update(vh.typed_per_filter_config)
     merged.update(_tpfc(rproto))
     r.typed_per_filter_config = merged
-    r.filter_configs = _compile_filter_configs(merged, rp, notes) if merged else {}
+    r.filter_configs = (
+        _compile_filter_configs(
+            [table.typed_per_filter_config, vh.typed_per_filter_config, _tpfc(rproto)], rp, notes
+        )
+        if merged
+        else {}
+    )
 
     action = rproto.WhichOneof("action")
     if action == "route":
@@ -1398,6 +1450,8 @@ def _compile_route(
         raise ConfigError(rp, "one of route, redirect, direct_response is required")
     else:
         raise ConfigError(f"{rp}.{action}", f"route action {action!r} is not supported")
+    if action == "route":
+        _legacy_cors(r, vh, rproto.route.cors if rproto.route.HasField("cors") else None, rp)
     return r
 
 
@@ -1526,7 +1580,7 @@ def _compile_route_action(
     for fname in ("request_mirror_policies", "rate_limits"):
         if len(getattr(a, fname)):
             notes.append(f"{ap}.{fname}: ignored")
-    for fname in ("cors", "hedge_policy", "internal_redirect_policy", "early_data_policy"):
+    for fname in ("hedge_policy", "internal_redirect_policy", "early_data_policy"):
         if a.HasField(fname):
             notes.append(f"{ap}.{fname}: ignored")
 

@@ -28,6 +28,28 @@ import time
 from typing import Any, Protocol
 
 
+class GradualDrain:
+    """``ServerConnections.draining`` under Envoy's ``--drain-strategy gradual``: truthy with a
+    probability that grows linearly from 0 when the drain starts to 1 at ``span`` seconds, so
+    each response (HTTP/1.1 ``connection: close``) or new stream (HTTP/2 GOAWAY) asks once and
+    the connections close spread over the drain time instead of all at once. ``clock`` and
+    ``rand`` are passed in (tests fix both)."""
+
+    __slots__ = ("clock", "rand", "span", "start")
+
+    def __init__(self, span: float, clock: Any, rand: Any) -> None:
+        self.clock = clock
+        self.rand = rand
+        self.span = span
+        self.start = clock()
+
+    def __bool__(self) -> bool:
+        elapsed = self.clock() - self.start
+        if self.span <= 0 or elapsed >= self.span:
+            return True
+        return bool(self.rand() < elapsed / self.span)
+
+
 class Tickable(Protocol):
     closed: bool
 
@@ -53,7 +75,9 @@ class ServerConnections:
         # Ticked every ``period``: connections with a request in progress, and those that do
         # not report it (the rest only every ``idle_period``).
         self.busy: set[Any] = set()
-        self.draining = False
+        # False, True (drain now: Envoy's "immediate") or a GradualDrain; only read once
+        # a drain started, so serving costs nothing extra.
+        self.draining: Any = False
         self.period = period
         self.idle_period = max(period, idle_period)
         self._next_full = 0.0

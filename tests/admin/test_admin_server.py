@@ -35,6 +35,8 @@ class FakeHost:
         self.ready = True
         self.hc_failed: list[bool] = []
         self.drained: list[bool] = []
+        self.drain_calls: list[tuple[bool, bool, bool]] = []
+        self.dump_calls: list[bool] = []
         self.quit_calls = 0
         self.on_quit: Any = None
 
@@ -52,7 +54,8 @@ class FakeHost:
             "node": {"id": "n1"},
         }
 
-    def config_dump(self) -> dict[str, Any]:
+    def config_dump(self, include_eds: bool = False) -> dict[str, Any]:
+        self.dump_calls.append(include_eds)
         return {"configs": [{"@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump"}]}
 
     def clusters_text(self) -> str:
@@ -75,8 +78,11 @@ class FakeHost:
     def set_health_check_failed(self, failed: bool) -> None:
         self.hc_failed.append(failed)
 
-    def drain_listeners(self, inbound_only: bool = False) -> None:
+    def drain_listeners(
+        self, inbound_only: bool = False, graceful: bool = False, skip_exit: bool = False
+    ) -> None:
         self.drained.append(inbound_only)
+        self.drain_calls.append((inbound_only, graceful, skip_exit))
 
     def quit(self) -> None:
         self.quit_calls += 1
@@ -161,6 +167,8 @@ def test_json_endpoints(admin: Running) -> None:
     assert json.loads(body)["state"] == "LIVE"
     status, _, body = _get(admin, "/config_dump?include_eds")
     assert status == 200 and json.loads(body)["configs"][0]["@type"].endswith("BootstrapConfigDump")
+    assert _get(admin, "/config_dump")[0] == 200
+    assert admin.host.dump_calls == [True, False]  # ?include_eds reaches the host
     assert json.loads(_get(admin, "/clusters?format=json")[2]) == {"cluster_statuses": [{"name": "backend"}]}
     assert json.loads(_get(admin, "/runtime")[2]) == {"layers": [], "entries": {}}
     mem = json.loads(_get(admin, "/memory")[2])
@@ -228,6 +236,12 @@ def test_mutating_endpoints_need_post(admin: Running) -> None:
     assert _get(admin, "/drain_listeners?graceful&inboundonly", "POST")[0] == 200
     assert _get(admin, "/drain_listeners", "POST")[0] == 200
     assert admin.host.drained == [True, False]
+    assert admin.host.drain_calls == [(True, True, False), (False, False, False)]
+    # pilot-agent's two spellings, and Envoy's skip_exit (which needs graceful)
+    assert _get(admin, "/drain_listeners?graceful", "POST")[0] == 200
+    assert _get(admin, "/drain_listeners?graceful&skip_exit", "POST")[0] == 200
+    assert _get(admin, "/drain_listeners?skip_exit", "POST")[::2] == (400, "skip_exit requires graceful\n")
+    assert admin.host.drain_calls[2:] == [(False, True, False), (False, True, True)]
     assert _get(admin, "/reset_counters", "POST")[0] == 200
     assert admin.host.stats.counter("cluster.backend.upstream_rq_200").value == 0
     assert admin.host.stats.gauge("server.live").value == 1

@@ -461,3 +461,24 @@ def test_router_only_hcm_serves(tmp_path: Path, upstream: TestUpstream, http_fil
         assert r.status == 200 and json.loads(r.body)["path"] == "/only-router"
     finally:
         assert p.stop(signal.SIGTERM, 10) == 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--drain-strategy", "sometimes"], "--drain-strategy"),
+        (["--local-address-ip-version", "v5"], "--local-address-ip-version"),
+        (["--component-log-level", "nosuch:debug"], "unknown component 'nosuch'"),
+        (["--component-log-level", "upstream"], "is not <component>:<level>"),
+    ],
+)
+def test_envoy_flags_with_bad_values_exit_2(tmp_path: Path, flags: list[str], needle: str) -> None:
+    """Envoy's flags are checked as Envoy checks them: a bad value is a usage error (exit 2),
+    with or without the ``run`` sub-command."""
+    cfg, _ = _good_config()
+    f = tmp_path / "good.yaml"
+    f.write_text(cfg)
+    for argv in (["-c", str(f), *flags], ["run", "-c", str(f), *flags]):
+        r = _moorline(*argv)
+        assert r.returncode == 2, (argv, r.stderr)
+        assert needle in r.stderr and "Traceback" not in r.stderr

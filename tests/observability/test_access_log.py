@@ -311,3 +311,45 @@ def test_access_log_files_belong_to_their_server(tmp_path: Path) -> None:
     (b,) = al.compile_access_logs([_file_log(path, format="b\n")], c2, "p")
     assert a.sink is not b.sink
     assert set(c1.access_logs.loggers) == {a} and set(c2.access_logs.loggers) == {b}
+
+
+def test_file_flush_interval_batches_until_the_timer_or_a_full_buffer(tmp_path: Path) -> None:
+    """``--file-flush-interval-msec``: entries wait for the interval instead of the next loop
+    iteration; ``FLUSH_AT`` waiting entries are written at once (Envoy's full 64 KiB buffer),
+    and ``flush_all`` (shutdown) writes the rest and cancels the timer."""
+    ctx = _ctx()
+    ctx.access_logs = al.AccessLogSinks(flush_interval=60.0)
+    path = tmp_path / "a.log"
+    (logger,) = al.compile_access_logs([_file_log(path)], ctx, "access_log")
+    assert logger.flush_interval == 60.0
+
+    async def main() -> tuple[int, int, int]:
+        logger.log(_info())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        before = len(path.read_text().splitlines())
+        for _ in range(al.FLUSH_AT - 1):
+            logger.log(_info())
+        for _ in range(3):
+            await asyncio.sleep(0)
+        full = len(path.read_text().splitlines())
+        logger.log(_info())
+        ctx.access_logs.flush_all()
+        assert logger._timer is None
+        return before, full, len(path.read_text().splitlines())
+
+    assert asyncio.run(main()) == (0, al.FLUSH_AT, al.FLUSH_AT + 1)
+
+
+def test_without_an_interval_each_loop_iteration_writes(tmp_path: Path) -> None:
+    path = tmp_path / "a.log"
+    (logger,) = al.compile_access_logs([_file_log(path)], _ctx(), "access_log")
+    assert logger.flush_interval is None
+
+    async def main() -> int:
+        logger.log(_info())
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return len(path.read_text().splitlines())
+
+    assert asyncio.run(main()) == 1

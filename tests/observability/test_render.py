@@ -263,3 +263,18 @@ def test_prometheus_empty_store_and_filter() -> None:
     assert render_prometheus(Store()) == ""
     text = render_prometheus(_store(), filter="^server")
     assert set(_families(text)) == {"envoy_server_live"}
+
+
+def test_usedonly_lists_a_state_gauge_at_zero() -> None:
+    """``server.state`` is 0 when LIVE: pilot-agent's ``/stats?usedonly&filter=^(server\\.state|
+    ...)`` must still see the line, while a plain gauge at 0 reads as unused."""
+    s = Store()
+    s.state_gauge("server.state")
+    s.gauge("server.other")
+    s.scope("listener.127.0.0.1_1.").state_gauge("downstream_cx_active")
+    assert render_text(s, "^server", used_only=True) == "server.state: 0\n"
+    assert (
+        render_text(s, "downstream_cx_active$", used_only=True)
+        == "listener.127.0.0.1_1.downstream_cx_active: 0\n"
+    )
+    assert s.state_gauge("server.state") is s.get("server.state")

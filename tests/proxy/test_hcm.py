@@ -766,3 +766,39 @@ def test_stream_info_downstream_addresses_come_from_the_connection(make: Any) ->
     e.downstream_remote_address = "1.2.3.4:5"  # a given address wins (L4 and tests set them)
     assert e.downstream_remote_address == "1.2.3.4:5"
     pair.assert_settled()
+
+
+def test_gradual_drain_closes_connections_as_its_probability_grows() -> None:
+    """``drain(GradualDrain)`` (``--drain-strategy gradual``): idle keep-alive connections stay;
+    each response closes its connection with the drain's probability; past the drain time every
+    response does. ``drain(True)`` afterwards tightens it to immediate; a second gradual drain
+    does not restart the first."""
+    from moorline.stream.connections import GradualDrain
+
+    now = [0.0]
+    with Pair(bootstrap_yaml()) as pair:
+        idle = pair.connect()
+        idle.request("GET", "/idle")
+        up0 = pair.upstream.accept()
+        up0.request()
+        up0.respond(200, body=b"i")
+        assert idle.response().status == 200  # now an idle keep-alive connection
+        busy = pair.connect()
+        decision = GradualDrain(10.0, lambda: now[0], lambda: 0.5)
+        pair.hcm.drain(decision)
+        assert not idle.closed
+        now[0] = 2.0  # 20% < 0.5: kept alive
+        busy.request("GET", "/a")
+        up = up0  # the pool reuses its keep-alive upstream connection
+        up.request()
+        up.respond(200, body=b"a")
+        assert busy.response().header("connection") is None and not busy.closed
+        pair.hcm.drain(GradualDrain(10.0, lambda: 100.0, lambda: 0.5))
+        assert pair.hcm.runtime.draining is decision
+        now[0] = 6.0  # 60% > 0.5: this response closes
+        busy.request("GET", "/b")
+        up.request()
+        up.respond(200, body=b"b")
+        assert busy.response().header("connection") == b"close"
+        pair.hcm.drain(True)
+        assert pair.hcm.runtime.draining is True and idle.closed
