@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import json
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -902,7 +903,7 @@ class _MatcherCompiler:
                 raise ConfigError(mpath, "the map needs at least one entry")
             table: dict[str, _Node] = {}
             for key in sorted(mm):
-                node = self.on_match(mm[key], f"{mpath}[{key!r}]")
+                node = self.on_match(mm[key], f"{mpath}[{json.dumps(key)}]")
                 if node is not None:
                     table[key] = node
             return (
