@@ -861,19 +861,12 @@ class _MatcherCompiler:
         return None if om.keep_matching else node
 
     def action(self, tec: Any, path: str) -> FilterChain:
-        tpath = _join(path, "typed_config")
-        if not tec.HasField("typed_config"):
-            raise ConfigError(tpath, "a filter chain action needs a typed_config")
-        cfg = _unpack(tec.typed_config, tpath)
-        name = type(cfg).DESCRIPTOR.full_name if hasattr(type(cfg), "DESCRIPTOR") else ""
-        if name != _STRING_VALUE_TYPE:
-            got = tec.typed_config.type_url.rsplit("/", 1)[-1]
-            raise ConfigError(
-                tpath, f"a filter chain action is a {_STRING_VALUE_TYPE} naming a filter chain, not {got!r}"
-            )
+        cfg = _typed(tec, path, _STRING_VALUE_TYPE, "a filter chain action (the name of a filter chain)")
         chain = self.names.get(cfg.value)
         if chain is None:
-            raise ConfigError(_join(tpath, "value"), f"no filter chain named {cfg.value!r} in filter_chains")
+            raise ConfigError(
+                _join(path, "typed_config.value"), f"no filter chain named {cfg.value!r} in filter_chains"
+            )
         return chain
 
     def input(self, tec: Any, path: str) -> _Input:
@@ -917,13 +910,7 @@ class _MatcherCompiler:
 
     def ip_trie(self, tec: Any, path: str, inp: _Input, on_no_match: _Node | None) -> _Node:
         tpath = _join(path, "typed_config")
-        name = tec.typed_config.type_url.rsplit("/", 1)[-1] if tec.HasField("typed_config") else ""
-        if name != _IP_MATCHER_TYPE:
-            raise ConfigError(
-                tpath,
-                f"unsupported custom matcher {name or tec.name!r} (only {_IP_MATCHER_TYPE} is supported)",
-            )
-        ipm = _unpack(tec.typed_config, tpath)
+        ipm = _typed(tec, path, _IP_MATCHER_TYPE, "a matcher_tree custom_match")
         by_len: dict[tuple[int, int], dict[int, list[tuple[int, bool, _Node | None]]]] = {}
         for i, rm in enumerate(ipm.range_matchers):
             rpath = f"{tpath}.range_matchers[{i}]"
@@ -991,19 +978,28 @@ class _MatcherCompiler:
 
             return value_test
         if kind == "custom_match":
-            tec = sp.custom_match
             tpath = _join(path, "custom_match.typed_config")
-            name = tec.typed_config.type_url.rsplit("/", 1)[-1] if tec.HasField("typed_config") else ""
-            if name != _IP_INPUT_MATCHER_TYPE:
-                raise ConfigError(
-                    tpath, f"unsupported input matcher {name or tec.name!r} (only {_IP_INPUT_MATCHER_TYPE})"
-                )
-            cfg = _unpack(tec.typed_config, tpath)
+            cfg = _typed(
+                sp.custom_match, _join(path, "custom_match"), _IP_INPUT_MATCHER_TYPE, "an input matcher"
+            )
             if not len(cfg.cidr_ranges):
                 raise ConfigError(f"{tpath}.cidr_ranges", "at least one CIDR range is required")
             cidrs = _compile_cidrs(cfg.cidr_ranges, f"{tpath}.cidr_ranges")
             return lambda c: _cidr_rank(cidrs, parse_ip(inp(c))) > 0
         raise ConfigError(path, "a single_predicate needs value_match or custom_match")
+
+
+def _typed(tec: Any, path: str, expected: str, what: str) -> Any:
+    """The message in ``TypedExtensionConfig`` ``tec``, which must be of type ``expected``."""
+    tpath = _join(path, "typed_config")
+    got = tec.typed_config.type_url.rsplit("/", 1)[-1] if tec.HasField("typed_config") else ""
+    if got != expected:
+        raise ConfigError(tpath, f"{what}: only {expected} is supported, not {got or tec.name!r}")
+    cfg = _unpack(tec.typed_config, tpath)
+    desc = getattr(cfg, "DESCRIPTOR", None)
+    if desc is None or desc.full_name != expected:
+        raise ConfigError(tpath, f"cannot decode {expected}")
+    return cfg
 
 
 def _check_chain_names(protos: Any, path: str) -> None:

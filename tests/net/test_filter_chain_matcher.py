@@ -17,6 +17,7 @@ from moorline.config import registry
 from moorline.config.context import BuildContext
 from moorline.config.errors import ConfigError
 from moorline.config.loader import parse_message
+from moorline.net import filter_chain as fc_mod
 from moorline.net.filter_chain import FilterChainMatcherSelector, FilterChainSelector, compile_filter_chains
 from moorline.observability.stats import Store
 from moorline.testing.procs import bootstrap, free_port, start_moorline
@@ -359,16 +360,25 @@ def test_ip_trie_longest_prefix_exclusive_and_fallback() -> None:
     assert pick(sel, None, None, None, None) == "dflt-nomatch"
 
 
-def test_ip_trie_one_range_matcher_with_several_ranges_is_tried_once() -> None:
-    calls = exact("DestinationPortInput", {"443": act("a")})
+def test_ip_trie_one_range_matcher_with_several_ranges_is_tried_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[int | None] = []
+
+    def counting_port(c: Any) -> str | None:
+        reads.append(c.dst_port)
+        return None if c.dst_port is None else str(c.dst_port)
+
+    # Every input read is a node visit: count the nested matcher's reads.
+    monkeypatch.setitem(fc_mod._INPUTS, "DestinationPortInput", counting_port)
+    nested = sub(exact("DestinationPortInput", {"443": act("a")}))
     m = ip_tree(
-        "SourceIPInput",
-        [(["10.1.0.0/16", "10.0.0.0/8"], sub(calls), False), (["0.0.0.0/0"], act("b"), False)],
+        "SourceIPInput", [(["10.1.0.0/16", "10.0.0.0/8"], nested, False), (["0.0.0.0/0"], act("b"), False)]
     )
     sel = compile_m(m)
     assert pick(sel, src="10.1.1.1", dport=443) == "a"
     assert pick(sel, src="10.1.1.1", dport=80) == "b"
+    assert reads == [443, 80]  # the /16 and the /8 are one range matcher: evaluated once
     assert pick(sel, src="8.8.8.8", dport=443) == "b"
+    assert reads == [443, 80]
 
 
 # --- lists and predicates -------------------------------------------------------------------------
