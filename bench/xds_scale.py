@@ -130,9 +130,15 @@ def run_once(n: int, delta: bool, workdir: Path, cpus: list[int] | None) -> dict
         # meanwhile would cost the proxy's one thread more than what is measured.)
         nonces = [
             (ENDPOINT_TYPE, cp.push(ENDPOINT_TYPE, "1", clas)),
-            (ROUTE_TYPE, cp.push(ROUTE_TYPE, "1", routes)),
             (LISTENER_TYPE, cp.push(LISTENER_TYPE, "1", listeners)),
         ]
+
+        def asks_routes(r: Any) -> bool:
+            names = r.resource_names_subscribe if delta else r.resource_names
+            return bool(r.type_url == ROUTE_TYPE and "mesh" in names)
+
+        cp.wait_for(asks_routes, 120)  # (the listener, warming, asks for its routes)
+        nonces.append((ROUTE_TYPE, cp.push(ROUTE_TYPE, "1", routes)))
         for t, nn in nonces:
 
             def acked(r: Any, t: str = t, nn: str = nn) -> bool:

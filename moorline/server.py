@@ -354,6 +354,8 @@ class Server:
         ``include_eds``, as Envoy's ``?include_eds``."""
         from google.protobuf import json_format
 
+        from moorline.admin.config_dump import restore_opaque
+
         sections = [
             ("BootstrapConfigDump", self._dump_bootstrap),
             ("ClustersConfigDump", self._dump_clusters),
@@ -366,7 +368,7 @@ class Server:
         configs = []
         for type_name, build in sections:
             try:
-                d = json_format.MessageToDict(build(), preserving_proto_field_name=True)
+                d = restore_opaque(json_format.MessageToDict(build(), preserving_proto_field_name=True))
             except Exception as e:  # a type the descriptor pool cannot print: say so, keep the rest
                 d = {"error": f"cannot render: {type(e).__name__}: {e}"}
             configs.append({"@type": f"type.googleapis.com/envoy.admin.v3.{type_name}", **d})

@@ -109,9 +109,13 @@ def _redact_scalar_map(mp: Any, key: Any, vfd: FieldDescriptor) -> None:
         del mp[key]
 
 
+OPAQUE_KEY = "@moorline.opaque_type"  # marks an Any of an unknown type, see _opaque
+
+
 def _redact_any(m: Any, under_sensitive: bool, depth: int) -> None:
     cls = resolve_type_url(m.type_url)
     if cls is None:
+        _opaque(m, under_sensitive, depth)
         return
     inner = cls()
     if not m.Unpack(inner):
@@ -119,6 +123,41 @@ def _redact_any(m: Any, under_sensitive: bool, depth: int) -> None:
     _redact(inner, under_sensitive, depth + 1)
     prefix, _, _ = m.type_url.rpartition("/")
     m.Pack(inner, type_url_prefix=prefix or "type.googleapis.com")
+
+
+def _opaque(m: Any, under_sensitive: bool, depth: int) -> None:
+    """An Any of a type no installed proto describes (Istio's ``stats.PluginConfig``, say) cannot
+    be printed by protobuf's JSON printer. Its payload (the JSON it was configured with, kept as
+    a Struct by the loader) is repacked as a Struct carrying the original type URL under
+    ``OPAQUE_KEY``; ``restore_opaque`` puts it back in the rendered dump as
+    ``{"@type": <original>, ...fields}``. A binary payload of an unknown type shows no fields."""
+    from google.protobuf import struct_pb2
+
+    from moorline.config.loader import _opaque_value
+
+    fields = _opaque_value(m.value) if m.value else {}
+    s = struct_pb2.Struct()
+    s.update(fields)
+    _redact_struct(s, under_sensitive, depth + 1)
+    s.fields[OPAQUE_KEY].string_value = m.type_url
+    m.Pack(s)
+
+
+def restore_opaque(d: Any) -> Any:
+    """Undo ``_opaque`` in a rendered (JSON-shaped) dump, in place; returns ``d``."""
+    if isinstance(d, dict):
+        v = d.get("value")
+        if d.get("@type", "").endswith("/google.protobuf.Struct") and isinstance(v, dict) and OPAQUE_KEY in v:
+            url = v.pop(OPAQUE_KEY)
+            d.clear()
+            d["@type"] = url
+            d.update(v)
+        for x in d.values():
+            restore_opaque(x)
+    elif isinstance(d, list):
+        for x in d:
+            restore_opaque(x)
+    return d
 
 
 def _redact_struct(s: Any, under_sensitive: bool, depth: int) -> None:

@@ -42,14 +42,14 @@ class When:
 Entry = Union[str, When, "Table"]
 Table = Mapping[str, Entry]
 
-_NO_XDS = "xDS is not supported yet; ignored"
+_NO_XDS = "xDS-TP (xdstp://) naming and its config sources are not supported; ignored"
 _NO_STATS_SINKS = "moorline has no stats sinks (stats are read from the admin /stats endpoints); ignored"
 _DNS = "custom DNS resolver options are not supported (the system resolver is used); ignored"
 _NO_HC = "active health checking is not implemented; ignored"
 _CLOSES = "an invalid HTTP/1.1 message always closes the connection; ignored"
 
 BOOTSTRAP: Table = {
-    "node_context_params": _NO_XDS,
+    "node_context_params": "xDS-TP node context parameters are not supported; ignored",
     "cluster_manager": {
         "local_cluster_name": "zone-aware routing is not implemented; ignored",
         "outlier_detection": "outlier detection is not implemented; ignored",
@@ -94,10 +94,10 @@ BOOTSTRAP: Table = {
         "only RE2 syntax is supported (translated for Python's re); ignored",
         lambda v: not v.typed_config.type_url.endswith(".GoogleRE2"),
     ),
-    "xds_delegate_extension": _NO_XDS,
-    "xds_config_tracker_extension": _NO_XDS,
+    "xds_delegate_extension": "xDS delegate extensions are not supported; ignored",
+    "xds_config_tracker_extension": "xDS config trackers are not supported; ignored",
     "listener_manager": "only the built-in listener manager exists; ignored",
-    "grpc_async_client_manager_config": "moorline makes no gRPC client calls; ignored",
+    "grpc_async_client_manager_config": "gRPC client settings are not configurable (xDS streams use grpcio defaults); ignored",
     "memory_allocator_manager": "the memory allocator is not configurable; ignored",
 }
 

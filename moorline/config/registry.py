@@ -61,6 +61,19 @@ NOOP_EXTENSIONS: dict[str, str] = {
     "istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig": "Istio ALPN filter config",
     "envoy.tcp.metadataexchange.config.MetadataExchange": "Istio TCP metadata exchange",
     "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig": "gRPC stats filter (stats only)",
+    # Istio's own filters (in a TypedStruct, so known by name as well as by inner type):
+    # peer metadata and identity for Istio's telemetry and waypoint (ambient) modes.
+    "istio_authn": "Istio peer authentication metadata (ambient/waypoint; telemetry and filter state only)",
+    "io.istio.network.authn.Config": "Istio peer authentication metadata (ambient/waypoint)",
+    "set_dst_address": "Istio internal destination address (internal listeners, not served)",
+    "istio.set_internal_dst_address.v1.Config": "Istio internal destination address",
+    "connect_authority": "Istio CONNECT authority for HBONE tunnels (not supported)",
+    "io.istio.http.connect_authority.Config": "Istio CONNECT authority for HBONE tunnels",
+    "connect_baggage": "Istio baggage on HBONE tunnels (telemetry only)",
+    "io.istio.http.connect_baggage.Config": "Istio baggage on HBONE tunnels (telemetry only)",
+    "waypoint_upstream_peer_metadata": "Istio peer metadata (telemetry only)",
+    "waypoint_downstream_peer_metadata": "Istio peer metadata (telemetry only)",
+    "io.istio.http.peer_metadata.Config": "Istio peer metadata (telemetry only)",
     "envoy.extensions.filters.network.set_filter_state.v3.Config": (
         "set_filter_state: filter state is not kept (nothing in moorline reads these keys)"
     ),

@@ -669,13 +669,20 @@ class _Node:
 
 
 class _Action(_Node):
+    """A matched action: its chain, or ``_NO_CHAIN`` when it names a chain the listener lacks."""
+
     __slots__ = ("chain",)
 
-    def __init__(self, chain: FilterChain) -> None:
-        self.chain = chain
+    def __init__(self, chain: FilterChain | None) -> None:
+        self.chain = chain if chain is not None else _NO_CHAIN
 
     def match(self, c: _Conn) -> FilterChain | None:
         return self.chain
+
+
+# The result of an action that names no chain of the listener: the connection is closed (not
+# given the default chain), as Envoy does.
+_NO_CHAIN = FilterChain("<no such filter chain>", FilterChainMatch(), None, [], -2)
 
 
 class _OnNoMatchOnly(_Node):
@@ -826,7 +833,9 @@ class FilterChainMatcherSelector(FilterChainSelector):
         alpn: list[str] | None = None,
     ) -> FilterChain | None:
         fc = self._root.match(_Conn(dst_ip, dst_port, src_ip, src_port, server_name, transport, alpn))
-        return self.default if fc is None else fc
+        if fc is None:
+            return self.default
+        return None if fc is _NO_CHAIN else fc
 
 
 class _MatcherCompiler:
@@ -860,12 +869,16 @@ class _MatcherCompiler:
             raise ConfigError(path, "on_match needs a matcher or an action")
         return None if om.keep_matching else node
 
-    def action(self, tec: Any, path: str) -> FilterChain:
+    def action(self, tec: Any, path: str) -> FilterChain | None:
+        """The chain an action names; None (with a notice) for a name the listener has no chain
+        of: Envoy accepts such a listener and closes the connections that match it (Istio's
+        ``main_internal`` names chains of other listeners)."""
         cfg = _typed(tec, path, _STRING_VALUE_TYPE, "a filter chain action (the name of a filter chain)")
         chain = self.names.get(cfg.value)
         if chain is None:
-            raise ConfigError(
-                _join(path, "typed_config.value"), f"no filter chain named {cfg.value!r} in filter_chains"
+            self.ctx.notice(
+                f"{_join(path, 'typed_config.value')}: no filter chain named {cfg.value!r} in filter_chains; "
+                "connections matching it are closed"
             )
         return chain
 

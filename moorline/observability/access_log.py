@@ -139,6 +139,9 @@ _SIMPLE: dict[str, Getter] = {
     "CONNECTION_ID": lambda i: i.connection_id,
     "UPSTREAM_REQUEST_ATTEMPT_COUNT": lambda i: i.attempt_count,
     "HOSTNAME": lambda i: _HOSTNAME,
+    # Why a network filter closed the connection (Envoy: RBAC's "rbac_access_denied_matched_policy");
+    # moorline's network filters record none yet, so "-" as Envoy prints when unset.
+    "CONNECTION_TERMINATION_DETAILS": lambda i: getattr(i, "connection_termination_details", None),
 }
 
 # Commands whose value is a number in JSON output.

@@ -189,17 +189,19 @@ def test_istio_main_internal_listener_from_the_full_dump() -> None:
     assert pick(sel, None, None, None, None) is None  # a pipe: no IP at all
 
 
-def test_istio_dump_with_actions_naming_missing_chains_is_a_config_error() -> None:
-    # This dump's main_internal keeps only one of the chains its matcher names.
+def test_istio_dump_with_actions_naming_missing_chains_loads_and_closes_those_connections() -> None:
+    # This dump's main_internal keeps only one of the chains its matcher names: as in Envoy, the
+    # listener loads (with a notice per missing name) and a connection matching such an action
+    # is closed rather than given the default chain.
     lst = _dump_listener("sidecar_configdump_compare.json", "main_internal")
     proto = parse_message(_with_test_chains(lst), listener_pb2.Listener, "listeners[0]")
-    with pytest.raises(ConfigError) as ei:
-        compile_filter_chains(proto, BuildContext(stats=Store()), "listeners[0]")
-    assert ei.value.path == (
-        "listeners[0].filter_chain_matcher.matcher_tree.custom_match.typed_config.range_matchers[0]"
-        '.on_match.matcher.matcher_tree.exact_match_map.map["80"].action.typed_config.value'
-    )
-    assert "inbound-vip|80||sleep.default.svc.cluster.local-http" in str(ei.value)
+    ctx = BuildContext(stats=Store())
+    sel = compile_filter_chains(proto, ctx, "listeners[0]")
+    missing = [n for n in ctx.notices if "no filter chain named" in n]
+    assert missing and any("inbound-vip|80||sleep.default.svc.cluster.local-http" in n for n in missing)
+    assert missing[0].path.endswith(".action.typed_config.value")
+    assert all("connections matching it are closed" in n for n in missing)
+    assert sel.chains  # (it compiled)
 
 
 def _virtual_inbound() -> dict[str, Any]:
@@ -445,13 +447,22 @@ def test_filter_chain_match_is_ignored_with_a_matcher() -> None:
 
 
 def test_bad_action_names_and_types() -> None:
-    e = config_error(exact("DestinationPortInput", {"80": act("nope")}))
-    assert e.path == (
+    # A name the listener has no chain of: a notice, and matching connections are closed (not
+    # given the default chain), as Envoy does.
+    ctx = BuildContext(stats=Store())
+    sel = compile_m(exact("DestinationPortInput", {"80": act("nope")}, act("a")), c=ctx, default=True)
+    (n,) = [x for x in ctx.notices if "'nope'" in x]
+    assert n.path == (
         'listeners[0].filter_chain_matcher.matcher_tree.exact_match_map.map["80"].action.typed_config.value'
     )
-    assert "'nope'" in str(e)
-    e = config_error({"on_no_match": act("dflt")}, default=True)  # the default chain is not a target
-    assert e.path == "listeners[0].filter_chain_matcher.on_no_match.action.typed_config.value"
+    assert pick(sel, dport=80) is None and pick(sel, dport=81) == "a"
+    ctx = BuildContext(stats=Store())
+    sel = compile_m({"on_no_match": act("dflt")}, default=True, c=ctx)  # the default chain is not a target
+    assert any(
+        x.path == "listeners[0].filter_chain_matcher.on_no_match.action.typed_config.value"
+        for x in ctx.notices
+    )
+    assert pick(sel) is None
     bad_type = {
         "action": {
             "name": "x",
