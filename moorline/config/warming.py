@@ -38,6 +38,13 @@ class InitTarget:
         else:
             self._waiters.append(cb)
 
+    def forget(self, cb: Callable[[], None]) -> None:
+        """Withdraw a waiter that has not run (what waited is gone)."""
+        try:
+            self._waiters.remove(cb)
+        except ValueError:
+            pass
+
     def __repr__(self) -> str:
         return f"InitTarget({self.name!r}, ready={self.ready})"
 
@@ -46,12 +53,15 @@ def pending(targets: Iterable[InitTarget]) -> list[InitTarget]:
     return [t for t in targets if not t.ready]
 
 
-def when_all_ready(targets: Iterable[InitTarget], cb: Callable[[], None]) -> None:
-    """Run ``cb`` once, when every target is done (at once when they already are)."""
+def when_all_ready(targets: Iterable[InitTarget], cb: Callable[[], None]) -> Callable[[], None]:
+    """Run ``cb`` once, when every target is done (at once when they already are). Returns what
+    withdraws ``cb`` from the targets not done yet: a target may outlive the resource warming on
+    it (an SDS secret shared by listeners), and its waiters would keep a replaced or removed
+    resource alive until it is done, which may be never."""
     waiting = pending(targets)
     if not waiting:
         cb()
-        return
+        return _nothing
     left = [len(waiting)]
 
     def one() -> None:
@@ -61,6 +71,16 @@ def when_all_ready(targets: Iterable[InitTarget], cb: Callable[[], None]) -> Non
 
     for t in waiting:
         t.when_ready(one)
+
+    def cancel() -> None:
+        for t in waiting:
+            t.forget(one)
+
+    return cancel
+
+
+def _nothing() -> None:
+    pass
 
 
 __all__ = ["InitTarget", "pending", "when_all_ready"]

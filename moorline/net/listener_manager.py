@@ -32,7 +32,7 @@ import asyncio
 import ipaddress
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from moorline.config.errors import ConfigError
@@ -102,6 +102,7 @@ class ListenerManager:
         self._warming_gauge = scope.gauge("total_listeners_warming")
         # Dynamic listeners waiting for their first RDS / SDS resources (see add_or_update).
         self.warming: dict[str, Listener] = {}
+        self._unwarm: dict[str, Callable[[], None]] = {}  # withdraws a warming listener's waiters
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -231,7 +232,7 @@ class ListenerManager:
             # timeout); the listener it replaces, if any, keeps serving meanwhile.
             self.warming[lst.name] = lst
             self._warming_gauge.value = len(self.warming)
-            when_all_ready(targets, lambda: self._warmed(lst, path))
+            self._unwarm[lst.name] = when_all_ready(targets, lambda: self._warmed(lst, path))
             return lst
         self._install(lst, path)
         return lst
@@ -240,6 +241,7 @@ class ListenerManager:
         if self.warming.get(lst.name) is not lst:
             return  # replaced or removed while it warmed
         del self.warming[lst.name]
+        self._unwarm.pop(lst.name, None)
         self._warming_gauge.value = len(self.warming)
         try:
             self._install(lst, path)
@@ -249,6 +251,9 @@ class ListenerManager:
     def _drop_warming(self, name: str) -> None:
         if self.warming.pop(name, None) is not None:
             self._warming_gauge.value = len(self.warming)
+            cancel = self._unwarm.pop(name, None)
+            if cancel is not None:
+                cancel()
 
     def _install(self, lst: Listener, path: str) -> None:
         """Put a compiled (and warmed) dynamic listener in service: bind it, or take over the

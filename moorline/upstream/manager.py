@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from moorline.config.errors import ConfigError
@@ -60,6 +60,7 @@ class ClusterManager:
         self._warming_gauge = scope.gauge("warming_clusters")
         # Dynamic clusters waiting for their first EDS assignment (see add_or_update).
         self.warming: dict[str, Cluster] = {}
+        self._unwarm: dict[str, Callable[[], None]] = {}  # withdraws a warming cluster's waiters
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -139,7 +140,7 @@ class ClusterManager:
             # aside; the cluster it replaces, if any, serves meanwhile.
             self.warming[c.name] = c
             self._warming_gauge.value = len(self.warming)
-            when_all_ready(c.init_targets, lambda: self._warmed(c))
+            self._unwarm[c.name] = when_all_ready(c.init_targets, lambda: self._warmed(c))
             return c
         self._install(c)
         return c
@@ -148,12 +149,16 @@ class ClusterManager:
         if self.warming.get(c.name) is not c:
             return  # replaced or removed while it warmed
         del self.warming[c.name]
+        self._unwarm.pop(c.name, None)
         self._warming_gauge.value = len(self.warming)
         self._install(c)
 
     def _drop_warming(self, name: str) -> None:
         if self.warming.pop(name, None) is not None:
             self._warming_gauge.value = len(self.warming)
+            cancel = self._unwarm.pop(name, None)
+            if cancel is not None:
+                cancel()
 
     def _install(self, c: Cluster) -> None:
         """Put a compiled (and warmed) dynamic cluster in service, retiring the one it replaces."""

@@ -1,0 +1,85 @@
+"""Warming through a server's own managers, in memory (a ``moorline.server.Server`` built from a
+bootstrap whose ADS stream is never started): what a warming listener or cluster waits on, and
+that nothing keeps a replaced or removed one alive."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from typing import Any
+
+import yaml
+from envoy.config.cluster.v3.cluster_pb2 import Cluster
+from envoy.config.listener.v3.listener_pb2 import Listener
+
+from moorline.config.loader import load_bootstrap, parse_message
+from moorline.server import Server
+from moorline.testing import procs
+from moorline.xds.sds import SECRET_TYPE
+
+DTLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
+UTLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+
+
+def _sds(secret: str, fetch_timeout: str = "0s") -> dict[str, Any]:
+    # Istio asks for its secrets with initial_fetch_timeout 0: wait for them as long as it takes.
+    return {
+        "tls_certificate_sds_secret_configs": [
+            {"name": secret, "sds_config": {"ads": {}, "initial_fetch_timeout": fetch_timeout}}
+        ]
+    }
+
+
+def tls_listener(body: str, secret: str = "default", name: str = "tls") -> Listener:
+    route = {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": body}}}
+    doc = procs.hcm_listener(name, 0, [route])
+    doc["filter_chains"][0]["transport_socket"] = {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {"@type": DTLS, "common_tls_context": _sds(secret)},
+    }
+    return parse_message(doc, Listener)  # type: ignore[return-value]
+
+
+def eds_tls_cluster(name: str, secret: str = "default", timeout: str = "1s") -> Cluster:
+    doc = {
+        "name": name,
+        "type": "EDS",
+        "connect_timeout": timeout,
+        "eds_cluster_config": {
+            "eds_config": {"ads": {}, "initial_fetch_timeout": "0s"},
+            "service_name": name,
+        },
+        "transport_socket": {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {"@type": UTLS, "common_tls_context": _sds(secret)},
+        },
+    }
+    return parse_message(doc, Cluster)  # type: ignore[return-value]
+
+
+def ads_server() -> Server:
+    """A server with CDS and LDS over ADS (to 127.0.0.1:1; the stream is never started)."""
+    doc = yaml.safe_load(procs.bootstrap([], [procs.cluster("xds", [1])]))
+    doc["node"] = {"id": "sidecar", "cluster": "test"}
+    doc["dynamic_resources"] = {
+        "ads_config": {"api_type": "GRPC", "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}]},
+        "cds_config": {"ads": {}},
+        "lds_config": {"ads": {}},
+    }
+    return Server(load_bootstrap(yaml_text=yaml.safe_dump(doc)), "test")
+
+
+def test_a_listener_replaced_while_it_warms_on_a_shared_secret_is_not_kept_alive() -> None:
+    s = ads_server()
+    lm = s.listener_manager
+    first = lm.add_or_update(tls_listener("one"))
+    assert list(lm.warming) == ["tls"]
+    gone = weakref.ref(first)
+    del first
+    # The secret never comes; every new version of the listener replaces the warming one.
+    for i in range(3):
+        lm.add_or_update(tls_listener(f"v{i}"))
+    gc.collect()
+    assert gone() is None
+    lm.remove("tls")
+    assert not lm.warming
