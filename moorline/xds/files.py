@@ -342,7 +342,7 @@ class FileSources:
             if client is None:
                 return None
             target = EdsAdsTarget(cluster, self.store)
-            cluster.init_targets = [target.init]
+            cluster.init_targets.append(target.init)  # (after its TLS secrets, if any)
             client.subscribe(
                 ENDPOINT_TYPE,
                 ClusterLoadAssignment,

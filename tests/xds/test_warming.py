@@ -83,3 +83,34 @@ def test_a_listener_replaced_while_it_warms_on_a_shared_secret_is_not_kept_alive
     assert gone() is None
     lm.remove("tls")
     assert not lm.warming
+
+
+def test_an_eds_cluster_with_an_sds_secret_warms_on_both() -> None:
+    from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
+
+    s = ads_server()
+    cm = s.cluster_manager
+    c = cm.add_or_update(eds_tls_cluster("svc"))
+    assert sorted(t.name for t in c.init_targets) == ["eds svc", "sds default"]
+    # The assignment alone does not install it: it would have no certificates.
+    ads = s.xds.ads
+    assert ads is not None
+    eds = ads.named["type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"]
+    for ref in eds.targets["svc"]:
+        ref().apply(ClusterLoadAssignment(cluster_name="svc"), "1")
+    assert "svc" in cm.warming and cm.get("svc") is None
+    for ref in ads.named[SECRET_TYPE].targets["default"]:
+        ref().on_fetch_timeout()
+    assert cm.get("svc") is c and not cm.warming
+
+
+def test_a_cluster_replaced_while_it_warms_on_a_shared_secret_is_not_kept_alive() -> None:
+    s = ads_server()
+    cm = s.cluster_manager
+    first = cm.add_or_update(eds_tls_cluster("svc", timeout="1s"))
+    assert list(cm.warming) == ["svc"]
+    gone = weakref.ref(first)
+    del first
+    cm.add_or_update(eds_tls_cluster("svc", timeout="2s"))
+    gc.collect()
+    assert gone() is None
