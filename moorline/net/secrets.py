@@ -370,7 +370,7 @@ class SecretsManager:
     def xds_providers(self) -> list[Any]:
         """The secrets asked for over SDS (gRPC), received or not (for ``/config_dump``)."""
         providers = getattr(self._sds_client, "providers", None) or {}
-        return [providers[k] for k in sorted(providers, key=lambda k: k[1])]
+        return [p for _k, p in sorted(list(providers.items()), key=lambda kv: kv[0][1])]
 
     # -- lookups by TLS contexts ------------------------------------------------------------
 

@@ -13,6 +13,7 @@ Stats, as Envoy's: ``sds.<secret name>.update_success``, ``update_rejected``, ``
 from __future__ import annotations
 
 import time
+import weakref
 from typing import Any
 
 from moorline.config.errors import ConfigError
@@ -66,12 +67,15 @@ class XdsSecretProvider(SecretProvider):
 
 def sds_client_factory(clients: Any, stats: Store) -> Any:
     """``net.secrets.SdsClientFactory`` over a server's ``xds.ads.XdsClients``: one provider per
-    (stream, secret name), shared by every context that names it."""
+    (stream, secret name), shared by every context that names it. The contexts hold it; here it
+    is held weakly, so a secret no listener or cluster uses any more (removed, replaced, or only
+    compiled for an update that was refused) leaves the stream's subscription (``xds.ads``
+    holds its targets weakly too) instead of staying asked for for good."""
     from envoy.extensions.transport_sockets.tls.v3.secret_pb2 import Secret
 
     from moorline.xds.files import initial_fetch_timeout
 
-    providers: dict[tuple[int, str], XdsSecretProvider] = {}
+    providers: weakref.WeakValueDictionary[tuple[int, str], XdsSecretProvider] = weakref.WeakValueDictionary()
 
     def factory(source: Any, name: str, ctx: Any, path: str) -> SecretProvider:
         client = clients.for_source(source, SECRET_TYPE, path)

@@ -114,3 +114,20 @@ def test_a_cluster_replaced_while_it_warms_on_a_shared_secret_is_not_kept_alive(
     cm.add_or_update(eds_tls_cluster("svc", timeout="2s"))
     gc.collect()
     assert gone() is None
+
+
+def test_a_secret_no_listener_uses_any_more_leaves_the_subscription() -> None:
+    s = ads_server()
+    lm = s.listener_manager
+    ads = s.xds.ads
+    assert ads is not None
+    lm.add_or_update(tls_listener("one", secret="first"))
+    lm.add_or_update(tls_listener("two", secret="second"))  # replaces the warming one
+    lm.compile(tls_listener("refused", secret="third"))  # (an update's check, then refused)
+    gc.collect()
+    assert ads.named[SECRET_TYPE].names() == ["second"]
+    assert [p.name for p in s.secrets.xds_providers()] == ["second"]  # (/config_dump's warming ones)
+    lm.remove("tls")
+    gc.collect()
+    assert ads.named[SECRET_TYPE].names() == []
+    assert s.secrets.xds_providers() == []
