@@ -537,6 +537,14 @@ class XdsClient:
                     name,
                 )
             named.version_info = version
+            # A delta ACK carries no names: the names of targets that are gone leave here (the
+            # state of the world drops them from its ACK's names), or the server would push them
+            # for good.
+            live = set(named.names())
+            gone = [n for n in named.sent_names if n not in live]
+            if gone:
+                req.resource_names_unsubscribe.extend(gone)
+                named.sent_names = tuple(n for n in named.sent_names if n in live)
             return req
         assert kind is not None
         kind.stats["update_attempt"].value += 1
