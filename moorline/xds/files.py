@@ -92,6 +92,11 @@ def check_resources(
             raise ConfigError(f"{rpath}.{name_field}", f"duplicate name {name!r}")
         names.add(name)
         cur = running(name) if running is not None else None
+        if cur is not None and getattr(cur, "added_via_api", True) is False:
+            # (refused here, not by add_or_update: the resources before it would be applied)
+            raise ConfigError(
+                f"{rpath}.{name_field}", f"{name!r} is static (static_resources) and cannot be updated"
+            )
         if cur is not None and getattr(cur, "added_via_api", False) and getattr(cur, "proto", None) == proto:
             continue
         compiled[name] = manager.compile(proto, rpath)
@@ -107,16 +112,10 @@ def apply_resources(
     name_field: str = "name",
     compiled: dict[str, Any] | None = None,
 ) -> None:
-    """Apply a checked update: ``add_or_update`` each resource (with what ``check_resources``
-    compiled, for managers that take it: ``takes_compiled``), then remove the dynamic resources
-    it no longer names (state of the world)."""
-    if compiled and getattr(manager, "takes_compiled", False):
-        for i, proto in enumerate(protos):
-            c = compiled.get(getattr(proto, name_field))
-            manager.add_or_update(proto, f"resources[{i}]", version, compiled=c)  # type: ignore[call-arg]
-    else:
-        for i, proto in enumerate(protos):
-            manager.add_or_update(proto, f"resources[{i}]", version)
+    """Apply a checked update: remove the dynamic resources (active or warming) it no longer
+    names (state of the world), then ``add_or_update`` each resource (with what
+    ``check_resources`` compiled, for managers that take it: ``takes_compiled``). Removals go
+    first, as in Envoy: an address a removed listener held is free for one the update adds."""
     wanted = {getattr(p, name_field) for p in protos}
     for res in list(manager):
         if getattr(res, "added_via_api", False) and res.name not in wanted:
@@ -124,6 +123,13 @@ def apply_resources(
     for name in list(getattr(manager, "warming", ())):
         if name not in wanted:  # (a warming resource the new state no longer names)
             manager.remove(name)
+    if compiled and getattr(manager, "takes_compiled", False):
+        for i, proto in enumerate(protos):
+            c = compiled.get(getattr(proto, name_field))
+            manager.add_or_update(proto, f"resources[{i}]", version, compiled=c)  # type: ignore[call-arg]
+    else:
+        for i, proto in enumerate(protos):
+            manager.add_or_update(proto, f"resources[{i}]", version)
 
 
 class FileSubscription:

@@ -309,7 +309,7 @@ def test_a_file_is_applied_all_or_nothing(tmp_path: Path) -> None:
     assert _stat(store, "cluster_manager.cds.update_rejected") == 1
     _write(tmp_path / "c.yaml", {"version_info": "3", "resources": [_cluster("c", 1)]})
     assert sub.reload()
-    assert mgr.calls[1:] == [("put", "c"), ("remove", "a")]  # state of the world
+    assert mgr.calls[1:] == [("remove", "a"), ("put", "c")]  # state of the world (removals first)
     assert _stat(store, "cluster_manager.cds.update_success") == 2
 
 

@@ -131,3 +131,44 @@ def test_a_secret_no_listener_uses_any_more_leaves_the_subscription() -> None:
     gc.collect()
     assert ads.named[SECRET_TYPE].names() == []
     assert s.secrets.xds_providers() == []
+
+
+def _sotw(type_url: str, version: str, nonce: str, protos: list[Any]) -> Any:
+    from envoy.service.discovery.v3 import discovery_pb2 as pb
+    from google.protobuf import any_pb2
+
+    anys = []
+    for p in protos:
+        a = any_pb2.Any()
+        a.Pack(p)
+        anys.append(a)
+    return pb.DiscoveryResponse(type_url=type_url, version_info=version, nonce=nonce, resources=anys)
+
+
+def test_an_update_naming_a_static_resource_is_refused_whole() -> None:
+    from moorline.xds.files import CLUSTER_TYPE
+
+    s = ads_server()
+    ads = s.xds.ads
+    assert ads is not None
+    new = parse_message(procs.cluster("new", [1]), Cluster)
+    static = parse_message(procs.cluster("xds", [2]), Cluster)  # the bootstrap's own
+    nack = ads.handle(_sotw(CLUSTER_TYPE, "1", "n1", [new, static]))
+    assert nack.error_detail.code == 3 and "resources[1].name" in nack.error_detail.message
+    assert s.cluster_manager.get("new") is None  # nothing of it applied
+    assert s.cluster_manager.get("xds") is not None and not s.cluster_manager.get("xds").added_via_api
+
+
+def test_an_address_moves_from_a_removed_listener_to_a_new_one_in_one_update() -> None:
+    from moorline.xds.files import LISTENER_TYPE
+
+    s = ads_server()
+    ads = s.xds.ads
+    assert ads is not None
+    route = {"match": {"prefix": "/"}, "direct_response": {"status": 200}}
+    old = parse_message(procs.hcm_listener("old", 48001, [route]), Listener)
+    new = parse_message(procs.hcm_listener("new", 48001, [route]), Listener)
+    assert not ads.handle(_sotw(LISTENER_TYPE, "1", "n1", [old])).HasField("error_detail")
+    ack = ads.handle(_sotw(LISTENER_TYPE, "2", "n2", [new]))
+    assert not ack.HasField("error_detail"), ack.error_detail.message
+    assert [lst.name for lst in s.listener_manager] == ["new"]
