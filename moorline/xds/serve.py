@@ -165,6 +165,15 @@ class DirServer:
         self._stop.set()
 
 
+def control_plane(listen: str, unix: str | None) -> XdsServer:
+    """The server ``main`` runs: on ``listen`` ("host:port") or the Unix socket ``unix``. It runs
+    for good, so it keeps no record of the requests it answers (the test server's does)."""
+    host, _, port = listen.rpartition(":")
+    return XdsServer(
+        host=host.strip("[]") or "127.0.0.1", port=int(port or 0), unix_path=unix, record_requests=False
+    )
+
+
 def main(directory: str, listen: str, unix: str | None) -> int:
     import signal
 
@@ -177,8 +186,7 @@ def main(directory: str, listen: str, unix: str | None) -> int:
     except ConfigError as e:
         print(f"moorline xds-serve: {e}", flush=True)
         return 2
-    host, _, port = listen.rpartition(":")
-    server = XdsServer(host=host.strip("[]") or "127.0.0.1", port=int(port or 0), unix_path=unix)
+    server = control_plane(listen, unix)
     server.start()
     ds = DirServer(root, server)
     ds.poll()
@@ -193,4 +201,4 @@ def main(directory: str, listen: str, unix: str | None) -> int:
     return 0
 
 
-__all__ = ["DirServer", "load_dir", "main"]
+__all__ = ["DirServer", "control_plane", "load_dir", "main"]

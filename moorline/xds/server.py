@@ -12,8 +12,9 @@ request names nothing, or ``*``; else the names) and, for delta, what it already
 subscribed to its type: state of the world sends the whole snapshot (for named subscriptions,
 the named resources); delta sends the resources whose version changed and the names that left
 (``removed_resources``). A request that changes a named subscription is answered with the
-resources newly asked for. ``requests`` records every request received, so callers see ACKs and
-NACKs (``error_detail``).
+resources newly asked for. ``requests`` records every request received (unless
+``record_requests`` is False, as for ``moorline xds-serve``), so callers see ACKs and NACKs
+(``error_detail``).
 """
 
 from __future__ import annotations
@@ -71,10 +72,19 @@ class _Stream:
 
 
 class XdsServer:
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, unix_path: str | None = None) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        unix_path: str | None = None,
+        record_requests: bool = True,
+    ) -> None:
         self.host = host
         self.port = port
         self.unix_path = unix_path
+        # Every request received, for tests (unbounded: one per ACK); a long-running control
+        # plane (``moorline xds-serve``) passes record_requests=False and keeps none.
+        self.record_requests = record_requests
         self.requests: list[Any] = []
         self.nonce = ""
         self.streams_opened = 0
@@ -215,8 +225,9 @@ class XdsServer:
         async def read() -> None:
             try:
                 async for req in request_iterator:
-                    with self._lock:
-                        self.requests.append(req)
+                    if self.record_requests:
+                        with self._lock:
+                            self.requests.append(req)
                     self._on_request(st, req)
             finally:
                 st.queue.put_nowait(None)

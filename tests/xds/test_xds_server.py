@@ -147,3 +147,39 @@ def test_named_subscriptions_get_what_they_ask_for(cp: XdsServer) -> None:
     finally:
         s.close()
         d.close()
+
+
+def _until(cond: Any, timeout: float = 10.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_xds_serve_keeps_nothing_per_request_or_per_ended_stream() -> None:
+    from moorline.xds.serve import control_plane
+
+    cp = control_plane("127.0.0.1:0", None)
+    cp.start()
+    try:
+        cp.push(CLUSTER_TYPE, "1", [Cluster(name="a")])
+        for delta in (False, True):
+            s = _Stream(cp.port, delta=delta)
+            try:
+                req = pb.DeltaDiscoveryRequest if delta else pb.DiscoveryRequest
+                s.send(req(type_url=CLUSTER_TYPE))
+                r = s.get()
+                assert len(r.resources) == 1
+                for _ in range(50):  # ACKs: answered with nothing, and not kept
+                    s.send(req(type_url=CLUSTER_TYPE, response_nonce=r.nonce))
+                assert s.nothing()
+            finally:
+                s.close()
+        assert cp.requests == []
+        assert _until(lambda: not cp._streams), "the ended streams' state is still held"
+    finally:
+        cp.stop()
