@@ -62,6 +62,10 @@ log = logging.getLogger("moorline.xds")
 
 BACKOFF_BASE = 0.5
 BACKOFF_MAX = 30.0
+# The largest response a stream takes (gRPC's own default, 4 MiB, is less than one state-of-the-
+# world CDS or EDS response of a large mesh: the stream broke on it and reconnected for good).
+# A bigger one still ends the stream (it cannot be NACKed: its nonce is in the part not read).
+MAX_RESPONSE_BYTES = 128 * 1024 * 1024
 _INVALID_ARGUMENT = 3
 _INTERNAL = 13
 
@@ -361,7 +365,8 @@ class XdsClient:
         delay = BACKOFF_BASE
         while True:
             try:
-                async with grpc.aio.insecure_channel(self.target) as channel:
+                options = [("grpc.max_receive_message_length", MAX_RESPONSE_BYTES)]
+                async with grpc.aio.insecure_channel(self.target, options=options) as channel:
                     await self._stream(channel)
                 delay = BACKOFF_BASE
             except asyncio.CancelledError:
@@ -699,6 +704,7 @@ __all__ = [
     "BACKOFF_BASE",
     "BACKOFF_MAX",
     "DEFAULT_INITIAL_FETCH_TIMEOUT",
+    "MAX_RESPONSE_BYTES",
     "AdsClient",
     "AdsKind",
     "NamedKind",

@@ -60,3 +60,62 @@ def test_delta_acks_unsubscribe_the_names_of_targets_that_are_gone() -> None:
         pb.DeltaDiscoveryResponse(type_url=ENDPOINT_TYPE, nonce="n3", resources=[cla_resource("a", "2")])
     )
     assert not ack.resource_names_unsubscribe and keep.applied[-1] == ("a", "2")
+
+
+class Mgr:
+    """A resource manager that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.live: dict[str, Any] = {}
+
+    def compile(self, proto: Any, path: str = "") -> Any:
+        return proto
+
+    def add_or_update(self, proto: Any, path: str = "", version_info: str = "") -> Any:
+        self.live[proto.name] = type("R", (), {"name": proto.name, "added_via_api": True})()
+
+    def remove(self, name: str) -> bool:
+        return self.live.pop(name, None) is not None
+
+    def __iter__(self) -> Any:
+        return iter(list(self.live.values()))
+
+
+def test_a_response_larger_than_grpcs_default_limit_is_received_and_acked() -> None:
+    import asyncio
+
+    from envoy.config.cluster.v3.cluster_pb2 import Cluster
+
+    from moorline.testing.xds_server import XdsServer
+    from moorline.xds.ads import WildcardKind
+    from moorline.xds.files import CLUSTER_TYPE
+
+    # A mesh's whole CDS in one state-of-the-world response: 6 MiB, over gRPC's 4 MiB default.
+    pad = "x" * 1024
+    clusters = [Cluster(name=f"c{i}", alt_stat_name=pad) for i in range(6 * 1024)]
+    cp = XdsServer().start()
+    try:
+        cp.push(CLUSTER_TYPE, "big", clusters)
+        mgr = Mgr()
+        client = XdsClient(
+            f"127.0.0.1:{cp.port}",
+            None,
+            [WildcardKind(CLUSTER_TYPE, Cluster, mgr, "cluster_manager.cds")],
+            Store(),
+        )
+
+        async def run() -> Any:
+            loop = asyncio.get_running_loop()
+            client.start(loop)
+            try:
+                return await loop.run_in_executor(
+                    None, lambda: cp.wait_for(lambda r: r.type_url == CLUSTER_TYPE and r.response_nonce)
+                )
+            finally:
+                client.stop()
+
+        ack = asyncio.run(run())
+        assert ack.version_info == "big" and not ack.HasField("error_detail")
+        assert len(mgr.live) == len(clusters)
+    finally:
+        cp.stop()
