@@ -154,7 +154,9 @@ class ClusterManager:
         self._install(c)
 
     def _drop_warming(self, name: str) -> None:
-        if self.warming.pop(name, None) is not None:
+        c = self.warming.pop(name, None)
+        if c is not None:
+            c.retire()  # (never served: nothing to drain, but its EDS subscription stops applying)
             self._warming_gauge.value = len(self.warming)
             cancel = self._unwarm.pop(name, None)
             if cancel is not None:

@@ -301,6 +301,8 @@ class EdsAdsTarget:
         self.init = InitTarget(f"eds {cluster.eds_service_name}")
 
     def check(self, proto: Any, path: str) -> None:
+        if self.cluster.retired:
+            return  # (see apply)
         try:
             self.cluster.check_load_assignment(proto, path)
         except ConfigError:
@@ -308,6 +310,10 @@ class EdsAdsTarget:
             raise
 
     def apply(self, proto: Any, version_info: str) -> None:
+        if self.cluster.retired:
+            # Replaced, removed or dropped while warming, and alive until its last request ends
+            # (it shares its stats with the cluster in service): it takes no more assignments.
+            return
         self.cluster.update_load_assignment(proto)  # (counts update_attempt / update_success)
         self.version.value = version_hash(version_info)
         self.init.done()

@@ -172,3 +172,61 @@ def test_an_address_moves_from_a_removed_listener_to_a_new_one_in_one_update() -
     ack = ads.handle(_sotw(LISTENER_TYPE, "2", "n2", [new]))
     assert not ack.HasField("error_detail"), ack.error_detail.message
     assert [lst.name for lst in s.listener_manager] == ["new"]
+
+
+def eds_cluster(name: str, timeout: str = "1s") -> Cluster:
+    doc = {
+        "name": name,
+        "type": "EDS",
+        "connect_timeout": timeout,
+        "eds_cluster_config": {"eds_config": {"ads": {}}, "service_name": name},
+    }
+    return parse_message(doc, Cluster)  # type: ignore[return-value]
+
+
+def _eds(version: str, nonce: str, ports: list[int]) -> Any:
+    from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
+
+    from moorline.xds.files import ENDPOINT_TYPE
+
+    cla = parse_message(
+        {
+            "cluster_name": "svc",
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}
+                            }
+                        }
+                        for p in ports
+                    ]
+                }
+            ],
+        },
+        ClusterLoadAssignment,
+    )
+    return _sotw(ENDPOINT_TYPE, version, nonce, [cla])
+
+
+def test_a_replaced_or_removed_eds_cluster_takes_no_more_assignments() -> None:
+    s = ads_server()
+    cm = s.cluster_manager
+    ads = s.xds.ads
+    assert ads is not None
+    first = cm.add_or_update(eds_cluster("svc"))  # (kept: requests in flight hold it)
+    assert not ads.handle(_eds("1", "n1", [48001])).HasField("error_detail")
+    assert cm.get("svc") is first
+    second = cm.add_or_update(eds_cluster("svc", timeout="2s"))  # warmed at once on the kept one
+    assert cm.get("svc") is second and first.retired
+    success = s.stats.counter("cluster.svc.update_success")
+    before = success.value
+    assert not ads.handle(_eds("2", "n2", [48001, 48002])).HasField("error_detail")
+    assert success.value == before + 1  # counted once, by the cluster in service
+    assert [h.port for h in first.hosts] == [48001]  # the retired one keeps what it had
+    assert sorted(h.port for h in second.hosts) == [48001, 48002]
+    cm.remove("svc")
+    assert not ads.handle(_eds("3", "n3", [48003])).HasField("error_detail")
+    assert second.hosts == [] and first.hosts != [] and success.value == before + 1
+    assert s.stats.gauge("cluster.svc.membership_total").value == 0  # the removed one stays empty
