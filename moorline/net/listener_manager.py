@@ -293,7 +293,10 @@ class ListenerManager:
         kind, _host, port = lst.address
         if kind == "tcp" and not port:
             return  # port 0: the kernel picks a free one
-        for other in self.listeners.values():
+        # (warming ones too: two new listeners on one address would both be ACKed, and the
+        # second's bind fail when it warms, with no NACK to say so)
+        warming = [w for w in self.warming.values() if w.name != lst.name]
+        for other in [*self.listeners.values(), *warming]:
             if other is replacing or other.address != lst.address or not lst.bind_to_port:
                 continue
             if other.bind_to_port:

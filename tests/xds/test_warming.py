@@ -30,9 +30,9 @@ def _sds(secret: str, fetch_timeout: str = "0s") -> dict[str, Any]:
     }
 
 
-def tls_listener(body: str, secret: str = "default", name: str = "tls") -> Listener:
+def tls_listener(body: str, secret: str = "default", name: str = "tls", port: int = 0) -> Listener:
     route = {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": body}}}
-    doc = procs.hcm_listener(name, 0, [route])
+    doc = procs.hcm_listener(name, port, [route])
     doc["filter_chains"][0]["transport_socket"] = {
         "name": "envoy.transport_sockets.tls",
         "typed_config": {"@type": DTLS, "common_tls_context": _sds(secret)},
@@ -230,3 +230,23 @@ def test_a_replaced_or_removed_eds_cluster_takes_no_more_assignments() -> None:
     assert not ads.handle(_eds("3", "n3", [48003])).HasField("error_detail")
     assert second.hosts == [] and first.hosts != [] and success.value == before + 1
     assert s.stats.gauge("cluster.svc.membership_total").value == 0  # the removed one stays empty
+
+
+def test_an_address_a_warming_listener_holds_is_refused_to_another() -> None:
+    import pytest
+
+    from moorline.config.errors import ConfigError
+
+    s = ads_server()
+    lm = s.listener_manager
+    lm.add_or_update(tls_listener("one", name="a", port=48005))
+    assert list(lm.warming) == ["a"]
+    other = parse_message(
+        procs.hcm_listener("b", 48005, [{"match": {"prefix": "/"}, "direct_response": {"status": 200}}]),
+        Listener,
+    )
+    with pytest.raises(ConfigError, match="already used by listener 'a'"):
+        lm.add_or_update(other)
+    # Its own next version may keep the address.
+    lm.add_or_update(tls_listener("two", name="a", port=48005))
+    assert list(lm.warming) == ["a"] and lm.get("b") is None
