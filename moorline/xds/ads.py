@@ -415,13 +415,31 @@ class XdsClient:
                     reply = self.handle(resp)
                 except Exception as e:  # a bug of ours: NACK it, log it, keep the stream
                     log.exception("xDS response for %s could not be handled", resp.type_url)
-                    reply = req_cls(type_url=resp.type_url, response_nonce=resp.nonce)
-                    reply.error_detail.code = _INTERNAL
-                    reply.error_detail.message = f"{type(e).__name__}: {e}"
+                    reply = self._failed(resp, e)
                 out.put_nowait(reply)
         finally:
             self._out = None
             wtask.cancel()
+
+    def _failed(self, resp: Any, e: Exception) -> Any:
+        """The NACK (INTERNAL) of a response whose handling raised. State of the world: with the
+        last good version and, for a named type, the names (a request naming nothing would
+        unsubscribe the stream from all of them, or make it a wildcard one)."""
+        pb = self._discovery()
+        if self.delta:
+            reply = pb.DeltaDiscoveryRequest(type_url=resp.type_url, response_nonce=resp.nonce)
+        else:
+            reply = pb.DiscoveryRequest(type_url=resp.type_url, response_nonce=resp.nonce)
+            named = self.named.get(resp.type_url)
+            kind = named if named is not None else self.kinds.get(resp.type_url)
+            if kind is not None:
+                reply.version_info = kind.version_info
+                kind.nonce = resp.nonce
+            if named is not None:
+                reply.resource_names.extend(named.names())
+        reply.error_detail.code = _INTERNAL
+        reply.error_detail.message = f"{type(e).__name__}: {e}"
+        return reply
 
     # -- responses ---------------------------------------------------------------------------
     def handle(self, resp: Any, discovery_pb2: Any = None) -> Any:

@@ -81,9 +81,23 @@ class Mgr:
         return iter(list(self.live.values()))
 
 
-def test_a_response_larger_than_grpcs_default_limit_is_received_and_acked() -> None:
+def run_until(cp: Any, client: XdsClient, pred: Any) -> Any:
+    """Run ``client`` against ``cp`` (a test control plane) until it sent a request matching
+    ``pred``; that request."""
     import asyncio
 
+    async def run() -> Any:
+        loop = asyncio.get_running_loop()
+        client.start(loop)
+        try:
+            return await loop.run_in_executor(None, lambda: cp.wait_for(pred))
+        finally:
+            client.stop()
+
+    return asyncio.run(run())
+
+
+def test_a_response_larger_than_grpcs_default_limit_is_received_and_acked() -> None:
     from envoy.config.cluster.v3.cluster_pb2 import Cluster
 
     from moorline.testing.xds_server import XdsServer
@@ -104,18 +118,31 @@ def test_a_response_larger_than_grpcs_default_limit_is_received_and_acked() -> N
             Store(),
         )
 
-        async def run() -> Any:
-            loop = asyncio.get_running_loop()
-            client.start(loop)
-            try:
-                return await loop.run_in_executor(
-                    None, lambda: cp.wait_for(lambda r: r.type_url == CLUSTER_TYPE and r.response_nonce)
-                )
-            finally:
-                client.stop()
-
-        ack = asyncio.run(run())
+        ack = run_until(cp, client, lambda r: r.type_url == CLUSTER_TYPE and r.response_nonce)
         assert ack.version_info == "big" and not ack.HasField("error_detail")
         assert len(mgr.live) == len(clusters)
+    finally:
+        cp.stop()
+
+
+class Broken(Named):
+    def apply(self, proto: Any, version_info: str) -> None:
+        raise RuntimeError("a bug")
+
+
+def test_a_response_whose_handling_raises_is_nacked_with_the_names_and_the_last_good_version() -> None:
+    from moorline.testing.xds_server import XdsServer
+
+    cp = XdsServer().start()
+    try:
+        cp.push(ENDPOINT_TYPE, "1", [ClusterLoadAssignment(cluster_name="a")])
+        client = XdsClient(f"127.0.0.1:{cp.port}", None, [], Store())
+        target = Broken()
+        client.subscribe(ENDPOINT_TYPE, ClusterLoadAssignment, "a", target, initial_fetch_timeout=0)
+        nack = run_until(cp, client, lambda r: r.type_url == ENDPOINT_TYPE and r.HasField("error_detail"))
+        assert nack.error_detail.code == 13 and "RuntimeError: a bug" in nack.error_detail.message
+        # Still subscribed to "a" (a request naming nothing unsubscribes a state-of-the-world
+        # stream), with the version it had before (none).
+        assert list(nack.resource_names) == ["a"] and nack.version_info == "" and nack.response_nonce
     finally:
         cp.stop()
