@@ -553,7 +553,9 @@ class Cluster:
         by_level: dict[int, list[Host]] = {}
         for h in hosts:
             by_level.setdefault(h.priority, []).append(h)
-        levels = [by_level.get(p, []) for p in range(max(by_level) + 1)]
+        # Only the levels that have hosts: a level with none takes no load anyway, and the
+        # priority is a uint32 from the control plane (one of 4e9 must not make 4e9 levels).
+        levels = [by_level[p] for p in sorted(by_level)]
         counts = [(sum(1 for h in lv if h.healthy), len(lv)) for lv in levels]
         loads = lbmod.priority_loads(counts, self.overprovisioning)
         if not any(loads):

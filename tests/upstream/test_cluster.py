@@ -1069,3 +1069,15 @@ def test_istio_fixture_clusters_compile(fname: str, raw: dict[str, Any]) -> None
         assert c.transport_socket is not None and c.transport_socket.name == "internal_upstream"
     if raw["name"] == "zipkin":
         assert c.type == "STRICT_DNS" and c.notices  # respect_dns_ttl is noticed
+
+
+def test_sparse_priorities_cost_only_the_levels_they_use() -> None:
+    # Priorities 0 and 2**32 - 1 (a control plane may skip levels): two levels, as 0 and 1 would be.
+    d = static("c")
+    d["load_assignment"]["endpoints"] = [
+        {"priority": 0, "lb_endpoints": [ep("10.0.0.1"), _unhealthy("10.0.0.2")]},
+        {"priority": 2**32 - 1, "lb_endpoints": [ep("10.0.9.1")]},
+    ]
+    c = build(d)
+    assert c._lb.loads == [70.0, 30.0]  # type: ignore[union-attr]
+    assert {c.choose_host().address for _ in range(400)} == {"10.0.0.1", "10.0.9.1"}  # type: ignore[union-attr]
