@@ -16,9 +16,9 @@ Each load is all or nothing, the way a control plane's update is ACKed or NACKed
   duplicate name, a static resource's name) rejects the whole file, counts ``update_rejected``,
   logs the file and field path, and the running configuration stays as it was (the last good
   version keeps serving);
-* otherwise the resources are applied through the managers' public API (``add_or_update``:
-  unchanged resources are kept as they run, changed ones replaced without dropping traffic) and
-  the dynamic resources the file no longer names are removed (state of the world), then
+* otherwise the dynamic resources the file no longer names are removed (state of the world)
+  and the resources applied through the managers' public API (``add_or_update``: unchanged
+  resources are kept as they run, changed ones replaced without dropping traffic), then
   ``update_success`` and ``version`` count it.
 
 The file is polled (``net.secrets.FileWatcher``: mtime, size and inode, so an atomic rename is
