@@ -90,6 +90,12 @@ STARTUP_METRICS = (
     Metric("startup_ms", "exec → /ready 200 ms", "{:.0f}", "lower"),
     Metric("rss_mib", "RSS at ready MiB", "{:.1f}", None),
 )
+FAILOVER_METRICS = (
+    Metric("success_pct", "success %", "{:.3f}", "higher"),
+    Metric("failed", "failed requests", "{:,.0f}", "lower"),
+    Metric("rps", "req/s", "{:,.0f}", "higher"),
+    Metric("p99_ms", "p99 ms", "{:.1f}", "lower"),
+)
 XDS_METRICS = (
     Metric("cds_ack_ms", "CDS push → ACK ms", "{:.0f}", "lower"),
     Metric("applied_ms", "push → all applied ms", "{:.0f}", "lower"),
@@ -105,6 +111,7 @@ METRICS_BY_KIND = {
     "idle": IDLE_METRICS,
     "startup": STARTUP_METRICS,
     "xds": XDS_METRICS,
+    "failover": FAILOVER_METRICS,
 }
 # Kinds whose table has an "errors" column (socket errors + failed requests over all runs).
 _ERROR_KINDS = ("http", "h2", "tls", "l4", "idle")

@@ -108,6 +108,19 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("l4-iperf", "l4", "TCP proxy throughput, one iperf3 stream through the proxy"),
         Scenario("idle-conns", "idle", "memory per idle keep-alive connection (one request each, then idle)"),
         Scenario("startup", "startup", "moorline with the embedded default config: exec to admin /ready 200"),
+        *(
+            Scenario(
+                f"failover-{m}",
+                "failover",
+                f"3 backends, 32 connections; a third of the way in, backend 3 fails: {what}",
+                mode=m,
+            )
+            for m, what in (
+                ("kill", "its nginx is killed"),
+                ("5xx", "it answers 503 to everything"),
+                ("blackhole", "its port stops accepting (a listening socket that never accepts)"),
+            )
+        ),
         Scenario(
             "xds-scale",
             "xds",
@@ -278,6 +291,8 @@ class Harness:
             self._startup(sc, doc)
         elif sc.kind == "xds":
             self._xds(sc, doc)
+        elif sc.kind == "failover":
+            self._failover(sc, doc, variants)
         else:
             if sc.kind == "idle":
                 doc["settings"]["idle_conns"] = self.s.idle_conns
@@ -503,6 +518,21 @@ class Harness:
             "peak_rss_mib": peak / 1024.0,
             "config": p.config_text,
         }
+
+    # -- failover ---------------------------------------------------------------------------------
+
+    def _failover(self, sc: Scenario, doc: dict[str, Any], variants: list[str]) -> None:
+        from bench.failover import run_once
+
+        for rnd in range(1, self.s.rounds + 1):
+            for v in variants:
+                self.progress(f"{sc.name}: round {rnd}/{self.s.rounds}, {v}")
+                try:
+                    sample = run_once(self.lab, base_name(v), sc.mode, max(self.s.duration_s, 6))
+                except (StartError, RuntimeError, ValueError, OSError) as exc:
+                    sample = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+                sample["round"] = rnd
+                doc["samples"][v].append(sample)
 
     # -- xds-scale --------------------------------------------------------------------------------
 
