@@ -528,7 +528,10 @@ class _Session:
         def connected(err: BaseException | None, timed_out: bool) -> None:
             self.cancel_connect = None
             if err is not None and self.check is chk:
+                # (a TLS check that failed after the transport was made: close it too)
                 self.check = None
+                chk._done = None
+                chk.finish(NETWORK)
                 self.outcome(NETWORK, False)
 
         self.cancel_connect = connect(loop, self.host, chk, ck.timeout, None, connected)

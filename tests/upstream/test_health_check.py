@@ -104,9 +104,12 @@ class World:
                 on_done(asyncio.CancelledError(), True)
 
             return cancel
-        t = FakeTransport(loop, proto, (lambda data: None) if b == "hang" else b)
+        t = FakeTransport(loop, proto, (lambda data: None) if b in ("hang", "tls_fail") else b)
         self.open.add(t)
         proto.connection_made(t)
+        if b == "tls_fail":  # (made, then the certificate check failed: net/ reports an error)
+            on_done(OSError("SAN mismatch"), False)
+            return lambda: None
         on_done(None, False)
         return lambda: None
 
@@ -526,3 +529,20 @@ def test_notices_for_what_is_not_run_and_no_checker_without_config() -> None:
     }
     p = compile_cluster(json_format.ParseDict(d, cluster_pb2.Cluster()), Store())
     assert p.health_checker is None and p.hosts[0].healthy and not p.hosts[0].failed_active_hc
+
+
+def test_connect_error_after_the_transport_was_made_closes_it() -> None:
+    store = Store()
+    c = make(
+        {"unhealthy_threshold": 1, "healthy_threshold": 1, "http_health_check": {"path": "/h"}}, (1,), store
+    )
+    w = World()
+    w.behaviour[1] = "tls_fail"
+
+    async def body() -> None:
+        await until(lambda: stat(store, "network_failure") >= 3)
+        await asyncio.sleep(0.02)
+        assert len(w.open) >= 3
+        assert sum(1 for t in w.open if not t.is_closed) <= 1  # (at most the check in flight)
+
+    run(c, w, body)
