@@ -546,3 +546,53 @@ def test_connect_error_after_the_transport_was_made_closes_it() -> None:
         assert sum(1 for t in w.open if not t.is_closed) <= 1  # (at most the check in flight)
 
     run(c, w, body)
+
+
+def h2_server(status: int, seen: list[dict[str, str]]) -> Callable[[bytes], Any]:
+    """An in-memory HTTP/2 peer (the h2 library's server side) for one connection."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+    conn.initiate_connection()
+    fed = [0]
+
+    def answer(data: bytes) -> bytes | None:
+        new, fed[0] = data[fed[0] :], len(data)
+        for ev in conn.receive_data(new):
+            if isinstance(ev, h2.events.RequestReceived):
+                seen.append(dict(ev.headers))
+                conn.send_headers(ev.stream_id, [(":status", str(status))], end_stream=True)
+        return conn.data_to_send() or None
+
+    return answer
+
+
+def test_http2_checks_judge_the_status() -> None:
+    store = Store()
+    hc = {"unhealthy_threshold": 1, "healthy_threshold": 1}
+    c = make(
+        {**hc, "http_health_check": {"path": "/hz", "host": "a.b", "codec_client_type": "HTTP2"}},
+        (1, 2),
+        store,
+    )
+    w = World()
+    h1, h2 = c.hosts
+    seen: list[dict[str, str]] = []
+    real = w.connect
+
+    def connect(loop: Any, host: Any, proto: Any, *a: Any) -> Any:
+        # A fresh server connection per check (each check is its own connection).
+        w.behaviour[host.port] = h2_server(200 if host.port == 1 else 503, seen)
+        return real(loop, host, proto, *a)
+
+    w.connect = connect  # type: ignore[method-assign]
+
+    async def body() -> None:
+        await until(lambda: not h1.failed_active_hc and stat(store, "failure") >= 2)
+        assert h2.failed_active_hc and not h2.healthy
+        assert {(r[":method"], r[":path"], r[":authority"]) for r in seen} == {("GET", "/hz", "a.b")}
+        assert stat(store, "network_failure") == 0
+
+    run(c, w, body)
