@@ -49,6 +49,7 @@ class Server:
         from moorline.net.listener_manager import ListenerManager
         from moorline.net.secrets import SecretsManager
         from moorline.net.upstream import UpstreamTransportFactory
+        from moorline.net.upstream import connect as upstream_connect
         from moorline.upstream.manager import ClusterManager
 
         register_builtin()
@@ -66,6 +67,7 @@ class Server:
             self.stats,
             transport_factory=UpstreamTransportFactory(self.secrets),
             eds_sources=self.xds_files.eds_source,
+            health_connect=upstream_connect,
         )
         self.ctx = BuildContext(
             stats=self.stats,
@@ -528,7 +530,7 @@ class Server:
                 lines.append(f"{p}::cx_active::{h.active_cx}")
                 lines.append(f"{p}::rq_active::{h.active_rq}")
                 lines.append(f"{p}::weight::{h.weight}")
-                lines.append(f"{p}::health_flags::{'healthy' if h.healthy else '/failed_eds_health'}")
+                lines.append(f"{p}::health_flags::{_health_flags(h)}")
                 lines.append(f"{p}::hostname::{h.hostname}")
         return "\n".join(lines) + ("\n" if lines else "")
 
@@ -545,7 +547,7 @@ class Server:
                             else {"pipe": {"path": h.address}},
                             "weight": h.weight,
                             "hostname": h.hostname,
-                            "health_status": {"eds_health_status": "HEALTHY" if h.healthy else "UNHEALTHY"},
+                            "health_status": _health_status(h),
                             "stats": [
                                 {"name": "cx_active", "value": str(h.active_cx), "type": "GAUGE"},
                                 {"name": "rq_active", "value": str(h.active_rq), "type": "GAUGE"},
@@ -596,6 +598,21 @@ class Server:
 
     def quit(self) -> None:
         self.begin_shutdown()
+
+
+def _health_flags(h: Any) -> str:
+    """Envoy's ``/clusters`` health flags: ``healthy`` or the reasons concatenated."""
+    flags = ("/failed_active_hc" if h.failed_active_hc else "") + (
+        "" if h.eds_healthy else "/failed_eds_health"
+    )
+    return flags or "healthy"
+
+
+def _health_status(h: Any) -> dict:
+    st: dict = {"eds_health_status": "HEALTHY" if h.eds_healthy else "UNHEALTHY"}
+    if h.failed_active_hc:
+        st["failed_active_health_check"] = True
+    return st
 
 
 def _app_log_formatter(bootstrap: Any, options: dict) -> Any:

@@ -45,7 +45,6 @@ Table = Mapping[str, Entry]
 _NO_XDS = "xDS-TP (xdstp://) naming and its config sources are not supported; ignored"
 _NO_STATS_SINKS = "moorline has no stats sinks (stats are read from the admin /stats endpoints); ignored"
 _DNS = "custom DNS resolver options are not supported (the system resolver is used); ignored"
-_NO_HC = "active health checking is not implemented; ignored"
 _CLOSES = "an invalid HTTP/1.1 message always closes the connection; ignored"
 
 BOOTSTRAP: Table = {
@@ -158,13 +157,14 @@ CLUSTER: Table = {
         "zone_aware_lb_config": "zone-aware routing is not implemented; ignored",
         "locality_weighted_lb_config": "locality-weighted load balancing is not implemented; ignored",
         "update_merge_window": "host updates are applied at once; ignored",
-        "ignore_new_hosts_until_first_hc": _NO_HC,
+        "ignore_new_hosts_until_first_hc": "new hosts always wait for their first health check; ignored",
         "close_connections_on_host_set_change": "ignored",
         "consistent_hashing_lb_config": "consistent hashing is not supported; ignored",
         "override_host_status": "host override is not supported; ignored",
     },
-    "close_connections_on_host_health_failure": _NO_HC,
-    "ignore_health_on_host_removal": _NO_HC,
+    "close_connections_on_host_health_failure": "connections to a host that fails its health "
+    "checks are kept until they close; ignored",
+    "ignore_health_on_host_removal": "a host that leaves the cluster leaves at once; ignored",
     "lrs_server": "load reporting (LRS) is not supported; ignored",
     "lrs_report_endpoint_metrics": "load reporting (LRS) is not supported; ignored",
     "track_timeout_budgets": "timeout budget stats are not recorded; ignored",

@@ -8,12 +8,15 @@
 - ``LbContext``: what a load balancer may ask about the request or connection it picks a host
   for. ``Cluster.choose_host(exclude, context)`` takes it; only ORIGINAL_DST clusters call it
   (the router and tcp_proxy pass themselves, so other clusters cost nothing extra).
+- ``HealthConnect``: how active health checks open a connection (``moorline.net.upstream.
+  connect``, through the cluster's TLS when it has one); handed to the ``ClusterManager``.
 - ``TransportFactory``: compiles a cluster's ``transport_socket`` (``moorline.net.upstream.
   UpstreamTransportFactory`` builds TLS); handed to the ``ClusterManager`` by the server.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 
@@ -54,3 +57,18 @@ class EdsSourceFactory(Protocol):
     ``ConfigError`` for a bad first assignment."""
 
     def __call__(self, cluster: Any, eds_config: Any, path: str) -> Any: ...
+
+
+class HealthConnect(Protocol):
+    def __call__(
+        self,
+        loop: Any,
+        host: Any,
+        protocol: Any,
+        timeout: float,
+        keepalive: Any,
+        on_done: Callable[[BaseException | None, bool], None],
+    ) -> Callable[[], None]:
+        """Connect the asyncio ``protocol`` to ``host``; ``on_done(error, timed_out)`` once;
+        returns a cancel function (``moorline.net.upstream.connect``)."""
+        ...

@@ -52,6 +52,7 @@ from moorline.observability.stats import Counter, Gauge, Histogram, Scope, Store
 from moorline.upstream import lb as lbmod
 from moorline.upstream.api import ConnPool, LbContext, TransportFactory
 from moorline.upstream.dns import LOOKUP_FAMILIES, Answer, DnsError, Resolver, ip_family
+from moorline.upstream.health_check import compile_health_check
 
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
@@ -247,6 +248,8 @@ class Host:
         "address",
         "cluster",
         "degraded",
+        "eds_healthy",
+        "failed_active_hc",
         "family",
         "h2pool",
         "healthy",
@@ -282,6 +285,10 @@ class Host:
         self.hostname = hostname or address
         self.weight = weight
         self.healthy = healthy
+        # What the endpoint's own health status says, and the active health checker's verdict
+        # (None: not checked yet; True: failed_active_hc). ``healthy`` is their combination.
+        self.eds_healthy = healthy
+        self.failed_active_hc: bool | None = None
         self.degraded = degraded
         self.locality = locality  # (region, zone, sub_zone), for /clusters
         self.active_rq = 0
@@ -319,8 +326,9 @@ class Host:
 
     def copy_for(self, cluster: Cluster) -> Host:
         """The same endpoint as a member of ``cluster`` (a replacing cluster): weight, health and
-        names carried over; counters and pools start empty."""
-        return Host(
+        names carried over (and the active health checker's last verdict); counters and pools
+        start empty."""
+        h = Host(
             cluster,
             self.address,
             self.port,
@@ -331,6 +339,9 @@ class Host:
             self.locality,
             self.priority,
         )
+        h.eds_healthy = self.eds_healthy
+        h.failed_active_hc = self.failed_active_hc
+        return h
 
     def drain_pools(self) -> None:
         """The host left its cluster: idle connections close now, busy ones after their request."""
@@ -417,6 +428,10 @@ class Cluster:
         self.original_dst_port_override: int | None = None
         self.cleanup_interval = DEFAULT_CLEANUP_INTERVAL
         self.notices: list[str] = []
+        # Active health checking (health_check.HealthChecker) and the connect function net/
+        # gives it (the ClusterManager sets it); started by start(), stopped by stop().
+        self.health_checker: Any = None
+        self.health_connect: Any = None
         # Runtime state owned by this cluster (freed with it): concurrent retries for the
         # max_retries circuit breaker (the router takes and gives back slots), and the HTTP/2
         # pool's cluster.<name>.http2.* stats (moorline.stream.http2_client fills it).
@@ -488,13 +503,19 @@ class Cluster:
             if o is None:
                 h.cluster = self
                 h.removed = False
+                if self.health_checker is None:
+                    h.failed_active_hc = None
+                elif h.failed_active_hc is None:
+                    h.failed_active_hc = True  # (unhealthy until its first check passes)
+                h.healthy = h.eds_healthy and not h.failed_active_hc
                 merged.append(h)
                 added = True
             else:
                 if o is not h:
                     o.weight = h.weight
                     o.hostname = h.hostname
-                    o.healthy = h.healthy
+                    o.eds_healthy = h.eds_healthy
+                    o.healthy = h.eds_healthy and not o.failed_active_hc
                     o.degraded = h.degraded
                     o.locality = h.locality
                     o.priority = h.priority
@@ -505,6 +526,8 @@ class Cluster:
             h.drain_pools()
         self.hosts = merged
         self._rebuild()
+        if self.health_checker is not None and (added or removed):
+            self.health_checker.sync()
         if added or removed:
             self.stats.membership_change.value += 1
             self.last_removed = removed
@@ -687,7 +710,10 @@ class Cluster:
 
     async def start(self) -> None:
         """STATIC/EDS: nothing. DNS types: first resolution round (succeeded or failed), then
-        periodic refresh in a background task. ORIGINAL_DST: start the host cleanup timer."""
+        periodic refresh in a background task. ORIGINAL_DST: start the host cleanup timer.
+        Active health checks start here (when the manager gave a connect function)."""
+        if self.health_checker is not None and self.health_connect is not None and not self.retired:
+            self.health_checker.start(asyncio.get_running_loop(), self.health_connect)
         if self.type in ("STRICT_DNS", "LOGICAL_DNS"):
             if self._task is not None:
                 return
@@ -697,7 +723,9 @@ class Cluster:
             self._od_timer = asyncio.get_running_loop().call_later(self.cleanup_interval, self._od_sweep)
 
     def stop(self) -> None:
-        """Stop the background work (DNS refresh, ORIGINAL_DST sweeps)."""
+        """Stop the background work (DNS refresh, ORIGINAL_DST sweeps, health checks)."""
+        if self.health_checker is not None:
+            self.health_checker.stop()
         if self._task is not None:
             self._task.cancel()
             self._task = None
@@ -1125,8 +1153,11 @@ def compile_cluster(
             c.transport_error = "transport_socket was not compiled (no transport socket factory)"
     if proto.transport_socket_matches:
         c.notice("transport_socket_matches: not implemented, the cluster's transport_socket is used")
+    if proto.health_checks:
+        c.health_checker = compile_health_check(proto.health_checks[0], c, "health_checks[0]", rng)
+        if len(proto.health_checks) > 1:
+            c.notice("health_checks: only the first health check is run; the others are ignored")
     for field, what in (
-        ("health_checks", "active health checks"),
         ("outlier_detection", "outlier detection"),
         ("lb_subset_config", "subset load balancing"),
         ("upstream_bind_config", "upstream_bind_config"),
@@ -1135,9 +1166,7 @@ def compile_cluster(
         ("filters", "upstream network filters"),
     ):
         present = (
-            len(getattr(proto, field)) > 0
-            if field in ("health_checks", "dns_resolvers", "filters")
-            else proto.HasField(field)
+            len(getattr(proto, field)) > 0 if field in ("dns_resolvers", "filters") else proto.HasField(field)
         )
         if present:
             c.notice(f"{field}: {what} not implemented yet, ignored")

@@ -26,7 +26,7 @@ from typing import Any
 from moorline.config.errors import ConfigError
 from moorline.config.warming import when_all_ready
 from moorline.observability.stats import Store
-from moorline.upstream.api import EdsSourceFactory, TransportFactory
+from moorline.upstream.api import EdsSourceFactory, HealthConnect, TransportFactory
 from moorline.upstream.cluster import Cluster, compile_cluster
 from moorline.upstream.dns import Resolver
 
@@ -40,8 +40,11 @@ class ClusterManager:
         rng: random.Random | None = None,
         transport_factory: TransportFactory | None = None,
         eds_sources: EdsSourceFactory | None = None,
+        health_connect: HealthConnect | None = None,
     ) -> None:
         self.store = store
+        # What active health checks connect with (moorline.net.upstream.connect, from the server).
+        self.health_connect = health_connect
         self.eds_sources = eds_sources
         self.clusters: dict[str, Cluster] = {}
         self.resolver = resolver or Resolver()
@@ -81,9 +84,11 @@ class ClusterManager:
     def compile(self, proto: Any, path: str = "") -> Cluster:
         """Compile without registering (validate mode); errors prefixed with ``path``."""
         try:
-            return compile_cluster(proto, self.store, self.resolver, self._rng, self.transport_factory)
+            c = compile_cluster(proto, self.store, self.resolver, self._rng, self.transport_factory)
         except ConfigError as e:
             raise e.prefixed(path) from None
+        c.health_connect = self.health_connect
+        return c
 
     def add(self, proto: Any, path: str = "") -> Cluster:
         """Add a static cluster (``static_resources``): it cannot be updated or removed through

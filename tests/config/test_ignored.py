@@ -169,9 +169,20 @@ def test_ignored_listener_and_cluster_fields_are_announced() -> None:
 def test_a_compiler_notice_is_not_repeated() -> None:
     """The HCM compiler announces tracing itself; the generic table does not add a second line.
     Cluster notices carry the full path now (they read ``cluster c: ...`` before)."""
-    doc = _base({"tracing": {}}, health_checks=[{"timeout": "1s", "interval": "1s", "tcp_health_check": {}}])
+    check = {
+        "timeout": "1s",
+        "interval": "1s",
+        "unhealthy_threshold": 1,
+        "healthy_threshold": 1,
+        "event_log_path": "/dev/null",
+        "tcp_health_check": {},
+    }
+    doc = _base({"tracing": {}}, health_checks=[check])
     notices = _server(doc).ctx.notices
-    assert [n.path for n in notices] == [f"{HCM_PATH}.tracing", "static_resources.clusters[0].health_checks"]
+    assert [n.path for n in notices] == [
+        f"{HCM_PATH}.tracing",
+        "static_resources.clusters[0].health_checks[0].event_log_path",
+    ]
 
 
 def test_connect_config_is_rejected() -> None:
