@@ -1152,7 +1152,9 @@ def compile_cluster(
     track_remaining = False
     for i, th in enumerate(proto.circuit_breakers.thresholds):
         if th.priority != 0:  # HIGH: no request priorities yet
-            c.notice(f"circuit_breakers.thresholds[{i}]: priority HIGH thresholds are not used (requests carry no priority); ignored")
+            c.notice(
+                f"circuit_breakers.thresholds[{i}]: priority HIGH thresholds are not used (requests carry no priority); ignored"
+            )
             continue
         c.max_connections = opt_uint(th, "max_connections", 1024) or 0
         c.max_pending_requests = opt_uint(th, "max_pending_requests", 1024) or 0
@@ -1163,7 +1165,8 @@ def compile_cluster(
             pct = rb.budget_percent.value if rb.HasField("budget_percent") else 20.0
             if not 0.0 <= pct <= 100.0:
                 raise ConfigError(
-                    f"circuit_breakers.thresholds[{i}].retry_budget.budget_percent", "must be between 0 and 100"
+                    f"circuit_breakers.thresholds[{i}].retry_budget.budget_percent",
+                    "must be between 0 and 100",
                 )
             c.retry_budget = (pct / 100.0, opt_uint(rb, "min_retry_concurrency", 3) or 0)
         track_remaining = th.track_remaining
