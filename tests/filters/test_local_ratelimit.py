@@ -120,7 +120,9 @@ def test_burst_over_max_tokens_is_429_with_headers_then_refills() -> None:
         d.request("GET", "/x")
         r = d.response()
         assert r.status == 200
-        assert r.header("x-ratelimit-limit") == b"2" and r.header("x-ratelimit-remaining") == str(left).encode()
+        assert (
+            r.header("x-ratelimit-limit") == b"2" and r.header("x-ratelimit-remaining") == str(left).encode()
+        )
         assert r.header("x-limited") is None
     d.request("GET", "/x")
     r = d.response()
