@@ -15,6 +15,7 @@ from moorline.config.context import BuildContext
 from moorline.config.errors import ConfigError
 from moorline.filters.http import local_ratelimit as http_rl
 from moorline.filters.token_bucket import BucketSpec, TokenBucket
+from moorline.net.conn_info import ConnInfo
 from moorline.observability.stats import Store
 from moorline.testing.pair import Pair, bootstrap_yaml
 
@@ -46,7 +47,9 @@ def _parse(d: dict[str, Any], cls: Any) -> Any:
 def _limit(**d: Any) -> Any:
     notes: list[str] = []
     lim = http_rl.compile_limit(
-        _parse({"stat_prefix": "rl", **d}, http_pb2.LocalRateLimit), "f", notes.append
+        _parse({"stat_prefix": "rl", **d}, http_pb2.LocalRateLimit),
+        "f",
+        lambda p, why: notes.append(f"{p}: {why}; ignored"),
     )
     return lim, notes
 
@@ -62,7 +65,7 @@ def test_config_checks_and_defaults() -> None:
     with pytest.raises(ConfigError, match="max_tokens"):
         _limit(token_bucket={"max_tokens": 0, "fill_interval": "1s"})
     with pytest.raises(ConfigError, match="stat_prefix"):
-        http_rl.compile_limit(_parse({}, http_pb2.LocalRateLimit), "f", print)
+        http_rl.compile_limit(_parse({}, http_pb2.LocalRateLimit), "f", lambda p, w: None)
     _, notes = _limit(
         descriptors=[
             {
@@ -201,6 +204,20 @@ def test_per_downstream_connection_buckets() -> None:
     assert a.response().status == 429
     b.request("GET", "/x")
     assert b.response().status == 200  # its own bucket
+
+
+def test_per_connection_buckets_are_bounded() -> None:
+    """A connection living through many route table updates meets a new compiled limit each
+    time: its bucket map stays bounded (the oldest go)."""
+    info = ConnInfo(("10.0.0.1", 80), ("10.0.0.2", 5000), "l")
+    spec = BucketSpec(1, 1, 1.0)
+    limits = [http_rl._Limit() for _ in range(100)]
+    first = http_rl.conn_bucket(info, limits[0], spec, 0.0)
+    assert http_rl.conn_bucket(info, limits[0], spec, 0.0) is first  # the same bucket again
+    for lim in limits:
+        http_rl.conn_bucket(info, lim, spec, 0.0)
+    assert info.filter_state is not None and len(info.filter_state) == http_rl.MAX_CONN_BUCKETS
+    assert limits[-1] in info.filter_state and limits[0] not in info.filter_state
 
 
 def test_network_filter_config_checks() -> None:

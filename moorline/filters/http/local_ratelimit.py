@@ -45,6 +45,7 @@ BODY = b"local_rate_limited"
 DETAILS = "local_rate_limited"
 FLAG = "RL"  # RateLimited
 _DRAFT_VERSION_03 = 1
+MAX_CONN_BUCKETS = 16  # per downstream connection (ConnInfo.filter_state)
 _DENOMINATORS = {0: 100, 1: 10_000, 2: 1_000_000}
 _APPEND_IF_EXISTS_OR_ADD = 0
 _OVERWRITE_IF_EXISTS_OR_ADD = 2
@@ -136,25 +137,20 @@ class LocalRateLimitFilter(HttpFilter):
         cb = self.callbacks
         assert cb is not None
         sh = self.shared
-        limit = cb.route_config(NAME) or sh.limit
+        limit: _Limit = cb.route_config(NAME) or sh.limit
         spec = limit.spec
         if spec is None or not _sample(limit.enabled, sh.rand):
             return CONTINUE
         st = sh.stats_for(limit)
         st.enabled.value += 1
         now = sh.clock()
+        bucket: TokenBucket
         if limit.per_connection:
-            conn = cb.stream_info.downstream
-            state = conn.filter_state
-            if state is None:
-                state = conn.filter_state = {}
-            bucket = state.get(limit)
-            if bucket is None:
-                bucket = state[limit] = spec.new(now)
-        else:
+            bucket = conn_bucket(cb.stream_info.downstream, limit, spec, now)
+        elif limit.bucket is not None:
             bucket = limit.bucket
-            if bucket is None:
-                bucket = limit.bucket = spec.new(now)
+        else:
+            bucket = limit.bucket = spec.new(now)
         if limit.x_headers:
             self.bucket = bucket
         if bucket.consume(now):
@@ -180,6 +176,21 @@ class LocalRateLimitFilter(HttpFilter):
             headers.set(b"x-ratelimit-remaining", str(bucket.remaining(now)).encode())
             headers.set(b"x-ratelimit-reset", str(bucket.reset_seconds(now)).encode())
         return CONTINUE
+
+
+def conn_bucket(conn: Any, limit: _Limit, spec: BucketSpec, now: float) -> TokenBucket:
+    """The connection's bucket for ``limit``. A route table update compiles new limits, so a
+    long-lived connection would collect one bucket per update: at most MAX_CONN_BUCKETS are
+    kept, the oldest dropped (its config is most likely gone)."""
+    state = conn.filter_state
+    if state is None:
+        state = conn.filter_state = {}
+    bucket: TokenBucket | None = state.get(limit)
+    if bucket is None:
+        if len(state) >= MAX_CONN_BUCKETS:
+            del state[next(iter(state))]
+        bucket = state[limit] = spec.new(now)
+    return bucket
 
 
 def _sample(fraction: float, rand: Callable[[], float]) -> bool:
@@ -224,8 +235,8 @@ def _check_type(cfg: Any, path: str) -> None:
         raise ConfigError(path, f"expected {TYPE}, got {got or type(cfg).__name__}")
 
 
-def compile_limit(cfg: Any, path: str, notice: Callable[[str], None]) -> _Limit:
-    """Compile one ``LocalRateLimit``; ``notice(msg)`` is told of fields not acted on."""
+def compile_limit(cfg: Any, path: str, notice: Callable[[str, str], None]) -> _Limit:
+    """Compile one ``LocalRateLimit``; ``notice(field_path, why)`` is told of fields not acted on."""
     _check_type(cfg, path)
     if not cfg.stat_prefix:
         raise ConfigError(f"{path}.stat_prefix", "stat_prefix is required")
@@ -248,9 +259,9 @@ def compile_limit(cfg: Any, path: str, notice: Callable[[str], None]) -> _Limit:
     present = {f.name for f, _ in cfg.ListFields()}
     for field, why in _UNSUPPORTED.items():
         if field in present:
-            notice(f"{path}.{field}: {why}; ignored")
+            notice(f"{path}.{field}", why)
     if cfg.stage:
-        notice(f"{path}.stage: stages are not implemented (every stage limits); ignored")
+        notice(f"{path}.stage", "stages are not implemented (every stage limits)")
     return lim
 
 
@@ -277,14 +288,14 @@ def _factory(cfg: Any, ctx: Any, path: str) -> _Factory:
     cpath = f"{path}.typed_config"
     if cfg is None:
         raise ConfigError(cpath, "typed_config is required")
-    limit = compile_limit(cfg, cpath, ctx.notice)
+    limit = compile_limit(cfg, cpath, lambda p, why: ctx.notice(f"{p}: {why}; ignored"))
     return _Factory(_Shared(limit, ctx.stats, _loop_clock, random.random))
 
 
-def _refuse(msg: str) -> None:
-    raise ConfigError(
-        msg.split(":", 1)[0], msg.split(": ", 1)[1].removesuffix("; ignored") + " (not accepted per route)"
-    )
+def _refuse(path: str, why: str) -> None:
+    # A per-route config is compiled with the route table, which has no notice channel for
+    # filters: what the filter's own config would announce is refused here instead.
+    raise ConfigError(path, f"{why} (not accepted per route)")
 
 
 def _per_route(msg: Any, path: str) -> _Limit:
