@@ -17,10 +17,12 @@ def register_builtin() -> None:
     import moorline.filters.http.ext_authz
     import moorline.filters.http.fault
     import moorline.filters.http.health_check
+    import moorline.filters.http.local_ratelimit
     import moorline.filters.http.rbac
     import moorline.filters.listener.http_inspector
     import moorline.filters.listener.original_dst
     import moorline.filters.listener.tls_inspector
+    import moorline.filters.network.local_ratelimit
     import moorline.filters.network.rbac
     import moorline.observability.access_log
     import moorline.proxy.hcm

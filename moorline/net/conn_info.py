@@ -44,6 +44,7 @@ class ConnInfo:
         "alpn",
         "buffer_limit",
         "connection_id",
+        "filter_state",
         "filters",
         "listener_name",
         "local",
@@ -89,6 +90,9 @@ class ConnInfo:
         self.negotiated_alpn: str | None = None
         self.tls_version: str | None = None
         self.peer_certificate: dict[str, Any] | None = None
+        # Per-connection state of HTTP filters (a local rate limit's bucket), keyed by the
+        # filter's compiled config; None until one needs it, freed with the connection.
+        self.filter_state: dict[Any, Any] | None = None
 
     def notify_closed(self) -> None:
         """Run the ``on_close`` callback once; later calls do nothing."""

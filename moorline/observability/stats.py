@@ -12,7 +12,7 @@ extracted from the name at render time, as Envoy's default tag extractors do.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 # Envoy's default histogram bucket bounds (milliseconds for time histograms).
 DEFAULT_BUCKETS: tuple[float, ...] = (
@@ -77,6 +77,26 @@ class StateGauge(Gauge):
     listed under ``/stats?usedonly``, as Envoy lists a gauge that was ever set."""
 
     __slots__ = ()
+
+
+class DerivedGauge(Gauge):
+    """A gauge computed when read (``fn()``), for values the hot path already keeps elsewhere
+    (a circuit breaker's remaining capacity is its limit minus a live count): nothing is
+    updated per request. Writes are ignored."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, name: str, fn: Callable[[], int]) -> None:
+        self.name = name
+        self.fn = fn
+
+    @property  # type: ignore[override]
+    def value(self) -> int:
+        return self.fn()
+
+    @value.setter
+    def value(self, v: int) -> None:
+        pass
 
 
 class Histogram:
@@ -154,6 +174,17 @@ class Store:
         assert isinstance(s, Gauge), name
         return s
 
+    def derived_gauge(self, name: str, fn: Callable[[], int]) -> Gauge:
+        """A ``DerivedGauge`` reading ``fn``; one already there (or a plain gauge of that name)
+        is replaced, so the newest owner of the name (a cluster rebuilt by CDS) reports."""
+        s = self._stats.get(name)
+        if isinstance(s, DerivedGauge):
+            s.fn = fn
+            return s
+        assert s is None or isinstance(s, Gauge), name
+        g = self._stats[name] = DerivedGauge(name, fn)
+        return g
+
     def histogram(self, name: str) -> Histogram:
         s = self._stats.get(name)
         if s is None:
@@ -193,6 +224,9 @@ class Scope:
 
     def state_gauge(self, name: str) -> Gauge:
         return self.store.state_gauge(self.prefix + name)
+
+    def derived_gauge(self, name: str, fn: Callable[[], int]) -> Gauge:
+        return self.store.derived_gauge(self.prefix + name, fn)
 
     def histogram(self, name: str) -> Histogram:
         return self.store.histogram(self.prefix + name)

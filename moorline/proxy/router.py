@@ -33,6 +33,8 @@ from moorline.stream.api import HttpProtocol, ResetReason
 from moorline.stream.http1_client import pool_for
 
 _UPSTREAM_ERR = b"upstream connect error or disconnect/reset before headers. reset reason: "
+# Envoy names a pool overflow (a circuit breaker) as it names any reset before the response.
+_OVERFLOW_DETAILS = "upstream_reset_before_response_started{overflow}"
 
 # The phases the router moves its stream through.
 _CHOOSE_HOST = Phase.CHOOSE_HOST
@@ -280,7 +282,7 @@ class Router:
         st = cluster.stats
         if st.upstream_rq_active.value >= cluster.max_requests:
             st.upstream_rq_pending_overflow.value += 1
-            self._local_failure(503, _UPSTREAM_ERR + b"overflow", flags.UPSTREAM_OVERFLOW, "overflow")
+            self._local_failure(503, _UPSTREAM_ERR + b"overflow", flags.UPSTREAM_OVERFLOW, _OVERFLOW_DETAILS)
             return
         self.host = host
         if self.route.auto_host_rewrite:
@@ -343,7 +345,7 @@ class Router:
             return
         self._end_attempt()
         if reason is ResetReason.OVERFLOW:
-            self._local_failure(503, _UPSTREAM_ERR + b"overflow", flags.UPSTREAM_OVERFLOW, "overflow")
+            self._local_failure(503, _UPSTREAM_ERR + b"overflow", flags.UPSTREAM_OVERFLOW, _OVERFLOW_DETAILS)
             return
         self.stream.info.upstream_transport_failure_reason = detail
         if self._maybe_retry_reset(connect_failure=True):
@@ -588,7 +590,7 @@ class Router:
         if self.body_bytes and not self.retain:
             return False
         st = self.cluster.stats
-        if self.cluster.active_retries >= self.cluster.max_retries:
+        if self.cluster.active_retries >= self.cluster.retries_limit():
             st.upstream_rq_retry_overflow.value += 1
             return False
         return True

@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
+import weakref
 from collections.abc import Callable, Collection, Iterable
 from typing import Any, NamedTuple
 
@@ -220,11 +221,42 @@ class ClusterStats:
             setattr(self, n, scope.gauge(n))
         for n in self.HISTOGRAMS:
             setattr(self, n, scope.histogram(n))
-        for attr, n in self.CB_GAUGES.items():
-            setattr(self, attr, scope.gauge(n))
         # status code -> (upstream_rq_<code>, upstream_rq_<N>xx); bounded by the number of
         # distinct codes seen (three-digit codes: at most 900 entries).
         self._codes = {}
+
+    def bind_breakers(self, cluster: Cluster) -> None:
+        """The ``circuit_breakers.default.*_open`` gauges (1 while a limit is reached), read
+        from the cluster's live counts when scraped. A weak reference: the store outlives a
+        removed cluster and must not keep its hosts and pools alive."""
+        ref = weakref.ref(cluster)
+        st = self
+
+        def opener(count: Callable[[Cluster], int], limit: Callable[[Cluster], int]) -> Callable[[], int]:
+            def fn() -> int:
+                c = ref()
+                return 0 if c is None else int(count(c) >= limit(c))
+
+            return fn
+
+        for attr, n in self.CB_GAUGES.items():
+            count, limit = _BREAKERS[n.rsplit(".", 1)[1][: -len("_open")]]
+            setattr(st, attr, self.scope.derived_gauge(n, opener(count, limit)))
+
+    def track_remaining(self, cluster: Cluster) -> None:
+        """``circuit_breakers.default.remaining_*`` (``track_remaining``): limit minus count."""
+        ref = weakref.ref(cluster)
+
+        def remaining(count: Callable[[Cluster], int], limit: Callable[[Cluster], int]) -> Callable[[], int]:
+            def fn() -> int:
+                c = ref()
+                return 0 if c is None else max(0, limit(c) - count(c))
+
+            return fn
+
+        for kind, name in (("cx", "cx"), ("rq_pending", "pending"), ("rq", "rq"), ("rq_retry", "retries")):
+            count, limit = _BREAKERS[kind]
+            self.scope.derived_gauge(f"circuit_breakers.default.remaining_{name}", remaining(count, limit))
 
     def rq_status(self, code: int) -> None:
         """Count one upstream response: ``upstream_rq_<code>`` and ``upstream_rq_<N>xx``."""
@@ -436,6 +468,9 @@ class Cluster:
         # max_retries circuit breaker (the router takes and gives back slots), and the HTTP/2
         # pool's cluster.<name>.http2.* stats (moorline.stream.http2_client fills it).
         self.active_retries = 0
+        # circuit_breakers retry_budget: (fraction of active + pending requests, minimum
+        # concurrency); when set it replaces max_retries (Envoy's rule).
+        self.retry_budget: tuple[float, int] | None = None
         self.h2_stats: Any = None
         # Management (the ClusterManager sets these): origin, version, when it was (re)built.
         self.added_via_api = False
@@ -471,6 +506,16 @@ class Cluster:
         return lb.pick(exclude)
 
     # -- membership -----------------------------------------------------------------------------
+
+    def retries_limit(self) -> int:
+        """Concurrent retries allowed: ``max_retries``, or with a ``retry_budget`` its share of
+        the active and pending requests (at least ``min_retry_concurrency``)."""
+        rb = self.retry_budget
+        if rb is None:
+            return self.max_retries
+        st = self.stats
+        share = int(rb[0] * (st.upstream_rq_active.value + st.upstream_rq_pending_active.value))
+        return max(share, rb[1])
 
     def notice(self, msg: str) -> None:
         if msg not in self.notices and len(self.notices) < MAX_NOTICES:
@@ -1060,6 +1105,15 @@ def _is_raw_buffer(ts: Any) -> bool:
     )
 
 
+# circuit breaker -> (live count, limit), as the gauges read them
+_BREAKERS: dict[str, tuple[Callable[[Cluster], int], Callable[[Cluster], int]]] = {
+    "cx": (lambda c: c.stats.upstream_cx_active.value, lambda c: c.max_connections),
+    "rq_pending": (lambda c: c.stats.upstream_rq_pending_active.value, lambda c: c.max_pending_requests),
+    "rq": (lambda c: c.stats.upstream_rq_active.value, lambda c: c.max_requests),
+    "rq_retry": (lambda c: c.active_retries, lambda c: c.retries_limit()),
+}
+
+
 def compile_cluster(
     proto: Any,
     store: Store,
@@ -1123,16 +1177,27 @@ def compile_cluster(
                 opt_uint(ka, "keepalive_interval"),
             )
 
+    track_remaining = False
     for i, th in enumerate(proto.circuit_breakers.thresholds):
         if th.priority != 0:  # HIGH: no request priorities yet
-            c.notice(f"circuit_breakers.thresholds[{i}]: priority HIGH thresholds are not used")
+            c.notice(
+                f"circuit_breakers.thresholds[{i}]: priority HIGH thresholds are not used (requests carry no priority); ignored"
+            )
             continue
         c.max_connections = opt_uint(th, "max_connections", 1024) or 0
         c.max_pending_requests = opt_uint(th, "max_pending_requests", 1024) or 0
         c.max_requests = opt_uint(th, "max_requests", 1024) or 0
         c.max_retries = opt_uint(th, "max_retries", 3) or 0
         if th.HasField("retry_budget"):
-            c.notice(f"circuit_breakers.thresholds[{i}].retry_budget: retry budgets are not implemented")
+            rb = th.retry_budget
+            pct = rb.budget_percent.value if rb.HasField("budget_percent") else 20.0
+            if not 0.0 <= pct <= 100.0:
+                raise ConfigError(
+                    f"circuit_breakers.thresholds[{i}].retry_budget.budget_percent",
+                    "must be between 0 and 100",
+                )
+            c.retry_budget = (pct / 100.0, opt_uint(rb, "min_retry_concurrency", 3) or 0)
+        track_remaining = th.track_remaining
         break
 
     clb = proto.common_lb_config
@@ -1223,6 +1288,10 @@ def compile_cluster(
         raise ConfigError("load_assignment", "LOGICAL_DNS clusters must have exactly one endpoint")
     # Initialise gauges and the (empty) balancer even when no host was added.
     c._rebuild()
+    # Last: a config refused above leaves the gauges reading the cluster it would replace.
+    c.stats.bind_breakers(c)
+    if track_remaining:
+        c.stats.track_remaining(c)
     return c
 
 

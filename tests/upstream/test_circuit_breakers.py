@@ -1,0 +1,110 @@
+"""Circuit breakers compiled and read in memory: the open / remaining gauges read the cluster's
+live counts, a retry budget replaces max_retries, and a removed cluster is not kept alive by
+its gauges."""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+import pytest
+
+from moorline.config.errors import ConfigError
+from moorline.observability.stats import Store
+from tests.upstream.test_cluster import build, ep, static
+
+
+def _cb(**th: Any) -> dict[str, Any]:
+    return {"circuit_breakers": {"thresholds": [th]}}
+
+
+def test_open_and_remaining_gauges_follow_live_counts() -> None:
+    store = Store()
+    c = build(
+        static("c1", ep("10.0.0.1", 80), **_cb(max_requests=2, max_pending_requests=1, track_remaining=True)),
+        store,
+    )
+    g = {
+        n: store.get(f"cluster.c1.circuit_breakers.default.{n}")
+        for n in (
+            "rq_open",
+            "remaining_rq",
+            "rq_pending_open",
+            "remaining_pending",
+            "cx_open",
+            "remaining_cx",
+            "remaining_retries",
+        )
+    }
+    assert all(v is not None for v in g.values())
+    assert g["rq_open"].value == 0 and g["remaining_rq"].value == 2  # type: ignore[union-attr]
+    c.stats.upstream_rq_active.value = 2
+    assert g["rq_open"].value == 1 and g["remaining_rq"].value == 0  # type: ignore[union-attr]
+    c.stats.upstream_rq_pending_active.value = 1
+    assert g["rq_pending_open"].value == 1 and g["remaining_pending"].value == 0  # type: ignore[union-attr]
+    assert g["remaining_cx"].value == 1024 and g["cx_open"].value == 0  # type: ignore[union-attr]
+    c.active_retries = 3
+    assert g["remaining_retries"].value == 0  # type: ignore[union-attr]
+    assert store.get("cluster.c1.circuit_breakers.default.rq_retry_open").value == 1  # type: ignore[union-attr]
+
+
+def test_remaining_gauges_only_with_track_remaining() -> None:
+    store = Store()
+    build(static("c1", ep("10.0.0.1", 80), **_cb(max_requests=2)), store)
+    assert store.get("cluster.c1.circuit_breakers.default.rq_open") is not None
+    assert store.get("cluster.c1.circuit_breakers.default.remaining_rq") is None
+
+
+def test_gauges_do_not_keep_a_removed_cluster_alive() -> None:
+    store = Store()
+    c = build(static("c1", ep("10.0.0.1", 80), **_cb(max_requests=1, track_remaining=True)), store)
+    c.stats.upstream_rq_active.value = 1
+    g = store.get("cluster.c1.circuit_breakers.default.rq_open")
+    assert g is not None and g.value == 1
+    del c
+    gc.collect()
+    assert g.value == 0
+    # A rebuilt cluster of the same name takes the gauge over.
+    c2 = build(static("c1", ep("10.0.0.1", 80), **_cb(max_requests=5, track_remaining=True)), store)
+    assert (
+        store.get("cluster.c1.circuit_breakers.default.remaining_rq").value
+        == 5 - c2.stats.upstream_rq_active.value
+    )  # type: ignore[union-attr]
+
+
+def test_retry_budget_replaces_max_retries() -> None:
+    c = build(
+        static(
+            "c1",
+            ep("10.0.0.1", 80),
+            **_cb(
+                max_retries=50, retry_budget={"budget_percent": {"value": 25.0}, "min_retry_concurrency": 2}
+            ),
+        )
+    )
+    assert c.retries_limit() == 2  # nothing active: the minimum concurrency
+    c.stats.upstream_rq_active.value = 16
+    c.stats.upstream_rq_pending_active.value = 4
+    assert c.retries_limit() == 5  # 25 % of 20
+    d = build(static("c1", ep("10.0.0.1", 80), **_cb(retry_budget={})))
+    d.stats.upstream_rq_active.value = 100
+    assert d.retries_limit() == 20  # defaults: 20 %, minimum 3
+    assert build(static("c1", ep("10.0.0.1", 80), **_cb(max_retries=7))).retries_limit() == 7
+
+
+def test_retry_budget_percent_out_of_range() -> None:
+    with pytest.raises(ConfigError) as e:
+        build(static("c1", ep("10.0.0.1", 80), **_cb(retry_budget={"budget_percent": {"value": 150.0}})))
+    assert "retry_budget.budget_percent" in str(e.value)
+
+
+def test_high_priority_is_a_notice() -> None:
+    c = build(
+        static(
+            "c1",
+            ep("10.0.0.1", 80),
+            circuit_breakers={"thresholds": [{"priority": "HIGH", "max_requests": 1}]},
+        )
+    )
+    assert c.max_requests == 1024
+    assert any("priority HIGH" in n and n.endswith("ignored") for n in c.notices)

@@ -1,0 +1,128 @@
+"""Circuit breakers through a real moorline and real clients: a slow upstream holds requests
+while one more overflows (503 UO), the open / remaining gauges show it, and max_retries /
+retry_budget decide whether a retry is made."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from moorline.testing.procs import RawConn, cluster, config_http, free_port, http_request, wait_for_log
+from moorline.testing.upstream import TestUpstream
+
+pytestmark = pytest.mark.e2e
+
+CB = "cluster.svc.circuit_breakers.default."
+
+
+def _poll(pred: Any, timeout: float = 10.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_max_requests_overflow_is_503_uo_and_gauges_show_it(
+    moorline: Any, upstream: TestUpstream, tmp_path: Path
+) -> None:
+    port = free_port()
+    log = tmp_path / "access.log"
+    cb = {"thresholds": [{"max_requests": 2, "track_remaining": True}]}
+    proc = moorline(
+        config_http(port, [cluster("svc", [upstream.port], circuit_breakers=cb)], access_log_path=log)
+    )
+    assert proc.stat(CB + "remaining_rq") == 2
+    slow = []
+    for _ in range(2):
+        c = RawConn("127.0.0.1", port)
+        c.send(b"GET /delay/2000 HTTP/1.1\r\nHost: a\r\n\r\n")
+        slow.append(c)
+    assert _poll(lambda: proc.stat("cluster.svc.upstream_rq_active") == 2)
+    assert proc.stat(CB + "rq_open") == 1
+    assert proc.stat(CB + "remaining_rq") == 0
+    r = http_request("127.0.0.1", port, "GET", "/fast")
+    assert r.status == 503
+    assert r.body.endswith(b"reset reason: overflow")
+    assert proc.stat("cluster.svc.upstream_rq_pending_overflow") == 1
+    assert "code=503 flags=UO" in wait_for_log(log, "flags=UO")
+    assert sorted(c.read_response().status for c in slow) == [200, 200]
+    for c in slow:
+        c.close()
+    assert _poll(lambda: proc.stat(CB + "rq_open") == 0)
+    assert proc.stat(CB + "remaining_rq") == 2
+    assert not any(rec.path == "/fast" for rec in upstream.requests)
+
+
+def test_max_connections_queues_then_pending_overflows(moorline: Any, upstream: TestUpstream) -> None:
+    port = free_port()
+    cb = {"thresholds": [{"max_connections": 1, "max_pending_requests": 1, "track_remaining": True}]}
+    proc = moorline(config_http(port, [cluster("svc", [upstream.port], circuit_breakers=cb)]))
+    first = RawConn("127.0.0.1", port)
+    first.send(b"GET /delay/2000 HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert _poll(lambda: proc.stat("cluster.svc.upstream_rq_active") == 1)
+    second = RawConn("127.0.0.1", port)
+    second.send(b"GET /queued HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert _poll(lambda: proc.stat("cluster.svc.upstream_rq_pending_active") == 1)
+    assert proc.stat(CB + "cx_open") == 1 and proc.stat(CB + "remaining_cx") == 0
+    assert proc.stat(CB + "rq_pending_open") == 1 and proc.stat(CB + "remaining_pending") == 0
+    assert proc.stat("cluster.svc.upstream_cx_overflow") >= 1
+    r = http_request("127.0.0.1", port, "GET", "/third")
+    assert r.status == 503 and r.body.endswith(b"overflow")
+    assert proc.stat("cluster.svc.upstream_rq_pending_overflow") == 1
+    # the queued request is served on the one connection once the slow one ends
+    assert first.read_response().status == 200
+    assert second.read_response().status == 200
+    first.close()
+    second.close()
+    assert proc.stat("cluster.svc.upstream_cx_total") == 1
+
+
+def _retry_routes() -> list[dict[str, Any]]:
+    return [
+        {
+            "match": {"prefix": "/"},
+            "route": {"cluster": "svc", "retry_policy": {"retry_on": "5xx", "num_retries": 2}},
+        }
+    ]
+
+
+def test_max_retries_zero_makes_no_retry(moorline: Any) -> None:
+    up = TestUpstream(always_status=503).start()
+    try:
+        port = free_port()
+        cb = {"thresholds": [{"max_retries": 0, "track_remaining": True}]}
+        proc = moorline(
+            config_http(port, [cluster("svc", [up.port], circuit_breakers=cb)], routes=_retry_routes())
+        )
+        assert proc.stat(CB + "rq_retry_open") == 1
+        r = http_request("127.0.0.1", port, "GET", "/x")
+        assert r.status == 503
+        assert len(up.requests) == 1
+        assert proc.stat("cluster.svc.upstream_rq_retry_overflow") == 1
+        assert proc.stat("cluster.svc.upstream_rq_retry") == 0
+    finally:
+        up.stop()
+
+
+def test_retry_budget_replaces_max_retries(moorline: Any) -> None:
+    up = TestUpstream(always_status=503).start()
+    try:
+        port = free_port()
+        budget = {"budget_percent": {"value": 0.0}, "min_retry_concurrency": 1}
+        cb = {"thresholds": [{"max_retries": 0, "retry_budget": budget, "track_remaining": True}]}
+        proc = moorline(
+            config_http(port, [cluster("svc", [up.port], circuit_breakers=cb)], routes=_retry_routes())
+        )
+        assert proc.stat(CB + "remaining_retries") == 1
+        r = http_request("127.0.0.1", port, "GET", "/x")
+        assert r.status == 503
+        assert len(up.requests) == 3  # the first try and two retries, one at a time
+        assert proc.stat("cluster.svc.upstream_rq_retry") == 2
+        assert proc.stat("cluster.svc.upstream_rq_retry_overflow") == 0
+    finally:
+        up.stop()
