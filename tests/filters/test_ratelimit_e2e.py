@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import yaml
 
 from moorline.testing.procs import cluster, config_http, free_port, http_request
 from moorline.testing.rls_server import Limit, RlsServer
@@ -189,3 +190,67 @@ def test_blackholed_service_times_out(moorline: Any, upstream: TestUpstream) -> 
         assert p.stat("cluster.svc.ratelimit.failure_mode_allowed") == 1
     finally:
         hole.close()
+
+
+def test_service_headers_reach_request_and_response(moorline: Any, upstream: TestUpstream) -> None:
+    lim = Limit({"client": None}, 1, headers=[("x-rl-policy", "one-per-hour")])
+    with RlsServer(limits=[lim]) as rls:
+        rls.request_headers = [("x-rl-checked", "yes")]
+        port = free_port()
+        moorline(_config(port, upstream, rls.port))
+        first = http_request("127.0.0.1", port, "GET", "/h", headers={"x-client": "c"})
+        assert first.status == 200
+        assert upstream.requests[-1].header("x-rl-checked") == "yes"
+        assert dict((k.lower(), v) for k, v in first.headers)["x-rl-policy"] == "one-per-hour"
+        second = http_request("127.0.0.1", port, "GET", "/h", headers={"x-client": "c"})
+        assert second.status == 429
+        assert dict((k.lower(), v) for k, v in second.headers)["x-rl-policy"] == "one-per-hour"
+
+
+def test_per_route_ignores_or_includes_virtual_host_limits(moorline: Any, upstream: TestUpstream) -> None:
+    per_route_type = "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimitPerRoute"
+    with RlsServer(limits=[Limit({"generic_key": "vh"}, 1)]) as rls:
+        port = free_port()
+        routes = [
+            {
+                "match": {"prefix": "/free"},
+                "route": {"cluster": "svc"},
+                "typed_per_filter_config": {
+                    "envoy.filters.http.ratelimit": {"@type": per_route_type, "vh_rate_limits": "IGNORE"}
+                },
+            },
+            {"match": {"prefix": "/"}, "route": {"cluster": "svc"}},
+        ]
+        cfg = config_http(
+            port,
+            [cluster("svc", [upstream.port]), cluster("rls", [rls.port])],
+            routes=routes,
+            hcm_extra={"http_filters": [_filter(rls.port), ROUTER]},
+        )
+        doc = yaml.safe_load(cfg)
+        hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        hcm["route_config"]["virtual_hosts"][0]["rate_limits"] = [
+            {"actions": [{"generic_key": {"descriptor_value": "vh"}}]}
+        ]
+        moorline(yaml.safe_dump(doc))
+        assert [http_request("127.0.0.1", port, "GET", "/free").status for _ in range(3)] == [200] * 3
+        assert rls.requests == []  # IGNORE: no descriptor, no call
+        assert [http_request("127.0.0.1", port, "GET", "/x").status for _ in range(2)] == [200, 429]
+
+
+def test_client_gone_while_waiting_cancels_and_keeps_serving(
+    moorline: Any, upstream: TestUpstream, rls: RlsServer
+) -> None:
+    rls.slow = 1.0
+    port = free_port()
+    p = moorline(_config(port, upstream, rls.port, timeout="5s"))
+    n = len(upstream.requests)
+    for _ in range(5):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"GET /gone HTTP/1.1\r\nhost: x\r\nx-client: g\r\n\r\n")
+        s.close()
+    rls.slow = 0.0
+    time.sleep(1.5)  # let the slow answers arrive for streams that are gone (not an assertion)
+    assert len(upstream.requests) == n  # none of the abandoned requests went upstream
+    assert _curl(port, "other")[0] == 200
+    assert p.popen.poll() is None
