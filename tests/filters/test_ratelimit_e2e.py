@@ -254,3 +254,16 @@ def test_client_gone_while_waiting_cancels_and_keeps_serving(
     assert len(upstream.requests) == n  # none of the abandoned requests went upstream
     assert _curl(port, "other")[0] == 200
     assert p.popen.poll() is None
+
+
+@pytest.mark.parametrize("value", ["a\r\nx-injected: 1", "\u20ac"])
+def test_bad_header_from_the_service_is_its_error(moorline: Any, upstream: TestUpstream, value: str) -> None:
+    """A header that would break the response framing (or is not latin-1) is not forwarded:
+    the answer counts as the service's error (fail open here)."""
+    with RlsServer(limits=[Limit({"client": None}, 5, headers=[("x-rl", value)])]) as rls:
+        port = free_port()
+        p = moorline(_config(port, upstream, rls.port))
+        status, head = _curl(port, "c")
+        assert status == 200
+        assert "x-injected" not in head and "x-rl" not in head
+        assert p.stat("cluster.svc.ratelimit.failure_mode_allowed") == 1

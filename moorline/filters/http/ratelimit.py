@@ -32,6 +32,7 @@ or ``google_grpc.target_uri``. A reset stream cancels its call.
 from __future__ import annotations
 
 import random
+import re
 from typing import Any
 
 from moorline.config import registry
@@ -216,6 +217,18 @@ def _x_ratelimit_headers(statuses: Any) -> list[tuple[bytes, bytes]]:
     return out
 
 
+_BAD_HEADER_BYTES = re.compile(rb"[\x00\r\n]")
+
+
+def _header(h: Any) -> tuple[bytes, bytes]:
+    """A header the service asked for, as bytes; ValueError for one that would break the framing
+    (CR, LF, NUL) or is not latin-1 (the caller treats the answer as the service's error)."""
+    k, v = h.key.lower().encode("latin-1"), h.value.encode("latin-1")
+    if not k or _BAD_HEADER_BYTES.search(k) or _BAD_HEADER_BYTES.search(v) or b":" in k[1:]:
+        raise ValueError("bad header from the rate limit service")
+    return k, v
+
+
 class RateLimitFilter(HttpFilter):
     __slots__ = ("call", "cfg", "cluster", "headers", "resp_headers", "state")
 
@@ -298,13 +311,19 @@ class RateLimitFilter(HttpFilter):
         if res is None or not isinstance(res, self.cfg._pb.RateLimitResponse):
             self._error(sync=False)
             return
+        try:
+            self._decide(res)
+        except Exception:
+            # A stream must never be left waiting: a bad answer (a header value that is not
+            # latin-1, say) is the service's error.
+            self._error(sync=False)
+
+    def _decide(self, res: Any) -> None:
         cfg = self.cfg
         cb = self.callbacks
         assert cb is not None
         st = cfg.stats(self.cluster)
-        resp: list[tuple[bytes, bytes]] = [
-            (h.key.lower().encode("latin-1"), h.value.encode("latin-1")) for h in res.response_headers_to_add
-        ]
+        resp = [_header(h) for h in res.response_headers_to_add]
         if cfg.x_ratelimit_headers:
             resp.extend(_x_ratelimit_headers(res.statuses))
         if res.overall_code == res.OVER_LIMIT:
@@ -326,8 +345,8 @@ class RateLimitFilter(HttpFilter):
         elif st is not None:
             st[0].value += 1
         if len(res.request_headers_to_add) and self.headers is not None:
-            for h in res.request_headers_to_add:
-                self.headers.set(h.key.lower().encode("latin-1"), h.value.encode("latin-1"))
+            for k, v in [_header(h) for h in res.request_headers_to_add]:
+                self.headers.set(k, v)
         self.resp_headers = resp or None
         self.headers = None
         cb.continue_decoding()
