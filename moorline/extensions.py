@@ -18,6 +18,7 @@ def register_builtin() -> None:
     import moorline.filters.http.fault
     import moorline.filters.http.health_check
     import moorline.filters.http.local_ratelimit
+    import moorline.filters.http.ratelimit
     import moorline.filters.http.rbac
     import moorline.filters.listener.http_inspector
     import moorline.filters.listener.original_dst

@@ -48,6 +48,7 @@ from typing import Any, NamedTuple
 from moorline.config.errors import ConfigError
 from moorline.config.matchers import StringMatcher, _b, _Regex, compile_regex
 from moorline.protocol.headers import HeaderMap
+from moorline.proxy.rate_limit_policy import RateLimitEntry, compile_rate_limits
 
 # Route kinds.
 ROUTE = 0
@@ -849,6 +850,7 @@ class Route:
         "host_rewrite_header",
         "https_redirect",
         "idle_timeout",
+        "include_vh_rate_limits",
         "kind",
         "max_grpc_timeout",
         "max_stream_duration",
@@ -857,6 +859,7 @@ class Route:
         "plain",
         "port_redirect",
         "proto",
+        "rate_limits",
         "redirect_code",
         "request_headers_to_add",
         "request_headers_to_remove",
@@ -925,6 +928,8 @@ class Route:
         self.strip_query = False
         self.filter_configs: dict[str, Any] = {}  # compiled typed_per_filter_config
         self.typed_per_filter_config: dict[str, Any] = {}
+        self.rate_limits: tuple[RateLimitEntry, ...] = ()  # route action rate_limits
+        self.include_vh_rate_limits = False
 
     def __repr__(self) -> str:
         return f"Route(name={self.name!r}, vhost={self.vhost.name!r}, kind={self.kind})"
@@ -1110,6 +1115,7 @@ class VirtualHost:
         "include_request_attempt_count",
         "name",
         "per_request_buffer_limit_bytes",
+        "rate_limits",
         "request_levels",
         "require_tls",
         "response_levels",
@@ -1124,6 +1130,7 @@ class VirtualHost:
         self.cors_path = ""
         self.domains: tuple[str, ...] = ()
         self.routes: list[Route] = []
+        self.rate_limits: tuple[RateLimitEntry, ...] = ()
         self._routes: tuple[Any, ...] = ()  # routes as matched: Route, or a _RegexRun of several
         self.require_tls = 0  # 0 NONE, 1 EXTERNAL_ONLY, 2 ALL
         self.retry: RetryPolicy | None = None
@@ -1369,7 +1376,8 @@ def _compile_vhost(
     if vproto.HasField("per_request_buffer_limit_bytes"):
         vh.per_request_buffer_limit_bytes = int(vproto.per_request_buffer_limit_bytes.value)
     vh.typed_per_filter_config = _tpfc(vproto)
-    for fname in ("rate_limits", "virtual_clusters", "request_mirror_policies"):
+    vh.rate_limits = compile_rate_limits(vproto.rate_limits, f"{vp}.rate_limits", notes, HeaderMatcher)
+    for fname in ("virtual_clusters", "request_mirror_policies"):
         if len(getattr(vproto, fname)):
             notes.append(f"{vp}.{fname}: ignored")
     if vproto.HasField("hedge_policy"):
@@ -1577,9 +1585,10 @@ def _compile_route_action(
             raise ConfigError(f"{ap}.upgrade_configs[{j}].upgrade_type", "upgrade_type is required")
         r.upgrade_configs[_b(u.upgrade_type).lower()] = u.enabled.value if u.HasField("enabled") else True
 
-    for fname in ("request_mirror_policies", "rate_limits"):
-        if len(getattr(a, fname)):
-            notes.append(f"{ap}.{fname}: ignored")
+    r.rate_limits = compile_rate_limits(a.rate_limits, f"{ap}.rate_limits", notes, HeaderMatcher)
+    r.include_vh_rate_limits = bool(a.include_vh_rate_limits.value)
+    if len(a.request_mirror_policies):
+        notes.append(f"{ap}.request_mirror_policies: ignored")
     for fname in ("hedge_policy", "internal_redirect_policy", "early_data_policy"):
         if a.HasField(fname):
             notes.append(f"{ap}.{fname}: ignored")
