@@ -223,6 +223,8 @@ class Server:
         await self.cluster_manager.start()
         await self.listener_manager.start(loop)
         self.st_workers_started.value = 1
+        if self.overload is not None:
+            self.overload.start(loop)
         self.xds_files.start(loop)
         self.xds.start(loop)
         if self.admin_address is not None:
