@@ -34,6 +34,7 @@ Stats: ``overload.<action>.active`` / ``scale_percent``, ``overload.<monitor>.pr
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import random
 from collections.abc import Callable
@@ -54,6 +55,8 @@ DISABLE_KEEPALIVE = "envoy.overload_actions.disable_http_keepalive"
 REDUCE_TIMEOUTS = "envoy.overload_actions.reduce_timeouts"
 SHRINK_HEAP = "envoy.overload_actions.shrink_heap"
 ACTIONS = (STOP_REQUESTS, STOP_CONNECTIONS, DISABLE_KEEPALIVE, REDUCE_TIMEOUTS, SHRINK_HEAP)
+
+log = logging.getLogger(__name__)
 
 _IDLE_TIMER = 1  # ScaleTimersOverloadActionConfig.TimerType.HTTP_DOWNSTREAM_CONNECTION_IDLE
 
@@ -305,7 +308,12 @@ class OverloadManager:
 
     def _tick(self) -> None:
         self._timer = None
-        self.refresh()
+        try:
+            self.refresh()
+        except Exception:  # the manager must keep ticking whatever one refresh hit
+            log.exception("overload manager: refresh failed")
+            if self._loop is not None and self._timer is None:
+                self._timer = self._loop.call_later(self.refresh_interval, self._tick)
 
     def refresh(self) -> None:
         for m in self.monitors.values():
@@ -325,7 +333,8 @@ class OverloadManager:
             scales[act.name] = s
             if act.name == SHRINK_HEAP and s >= 1.0 and was < 1.0:
                 gc.collect()
-            elif act.name == REDUCE_TIMEOUTS and s != was:
+            elif act.name == REDUCE_TIMEOUTS and (s != was or s > 0.0):
+                # Every tick while scaled: a connection manager compiled meanwhile (LDS) joins in.
                 self._scale_idle(act, s)
         st.stop_requests = scales.get(STOP_REQUESTS, 0.0) >= 1.0
         st.keepalive_scale = scales.get(DISABLE_KEEPALIVE, 0.0)

@@ -148,8 +148,18 @@ def test_reduce_timeouts_scales_the_idle_timeout() -> None:
         _set_heap(pair, 1.0)
         assert pair.hcm.idle_timeout == pytest.approx(10.0)
         assert pair.stats.get(f"overload.{om.REDUCE_TIMEOUTS}.active").value == 1
+
+        # A connection manager compiled while the action is on (an LDS update) is scaled too.
+        class Late:
+            idle_timeout = 210.0
+
+        late = Late()
+        pair.server.overload.state.register_hcm(late)
+        pair.server.overload.refresh()
+        assert late.idle_timeout == pytest.approx(10.0)
         _set_heap(pair, 0.0)
         assert pair.hcm.idle_timeout == pytest.approx(110.0)
+        assert late.idle_timeout == pytest.approx(210.0)
 
 
 def test_shrink_heap_collects_once_per_activation(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -251,3 +261,29 @@ def test_unknown_action_and_unread_fields_are_noticed() -> None:
     assert any(n.startswith("overload_manager.actions[0].name:") for n in notices)
     assert any(n.startswith("overload_manager.loadshed_points:") for n in notices)
     assert not any("overload manager is not implemented" in n for n in notices)
+
+
+def test_the_timer_keeps_ticking_after_a_failed_refresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    class FakeLoop:
+        def __init__(self) -> None:
+            self.calls: list[float] = []
+
+        def call_later(self, delay: float, fn: Any) -> Any:
+            self.calls.append(delay)
+            return type("H", (), {"cancel": lambda self: None})()
+
+    ov = {"refresh_interval": "0.5s", "resource_monitors": [HEAP]}
+    s = Server(load_bootstrap(yaml_text=_config(ov)), "t")
+    mgr = s.overload
+    loop = FakeLoop()
+    mgr.start(loop)
+    assert loop.calls == [0.5]
+
+    def boom() -> None:
+        raise RuntimeError("x")
+
+    monkeypatch.setattr(mgr, "refresh", boom)
+    mgr._tick()
+    assert loop.calls == [0.5, 0.5]
+    mgr.stop()
+    assert mgr._timer is None
