@@ -113,3 +113,41 @@ def test_stop_accepting_requests_answers_503_ol_under_connection_pressure(
     _wait(lambda: proc.stat(f"overload.{STOP}.active") == 0, "the action to clear")
     assert _keepalive_get(a, "/again")[0] == 200
     a.close()
+
+
+def test_stop_accepting_connections_closes_new_connections(moorline: Any, upstream: TestUpstream) -> None:
+    port = free_port()
+    ov = {
+        "refresh_interval": "0.05s",
+        "resource_monitors": [_monitor(10)],
+        "actions": [
+            {
+                "name": "envoy.overload_actions.stop_accepting_connections",
+                "triggers": [{"name": CX, "threshold": {"value": 0.2}}],
+            }
+        ],
+    }
+    proc = moorline(_config(port, upstream, ov))
+    held = [http.client.HTTPConnection("127.0.0.1", port, timeout=10) for _ in range(2)]
+    for c in held:
+        assert _keepalive_get(c)[0] == 200
+    _wait(
+        lambda: proc.stat("overload.envoy.overload_actions.stop_accepting_connections.active") == 1,
+        "the action",
+    )
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+    try:
+        data = s.recv(65536)
+    except ConnectionResetError:
+        data = b""
+    s.close()
+    assert data == b""
+    assert proc.stat(f"listener.127.0.0.1_{port}.downstream_cx_overload_reject") == 1
+    assert _keepalive_get(held[0])[0] == 200  # live connections keep being served
+    for c in held:
+        c.close()
+    _wait(
+        lambda: proc.stat("overload.envoy.overload_actions.stop_accepting_connections.active") == 0, "clear"
+    )
+    assert http_request("127.0.0.1", port, "GET", "/").status == 200
