@@ -11,6 +11,7 @@ from __future__ import annotations
 
 def register_builtin() -> None:
     """Import (once) every module that registers a built-in extension."""
+    import moorline.filters.http.adaptive_concurrency
     import moorline.filters.http.buffer
     import moorline.filters.http.compressor
     import moorline.filters.http.cors

@@ -83,6 +83,15 @@ class Server:
 
             # Before anything compiles an access log, so every file logger gets the interval.
             self.ctx.access_logs = AccessLogSinks(flush_interval=max(0, flush_ms) / 1000.0)
+        from moorline.overload import OverloadManager
+
+        try:
+            # Before any listener or connection manager compiles: they keep ctx.overload.
+            self.overload = OverloadManager.compile(bootstrap, self.ctx)
+        except ConfigError as e:
+            raise e.with_source(source) from None
+        if self.overload is not None:
+            self.ctx.overload = self.overload.state
         self.listener_manager = ListenerManager(self.ctx, drain_time=drain_time)
         self.listener_manager.drain_decision = self.drain_decision
         self._graceful_stop: asyncio.TimerHandle | None = None
@@ -216,6 +225,8 @@ class Server:
         await self.cluster_manager.start()
         await self.listener_manager.start(loop)
         self.st_workers_started.value = 1
+        if self.overload is not None:
+            self.overload.start(loop)
         self.xds_files.start(loop)
         self.xds.start(loop)
         if self.admin_address is not None:
@@ -311,6 +322,8 @@ class Server:
             if c is not None:
                 c()
         self.listener_manager.close()
+        if self.overload is not None:
+            self.overload.stop()
         if self.admin is not None:
             await self.admin.close()
         self.cluster_manager.stop()

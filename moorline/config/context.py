@@ -56,6 +56,9 @@ class BuildContext:
     access_logs: Any = None  # observability.access_log.AccessLogSinks, made on first use
     codecs: Any = None  # stream.api.CodecRegistry (the server's; built-ins when None)
     secrets: Any = None  # moorline.net.secrets.SecretsManager (made on first use when None)
+    # moorline.overload.OverloadState when an overload manager (or the global connection limit)
+    # is configured: listeners and connection managers keep it; None costs them nothing.
+    overload: Any = None
     # Set by the HTTP connection manager while it compiles one ``http_filters`` list (and reset
     # after it): the ``http.<stat_prefix>.`` its filters root their stats at, the ``name`` of
     # the filter being compiled (its key in ``typed_per_filter_config``), and a scratch dict the

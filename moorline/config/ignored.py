@@ -12,9 +12,9 @@ It also rejects the few fields that cannot be ignored without changing what a re
 (``connect_config``: CONNECT termination would silently become CONNECT forwarding).
 
 Left out on purpose: ``metadata`` (inert data; it does something only through a filter that reads
-it), ``traffic_direction`` and ``inline_headers`` (hints with no behaviour of their own), and
-``ignore_global_conn_limit`` / ``bypass_overload_manager`` (there is no global connection limit or
-overload manager to bypass). When a field below gets implemented, delete its line here
+it), ``traffic_direction`` and ``inline_headers`` (hints with no behaviour of their own).
+``ignore_global_conn_limit`` is read by ``net/listener.py``. When a field below gets implemented,
+delete its line here
 (``tests/config/test_ignored.py`` checks every line names a real field).
 """
 
@@ -68,14 +68,8 @@ BOOTSTRAP: Table = {
     "watchdog": "watchdogs are not implemented; ignored",
     "watchdogs": "watchdogs are not implemented; ignored",
     "tracing": "tracing is not supported yet; ignored",
-    "layered_runtime": "runtime layers are not supported (every runtime key keeps its default); ignored",
-    "overload_manager": {
-        "refresh_interval": "the overload manager is not implemented; ignored",
-        "resource_monitors": "the overload manager is not implemented (no resource monitor runs); ignored",
-        "actions": "the overload manager is not implemented (no overload action is taken); ignored",
-        "loadshed_points": "the overload manager is not implemented (nothing is shed); ignored",
-        "buffer_factory_config": "the overload manager is not implemented; ignored",
-    },
+    "layered_runtime": "runtime layers are not supported (only the static key "
+    "overload.global_downstream_max_connections is read; every other key keeps its default); ignored",
     "enable_dispatcher_stats": "dispatcher stats are not recorded; ignored",
     "header_prefix": "headers keep the x-envoy- prefix; ignored",
     "stats_server_version_override": "server.version reports moorline's own version; ignored",
@@ -125,6 +119,7 @@ ADMIN: Table = {
 }
 
 LISTENER: Table = {
+    "bypass_overload_manager": "a listener is never exempted from the overload manager; ignored",
     "fcds_config": "filter chain discovery (FCDS) is not supported; ignored",
     "drain_type": "listeners always drain on shutdown and on /drain_listeners; ignored",
     "tcp_fast_open_queue_length": "TCP Fast Open is not enabled; ignored",

@@ -191,6 +191,11 @@ class Listener:
         self.cx_overflow = scope.counter("downstream_cx_overflow")
         self.pre_cx_timeout = scope.counter("downstream_pre_cx_timeout")
         self.pre_cx_active = scope.gauge("downstream_pre_cx_active")
+        # The overload manager's shared state (moorline.overload.OverloadState), None without one.
+        self._ol = getattr(ctx, "overload", None)
+        self._global_limit = not proto.ignore_global_conn_limit
+        if self._ol is not None:
+            self.cx_overload_reject = scope.counter("downstream_cx_overload_reject")
         for fc in self.filter_chains:
             if fc.tls is not None:
                 fc.tls.bind_stats(scope)
@@ -488,6 +493,20 @@ class Listener:
     def _hand_over(self, chain: FilterChain, conn: socket.socket, info: ConnInfo) -> None:
         loop = self._loop
         assert loop is not None
+        ol = self._ol
+        counted = False
+        if ol is not None:
+            if ol.refuse_connections:  # stop_accepting_connections
+                self.cx_overload_reject.value += 1
+                conn.close()
+                return
+            if ol.cx_max is not None and self._global_limit:
+                if ol.cx_active >= ol.cx_max:
+                    self.cx_overflow.value += 1
+                    conn.close()
+                    return
+                ol.cx_active += 1
+                counted = True
         self.cx_total.value += 1
         self.cx_active.value += 1
         closed = False
@@ -497,6 +516,9 @@ class Listener:
             if closed:
                 return
             closed = True
+            if counted:
+                assert ol is not None
+                ol.cx_active -= 1
             self.cx_active.value -= 1
             self.cx_destroy.value += 1
             self.cx_length_ms.record((loop.time() - info.start_mono) * 1000.0)

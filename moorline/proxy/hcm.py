@@ -116,6 +116,7 @@ class HcmStats:
     downstream_rq_timeout: Counter
     downstream_rq_header_timeout: Counter
     downstream_rq_idle_timeout: Counter
+    downstream_rq_overload_close: Counter
     downstream_rq_too_large: Counter
     downstream_rq_rx_reset: Counter
     downstream_rq_tx_reset: Counter
@@ -155,6 +156,7 @@ class HcmStats:
         "downstream_rq_timeout",
         "downstream_rq_header_timeout",
         "downstream_rq_idle_timeout",
+        "downstream_rq_overload_close",
         "downstream_rq_too_large",
         "downstream_rq_rx_reset",
         "downstream_rq_tx_reset",
@@ -399,6 +401,10 @@ class HcmConfig:
         if proto.HasField("tracing"):
             ctx.notice(f"{path}.tracing: tracing is not supported yet; ignored")
         self.cluster_manager = ctx.cluster_manager
+        # moorline.overload.OverloadState (None without an overload manager: nothing per request).
+        self.overload = ctx.overload
+        if self.overload is not None:
+            self.overload.register_hcm(self)  # reduce_timeouts scales idle_timeout
         self._rid_pool: list[bytes] = []
         self.good_authorities: set[bytes] = {b""}  # validated authority values (check_authority)
         codecs = getattr(ctx, "codecs", None) or builtin_codecs()
@@ -760,6 +766,14 @@ class ActiveStream:
         method = self.method = headers.method
         if end_stream:
             self.request_complete = True
+        ol = cfg.overload
+        if ol is not None and ol.request_actions:
+            if ol.stop_requests:
+                cfg.stats.downstream_rq_overload_close.value += 1
+                self.send_local_reply(503, b"envoy overloaded", flags.OVERLOAD_MANAGER, "overload")
+                return
+            if ol.close_keepalive():
+                self.conn.resp_keep_alive = False
         if proto == _HTTP10 and not cfg.accept_http_10:
             self.send_local_reply(426, b"", flags.DOWNSTREAM_PROTOCOL_ERROR, "low_version")
             return

@@ -93,9 +93,9 @@ IGNORED_CASES: list[tuple[str, dict[str, Any], str]] = [
         "bootstrap_extensions[0]",
     ),
     (
-        "overload action",
-        {"overload_manager": {"actions": [{"name": "envoy.overload_actions.stop_accepting_requests"}]}},
-        "overload_manager.actions[0]",
+        "overload loadshed points",
+        {"overload_manager": {"loadshed_points": [{"name": "envoy.load_shed_points.tcp_listener_accept"}]}},
+        "overload_manager.loadshed_points",
     ),
     ("stats_config", {"stats_config": {"use_all_default_tags": False}}, "stats_config"),
     (
