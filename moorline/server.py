@@ -67,6 +67,16 @@ class Server:
             transport_factory=UpstreamTransportFactory(self.secrets),
             eds_sources=self.xds_files.eds_source,
         )
+        od_log = bootstrap.cluster_manager.outlier_detection.event_log_path
+        if od_log:
+            from moorline.upstream.outlier import EventLog
+
+            try:
+                self.cluster_manager.outlier_event_log = EventLog(od_log)
+            except OSError as e:
+                raise ConfigError(
+                    "cluster_manager.outlier_detection.event_log_path", f"cannot open {od_log!r}: {e}"
+                ) from e
         self.ctx = BuildContext(
             stats=self.stats,
             cluster_manager=self.cluster_manager,
@@ -528,7 +538,7 @@ class Server:
                 lines.append(f"{p}::cx_active::{h.active_cx}")
                 lines.append(f"{p}::rq_active::{h.active_rq}")
                 lines.append(f"{p}::weight::{h.weight}")
-                lines.append(f"{p}::health_flags::{'healthy' if h.healthy else '/failed_eds_health'}")
+                lines.append(f"{p}::health_flags::{_health_flags(h)}")
                 lines.append(f"{p}::hostname::{h.hostname}")
         return "\n".join(lines) + ("\n" if lines else "")
 
@@ -545,7 +555,10 @@ class Server:
                             else {"pipe": {"path": h.address}},
                             "weight": h.weight,
                             "hostname": h.hostname,
-                            "health_status": {"eds_health_status": "HEALTHY" if h.healthy else "UNHEALTHY"},
+                            "health_status": {
+                                "eds_health_status": "HEALTHY" if h.healthy else "UNHEALTHY",
+                                **({"failed_outlier_check": True} if h.outlier_ejected else {}),
+                            },
                             "stats": [
                                 {"name": "cx_active", "value": str(h.active_cx), "type": "GAUGE"},
                                 {"name": "rq_active", "value": str(h.active_rq), "type": "GAUGE"},
@@ -707,6 +720,12 @@ def _active(terminal: Any) -> bool:
     if f is not None:
         return f() > 0
     return False
+
+
+def _health_flags(h: Any) -> str:
+    """Envoy's ``/clusters`` health flags of a host: ``healthy`` or the failures joined."""
+    f = ("" if h.healthy else "/failed_eds_health") + ("/failed_outlier_check" if h.outlier_ejected else "")
+    return f or "healthy"
 
 
 def _fmt_addr(a: Any) -> str:

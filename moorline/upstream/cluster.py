@@ -252,6 +252,7 @@ class Host:
         "healthy",
         "hostname",
         "locality",
+        "outlier_ejected",
         "pool",
         "port",
         "priority",
@@ -287,6 +288,7 @@ class Host:
         self.active_rq = 0
         self.active_cx = 0
         self.removed = False
+        self.outlier_ejected = False  # set by outlier.OutlierDetector, apart from EDS health
         # The host's connection pools (moorline.stream makes them on first use); they live and
         # die with the host, so a replaced or removed cluster takes its connections with it.
         self.pool: ConnPool | None = None
@@ -339,8 +341,13 @@ class Host:
                 p.drain()
 
     def __repr__(self) -> str:
-        flags = "" if self.healthy else " unhealthy"
+        flags = ("" if self.healthy else " unhealthy") + (" ejected" if self.outlier_ejected else "")
         return f"<Host {self.cluster.name} {self.addr_str} w={self.weight}{flags}>"
+
+
+def _usable(h: Host) -> bool:
+    """The one healthy filter the balancers are built from: EDS health and not ejected."""
+    return h.healthy and not h.outlier_ejected
 
 
 class _Endpoint(NamedTuple):
@@ -422,6 +429,9 @@ class Cluster:
         # pool's cluster.<name>.http2.* stats (moorline.stream.http2_client fills it).
         self.active_retries = 0
         self.h2_stats: Any = None
+        # outlier.OutlierDetector when outlier_detection is configured; None costs the router
+        # and tcp_proxy one attribute test per result.
+        self.outlier: Any = None
         # Management (the ClusterManager sets these): origin, version, when it was (re)built.
         self.added_via_api = False
         self.version_info = ""
@@ -520,7 +530,7 @@ class Cluster:
 
     def _rebuild(self) -> None:
         hosts = self.hosts
-        healthy = [h for h in hosts if h.healthy]
+        healthy = [h for h in hosts if _usable(h)]
         self.healthy_hosts = healthy
         st = self.stats
         st.membership_total.value = len(hosts)
@@ -556,7 +566,7 @@ class Cluster:
         # Only the levels that have hosts: a level with none takes no load anyway, and the
         # priority is a uint32 from the control plane (one of 4e9 must not make 4e9 levels).
         levels = [by_level[p] for p in sorted(by_level)]
-        counts = [(sum(1 for h in lv if h.healthy), len(lv)) for lv in levels]
+        counts = [(sum(1 for h in lv if _usable(h)), len(lv)) for lv in levels]
         loads = lbmod.priority_loads(counts, self.overprovisioning)
         if not any(loads):
             loads = [100.0] + [0.0] * (len(levels) - 1)
@@ -565,7 +575,7 @@ class Cluster:
             if not lv or (load <= 0 and healthy == 0):
                 balancers.append(None)
                 continue
-            members = [h for h in lv if h.healthy]
+            members = [h for h in lv if _usable(h)]
             if self.panic_threshold > 0 and healthy * 100 < self.panic_threshold * total:
                 members = lv
                 self._panic = self._panic or load > 0
@@ -687,7 +697,10 @@ class Cluster:
 
     async def start(self) -> None:
         """STATIC/EDS: nothing. DNS types: first resolution round (succeeded or failed), then
-        periodic refresh in a background task. ORIGINAL_DST: start the host cleanup timer."""
+        periodic refresh in a background task. ORIGINAL_DST: start the host cleanup timer.
+        Outlier detection: its interval timer."""
+        if self.outlier is not None:
+            self.outlier.start(asyncio.get_running_loop())
         if self.type in ("STRICT_DNS", "LOGICAL_DNS"):
             if self._task is not None:
                 return
@@ -697,7 +710,9 @@ class Cluster:
             self._od_timer = asyncio.get_running_loop().call_later(self.cleanup_interval, self._od_sweep)
 
     def stop(self) -> None:
-        """Stop the background work (DNS refresh, ORIGINAL_DST sweeps)."""
+        """Stop the background work (DNS refresh, ORIGINAL_DST sweeps, outlier intervals)."""
+        if self.outlier is not None:
+            self.outlier.stop()
         if self._task is not None:
             self._task.cancel()
             self._task = None
@@ -712,6 +727,8 @@ class Cluster:
         request on it ends."""
         self.retired = True
         self.stop()
+        if self.outlier is not None:
+            self.outlier.close()
         for h in list(self.hosts) + list(self._od_hosts.values()):
             h.removed = True
             h.drain_pools()
@@ -1127,7 +1144,6 @@ def compile_cluster(
         c.notice("transport_socket_matches: not implemented, the cluster's transport_socket is used")
     for field, what in (
         ("health_checks", "active health checks"),
-        ("outlier_detection", "outlier detection"),
         ("lb_subset_config", "subset load balancing"),
         ("upstream_bind_config", "upstream_bind_config"),
         ("dns_resolvers", "custom DNS resolvers (the system resolver is used)"),
@@ -1192,6 +1208,10 @@ def compile_cluster(
             c._endpoints = eps
     elif ctype == "LOGICAL_DNS":
         raise ConfigError("load_assignment", "LOGICAL_DNS clusters must have exactly one endpoint")
+    if proto.HasField("outlier_detection"):
+        from moorline.upstream.outlier import compile_outlier
+
+        c.outlier = compile_outlier(proto, c, rng)
     # Initialise gauges and the (empty) balancer even when no host was added.
     c._rebuild()
     return c

@@ -61,6 +61,8 @@ class ClusterManager:
         # Dynamic clusters waiting for their first EDS assignment (see add_or_update).
         self.warming: dict[str, Cluster] = {}
         self._unwarm: dict[str, Callable[[], None]] = {}  # withdraws a warming cluster's waiters
+        # The bootstrap's cluster_manager.outlier_detection.event_log_path (outlier.EventLog).
+        self.outlier_event_log: Any = None
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -81,9 +83,12 @@ class ClusterManager:
     def compile(self, proto: Any, path: str = "") -> Cluster:
         """Compile without registering (validate mode); errors prefixed with ``path``."""
         try:
-            return compile_cluster(proto, self.store, self.resolver, self._rng, self.transport_factory)
+            c = compile_cluster(proto, self.store, self.resolver, self._rng, self.transport_factory)
         except ConfigError as e:
             raise e.prefixed(path) from None
+        if c.outlier is not None:
+            c.outlier.event_log = self.outlier_event_log
+        return c
 
     def add(self, proto: Any, path: str = "") -> Cluster:
         """Add a static cluster (``static_resources``): it cannot be updated or removed through
