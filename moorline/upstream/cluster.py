@@ -27,9 +27,10 @@ hosts that go away get ``removed = True`` and are listed in ``cluster.last_remov
 ``on_membership_change`` callbacks run. A duplicate key inside one update is dropped (first wins).
 
 Health: ``host.healthy`` comes from the endpoint's ``health_status`` (UNKNOWN/HEALTHY/DEGRADED ->
-True, DEGRADED also sets ``degraded``; UNHEALTHY/DRAINING/TIMEOUT -> False). Whoever flips it later
-(active health checks, outlier detection) must call ``cluster.health_changed()`` so the balancer
-is rebuilt. Panic mode is Envoy's: when the healthy share of hosts is below
+True, DEGRADED also sets ``degraded``; UNHEALTHY/DRAINING/TIMEOUT -> False). Outlier detection
+(``outlier.py``) sets ``host.outlier_ejected`` instead, so the two never overwrite each other;
+``_usable`` is the one filter the balancers use. Whoever flips either later must call
+``cluster.health_changed()`` so the balancer is rebuilt. Panic mode is Envoy's: when the healthy share of hosts is below
 ``common_lb_config.healthy_panic_threshold`` (default 50 %), balance over all hosts and count
 ``lb_healthy_panic`` per pick; a threshold of 0 disables it (no healthy host -> no host).
 """
