@@ -21,8 +21,9 @@ also returns hosts whose ejection time passed). An ejection lasts ``base_ejectio
 the host's ejection multiplier (raised by each ejection, lowered by one for each
 ``base_ejection_time`` the host then stays in), capped by ``max(max_ejection_time,
 base_ejection_time)``, plus a jitter drawn at ejection in ``[0, max_ejection_time_jitter)``.
-``max_ejection_percent`` caps the share of ejected hosts, but the first ejection is always
-allowed (so a small cluster can still shed its one bad host). ``enforcing_*`` percentages are
+``max_ejection_percent`` caps the share of ejected hosts as Envoy does: a host is ejected while
+the share already ejected is below it (so the first one always goes, and the share may end one
+host past it); with 0 only ``always_eject_one_host`` lets one go. ``enforcing_*`` percentages are
 drawn from the detector's own ``random.Random`` (seedable: ``rng=``).
 
 The clock is passed in (``clock()``, the loop's time in the process); ``start(loop)`` runs the
@@ -354,9 +355,12 @@ class OutlierDetector:
     ) -> None:
         st = self.stats
         n = len(self.cluster.hosts) or 1
-        # The first ejection is always allowed (Envoy's always_eject_one_host, here always on):
-        # otherwise the default 10 % would never let a cluster of fewer than ten hosts eject.
-        allowed = self.active == 0 or 100.0 * (self.active + 1) <= self.config.max_ejection_percent * n
+        # Envoy's rule: eject while the share already ejected is below the maximum, so the first
+        # host always goes (unless the maximum is 0 and always_eject_one_host is off) and the
+        # last ejection may take the share one host past the maximum.
+        allowed = 100.0 * self.active < self.config.max_ejection_percent * n or (
+            self.active == 0 and self.config.always_eject_one_host
+        )
         if not allowed:
             st.ejections_overflow.value += 1
             return

@@ -230,6 +230,15 @@ def test_max_ejection_percent_caps_but_one_host_can_always_go() -> None:
     for h in c2.hosts:
         d2.put_http(h, 500)
     assert [h.outlier_ejected for h in c2.hosts] == [True, True, False, False]
+    # 0 % ejects nothing, unless always_eject_one_host lets the first one go.
+    for always, expect in ((False, 0), (True, 1)):
+        c3 = _cluster(
+            4, {"consecutive_5xx": 1, "max_ejection_percent": 0, "always_eject_one_host": always}, Store()
+        )
+        d3, _ = _det(c3)
+        for h in c3.hosts:
+            d3.put_http(h, 500)
+        assert sum(h.outlier_ejected for h in c3.hosts) == expect
 
 
 def test_enforcing_percentage_uses_seeded_draws() -> None:

@@ -179,7 +179,7 @@ def test_max_ejection_percent_caps_ejections(moorline: Any, upstreams: Callable[
         consecutive_5xx=2,
         base_ejection_time="60s",
         interval="0.5s",
-        max_ejection_percent=34,
+        max_ejection_percent=30,  # one of three (0 % ejected < 30 %), not two (33 % is not)
     )
     ml = moorline(_config(port, [c]))
     _until(lambda: ml.stat(OD + "ejections_overflow") >= 1, "an overflowed ejection", lambda: _get(port))
