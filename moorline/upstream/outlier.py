@@ -393,6 +393,9 @@ class OutlierDetector:
 
     def _uneject(self, host: Host, m: _Monitor, now: float) -> None:
         host.outlier_ejected = False
+        # Results of requests that were still in flight while it was out do not count against
+        # the readmitted host: it starts a fresh streak.
+        m.c5xx = m.cgw = m.clocal = 0
         m.ejected_at = None
         m.unejected_at = now
         self.active -= 1

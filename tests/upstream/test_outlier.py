@@ -383,3 +383,20 @@ def test_event_log_lines(tmp_path: Path) -> None:
 
     for x in lines:
         json_format.ParseDict(x, outlier_detection_event_pb2.OutlierDetectionEvent())
+
+
+def test_readmitted_host_starts_a_fresh_streak() -> None:
+    c = _cluster(3, {"consecutive_5xx": 3, "base_ejection_time": "1s"})
+    d, clk = _det(c)
+    h = c.hosts[0]
+    for _ in range(3):
+        d.put_http(h, 500)
+    assert h.outlier_ejected
+    d.put_http(h, 500)  # requests that were in flight when it was ejected
+    d.put_http(h, 500)
+    clk.t += 1
+    d.evaluate(clk.t)
+    assert not h.outlier_ejected
+    d.put_http(h, 500)
+    assert not h.outlier_ejected
+    assert _stat(c, "ejections_detected_consecutive_5xx") == 1

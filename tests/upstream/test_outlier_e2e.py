@@ -187,6 +187,12 @@ def test_max_ejection_percent_caps_ejections(moorline: Any, upstreams: Callable[
     assert ml.stat(OD + "ejections_enforced_consecutive_5xx") == 1
     flags = sorted(_host_flags(ml, p) for p in (bad1.port, bad2.port))
     assert flags == ["/failed_outlier_check", "healthy"]
+    doc = json.loads(ml.admin_get("/clusters?format=json").body)
+    (svc,) = [c for c in doc["cluster_statuses"] if c["name"] == "svc"]
+    ejected = [h["address"]["socket_address"]["port_value"] for h in svc["host_statuses"]
+               if h["health_status"].get("failed_outlier_check")]  # fmt: skip
+    assert len(ejected) == 1 and ejected[0] in (bad1.port, bad2.port)
+    assert all(h["health_status"]["eds_health_status"] == "HEALTHY" for h in svc["host_statuses"])
     # The second bad host stays in: it keeps answering 503 through the proxy.
     statuses = [_get(port)[0] for _ in range(6)]
     assert 503 in statuses and 200 in statuses
