@@ -69,6 +69,16 @@ class Server:
             eds_sources=self.xds_files.eds_source,
             health_connect=upstream_connect,
         )
+        od_log = bootstrap.cluster_manager.outlier_detection.event_log_path
+        if od_log:
+            from moorline.upstream.outlier import EventLog
+
+            try:
+                self.cluster_manager.outlier_event_log = EventLog(od_log)
+            except OSError as e:
+                raise ConfigError(
+                    "cluster_manager.outlier_detection.event_log_path", f"cannot open {od_log!r}: {e}"
+                ) from e
         self.ctx = BuildContext(
             stats=self.stats,
             cluster_manager=self.cluster_manager,
@@ -615,8 +625,10 @@ class Server:
 
 def _health_flags(h: Any) -> str:
     """Envoy's ``/clusters`` health flags: ``healthy`` or the reasons concatenated."""
-    flags = ("/failed_active_hc" if h.failed_active_hc else "") + (
-        "" if h.eds_healthy else "/failed_eds_health"
+    flags = (
+        ("/failed_active_hc" if h.failed_active_hc else "")
+        + ("" if h.eds_healthy else "/failed_eds_health")
+        + ("/failed_outlier_check" if h.outlier_ejected else "")
     )
     return flags or "healthy"
 
@@ -625,6 +637,8 @@ def _health_status(h: Any) -> dict:
     st: dict = {"eds_health_status": "HEALTHY" if h.eds_healthy else "UNHEALTHY"}
     if h.failed_active_hc:
         st["failed_active_health_check"] = True
+    if h.outlier_ejected:
+        st["failed_outlier_check"] = True
     return st
 
 

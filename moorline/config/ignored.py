@@ -51,7 +51,9 @@ BOOTSTRAP: Table = {
     "node_context_params": "xDS-TP node context parameters are not supported; ignored",
     "cluster_manager": {
         "local_cluster_name": "zone-aware routing is not implemented; ignored",
-        "outlier_detection": "outlier detection is not implemented; ignored",
+        "outlier_detection": {
+            "event_service": "outlier events are only written to event_log_path; ignored",
+        },
         "upstream_bind_config": "binding upstream connections to a source address is not supported; ignored",
         "load_stats_config": "load reporting (LRS) is not supported; ignored",
         "enable_deferred_cluster_creation": "clusters are always created at load; ignored",

@@ -31,6 +31,9 @@ from moorline.proxy.route_table import (
 )
 from moorline.stream.api import HttpProtocol, ResetReason
 from moorline.stream.http1_client import pool_for
+from moorline.upstream.outlier import CONNECT_FAILED as _OD_CONNECT_FAILED
+from moorline.upstream.outlier import CONNECT_SUCCESS as _OD_CONNECT_SUCCESS
+from moorline.upstream.outlier import TIMEOUT as _OD_TIMEOUT
 
 _UPSTREAM_ERR = b"upstream connect error or disconnect/reset before headers. reset reason: "
 # Envoy names a pool overflow (a circuit breaker) as it names any reset before the response.
@@ -315,6 +318,9 @@ class Router:
         if self.done:
             conn.pool.on_connection_idle(conn)
             return
+        od = self.cluster.outlier
+        if od is not None and self.host is not None:
+            od.put_result(self.host, _OD_CONNECT_SUCCESS)
         self.conn = conn
         if self.stream.conn.write_paused:
             # The client is already above its write high-water mark (pipelined or unread
@@ -343,6 +349,9 @@ class Router:
         self.pending = None
         if self.done:
             return
+        od = self.cluster.outlier
+        if od is not None and self.host is not None and reason is not ResetReason.OVERFLOW:
+            od.put_result(self.host, _OD_CONNECT_FAILED)
         self._end_attempt()
         if reason is ResetReason.OVERFLOW:
             self._local_failure(503, _UPSTREAM_ERR + b"overflow", flags.UPSTREAM_OVERFLOW, _OVERFLOW_DETAILS)
@@ -374,6 +383,9 @@ class Router:
             # else would turn the client's connection into an unrouted tunnel.
             self.on_upstream_reset(ResetReason.PROTOCOL_ERROR, "unexpected 101")
             return
+        od = self.cluster.outlier
+        if od is not None and self.host is not None:
+            od.put_http(self.host, status)
         if self.tunnel and status != 101 and not (200 <= status < 300 and self.stream.method == b"CONNECT"):
             # The upstream refused the upgrade: an ordinary response, after which neither
             # connection is reused; the held tunnel bytes are dropped.
@@ -463,6 +475,9 @@ class Router:
         self.conn = None
         if conn is not None:
             conn.abort()
+        od = self.cluster.outlier
+        if od is not None and self.host is not None:
+            od.put_result(self.host, _OD_CONNECT_FAILED)  # Envoy counts a reset as one
         self._end_attempt()
         stream = self.stream
         if self.response_started:
@@ -689,6 +704,9 @@ class Router:
         )
 
     def _abandon_attempt(self) -> None:
+        od = self.cluster.outlier
+        if od is not None and self.host is not None and not self.response_started:
+            od.put_result(self.host, _OD_TIMEOUT)  # (only the timeouts abandon an attempt)
         if self.pending is not None:
             self.pending.cancel()
             self.pending = None

@@ -40,6 +40,7 @@ from moorline.net.tcp_relay import CLOSE_IDLE, Relay, relay, splice_supported
 from moorline.net.tls import StreamRelay
 from moorline.net.upstream import connect_socket
 from moorline.observability.stats import Counter
+from moorline.upstream import outlier as _od
 
 log = logging.getLogger("moorline.tcp_proxy")
 
@@ -266,6 +267,16 @@ class _Session:
     ) -> None:
         self._cancel_connect = None
         self._connect_token = None
+        od = getattr(self.cluster, "outlier", None)
+        if od is not None:
+            od.put_result(
+                self.host,
+                _od.CONNECT_SUCCESS_FINAL
+                if sock is not None
+                else _od.TIMEOUT
+                if timed_out
+                else _od.CONNECT_FAILED,
+            )
         if sock is None:
             if timed_out:
                 self.cluster.stats.upstream_cx_connect_timeout.value += 1

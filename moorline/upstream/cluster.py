@@ -27,9 +27,10 @@ hosts that go away get ``removed = True`` and are listed in ``cluster.last_remov
 ``on_membership_change`` callbacks run. A duplicate key inside one update is dropped (first wins).
 
 Health: ``host.healthy`` comes from the endpoint's ``health_status`` (UNKNOWN/HEALTHY/DEGRADED ->
-True, DEGRADED also sets ``degraded``; UNHEALTHY/DRAINING/TIMEOUT -> False). Whoever flips it later
-(active health checks, outlier detection) must call ``cluster.health_changed()`` so the balancer
-is rebuilt. Panic mode is Envoy's: when the healthy share of hosts is below
+True, DEGRADED also sets ``degraded``; UNHEALTHY/DRAINING/TIMEOUT -> False). Outlier detection
+(``outlier.py``) sets ``host.outlier_ejected`` instead, so the two never overwrite each other;
+``_usable`` is the one filter the balancers use. Whoever flips either later must call
+``cluster.health_changed()`` so the balancer is rebuilt. Panic mode is Envoy's: when the healthy share of hosts is below
 ``common_lb_config.healthy_panic_threshold`` (default 50 %), balance over all hosts and count
 ``lb_healthy_panic`` per pick; a threshold of 0 disables it (no healthy host -> no host).
 """
@@ -287,6 +288,7 @@ class Host:
         "healthy",
         "hostname",
         "locality",
+        "outlier_ejected",
         "pool",
         "port",
         "priority",
@@ -326,6 +328,7 @@ class Host:
         self.active_rq = 0
         self.active_cx = 0
         self.removed = False
+        self.outlier_ejected = False  # set by outlier.OutlierDetector, apart from EDS health
         # The host's connection pools (moorline.stream makes them on first use); they live and
         # die with the host, so a replaced or removed cluster takes its connections with it.
         self.pool: ConnPool | None = None
@@ -382,8 +385,13 @@ class Host:
                 p.drain()
 
     def __repr__(self) -> str:
-        flags = "" if self.healthy else " unhealthy"
+        flags = ("" if self.healthy else " unhealthy") + (" ejected" if self.outlier_ejected else "")
         return f"<Host {self.cluster.name} {self.addr_str} w={self.weight}{flags}>"
+
+
+def _usable(h: Host) -> bool:
+    """The one healthy filter the balancers are built from: EDS health and not ejected."""
+    return h.healthy and not h.outlier_ejected
 
 
 class _Endpoint(NamedTuple):
@@ -472,6 +480,9 @@ class Cluster:
         # concurrency); when set it replaces max_retries (Envoy's rule).
         self.retry_budget: tuple[float, int] | None = None
         self.h2_stats: Any = None
+        # outlier.OutlierDetector when outlier_detection is configured; None costs the router
+        # and tcp_proxy one attribute test per result.
+        self.outlier: Any = None
         # Management (the ClusterManager sets these): origin, version, when it was (re)built.
         self.added_via_api = False
         self.version_info = ""
@@ -588,7 +599,7 @@ class Cluster:
 
     def _rebuild(self) -> None:
         hosts = self.hosts
-        healthy = [h for h in hosts if h.healthy]
+        healthy = [h for h in hosts if _usable(h)]
         self.healthy_hosts = healthy
         st = self.stats
         st.membership_total.value = len(hosts)
@@ -624,7 +635,7 @@ class Cluster:
         # Only the levels that have hosts: a level with none takes no load anyway, and the
         # priority is a uint32 from the control plane (one of 4e9 must not make 4e9 levels).
         levels = [by_level[p] for p in sorted(by_level)]
-        counts = [(sum(1 for h in lv if h.healthy), len(lv)) for lv in levels]
+        counts = [(sum(1 for h in lv if _usable(h)), len(lv)) for lv in levels]
         loads = lbmod.priority_loads(counts, self.overprovisioning)
         if not any(loads):
             loads = [100.0] + [0.0] * (len(levels) - 1)
@@ -633,7 +644,7 @@ class Cluster:
             if not lv or (load <= 0 and healthy == 0):
                 balancers.append(None)
                 continue
-            members = [h for h in lv if h.healthy]
+            members = [h for h in lv if _usable(h)]
             if self.panic_threshold > 0 and healthy * 100 < self.panic_threshold * total:
                 members = lv
                 self._panic = self._panic or load > 0
@@ -756,9 +767,12 @@ class Cluster:
     async def start(self) -> None:
         """STATIC/EDS: nothing. DNS types: first resolution round (succeeded or failed), then
         periodic refresh in a background task. ORIGINAL_DST: start the host cleanup timer.
-        Active health checks start here (when the manager gave a connect function)."""
+        Active health checks start here (when the manager gave a connect function); outlier
+        detection's interval timer too."""
         if self.health_checker is not None and self.health_connect is not None and not self.retired:
             self.health_checker.start(asyncio.get_running_loop(), self.health_connect)
+        if self.outlier is not None:
+            self.outlier.start(asyncio.get_running_loop())
         if self.type in ("STRICT_DNS", "LOGICAL_DNS"):
             if self._task is not None:
                 return
@@ -768,9 +782,12 @@ class Cluster:
             self._od_timer = asyncio.get_running_loop().call_later(self.cleanup_interval, self._od_sweep)
 
     def stop(self) -> None:
-        """Stop the background work (DNS refresh, ORIGINAL_DST sweeps, health checks)."""
+        """Stop the background work (DNS refresh, ORIGINAL_DST sweeps, health checks, outlier
+        intervals)."""
         if self.health_checker is not None:
             self.health_checker.stop()
+        if self.outlier is not None:
+            self.outlier.stop()
         if self._task is not None:
             self._task.cancel()
             self._task = None
@@ -785,6 +802,8 @@ class Cluster:
         request on it ends."""
         self.retired = True
         self.stop()
+        if self.outlier is not None:
+            self.outlier.close()
         for h in list(self.hosts) + list(self._od_hosts.values()):
             h.removed = True
             h.drain_pools()
@@ -1223,7 +1242,6 @@ def compile_cluster(
         if len(proto.health_checks) > 1:
             c.notice("health_checks: only the first health check is run; the others are ignored")
     for field, what in (
-        ("outlier_detection", "outlier detection"),
         ("lb_subset_config", "subset load balancing"),
         ("upstream_bind_config", "upstream_bind_config"),
         ("dns_resolvers", "custom DNS resolvers (the system resolver is used)"),
@@ -1286,6 +1304,10 @@ def compile_cluster(
             c._endpoints = eps
     elif ctype == "LOGICAL_DNS":
         raise ConfigError("load_assignment", "LOGICAL_DNS clusters must have exactly one endpoint")
+    if proto.HasField("outlier_detection"):
+        from moorline.upstream.outlier import compile_outlier
+
+        c.outlier = compile_outlier(proto, c, rng)
     # Initialise gauges and the (empty) balancer even when no host was added.
     c._rebuild()
     # Last: a config refused above leaves the gauges reading the cluster it would replace.

@@ -555,6 +555,9 @@ class _Session:
         if outcome == PASS:
             st.success.value += 1
             self.n_unhealthy = 0
+            od = getattr(host.cluster, "outlier", None)
+            if od is not None and host.outlier_ejected:
+                od.on_health_check_success(host)  # (successful_active_health_check_uneject_host)
             if was_failed:
                 self.n_healthy += 1
                 if self.first or self.n_healthy >= ck.healthy_threshold:

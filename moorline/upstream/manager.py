@@ -64,6 +64,8 @@ class ClusterManager:
         # Dynamic clusters waiting for their first EDS assignment (see add_or_update).
         self.warming: dict[str, Cluster] = {}
         self._unwarm: dict[str, Callable[[], None]] = {}  # withdraws a warming cluster's waiters
+        # The bootstrap's cluster_manager.outlier_detection.event_log_path (outlier.EventLog).
+        self.outlier_event_log: Any = None
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -88,6 +90,8 @@ class ClusterManager:
         except ConfigError as e:
             raise e.prefixed(path) from None
         c.health_connect = self.health_connect
+        if c.outlier is not None:
+            c.outlier.event_log = self.outlier_event_log
         return c
 
     def add(self, proto: Any, path: str = "") -> Cluster:
