@@ -34,7 +34,7 @@ def start(moorline: Any, primary: int, mirror: int, **policy: Any) -> tuple[Any,
 
 def test_mirror_gets_the_same_post_with_host_suffixed(moorline: Any, upstreams: Any) -> None:
     primary, mirror = upstreams(upstream_id="primary"), upstreams(upstream_id="mirror")
-    proc, port = start(moorline, primary.port, mirror.port)
+    _, port = start(moorline, primary.port, mirror.port)
     body = b"x" * 5000
     r = http_request("127.0.0.1", port, "POST", "/echo/path?q=1", body=body, headers={"host": "svc.local"})
     assert r.status == 200
@@ -78,7 +78,7 @@ def test_mirror_down_changes_nothing(moorline: Any, upstreams: Any) -> None:
 
 def test_zero_fraction_sends_nothing(moorline: Any, upstreams: Any) -> None:
     primary, mirror = upstreams(upstream_id="primary"), upstreams(upstream_id="mirror")
-    proc, port = start(moorline, primary.port, mirror.port)
+    _, port = start(moorline, primary.port, mirror.port)
     assert http_request("127.0.0.1", port, "GET", "/off").status == 200
     assert http_request("127.0.0.1", port, "GET", "/on").status == 200
     # The /on shadow arrives; a /off shadow would have been sent before it.
@@ -89,6 +89,6 @@ def test_zero_fraction_sends_nothing(moorline: Any, upstreams: Any) -> None:
 
 def test_disable_suffix(moorline: Any, upstream: TestUpstream, upstreams: Any) -> None:
     mirror = upstreams(upstream_id="mirror")
-    proc, port = start(moorline, upstream.port, mirror.port, disable_shadow_host_suffix_append=True)
+    _, port = start(moorline, upstream.port, mirror.port, disable_shadow_host_suffix_append=True)
     assert http_request("127.0.0.1", port, "GET", "/", headers={"host": "svc"}).status == 200
     assert mirror.wait_for_requests(1)[0].header("host") == "svc"
