@@ -49,6 +49,7 @@ from moorline.config.errors import ConfigError
 from moorline.config.matchers import StringMatcher, _b, _Regex, compile_regex
 from moorline.protocol.headers import HeaderMap
 from moorline.proxy.rate_limit_policy import RateLimitEntry, compile_rate_limits
+from moorline.proxy.shadow import MirrorPolicy
 
 # Route kinds.
 ROUTE = 0
@@ -854,6 +855,7 @@ class Route:
         "kind",
         "max_grpc_timeout",
         "max_stream_duration",
+        "mirrors",
         "name",
         "path_redirect",
         "plain",
@@ -898,6 +900,7 @@ class Route:
         self.idle_timeout: float | None = None
         self.max_stream_duration: float | None = None
         self.max_grpc_timeout: float | None = None
+        self.mirrors: tuple[MirrorPolicy, ...] | None = None  # None: no mirroring (no cost)
         self.grpc_timeout_offset: float | None = None
         self.retry: RetryPolicy | None = None
         self._rw_kind = _RW_NONE
@@ -976,6 +979,7 @@ class Route:
                 and not self.auto_host_rewrite
                 and not self._req_levels
                 and not self._resp_levels
+                and self.mirrors is None
             )
         return p
 
@@ -1587,8 +1591,12 @@ def _compile_route_action(
 
     r.rate_limits = compile_rate_limits(a.rate_limits, f"{ap}.rate_limits", notes, HeaderMatcher)
     r.include_vh_rate_limits = bool(a.include_vh_rate_limits.value)
-    if len(a.request_mirror_policies):
-        notes.append(f"{ap}.request_mirror_policies: ignored")
+    mirrors = []
+    for j, mp in enumerate(a.request_mirror_policies):
+        m = MirrorPolicy.compile(mp, f"{ap}.request_mirror_policies[{j}]", notes)
+        if m is not None:
+            mirrors.append(m)
+    r.mirrors = tuple(mirrors) or None
     for fname in ("hedge_policy", "internal_redirect_policy", "early_data_policy"):
         if a.HasField(fname):
             notes.append(f"{ap}.{fname}: ignored")

@@ -29,6 +29,7 @@ from moorline.proxy.route_table import (
     RETRY_GATEWAY_ERROR,
     RETRY_RESET,
 )
+from moorline.proxy.shadow import start_shadows
 from moorline.stream.api import HttpProtocol, ResetReason
 from moorline.stream.http1_client import pool_for
 from moorline.upstream.outlier import CONNECT_FAILED as _OD_CONNECT_FAILED
@@ -85,6 +86,7 @@ class Router:
         "retries_left",
         "route",
         "sent_idx",
+        "shadows",
         "stream",
         "timeout",
         "timeout_handle",
@@ -133,6 +135,7 @@ class Router:
         self.is_retry = False
         self.refused_retried = False
         self.attempts = 0
+        self.shadows: list[Any] | None = None  # request mirroring (shadow.py)
 
     # -- LbContext (upstream.api): only ORIGINAL_DST clusters ask ---------------
     def downstream_local_address(self) -> tuple[str, int] | None:
@@ -175,6 +178,8 @@ class Router:
                 if v:
                     headers.authority = v
             route.apply_request_headers(headers, name)
+            if route.mirrors is not None and not (self.tunnel or stream.upgrade):
+                self.shadows = start_shadows(self, route.mirrors, headers, end_stream)
         if stream.is_grpc and route.max_grpc_timeout is not None:
             gt = headers.get(b"grpc-timeout")
             t = _grpc_timeout_s(gt) if gt else None
@@ -194,6 +199,9 @@ class Router:
         self._start_attempt()
 
     def decode_data(self, data: bytes, end_stream: bool) -> None:
+        if self.shadows is not None:
+            for s in self.shadows:
+                s.data(data, end_stream)
         if self.done:
             return
         if data:
@@ -225,6 +233,9 @@ class Router:
             self.stream.pause_downstream()
 
     def decode_trailers(self, trailers: HeaderMap) -> None:
+        if self.shadows is not None:
+            for s in self.shadows:
+                s.end_with_trailers(trailers)
         if self.done:
             return
         self.trailers = trailers
@@ -560,6 +571,8 @@ class Router:
         self.done = True
         if conn is not None:
             conn.release()
+        if self.shadows is not None:
+            self._end_shadows()  # the downstream stream ends with this response
 
     def on_stream_done(self) -> None:
         """The downstream stream finished (normally or by reset)."""
@@ -568,6 +581,8 @@ class Router:
 
     def reset(self) -> None:
         """Abandon the upstream side (downstream went away or the stream was reset)."""
+        if self.shadows is not None:
+            self._end_shadows()
         if self.done and self.conn is None and self.pending is None:
             return
         self.done = True
@@ -587,6 +602,13 @@ class Router:
             self.cluster.stats.upstream_rq_tx_reset.value += 1
             conn.abort()
         self._end_attempt()
+
+    def _end_shadows(self) -> None:
+        """Shadows still sending are cancelled; the others finish on their own."""
+        shadows = self.shadows
+        self.shadows = None
+        for s in shadows or ():
+            s.downstream_done()
 
     def _local_failure(self, status: int, body: bytes, flag: str, details: str) -> None:
         self.done = True
