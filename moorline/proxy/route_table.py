@@ -552,6 +552,8 @@ class RetryPolicy:
         "num_retries",
         "per_try_idle_timeout",
         "per_try_timeout",
+        "rate_limited_max_interval",
+        "reset_headers",
         "retriable_headers",
         "retriable_request_headers",
         "retriable_status_codes",
@@ -572,6 +574,9 @@ class RetryPolicy:
         self.retriable_headers: tuple[HeaderMatcher, ...] = ()
         self.retriable_request_headers: tuple[HeaderMatcher, ...] = ()
         self._grpc_codes: frozenset[int] = frozenset()
+        # rate_limited_retry_back_off: (lower-cased header name, is UNIX_TIMESTAMP), in order
+        self.reset_headers: tuple[tuple[bytes, bool], ...] = ()
+        self.rate_limited_max_interval = 300.0
 
     @staticmethod
     def parse_retry_on(value: str, path: str) -> int:
@@ -623,7 +628,21 @@ class RetryPolicy:
         if proto.HasField("retry_priority"):
             notes.append(f"{path}.retry_priority: ignored")
         if proto.HasField("rate_limited_retry_back_off"):
-            notes.append(f"{path}.rate_limited_retry_back_off: ignored")
+            rl = proto.rate_limited_retry_back_off
+            p = f"{path}.rate_limited_retry_back_off"
+            if not len(rl.reset_headers):
+                raise ConfigError(f"{p}.reset_headers", "at least one reset header is required")
+            out = []
+            for j, rh in enumerate(rl.reset_headers):
+                if not rh.name:
+                    raise ConfigError(f"{p}.reset_headers[{j}].name", "name is required")
+                out.append((rh.name.lower().encode(), int(rh.format) == _RESET_UNIX_TIMESTAMP))
+            rp.reset_headers = tuple(out)
+            mx = _dur(rl, "max_interval")
+            if mx is not None:
+                if mx < 0.001:
+                    raise ConfigError(f"{p}.max_interval", "must be at least 1ms")
+                rp.rate_limited_max_interval = mx
         if len(proto.retry_options_predicates):
             notes.append(f"{path}.retry_options_predicates: ignored")
         rp.host_selection_retry_max_attempts = max(1, int(proto.host_selection_retry_max_attempts))
@@ -649,6 +668,20 @@ class RetryPolicy:
             cap = min(self.base_interval * (1 << max(attempt, 0)), cap)
         return rand * cap
 
+    def reset_delay(self, headers: HeaderMap, wall_now: float) -> float | None:
+        """``rate_limited_retry_back_off``: seconds until the first reset header (in config
+        order) that parses and is within ``max_interval`` says the limit resets; ``None`` when
+        none does (the ordinary back-off applies). SECONDS takes whole seconds or, for
+        ``Retry-After``, an HTTP date; UNIX_TIMESTAMP whole seconds since the epoch."""
+        for name, unix in self.reset_headers:
+            raw = headers.get(name)
+            if raw is None:
+                continue
+            delay = _reset_interval(raw.strip(), unix, wall_now)
+            if delay is not None and delay <= self.rate_limited_max_interval:
+                return delay
+        return None
+
     def should_retry_status(self, status: int, grpc_status: int | None = None) -> bool:
         """Does a response with HTTP ``status`` (and ``grpc-status`` from headers or trailers) call
         for a retry under ``retry_on``? Connection-level conditions are the router's business."""
@@ -668,6 +701,27 @@ class RetryPolicy:
         if not self.retry_on & RETRY_RETRIABLE_HEADERS:
             return False
         return any(m.match(response_headers, b"", b"", b"") for m in self.retriable_headers)
+
+
+_RESET_UNIX_TIMESTAMP = 1
+_MAX_RESET_LEN = 64  # longer header values are not looked at (an HTTP date is 29 bytes)
+
+
+def _reset_interval(raw: bytes, unix: bool, wall_now: float) -> float | None:
+    if not raw or len(raw) > _MAX_RESET_LEN:
+        return None
+    if raw.isdigit():
+        n = int(raw)
+        return max(0.0, n - wall_now) if unix else float(n)
+    if unix:
+        return None
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(raw.decode("latin-1")).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return max(0.0, when - wall_now)
 
 
 # --------------------------------------------------------------------------- weighted clusters

@@ -18,6 +18,7 @@ request being complete.
 from __future__ import annotations
 
 import random
+import time
 from typing import Any
 
 from moorline.observability import stream_info as flags
@@ -401,9 +402,12 @@ class Router:
         if policy is not None and self.downstream_end and (self.retain or (not self.body_bytes)):
             gs = headers.get(b"grpc-status")
             grpc = int(gs) if gs is not None and gs.isdigit() else None
-            if policy.should_retry_status(status, grpc):
+            if policy.should_retry_status(status, grpc) or (
+                policy.retriable_headers and policy.should_retry_headers(headers)
+            ):
                 if self.retries_left > 0:
-                    if self._retry():
+                    reset = policy.reset_delay(headers, time.time()) if policy.reset_headers else None
+                    if self._retry(reset):
                         return
                 elif policy.num_retries:
                     # Retriable, but the retries are used up (Envoy: URX and the counter).
@@ -622,7 +626,9 @@ class Router:
             return False
         return self._retry()
 
-    def _retry(self) -> bool:
+    def _retry(self, reset: float | None = None) -> bool:
+        """Start the back-off to the next attempt; ``reset``: the rate-limited back-off's delay
+        from the response's reset header, jittered up by half as Envoy does."""
         if not self._retry_allowed():
             if self.retries_left <= 0 and self.policy is not None:
                 self.cluster.stats.upstream_rq_retry_limit_exceeded.value += 1
@@ -638,7 +644,11 @@ class Router:
         self._end_attempt()
         cluster = self.cluster
         cluster.active_retries += 1
-        delay = self.policy.backoff(self.attempts - 1, random.random()) if self.policy else 0.0
+        if reset is not None:
+            delay = reset * (1.0 + random.random() / 2)
+            cluster.stats.upstream_rq_retry_backoff_ratelimited.value += 1
+        else:
+            delay = self.policy.backoff(self.attempts - 1, random.random()) if self.policy else 0.0
 
         def go() -> None:
             cluster.active_retries -= 1

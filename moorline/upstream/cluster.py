@@ -111,6 +111,7 @@ class ClusterStats:
         "upstream_rq_retry_success",
         "upstream_rq_retry_overflow",
         "upstream_rq_retry_limit_exceeded",
+        "upstream_rq_retry_backoff_ratelimited",
         "upstream_rq_timeout",
         "upstream_rq_per_try_timeout",
         "upstream_rq_rx_reset",
@@ -182,6 +183,7 @@ class ClusterStats:
     upstream_rq_retry_success: Counter
     upstream_rq_retry_overflow: Counter
     upstream_rq_retry_limit_exceeded: Counter
+    upstream_rq_retry_backoff_ratelimited: Counter
     upstream_rq_timeout: Counter
     upstream_rq_per_try_timeout: Counter
     upstream_rq_rx_reset: Counter

@@ -1030,6 +1030,39 @@ def test_retry_backoff_validation() -> None:
     assert ei.value.path.endswith("retry_back_off.base_interval")
 
 
+def test_rate_limited_reset_headers() -> None:
+    rp = (
+        retry_table(
+            '{retry_on: "5xx", rate_limited_retry_back_off: {reset_headers: [{name: Retry-After},'
+            " {name: X-RateLimit-Reset, format: UNIX_TIMESTAMP}], max_interval: 100s}}"
+        )
+        .match(b"a", b"/own", b"GET", HeaderMap())
+        .retry
+    )
+    assert rp.reset_headers == ((b"retry-after", False), (b"x-ratelimit-reset", True))
+    now = 1_700_000_000.0
+
+    def delay(*h: tuple[bytes, bytes]) -> float | None:
+        return rp.reset_delay(HeaderMap(list(h)), now)
+
+    assert delay((b"retry-after", b"7")) == 7.0
+    assert delay((b"retry-after", b" 3 ")) == 3.0
+    # an HTTP date, 30 s ahead (Tue, 14 Nov 2023 22:13:50 GMT is now + 30)
+    assert delay((b"retry-after", b"Tue, 14 Nov 2023 22:13:50 GMT")) == pytest.approx(30.0)
+    assert delay((b"retry-after", b"Tue, 14 Nov 2023 22:00:00 GMT")) == 0.0  # in the past
+    # the first header fails (garbage, too long, over max_interval): the next one is tried
+    assert delay((b"retry-after", b"soon"), (b"x-ratelimit-reset", b"1700000012")) == 12.0
+    assert delay((b"retry-after", b"9" * 100), (b"x-ratelimit-reset", b"1700000001")) == 1.0
+    assert delay((b"retry-after", b"101")) is None
+    assert delay((b"x-ratelimit-reset", b"Tue, 14 Nov 2023 22:13:50 GMT")) is None  # not seconds
+    assert delay((b"x-ratelimit-reset", b"1699999999")) == 0.0
+    assert delay() is None
+    with pytest.raises(ConfigError) as ei:
+        retry_table('{retry_on: "5xx", rate_limited_retry_back_off: {}}')
+    assert ei.value.path.endswith("rate_limited_retry_back_off.reset_headers")
+    assert RetryPolicy().rate_limited_max_interval == 300.0  # Envoy's default
+
+
 def test_backoff_is_exponential_and_capped() -> None:
     rp = RetryPolicy()
     rp.base_interval, rp.max_interval = 0.025, 0.25
