@@ -45,6 +45,10 @@ import re
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
+from envoy.extensions.retry.priority.previous_priorities.v3 import (
+    previous_priorities_config_pb2,  # also registers the type for config parsing
+)
+
 from moorline.config.errors import ConfigError
 from moorline.config.matchers import StringMatcher, _b, _Regex, compile_regex
 from moorline.protocol.headers import HeaderMap
@@ -115,6 +119,8 @@ VHOST_CACHE_MAX = 1024
 _REDIRECT_CODES = {0: 301, 1: 302, 2: 303, 3: 307, 4: 308}
 _PREVIOUS_HOSTS = ("envoy.retry_host_predicates.previous_hosts",)
 _PREVIOUS_HOSTS_TYPE = "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+_PREVIOUS_PRIORITIES = "envoy.retry_priorities.previous_priorities"
+_PREVIOUS_PRIORITIES_TYPE = "envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig"
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _INT_RE = re.compile(rb"\s*[+-]?[0-9]+\s*")
 _PATH_PARAMS_RE = re.compile(rb";[^/]*")
@@ -559,6 +565,7 @@ class RetryPolicy:
         "retriable_status_codes",
         "retry_host_predicate_previous_hosts",
         "retry_on",
+        "retry_priority_update_frequency",
     )
 
     def __init__(self) -> None:
@@ -577,6 +584,8 @@ class RetryPolicy:
         # rate_limited_retry_back_off: (lower-cased header name, is UNIX_TIMESTAMP), in order
         self.reset_headers: tuple[tuple[bytes, bool], ...] = ()
         self.rate_limited_max_interval = 300.0
+        # previous_priorities: every this many attempts, the tried priorities are avoided (0: off)
+        self.retry_priority_update_frequency = 0
 
     @staticmethod
     def parse_retry_on(value: str, path: str) -> int:
@@ -626,7 +635,9 @@ class RetryPolicy:
             else:
                 notes.append(f"{path}.retry_host_predicate[{j}]: predicate {pred.name or type_url!r} ignored")
         if proto.HasField("retry_priority"):
-            notes.append(f"{path}.retry_priority: ignored")
+            rp.retry_priority_update_frequency = _previous_priorities(
+                proto.retry_priority, f"{path}.retry_priority"
+            )
         if proto.HasField("rate_limited_retry_back_off"):
             rl = proto.rate_limited_retry_back_off
             p = f"{path}.rate_limited_retry_back_off"
@@ -704,6 +715,26 @@ class RetryPolicy:
 
 
 _RESET_UNIX_TIMESTAMP = 1
+
+
+def _previous_priorities(msg: Any, path: str) -> int:
+    """``retry_priority``: only ``previous_priorities``; its ``update_frequency`` (> 0)."""
+    tc = msg.typed_config if msg.HasField("typed_config") else None
+    if not (
+        msg.name == _PREVIOUS_PRIORITIES
+        or (tc is not None and tc.type_url.endswith(_PREVIOUS_PRIORITIES_TYPE))
+    ):
+        raise ConfigError(
+            path, f"retry priority {msg.name or (tc.type_url if tc else '')!r} is not supported"
+        )
+    cfg = previous_priorities_config_pb2.PreviousPrioritiesConfig()
+    if tc is None or not tc.Unpack(cfg):
+        raise ConfigError(f"{path}.typed_config", f"a {_PREVIOUS_PRIORITIES_TYPE} is required")
+    if cfg.update_frequency <= 0:
+        raise ConfigError(f"{path}.typed_config.update_frequency", "must be greater than 0")
+    return int(cfg.update_frequency)
+
+
 _MAX_RESET_LEN = 64  # longer header values are not looked at (an HTTP date is 29 bytes)
 
 

@@ -279,7 +279,10 @@ class Router:
         cluster = self.cluster
         policy = self.policy
         exclude = self.tried if (policy is not None and policy.retry_host_predicate_previous_hosts) else None
-        host = cluster.choose_host(exclude, self)
+        if policy is not None and policy.retry_priority_update_frequency and self.tried:
+            host = self._choose_other_priority(policy.retry_priority_update_frequency, exclude)
+        else:
+            host = cluster.choose_host(exclude, self)
         if host is None:
             self._local_failure(503, b"no healthy upstream", flags.NO_HEALTHY_UPSTREAM, "no_healthy_upstream")
             return
@@ -603,6 +606,14 @@ class Router:
         stream.send_local_reply(status, body, flag, details)
 
     # -- retries -------------------------------------------------------------------
+    def _choose_other_priority(self, every: int, exclude: Any) -> Any:
+        """``previous_priorities``: after every ``every`` attempts the priorities tried so far
+        are avoided for this pick (Envoy keeps the set between updates; here it is rebuilt)."""
+        tried = self.tried
+        if tried is None or self.attempts % every:
+            return self.cluster.choose_host(exclude, self)
+        return self.cluster.choose_host_excluding({h.priority for h in tried}, exclude)
+
     def _retry_allowed(self) -> bool:
         if self.retries_left <= 0 or not self.downstream_end or self.response_started:
             return False

@@ -518,6 +518,18 @@ class Cluster:
             self.stats.lb_healthy_panic.value += 1
         return lb.pick(exclude)
 
+    def choose_host_excluding(
+        self, priorities: Collection[int], exclude: Collection[Host] | None
+    ) -> Host | None:
+        """``choose_host`` for a retry that avoids the priority levels already tried
+        (``retry_priority`` previous_priorities); one level only: the ordinary pick."""
+        lb = self._lb
+        if isinstance(lb, lbmod.PriorityLB):
+            if self._panic:
+                self.stats.lb_healthy_panic.value += 1
+            return lb.pick_excluding(priorities, exclude)
+        return self.choose_host(exclude)
+
     # -- membership -----------------------------------------------------------------------------
 
     def retries_limit(self) -> int:
@@ -655,7 +667,9 @@ class Cluster:
                 if members
                 else None
             )
-        self._lb = lbmod.PriorityLB(balancers, loads, self._rng)
+        self._lb = lbmod.PriorityLB(
+            balancers, loads, self._rng, sorted(by_level), counts, self.overprovisioning
+        )
 
     def load_assignment_view(self) -> Any:
         """The membership as a ``ClusterLoadAssignment`` (for ``/config_dump?include_eds``)."""

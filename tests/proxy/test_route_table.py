@@ -1307,3 +1307,20 @@ def test_regex_runs_are_not_made_where_combining_would_change_meaning() -> None:
     # Back-references never reach here (RE2 syntax: a config error), so renumbering is moot.
     with pytest.raises(ConfigError):
         compile_rc(_run_table(["/(a)\\1"], set()))
+
+
+def test_retry_priority_previous_priorities() -> None:
+    t = "type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig"
+    rp = (
+        retry_table(
+            '{retry_on: "5xx", retry_priority: {name: envoy.retry_priorities.previous_priorities,'
+            f' typed_config: {{"@type": "{t}", update_frequency: 2}}}}}}'
+        )
+        .match(b"a", b"/own", b"GET", HeaderMap())
+        .retry
+    )
+    assert rp.retry_priority_update_frequency == 2
+    with pytest.raises(ConfigError, match="update_frequency"):
+        retry_table(f'{{retry_on: "5xx", retry_priority: {{name: x, typed_config: {{"@type": "{t}"}}}}}}')
+    with pytest.raises(ConfigError, match="not supported"):
+        retry_table('{retry_on: "5xx", retry_priority: {name: other}}')
