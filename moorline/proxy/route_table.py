@@ -45,6 +45,10 @@ import re
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
+from envoy.extensions.retry.priority.previous_priorities.v3 import (
+    previous_priorities_config_pb2,  # also registers the type for config parsing
+)
+
 from moorline.config.errors import ConfigError
 from moorline.config.matchers import StringMatcher, _b, _Regex, compile_regex
 from moorline.protocol.headers import HeaderMap
@@ -116,6 +120,8 @@ VHOST_CACHE_MAX = 1024
 _REDIRECT_CODES = {0: 301, 1: 302, 2: 303, 3: 307, 4: 308}
 _PREVIOUS_HOSTS = ("envoy.retry_host_predicates.previous_hosts",)
 _PREVIOUS_HOSTS_TYPE = "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+_PREVIOUS_PRIORITIES = "envoy.retry_priorities.previous_priorities"
+_PREVIOUS_PRIORITIES_TYPE = "envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig"
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _INT_RE = re.compile(rb"\s*[+-]?[0-9]+\s*")
 _PATH_PARAMS_RE = re.compile(rb";[^/]*")
@@ -553,11 +559,14 @@ class RetryPolicy:
         "num_retries",
         "per_try_idle_timeout",
         "per_try_timeout",
+        "rate_limited_max_interval",
+        "reset_headers",
         "retriable_headers",
         "retriable_request_headers",
         "retriable_status_codes",
         "retry_host_predicate_previous_hosts",
         "retry_on",
+        "retry_priority_update_frequency",
     )
 
     def __init__(self) -> None:
@@ -573,6 +582,11 @@ class RetryPolicy:
         self.retriable_headers: tuple[HeaderMatcher, ...] = ()
         self.retriable_request_headers: tuple[HeaderMatcher, ...] = ()
         self._grpc_codes: frozenset[int] = frozenset()
+        # rate_limited_retry_back_off: (lower-cased header name, is UNIX_TIMESTAMP), in order
+        self.reset_headers: tuple[tuple[bytes, bool], ...] = ()
+        self.rate_limited_max_interval = 300.0
+        # previous_priorities: every this many attempts, the tried priorities are avoided (0: off)
+        self.retry_priority_update_frequency = 0
 
     @staticmethod
     def parse_retry_on(value: str, path: str) -> int:
@@ -622,9 +636,25 @@ class RetryPolicy:
             else:
                 notes.append(f"{path}.retry_host_predicate[{j}]: predicate {pred.name or type_url!r} ignored")
         if proto.HasField("retry_priority"):
-            notes.append(f"{path}.retry_priority: ignored")
+            rp.retry_priority_update_frequency = _previous_priorities(
+                proto.retry_priority, f"{path}.retry_priority"
+            )
         if proto.HasField("rate_limited_retry_back_off"):
-            notes.append(f"{path}.rate_limited_retry_back_off: ignored")
+            rl = proto.rate_limited_retry_back_off
+            p = f"{path}.rate_limited_retry_back_off"
+            if not len(rl.reset_headers):
+                raise ConfigError(f"{p}.reset_headers", "at least one reset header is required")
+            out = []
+            for j, rh in enumerate(rl.reset_headers):
+                if not rh.name:
+                    raise ConfigError(f"{p}.reset_headers[{j}].name", "name is required")
+                out.append((rh.name.lower().encode(), int(rh.format) == _RESET_UNIX_TIMESTAMP))
+            rp.reset_headers = tuple(out)
+            mx = _dur(rl, "max_interval")
+            if mx is not None:
+                if mx < 0.001:
+                    raise ConfigError(f"{p}.max_interval", "must be at least 1ms")
+                rp.rate_limited_max_interval = mx
         if len(proto.retry_options_predicates):
             notes.append(f"{path}.retry_options_predicates: ignored")
         rp.host_selection_retry_max_attempts = max(1, int(proto.host_selection_retry_max_attempts))
@@ -650,6 +680,20 @@ class RetryPolicy:
             cap = min(self.base_interval * (1 << max(attempt, 0)), cap)
         return rand * cap
 
+    def reset_delay(self, headers: HeaderMap, wall_now: float) -> float | None:
+        """``rate_limited_retry_back_off``: seconds until the first reset header (in config
+        order) that parses and is within ``max_interval`` says the limit resets; ``None`` when
+        none does (the ordinary back-off applies). SECONDS takes whole seconds or, for
+        ``Retry-After``, an HTTP date; UNIX_TIMESTAMP whole seconds since the epoch."""
+        for name, unix in self.reset_headers:
+            raw = headers.get(name)
+            if raw is None:
+                continue
+            delay = _reset_interval(raw.strip(), unix, wall_now)
+            if delay is not None and delay <= self.rate_limited_max_interval:
+                return delay
+        return None
+
     def should_retry_status(self, status: int, grpc_status: int | None = None) -> bool:
         """Does a response with HTTP ``status`` (and ``grpc-status`` from headers or trailers) call
         for a retry under ``retry_on``? Connection-level conditions are the router's business."""
@@ -669,6 +713,47 @@ class RetryPolicy:
         if not self.retry_on & RETRY_RETRIABLE_HEADERS:
             return False
         return any(m.match(response_headers, b"", b"", b"") for m in self.retriable_headers)
+
+
+_RESET_UNIX_TIMESTAMP = 1
+
+
+def _previous_priorities(msg: Any, path: str) -> int:
+    """``retry_priority``: only ``previous_priorities``; its ``update_frequency`` (> 0)."""
+    tc = msg.typed_config if msg.HasField("typed_config") else None
+    if not (
+        msg.name == _PREVIOUS_PRIORITIES
+        or (tc is not None and tc.type_url.endswith(_PREVIOUS_PRIORITIES_TYPE))
+    ):
+        raise ConfigError(
+            path, f"retry priority {msg.name or (tc.type_url if tc else '')!r} is not supported"
+        )
+    cfg = previous_priorities_config_pb2.PreviousPrioritiesConfig()
+    if tc is None or not tc.Unpack(cfg):
+        raise ConfigError(f"{path}.typed_config", f"a {_PREVIOUS_PRIORITIES_TYPE} is required")
+    if cfg.update_frequency <= 0:
+        raise ConfigError(f"{path}.typed_config.update_frequency", "must be greater than 0")
+    return int(cfg.update_frequency)
+
+
+_MAX_RESET_LEN = 64  # longer header values are not looked at (an HTTP date is 29 bytes)
+
+
+def _reset_interval(raw: bytes, unix: bool, wall_now: float) -> float | None:
+    if not raw or len(raw) > _MAX_RESET_LEN:
+        return None
+    if raw.isdigit():
+        n = int(raw)
+        return max(0.0, n - wall_now) if unix else float(n)
+    if unix:
+        return None
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(raw.decode("latin-1")).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return max(0.0, when - wall_now)
 
 
 # --------------------------------------------------------------------------- weighted clusters

@@ -18,6 +18,7 @@ request being complete.
 from __future__ import annotations
 
 import random
+import time
 from typing import Any
 
 from moorline.observability import stream_info as flags
@@ -289,7 +290,10 @@ class Router:
         cluster = self.cluster
         policy = self.policy
         exclude = self.tried if (policy is not None and policy.retry_host_predicate_previous_hosts) else None
-        host = cluster.choose_host(exclude, self)
+        if policy is not None and policy.retry_priority_update_frequency and self.tried:
+            host = self._choose_other_priority(policy.retry_priority_update_frequency, exclude)
+        else:
+            host = cluster.choose_host(exclude, self)
         if host is None:
             self._local_failure(503, b"no healthy upstream", flags.NO_HEALTHY_UPSTREAM, "no_healthy_upstream")
             return
@@ -412,9 +416,12 @@ class Router:
         if policy is not None and self.downstream_end and (self.retain or (not self.body_bytes)):
             gs = headers.get(b"grpc-status")
             grpc = int(gs) if gs is not None and gs.isdigit() else None
-            if policy.should_retry_status(status, grpc):
+            if policy.should_retry_status(status, grpc) or (
+                policy.retriable_headers and policy.should_retry_headers(headers)
+            ):
                 if self.retries_left > 0:
-                    if self._retry():
+                    reset = policy.reset_delay(headers, time.time()) if policy.reset_headers else None
+                    if self._retry(reset):
                         return
                 elif policy.num_retries:
                     # Retriable, but the retries are used up (Envoy: URX and the counter).
@@ -621,6 +628,14 @@ class Router:
         stream.send_local_reply(status, body, flag, details)
 
     # -- retries -------------------------------------------------------------------
+    def _choose_other_priority(self, every: int, exclude: Any) -> Any:
+        """``previous_priorities``: after every ``every`` attempts the priorities tried so far
+        are avoided for this pick (Envoy keeps the set between updates; here it is rebuilt)."""
+        tried = self.tried
+        if tried is None or self.attempts % every:
+            return self.cluster.choose_host(exclude, self)
+        return self.cluster.choose_host_excluding({h.priority for h in tried}, exclude)
+
     def _retry_allowed(self) -> bool:
         if self.retries_left <= 0 or not self.downstream_end or self.response_started:
             return False
@@ -644,7 +659,9 @@ class Router:
             return False
         return self._retry()
 
-    def _retry(self) -> bool:
+    def _retry(self, reset: float | None = None) -> bool:
+        """Start the back-off to the next attempt; ``reset``: the rate-limited back-off's delay
+        from the response's reset header, jittered up by half as Envoy does."""
         if not self._retry_allowed():
             if self.retries_left <= 0 and self.policy is not None:
                 self.cluster.stats.upstream_rq_retry_limit_exceeded.value += 1
@@ -660,7 +677,11 @@ class Router:
         self._end_attempt()
         cluster = self.cluster
         cluster.active_retries += 1
-        delay = self.policy.backoff(self.attempts - 1, random.random()) if self.policy else 0.0
+        if reset is not None:
+            delay = reset * (1.0 + random.random() / 2)
+            cluster.stats.upstream_rq_retry_backoff_ratelimited.value += 1
+        else:
+            delay = self.policy.backoff(self.attempts - 1, random.random()) if self.policy else 0.0
 
         def go() -> None:
             cluster.active_retries -= 1

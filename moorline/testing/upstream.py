@@ -21,6 +21,8 @@ request headers, which apply to the echo behaviour):
                        backpressure (never built whole)
 ``/trailers``          chunked response with trailers ``x-trailer-a: 1``, ``x-trailer-b: 2``
 ``/fail-n/<key>/<n>``  503 for the first ``n`` requests with this key, then 200
+``?status=&retry-after=``  on ``/status/<code>`` and ``/fail-n/...``: ``status`` replaces
+                       fail-n's 503; ``retry-after`` adds ``Retry-After`` to the failing answer
 ``/truncate/<n>``      promises ``n`` bytes, sends half of them, closes the connection
 ``/garbage``           writes bytes that are not an HTTP response, keeps the connection open
 ``/ws``                WebSocket handshake (``Upgrade: websocket``), then echoes each frame
@@ -117,6 +119,21 @@ def websocket_accept(key: bytes | str) -> str:
     return base64.b64encode(hashlib.sha1(key + _WS_GUID).digest()).decode()
 
 
+def _query(q: str) -> dict[str, str]:
+    """``a=1&b=2`` -> dict (no percent-decoding: the test paths need none)."""
+    out = {}
+    for kv in q.split("&"):
+        k, _, v = kv.partition("=")
+        if k:
+            out[k] = v
+    return out
+
+
+def _retry_after(q: dict[str, str]) -> list[tuple[str, str]]:
+    v = q.get("retry-after")
+    return [("retry-after", v)] if v else []
+
+
 @dataclass
 class RequestRecord:
     """What the upstream saw of one request. Header names are lower-case ``str``."""
@@ -129,6 +146,7 @@ class RequestRecord:
     sha256: str
     conn_id: int
     trailers: list[tuple[str, str]] = field(default_factory=list)
+    at: float = field(default_factory=time.monotonic)  # when the head was parsed (monotonic)
 
     def header(self, name: str) -> str | None:
         """First value of header ``name`` (case-insensitive), or None."""
@@ -322,7 +340,7 @@ class _HttpConn(asyncio.Protocol):
     async def _respond(self, req: _Request, version: str, keep_alive: bool) -> bool:
         """Write the response for ``req``; return whether the connection stays open."""
         rec = self._record(req, version)
-        path = rec.path.split("?", 1)[0]
+        path, _, query = rec.path.partition("?")
         parts = [p for p in path.split("/") if p]
         head_only = rec.method == "HEAD"
         srv = self.server
@@ -358,11 +376,14 @@ class _HttpConn(asyncio.Protocol):
             self.transport.abort()
             return False
         if parts[:1] == ["status"] and len(parts) >= 2:
-            await self._fixed(int(parts[1]), version, keep_alive, head_only)
+            q = _query(query)
+            await self._fixed(int(parts[1]), version, keep_alive, head_only, _retry_after(q))
             return keep_alive
         if parts[:1] == ["fail-n"] and len(parts) >= 3:
             if srv._fail_n(parts[1], int(parts[2])):
-                await self._fixed(503, version, keep_alive, head_only)
+                q = _query(query)
+                code = int(q.get("status", "503"))
+                await self._fixed(code, version, keep_alive, head_only, _retry_after(q))
             else:
                 await self._fixed(200, version, keep_alive, head_only)
             return keep_alive
@@ -412,12 +433,26 @@ class _HttpConn(asyncio.Protocol):
         await self._send_simple(status, body, "application/json", version, keep_alive, head_only)
         return keep_alive
 
-    async def _fixed(self, status: int, version: str, keep_alive: bool, head_only: bool) -> None:
+    async def _fixed(
+        self,
+        status: int,
+        version: str,
+        keep_alive: bool,
+        head_only: bool,
+        extra: list[tuple[str, str]] | None = None,
+    ) -> None:
         body = f"status {status} from {self.server.upstream_id}\n".encode()
-        await self._send_simple(status, body, "text/plain", version, keep_alive, head_only)
+        await self._send_simple(status, body, "text/plain", version, keep_alive, head_only, extra)
 
     async def _send_simple(
-        self, status: int, body: bytes, ctype: str, version: str, keep_alive: bool, head_only: bool
+        self,
+        status: int,
+        body: bytes,
+        ctype: str,
+        version: str,
+        keep_alive: bool,
+        head_only: bool,
+        extra: list[tuple[str, str]] | None = None,
     ) -> None:
         if status < 200 or status in (204, 304):
             # RFC 9112 section 6.3: these never have a body; 204 also has no Content-Length.
@@ -425,6 +460,8 @@ class _HttpConn(asyncio.Protocol):
             self._write(self._head(status, hdrs, version, keep_alive))
             return
         hdrs = [("content-type", ctype), ("content-length", str(len(body)))]
+        if extra:
+            hdrs.extend(extra)
         self._write(self._head(status, hdrs, version, keep_alive) + (b"" if head_only else body))
 
     async def _bytes(self, n: int, version: str, keep_alive: bool, head_only: bool) -> None:

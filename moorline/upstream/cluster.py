@@ -111,6 +111,7 @@ class ClusterStats:
         "upstream_rq_retry_success",
         "upstream_rq_retry_overflow",
         "upstream_rq_retry_limit_exceeded",
+        "upstream_rq_retry_backoff_ratelimited",
         "upstream_rq_timeout",
         "upstream_rq_per_try_timeout",
         "upstream_rq_rx_reset",
@@ -182,6 +183,7 @@ class ClusterStats:
     upstream_rq_retry_success: Counter
     upstream_rq_retry_overflow: Counter
     upstream_rq_retry_limit_exceeded: Counter
+    upstream_rq_retry_backoff_ratelimited: Counter
     upstream_rq_timeout: Counter
     upstream_rq_per_try_timeout: Counter
     upstream_rq_rx_reset: Counter
@@ -516,6 +518,18 @@ class Cluster:
             self.stats.lb_healthy_panic.value += 1
         return lb.pick(exclude)
 
+    def choose_host_excluding(
+        self, priorities: Collection[int], exclude: Collection[Host] | None
+    ) -> Host | None:
+        """``choose_host`` for a retry that avoids the priority levels already tried
+        (``retry_priority`` previous_priorities); one level only: the ordinary pick."""
+        lb = self._lb
+        if isinstance(lb, lbmod.PriorityLB):
+            if self._panic:
+                self.stats.lb_healthy_panic.value += 1
+            return lb.pick_excluding(priorities, exclude)
+        return self.choose_host(exclude)
+
     # -- membership -----------------------------------------------------------------------------
 
     def retries_limit(self) -> int:
@@ -653,7 +667,9 @@ class Cluster:
                 if members
                 else None
             )
-        self._lb = lbmod.PriorityLB(balancers, loads, self._rng)
+        self._lb = lbmod.PriorityLB(
+            balancers, loads, self._rng, sorted(by_level), counts, self.overprovisioning
+        )
 
     def load_assignment_view(self) -> Any:
         """The membership as a ``ClusterLoadAssignment`` (for ``/config_dump?include_eds``)."""

@@ -267,35 +267,71 @@ def priority_loads(levels: Sequence[tuple[int, int]], overprovisioning: int) -> 
     return loads
 
 
+def _cumulative(loads: Sequence[float]) -> list[float]:
+    cum = []
+    acc = 0.0
+    for x in loads:
+        acc += x
+        cum.append(acc)
+    return cum
+
+
 class PriorityLB:
     """Priority failover over per-level balancers: a draw over ``loads`` picks the level, the
     level's balancer the host (another level is tried if it has nothing outside ``exclude``)."""
 
-    __slots__ = ("_cum", "_levels", "_rng", "loads")
+    __slots__ = ("_counts", "_cum", "_levels", "_overprovisioning", "_rng", "loads", "priorities")
 
     def __init__(
-        self, levels: Sequence[LoadBalancer | None], loads: Sequence[float], rng: random.Random
+        self,
+        levels: Sequence[LoadBalancer | None],
+        loads: Sequence[float],
+        rng: random.Random,
+        priorities: Sequence[int] = (),
+        counts: Sequence[tuple[int, int]] = (),
+        overprovisioning: int = 140,
     ) -> None:
         self._levels = list(levels)
         self.loads = list(loads)
         self._rng = rng
-        cum = []
-        acc = 0.0
-        for x in loads:
-            acc += x
-            cum.append(acc)
-        self._cum = cum
+        self._cum = _cumulative(loads)
+        # for pick_excluding: each level's priority and (healthy, total) counts
+        self.priorities = list(priorities)
+        self._counts = list(counts)
+        self._overprovisioning = overprovisioning
 
     def pick(self, exclude: Collection[Host] | None = None) -> Host | None:
-        r = self._rng.random() * (self._cum[-1] if self._cum else 0.0)
+        return self._pick(self.loads, self._cum, exclude)
+
+    def pick_excluding(
+        self, priorities: Collection[int], exclude: Collection[Host] | None = None
+    ) -> Host | None:
+        """One pick with the levels of ``priorities`` counted as having no healthy host (the
+        priority load recomputed for this pick only, as ``previous_priorities`` asks); when
+        that leaves no level with load, the ordinary pick."""
+        if not self._counts or not priorities:
+            return self.pick(exclude)
+        counts = [
+            (0, total) if p in priorities else (healthy, total)
+            for p, (healthy, total) in zip(self.priorities, self._counts, strict=True)
+        ]
+        loads = priority_loads(counts, self._overprovisioning)
+        if not any(loads):
+            return self.pick(exclude)
+        return self._pick(loads, _cumulative(loads), exclude)
+
+    def _pick(
+        self, loads: Sequence[float], cum: Sequence[float], exclude: Collection[Host] | None
+    ) -> Host | None:
+        r = self._rng.random() * (cum[-1] if cum else 0.0)
         order = list(range(len(self._levels)))
-        for i, c in enumerate(self._cum):
+        for i, c in enumerate(cum):
             if r < c:
                 order.insert(0, order.pop(i))
                 break
         for i in order:
             lb = self._levels[i]
-            if lb is None or (self.loads[i] <= 0 and i != order[0]):
+            if lb is None or (loads[i] <= 0 and i != order[0]):
                 continue
             h = lb.pick(exclude)
             if h is not None:

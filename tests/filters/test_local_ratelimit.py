@@ -66,17 +66,31 @@ def test_config_checks_and_defaults() -> None:
         _limit(token_bucket={"max_tokens": 0, "fill_interval": "1s"})
     with pytest.raises(ConfigError, match="stat_prefix"):
         http_rl.compile_limit(_parse({}, http_pb2.LocalRateLimit), "f", lambda p, w: None)
-    _, notes = _limit(
+    lim, notes = _limit(
         descriptors=[
             {
                 "entries": [{"key": "k", "value": "v"}],
                 "token_bucket": {"max_tokens": 1, "fill_interval": "1s"},
-            }
+            },
+            {
+                "entries": [{"key": "k", "value": ""}],
+                "token_bucket": {"max_tokens": 1, "fill_interval": "1s"},
+            },
         ],
         stage=1,
     )
-    assert any(n.startswith("f.descriptors:") and n.endswith("; ignored") for n in notes)
-    assert any(n.startswith("f.stage:") for n in notes)
+    assert list(lim.descriptors) == [(("k", "v"),)] and lim.stage == 1
+    assert notes == [
+        "f.descriptors[1].entries: an entry without a value (a dynamic descriptor) is not implemented; ignored"
+    ]
+    with pytest.raises(ConfigError, match=r"descriptors\[0\]\.token_bucket"):
+        _limit(descriptors=[{"entries": [{"key": "k", "value": "v"}]}])
+    with pytest.raises(ConfigError, match=r"descriptors\[1\]\.entries: duplicate"):
+        one = {
+            "entries": [{"key": "k", "value": "v"}],
+            "token_bucket": {"max_tokens": 1, "fill_interval": "1s"},
+        }
+        _limit(descriptors=[one, one])
     with pytest.raises(ConfigError, match="not accepted per route"):
         http_rl._per_route(
             _parse(
@@ -141,6 +155,58 @@ def test_burst_over_max_tokens_is_429_with_headers_then_refills() -> None:
     p.advance(10.0)
     d.request("GET", "/x")
     assert d.response().status == 200
+
+
+def test_descriptors_select_their_own_bucket() -> None:
+    f = _rl(
+        token_bucket=_bucket(5),
+        filter_enabled=ALL,
+        filter_enforced=ALL,
+        enable_x_ratelimit_headers="DRAFT_VERSION_03",
+        descriptors=[
+            {
+                "entries": [{"key": "client", "value": "small"}],
+                "token_bucket": _bucket(1),
+            },
+            {
+                "entries": [{"key": "client", "value": "mid"}, {"key": "generic_key", "value": "g"}],
+                "token_bucket": _bucket(2),
+            },
+        ],
+    )
+    vh = {
+        "name": "vh",
+        "domains": ["*"],
+        "routes": [_direct()],
+        "rate_limits": [
+            {"actions": [{"request_headers": {"header_name": "x-client", "descriptor_key": "client"}}]},
+            {
+                "actions": [
+                    {"request_headers": {"header_name": "x-client", "descriptor_key": "client"}},
+                    {"generic_key": {"descriptor_value": "g"}},
+                ]
+            },
+            # another stage: never consulted by this stage-0 filter
+            {
+                "stage": 1,
+                "actions": [{"generic_key": {"descriptor_key": "client", "descriptor_value": "small"}}],
+            },
+        ],
+    }
+    p = Pair(bootstrap_yaml(virtual_hosts=[vh], http_filters=[f]))
+    d = p.connect()
+
+    def get(client: str | None) -> tuple[int, bytes | None]:
+        d.request("GET", "/x", headers=[("x-client", client)] if client else [])
+        r = d.response()
+        return r.status, r.header("x-ratelimit-limit")
+
+    assert [get("small") for _ in range(2)] == [(200, b"1"), (429, b"1")]
+    # the first descriptor (client=mid) matches nothing; the second (client, generic_key) does
+    assert [get("mid") for _ in range(3)] == [(200, b"2"), (200, b"2"), (429, b"2")]
+    # no configured match, no header at all: the default bucket, untouched by the others
+    assert [get("other") for _ in range(2)] + [get(None)] == [(200, b"5")] * 3
+    assert p.stat("rl.http_local_rate_limit.rate_limited") == 2
 
 
 def test_not_enforced_only_counts_and_adds_request_headers() -> None:

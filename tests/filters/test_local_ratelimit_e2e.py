@@ -99,6 +99,39 @@ def test_route_bucket_overrides_the_filters(moorline: Any, upstream: TestUpstrea
     assert proc.stat("edge.http_local_rate_limit.ok") == 2
 
 
+def test_descriptor_header_selects_a_smaller_bucket(moorline: Any, upstream: TestUpstream) -> None:
+    port = free_port()
+    routes = [
+        {
+            "match": {"prefix": "/"},
+            "route": {
+                "cluster": "svc",
+                "rate_limits": [
+                    {"actions": [{"request_headers": {"header_name": "x-tier", "descriptor_key": "tier"}}]}
+                ],
+            },
+        }
+    ]
+    f = _rl(
+        stat_prefix="edge",
+        token_bucket=_bucket(10),
+        filter_enabled=ALL,
+        filter_enforced=ALL,
+        enable_x_ratelimit_headers="DRAFT_VERSION_03",
+        descriptors=[{"entries": [{"key": "tier", "value": "free"}], "token_bucket": _bucket(1)}],
+    )
+    proc = moorline(
+        config_http(port, {"svc": [upstream.port]}, routes=routes, hcm_extra={"http_filters": [f, ROUTER]})
+    )
+    free = [http_request("127.0.0.1", port, "GET", f"/f{i}", headers={"x-tier": "free"}) for i in range(2)]
+    paid = [http_request("127.0.0.1", port, "GET", f"/p{i}", headers={"x-tier": "paid"}) for i in range(2)]
+    assert [r.status for r in free + paid] == [200, 429, 200, 200]
+    assert [r.header("x-ratelimit-limit") for r in free + paid] == ["1", "1", "10", "10"]
+    assert [r.header("x-ratelimit-remaining") for r in paid] == ["9", "8"]
+    assert [r.path for r in upstream.requests] == ["/f0", "/p0", "/p1"]
+    assert proc.stat("edge.http_local_rate_limit.rate_limited") == 1
+
+
 def test_network_filter_closes_the_extra_connection(moorline: Any, upstream: TestUpstream) -> None:
     port = free_port()
     lst = hcm_listener("l", port, [{"match": {"prefix": "/"}, "route": {"cluster": "svc"}}])

@@ -1030,6 +1030,39 @@ def test_retry_backoff_validation() -> None:
     assert ei.value.path.endswith("retry_back_off.base_interval")
 
 
+def test_rate_limited_reset_headers() -> None:
+    rp = (
+        retry_table(
+            '{retry_on: "5xx", rate_limited_retry_back_off: {reset_headers: [{name: Retry-After},'
+            " {name: X-RateLimit-Reset, format: UNIX_TIMESTAMP}], max_interval: 100s}}"
+        )
+        .match(b"a", b"/own", b"GET", HeaderMap())
+        .retry
+    )
+    assert rp.reset_headers == ((b"retry-after", False), (b"x-ratelimit-reset", True))
+    now = 1_700_000_000.0
+
+    def delay(*h: tuple[bytes, bytes]) -> float | None:
+        return rp.reset_delay(HeaderMap(list(h)), now)
+
+    assert delay((b"retry-after", b"7")) == 7.0
+    assert delay((b"retry-after", b" 3 ")) == 3.0
+    # an HTTP date, 30 s ahead (Tue, 14 Nov 2023 22:13:50 GMT is now + 30)
+    assert delay((b"retry-after", b"Tue, 14 Nov 2023 22:13:50 GMT")) == pytest.approx(30.0)
+    assert delay((b"retry-after", b"Tue, 14 Nov 2023 22:00:00 GMT")) == 0.0  # in the past
+    # the first header fails (garbage, too long, over max_interval): the next one is tried
+    assert delay((b"retry-after", b"soon"), (b"x-ratelimit-reset", b"1700000012")) == 12.0
+    assert delay((b"retry-after", b"9" * 100), (b"x-ratelimit-reset", b"1700000001")) == 1.0
+    assert delay((b"retry-after", b"101")) is None
+    assert delay((b"x-ratelimit-reset", b"Tue, 14 Nov 2023 22:13:50 GMT")) is None  # not seconds
+    assert delay((b"x-ratelimit-reset", b"1699999999")) == 0.0
+    assert delay() is None
+    with pytest.raises(ConfigError) as ei:
+        retry_table('{retry_on: "5xx", rate_limited_retry_back_off: {}}')
+    assert ei.value.path.endswith("rate_limited_retry_back_off.reset_headers")
+    assert RetryPolicy().rate_limited_max_interval == 300.0  # Envoy's default
+
+
 def test_backoff_is_exponential_and_capped() -> None:
     rp = RetryPolicy()
     rp.base_interval, rp.max_interval = 0.025, 0.25
@@ -1274,3 +1307,20 @@ def test_regex_runs_are_not_made_where_combining_would_change_meaning() -> None:
     # Back-references never reach here (RE2 syntax: a config error), so renumbering is moot.
     with pytest.raises(ConfigError):
         compile_rc(_run_table(["/(a)\\1"], set()))
+
+
+def test_retry_priority_previous_priorities() -> None:
+    t = "type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig"
+    rp = (
+        retry_table(
+            '{retry_on: "5xx", retry_priority: {name: envoy.retry_priorities.previous_priorities,'
+            f' typed_config: {{"@type": "{t}", update_frequency: 2}}}}}}'
+        )
+        .match(b"a", b"/own", b"GET", HeaderMap())
+        .retry
+    )
+    assert rp.retry_priority_update_frequency == 2
+    with pytest.raises(ConfigError, match="update_frequency"):
+        retry_table(f'{{retry_on: "5xx", retry_priority: {{name: x, typed_config: {{"@type": "{t}"}}}}}}')
+    with pytest.raises(ConfigError, match="not supported"):
+        retry_table('{retry_on: "5xx", retry_priority: {name: other}}')

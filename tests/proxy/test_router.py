@@ -104,6 +104,72 @@ def test_5xx_is_retried_after_backoff_on_another_host_with_the_same_request(make
     pair.assert_settled()
 
 
+RATE_LIMITED = {
+    "retry_on": "retriable-status-codes",
+    "retriable_status_codes": [429],
+    "num_retries": 2,
+    "rate_limited_retry_back_off": {
+        "reset_headers": [{"name": "retry-after"}, {"name": "x-ratelimit-reset", "format": "UNIX_TIMESTAMP"}],
+        "max_interval": "10s",
+    },
+}
+
+
+def test_rate_limited_backoff_follows_retry_after(make: Any) -> None:
+    pair = make(retry=RATE_LIMITED)
+    c = post(pair)
+    up = pair.upstream.accept()
+    up.request()
+    up.respond(429, headers=[("retry-after", "2")])
+    pair.advance(2.49)  # 2 s, jittered up by half of the pinned 0.5: 2.5 s
+    assert pair.upstream.pending == []
+    pair.advance(0.02)
+    up = pair.upstream.accept()
+    up.request()
+    # over max_interval: the header is skipped; no other header: the ordinary back-off
+    # (base 25 ms, the second retry's cap 50 ms, pinned half: 25 ms)
+    up.respond(429, headers=[("retry-after", "60")])
+    pair.advance(0.026)
+    up = pair.upstream.accept()
+    up.request()
+    up.respond(200)
+    assert c.response().status == 200
+    assert pair.cluster_stat("be", "upstream_rq_retry") == 2
+    assert pair.cluster_stat("be", "upstream_rq_retry_backoff_ratelimited") == 1
+    pair.assert_settled()
+
+
+def test_rate_limited_backoff_is_only_for_retriable_responses(make: Any) -> None:
+    pair = make(retry=RATE_LIMITED)
+    c = post(pair)
+    up = pair.upstream.accept()
+    up.request()
+    up.respond(503, headers=[("retry-after", "1")])  # not retriable under this retry_on
+    assert c.response().status == 503
+    assert pair.cluster_stat("be", "upstream_rq_retry") == 0
+    pair.assert_settled()
+
+
+def test_retriable_headers_retry(make: Any) -> None:
+    pair = make(
+        retry={
+            "retry_on": "retriable-headers",
+            "retriable_headers": [{"name": "x-try-again", "string_match": {"exact": "yes"}}],
+        }
+    )
+    c = post(pair)
+    up = pair.upstream.accept()
+    up.request()
+    up.respond(200, headers=[("x-try-again", "yes")])
+    pair.advance(0.03)
+    up = pair.upstream.accept()
+    up.request()
+    up.respond(200, body=b"second")
+    assert c.response().body == b"second"
+    assert pair.cluster_stat("be", "upstream_rq_retry") == 1
+    pair.assert_settled()
+
+
 def test_backoff_grows_exponentially(make: Any) -> None:
     pair = make(
         retry={

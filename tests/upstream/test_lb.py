@@ -158,3 +158,18 @@ def test_least_request_weighted_exclude() -> None:
 def test_unknown_policy_rejected() -> None:
     with pytest.raises(ValueError):
         lb.build("MAGLEV", hosts(1), random.Random(1))  # type: ignore[arg-type]
+
+
+def test_priority_lb_pick_excluding_moves_the_load_to_the_next_level() -> None:
+    rng = random.Random(1)
+    p0, p1 = hosts(1, 1), hosts(1)
+    levels = [lb.RoundRobinLB(p0, rng), lb.RoundRobinLB(p1, rng)]  # type: ignore[arg-type]
+    counts = [(2, 2), (1, 1)]
+    loads = lb.priority_loads(counts, 140)
+    assert loads == [100.0, 0.0]
+    plb = lb.PriorityLB(levels, loads, rng, [0, 5], counts, 140)
+    assert all(plb.pick() in p0 for _ in range(20))
+    assert all(plb.pick_excluding({0}) in p1 for _ in range(20))  # priority 0 avoided
+    assert plb.pick_excluding({7}) in p0  # an unknown priority changes nothing
+    assert plb.pick_excluding({0, 5}) in p0  # every level tried: the ordinary pick
+    assert all(plb.pick() in p0 for _ in range(5))  # one pick only: the loads are unchanged

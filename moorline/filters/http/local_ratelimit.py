@@ -17,11 +17,18 @@ Per request, with a config that has a ``token_bucket`` (the filter's, or the mat
   ``x-ratelimit-remaining`` and ``x-ratelimit-reset`` (seconds to the next fill) to the response
   of every request the bucket was asked for, the local 429 included.
 
+``descriptors``: the matched route's ``rate_limits`` (the virtual host's when the route has
+none) whose ``stage`` is the config's produce request descriptors (``proxy.rate_limit_policy``).
+The first request descriptor, in config order, whose entries equal a configured descriptor's
+entries (same keys and values, same order: Envoy's "first full match") selects that
+descriptor's own ``token_bucket`` instead of the default one; no match uses the default
+bucket. The ``x-ratelimit-*`` headers describe the bucket that was asked. A configured entry
+with an empty value (Envoy's dynamic descriptors) is announced and that descriptor dropped.
+
 Buckets refill when used, from the event loop's clock (``token_bucket``): no timer per bucket.
 A filter config without a bucket and no route carrying one leaves the filter out of the chain.
-Not implemented (notices): ``descriptors`` with the route's ``rate_limits`` actions, ``stage``,
-``local_cluster_rate_limit``, ``vh_rate_limits``, ``rate_limits``, ``max_dynamic_descriptors``,
-``rate_limited_as_resource_exhausted``. A per-route config refuses them instead (``ConfigError``):
+Not implemented (notices): ``local_cluster_rate_limit``, ``vh_rate_limits``, ``rate_limits``,
+``max_dynamic_descriptors``, ``rate_limited_as_resource_exhausted``. A per-route config refuses them instead (``ConfigError``):
 the route table has no notice channel.
 """
 
@@ -38,6 +45,7 @@ from moorline.filters.token_bucket import BucketSpec, TokenBucket, compile_bucke
 from moorline.observability.stats import Counter, Store
 from moorline.protocol.headers import RequestHeaders, ResponseHeaders
 from moorline.proxy.filter import CONTINUE, STOP_ITERATION, HttpFilter
+from moorline.proxy.rate_limit_policy import Descriptor, Facts, descriptors
 
 NAME = "envoy.filters.http.local_ratelimit"
 TYPE = "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
@@ -52,7 +60,6 @@ _OVERWRITE_IF_EXISTS_OR_ADD = 2
 
 # config fields accepted but not acted on -> why (filter level: notice; route level: ConfigError)
 _UNSUPPORTED = {
-    "descriptors": "descriptor buckets (matched by the route's rate_limits actions) are not implemented",
     "local_cluster_rate_limit": "sharing the limit across the local cluster is not implemented",
     "vh_rate_limits": "virtual host rate_limits are not read by this filter",
     "rate_limits": "rate_limits actions are not implemented",
@@ -71,17 +78,29 @@ class _Stats:
         self.ok: Counter = scope.counter("ok")
 
 
+class _Desc:
+    """One configured descriptor: its bucket spec and its shared bucket (made on first use)."""
+
+    __slots__ = ("bucket", "spec")
+
+    def __init__(self, spec: BucketSpec) -> None:
+        self.spec = spec
+        self.bucket: TokenBucket | None = None
+
+
 class _Limit:
     """One compiled ``LocalRateLimit`` (the filter's or a route's) with its shared bucket."""
 
     __slots__ = (
         "add_when_not_enforced",
         "bucket",
+        "descriptors",
         "enabled",
         "enforced",
         "per_connection",
         "response_headers",
         "spec",
+        "stage",
         "stat_prefix",
         "status",
         "x_headers",
@@ -98,6 +117,9 @@ class _Limit:
         self.add_when_not_enforced: list[tuple[bytes, bytes, bool]] = []  # (name, value, append)
         self.x_headers = False
         self.stat_prefix = ""
+        self.stage = 0
+        # entries -> descriptor; empty when none configured (then no per-request lookup)
+        self.descriptors: dict[Descriptor, _Desc] = {}
 
 
 class _Shared:
@@ -139,6 +161,11 @@ class LocalRateLimitFilter(HttpFilter):
         sh = self.shared
         limit: _Limit = cb.route_config(NAME) or sh.limit
         spec = limit.spec
+        holder: _Limit | _Desc = limit
+        if limit.descriptors:
+            desc = self._descriptor(limit, headers)
+            if desc is not None:
+                holder, spec = desc, desc.spec
         if spec is None or not _sample(limit.enabled, sh.rand):
             return CONTINUE
         st = sh.stats_for(limit)
@@ -146,11 +173,11 @@ class LocalRateLimitFilter(HttpFilter):
         now = sh.clock()
         bucket: TokenBucket
         if limit.per_connection:
-            bucket = conn_bucket(cb.stream_info.downstream, limit, spec, now)
-        elif limit.bucket is not None:
-            bucket = limit.bucket
+            bucket = conn_bucket(cb.stream_info.downstream, holder, spec, now)
+        elif holder.bucket is not None:
+            bucket = holder.bucket
         else:
-            bucket = limit.bucket = spec.new(now)
+            bucket = holder.bucket = spec.new(now)
         if limit.x_headers:
             self.bucket = bucket
         if bucket.consume(now):
@@ -168,6 +195,28 @@ class LocalRateLimitFilter(HttpFilter):
         cb.send_local_reply(limit.status, BODY, FLAG, DETAILS, extra=list(limit.response_headers))
         return STOP_ITERATION
 
+    def _descriptor(self, limit: _Limit, headers: RequestHeaders) -> _Desc | None:
+        """The configured descriptor the request's first fully matching descriptor selects."""
+        cb = self.callbacks
+        assert cb is not None
+        route = cb.matched_route()
+        if route is None:
+            return None
+        entries = route.rate_limits or route.vhost.rate_limits
+        if not entries:
+            return None
+        remote = None
+        down = cb.stream_info.downstream
+        if down is not None and isinstance(down.remote, tuple):
+            remote = str(down.remote[0])
+        facts = Facts(route.cluster, remote, "")
+        table = limit.descriptors
+        for d in descriptors(entries, limit.stage, headers, facts):
+            hit = table.get(d)
+            if hit is not None:
+                return hit
+        return None
+
     def encode_headers(self, headers: ResponseHeaders, end_stream: bool) -> int:
         bucket = self.bucket
         if bucket is not None:
@@ -178,8 +227,8 @@ class LocalRateLimitFilter(HttpFilter):
         return CONTINUE
 
 
-def conn_bucket(conn: Any, limit: _Limit, spec: BucketSpec, now: float) -> TokenBucket:
-    """The connection's bucket for ``limit``. A route table update compiles new limits, so a
+def conn_bucket(conn: Any, limit: object, spec: BucketSpec, now: float) -> TokenBucket:
+    """The connection's bucket for ``limit`` (a ``_Limit`` or one of its descriptors). A route table update compiles new limits, so a
     long-lived connection would collect one bucket per update: at most MAX_CONN_BUCKETS are
     kept, the oldest dropped (its config is most likely gone)."""
     state = conn.filter_state
@@ -260,8 +309,23 @@ def compile_limit(cfg: Any, path: str, notice: Callable[[str, str], None]) -> _L
     for field, why in _UNSUPPORTED.items():
         if field in present:
             notice(f"{path}.{field}", why)
-    if cfg.stage:
-        notice(f"{path}.stage", "stages are not implemented (every stage limits)")
+    lim.stage = int(cfg.stage)
+    for i, d in enumerate(cfg.descriptors):
+        p = f"{path}.descriptors[{i}]"
+        if not len(d.entries):
+            raise ConfigError(f"{p}.entries", "at least one entry is required")
+        if not d.HasField("token_bucket"):
+            raise ConfigError(f"{p}.token_bucket", "token_bucket is required")
+        dspec = compile_bucket(d.token_bucket, f"{p}.token_bucket")
+        key: Descriptor = tuple((e.key, e.value) for e in d.entries)
+        if any(not k for k, _ in key):
+            raise ConfigError(f"{p}.entries", "every entry needs a key")
+        if any(not v for _, v in key):
+            notice(f"{p}.entries", "an entry without a value (a dynamic descriptor) is not implemented")
+            continue
+        if key in lim.descriptors:
+            raise ConfigError(f"{p}.entries", "duplicate descriptor")
+        lim.descriptors[key] = _Desc(dspec)
     return lim
 
 
