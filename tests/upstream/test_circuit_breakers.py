@@ -5,13 +5,21 @@ its gauges."""
 from __future__ import annotations
 
 import gc
+import importlib.util
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from moorline.config.errors import ConfigError
 from moorline.observability.stats import Store
-from tests.upstream.test_cluster import build, ep, static
+
+# The cluster builders of test_cluster.py, loaded by path (tests/ is not a package).
+_spec = importlib.util.spec_from_file_location("cluster_builders", Path(__file__).parent / "test_cluster.py")
+assert _spec is not None and _spec.loader is not None
+_builders = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_builders)
+build, ep, static = _builders.build, _builders.ep, _builders.static
 
 
 def _cb(**th: Any) -> dict[str, Any]:
