@@ -10,7 +10,10 @@ aside, the previous one serving meanwhile, and swap it in when every target of i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
 
 
 class InitTarget:
@@ -83,4 +86,57 @@ def _nothing() -> None:
     pass
 
 
-__all__ = ["InitTarget", "pending", "when_all_ready"]
+class WarmingSet(Generic[T]):
+    """A manager's resources that wait aside for their init targets, by name (the listener and
+    cluster managers each keep one): at most one per name, counted by ``gauge``. Iterating gives
+    the names; ``values()`` the resources."""
+
+    __slots__ = ("_cancel", "_items", "gauge")
+
+    def __init__(self, gauge: Any) -> None:
+        self.gauge = gauge
+        self._items: dict[str, T] = {}
+        self._cancel: dict[str, Callable[[], None]] = {}
+
+    def add(self, name: str, item: T, targets: Iterable[InitTarget], on_ready: Callable[[T], None]) -> None:
+        """Hold ``item`` until every target is done, then hand it to ``on_ready`` (unless it
+        was popped or replaced meanwhile). The caller pops any previous one first."""
+        self._items[name] = item
+        self.gauge.value = len(self._items)
+        self._cancel[name] = when_all_ready(targets, lambda: self._ready(name, item, on_ready))
+
+    def _ready(self, name: str, item: T, on_ready: Callable[[T], None]) -> None:
+        if self._items.get(name) is not item:
+            return  # replaced or removed while it warmed
+        del self._items[name]
+        self._cancel.pop(name, None)
+        self.gauge.value = len(self._items)
+        on_ready(item)
+
+    def pop(self, name: str) -> T | None:
+        """Drop the resource warming under ``name`` (withdrawing its waiters); it, or None."""
+        item = self._items.pop(name, None)
+        if item is not None:
+            self.gauge.value = len(self._items)
+            cancel = self._cancel.pop(name, None)
+            if cancel is not None:
+                cancel()
+        return item
+
+    def get(self, name: str) -> T | None:
+        return self._items.get(name)
+
+    def values(self) -> list[T]:
+        return list(self._items.values())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._items))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+__all__ = ["InitTarget", "WarmingSet", "pending", "when_all_ready"]

@@ -32,12 +32,12 @@ import asyncio
 import ipaddress
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from moorline.config.errors import ConfigError
 from moorline.config.util import addr_str
-from moorline.config.warming import when_all_ready
+from moorline.config.warming import WarmingSet
 from moorline.net.listener import Listener
 
 log = logging.getLogger("moorline.listener")
@@ -99,10 +99,8 @@ class ListenerManager:
         self._create_failure = scope.counter("listener_create_failure")
         self._active = scope.gauge("total_listeners_active")
         self._draining_gauge = scope.gauge("total_listeners_draining")
-        self._warming_gauge = scope.gauge("total_listeners_warming")
         # Dynamic listeners waiting for their first RDS / SDS resources (see add_or_update).
-        self.warming: dict[str, Listener] = {}
-        self._unwarm: dict[str, Callable[[], None]] = {}  # withdraws a warming listener's waiters
+        self.warming: WarmingSet[Listener] = WarmingSet(scope.gauge("total_listeners_warming"))
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -201,7 +199,7 @@ class ListenerManager:
             )
         if old is not None and old.proto == proto:
             old.version_info = version_info
-            self._drop_warming(proto.name)
+            self.warming.pop(proto.name)
             return old
         warm = self.warming.get(proto.name) if proto.name else None
         if warm is not None and warm.proto == proto:
@@ -225,35 +223,21 @@ class ListenerManager:
                 f"listener {lst.name!r}: the socket options of a bound address cannot be changed in place; "
                 "remove the listener and add it again",
             )
-        self._drop_warming(lst.name)
+        self.warming.pop(lst.name)
         targets = lst.init_targets()
         if any(not t.ready for t in targets):
             # Warming: the listener waits aside for its routes / secrets (or the initial fetch
             # timeout); the listener it replaces, if any, keeps serving meanwhile.
-            self.warming[lst.name] = lst
-            self._warming_gauge.value = len(self.warming)
-            self._unwarm[lst.name] = when_all_ready(targets, lambda: self._warmed(lst, path))
+            self.warming.add(lst.name, lst, targets, lambda w: self._warmed(w, path))
             return lst
         self._install(lst, path)
         return lst
 
     def _warmed(self, lst: Listener, path: str) -> None:
-        if self.warming.get(lst.name) is not lst:
-            return  # replaced or removed while it warmed
-        del self.warming[lst.name]
-        self._unwarm.pop(lst.name, None)
-        self._warming_gauge.value = len(self.warming)
         try:
             self._install(lst, path)
         except ConfigError as e:  # (already ACKed: a bind that fails now can only be logged)
             log.warning("listener %s could not be started after warming: %s", lst.name, e)
-
-    def _drop_warming(self, name: str) -> None:
-        if self.warming.pop(name, None) is not None:
-            self._warming_gauge.value = len(self.warming)
-            cancel = self._unwarm.pop(name, None)
-            if cancel is not None:
-                cancel()
 
     def _install(self, lst: Listener, path: str) -> None:
         """Put a compiled (and warmed) dynamic listener in service: bind it, or take over the
@@ -278,7 +262,7 @@ class ListenerManager:
         """Remove a dynamic listener: it stops accepting and its port is released at once; its
         connections drain. False when there is no dynamic listener of that name."""
         warm = self.warming.get(name) is not None
-        self._drop_warming(name)
+        self.warming.pop(name)
         lst = self.listeners.get(name)
         if lst is None or not lst.added_via_api:
             return warm

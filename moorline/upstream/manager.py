@@ -20,11 +20,11 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from moorline.config.errors import ConfigError
-from moorline.config.warming import when_all_ready
+from moorline.config.warming import WarmingSet
 from moorline.observability.stats import Store
 from moorline.upstream.api import EdsSourceFactory, HealthConnect, TransportFactory
 from moorline.upstream.cluster import Cluster, compile_cluster
@@ -60,10 +60,8 @@ class ClusterManager:
         self._removed = scope.counter("cluster_removed")
         self._updated = scope.counter("cluster_updated")
         self._active = scope.gauge("active_clusters")
-        self._warming_gauge = scope.gauge("warming_clusters")
         # Dynamic clusters waiting for their first EDS assignment (see add_or_update).
-        self.warming: dict[str, Cluster] = {}
-        self._unwarm: dict[str, Callable[[], None]] = {}  # withdraws a warming cluster's waiters
+        self.warming: WarmingSet[Cluster] = WarmingSet(scope.gauge("warming_clusters"))
         # The bootstrap's cluster_manager.outlier_detection.event_log_path (outlier.EventLog).
         self.outlier_event_log: Any = None
 
@@ -147,29 +145,15 @@ class ClusterManager:
         if any(not t.ready for t in c.init_targets):
             # Warming: the cluster waits for its first assignment (or the initial fetch timeout)
             # aside; the cluster it replaces, if any, serves meanwhile.
-            self.warming[c.name] = c
-            self._warming_gauge.value = len(self.warming)
-            self._unwarm[c.name] = when_all_ready(c.init_targets, lambda: self._warmed(c))
+            self.warming.add(c.name, c, c.init_targets, self._install)
             return c
         self._install(c)
         return c
 
-    def _warmed(self, c: Cluster) -> None:
-        if self.warming.get(c.name) is not c:
-            return  # replaced or removed while it warmed
-        del self.warming[c.name]
-        self._unwarm.pop(c.name, None)
-        self._warming_gauge.value = len(self.warming)
-        self._install(c)
-
     def _drop_warming(self, name: str) -> None:
-        c = self.warming.pop(name, None)
+        c = self.warming.pop(name)
         if c is not None:
             c.retire()  # (never served: nothing to drain, but its EDS subscription stops applying)
-            self._warming_gauge.value = len(self.warming)
-            cancel = self._unwarm.pop(name, None)
-            if cancel is not None:
-                cancel()
 
     def _install(self, c: Cluster) -> None:
         """Put a compiled (and warmed) dynamic cluster in service, retiring the one it replaces."""
