@@ -495,7 +495,7 @@ class XdsClient:
         req = pb.DiscoveryRequest(type_url=kind.type_url, response_nonce=resp.nonce)
         try:
             decoded = _decode(resp.resources, kind.type_url, kind.message_cls, kind.name_field)
-            work = self._check_named(kind, [(p, n, msg) for p, n, _v, msg in decoded])
+            work = self._check_named(kind, decoded)
         except ConfigError as e:
             log.warning("%s update %r rejected (NACK): %s", kind.type_url, resp.version_info, e)
             req.version_info = kind.version_info
@@ -507,7 +507,7 @@ class XdsClient:
         for _p, name, _v, msg in decoded:
             if name in kind.targets:
                 kind.received[name] = (msg, resp.version_info)
-        for t, msg in work:
+        for t, msg, _v in work:
             t.apply(msg, resp.version_info)
         kind.version_info = resp.version_info
         kind.nonce = resp.nonce
@@ -515,15 +515,18 @@ class XdsClient:
         req.resource_names.extend(kind.names())
         return req
 
-    def _check_named(self, kind: NamedKind, items: list[tuple[str, str, Any]]) -> list[tuple[Any, Any]]:
-        """Every target checks before any applies; the (target, resource) pairs to apply."""
-        work: list[tuple[Any, Any]] = []
-        for rpath, name, msg in items:
+    def _check_named(
+        self, kind: NamedKind, decoded: list[tuple[str, str, str, Any]]
+    ) -> list[tuple[Any, Any, str]]:
+        """Every target checks before any applies; the (target, resource, resource version)
+        triples to apply."""
+        work: list[tuple[Any, Any, str]] = []
+        for rpath, name, version, msg in decoded:
             for r in kind.targets.get(name, []):
                 t = r()
                 if t is not None:
                     t.check(msg, rpath)
-                    work.append((t, msg))
+                    work.append((t, msg, version))
         return work
 
     def _handle_delta(self, resp: Any) -> Any:
@@ -539,7 +542,7 @@ class XdsClient:
         if named is not None:
             try:
                 decoded = _decode(resp.resources, named.type_url, named.message_cls, named.name_field)
-                work = self._check_named(named, [(p, n, msg) for p, n, _v, msg in decoded])
+                work = self._check_named(named, decoded)
             except ConfigError as e:
                 log.warning("%s delta update rejected (NACK): %s", named.type_url, e)
                 req.error_detail.code = _INVALID_ARGUMENT
@@ -548,8 +551,8 @@ class XdsClient:
             for _p, name, v, msg in decoded:
                 if name in named.targets:
                     named.received[name] = (msg, v)
-            for t, msg in work:
-                t.apply(msg, version or _version_of(decoded, msg))
+            for t, msg, v in work:
+                t.apply(msg, version or v)
             for name in resp.removed_resources:
                 # A named resource withdrawn: its users keep what they have (Envoy's RDS and EDS
                 # do not empty themselves either); a later push replaces it.
@@ -589,13 +592,6 @@ class XdsClient:
         kind.known = state
         self._applied(kind, version)
         return req
-
-
-def _version_of(decoded: list[tuple[str, str, str, Any]], msg: Any) -> str:
-    for _p, _n, v, m in decoded:
-        if m is msg:
-            return v
-    return ""
 
 
 def _decode(
