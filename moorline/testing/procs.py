@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,28 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
         except OSError:
             return False
         return True
+
+
+def wait_until(
+    cond: Callable[[], Any],
+    what: str,
+    timeout: float = 20.0,
+    interval: float = 0.05,
+    ignore: tuple[type[BaseException], ...] = (),
+) -> None:
+    """Poll ``cond`` until it is true; ``AssertionError`` naming ``what`` after ``timeout``
+    seconds. An exception of one of the ``ignore`` types (e.g. ``OSError`` while a port is not
+    open yet) counts as not yet."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if cond():
+                return
+        except ignore:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
 
 
 def wait_port(

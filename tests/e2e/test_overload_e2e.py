@@ -4,16 +4,16 @@ connections monitor at a low limit, answers 503 OL; both recover when the pressu
 
 from __future__ import annotations
 
+import functools
 import http.client
 import socket
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from moorline.testing.procs import config_http, free_port, http_request, wait_for_log
+from moorline.testing.procs import config_http, free_port, http_request, wait_for_log, wait_until
 from moorline.testing.upstream import TestUpstream
 
 pytestmark = pytest.mark.e2e
@@ -39,13 +39,7 @@ def _config(port: int, upstream: TestUpstream, overload: dict[str, Any], log: Pa
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-def _wait(pred: Any, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+_wait = functools.partial(wait_until, timeout=10.0, interval=0.02)
 
 
 def _keepalive_get(c: http.client.HTTPConnection, path: str = "/") -> tuple[int, bytes]:

@@ -4,8 +4,8 @@ state-of-the-world removal, and reconnection after the control plane restarts.""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+import functools
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from google.protobuf import any_pb2
 
 from moorline.config.loader import parse_message
 from moorline.testing import procs
-from moorline.testing.procs import free_port, http_request
+from moorline.testing.procs import free_port, http_request, wait_until
 from moorline.testing.xds_server import XdsServer
 from moorline.xds.files import CLUSTER_TYPE, LISTENER_TYPE
 
@@ -33,12 +33,7 @@ def _cluster(name: str, port: int) -> Cluster:
     return parse_message(yaml.safe_load(yaml.safe_dump(procs.cluster(name, [port]))), Cluster)  # type: ignore[return-value]
 
 
-def _wait(cond: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+_wait = functools.partial(wait_until, interval=0.1)
 
 
 @pytest.fixture

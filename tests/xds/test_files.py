@@ -3,12 +3,11 @@ files rewritten the way Envoy's dynamic-config-fs example does it (write aside, 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import pytest
 import yaml
 
 from moorline.testing import procs
-from moorline.testing.procs import free_port, http_request
+from moorline.testing.procs import free_port, http_request, wait_until
 from moorline.xds.files import config_source_path, version_hash
 
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -87,12 +86,7 @@ def _write(path: Path, doc: Any) -> None:
     os.replace(tmp, path)
 
 
-def _wait(cond: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+_wait = functools.partial(wait_until, interval=0.1)
 
 
 class Setup:

@@ -12,6 +12,7 @@ keys redacted.
 from __future__ import annotations
 
 import copy
+import functools
 import gzip
 import importlib.util
 import json
@@ -27,7 +28,7 @@ from envoy.extensions.transport_sockets.tls.v3.secret_pb2 import Secret
 
 from moorline.config.loader import parse_message
 from moorline.testing.fixtures import FIXTURES
-from moorline.testing.procs import free_port, http_request
+from moorline.testing.procs import free_port, http_request, wait_until
 from moorline.testing.xds_server import XdsServer
 from moorline.xds.files import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE
 from moorline.xds.sds import SECRET_TYPE
@@ -227,11 +228,4 @@ def _rds_names(cp: XdsServer, p: Any, res: dict[str, Any]) -> set[str]:
     return wanted
 
 
-def _wait(cond: Any, what: str, timeout: float = 30.0) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+_wait = functools.partial(wait_until, timeout=30.0, interval=0.1)

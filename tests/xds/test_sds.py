@@ -7,8 +7,6 @@ from __future__ import annotations
 import importlib.util
 import socket
 import ssl
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,7 @@ from envoy.extensions.transport_sockets.tls.v3.secret_pb2 import Secret
 
 from moorline.config.loader import parse_message
 from moorline.testing import procs
-from moorline.testing.procs import free_port
+from moorline.testing.procs import free_port, wait_until
 from moorline.testing.xds_server import XdsServer
 from moorline.xds.files import CLUSTER_TYPE, LISTENER_TYPE
 from moorline.xds.sds import SECRET_TYPE
@@ -37,12 +35,7 @@ Pki = _certs.Pki
 DTLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
 
 
-def _wait(cond: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+_wait = wait_until
 
 
 def secret(name: str, cert: Path, key: Path) -> Secret:

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import http.client
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from google.protobuf import any_pb2
 
 from moorline.config.loader import parse_message
 from moorline.testing import procs
-from moorline.testing.procs import free_port, http_request
+from moorline.testing.procs import free_port, http_request, wait_until
 from moorline.testing.upstream import TestUpstream
 from moorline.testing.xds_server import XdsServer
 from moorline.xds.files import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE
@@ -32,12 +31,7 @@ pytestmark = pytest.mark.e2e
 MODES = ["sotw", "delta"]
 
 
-def _wait(cond: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+_wait = wait_until
 
 
 def eds_cluster(name: str, fetch_timeout: str | None = None) -> Cluster:

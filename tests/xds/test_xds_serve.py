@@ -4,35 +4,24 @@ an edit is pushed, a bad file is refused and the last good resources keep servin
 
 from __future__ import annotations
 
+import functools
 import re
 import shutil
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from moorline.testing.procs import free_port, http_request, wait_port
+from moorline.testing.procs import free_port, http_request, wait_port, wait_until
 
 pytestmark = pytest.mark.e2e
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "xds-mesh"
 
 
-def _wait(cond: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if cond():
-                return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+_wait = functools.partial(wait_until, timeout=30.0, interval=0.1, ignore=(OSError,))
 
 
 def _copy(tmp_path: Path) -> tuple[Path, dict[int, int]]:
