@@ -40,6 +40,7 @@ from typing import Any, Protocol
 
 from moorline.config.errors import ConfigError
 from moorline.config.loader import load_document, parse_message
+from moorline.config.util import opt_duration_s
 from moorline.net.secrets import FileWatcher
 from moorline.observability.stats import Store
 
@@ -400,10 +401,11 @@ def config_source_path(source: Any) -> str | None:
 
 def initial_fetch_timeout(source: Any) -> float:
     """A ``ConfigSource``'s ``initial_fetch_timeout`` in seconds (15 by default, 0: never)."""
-    if source is not None and source.HasField("initial_fetch_timeout"):
-        d = source.initial_fetch_timeout
-        return float(d.seconds + d.nanos / 1e9)
-    return DEFAULT_INITIAL_FETCH_TIMEOUT
+    if source is None:
+        return DEFAULT_INITIAL_FETCH_TIMEOUT
+    t = opt_duration_s(source, "initial_fetch_timeout", DEFAULT_INITIAL_FETCH_TIMEOUT)
+    assert t is not None
+    return t
 
 
 def is_file_source(source: Any) -> bool:
