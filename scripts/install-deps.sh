@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests and benchmarks drive (real peers: nginx, HAProxy, wrk,
-# iperf3, h2load, curl, openssl; iptables for the transparent-interception tests, which install
+# iperf3, h2load, curl, openssl; redis-server behind the Redis-backed test rate limit service,
+# moorline/testing/rls_server.py; iptables for the transparent-interception tests, which install
 # REDIRECT rules in a network namespace of their own: both the nft and the legacy backend work
 # there, tests/net/test_original_dst_netns.py takes whichever `iptables` is).
 # Idempotent: does nothing when all are present.
@@ -9,7 +10,7 @@ need=()
 for pair in nginx:/usr/sbin/nginx haproxy:/usr/sbin/haproxy wrk:/usr/bin/wrk iperf3:/usr/bin/iperf3 \
             nghttp2-client:/usr/bin/h2load curl:/usr/bin/curl openssl:/usr/bin/openssl \
             libnginx-mod-stream:/usr/lib/nginx/modules/ngx_stream_module.so \
-            iptables:/usr/sbin/iptables; do
+            iptables:/usr/sbin/iptables redis-server:/usr/bin/redis-server; do
   pkg=${pair%%:*}; bin=${pair#*:}
   [ -e "$bin" ] || need+=("$pkg")
 done
@@ -30,7 +31,7 @@ fi
 echo "install-deps: installing ${need[*]}" >&2
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
-# policy-rc.d keeps the packages' services (nginx on :80) from starting: tests start their own.
+# policy-rc.d keeps the packages' services (nginx on :80, redis on :6379) from starting: tests start their own.
 if [ ! -e /usr/sbin/policy-rc.d ] && [ -z "$SUDO" ]; then
   printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; created=1
 fi
