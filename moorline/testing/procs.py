@@ -1,4 +1,4 @@
-"""Process and client helpers for end-to-end tests: moorline and nginx as child processes,
+"""Process and client helpers for end-to-end tests: moorline, nginx and redis-server as child processes,
 Envoy config builders, a raw HTTP/1.1 response reader, access-log polling.
 
 Processes are started in their own session (process group) with stdout/stderr going to files
@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ REQUIRED_PEERS: dict[str, tuple[str, str]] = {
     "h2load": ("/usr/bin/h2load", "nghttp2-client"),
     "curl": ("/usr/bin/curl", "curl"),
     "openssl": ("/usr/bin/openssl", "openssl"),
+    "redis-server": ("/usr/bin/redis-server", "redis-server"),
 }
 
 _live: list[_Proc] = []
@@ -580,6 +581,58 @@ http {{
             proc.stop(signal.SIGKILL, 5)
             raise ProcStartError(f"nginx: {exc}\n{proc.stderr_text()}\n{proc.error_log()}") from None
     return proc
+
+
+@dataclass
+class RedisProc(_Proc):
+    port: int = 0
+
+    def ping(self, timeout: float = 1.0) -> bool:
+        """True when the server answers ``PING`` with ``+PONG`` (a loading or stopped one does not)."""
+        return redis_ping("127.0.0.1", self.port, timeout)
+
+
+def redis_ping(host: str, port: int, timeout: float = 1.0) -> bool:
+    """One inline ``PING`` over a fresh connection; False on any error or another answer."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def start_redis(tmp_path: Path, port: int = 0, ready_timeout: float = 10.0) -> RedisProc:
+    """Run ``redis-server --port <port> --save '' --appendonly no`` bound to 127.0.0.1 in the
+    foreground (a free port when ``port`` is 0; pass the old one to restart a killed server at
+    the same address), and wait until it answers ``PING``. Nothing is persisted: a restarted
+    server starts empty. A missing redis-server raises :class:`PeerMissingError` (never a skip)."""
+    binary = require_binary("redis-server")
+    port = port or free_port()
+    workdir = Path(tmp_path) / "redis"
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    argv += ["--dir", str(workdir), "--daemonize", "no", "--logfile", ""]
+    popen, out, err = _spawn("redis", argv, workdir)
+    proc = RedisProc(popen=popen, workdir=workdir, stdout_path=out, stderr_path=err, name="redis", port=port)
+    _live.append(proc)
+    try:
+        wait_until(lambda: not proc.alive() or proc.ping(), f"redis-server on {port}", ready_timeout)
+        if not proc.alive():
+            raise AssertionError("it exited")
+    except AssertionError as exc:
+        proc.stop(signal.SIGKILL, 5)
+        raise ProcStartError(f"redis-server on {port}: {exc}\n{proc.stdout_text()[-2000:]}") from None
+    return proc
+
+
+@contextlib.contextmanager
+def redis_server(tmp_path: Path, port: int = 0) -> Iterator[RedisProc]:
+    """:func:`start_redis` for a ``with`` block; the server is stopped when it ends."""
+    proc = start_redis(tmp_path, port)
+    try:
+        yield proc
+    finally:
+        proc.stop(signal.SIGTERM, 5)
 
 
 def stop_all() -> None:
