@@ -27,7 +27,8 @@ else a node whose value ends in ``*`` and prefixes it, else the node with its ke
 the limit is the last node's ``rate_limit``. Windows are fixed, aligned on the unit (second,
 minute, hour, day) from the clock passed in (``time.time`` by default). The counter key is
 ``<domain>_<key>_<value>_..._<window start>``: one ``INCRBY hits`` + ``EXPIRE <unit>`` per limited
-descriptor, all in one pipeline per request. Over the limit: ``OVER_LIMIT`` with
+descriptor (a descriptor's ``limit`` override replaces its rule), all in one pipeline per
+request. Over the limit: ``OVER_LIMIT`` with
 ``limit_remaining`` 0 (``shadow_mode``: counted, but answered ``OK``). Redis unreachable or
 failing: the call ends ``UNAVAILABLE``, so the proxy's ``failure_mode_deny`` decides.
 """
@@ -332,6 +333,16 @@ def find_rule(domains: dict[str, _Node], domain: str, entries: list[tuple[str, s
     return node.rule if node is not None and entries else None
 
 
+_UNIT_SECONDS = {enum: seconds for seconds, enum in UNITS.values()}
+
+
+def _override(limit: Any) -> Rule:
+    seconds = _UNIT_SECONDS.get(limit.unit)
+    if seconds is None:
+        raise BadRequest(f"limit override unit {limit.unit} is not one of {', '.join(UNITS)}")
+    return Rule(limit.requests_per_unit, seconds, limit.unit)
+
+
 def cache_key(domain: str, entries: list[tuple[str, str]], window_start: int) -> str:
     """The Redis key of one descriptor's counter in the window starting at ``window_start``."""
     return domain + "_" + "".join(f"{k}_{v}_" for k, v in entries) + str(window_start)
@@ -381,6 +392,8 @@ class RedisLimiter:
             entries = [(e.key, e.value) for e in d.entries]
             st = resp.statuses.add(code=_Code.OK)
             rule = find_rule(self.domains, req.domain, entries)
+            if d.HasField("limit"):  # the proxy's own limit replaces the config's, matched or not
+                rule = _override(d.limit)
             if rule is None:
                 continue
             if rule.unlimited:

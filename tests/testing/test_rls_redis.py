@@ -19,6 +19,7 @@ from moorline.testing.procs import RedisProc, redis_ping, start_redis
 from moorline.testing.rls_server import (
     UNLIMITED_REMAINING,
     BackendUnavailable,
+    BadRequest,
     RedisLimiter,
     RlsServer,
     cache_key,
@@ -303,3 +304,42 @@ def test_grpc_unavailable_while_redis_is_down(tmp_path: Path, clock: Clock) -> N
             _call(srv.port, _req())
         assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert srv.requests[:2] == [("edge", [[("client", "g")]]), ("edge", [[("client", "g")]])]
+
+
+def test_limit_override_replaces_the_rule(limiter: RedisLimiter) -> None:
+    req = _req([("user", "o")])  # no configured rule: the override alone limits it
+    req.descriptors[0].limit.requests_per_unit = 1
+    req.descriptors[0].limit.unit = rls_pb2.RateLimitResponse.RateLimit.MINUTE
+    r = limiter.decide(req)
+    assert r.overall_code == OK and r.statuses[0].current_limit.requests_per_unit == 1
+    assert r.statuses[0].duration_until_reset.seconds == 50
+    assert limiter.decide(req).overall_code == OVER
+    req.descriptors[0].limit.unit = rls_pb2.RateLimitResponse.RateLimit.YEAR
+    with pytest.raises(BadRequest):
+        limiter.decide(req)
+
+
+def test_hung_redis_times_out_and_the_pool_does_not_desync(tmp_path: Path, clock: Clock) -> None:
+    """A Redis that stops answering (SIGSTOP) fails the call within the socket timeout; the
+    connection that timed out is dropped, so a late reply is never read as the next call's."""
+    p = start_redis(tmp_path)
+    lim = RedisLimiter(CONFIG, p.port, clock=clock, timeout=0.3)
+    c = redis.Redis(port=p.port)
+    try:
+        assert lim.decide(_req([("client", "t")])).statuses[0].limit_remaining == 1
+        p.send_signal(signal.SIGSTOP)
+        with pytest.raises(BackendUnavailable):
+            lim.decide(_req([("client", "t")]))
+        p.send_signal(signal.SIGCONT)
+        r = lim.decide(_req([("client", "u")], [("client", "t")]))
+        # every status matches the counter Redis holds (the timed-out INCRBY may or may not have
+        # been applied: the server read it before the client gave up)
+        for st, key in zip(r.statuses, ("u", "t"), strict=True):
+            held = int(c.get(f"edge_client_{key}_{HOUR_START}") or 0)
+            assert st.limit_remaining == max(2 - held, 0)
+        assert r.statuses[0].limit_remaining == 1
+    finally:
+        p.send_signal(signal.SIGCONT)
+        c.close()
+        lim.close()
+        p.stop(signal.SIGTERM, 5)
