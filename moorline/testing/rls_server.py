@@ -28,9 +28,9 @@ the limit is the last node's ``rate_limit``. Windows are fixed, aligned on the u
 minute, hour, day) from the clock passed in (``time.time`` by default). The counter key is
 ``<domain>_<key>_<value>_..._<window start>``: one ``INCRBY hits`` + ``EXPIRE <unit>`` per limited
 descriptor (a descriptor's ``limit`` override replaces its rule), all in one pipeline per
-request. Over the limit: ``OVER_LIMIT`` with
-``limit_remaining`` 0 (``shadow_mode``: counted, but answered ``OK``). Redis unreachable or
-failing: the call ends ``UNAVAILABLE``, so the proxy's ``failure_mode_deny`` decides.
+request. Over the limit: ``OVER_LIMIT`` with ``limit_remaining`` 0 (``shadow_mode``: counted,
+but answered ``OK``). Redis unreachable or failing: the call ends ``UNAVAILABLE``, so the proxy's
+``failure_mode_deny`` decides. ``detailed_metric`` is accepted; this service keeps no stats.
 """
 
 from __future__ import annotations
