@@ -419,6 +419,13 @@ class Pool:
             self.connecting -= 1
             if err is None:
                 stats.upstream_cx_connect_ms.record((self.loop.time() - start) * 1000)
+                if conn.closed:
+                    # The peer closed (or reset) it between the connect and this callback:
+                    # connection_lost has accounted it. Its queued requests fail as on a
+                    # connect failure (nothing was sent), rather than being handed a dead
+                    # connection or waiting for one that never comes.
+                    self._fail_queued("delayed connect error: connection closed by peer")
+                    return
                 if self.closed:
                     conn.close()
                     return
@@ -436,14 +443,18 @@ class Pool:
             else:
                 reason = "delayed connect error: " + _errno_text(err)
             stats.upstream_cx_connect_fail.value += 1
-            # Fail every queued request beyond what the remaining connection attempts can serve.
-            while self.pending and len(self.pending) > self.connecting:
-                p = self.pending.popleft()
-                stats.upstream_rq_pending_active.value -= 1
-                if not p.cancelled:
-                    p.req.on_pool_failure(ResetReason.CONNECTION_FAILURE, reason)
+            self._fail_queued(reason)
 
         net_upstream.connect(self.loop, self.host, conn, cluster.connect_timeout, cluster.tcp_keepalive, done)
+
+    def _fail_queued(self, reason: str) -> None:
+        """Fail every queued request beyond what the connections still being set up can serve."""
+        stats = self.cluster.stats
+        while self.pending and len(self.pending) > self.connecting:
+            p = self.pending.popleft()
+            stats.upstream_rq_pending_active.value -= 1
+            if not p.cancelled:
+                p.req.on_pool_failure(ResetReason.CONNECTION_FAILURE, reason)
 
     def _assign(self, conn: Http1ClientConnection) -> bool:
         """Give ``conn`` to the first queued request still waiting; False when none is."""

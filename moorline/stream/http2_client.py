@@ -478,6 +478,12 @@ class H2Pool:
                 self.connecting.remove(conn)
             if err is None:
                 stats.upstream_cx_connect_ms.record((self.loop.time() - start) * 1000)
+                if conn.closed:
+                    # Closed by the peer between the connect and this callback (connection_lost
+                    # has accounted it): never a member of conns, its queue fails as on a
+                    # connect failure.
+                    self._fail_queued("delayed connect error: connection closed by peer")
+                    return
                 conn.connected = True
                 if self.closed:
                     conn.close()
@@ -497,15 +503,20 @@ class H2Pool:
                 n = getattr(err, "errno", None)
                 reason = "delayed connect error: " + (str(n) if n else type(err).__name__)
             stats.upstream_cx_connect_fail.value += 1
-            # Fail the queued requests the remaining attempts cannot serve.
-            room = len(self.connecting) * self.max_streams + sum(c.capacity() for c in self.conns)
-            while self.pending and len(self.pending) > room:
-                p = self.pending.popleft()
-                stats.upstream_rq_pending_active.value -= 1
-                if not p.cancelled:
-                    p.req.on_pool_failure(ResetReason.CONNECTION_FAILURE, reason)
+            self._fail_queued(reason)
 
         net_upstream.connect(self.loop, self.host, conn, cluster.connect_timeout, cluster.tcp_keepalive, done)
+
+    def _fail_queued(self, reason: str) -> None:
+        """Fail the queued requests the connections still being set up and the live ones
+        cannot serve."""
+        stats = self.cluster.stats
+        room = len(self.connecting) * self.max_streams + sum(c.capacity() for c in self.conns)
+        while self.pending and len(self.pending) > room:
+            p = self.pending.popleft()
+            stats.upstream_rq_pending_active.value -= 1
+            if not p.cancelled:
+                p.req.on_pool_failure(ResetReason.CONNECTION_FAILURE, reason)
 
     def on_slot_free(self, conn: Http2ClientConnection) -> None:
         """A stream slot opened on ``conn`` (stream done, settings, connected)."""

@@ -972,6 +972,24 @@ class ConnectAttempt:
         self.loop.run_ready()
         return conn
 
+    def accept_and_reset(self) -> UpstreamConn:
+        """The connection is made, then reset by the peer before the pool's connect callback
+        runs (a real race: the RST lands in the same loop iteration as the connect)."""
+        if not self.pending:
+            raise AssertionError(f"connection attempt to {self.address} is over (cancelled={self.cancelled})")
+        protocol = self.factory()
+        t = MemTransport(self.loop, protocol, peername=self.address, sockname=("10.255.0.1", 40000))
+        conn = UpstreamConn(self, t)
+        assert self.upstream is not None
+        self.upstream.connections.append(conn)
+        with self.loop.active():
+            protocol.connection_made(t)
+            t.closed = True
+            t._lost(ConnectionResetError(errno.ECONNRESET, "reset by peer"))
+            self._future.set_result((t, protocol))
+        self.loop.run_ready()
+        return conn
+
     def refuse(self, err: int = errno.ECONNREFUSED) -> None:
         if not self.pending:
             raise AssertionError(f"connection attempt to {self.address} is over")

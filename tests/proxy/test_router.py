@@ -592,6 +592,19 @@ def test_refused_stream_twice_is_503(make: Any) -> None:
     pair.assert_settled()
 
 
+@pytest.mark.parametrize("cluster_extra", [{}, H2_CLUSTER], ids=["h1", "h2"])
+def test_upstream_reset_before_the_connect_callback_is_503(make: Any, cluster_extra: dict[str, Any]) -> None:
+    # The peer resets the new connection in the loop iteration of the connect: the pool must
+    # not hand the dead connection to the request (the client then waited forever).
+    pair = make(cluster_extra=cluster_extra, hosts=[H1])
+    c = get(pair)
+    pair.upstream.attempt().accept_and_reset()
+    r = c.response()
+    assert r.status == 503
+    assert pair.cluster_stat("be", "upstream_cx_active") == 0
+    pair.assert_settled()
+
+
 def test_h2_upstream_response_with_trailers(make: Any) -> None:
     pair = make(cluster_extra=H2_CLUSTER, hosts=[H1])
     c = post(pair)

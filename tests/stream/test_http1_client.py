@@ -232,6 +232,23 @@ def test_idle_connection_closed_by_the_upstream_leaves_the_pool(make: Any) -> No
     assert up2 is not up1 and r.status == 200
 
 
+def test_connection_reset_before_the_connect_callback_fails_the_request(make: Any) -> None:
+    # Found by tests/upstream/test_outlier_e2e.py against a server that resets every connection
+    # it accepts: the RST can land before the connect's done callback, and the request was then
+    # handed the dead connection (a write to a closed transport raised, the client hung).
+    pair = make()
+    c = pair.connect()
+    c.send(GET)
+    pair.upstream.attempt().accept_and_reset()
+    r = c.response()
+    assert r.status == 503
+    assert pair.cluster_stat("be", "upstream_cx_active") == 0
+    assert pair.cluster_stat("be", "upstream_rq_pending_active") == 0
+    # The pool is still usable: the next request gets a fresh connection.
+    _, r2 = one(pair, c, OK)
+    assert r2.status == 200
+
+
 def test_idle_timeout_sweeps_idle_connections(make: Any) -> None:
     idle = {
         "typed_extension_protocol_options": {
