@@ -692,6 +692,7 @@ class ActiveStream:
         "conn",
         "deadline",
         "dec_aborted",
+        "enc_watermark",
         "fm",
         "headers",
         "headers_only",
@@ -724,6 +725,7 @@ class ActiveStream:
         self.route_cached = False
         self.router: Any = None
         self.fm: FilterManager | None = None
+        self.enc_watermark = False  # an encoder filter holds the upstream paused
         self.request_complete = False
         self.headers_only = False
         self.deadline = 0.0
@@ -1106,6 +1108,21 @@ class ActiveStream:
         if self.fm is not None:
             self.fm.enc.set_data(data)
 
+    def inject_encoded_data(self, f: Any, data: bytes, end_stream: bool) -> None:
+        fm = self.fm
+        if fm is not None and self.phase != _END:
+            fm.enc.inject(f, data, end_stream)
+
+    def encoder_above_high_watermark(self) -> None:
+        self.enc_watermark = True
+        if self.router is not None:
+            self.router.pause_upstream()
+
+    def encoder_below_low_watermark(self) -> None:
+        self.enc_watermark = False
+        if self.router is not None and not self.conn.write_paused:
+            self.router.resume_upstream()
+
     def response_too_large(self) -> None:
         """An encoder filter buffered more than the limit (Envoy: 500, or a reset once the
         response headers went out)."""
@@ -1308,7 +1325,7 @@ class ActiveStream:
             self.router.pause_upstream()
 
     def on_write_resumed(self) -> None:
-        if self.router is not None:
+        if self.router is not None and not self.enc_watermark:
             self.router.resume_upstream()
 
     def pause_downstream(self) -> None:
