@@ -117,6 +117,7 @@ class HcmStats:
     downstream_rq_header_timeout: Counter
     downstream_rq_idle_timeout: Counter
     downstream_rq_overload_close: Counter
+    downstream_cx_overload_disable_keepalive: Counter
     downstream_rq_too_large: Counter
     downstream_rq_rx_reset: Counter
     downstream_rq_tx_reset: Counter
@@ -157,6 +158,7 @@ class HcmStats:
         "downstream_rq_header_timeout",
         "downstream_rq_idle_timeout",
         "downstream_rq_overload_close",
+        "downstream_cx_overload_disable_keepalive",
         "downstream_rq_too_large",
         "downstream_rq_rx_reset",
         "downstream_rq_tx_reset",
@@ -775,7 +777,8 @@ class ActiveStream:
                 self.send_local_reply(503, b"envoy overloaded", flags.OVERLOAD_MANAGER, "overload")
                 return
             if ol.close_keepalive():
-                self.conn.resp_keep_alive = False
+                cfg.stats.downstream_cx_overload_disable_keepalive.value += 1
+                self.conn.drain_after_response()
         if proto == _HTTP10 and not cfg.accept_http_10:
             self.send_local_reply(426, b"", flags.DOWNSTREAM_PROTOCOL_ERROR, "low_version")
             return
