@@ -653,6 +653,28 @@ def test_downstream_write_resume_does_not_unpause_a_throttled_upstream(make: Any
     assert not up.reading  # the filter still keeps more than its limit
 
 
+def test_throttle_below_its_low_mark_does_not_unpause_a_write_paused_downstream(make: Any) -> None:
+    pair = make(
+        http_filters=[fault(response_rate_limit=rl(kbps=1))],  # 64 bytes a slice
+        listener_extra={"per_connection_buffer_limit_bytes": 1024},
+    )
+    c = pair.connect()
+    get(c)
+    up = pair.upstream.accept()
+    up.request()
+    up.send(b"HTTP/1.1 200 OK\r\ncontent-length: 4000\r\n\r\n" + b"w" * 1100)
+    assert not up.reading
+    c.block_writes()  # the client stops reading
+    pair.advance(10.0)  # the filter is down to its low mark (512 bytes) and below
+    assert not up.reading  # still paused: the client is
+    c.unblock_writes()
+    assert up.reading
+    up.send(b"w" * 2900)
+    pair.advance(70.0)
+    assert c.response().body == b"w" * 4000
+    pair.assert_settled()
+
+
 def test_trailers_wait_until_the_body_is_released(make: Any) -> None:
     pair = make(http_filters=[fault(response_rate_limit=rl(kbps=1))])
     h = pair.connect_h2()

@@ -26,7 +26,9 @@ and every ``headers`` matcher. Then, in Envoy's order:
   leaves on the next loop turn. Trailers wait until the body is out. Bound: above the stream's
   buffer limit (the connection's ``per_connection_buffer_limit_bytes``) the upstream's reading is
   paused (``encoder_above_high_watermark``) until half of it is released; what is kept is then at
-  most the limit plus what the upstream codec had already read. A reset cancels the timer.
+  most the limit plus what the upstream codec had already read. While the client is write-paused
+  the upstream stays paused (the stream resumes it only when neither holds it), so what the
+  filter still releases into the codec is at most what it kept. A reset cancels the timer.
 - ``max_active_faults``: a stream over the limit is not faulted (``faults_overflow``); a rate
   limited stream holds one of ``active_faults`` until it ends, as a delayed or aborted one.
 
