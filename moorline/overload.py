@@ -10,8 +10,10 @@ an unconfigured server pays nothing) and read plain attributes of it:
 
 - ``request_actions``: the one flag the HTTP connection manager reads per request; true only
   while ``stop_accepting_requests`` or ``disable_http_keepalive`` is active.
-- ``stop_requests`` (503, flag ``OL``, details ``overload``), ``keepalive_scale`` (the response
-  gets ``connection: close``: always when saturated, else with that probability).
+- ``stop_requests`` (503, flag ``OL``, details ``overload``), ``keepalive_scale`` (always when
+  saturated, else with that probability, the exchange's ``drain_after_response()``: an HTTP/1.1
+  response gets ``connection: close``, an HTTP/2 connection drains with GOAWAY once the response
+  is out; counted ``downstream_cx_overload_disable_keepalive``).
 - ``refuse_connections`` (``stop_accepting_connections``: a new connection is closed at once and
   counted ``downstream_cx_overload_reject``) and ``cx_active`` / ``cx_max`` (the global
   downstream connection limit: listeners count their live connections here and close the ones

@@ -122,6 +122,93 @@ def test_disable_keepalive_closes_the_connection() -> None:
         assert c.response().header("connection") is None
 
 
+def _answer(pair: Pair, body: bytes) -> None:
+    """Answer the oldest upstream request waiting (on a live connection, or a new one)."""
+    while pair.upstream.pending:
+        pair.upstream.accept()
+    for u in pair.upstream.connections:
+        if not u.closed and u.has_request():
+            u.request()
+            u.respond(200, body=body)
+            return
+    raise AssertionError("no upstream request waiting")
+
+
+def test_disable_keepalive_drains_an_http2_connection_after_its_response() -> None:
+    import h2.events
+
+    ov = {
+        "resource_monitors": [HEAP],
+        "actions": [_action(om.DISABLE_KEEPALIVE, {"threshold": {"value": 0.8}})],
+    }
+    with Pair(_config(ov)) as pair:
+        h = pair.connect_h2()
+        s1 = h.request("GET", "/one")
+        up = pair.upstream.accept()
+        up.request()
+        # Two streams in flight; the action fires while the second one's request arrives.
+        _set_heap(pair, 0.9)
+        s3 = h.request("GET", "/two")
+        _set_heap(pair, 0.1)
+        up.respond(200, body=b"one")  # the first stream was not marked: no GOAWAY
+        h.poll()
+        assert h.response(s1).ended
+        assert not [e for e in h.events if isinstance(e, h2.events.ConnectionTerminated)]
+        _answer(pair, b"two")
+        h.poll()
+        r = h.response(s3)
+        assert r.status == 200 and r.body == b"two" and r.ended
+        gone = [e for e in h.events if isinstance(e, h2.events.ConnectionTerminated)]
+        assert len(gone) == 1 and gone[0].error_code == 0 and gone[0].last_stream_id == s3
+        assert pair.stats.get("http.ingress.downstream_cx_overload_disable_keepalive").value == 1
+        assert pair.downstreams[-1].closed
+        pair.assert_settled()
+
+
+def _frames(raw: bytes) -> list[Any]:
+    """HTTP/2 frames in ``raw`` (whole frames only). The ``h2`` client refuses every frame after
+    a GOAWAY, so what follows one is read with ``hyperframe``."""
+    from hyperframe.frame import Frame
+
+    out, i = [], 0
+    while len(raw) - i >= 9:
+        f, n = Frame.parse_frame_header(memoryview(raw[i : i + 9]))
+        f.parse_body(memoryview(raw[i + 9 : i + 9 + n]))
+        out.append(f)
+        i += 9 + n
+    return out
+
+
+def test_disable_keepalive_http2_goaway_lets_in_flight_streams_finish() -> None:
+    from hyperframe.frame import DataFrame, GoAwayFrame
+
+    ov = {
+        "resource_monitors": [HEAP],
+        "actions": [_action(om.DISABLE_KEEPALIVE, {"threshold": {"value": 0.8}})],
+    }
+    with Pair(_config(ov)) as pair:
+        h = pair.connect_h2()
+        down = pair.downstreams[-1]
+        _set_heap(pair, 0.9)
+        s1 = h.request("GET", "/one")  # marked: the connection drains after its response
+        _set_heap(pair, 0.1)
+        s3 = h.request("GET", "/two")  # in flight when the GOAWAY goes
+        _answer(pair, b"one")
+        frames = _frames(down.read())  # not through h: it would stop at the GOAWAY
+        goaway = [f for f in frames if isinstance(f, GoAwayFrame)]
+        assert len(goaway) == 1 and goaway[0].last_stream_id == s3 and goaway[0].error_code == 0
+        data1 = [f for f in frames if isinstance(f, DataFrame) and f.stream_id == s1]
+        assert b"".join(f.data for f in data1) == b"one" and "END_STREAM" in data1[-1].flags
+        assert frames.index(goaway[0]) > frames.index(data1[-1])  # after the response's last frame
+        assert not down.closed  # /two is still in flight
+        _answer(pair, b"two")
+        data3 = [f for f in _frames(down.read()) if isinstance(f, DataFrame) and f.stream_id == s3]
+        assert b"".join(f.data for f in data3) == b"two" and "END_STREAM" in data3[-1].flags
+        assert down.closed
+        assert pair.stats.get("http.ingress.downstream_cx_overload_disable_keepalive").value == 1
+        pair.assert_settled()
+
+
 def test_reduce_timeouts_scales_the_idle_timeout() -> None:
     ov = {
         "resource_monitors": [HEAP],

@@ -88,6 +88,16 @@ class FilterCallbacks(Protocol):
         """``set_decoded_data`` for the response: from inside ``encode_data`` or
         ``encode_trailers`` only."""
 
+    def inject_encoded_data(self, f: HttpFilter, data: bytes, end_stream: bool) -> None:
+        """Filter ``f``, which kept response body chunks (``STOP_ITERATION_NO_BUFFER``),
+        releases ``data`` to the filters after it (outside its hooks, e.g. from a timer)."""
+
+    def encoder_above_high_watermark(self) -> None:
+        """An encoder filter keeps more than the stream's buffer limit: pause the upstream's
+        reading until ``encoder_below_low_watermark()``."""
+
+    def encoder_below_low_watermark(self) -> None: ...
+
 
 class HttpFilter:
     """Base class: every hook continues. Override the hooks you need."""

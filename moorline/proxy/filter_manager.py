@@ -20,6 +20,13 @@ encoding runs them in reverse order and ends in the downstream codec. Each direc
 Bound: what a chain buffers for a stopped filter is at most the connection's buffer limit;
 beyond it the request gets 413, a response whose headers were not sent yet 500, and a
 response already started is reset (Envoy's rules).
+
+A filter that keeps the body itself (``STOP_ITERATION_NO_BUFFER``) and releases it later, such
+as the fault filter's response rate limit, hands each part on with ``inject(filter, data,
+end_stream)`` (Envoy's ``injectEncodedDataToFilterChain``): the filters after it see the part,
+in order behind anything a later filter holds. It bounds what it keeps with the stream's
+watermark callbacks (``proxy.hcm.ActiveStream.encoder_above_high_watermark``), which pause the
+upstream's reading, instead of the chain's 500/reset.
 """
 
 from __future__ import annotations
@@ -320,6 +327,23 @@ class _Chain:
 
     def buffered(self) -> bytes:
         return b"".join(self.body or ())
+
+    def inject(self, f: Any, data: bytes, end_stream: bool) -> None:
+        """Filter ``f`` releases ``data`` it kept (see the module docstring). With
+        ``end_stream`` the filter ends the body itself: the end it kept from the chain
+        (``STOP_ITERATION_NO_BUFFER`` on the last chunk) is dropped, not sent twice."""
+        if not self.alive():
+            return
+        i = self.filters.index(f)
+        if end_stream:
+            self.end = False
+        s = self.stop_at
+        if s is not None and s > i:
+            # A filter after f holds iteration: the part reaches the filters up to it and
+            # waits behind what it already holds.
+            self._feed_held(data, end_stream, i + 1, s)
+        else:
+            self._push_data(data, end_stream, i + 1)
 
     def add_buffered(self, data: bytes) -> None:
         self._buffer(data, False)

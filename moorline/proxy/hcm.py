@@ -117,6 +117,7 @@ class HcmStats:
     downstream_rq_header_timeout: Counter
     downstream_rq_idle_timeout: Counter
     downstream_rq_overload_close: Counter
+    downstream_cx_overload_disable_keepalive: Counter
     downstream_rq_too_large: Counter
     downstream_rq_rx_reset: Counter
     downstream_rq_tx_reset: Counter
@@ -157,6 +158,7 @@ class HcmStats:
         "downstream_rq_header_timeout",
         "downstream_rq_idle_timeout",
         "downstream_rq_overload_close",
+        "downstream_cx_overload_disable_keepalive",
         "downstream_rq_too_large",
         "downstream_rq_rx_reset",
         "downstream_rq_tx_reset",
@@ -692,6 +694,7 @@ class ActiveStream:
         "conn",
         "deadline",
         "dec_aborted",
+        "enc_watermark",
         "fm",
         "headers",
         "headers_only",
@@ -724,6 +727,7 @@ class ActiveStream:
         self.route_cached = False
         self.router: Any = None
         self.fm: FilterManager | None = None
+        self.enc_watermark = False  # an encoder filter holds the upstream paused
         self.request_complete = False
         self.headers_only = False
         self.deadline = 0.0
@@ -773,7 +777,8 @@ class ActiveStream:
                 self.send_local_reply(503, b"envoy overloaded", flags.OVERLOAD_MANAGER, "overload")
                 return
             if ol.close_keepalive():
-                self.conn.resp_keep_alive = False
+                cfg.stats.downstream_cx_overload_disable_keepalive.value += 1
+                self.conn.drain_after_response()
         if proto == _HTTP10 and not cfg.accept_http_10:
             self.send_local_reply(426, b"", flags.DOWNSTREAM_PROTOCOL_ERROR, "low_version")
             return
@@ -1106,6 +1111,21 @@ class ActiveStream:
         if self.fm is not None:
             self.fm.enc.set_data(data)
 
+    def inject_encoded_data(self, f: Any, data: bytes, end_stream: bool) -> None:
+        fm = self.fm
+        if fm is not None and self.phase != _END:
+            fm.enc.inject(f, data, end_stream)
+
+    def encoder_above_high_watermark(self) -> None:
+        self.enc_watermark = True
+        if self.router is not None:
+            self.router.pause_upstream()
+
+    def encoder_below_low_watermark(self) -> None:
+        self.enc_watermark = False
+        if self.router is not None and not self.conn.write_paused:
+            self.router.resume_upstream()
+
     def response_too_large(self) -> None:
         """An encoder filter buffered more than the limit (Envoy: 500, or a reset once the
         response headers went out)."""
@@ -1308,7 +1328,7 @@ class ActiveStream:
             self.router.pause_upstream()
 
     def on_write_resumed(self) -> None:
-        if self.router is not None:
+        if self.router is not None and not self.enc_watermark:
             self.router.resume_upstream()
 
     def pause_downstream(self) -> None:

@@ -118,6 +118,11 @@ class ServerConnection(Protocol):
     def stream_ended(self) -> None:
         """The exchange finished; the connection may serve the next one."""
 
+    def drain_after_response(self) -> None:
+        """Keep-alive is off for this exchange (overload's ``disable_http_keepalive``): HTTP/1.1
+        answers with ``connection: close``; HTTP/2 drains the connection (GOAWAY, the streams in
+        flight finish, then it closes) once this response is done."""
+
 
 class StreamDecoder(Protocol):
     """What a server codec calls on the exchange it created (``ActiveStream``)."""

@@ -466,6 +466,9 @@ class Http1ServerConnection(asyncio.Protocol):
                 return
 
     # -- control ----------------------------------------------------------
+    def drain_after_response(self) -> None:
+        self.resp_keep_alive = False
+
     def pause_reading(self) -> None:
         if not self.read_paused and not self.closed:
             self.read_paused = True

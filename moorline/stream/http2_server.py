@@ -177,6 +177,7 @@ class H2ServerStream:
         "close_after_response",
         "closed",
         "conn",
+        "drain",
         "info",
         "loop",
         "read_paused",
@@ -200,6 +201,7 @@ class H2ServerStream:
         self.resp_keep_alive = True
         self.resp_no_body = False
         self.close_after_response = False
+        self.drain = False  # drain the connection once this response is done
         self.stream: Any = None
         self.closed = False
         self.req_ended = False
@@ -285,6 +287,9 @@ class H2ServerStream:
     def stream_ended(self) -> None:
         self.stream = None
 
+    def drain_after_response(self) -> None:
+        self.drain = True
+
     def pause_reading(self) -> None:
         self.read_paused = True
 
@@ -334,7 +339,13 @@ class H2ServerStream:
         if conn.streams.pop(self.sid, None) is not None:
             conn.stats_h2.streams_active.value -= 1
         conn.codec.forget(self.sid) if self.resp_ended and not conn.codec.pending(self.sid) else None
-        if not conn.streams and (conn.goaway_sent or conn.cfg.runtime.draining):
+        if self.drain and self.resp_ended:
+            # Keep-alive is disabled (overload): the listener drain's path once this response is
+            # out (flushed first, so the GOAWAY follows its last frame): GOAWAY with the last
+            # stream id, the streams in flight finish, then the connection closes.
+            conn._flush_now()
+            conn.close()
+        elif not conn.streams and (conn.goaway_sent or conn.cfg.runtime.draining):
             conn.close()
 
 

@@ -6,14 +6,23 @@ from __future__ import annotations
 
 import functools
 import http.client
+import re
 import socket
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from moorline.testing.procs import config_http, free_port, http_request, wait_for_log, wait_until
+from moorline.testing.procs import (
+    config_http,
+    free_port,
+    http_request,
+    require_binary,
+    wait_for_log,
+    wait_until,
+)
 from moorline.testing.upstream import TestUpstream
 
 pytestmark = pytest.mark.e2e
@@ -145,3 +154,48 @@ def test_stop_accepting_connections_closes_new_connections(moorline: Any, upstre
         lambda: proc.stat("overload.envoy.overload_actions.stop_accepting_connections.active") == 0, "clear"
     )
     assert http_request("127.0.0.1", port, "GET", "/").status == 200
+
+
+def test_disable_http_keepalive_drains_http2_connections_with_goaway(
+    moorline: Any, upstream: TestUpstream
+) -> None:
+    """nghttp (nghttp2's client) sends two requests on one connection while the action is
+    active: after a response it gets a GOAWAY naming the last stream, and both streams finish."""
+    keepalive = "envoy.overload_actions.disable_http_keepalive"
+    port = free_port()
+    ov = {
+        "refresh_interval": "0.05s",
+        "resource_monitors": [_monitor(10)],
+        "actions": [{"name": keepalive, "triggers": [{"name": CX, "threshold": {"value": 0.2}}]}],
+    }
+    proc = moorline(_config(port, upstream, ov))
+    held = [http.client.HTTPConnection("127.0.0.1", port, timeout=10) for _ in range(2)]
+    for c in held:
+        c.connect()
+    _wait(lambda: proc.stat(f"overload.{keepalive}.active") == 1, "the action")
+    out = subprocess.run(
+        [
+            require_binary("nghttp"),
+            "-nv",
+            f"http://127.0.0.1:{port}/delay/300",
+            f"http://127.0.0.1:{port}/fast",
+        ],
+        capture_output=True,
+        timeout=30,
+        check=True,
+        text=True,
+    ).stdout
+    # nghttp opens idle streams for its priority tree first: the request streams are the two
+    # answered ones.
+    answered = sorted({int(n) for n in re.findall(r"recv \(stream_id=(\d+)\) :status: 200", out)})
+    assert len(answered) == 2, out
+    goaway = re.findall(r"recv GOAWAY frame .*\n\s*\(last_stream_id=(\d+), error_code=(\w+)", out)
+    assert goaway == [(str(answered[-1]), "NO_ERROR")], out
+    # Both streams ended, the one still in flight at the GOAWAY included.
+    ended = re.findall(r"recv (?:DATA|HEADERS) frame <[^>]*stream_id=(\d+)>\n\s*; END_STREAM", out)
+    assert sorted({int(n) for n in ended}) == answered, out
+    assert sorted(r.path for r in upstream.requests[-2:]) == ["/delay/300", "/fast"]
+    assert proc.stat("http.listener_http.downstream_cx_overload_disable_keepalive") >= 1
+    assert proc.stat("http2.goaway_sent") == 1
+    for c in held:
+        c.close()

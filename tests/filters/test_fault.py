@@ -521,7 +521,7 @@ def test_bad_config_names_the_field(cfg: dict[str, Any], field: str) -> None:
     assert e.value.path.endswith("typed_config." + field), e.value.path
 
 
-def test_rate_limit_and_runtime_keys_are_announced(make: Any) -> None:
+def test_runtime_keys_are_announced(make: Any) -> None:
     pair = make(
         http_filters=[
             fault(
@@ -532,5 +532,229 @@ def test_rate_limit_and_runtime_keys_are_announced(make: Any) -> None:
         ]
     )
     notices = [str(n) for n in pair.server.ctx.notices]
-    assert any("response_rate_limit" in n for n in notices), notices
+    assert not any("response_rate_limit" in n for n in notices), notices
     assert any("abort_percent_runtime" in n for n in notices), notices
+
+
+# -- response rate limit ----------------------------------------------------------------------
+
+
+def rl(kbps: int | None = None, n: int = 100) -> dict[str, Any]:
+    lim: dict[str, Any] = {"fixed_limit": {"limit_kbps": kbps}} if kbps else {"header_limit": {}}
+    return {**lim, "percentage": pct(n)}
+
+
+def body_of(c: Any) -> bytes:
+    """The body bytes the client got so far (HTTP/1.1, content-length framing)."""
+    raw = c.data
+    return raw[raw.index(b"\r\n\r\n") + 4 :] if b"\r\n\r\n" in raw else b""
+
+
+def test_response_body_is_released_at_the_rate(make: Any) -> None:
+    pair = make(http_filters=[fault(response_rate_limit=rl(kbps=16))])  # 16 KiB/s: 1 KiB a slice
+    c = pair.connect()
+    get(c)
+    assert pair.http("fault.response_rl_injected") == 1
+    assert pair.http("fault.active_faults") == 1
+    up = pair.upstream.accept()
+    up.request()
+    body = bytes(range(256)) * 32  # 8 KiB
+    up.respond(200, body=body)
+    # The headers and the first slice go at once (on the next loop turn).
+    assert c.data.startswith(b"HTTP/1.1 200")
+    assert body_of(c) == body[:1024]
+    pair.advance(0.0626)
+    assert body_of(c) == body[:2048]
+    pair.advance(0.2)
+    assert len(body_of(c)) < len(body)
+    pair.advance(1.0)
+    assert c.response().body == body
+    assert pair.http("fault.active_faults") == 0
+    assert not any(t <= pair.now + 0.07 for t in pair.loop.pending_timers())  # no release tick left
+    pair.assert_settled()
+
+
+def test_header_limit_and_its_percentage(make: Any) -> None:
+    pair = make(http_filters=[fault(response_rate_limit=rl())])
+    c = pair.connect()
+    # No header, a 0 header, or a 0 % percentage header: no limit.
+    for hdrs in (
+        [],
+        [("x-envoy-fault-throttle-response", "0")],
+        [("x-envoy-fault-throttle-response", "1"), ("x-envoy-fault-throttle-response-percentage", "0")],
+    ):
+        get(c, headers=hdrs)
+        up = pair.upstream.connections[0] if pair.upstream.connections else pair.upstream.accept()
+        up.request()
+        up.respond(200, body=b"x" * 5000)
+        assert c.responses()[-1].body == b"x" * 5000  # no time passed
+    assert pair.http("fault.response_rl_injected") == 0
+    get(c, headers=[("x-envoy-fault-throttle-response", "1")])  # 1 KiB/s: 64 bytes a slice
+    up = pair.upstream.connections[0]
+    up.request()
+    c.read()
+    up.respond(200, body=b"y" * 200)
+    assert c.read().endswith(b"\r\n\r\n" + b"y" * 64)
+    pair.advance(1.0)
+    assert c.responses()[-1].body == b"y" * 200
+    assert pair.http("fault.response_rl_injected") == 1
+
+
+def test_rate_limit_percentage_samples(make: Any) -> None:
+    pair = make(http_filters=[fault(response_rate_limit=rl(kbps=1, n=0))])
+    c = pair.connect()
+    get(c)
+    assert answer(pair)
+    assert c.response().status == 200
+    assert pair.http("fault.response_rl_injected") == 0
+    assert pair.http("fault.active_faults") == 0
+
+
+def test_fast_upstream_is_paused_above_the_buffer_limit_and_resumed(make: Any) -> None:
+    pair = make(
+        http_filters=[fault(response_rate_limit=rl(kbps=64))],  # 4 KiB a slice
+        listener_extra={"per_connection_buffer_limit_bytes": 16384},
+    )
+    c = pair.connect()
+    get(c)
+    up = pair.upstream.accept()
+    up.request()
+    body = bytes(range(251)) * 400  # ~98 KiB
+    up.send(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body))
+    up.send(body[:20000])
+    assert not up.reading  # above the 16 KiB limit: the upstream is paused
+    pair.advance(0.07)
+    assert not up.reading
+    pair.advance(0.2)  # released down to half the limit: reading again
+    assert up.reading
+    up.send(body[20000:60000])
+    assert not up.reading
+    pair.advance(1.0)
+    assert up.reading
+    up.send(body[60000:])  # the response is complete: the connection goes back to the pool
+    pair.advance(3.0)
+    assert c.response().body == body
+    pair.assert_settled()
+
+
+def test_downstream_write_resume_does_not_unpause_a_throttled_upstream(make: Any) -> None:
+    pair = make(
+        http_filters=[fault(response_rate_limit=rl(kbps=1))],
+        listener_extra={"per_connection_buffer_limit_bytes": 1024},
+    )
+    c = pair.connect()
+    get(c)
+    up = pair.upstream.accept()
+    up.request()
+    up.send(b"HTTP/1.1 200 OK\r\ncontent-length: 4000\r\n\r\n" + b"z" * 2000)
+    assert not up.reading
+    c.block_writes()
+    c.unblock_writes()
+    assert not up.reading  # the filter still keeps more than its limit
+
+
+def test_throttle_below_its_low_mark_does_not_unpause_a_write_paused_downstream(make: Any) -> None:
+    pair = make(
+        http_filters=[fault(response_rate_limit=rl(kbps=1))],  # 64 bytes a slice
+        listener_extra={"per_connection_buffer_limit_bytes": 1024},
+    )
+    c = pair.connect()
+    get(c)
+    up = pair.upstream.accept()
+    up.request()
+    up.send(b"HTTP/1.1 200 OK\r\ncontent-length: 4000\r\n\r\n" + b"w" * 1100)
+    assert not up.reading
+    c.block_writes()  # the client stops reading
+    pair.advance(10.0)  # the filter is down to its low mark (512 bytes) and below
+    assert not up.reading  # still paused: the client is
+    c.unblock_writes()
+    assert up.reading
+    up.send(b"w" * 2900)
+    pair.advance(70.0)
+    assert c.response().body == b"w" * 4000
+    pair.assert_settled()
+
+
+def test_trailers_wait_until_the_body_is_released(make: Any) -> None:
+    pair = make(http_filters=[fault(response_rate_limit=rl(kbps=1))])
+    h = pair.connect_h2()
+    sid = h.request("GET", "/")
+    up = pair.upstream.accept()
+    up.request()
+    up.respond(200, body=b"t" * 300, chunked=True, trailers=[("x-t", "1")])
+    h.poll()
+    r = h.response(sid)
+    assert r.status == 200
+    assert r.trailer("x-t") is None
+    assert bytes(r.body) == b"t" * 64
+    pair.advance(1.0)
+    h.poll()
+    assert bytes(r.body) == b"t" * 300
+    assert r.trailer("x-t") == b"1"
+    assert r.ended
+    pair.assert_settled()
+
+
+def test_reset_while_throttled_cancels_the_timer(make: Any) -> None:
+    pair = make(http_filters=[fault(response_rate_limit=rl(kbps=1))])
+    c = pair.connect()
+    get(c)
+    up = pair.upstream.accept()
+    up.request()
+    up.respond(200, body=b"r" * 5000)
+    assert pair.http("fault.active_faults") == 1
+    assert any(t <= pair.now + 0.1 for t in pair.loop.pending_timers())
+    c.reset()
+    assert not any(t <= pair.now + 0.1 for t in pair.loop.pending_timers())  # pin: no timer left
+    assert pair.http("fault.active_faults") == 0
+    pair.advance(10)
+    pair.assert_settled()
+
+
+def test_rate_limit_counts_against_max_active_faults(make: Any) -> None:
+    pair = make(http_filters=[fault(response_rate_limit=rl(kbps=1), max_active_faults=1)])
+    c1, c2 = pair.connect(), pair.connect()
+    get(c1)
+    get(c2)
+    assert pair.http("fault.response_rl_injected") == 1
+    assert pair.http("fault.faults_overflow") == 1
+    assert pair.http("fault.active_faults") == 1
+
+
+def test_per_route_rate_limit(make: Any) -> None:
+    routes = [
+        {
+            "match": {"prefix": "/slow"},
+            "route": {"cluster": "be"},
+            "typed_per_filter_config": {
+                "envoy.filters.http.fault": {"@type": FAULT_TYPE, "response_rate_limit": rl(kbps=1)}
+            },
+        },
+        {"match": {"prefix": "/"}, "route": {"cluster": "be"}},
+    ]
+    pair = make(http_filters=[fault()], routes=routes)
+    c = pair.connect()
+    get(c, "/fast")
+    assert answer(pair)
+    get(c, "/slow")
+    assert pair.http("fault.response_rl_injected") == 1
+    up = pair.upstream.connections[0]
+    up.request()
+    c.read()
+    up.respond(200, body=b"s" * 1000)
+    assert c.read().endswith(b"\r\n\r\n" + b"s" * 64)
+    pair.advance(20)
+    assert c.responses()[-1].body == b"s" * 1000
+
+
+@pytest.mark.parametrize(
+    ("cfg", "field"),
+    [
+        ({"fixed_limit": {"limit_kbps": 0}}, "response_rate_limit.fixed_limit.limit_kbps"),
+        ({"percentage": pct(1)}, "response_rate_limit"),
+    ],
+)
+def test_bad_rate_limit_names_the_field(cfg: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        Pair(bootstrap_yaml(http_filters=[fault(response_rate_limit=cfg)])).close()
+    assert e.value.path.endswith("typed_config." + field), e.value.path

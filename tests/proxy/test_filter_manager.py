@@ -676,3 +676,56 @@ def test_decoder_replaces_request_chunks(make: Any) -> None:
     assert ("b", "decode_data", (b"ABC", False)) in chain.log
     up.respond(200, body=b"ok")
     assert c.response().status == 200
+
+
+# -- a filter that keeps the body and releases it later (inject_encoded_data) ----------------------
+
+
+def _keep(f: Scripted, data: bytes, end: bool) -> int:
+    f.kept = getattr(f, "kept", b"") + data  # type: ignore[attr-defined]
+    return STOP_ITERATION_NO_BUFFER
+
+
+def test_injected_parts_reach_the_codec_in_order_and_end_the_stream_once(make: Any) -> None:
+    chain = Chain(k={"encode_data": _keep})
+    pair = make(chain)
+    c = pair.connect()
+    c.send(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+    up = pair.upstream.accept()
+    up.request()
+    up.send(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n6\r\nabcdef\r\n0\r\n\r\n")
+    k = chain.get("k")
+    assert k.kept == b"abcdef"  # type: ignore[attr-defined]
+    cb: Any = k.callbacks
+    later(pair, lambda: cb.inject_encoded_data(k, b"abc", False))
+    assert c.responses() == []
+    later(pair, lambda: cb.inject_encoded_data(k, b"def", True))
+    r = c.response()
+    assert r.body == b"abcdef"
+    assert c.data.endswith(b"3\r\ndef\r\n0\r\n\r\n")  # one end, no empty chunk before it
+    assert k.destroyed == 1
+    pair.assert_settled()
+
+
+def test_injected_parts_wait_behind_a_later_filter_holding_iteration(make: Any) -> None:
+    # Encoding runs k first, then h; h holds the headers and everything after them.
+    chain = Chain(
+        h={"encode_headers": STOP_ITERATION, "encode_data": STOP_ITERATION}, k={"encode_data": _keep}
+    )
+    pair = make(chain)
+    c = pair.connect()
+    c.send(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+    up = pair.upstream.accept()
+    up.request()
+    up.send(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nabcdef")
+    k, h = chain.get("k"), chain.get("h")
+    cb: Any = k.callbacks
+    later(pair, lambda: cb.inject_encoded_data(k, b"abc", False))
+    later(pair, lambda: cb.inject_encoded_data(k, b"def", True))
+    assert c.data == b""
+    assert [e[2] for e in chain.calls("h", "encode_data")] == [(b"abc", False), (b"def", True)]
+    assert cb.encoding_buffer() == b"abcdef"
+    later(pair, cb.continue_encoding)
+    assert c.response().body == b"abcdef"
+    assert h.destroyed == 1
+    pair.assert_settled()

@@ -17,12 +17,25 @@ and every ``headers`` matcher. Then, in Envoy's order:
   trailers-only reply for a gRPC request) or ``header_abort`` (``x-envoy-fault-abort-request`` in
   [200, 600), else ``x-envoy-fault-abort-grpc-request`` in [0, 16];
   ``x-envoy-fault-abort-request-percentage``). Flag ``FI``, details ``fault_filter_abort``.
-- ``max_active_faults``: a stream over the limit is not faulted (``faults_overflow``).
+- ``response_rate_limit`` (sampled first, when the request headers arrive, as Envoy):
+  ``fixed_limit.limit_kbps`` or ``header_limit`` (``x-envoy-fault-throttle-response``, KiB/s, > 0;
+  ``x-envoy-fault-throttle-response-percentage`` caps the configured percentage). The response
+  headers pass at once; the body is kept by the filter (``STOP_ITERATION_NO_BUFFER``) and
+  released in slices of 1/16 of the rate, each on one ``loop.call_later`` handle (no task), from
+  a token bucket of at most one second of tokens that starts with one slice, so the first slice
+  leaves on the next loop turn. Trailers wait until the body is out. Bound: above the stream's
+  buffer limit (the connection's ``per_connection_buffer_limit_bytes``) the upstream's reading is
+  paused (``encoder_above_high_watermark``) until half of it is released; what is kept is then at
+  most the limit plus what the upstream codec had already read. While the client is write-paused
+  the upstream stays paused (the stream resumes it only when neither holds it), so what the
+  filter still releases into the codec is at most what it kept. A reset cancels the timer.
+- ``max_active_faults``: a stream over the limit is not faulted (``faults_overflow``); a rate
+  limited stream holds one of ``active_faults`` until it ends, as a delayed or aborted one.
 
 The random draws come from the ``random.Random`` of the filter's ``FaultConfig`` (``rng``,
 seedable); a percentage of 0 or of 100 % draws nothing. Stats ``http.<stat_prefix>.fault.``
-``delays_injected``, ``aborts_injected``, ``faults_overflow``, ``response_rl_injected`` (always 0:
-rate limits are not implemented), gauge ``active_faults``, and per downstream cluster
+``delays_injected``, ``aborts_injected``, ``faults_overflow``, ``response_rl_injected``, gauge
+``active_faults``, and per downstream cluster
 (``x-envoy-downstream-service-cluster``) ``<cluster>.delays_injected`` / ``.aborts_injected``
 unless ``disable_downstream_cluster_stats`` (at most ``MAX_DOWNSTREAM_CLUSTERS`` names; later
 ones are counted only in the totals).
@@ -33,7 +46,7 @@ per-route fault; the connection manager leaves an unwanted filter out of the cha
 when the routes change), so a listener whose only extra filter is an empty fault builds no filter
 manager at all.
 
-Not implemented (a notice): ``response_rate_limit`` and the ``*_runtime`` keys, ``filter_metadata``.
+Not implemented (a notice): the ``*_runtime`` keys, ``filter_metadata``.
 """
 
 from __future__ import annotations
@@ -46,7 +59,7 @@ from moorline.config import registry
 from moorline.config.errors import ConfigError
 from moorline.observability.stream_info import DELAY_INJECTED, FAULT_INJECTED
 from moorline.protocol.headers import HeaderMap, RequestHeaders
-from moorline.proxy.filter import CONTINUE, STOP_ITERATION, HttpFilter
+from moorline.proxy.filter import CONTINUE, STOP_ITERATION, STOP_ITERATION_NO_BUFFER, HttpFilter
 from moorline.proxy.route_table import HeaderMatcher
 
 NAME = "envoy.filters.http.fault"
@@ -57,6 +70,8 @@ H_DELAY_PCT = b"x-envoy-fault-delay-request-percentage"
 H_ABORT = b"x-envoy-fault-abort-request"
 H_ABORT_GRPC = b"x-envoy-fault-abort-grpc-request"
 H_ABORT_PCT = b"x-envoy-fault-abort-request-percentage"
+H_THROTTLE = b"x-envoy-fault-throttle-response"
+H_THROTTLE_PCT = b"x-envoy-fault-throttle-response-percentage"
 H_NODE = b"x-envoy-downstream-service-node"
 H_CLUSTER = b"x-envoy-downstream-service-cluster"
 
@@ -65,6 +80,8 @@ ABORT_BODY = b"fault filter abort"
 # Distinct downstream-cluster names that get stats of their own (the names come from a request
 # header: bounded so clients cannot grow the stats store without end).
 MAX_DOWNSTREAM_CLUSTERS = 100
+# The response rate limit releases 1/SLICES_PER_SECOND of a second's bytes per timer tick.
+SLICES_PER_SECOND = 16
 
 _DENOMINATORS = (100, 10_000, 1_000_000)  # FractionalPercent.DenominatorType HUNDRED..MILLION
 _UNSET_RUNTIME = (
@@ -96,6 +113,10 @@ class _Fault:
         "headers",
         "max_active",
         "nodes",
+        "rl_den",
+        "rl_header",
+        "rl_kbps",
+        "rl_num",
         "upstream_cluster",
     )
 
@@ -115,10 +136,18 @@ class _Fault:
         self.nodes: frozenset[bytes] = frozenset()
         self.headers: tuple[HeaderMatcher, ...] = ()
         self.max_active: int | None = None
+        self.rl_kbps: int | None = None  # response_rate_limit.fixed_limit
+        self.rl_header = False  # response_rate_limit.header_limit
+        self.rl_num = 0
+        self.rl_den = 100
+
+    @property
+    def has_rate_limit(self) -> bool:
+        return self.rl_kbps is not None or self.rl_header
 
     @property
     def active(self) -> bool:
-        return self.has_delay or self.has_abort
+        return self.has_delay or self.has_abort or self.has_rate_limit
 
 
 def _percent(msg: Any, path: str) -> tuple[int, int]:
@@ -169,7 +198,18 @@ def _compile(msg: Any, path: str, notices: list[str]) -> _Fault:
     if msg.HasField("max_active_faults"):
         f.max_active = int(msg.max_active_faults.value)
     if msg.HasField("response_rate_limit"):
-        notices.append(f"{path}.response_rate_limit: response rate limits are not implemented; ignored")
+        r = msg.response_rate_limit
+        rp = f"{path}.response_rate_limit"
+        kind = r.WhichOneof("limit_type")
+        if kind == "fixed_limit":
+            if r.fixed_limit.limit_kbps < 1:
+                raise ConfigError(f"{rp}.fixed_limit.limit_kbps", "must be at least 1")
+            f.rl_kbps = int(r.fixed_limit.limit_kbps)
+        elif kind == "header_limit":
+            f.rl_header = True
+        else:
+            raise ConfigError(rp, "one of fixed_limit or header_limit is required")
+        f.rl_num, f.rl_den = _percent(r.percentage, f"{rp}.percentage")
     for name in _UNSET_RUNTIME:
         if getattr(msg, name):
             notices.append(f"{path}.{name}: runtime overrides are not supported; ignored")
@@ -257,8 +297,42 @@ def _int_header(headers: HeaderMap, name: bytes) -> int | None:
     return int(v) if 0 < len(v) <= 18 and v.isdigit() else None
 
 
+class _Throttle:
+    """One rate-limited response: the body the filter keeps and its token bucket (bytes)."""
+
+    __slots__ = (
+        "buf",
+        "end",
+        "high",
+        "last",
+        "loop",
+        "low",
+        "paused",
+        "rate",
+        "slice",
+        "timer",
+        "tokens",
+        "trailers",
+    )
+
+    def __init__(self, kbps: int, limit: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.rate = kbps * 1024  # bytes per second
+        self.slice = max(1, self.rate // SLICES_PER_SECOND)
+        # Bound: above ``high`` kept bytes the upstream is paused, resumed at ``low``.
+        self.buf = bytearray()
+        self.high = max(limit, 1)
+        self.low = self.high // 2
+        self.paused = False
+        self.end = False  # the body's end is kept (released with its last byte)
+        self.trailers = False  # trailers wait in the chain until the body is out
+        self.loop = loop
+        self.tokens = float(self.slice)  # one slice at once: no slower to start than unthrottled
+        self.last = loop.time()
+        self.timer: asyncio.TimerHandle | None = None
+
+
 class FaultFilter(HttpFilter):
-    __slots__ = ("active", "cfg", "ds_cluster", "fault", "headers", "timer")
+    __slots__ = ("active", "cfg", "ds_cluster", "fault", "headers", "rl", "timer")
 
     def __init__(self, cfg: FaultConfig) -> None:
         super().__init__()
@@ -268,6 +342,7 @@ class FaultFilter(HttpFilter):
         self.timer: asyncio.TimerHandle | None = None
         self.active = False  # this stream holds one of active_faults
         self.ds_cluster: bytes | None = None
+        self.rl: _Throttle | None = None  # the response is rate limited
 
     # -- matching
     def _matches(self, f: _Fault, headers: RequestHeaders) -> bool:
@@ -320,6 +395,8 @@ class FaultFilter(HttpFilter):
         self.fault = f
         if self.cfg.ds_stats:
             self.ds_cluster = headers.get(H_CLUSTER)
+        if f.has_rate_limit:
+            self._maybe_rate_limit(f, headers)
         delay = self._delay(f, headers)
         if delay is not None and self._try_activate(f):
             cfg = self.cfg
@@ -342,6 +419,77 @@ class FaultFilter(HttpFilter):
 
     def decode_trailers(self, trailers: HeaderMap) -> int:
         return STOP_ITERATION if self.timer is not None else CONTINUE
+
+    # -- response rate limit
+    def _maybe_rate_limit(self, f: _Fault, headers: RequestHeaders) -> None:
+        num = f.rl_num
+        kbps = f.rl_kbps
+        if f.rl_header:
+            kbps = _int_header(headers, H_THROTTLE)
+            if not kbps:  # absent, not a number, or 0: no limit (Envoy)
+                return
+            pct = _int_header(headers, H_THROTTLE_PCT)
+            if pct is not None:
+                num = min(num, pct)
+        if kbps is None or not self.cfg.sample(num, f.rl_den) or not self._try_activate(f):
+            return
+        self.cfg.response_rl_injected.value += 1
+        cb = self.callbacks
+        assert cb is not None
+        self.rl = _Throttle(kbps, cb.stream_info.downstream.buffer_limit, asyncio.get_running_loop())
+
+    def encode_data(self, data: bytes, end_stream: bool) -> int:
+        rl = self.rl
+        if rl is None:
+            return CONTINUE
+        rl.buf += data
+        if end_stream:
+            rl.end = True
+        if rl.timer is None:
+            rl.timer = rl.loop.call_later(0, self._release)
+        if not rl.paused and len(rl.buf) > rl.high:
+            rl.paused = True
+            cb = self.callbacks
+            assert cb is not None
+            cb.encoder_above_high_watermark()
+        return STOP_ITERATION_NO_BUFFER
+
+    def encode_trailers(self, trailers: HeaderMap) -> int:
+        rl = self.rl
+        if rl is None or (not rl.buf and rl.timer is None):
+            return CONTINUE
+        rl.trailers = True
+        return STOP_ITERATION
+
+    def _release(self) -> None:
+        """One tick: release what the bucket allows (at most one slice), then wait for the next."""
+        rl = self.rl
+        cb = self.callbacks
+        if rl is None or cb is None:
+            return
+        rl.timer = None
+        now = rl.loop.time()
+        rl.tokens = min(float(rl.slice), rl.tokens + (now - rl.last) * rl.rate)
+        rl.last = now
+        buf = rl.buf
+        n = min(len(buf), int(rl.tokens))
+        if n or (rl.end and not buf):
+            rl.tokens -= n
+            chunk = bytes(buf[:n])
+            del buf[:n]
+            end = rl.end and not buf
+            if rl.paused and len(buf) <= rl.low:
+                rl.paused = False
+                cb.encoder_below_low_watermark()
+            cb.inject_encoded_data(self, chunk, end)
+            if self.rl is None or end:
+                return  # the stream ended (destroyed)
+        if buf:
+            wait = (min(rl.slice, len(buf)) - rl.tokens) / rl.rate
+            rl.timer = rl.loop.call_later(max(wait, 0.0), self._release)
+        elif rl.trailers:
+            rl.trailers = False
+            cb.continue_encoding()
 
     def _delay(self, f: _Fault, headers: RequestHeaders) -> float | None:
         if not f.has_delay:
@@ -420,6 +568,13 @@ class FaultFilter(HttpFilter):
         if t is not None:
             t.cancel()
             self.timer = None
+        rl = self.rl
+        if rl is not None:
+            self.rl = None
+            if rl.timer is not None:
+                rl.timer.cancel()
+                rl.timer = None
+            rl.buf = bytearray()
         if self.active:
             self.active = False
             self.cfg.active_faults.value -= 1
