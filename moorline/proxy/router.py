@@ -36,6 +36,7 @@ from moorline.stream.http1_client import pool_for
 from moorline.upstream.outlier import CONNECT_FAILED as _OD_CONNECT_FAILED
 from moorline.upstream.outlier import CONNECT_SUCCESS as _OD_CONNECT_SUCCESS
 from moorline.upstream.outlier import TIMEOUT as _OD_TIMEOUT
+from moorline.upstream.outlier import http_status_for_grpc as _od_grpc_http
 
 _UPSTREAM_ERR = b"upstream connect error or disconnect/reset before headers. reset reason: "
 # Envoy names a pool overflow (a circuit breaker) as it names any reset before the response.
@@ -400,7 +401,10 @@ class Router:
             return
         od = self.cluster.outlier
         if od is not None and self.host is not None:
-            od.put_http(self.host, status)
+            gs = headers.get(b"grpc-status") if self.stream.is_grpc else None
+            # A trailers-only gRPC answer is judged by its grpc-status, as Envoy does (a status
+            # in trailers is not: the headers decided already).
+            od.put_http(self.host, _od_grpc_http(int(gs)) if gs is not None and gs.isdigit() else status)
         if self.tunnel and status != 101 and not (200 <= status < 300 and self.stream.method == b"CONNECT"):
             # The upstream refused the upgrade: an ordinary response, after which neither
             # connection is reused; the held tunnel bytes are dropped.

@@ -74,6 +74,14 @@ TYPES = (
     FAILURE_PERCENTAGE_LOCAL_ORIGIN,
 )
 _GATEWAY = frozenset((502, 503, 504))
+# A gRPC answer's grpc-status as the HTTP status outlier detection sees (Envoy's
+# grpcToHttpStatus): UNAVAILABLE counts as a 503 gateway failure, INTERNAL as a 500, and so on.
+_GRPC_AS_HTTP = (200, 499, 500, 400, 504, 404, 409, 403, 429, 400, 409, 400, 501, 500, 503, 500, 401)
+
+
+def http_status_for_grpc(code: int) -> int:
+    """The HTTP status a gRPC status code stands for (500 for codes outside 0..16)."""
+    return _GRPC_AS_HTTP[code] if 0 <= code < len(_GRPC_AS_HTTP) else 500
 _LOCAL_AS_HTTP = {CONNECT_FAILED: 503, TIMEOUT: 504, CONNECT_SUCCESS_FINAL: 200}
 
 

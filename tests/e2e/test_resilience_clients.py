@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from moorline.testing.procs import cluster, config_http, free_port, require_binary, wait_until
@@ -87,6 +88,92 @@ def test_wrk_against_a_circuit_breaker(moorline: Any, upstream: TestUpstream) ->
     assert proc.stat("cluster.svc.circuit_breakers.default.rq_open") == 0
 
 
+def _grpc_cluster(ports: list[int], **od: Any) -> dict[str, Any]:
+    return cluster(
+        "grpc",
+        ports,
+        typed_extension_protocol_options={
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        outlier_detection={
+            "consecutive_5xx": 1000,
+            "enforcing_consecutive_gateway_failure": 100,
+            "base_ejection_time": "60s",
+            "max_ejection_percent": 50,
+            **od,
+        },
+    )
+
+
+def _grpc_routes(retry_on: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "match": {"prefix": f"/{SERVICE}/"},
+            "route": {
+                "cluster": "grpc",
+                "timeout": "10s",
+                "retry_policy": {
+                    "retry_on": retry_on,
+                    "num_retries": 3,
+                    "retry_host_predicate": [
+                        {
+                            "name": "envoy.retry_host_predicates.previous_hosts",
+                            "typed_config": {
+                                "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+                            },
+                        }
+                    ],
+                    "host_selection_retry_max_attempts": 3,
+                },
+            },
+        }
+    ]
+
+
+class UnavailableServer(TestGrpcServer):
+    """Answers every unary call UNAVAILABLE (a trailers-only answer: HTTP 200, grpc-status 14)."""
+
+    def unary(self, req: bytes, ctx: Any) -> bytes:
+        with self.lock:
+            self.calls["all"] = self.calls.get("all", 0) + 1
+        ctx.abort(grpc.StatusCode.UNAVAILABLE, "down for maintenance")
+        return b""
+
+
+def test_grpc_unavailable_answers_eject_the_host(moorline: Any) -> None:
+    # HTTP 200 with grpc-status 14: outlier detection counts it as the 503 it stands for
+    # (Envoy's grpcToHttpStatus), so the host is ejected as a gateway failure.
+    good, bad = TestGrpcServer().start(), UnavailableServer().start()
+    port = free_port()
+    proc = moorline(
+        config_http(
+            port,
+            [_grpc_cluster([good.port, bad.port], consecutive_gateway_failure=3)],
+            routes=_grpc_routes("unavailable"),
+        )
+    )
+    ch = channel(port)
+    try:
+        unary = method(ch, "Unary", "uu")
+        got = [unary(b"c%d" % i, timeout=10) for i in range(30)]
+        assert got == [b"c%d" % i for i in range(30)]  # retried on the good server
+        od = "cluster.grpc.outlier_detection."
+        wait_until(lambda: proc.stat(od + "ejections_active") == 1, "the UNAVAILABLE server's ejection")
+        assert proc.stat(od + "ejections_enforced_consecutive_gateway_failure") == 1
+        assert proc.stat(od + "ejections_enforced_consecutive_5xx") == 0
+        assert bad.calls["all"] == 3  # no call reached it after the third failure
+        assert f"grpc::127.0.0.1:{bad.port}::health_flags::/failed_outlier_check" in (
+            proc.admin_get("/clusters").body.decode()
+        )
+    finally:
+        ch.close()
+        good.stop()
+        bad.stop()
+
+
 @pytest.fixture
 def two_grpc_servers() -> Iterator[tuple[TestGrpcServer, TestGrpcServer]]:
     a, b = TestGrpcServer().start(), TestGrpcServer().start()
@@ -102,45 +189,8 @@ def test_grpc_calls_survive_a_killed_server(
 ) -> None:
     a, b = two_grpc_servers
     port = free_port()
-    c = cluster(
-        "grpc",
-        [a.port, b.port],
-        typed_extension_protocol_options={
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        },
-        outlier_detection={
-            "consecutive_5xx": 1000,
-            "consecutive_gateway_failure": 2,
-            "enforcing_consecutive_gateway_failure": 100,
-            "base_ejection_time": "60s",
-            "max_ejection_percent": 50,
-        },
-    )
-    routes = [
-        {
-            "match": {"prefix": f"/{SERVICE}/"},
-            "route": {
-                "cluster": "grpc",
-                "timeout": "10s",
-                "retry_policy": {
-                    "retry_on": "connect-failure,reset,unavailable",
-                    "num_retries": 3,
-                    "retry_host_predicate": [
-                        {
-                            "name": "envoy.retry_host_predicates.previous_hosts",
-                            "typed_config": {
-                                "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
-                            },
-                        }
-                    ],
-                    "host_selection_retry_max_attempts": 3,
-                },
-            },
-        }
-    ]
+    c = _grpc_cluster([a.port, b.port], consecutive_gateway_failure=2)
+    routes = _grpc_routes("connect-failure,reset,unavailable")
     proc = moorline(config_http(port, [c], routes=routes))
     ch = channel(port)
     try:

@@ -400,3 +400,11 @@ def test_readmitted_host_starts_a_fresh_streak() -> None:
     d.put_http(h, 500)
     assert not h.outlier_ejected
     assert _stat(c, "ejections_detected_consecutive_5xx") == 1
+
+
+@pytest.mark.parametrize(
+    ("code", "http"),
+    [(0, 200), (1, 499), (4, 504), (8, 429), (12, 501), (13, 500), (14, 503), (16, 401), (17, 500)],
+)
+def test_grpc_status_maps_to_the_http_status_outlier_detection_sees(code: int, http: int) -> None:
+    assert od.http_status_for_grpc(code) == http
