@@ -343,9 +343,11 @@ class _H2Check(_Check):
             c.initiate_connection()
         self.resp, self.trailers = {}, {}
         self.data.clear()
+        import h2.exceptions
+
         try:
             sid = self.sid = c.get_next_available_stream_id()
-        except Exception:  # (stream ids used up: a fresh connection next time)
+        except h2.exceptions.NoAvailableStreamIDError:  # (used up: a fresh connection next time)
             self.keep = False
             self.finish(NETWORK)
             return

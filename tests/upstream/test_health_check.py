@@ -937,6 +937,58 @@ def test_a_host_that_leaves_takes_its_kept_connection_with_it() -> None:
         await asyncio.sleep(0)
         open_now = [t for t in w.open if not t.is_closed]
         assert len(open_now) == 1  # (host 2's connection closed with it)
+        c.retire()
+        assert all(t.is_closed for t in w.open)  # (and retiring closes the rest)
 
     run(c, w, body)
     assert all(t.is_closed for t in w.open)
+
+
+def test_no_socket_is_left_open_after_stop_with_real_connections() -> None:
+    import os
+
+    from moorline.net.upstream import connect
+
+    store = Store()
+
+    async def main() -> None:
+        accepted: list[asyncio.StreamWriter] = []
+        eof: list[int] = []
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted.append(writer)
+            try:
+                while await reader.readuntil(b"\r\n\r\n"):
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            except asyncio.IncompleteReadError:
+                eof.append(1)  # (the checker closed its end)
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        c = make(
+            {
+                "reuse_connection": True,
+                "unhealthy_threshold": 1,
+                "healthy_threshold": 1,
+                "http_health_check": {"path": "/h"},
+            },
+            (port,),
+            store,
+        )
+        fds = len(os.listdir("/proc/self/fd"))
+        c.health_connect = connect
+        await c.start()
+        try:
+            await until(lambda: stat(store, "success") >= 5)
+            assert len(accepted) == 1  # (one kept connection for every check)
+            assert len(os.listdir("/proc/self/fd")) == fds + 2  # (its two ends, in this process)
+        finally:
+            c.stop()
+        await until(lambda: bool(eof))
+        for wr in accepted:
+            wr.close()
+        await until(lambda: len(os.listdir("/proc/self/fd")) == fds)
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(main())
