@@ -202,7 +202,7 @@ class _HttpConn(asyncio.Protocol):
         self.transport = transport
         self.conn_id = self.server._new_conn_id()
         with self.server._lock:
-            self.server._active.add(self)
+            self.server._open.add(self)
         self.worker = asyncio.get_running_loop().create_task(self._work())
 
     def data_received(self, data: bytes) -> None:
@@ -714,6 +714,9 @@ class TestUpstream(_ThreadedServer):
         self._fail_counts: dict[str, int] = {}
         self._record_cond = threading.Condition(self._lock)
         self._held: tuple[str, asyncio.Event] | None = None
+        # Open connections, for connections_active / close_connections (stop() leaves them be,
+        # as before: _active stays empty).
+        self._open: set[_HttpConn] = set()
         self._lt: _LoopThread | None = None
         self._server: asyncio.Server | None = None
 
@@ -742,6 +745,7 @@ class TestUpstream(_ThreadedServer):
     def _conn_closed(self, conn: _HttpConn) -> None:
         with self._lock:
             self._active.discard(conn)
+            self._open.discard(conn)
 
     def _add_record(self, rec: RequestRecord) -> None:
         with self._record_cond:
@@ -771,7 +775,7 @@ class TestUpstream(_ThreadedServer):
     @property
     def connections_active(self) -> int:
         with self._lock:
-            return len(self._active)
+            return len(self._open)
 
     def hold(self, prefix: str) -> None:
         """Requests whose path starts with ``prefix`` get no answer until ``release()`` (they
@@ -800,7 +804,9 @@ class TestUpstream(_ThreadedServer):
         assert self._lt is not None
 
         async def _close() -> None:
-            for c in list(self._active):
+            with self._lock:
+                conns = list(self._open)
+            for c in conns:
                 if c.transport is not None:
                     c.transport.close()
 
