@@ -274,10 +274,13 @@ class _Http1Check(_Check):
             if self.buf:
                 self.received(b"")
             return
-        fields = {}
+        fields: dict[bytes, bytes] = {}
+        lengths = 0
         for line in head[1:]:
             k, _, v = line.partition(b":")
-            fields[k.strip().lower()] = v.strip().lower()
+            k = k.strip().lower()
+            fields[k] = v.strip().lower()
+            lengths += k == b"content-length"
         degraded = b"x-envoy-degraded" in fields
         verdict = (self.judge(status), degraded)
         rest = bytes(self.buf[end + 4 :])
@@ -288,7 +291,7 @@ class _Http1Check(_Check):
                 self.keep = False
             elif self.no_body or status in (204, 304):
                 pass
-            elif length.isdigit() and b"transfer-encoding" not in fields:
+            elif length.isdigit() and lengths == 1 and b"transfer-encoding" not in fields:
                 self.skip = int(length)
             else:
                 self.keep = False

@@ -992,3 +992,48 @@ def test_no_socket_is_left_open_after_stop_with_real_connections() -> None:
         await server.wait_closed()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "answer, kept",
+    [
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc", True),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabcEXTRA", False),  # (out of step)
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 5\r\n\r\nabc", False),
+        (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", False),
+        (b"HTTP/1.1 200 OK\r\n\r\nuntil the close", False),
+        (b"HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n", False),
+        (b"HTTP/1.1 204 No Content\r\n\r\n", True),
+    ],
+)
+def test_http1_keeps_a_connection_only_after_an_answer_it_framed_exactly(answer: bytes, kept: bool) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        conn = hcmod._Http1Check(b"GET /h HTTP/1.1\r\n\r\n", _judge, reuse=True)
+        out: list[str] = []
+        conn.begin(lambda o, d: out.append(o))
+        t = FakeTransport(loop, conn, lambda data: None)
+        conn.connection_made(t)
+        conn.data_received(answer)
+        assert out == ["pass"] and conn.reusable is kept and t.is_closed is not kept
+    finally:
+        loop.close()
+
+
+def _judge(status: int) -> str:
+    return "pass" if 200 <= status < 300 else "fail"
+
+
+def test_a_kept_http1_answer_body_is_counted_and_dropped_not_buffered() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        conn = hcmod._Http1Check(b"GET /h HTTP/1.1\r\n\r\n", _judge, reuse=True)
+        out: list[str] = []
+        conn.begin(lambda o, d: out.append(o))
+        conn.connection_made(FakeTransport(loop, conn, lambda data: None))
+        conn.data_received(b"HTTP/1.1 200 OK\r\ncontent-length: 1000000000\r\n\r\n")
+        for _ in range(100):
+            conn.data_received(b"x" * 65536)
+        assert out == [] and len(conn.buf) == 0 and conn.skip == 1000000000 - 100 * 65536
+    finally:
+        loop.close()
