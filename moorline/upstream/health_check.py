@@ -374,6 +374,10 @@ class _H2Check(_Check):
         if events is None or any(isinstance(ev, h2.events.ConnectionTerminated) for ev in events):
             self.close()
             return
+        for ev in events:
+            if isinstance(ev, h2.events.DataReceived):  # (late data of an ended stream: the
+                # connection's window is given back, the bytes dropped)
+                self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
         self._flush()
 
     def _flush(self) -> None:
@@ -395,6 +399,8 @@ class _H2Check(_Check):
                 self.finish(NETWORK)
                 return
             if getattr(ev, "stream_id", self.sid) != self.sid:
+                if isinstance(ev, h2.events.DataReceived):
+                    self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
                 continue
             if isinstance(ev, h2.events.ResponseReceived):
                 self.resp = {str(k): str(v) for k, v in ev.headers}
