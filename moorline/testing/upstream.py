@@ -201,6 +201,8 @@ class _HttpConn(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self.conn_id = self.server._new_conn_id()
+        with self.server._lock:
+            self.server._open.add(self)
         self.worker = asyncio.get_running_loop().create_task(self._work())
 
     def data_received(self, data: bytes) -> None:
@@ -352,6 +354,11 @@ class _HttpConn(asyncio.Protocol):
             await self._fixed(srv.always_status, version, keep_alive, head_only)
             return keep_alive
 
+        held = srv._held
+        if held is not None and path.startswith(held[0]):
+            await held[1].wait()
+            if self.closed:
+                return False
         delay_ms = None if srv.ignore_delay_header else rec.header("x-test-delay-ms")
         if parts[:1] == ["delay"] and len(parts) >= 2:
             delay_ms = parts[1]
@@ -679,7 +686,8 @@ class TestUpstream(_ThreadedServer):
 
     ``port=0`` binds an ephemeral port (read ``.port`` after ``start()``). Thread-safe readers:
     ``requests`` (a snapshot list of :class:`RequestRecord`), ``connections_total``,
-    ``connections_active``, ``connection_ids()``.
+    ``connections_active``, ``connection_ids()``. ``hold(prefix)`` / ``release()`` keep answers
+    back; ``close_connections()`` ends the open connections from the server side.
     """
 
     __test__ = False  # not a pytest test class despite the name
@@ -705,6 +713,10 @@ class TestUpstream(_ThreadedServer):
         self._active: set[_HttpConn] = set()
         self._fail_counts: dict[str, int] = {}
         self._record_cond = threading.Condition(self._lock)
+        self._held: tuple[str, asyncio.Event] | None = None
+        # Open connections, for connections_active / close_connections (stop() leaves them be,
+        # as before: _active stays empty).
+        self._open: set[_HttpConn] = set()
         self._lt: _LoopThread | None = None
         self._server: asyncio.Server | None = None
 
@@ -733,6 +745,7 @@ class TestUpstream(_ThreadedServer):
     def _conn_closed(self, conn: _HttpConn) -> None:
         with self._lock:
             self._active.discard(conn)
+            self._open.discard(conn)
 
     def _add_record(self, rec: RequestRecord) -> None:
         with self._record_cond:
@@ -758,6 +771,46 @@ class TestUpstream(_ThreadedServer):
     def connection_ids(self) -> set[int]:
         """Distinct connection ids among the recorded requests."""
         return {r.conn_id for r in self.requests}
+
+    @property
+    def connections_active(self) -> int:
+        with self._lock:
+            return len(self._open)
+
+    def hold(self, prefix: str) -> None:
+        """Requests whose path starts with ``prefix`` get no answer until ``release()`` (they
+        are recorded when they arrive)."""
+        assert self._lt is not None
+
+        async def _set() -> None:
+            self._held = (prefix, asyncio.Event())
+
+        self._lt.call(_set)
+
+    def release(self) -> None:
+        """Answer the held requests (and stop holding)."""
+        assert self._lt is not None
+
+        async def _release() -> None:
+            held, self._held = self._held, None
+            if held is not None:
+                held[1].set()
+
+        self._lt.call(_release)
+
+    def close_connections(self) -> None:
+        """Close every open connection from this side (between requests: a keep-alive peer
+        sees its idle connection end)."""
+        assert self._lt is not None
+
+        async def _close() -> None:
+            with self._lock:
+                conns = list(self._open)
+            for c in conns:
+                if c.transport is not None:
+                    c.transport.close()
+
+        self._lt.call(_close)
 
     def clear(self) -> None:
         """Forget recorded requests and fail-n counters (connection ids keep counting)."""

@@ -54,7 +54,7 @@ from moorline.observability.stats import Counter, Gauge, Histogram, Scope, Store
 from moorline.upstream import lb as lbmod
 from moorline.upstream.api import ConnPool, LbContext, TransportFactory
 from moorline.upstream.dns import LOOKUP_FAMILIES, Answer, DnsError, Resolver, ip_family
-from moorline.upstream.health_check import compile_health_check
+from moorline.upstream.health_check import compile_health_checks
 
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
@@ -470,9 +470,10 @@ class Cluster:
         self.original_dst_port_override: int | None = None
         self.cleanup_interval = DEFAULT_CLEANUP_INTERVAL
         self.notices: list[str] = []
-        # Active health checking (health_check.HealthChecker) and the connect function net/
+        # Active health checking (health_check.HealthChecks) and the connect function net/
         # gives it (the ClusterManager sets it); started by start(), stopped by stop().
         self.health_checker: Any = None
+        self.started = False  # (start() runs once: a warming cluster starts before it serves)
         self.health_connect: Any = None
         # Runtime state owned by this cluster (freed with it): concurrent retries for the
         # max_retries circuit breaker (the router takes and gives back slots), and the HTTP/2
@@ -783,19 +784,28 @@ class Cluster:
     async def start(self) -> None:
         """STATIC/EDS: nothing. DNS types: first resolution round (succeeded or failed), then
         periodic refresh in a background task. ORIGINAL_DST: start the host cleanup timer.
-        Active health checks start here (when the manager gave a connect function); outlier
-        detection's interval timer too."""
-        if self.health_checker is not None and self.health_connect is not None and not self.retired:
-            self.health_checker.start(asyncio.get_running_loop(), self.health_connect)
+        Active health checks start here (when the manager gave a connect function), and their
+        first round is awaited after the first DNS round; outlier detection's interval timer
+        starts too."""
+        if self.started:
+            return
+        self.started = True
+        hc = self.health_checker
+        if hc is not None and self.health_connect is not None and not self.retired:
+            hc.start(asyncio.get_running_loop(), self.health_connect)
         if self.outlier is not None:
             self.outlier.start(asyncio.get_running_loop())
         if self.type in ("STRICT_DNS", "LOGICAL_DNS"):
             if self._task is not None:
                 return
             ok = await self.refresh()
+            if self.retired:
+                return
             self._task = asyncio.get_running_loop().create_task(self._refresh_loop(ok))
         elif self.type == "ORIGINAL_DST" and self._od_timer is None:
             self._od_timer = asyncio.get_running_loop().call_later(self.cleanup_interval, self._od_sweep)
+        if hc is not None:
+            await hc.initialize([t for t in self.init_targets if t is not hc.init])
 
     def stop(self) -> None:
         """Stop the background work (DNS refresh, ORIGINAL_DST sweeps, health checks, outlier
@@ -1254,9 +1264,9 @@ def compile_cluster(
     if proto.transport_socket_matches:
         c.notice("transport_socket_matches: not implemented, the cluster's transport_socket is used")
     if proto.health_checks:
-        c.health_checker = compile_health_check(proto.health_checks[0], c, "health_checks[0]", rng)
-        if len(proto.health_checks) > 1:
-            c.notice("health_checks: only the first health check is run; the others are ignored")
+        c.health_checker = compile_health_checks(proto.health_checks, c, rng)
+        if c.health_checker is not None:
+            c.init_targets.append(c.health_checker.init)  # (the first round: see health_check)
     for field, what in (
         ("lb_subset_config", "subset load balancing"),
         ("upstream_bind_config", "upstream_bind_config"),

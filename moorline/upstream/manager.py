@@ -146,6 +146,8 @@ class ClusterManager:
             # Warming: the cluster waits for its first assignment (or the initial fetch timeout)
             # aside; the cluster it replaces, if any, serves meanwhile.
             self.warming.add(c.name, c, c.init_targets, self._install)
+            if c.health_checker is not None:
+                self._start_later(c)  # (its first health check round runs while it warms)
             return c
         self._install(c)
         return c
@@ -219,9 +221,12 @@ class ClusterManager:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start every cluster concurrently; returns when each finished its first DNS round."""
+        """Start every cluster concurrently (and the warming ones with health checks); returns
+        when each finished its first DNS round and its first health check round (Envoy starts
+        no listener before that)."""
         self._started = True
-        await asyncio.gather(*(c.start() for c in list(self.clusters.values())))
+        warming = [c for c in self.warming.values() if c.health_checker is not None]
+        await asyncio.gather(*(c.start() for c in list(self.clusters.values()) + warming))
 
     def stop(self) -> None:
         self._started = False
@@ -229,3 +234,5 @@ class ClusterManager:
             t.cancel()
         for c in self.clusters.values():
             c.stop()
+        for c in self.warming.values():
+            c.stop()  # (health checks of a cluster that warms)

@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 import pytest
 
-from moorline.testing.procs import cluster, config_http, free_port, http_request
+from moorline.testing.procs import cluster, config_http, free_port, http_request, wait_until
 from moorline.testing.upstream import TcpEchoServer, TestUpstream
 
 pytestmark = pytest.mark.e2e
@@ -164,3 +164,140 @@ def test_grpc_checks_follow_the_serving_status(moorline: Any) -> None:
         wait_for(lambda: flags(proc).get(gport) == "healthy", "SERVING again")
     finally:
         server.stop(0)
+
+
+# -- the first round, several checks, reuse_connection ----------------------------------------
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_a_static_cluster_holds_start_up_until_its_first_checks_answered(
+    moorline: Any, upstreams: Callable[..., TestUpstream]
+) -> None:
+    u1 = upstreams()
+    u1.hold("/healthz")  # (the first check gets no answer until released)
+    port = free_port()
+    hc = check({"http_health_check": {"path": "/healthz"}}, timeout="30s")
+    proc = moorline(config_http(port, [cluster("svc", [u1.port], health_checks=[hc])]), wait="none")
+    wait_until(lambda: any(r.path == "/healthz" for r in u1.requests), "the first check reaches u1")
+    # The cluster is not initialized: no listener, no admin (/ready), as Envoy starts them after.
+    assert proc.alive()
+    assert not _listening(port) and not _listening(proc.admin_port)
+    u1.release()
+    wait_until(lambda: proc.admin_get("/ready").status == 200, "ready", ignore=(OSError,))
+    assert flags(proc)[u1.port] == "healthy"  # (ready after the first check passed, not before)
+    assert http_request("127.0.0.1", port, "GET", "/work").status == 200
+
+
+def test_an_http_and_a_tcp_check_both_run_and_either_takes_a_host_out(
+    moorline: Any, upstreams: Callable[..., TestUpstream]
+) -> None:
+    u1, u2 = upstreams(), upstreams(always_status=503)
+    port = free_port()
+    raw = b"GET /tcp HTTP/1.1\r\nhost: t\r\n\r\n".hex()
+    checks = [
+        check({"http_health_check": {"path": "/a"}}, unhealthy_threshold=1),
+        check(
+            {"tcp_health_check": {"send": {"text": raw}, "receive": [{"text": b"HTTP/1.1 ".hex()}]}},
+            unhealthy_threshold=1,
+            timeout="0.5s",
+        ),
+    ]
+    proc = moorline(config_http(port, [cluster("svc", [u1.port, u2.port], health_checks=checks)]))
+    # u2 answers the TCP check's bytes (any status line passes it) but 503 to /a: it is out.
+    wait_until(lambda: flags(proc) == {u1.port: "healthy", u2.port: "/failed_active_hc"}, "u2 out")
+    paths = {r.path for r in u2.requests}
+    assert {"/a", "/tcp"} <= paths
+    assert ids(port, 20) == {"u1"}
+    # u1's TCP check gets no answer any more (its /a still passes): it goes out too.
+    u1.hold("/tcp")
+    wait_until(lambda: flags(proc).get(u1.port) == "/failed_active_hc", "u1 out by its TCP check")
+    assert proc.stat("cluster.svc.health_check.network_failure") >= 1
+    u1.release()
+    wait_until(lambda: flags(proc).get(u1.port) == "healthy", "u1 back")
+
+
+def test_checks_reuse_one_connection_until_the_upstream_closes_it(
+    moorline: Any, upstreams: Callable[..., TestUpstream]
+) -> None:
+    u1, u2 = upstreams(), upstreams()
+    port = free_port()
+    reused = check({"http_health_check": {"path": "/healthz"}})
+    cl = cluster("svc", [u1.port], health_checks=[reused])
+    single = check({"http_health_check": {"path": "/once"}}, reuse_connection=False)
+    cl2 = cluster("other", [u2.port], health_checks=[single])
+    proc = moorline(config_http(port, [cl, cl2]))
+
+    def hc_conns(u: TestUpstream, path: str) -> list[int]:
+        return [r.conn_id for r in u.requests if r.path == path]
+
+    wait_until(lambda: len(hc_conns(u1, "/healthz")) >= 4, "several checks")
+    assert len(set(hc_conns(u1, "/healthz"))) == 1 and u1.connections_total == 1
+    first = hc_conns(u1, "/healthz")[0]
+    u1.close_connections()
+    wait_until(lambda: len(set(hc_conns(u1, "/healthz"))) == 2, "a new connection after the close")
+    wait_until(lambda: hc_conns(u1, "/healthz").count(hc_conns(u1, "/healthz")[-1]) >= 3, "reuse again")
+    assert first not in hc_conns(u1, "/healthz")[-3:]
+    assert flags(proc)[u1.port] == "healthy"
+    # reuse_connection: false: a connection per check.
+    wait_until(lambda: len(hc_conns(u2, "/once")) >= 3, "checks of the other cluster")
+    once = hc_conns(u2, "/once")
+    assert len(set(once)) == len(once)
+
+
+def test_a_cds_cluster_warms_until_its_first_checks_and_its_connections_end_with_it(
+    moorline: Any, upstreams: Callable[..., TestUpstream], tmp_path: Any
+) -> None:
+    import importlib.util
+    from pathlib import Path
+
+    from envoy.config.cluster.v3.cluster_pb2 import Cluster
+    from envoy.config.listener.v3.listener_pb2 import Listener
+
+    from moorline.config.loader import parse_message
+    from moorline.testing import procs
+    from moorline.testing.xds_server import XdsServer
+    from moorline.xds.files import CLUSTER_TYPE, LISTENER_TYPE
+
+    spec = importlib.util.spec_from_file_location(
+        "xds_live", Path(__file__).parent.parent / "xds" / "test_xds_live.py"
+    )
+    assert spec is not None and spec.loader is not None
+    live = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(live)
+
+    a, b = upstreams(upstream_id="a"), upstreams(upstream_id="b")
+    b.hold("/healthz")
+    cp = XdsServer().start()
+    try:
+        port = free_port()
+        route = [{"match": {"prefix": "/"}, "route": {"cluster": "svc"}}]
+        cp.push(LISTENER_TYPE, "l1", [parse_message(procs.hcm_listener("edge", port, route), Listener)])
+        cp.push(CLUSTER_TYPE, "c1", [parse_message(cluster("svc", [a.port]), Cluster)])
+        proc = moorline(live.boot(tmp_path, cp.port, "sotw"))
+        wait_until(lambda: ids(port, 1) == {"a"}, "v1 serves", ignore=(OSError, AssertionError))
+        hc = check({"http_health_check": {"path": "/healthz"}}, timeout="30s")
+        cp.push(CLUSTER_TYPE, "c2", [parse_message(cluster("svc", [b.port], health_checks=[hc]), Cluster)])
+        wait_until(lambda: any(r.path == "/healthz" for r in b.requests), "the first check reaches b")
+        # Warming on its first round: the old cluster serves meanwhile.
+        assert proc.stat("cluster_manager.warming_clusters") == 1
+        assert ids(port, 5) == {"a"}
+        b.release()
+        wait_until(lambda: proc.stat("cluster_manager.warming_clusters") == 0, "v2 warmed")
+        # Before any request: the one connection b has is the check's, kept between checks.
+        n = len([r for r in b.requests if r.path == "/healthz"])
+        wait_until(lambda: len([r for r in b.requests if r.path == "/healthz"]) >= n + 2, "more checks")
+        assert b.connections_active == 1 and b.connections_total == 1
+        assert ids(port, 5) == {"b"}
+        # The cluster goes away: its check connection closes with it (and the pool's).
+        cp.push(CLUSTER_TYPE, "c3", [])
+        wait_until(lambda: proc.stat("cluster_manager.active_clusters") == 1, "svc removed")
+        wait_until(lambda: b.connections_active == 0, "no connection left")
+    finally:
+        cp.stop()

@@ -31,7 +31,15 @@ def ep(port: int, health: str | None = None) -> dict[str, Any]:
 def make(
     hc: dict[str, Any], ports: tuple[int, ...] = (1, 2, 3), store: Store | None = None, **extra: Any
 ) -> Cluster:
-    check = {"timeout": "0.2s", "interval": "0.01s", "no_traffic_interval": "0.01s", **hc}
+    # (one connection per check unless a test says otherwise: the fake hosts here answer by
+    # what is scripted when a connection is made; reuse has its own tests)
+    check = {
+        "timeout": "0.2s",
+        "interval": "0.01s",
+        "no_traffic_interval": "0.01s",
+        "reuse_connection": False,
+        **hc,
+    }
     d = {
         "name": "svc",
         "type": "STATIC",
@@ -401,7 +409,7 @@ def test_intervals_follow_traffic_edges_and_jitter() -> None:
         },
         (1,),
     )
-    ck = c.health_checker
+    ck = c.health_checker.checkers[0]
     h = c.hosts[0]
     assert ck.next_interval(h, False) >= 60  # failed, no traffic
     h.failed_active_hc = False
@@ -427,7 +435,7 @@ def test_defaults_for_intervals() -> None:
         },
         (1,),
     )
-    ck = c.health_checker
+    ck = c.health_checker.checkers[0]
     assert (ck.unhealthy_interval, ck.unhealthy_edge_interval, ck.healthy_edge_interval) == (3.0, 3.0, 3.0)
     assert ck.no_traffic_interval == 60.0
 
@@ -596,3 +604,436 @@ def test_http2_checks_judge_the_status() -> None:
         assert stat(store, "network_failure") == 0
 
     run(c, w, body)
+
+
+# -- the first round (warming) ----------------------------------------------------------------
+
+
+def test_start_waits_for_every_hosts_first_check_and_marks_init_done() -> None:
+    store = Store()
+    c = make(
+        {
+            "timeout": "5s",
+            "unhealthy_threshold": 1,
+            "healthy_threshold": 1,
+            "http_health_check": {"path": "/h"},
+        },
+        (1, 2),
+        store,
+    )
+    w = World()
+    w.behaviour[1] = lambda data: None  # (answered below, by hand)
+    w.behaviour[2] = "refuse"
+    hc = c.health_checker
+    assert hc.init in c.init_targets and not hc.init.ready
+
+    async def main() -> None:
+        c.health_connect = w.connect
+        task = asyncio.ensure_future(c.start())
+        try:
+            await until(lambda: w.connects.get(1, 0) == 1 and stat(store, "network_failure") >= 1)
+            for _ in range(5):
+                await asyncio.sleep(0)
+            # Host 2 has had its first check (refused); host 1's is still owed.
+            assert not task.done() and not hc.init.ready
+            t = next(t for t in w.open if not t.is_closed)
+            t.proto.data_received(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            await asyncio.wait_for(task, 5)
+            assert hc.init.ready
+            assert not c.hosts[0].failed_active_hc and c.hosts[1].failed_active_hc
+        finally:
+            c.stop()
+
+    asyncio.run(main())
+
+
+def test_the_first_round_ends_when_first_checks_time_out() -> None:
+    c = make(
+        {"timeout": "0.05s", "unhealthy_threshold": 1, "healthy_threshold": 1, "tcp_health_check": {}},
+        (1,),
+    )
+    w = World()
+    w.behaviour[1] = "blackhole"
+
+    async def body() -> None:
+        assert c.health_checker.init.ready  # (start() returned: the timeout ended the round)
+        assert c.hosts[0].failed_active_hc
+
+    run(c, w, body)
+
+
+def test_a_cds_cluster_with_checks_warms_until_its_first_round_while_the_old_one_serves() -> None:
+    from moorline.upstream.manager import ClusterManager
+
+    store = Store()
+    w = World()
+    w.behaviour[7] = lambda data: None
+    cm = ClusterManager(store, rng=random.Random(1), health_connect=w.connect)
+
+    def proto(with_hc: bool) -> Any:
+        d: dict[str, Any] = {
+            "name": "svc",
+            "type": "STATIC",
+            "load_assignment": {"cluster_name": "svc", "endpoints": [{"lb_endpoints": [ep(7)]}]},
+        }
+        if with_hc:
+            d["health_checks"] = [
+                {
+                    "timeout": "5s",
+                    "interval": "1s",
+                    "unhealthy_threshold": 1,
+                    "healthy_threshold": 1,
+                    "http_health_check": {"path": "/h"},
+                }
+            ]
+        return json_format.ParseDict(d, cluster_pb2.Cluster())
+
+    async def main() -> None:
+        await cm.start()
+        try:
+            old = cm.add_or_update(proto(False), version_info="1")
+            new = cm.add_or_update(proto(True), version_info="2")
+            assert cm.get("svc") is old and "svc" in cm.warming
+            await until(lambda: w.connects.get(7, 0) == 1)
+            assert cm.get("svc") is old  # (its first check has no answer yet)
+            t = next(t for t in w.open if not t.is_closed)
+            t.proto.data_received(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            await until(lambda: cm.get("svc") is new)
+            assert "svc" not in cm.warming and old.retired
+            assert not new.hosts[0].failed_active_hc
+            # A warming cluster's checks stop with the manager.
+            cm.add_or_update(proto(False), version_info="3")
+            assert cm.get("svc") is not new and new.retired
+        finally:
+            cm.stop()
+        assert all(t.is_closed for t in w.open)
+
+    asyncio.run(main())
+
+
+# -- several checks ---------------------------------------------------------------------------
+
+
+def test_several_checks_all_run_and_a_host_is_healthy_only_when_every_one_passes() -> None:
+    store = Store()
+    hc = {"unhealthy_threshold": 1, "healthy_threshold": 1, "reuse_connection": False}
+    d = {
+        "name": "svc",
+        "type": "STATIC",
+        "load_assignment": {"cluster_name": "svc", "endpoints": [{"lb_endpoints": [ep(1), ep(2)]}]},
+        "health_checks": [
+            {
+                "timeout": "0.1s",
+                "interval": "0.01s",
+                "no_traffic_interval": "0.01s",
+                **hc,
+                "http_health_check": {"path": "/a"},
+            },
+            {
+                "timeout": "0.1s",
+                "interval": "0.01s",
+                "no_traffic_interval": "0.01s",
+                **hc,
+                "tcp_health_check": {"send": {"text": "50494e47"}, "receive": [{"text": "504f4e47"}]},
+            },
+        ],
+    }
+    c = compile_cluster(json_format.ParseDict(d, cluster_pb2.Cluster()), store, rng=random.Random(1))
+    assert not any("health_checks" in n for n in c.notices)
+    assert len(c.health_checker.checkers) == 2
+    pong = {1: b"NOPE", 2: b"PONG"}
+
+    def peer(port: int) -> Callable[[bytes], Any]:
+        def answer(data: bytes) -> Any:
+            if data.startswith(b"GET /a "):
+                return http(200)(data)
+            if data == b"PING":
+                return pong[port]
+            return None
+
+        return answer
+
+    w = World()
+    w.behaviour[1], w.behaviour[2] = peer(1), peer(2)
+    h1, h2 = c.hosts
+
+    async def body() -> None:
+        await until(lambda: not h2.failed_active_hc)
+        # Host 1 passes the HTTP check and fails the TCP one: it stays out.
+        sess1 = c.health_checker._sessions[h1]
+        await until(lambda: stat(store, "failure") >= 3)
+        assert not sess1[0].failed and sess1[1].failed
+        assert h1.failed_active_hc and not h1.healthy
+        assert {c.choose_host() for _ in range(10)} == {h2}
+        assert stat(store, "healthy") == 1
+        # Its TCP check passes too now: back in.
+        pong[1] = b"PONG"
+        await until(lambda: not h1.failed_active_hc)
+        assert {c.choose_host() for _ in range(10)} == {h1, h2}
+        # And the HTTP check alone can take host 2 out.
+        w.behaviour[2] = lambda data: (
+            http(500)(data) if data.startswith(b"GET") else (b"PONG" if data == b"PING" else None)
+        )
+        await until(lambda: bool(h2.failed_active_hc))
+        s2 = c.health_checker._sessions[h2]
+        assert s2[0].failed and not s2[1].failed
+
+    run(c, w, body)
+
+
+# -- reuse_connection -------------------------------------------------------------------------
+
+
+def keepalive(w: World, port: int, status: list[int], extra: list[bytes]) -> None:
+    """Host ``port`` answers each HTTP/1.1 request on a connection with ``status[0]`` and a
+    2-byte body, ``extra[0]`` added to the head."""
+
+    def factory() -> Callable[[bytes], Any]:
+        answered = [0]
+
+        def answer(data: bytes) -> Any:
+            n = data.count(b"\r\n\r\n")
+            if n <= answered[0]:
+                return None
+            answered[0] = n
+            return b"HTTP/1.1 %d X\r\ncontent-length: 2\r\n%s\r\nok" % (status[0], extra[0])
+
+        return answer
+
+    real = w.connect
+
+    def connect(loop: Any, host: Any, proto: Any, *a: Any) -> Any:
+        if host.port == port:
+            w.behaviour[port] = factory()  # (a fresh peer per connection)
+        return real(loop, host, proto, *a)
+
+    w.connect = connect  # type: ignore[method-assign]
+
+
+def test_http1_reuses_its_connection_until_the_peer_closes_or_says_close() -> None:
+    store = Store()
+    c = make(
+        {
+            "reuse_connection": True,
+            "unhealthy_threshold": 1,
+            "healthy_threshold": 1,
+            "http_health_check": {"path": "/h"},
+        },
+        (1,),
+        store,
+    )
+    w = World()
+    status, extra = [200], [b""]
+    keepalive(w, 1, status, extra)
+    h = c.hosts[0]
+
+    async def body() -> None:
+        await until(lambda: stat(store, "success") >= 4)
+        assert w.connects[1] == 1 and not h.failed_active_hc
+        t1 = next(iter(w.open))
+        assert b"connection: close" not in bytes(t1.written)
+        assert bytes(t1.written).count(b"GET /h HTTP/1.1\r\n") >= 4
+        # The peer closes the idle connection: the next check reconnects.
+        t1.close()
+        await until(lambda: w.connects[1] == 2)
+        n = stat(store, "success")
+        await until(lambda: stat(store, "success") >= n + 3)
+        assert w.connects[1] == 2
+        # An answer that says close: the connection ends with it, the next check reconnects.
+        extra[0] = b"connection: close\r\n"
+        await until(lambda: w.connects[1] >= 4)
+        assert not h.failed_active_hc
+        assert sum(1 for t in w.open if not t.is_closed) <= 1
+        # A failed check closes its connection too.
+        extra[0] = b""
+        status[0] = 503
+        await until(lambda: bool(h.failed_active_hc))
+        n = w.connects[1]
+        await until(lambda: stat(store, "failure") >= 3)
+        assert w.connects[1] >= n + 2  # (each failure reconnected)
+        assert sum(1 for t in w.open if not t.is_closed) <= 1
+
+    run(c, w, body)
+    assert all(t.is_closed for t in w.open)  # (stop closed the kept connection)
+
+
+def test_tcp_reuse_sends_the_next_payload_on_the_same_connection() -> None:
+    store = Store()
+    c = make(
+        {
+            "reuse_connection": True,
+            "unhealthy_threshold": 1,
+            "healthy_threshold": 1,
+            "tcp_health_check": {"send": {"text": "50494e47"}, "receive": [{"text": "504f4e47"}]},
+        },
+        (1,),
+        store,
+    )
+    w = World()
+    sent = [0]
+
+    def answer(data: bytes) -> Any:
+        n = data.count(b"PING")
+        if n <= sent[0]:
+            return None
+        sent[0] = n
+        return b"PONG"
+
+    w.behaviour[1] = answer
+
+    async def body() -> None:
+        await until(lambda: stat(store, "success") >= 4)
+        assert w.connects[1] == 1
+        t = next(iter(w.open))
+        assert bytes(t.written).startswith(b"PINGPINGPINGPING")
+        # A timeout closes it: a silent peer, then a fresh connection for the next check.
+        w.behaviour[1] = lambda data: None
+        t.answer = lambda data: None
+        await until(lambda: stat(store, "network_failure") >= 1)
+        assert t.is_closed
+        await until(lambda: w.connects[1] >= 2)
+
+    run(c, w, body)
+    assert all(t.is_closed for t in w.open)
+
+
+def test_h2_and_grpc_reuse_one_connection_a_stream_per_check() -> None:
+    store = Store()
+    hc = {"reuse_connection": True, "unhealthy_threshold": 1, "healthy_threshold": 1}
+    c = make({**hc, "http_health_check": {"path": "/hz", "codec_client_type": "HTTP2"}}, (1,), store)
+    w = World()
+    seen: list[dict[str, str]] = []
+    real = w.connect
+
+    def connect(loop: Any, host: Any, proto: Any, *a: Any) -> Any:
+        w.behaviour[host.port] = h2_server(200, seen)
+        return real(loop, host, proto, *a)
+
+    w.connect = connect  # type: ignore[method-assign]
+
+    async def body() -> None:
+        await until(lambda: stat(store, "success") >= 4)
+        assert w.connects[1] == 1 and len(seen) >= 4
+        assert not c.hosts[0].failed_active_hc
+
+    run(c, w, body)
+    assert all(t.is_closed for t in w.open)
+
+
+def test_a_host_that_leaves_takes_its_kept_connection_with_it() -> None:
+    store = Store()
+    c = make(
+        {"reuse_connection": True, "unhealthy_threshold": 1, "healthy_threshold": 1, "tcp_health_check": {}},
+        (1, 2),
+        store,
+    )
+    w = World()
+    w.behaviour[1] = w.behaviour[2] = lambda data: None
+
+    async def body() -> None:
+        await until(lambda: stat(store, "success") >= 4)
+        assert w.connects == {1: 1, 2: 1}
+        c.update_hosts([c.make_host("127.0.0.1", 1)])
+        await asyncio.sleep(0)
+        open_now = [t for t in w.open if not t.is_closed]
+        assert len(open_now) == 1  # (host 2's connection closed with it)
+        c.retire()
+        assert all(t.is_closed for t in w.open)  # (and retiring closes the rest)
+
+    run(c, w, body)
+    assert all(t.is_closed for t in w.open)
+
+
+def test_no_socket_is_left_open_after_stop_with_real_connections() -> None:
+    import os
+
+    from moorline.net.upstream import connect
+
+    store = Store()
+
+    async def main() -> None:
+        accepted: list[asyncio.StreamWriter] = []
+        eof: list[int] = []
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted.append(writer)
+            try:
+                while await reader.readuntil(b"\r\n\r\n"):
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            except asyncio.IncompleteReadError:
+                eof.append(1)  # (the checker closed its end)
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        c = make(
+            {
+                "reuse_connection": True,
+                "unhealthy_threshold": 1,
+                "healthy_threshold": 1,
+                "http_health_check": {"path": "/h"},
+            },
+            (port,),
+            store,
+        )
+        fds = len(os.listdir("/proc/self/fd"))
+        c.health_connect = connect
+        await c.start()
+        try:
+            await until(lambda: stat(store, "success") >= 5)
+            assert len(accepted) == 1  # (one kept connection for every check)
+            assert len(os.listdir("/proc/self/fd")) == fds + 2  # (its two ends, in this process)
+        finally:
+            c.stop()
+        await until(lambda: bool(eof))
+        for wr in accepted:
+            wr.close()
+        await until(lambda: len(os.listdir("/proc/self/fd")) == fds)
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "answer, kept",
+    [
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc", True),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabcEXTRA", False),  # (out of step)
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 5\r\n\r\nabc", False),
+        (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", False),
+        (b"HTTP/1.1 200 OK\r\n\r\nuntil the close", False),
+        (b"HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n", False),
+        (b"HTTP/1.1 204 No Content\r\n\r\n", True),
+    ],
+)
+def test_http1_keeps_a_connection_only_after_an_answer_it_framed_exactly(answer: bytes, kept: bool) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        conn = hcmod._Http1Check(b"GET /h HTTP/1.1\r\n\r\n", _judge, reuse=True)
+        out: list[str] = []
+        conn.begin(lambda o, d: out.append(o))
+        t = FakeTransport(loop, conn, lambda data: None)
+        conn.connection_made(t)
+        conn.data_received(answer)
+        assert out == ["pass"] and conn.reusable is kept and t.is_closed is not kept
+    finally:
+        loop.close()
+
+
+def _judge(status: int) -> str:
+    return "pass" if 200 <= status < 300 else "fail"
+
+
+def test_a_kept_http1_answer_body_is_counted_and_dropped_not_buffered() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        conn = hcmod._Http1Check(b"GET /h HTTP/1.1\r\n\r\n", _judge, reuse=True)
+        out: list[str] = []
+        conn.begin(lambda o, d: out.append(o))
+        conn.connection_made(FakeTransport(loop, conn, lambda data: None))
+        conn.data_received(b"HTTP/1.1 200 OK\r\ncontent-length: 1000000000\r\n\r\n")
+        for _ in range(100):
+            conn.data_received(b"x" * 65536)
+        assert out == [] and len(conn.buf) == 0 and conn.skip == 1000000000 - 100 * 65536
+    finally:
+        loop.close()
