@@ -390,6 +390,22 @@ class Router:
         # Envoy answers 100-continue itself and does not forward upstream 1xx by default.
         return
 
+    def _report_response(self, headers: Any, status: int) -> None:
+        """The answer's head to the cluster's outlier detector and health checks (only called
+        when the cluster has one of them)."""
+        cluster, host = self.cluster, self.host
+        od = cluster.outlier
+        if od is not None:
+            gs = headers.get(b"grpc-status") if self.stream.is_grpc else None
+            # A trailers-only gRPC answer is judged by its grpc-status, as Envoy does (a status
+            # in trailers is not: the headers decided already).
+            od.put_http(host, _od_grpc_http(int(gs)) if gs is not None and gs.isdigit() else status)
+        hc = cluster.health_checker
+        if hc is not None and headers.get(b"x-envoy-immediate-health-check-fail") is not None:
+            # The upstream (an Envoy or moorline told /healthcheck/fail) is draining itself:
+            # fail its active health at once instead of after unhealthy_threshold checks.
+            hc.immediate_fail(host)
+
     def on_upstream_headers(self, headers: ResponseHeaders, end_stream: bool) -> None:
         if self.done:
             return
@@ -399,12 +415,8 @@ class Router:
             # else would turn the client's connection into an unrouted tunnel.
             self.on_upstream_reset(ResetReason.PROTOCOL_ERROR, "unexpected 101")
             return
-        od = self.cluster.outlier
-        if od is not None and self.host is not None:
-            gs = headers.get(b"grpc-status") if self.stream.is_grpc else None
-            # A trailers-only gRPC answer is judged by its grpc-status, as Envoy does (a status
-            # in trailers is not: the headers decided already).
-            od.put_http(self.host, _od_grpc_http(int(gs)) if gs is not None and gs.isdigit() else status)
+        if self.cluster.watches_responses and self.host is not None:
+            self._report_response(headers, status)
         if self.tunnel and status != 101 and not (200 <= status < 300 and self.stream.method == b"CONNECT"):
             # The upstream refused the upgrade: an ordinary response, after which neither
             # connection is reused; the held tunnel bytes are dropped.

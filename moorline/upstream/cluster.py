@@ -486,6 +486,9 @@ class Cluster:
         # outlier.OutlierDetector when outlier_detection is configured; None costs the router
         # and tcp_proxy one attribute test per result.
         self.outlier: Any = None
+        # Whether the router reports answers to the cluster (outlier detection or active health
+        # checks configured): one attribute read per response when neither is.
+        self.watches_responses = False
         # Management (the ClusterManager sets these): origin, version, when it was (re)built.
         self.added_via_api = False
         self.version_info = ""
@@ -1334,6 +1337,7 @@ def compile_cluster(
         from moorline.upstream.outlier import compile_outlier
 
         c.outlier = compile_outlier(proto, c, rng)
+    c.watches_responses = c.outlier is not None or c.health_checker is not None
     # Initialise gauges and the (empty) balancer even when no host was added.
     c._rebuild()
     # Last: a config refused above leaves the gauges reading the cluster it would replace.

@@ -701,6 +701,27 @@ class HealthChecks:
         self.stats.healthy.value = sum(1 for h in hosts if not h.failed_active_hc)
         self.stats.degraded.value = sum(1 for ss in self._sessions.values() if any(s.degraded for s in ss))
 
+    def immediate_fail(self, host: Any) -> None:
+        """An answer from ``host`` carried ``x-envoy-immediate-health-check-fail``: every check
+        has it failed now (Envoy's immediate health check fail); ``healthy_threshold`` passes
+        bring it back."""
+        ss = self._sessions.get(host)
+        if not ss or self._loop is None:
+            return
+        for s in ss:
+            s.failed = True
+            s.n_healthy = s.n_unhealthy = 0
+        if not host.failed_active_hc:
+            host.failed_active_hc = True
+            host.healthy = False
+            log.info(
+                "cluster %s: host %s is now unhealthy (x-envoy-immediate-health-check-fail)",
+                self.cluster.name,
+                host.addr_str,
+            )
+            self.cluster.health_changed()
+            self._gauges()
+
     def verdict(self, host: Any) -> bool:
         """True (failed) while any check of ``host`` has it failed."""
         return any(s.failed for s in self._sessions.get(host, ()))

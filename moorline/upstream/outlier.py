@@ -82,6 +82,8 @@ _GRPC_AS_HTTP = (200, 499, 500, 400, 504, 404, 409, 403, 429, 400, 409, 400, 501
 def http_status_for_grpc(code: int) -> int:
     """The HTTP status a gRPC status code stands for (500 for codes outside 0..16)."""
     return _GRPC_AS_HTTP[code] if 0 <= code < len(_GRPC_AS_HTTP) else 500
+
+
 _LOCAL_AS_HTTP = {CONNECT_FAILED: 503, TIMEOUT: 504, CONNECT_SUCCESS_FINAL: 200}
 
 

@@ -301,3 +301,44 @@ def test_a_cds_cluster_warms_until_its_first_checks_and_its_connections_end_with
         wait_until(lambda: b.connections_active == 0, "no connection left")
     finally:
         cp.stop()
+
+
+def test_immediate_health_check_fail_header_takes_a_draining_moorline_out_at_once(
+    moorline: Any, upstreams: Callable[..., TestUpstream]
+) -> None:
+    # Two tiers: the front moorline checks a back moorline (health_check filter) and a plain
+    # upstream, with intervals far longer than the test. POST /healthcheck/fail on the back one
+    # makes its answers carry x-envoy-immediate-health-check-fail, and the front takes it out
+    # on the first such answer, without waiting for a check.
+    u1, u2 = upstreams(upstream_id="behind-b"), upstreams(upstream_id="u2")
+    hcf = {
+        "name": "envoy.filters.http.health_check",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck",
+            "pass_through_mode": False,
+            "headers": [{"name": ":path", "string_match": {"exact": "/healthz"}}],
+        },
+    }
+    router = {
+        "name": "envoy.filters.http.router",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+    }
+    bport = free_port()
+    back = moorline(config_http(bport, {"svc": [u1.port]}, hcm_extra={"http_filters": [hcf, router]}))
+    port = free_port()
+    hc = check(
+        {"http_health_check": {"path": "/healthz"}},
+        interval="300s",
+        no_traffic_interval="300s",
+        healthy_threshold=1,
+    )
+    front = moorline(config_http(port, [cluster("svc", [bport, u2.port], health_checks=[hc])]))
+    assert flags(front) == {bport: "healthy", u2.port: "healthy"}  # (start-up waited for the round)
+    assert ids(port, 8) == {"behind-b", "u2"}
+    assert back.admin_request("POST", "/healthcheck/fail").status == 200
+    seen = [http_request("127.0.0.1", port, "GET", "/work") for _ in range(8)]
+    # At most one answer from the back moorline got through (the one that carried the header).
+    assert sum(1 for r in seen if r.header("x-upstream-id") == "behind-b") == 1
+    assert flags(front)[bport] == "/failed_active_hc"
+    assert front.stat("cluster.svc.health_check.healthy") == 1
+    assert ids(port, 10) == {"u2"}

@@ -4,7 +4,10 @@ A request whose headers match every configured ``headers`` matcher is a health c
 non-pass-through mode the filter answers it itself: 200 while the server is healthy, 503 once
 ``POST /healthcheck/fail`` was called on the admin API (and while draining). In pass-through
 mode the request goes to the upstream, except that a failed server still answers 503 itself.
-Responses carry ``x-envoy-upstream-healthchecked-cluster`` as Envoy's do (the node's cluster).
+Responses carry ``x-envoy-upstream-healthchecked-cluster`` as Envoy's do (the node's cluster),
+and while the server fails its health checks every response carries
+``x-envoy-immediate-health-check-fail: true`` (a proxy with active health checks in front
+then fails this host at once).
 ``cluster_min_healthy_percentages`` and ``cache_time`` are accepted and noted, not applied.
 """
 
@@ -66,6 +69,10 @@ class HealthCheckFilter(HttpFilter):
     def encode_headers(self, headers: HeaderMap, end_stream: bool) -> int:
         if self.is_hc:
             headers.set(b"x-envoy-upstream-healthchecked-cluster", self.cfg.cluster)
+        if self.cfg.failed():
+            # Every answer, not only health checks': a proxy in front of this one with active
+            # health checks takes this host out at once (Envoy's behaviour).
+            headers.set(b"x-envoy-immediate-health-check-fail", b"true")
         return CONTINUE
 
 
