@@ -1368,6 +1368,10 @@ def compile_cluster(
     if ctype in ("STRICT_DNS", "LOGICAL_DNS"):
         _dns_options(proto, c)
     elif ctype == "ORIGINAL_DST":
+        if c.locality_weighted:
+            c.notice(
+                "common_lb_config.locality_weighted_lb_config: ORIGINAL_DST hosts have no localities; ignored"
+            )
         od = proto.original_dst_lb_config
         if od.use_http_header:
             c.original_dst_header = (od.http_header_name or "x-envoy-original-dst-host").lower().encode()

@@ -420,3 +420,20 @@ def test_policy_extension_locality_lb_config_and_zone_aware_notice() -> None:
         n.startswith("common_lb_config.zone_aware_lb_config: zone-aware routing is not implemented")
         for n in c.notices
     )
+
+
+def test_original_dst_with_locality_weighting_is_a_notice() -> None:
+    from envoy.config.cluster.v3 import cluster_pb2
+    from google.protobuf import json_format
+
+    from moorline.observability.stats import Store
+    from moorline.upstream.cluster import compile_cluster
+
+    d = {
+        "name": "od",
+        "type": "ORIGINAL_DST",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "common_lb_config": {"locality_weighted_lb_config": {}},
+    }
+    c = compile_cluster(json_format.ParseDict(d, cluster_pb2.Cluster()), Store())
+    assert any(n.startswith("common_lb_config.locality_weighted_lb_config: ORIGINAL_DST") for n in c.notices)
