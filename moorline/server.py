@@ -555,6 +555,11 @@ class Server:
                 lines.append(f"{p}::weight::{h.weight}")
                 lines.append(f"{p}::health_flags::{_health_flags(h)}")
                 lines.append(f"{p}::hostname::{h.hostname}")
+                region, zone, sub_zone = h.locality
+                lines.append(f"{p}::region::{region}")
+                lines.append(f"{p}::zone::{zone}")
+                lines.append(f"{p}::sub_zone::{sub_zone}")
+                lines.append(f"{p}::priority::{h.priority}")
         return "\n".join(lines) + ("\n" if lines else "")
 
     def clusters_json(self) -> dict:
@@ -571,6 +576,8 @@ class Server:
                             "weight": h.weight,
                             "hostname": h.hostname,
                             "health_status": _health_status(h),
+                            "locality": dict(zip(("region", "zone", "sub_zone"), h.locality, strict=True)),
+                            "priority": h.priority,
                             "stats": [
                                 {"name": "cx_active", "value": str(h.active_cx), "type": "GAUGE"},
                                 {"name": "rq_active", "value": str(h.active_rq), "type": "GAUGE"},

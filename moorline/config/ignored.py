@@ -151,8 +151,6 @@ CLUSTER: Table = {
     "maglev_lb_config": "Maglev load balancing is not supported; ignored",
     "round_robin_lb_config": "slow start and locality options of round robin are not supported; ignored",
     "common_lb_config": {
-        "zone_aware_lb_config": "zone-aware routing is not implemented; ignored",
-        "locality_weighted_lb_config": "locality-weighted load balancing is not implemented; ignored",
         "update_merge_window": "host updates are applied at once; ignored",
         "ignore_new_hosts_until_first_hc": "new hosts always wait for their first health check; ignored",
         "close_connections_on_host_set_change": "ignored",

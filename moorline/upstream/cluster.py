@@ -290,6 +290,7 @@ class Host:
         "healthy",
         "hostname",
         "locality",
+        "locality_weight",
         "outlier_ejected",
         "pool",
         "port",
@@ -315,6 +316,7 @@ class Host:
         degraded: bool = False,
         locality: tuple[str, str, str] = ("", "", ""),
         priority: int = 0,
+        locality_weight: int = 0,
     ) -> None:
         self.cluster = cluster
         self.priority = priority  # EDS priority level (0 is the highest)
@@ -327,6 +329,9 @@ class Host:
         self.failed_active_hc: bool | None = None
         self.degraded = degraded
         self.locality = locality  # (region, zone, sub_zone), for /clusters
+        # Its LocalityLbEndpoints' load_balancing_weight (0: none); read only with
+        # common_lb_config.locality_weighted_lb_config.
+        self.locality_weight = locality_weight
         self.active_rq = 0
         self.active_cx = 0
         self.removed = False
@@ -375,6 +380,7 @@ class Host:
             self.degraded,
             self.locality,
             self.priority,
+            self.locality_weight,
         )
         h.eds_healthy = self.eds_healthy
         h.failed_active_hc = self.failed_active_hc
@@ -407,6 +413,7 @@ class _Endpoint(NamedTuple):
     degraded: bool
     locality: tuple[str, str, str]
     priority: int = 0
+    locality_weight: int = 0
 
 
 class Cluster:
@@ -452,6 +459,10 @@ class Cluster:
         self.max_retries = 3
         self.panic_threshold = DEFAULT_PANIC_THRESHOLD
         self.overprovisioning = lbmod.DEFAULT_OVERPROVISIONING  # the assignment's policy (percent)
+        # common_lb_config.locality_weighted_lb_config (or a policy's locality_lb_config): each
+        # level picks a locality by effective weight first (lb.LocalityLB). Off: locality
+        # weights are ignored, as in Envoy, and nothing reads them.
+        self.locality_weighted = False
         self.choice_count = 2
         self.active_request_bias = 1.0
         self.eds_service_name = name
@@ -593,6 +604,7 @@ class Cluster:
                     o.degraded = h.degraded
                     o.locality = h.locality
                     o.priority = h.priority
+                    o.locality_weight = h.locality_weight
                 merged.append(o)
         removed = list(old.values())
         for h in removed:
@@ -628,7 +640,7 @@ class Cluster:
         if self.type == "ORIGINAL_DST" or not hosts:
             self._lb = None
             return
-        if hosts[-1].priority or any(h.priority for h in hosts):
+        if self.locality_weighted or hosts[-1].priority or any(h.priority for h in hosts):
             self._rebuild_priorities(hosts)
             return
         members = healthy
@@ -663,17 +675,47 @@ class Cluster:
                 balancers.append(None)
                 continue
             members = [h for h in lv if _usable(h)]
-            if self.panic_threshold > 0 and healthy * 100 < self.panic_threshold * total:
+            panic = self.panic_threshold > 0 and healthy * 100 < self.panic_threshold * total
+            if panic:
                 members = lv
                 self._panic = self._panic or load > 0
-            balancers.append(
-                lbmod.build(self.lb_policy, members, self._rng, self.choice_count, self.active_request_bias)
-                if members
-                else None
-            )
+            if not members:
+                balancers.append(None)
+            elif self.locality_weighted and not panic:
+                balancers.append(self._locality_lb(lv, members))
+            else:
+                balancers.append(self._build_lb(members))
+        if self.locality_weighted and len(levels) == 1:  # (one level: no priority draw per pick)
+            self._lb = balancers[0]
+            return
         self._lb = lbmod.PriorityLB(
             balancers, loads, self._rng, sorted(by_level), counts, self.overprovisioning
         )
+
+    def _build_lb(self, members: list[Host]) -> lbmod.LoadBalancer:
+        return lbmod.build(self.lb_policy, members, self._rng, self.choice_count, self.active_request_bias)
+
+    def _locality_lb(self, level: list[Host], members: list[Host]) -> lbmod.LoadBalancer:
+        """One priority level with locality weighting: each locality's effective weight (its
+        ``load_balancing_weight`` times its availability, as ``lb.effective_locality_weight``)
+        feeds a ``LocalityLB`` over per-locality balancers of its usable hosts. Localities
+        without a weight take no load; when no locality has an effective weight the level is
+        balanced without localities (as Envoy, whose locality schedule is then empty)."""
+        by_loc: dict[tuple[str, str, str], list[Host]] = {}
+        for h in level:
+            by_loc.setdefault(h.locality, []).append(h)
+        entries: list[tuple[float, lbmod.LoadBalancer]] = []
+        for hs in by_loc.values():
+            usable = [h for h in hs if _usable(h)]
+            # (two LocalityLbEndpoints of one locality and priority: the first one's weight)
+            w = lbmod.effective_locality_weight(
+                hs[0].locality_weight, len(usable), len(hs), self.overprovisioning
+            )
+            if w > 0:
+                entries.append((w, self._build_lb(usable)))
+        if not entries:
+            return self._build_lb(members)
+        return lbmod.LocalityLB(entries, self._rng)
 
     def load_assignment_view(self) -> Any:
         """The membership as a ``ClusterLoadAssignment`` (for ``/config_dump?include_eds``)."""
@@ -688,6 +730,8 @@ class Cluster:
                 lle = groups[key] = cla.endpoints.add()
                 lle.priority = h.priority
                 lle.locality.region, lle.locality.zone, lle.locality.sub_zone = h.locality
+                if h.locality_weight:
+                    lle.load_balancing_weight.value = h.locality_weight
             lbe = lle.lb_endpoints.add()
             if h.port is None:
                 lbe.endpoint.address.pipe.path = h.address
@@ -723,7 +767,18 @@ class Cluster:
             else lbmod.DEFAULT_OVERPROVISIONING
         )
         self.update_hosts(
-            Host(self, e.address, e.port, e.hostname, e.weight, e.healthy, e.degraded, e.locality, e.priority)
+            Host(
+                self,
+                e.address,
+                e.port,
+                e.hostname,
+                e.weight,
+                e.healthy,
+                e.degraded,
+                e.locality,
+                e.priority,
+                e.locality_weight,
+            )
             for e in endpoints
         )
 
@@ -738,6 +793,11 @@ class Cluster:
                 raise ConfigError(lpath, "LEDS endpoints are not supported")
             loc = lle.locality
             locality = (loc.region, loc.zone, loc.sub_zone)
+            locality_weight = opt_uint(lle, "load_balancing_weight", 0)
+            assert locality_weight is not None
+            if lle.HasField("load_balancing_weight") and locality_weight < 1:
+                # (Envoy's validation; leave it unset for a locality that takes no load)
+                raise ConfigError(f"{lpath}.load_balancing_weight", "must be at least 1")
             for j, lbe in enumerate(lle.lb_endpoints):
                 epath = f"{lpath}.lb_endpoints[{j}]"
                 if lbe.WhichOneof("host_identifier") == "endpoint_name":
@@ -778,6 +838,7 @@ class Cluster:
                         degraded=status == _HS.DEGRADED,
                         locality=locality,
                         priority=lle.priority,
+                        locality_weight=locality_weight,
                     )
                 )
         return out
@@ -897,6 +958,7 @@ class Cluster:
                         ep.degraded,
                         ep.locality,
                         ep.priority,
+                        ep.locality_weight,
                     )
                 )
         self.update_hosts(hosts)
@@ -924,6 +986,7 @@ class Cluster:
                     ep.degraded,
                     ep.locality,
                     ep.priority,
+                    ep.locality_weight,
                 )
             ]
         )
@@ -1049,6 +1112,9 @@ def _lb_policy(proto: Any, c: Cluster) -> str:
             policy = _LB_EXTENSIONS.get(type_name)
             if policy is None:
                 continue
+            tpath = f"load_balancing_policy.policies[{i}].typed_extension_config.typed_config"
+            if policy in ("ROUND_ROBIN", "RANDOM"):
+                _policy_locality(tc, policy, c, tpath)
             if policy == "LEAST_REQUEST":
                 from envoy.extensions.load_balancing_policies.least_request.v3 import (
                     least_request_pb2,
@@ -1057,15 +1123,43 @@ def _lb_policy(proto: Any, c: Cluster) -> str:
                 lr = least_request_pb2.LeastRequest()
                 if not tc.Unpack(lr):
                     raise ConfigError(f"load_balancing_policy.policies[{i}]", "cannot decode LeastRequest")
-                _least_request(
-                    lr, c, f"load_balancing_policy.policies[{i}].typed_extension_config.typed_config"
-                )
+                _least_request(lr, c, tpath)
+                _locality_config(lr.locality_lb_config, c, f"{tpath}.locality_lb_config")
             return policy
         raise ConfigError(
             "load_balancing_policy.policies",
             f"no supported policy among {names}; supported: round_robin, random, least_request",
         )
     return cluster_pb2.Cluster.LbPolicy.Name(proto.lb_policy)
+
+
+def _locality_config(cfg: Any, c: Cluster, path: str) -> None:
+    """``locality_weighted_lb_config`` / ``zone_aware_lb_config`` of a ``CommonLbConfig`` or a
+    policy's ``LocalityLbConfig`` (a oneof in both)."""
+    if cfg.HasField("locality_weighted_lb_config"):
+        c.locality_weighted = True
+    elif cfg.HasField("zone_aware_lb_config"):
+        c.notice(
+            f"{path}.zone_aware_lb_config: zone-aware routing is not implemented (it needs the local "
+            "cluster, cluster_manager.local_cluster_name); hosts are balanced without zones; ignored"
+        )
+
+
+def _policy_locality(tc: Any, policy: str, c: Cluster, path: str) -> None:
+    """A ROUND_ROBIN or RANDOM policy extension's own options."""
+    if policy == "ROUND_ROBIN":
+        from envoy.extensions.load_balancing_policies.round_robin.v3 import round_robin_pb2
+
+        cfg: Any = round_robin_pb2.RoundRobin()
+    else:
+        from envoy.extensions.load_balancing_policies.random.v3 import random_pb2
+
+        cfg = random_pb2.Random()
+    if not tc.Unpack(cfg):
+        raise ConfigError(path, f"cannot decode {cfg.DESCRIPTOR.name}")
+    if policy == "ROUND_ROBIN" and cfg.HasField("slow_start_config"):
+        c.notice(f"{path}.slow_start_config: slow start is not implemented, ignored")
+    _locality_config(cfg.locality_lb_config, c, f"{path}.locality_lb_config")
 
 
 def _least_request(cfg: Any, c: Cluster, path: str) -> None:
@@ -1254,6 +1348,7 @@ def compile_cluster(
         if not 0 <= v <= 100:
             raise ConfigError("common_lb_config.healthy_panic_threshold", "must be between 0 and 100")
         c.panic_threshold = v
+    _locality_config(clb, c, "common_lb_config")
 
     if proto.HasField("transport_socket"):
         ts = c.transport_socket = proto.transport_socket
@@ -1286,6 +1381,10 @@ def compile_cluster(
     if ctype in ("STRICT_DNS", "LOGICAL_DNS"):
         _dns_options(proto, c)
     elif ctype == "ORIGINAL_DST":
+        if c.locality_weighted:
+            c.notice(
+                "common_lb_config.locality_weighted_lb_config: ORIGINAL_DST hosts have no localities; ignored"
+            )
         od = proto.original_dst_lb_config
         if od.use_http_header:
             c.original_dst_header = (od.http_header_name or "x-envoy-original-dst-host").lower().encode()
@@ -1317,7 +1416,16 @@ def compile_cluster(
         if ctype == "STATIC":
             c.update_hosts(
                 Host(
-                    c, e.address, e.port, e.hostname, e.weight, e.healthy, e.degraded, e.locality, e.priority
+                    c,
+                    e.address,
+                    e.port,
+                    e.hostname,
+                    e.weight,
+                    e.healthy,
+                    e.degraded,
+                    e.locality,
+                    e.priority,
+                    e.locality_weight,
                 )
                 for e in eps
             )

@@ -339,6 +339,62 @@ class PriorityLB:
         return None
 
 
+def effective_locality_weight(weight: int, healthy: int, total: int, overprovisioning: int) -> float:
+    """Envoy's effective locality weight: the locality's ``load_balancing_weight`` scaled by its
+    availability, ``healthy / total`` times the overprovisioning factor (percent), capped at 1.
+    A locality without a weight (0), or without a healthy host, gets 0: no traffic."""
+    if weight <= 0 or healthy <= 0 or total <= 0:
+        return 0.0
+    return weight * min(1.0, healthy * overprovisioning / (100.0 * total))
+
+
+class LocalityLB:
+    """Locality weighted balancing inside one priority level: an earliest-deadline-first schedule
+    picks the locality (locality *i* is due every ``1/w_i``, its *k*-th turn at ``k/w_i``, ties to
+    the lower index), then that locality's balancer picks the host. Deterministic and smooth: after
+    n picks a locality has had ``n * w_i / sum(w)`` of them give or take fewer than m (the number of
+    localities); no locality gets a burst. O(log m) per pick. Entries with a weight of 0 are dropped (no traffic). Like the other
+    balancers it starts a random number of turns into the schedule (fewer than m), so worker
+    processes do not all begin with the same locality.
+
+    ``exclude``: when the scheduled locality has no host outside it, the other localities are
+    asked in turn (a retry prefers another host to the same one); the schedule advances once."""
+
+    __slots__ = ("_heap", "_levels", "weights")
+
+    def __init__(self, entries: Sequence[tuple[float, LoadBalancer]], rng: random.Random) -> None:
+        kept = [(w, b) for w, b in entries if w > 0]
+        self.weights = [w for w, _b in kept]  # the effective weights, in schedule order
+        self._levels = [b for _w, b in kept]
+        self._heap: list[tuple[float, int, int]] = [(1.0 / w, i, 1) for i, w in enumerate(self.weights)]
+        heapq.heapify(self._heap)
+        for _ in range(rng.randrange(len(kept)) if kept else 0):
+            self._next()
+
+    def _next(self) -> int:
+        heap = self._heap
+        _d, i, k = heap[0]
+        heapq.heapreplace(heap, ((k + 1) / self.weights[i], i, k + 1))
+        return i
+
+    def pick(self, exclude: Collection[Host] | None = None) -> Host | None:
+        if not self._heap:
+            return None
+        i = self._next()
+        h = self._levels[i].pick(exclude)
+        if h is not None and (not exclude or h not in exclude):
+            return h
+        first = h
+        n = len(self._levels)
+        for k in range(1, n):
+            other = self._levels[(i + k) % n].pick(exclude)
+            if other is not None and not (exclude and other in exclude):
+                return other
+            if first is None:
+                first = other
+        return first
+
+
 def build(
     policy: str,
     hosts: Sequence[Host],

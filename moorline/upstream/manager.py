@@ -139,6 +139,9 @@ class ClusterManager:
         )
         if same_eds:
             assert old is not None
+            # (the assignment's overprovisioning factor comes with its hosts; locality weights
+            # are on the hosts)
+            c.overprovisioning = old.overprovisioning
             c.update_hosts([h.copy_for(c) for h in old.hosts])
         self._follow_eds(c, proto, path)  # (a file source replaces the carried-over hosts)
         self._drop_warming(c.name)

@@ -129,6 +129,42 @@ def test_eds_update_keeps_members_as_new_hosts() -> None:
     assert e2.hosts[0] is not old_host and e2.hosts[0].cluster is e2 and old_host.removed
 
 
+def test_cds_update_turning_on_locality_weighting_keeps_eds_weights_and_overprovisioning() -> None:
+    from moorline.upstream.lb import LocalityLB
+
+    def lle(zone: str, addrs: list[str], weight: int) -> dict[str, Any]:
+        return {
+            "locality": {"zone": zone},
+            "load_balancing_weight": weight,
+            "lb_endpoints": [
+                {
+                    "endpoint": {"address": {"socket_address": {"address": a, "port_value": 80}}},
+                    **({"health_status": "UNHEALTHY"} if a.endswith(".2") else {}),
+                }
+                for a in addrs
+            ],
+        }
+
+    m = ClusterManager(Store())
+    e = m.add_or_update(proto({"name": "e", "type": "EDS"}))
+    e.update_load_assignment(
+        json_format.ParseDict(
+            {
+                "cluster_name": "e",
+                "endpoints": [lle("a", ["10.0.0.1", "10.0.0.2"], 1), lle("b", ["10.0.1.1"], 3)],
+                "policy": {"overprovisioning_factor": 100},
+            },
+            endpoint_pb2.ClusterLoadAssignment(),
+        )
+    )
+    e2 = m.add_or_update(
+        proto({"name": "e", "type": "EDS", "common_lb_config": {"locality_weighted_lb_config": {}}})
+    )
+    assert e2.overprovisioning == 100
+    # a: weight 1 times its availability 1/2 (factor 100, not the default 140); b: 3.
+    assert isinstance(e2._lb, LocalityLB) and e2._lb.weights == [0.5, 3.0]
+
+
 def test_retire_stops_dns_refresh_and_original_dst_sweeps() -> None:
     async def main() -> None:
         async def resolve(name: str, family: int) -> Any:
