@@ -191,7 +191,10 @@ class _Check(asyncio.Protocol):
 
 class _TcpCheck(_Check):
     def __init__(self, send: bytes, receive: list[bytes], reuse: bool = False) -> None:
-        super().__init__(reuse)
+        # Without a ``receive`` payload the check is a connect test: a fresh connection each
+        # time, whatever ``reuse_connection`` says (Envoy closes it too), or a peer that kept
+        # the first connection open but stopped serving would pass for ever.
+        super().__init__(reuse and bool(receive))
         self.send = send
         self.receive = receive
         self.buf = bytearray()

@@ -920,15 +920,55 @@ def test_h2_and_grpc_reuse_one_connection_a_stream_per_check() -> None:
     assert all(t.is_closed for t in w.open)
 
 
-def test_a_host_that_leaves_takes_its_kept_connection_with_it() -> None:
+def _pong_per_ping() -> Callable[[bytes], bytes | None]:
+    sent = [0]
+
+    def answer(data: bytes) -> bytes | None:
+        n = data.count(b"PING")
+        if n <= sent[0]:
+            return None
+        sent[0] = n
+        return b"PONG"
+
+    return answer
+
+
+def test_a_tcp_connect_check_opens_a_connection_per_check_even_with_reuse() -> None:
+    # No receive payload: only the connect is tested, so a kept connection would prove nothing
+    # (a peer that stopped serving but kept its socket would pass for ever).
     store = Store()
     c = make(
         {"reuse_connection": True, "unhealthy_threshold": 1, "healthy_threshold": 1, "tcp_health_check": {}},
+        (1,),
+        store,
+    )
+    w = World()
+    w.behaviour[1] = lambda data: None
+
+    async def body() -> None:
+        await until(lambda: stat(store, "success") >= 3)
+        assert w.connects[1] >= 3
+        assert sum(1 for t in w.open if not t.is_closed) <= 1
+
+    run(c, w, body)
+    assert all(t.is_closed for t in w.open)
+
+
+def test_a_host_that_leaves_takes_its_kept_connection_with_it() -> None:
+    store = Store()
+    c = make(
+        {
+            "reuse_connection": True,
+            "unhealthy_threshold": 1,
+            "healthy_threshold": 1,
+            "tcp_health_check": {"send": {"text": "50494e47"}, "receive": [{"text": "504f4e47"}]},
+        },
         (1, 2),
         store,
     )
     w = World()
-    w.behaviour[1] = w.behaviour[2] = lambda data: None
+    w.behaviour[1] = _pong_per_ping()
+    w.behaviour[2] = _pong_per_ping()
 
     async def body() -> None:
         await until(lambda: stat(store, "success") >= 4)
