@@ -12,6 +12,11 @@ Connection lifecycle (phases of ``_Session``):
    ``connect_timeout`` (``moorline.net.upstream.connect_socket``: only net/ touches sockets). The downstream socket is not read meanwhile, so the kernel's buffers and
    the client's TCP window are the backpressure. A failure or timeout retries with another host
    (the failed ones excluded) up to ``max_connect_attempts``; then the downstream is closed.
+   Before each attempt the cluster's ``max_connections`` circuit breaker is checked against
+   ``upstream_cx_active`` (HTTP pools and tcp_proxy sessions alike): over it the downstream is
+   closed without connecting (``cluster.<name>.upstream_cx_overflow``), and no further
+   attempt is made. A failed attempt gives its connection back first, so a retry
+   is checked against the count without it.
 3. **relay**: ``moorline.net.tcp_relay`` moves the bytes (``os.splice`` by default, userspace copy
    with ``MOORLINE_NO_SPLICE=1`` or ``use_splice=False``), with half-close, idle timeout and
    ``max_downstream_connection_duration``. When the chain terminates TLS (``info.tls``) or the
@@ -236,6 +241,13 @@ class _Session:
         cluster = self.cluster
         cs = cluster.stats
         self.attempts += 1
+        if cs.upstream_cx_active.value >= cluster.max_connections:
+            # Each session is one upstream connection, counted in the same upstream_cx_active
+            # the HTTP pools count (one budget per cluster, as Envoy's resource manager): over
+            # the cluster's max_connections the downstream is closed at once, no further attempt.
+            cs.upstream_cx_overflow.value += 1
+            self._end_downstream()
+            return
         host = cluster.choose_host(self.failed or None, self)
         if host is None and self.failed:
             host = cluster.choose_host(None, self)  # every host failed once: any will do

@@ -112,6 +112,49 @@ def test_parallel_connections(tcp_env: int) -> None:
     assert results == [(n, pattern_sha256(n))] * 4
 
 
+def test_max_connections_closes_the_third_session(
+    tmp_path: Path, echo_server: TcpEchoServer, moorline: Callable[..., MoorlineProc]
+) -> None:
+    """The cluster's max_connections 2 bounds tcp_proxy sessions: a third client is closed
+    without a connection (or a byte) reaching the echo server, upstream_cx_overflow counts, and
+    once one session ends a new one is relayed."""
+    port = free_port()
+    cb = {"thresholds": [{"max_connections": 2}]}
+    proc = moorline(
+        bootstrap(
+            [procs.tcp_listener("tcp_cb", port, "echo")],
+            [cluster("echo", [echo_server.port], circuit_breakers=cb)],
+        )
+    )
+    held = []
+    for i in range(2):
+        s = socket.create_connection((H, port), timeout=10)
+        s.sendall(b"held%d" % i)
+        assert s.recv(16) == b"held%d" % i
+        held.append(s)
+    assert proc.stat("cluster.echo.upstream_cx_active") == 2
+    with socket.create_connection((H, port), timeout=10) as third:
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            third.sendall(b"third")
+        try:
+            got = third.recv(16)  # EOF, or a reset since "third" was never read
+        except ConnectionResetError:
+            got = b""
+        assert got == b""
+    assert proc.stat("cluster.echo.upstream_cx_overflow") == 1
+    assert echo_server.connections_total == 2
+    held.pop().close()
+    procs.wait_until(lambda: proc.stat("cluster.echo.upstream_cx_active") == 1, "a slot freed")
+    with socket.create_connection((H, port), timeout=10) as fourth:
+        fourth.sendall(b"fourth")
+        fourth.shutdown(socket.SHUT_WR)
+        assert recv_until_eof(fourth) == b"fourth"
+    assert echo_server.connections_total == 3
+    assert proc.stat("cluster.echo.upstream_cx_overflow") == 1
+    for s in held:
+        s.close()
+
+
 # =============================================================================================
 # tcp_proxy with scripted backends and TLS
 # =============================================================================================

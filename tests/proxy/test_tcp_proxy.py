@@ -42,6 +42,7 @@ class FakeStats:
         "upstream_cx_rx_bytes_total",
         "upstream_cx_tx_bytes_total",
         "upstream_cx_none_healthy",
+        "upstream_cx_overflow",
     )
 
     def __init__(self, store: Store, name: str) -> None:
@@ -57,6 +58,7 @@ class FakeStats:
         self.upstream_cx_rx_bytes_total: Counter
         self.upstream_cx_tx_bytes_total: Counter
         self.upstream_cx_none_healthy: Counter
+        self.upstream_cx_overflow: Counter
 
 
 class FakeHost:
@@ -78,6 +80,7 @@ class FakeCluster:
         self.connect_timeout = connect_timeout
         self.per_connection_buffer_limit = 1024 * 1024
         self.tcp_keepalive = (3, 30, 5)
+        self.max_connections = 1024
         self.chosen: list[FakeHost] = []
 
     def choose_host(self, exclude: Any = None, context: Any = None) -> FakeHost | None:
@@ -314,6 +317,97 @@ def test_connect_failure_with_one_attempt_closes_downstream() -> None:
             assert val(store, "tcp.f.upstream_cx_connect_attempts_exceeded") == 1
             await until(lambda: val(store, "listener.127.0.0.1_0.downstream_cx_destroy") == 1)
             assert val(store, "listener.127.0.0.1_0.downstream_cx_active") == 0
+        finally:
+            lst.close()
+            srv.close()
+            refusing.close()
+
+    run(main)
+
+
+async def counting_echo() -> tuple[asyncio.Server, int, list[bytes]]:
+    """Echoes until EOF; the list gets one entry per accepted connection (its first bytes)."""
+    seen: list[bytes] = []
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        i = len(seen)
+        seen.append(b"")
+        while d := await r.read(65536):
+            seen[i] += d
+            w.write(d)
+        await w.drain()
+        w.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return srv, srv.sockets[0].getsockname()[1], seen
+
+
+def test_max_connections_closes_the_session_over_the_limit() -> None:
+    """Each session holds one of the cluster's max_connections: the third of two allowed is
+    closed before any upstream connect (upstream_cx_overflow); a slot freed lets a new one in."""
+    store = Store()
+
+    async def main() -> None:
+        srv, port, seen = await counting_echo()
+        cluster = FakeCluster(store, "c", [FakeHost("127.0.0.1", port)])
+        cluster.max_connections = 2
+        lst = await make_proxy(store, FakeCM(cluster), {"stat_prefix": "mc", "cluster": "c"})
+        lport = lst.bound_address[2]
+        try:
+            held = []
+            for i in range(2):
+                r, w = await asyncio.open_connection("127.0.0.1", lport)
+                w.write(b"held%d" % i)
+                assert await r.readexactly(5) == b"held%d" % i
+                held.append((r, w))
+            assert val(store, "cluster.c.upstream_cx_active") == 2
+            got = await client(lport, b"third", shut=False)  # type: ignore[arg-type]
+            assert got == b""
+            assert val(store, "cluster.c.upstream_cx_overflow") == 1
+            assert len(cluster.chosen) == 2  # no host was even picked for the third
+            assert seen == [b"held0", b"held1"]
+            assert val(store, "cluster.c.upstream_cx_total") == 2
+            await until(lambda: val(store, "listener.127.0.0.1_0.downstream_cx_active") == 2)
+            r, w = held.pop()
+            w.write_eof()
+            assert await asyncio.wait_for(r.read(), 5) == b""
+            w.close()
+            await until(lambda: val(store, "cluster.c.upstream_cx_active") == 1)
+            assert await client(lport, b"fourth") == b"fourth"  # type: ignore[arg-type]
+            assert val(store, "cluster.c.upstream_cx_overflow") == 1
+            assert seen == [b"held0", b"held1", b"fourth"]
+            for _r, w in held:
+                w.close()
+            await until(lambda: val(store, "cluster.c.upstream_cx_active") == 0)
+        finally:
+            lst.close()
+            srv.close()
+
+    run(main)
+
+
+def test_failed_connect_attempt_gives_its_connection_back_before_the_retry() -> None:
+    """max_connections 1 and two connect attempts: the refused first attempt does not hold the
+    one slot, so the second attempt connects (no overflow)."""
+    store = Store()
+
+    async def main() -> None:
+        refusing, bad = _refusing_port()
+        srv, good = await hello_server(b"hello ")
+        cluster = FakeCluster(store, "c", [FakeHost("127.0.0.1", bad), FakeHost("127.0.0.1", good)])
+        cluster.max_connections = 1
+        lst = await make_proxy(
+            store, FakeCM(cluster), {"stat_prefix": "ma", "cluster": "c", "max_connect_attempts": 2}
+        )
+        try:
+            got = await client(lst.bound_address[2], b"world")  # type: ignore[arg-type]
+            assert got == b"hello world"
+            assert [h.port for h in cluster.chosen] == [bad, good]
+            assert val(store, "cluster.c.upstream_cx_overflow") == 0
+            cluster.max_connections = 0
+            assert await client(lst.bound_address[2], b"x", shut=False) == b""  # type: ignore[arg-type]
+            assert val(store, "cluster.c.upstream_cx_overflow") == 1
+            assert val(store, "tcp.ma.upstream_cx_connect_attempts_exceeded") == 0
         finally:
             lst.close()
             srv.close()
