@@ -548,6 +548,8 @@ class Server:
             lines.append(f"{name}::default_priority::max_pending_requests::{c.max_pending_requests}")
             lines.append(f"{name}::default_priority::max_requests::{c.max_requests}")
             lines.append(f"{name}::default_priority::max_retries::{c.max_retries}")
+            lines.append(f"{name}::high_priority::max_requests::{c.high.max_requests}")
+            lines.append(f"{name}::high_priority::max_retries::{c.high.max_retries}")
             for h in c.hosts:
                 p = f"{name}::{h.addr_str}"
                 lines.append(f"{p}::cx_active::{h.active_cx}")

@@ -931,6 +931,7 @@ class Route:
         "direct_status",
         "filter_configs",
         "grpc_timeout_offset",
+        "high",
         "host_redirect",
         "host_rewrite",
         "host_rewrite_header",
@@ -988,6 +989,8 @@ class Route:
         self.mirrors: tuple[MirrorPolicy, ...] | None = None  # None: no mirroring (no cost)
         self.grpc_timeout_offset: float | None = None
         self.retry: RetryPolicy | None = None
+        # RouteAction.priority HIGH: the cluster's HIGH circuit-breaker thresholds apply
+        self.high = False
         self._rw_kind = _RW_NONE
         self._rw_prefix = b""
         self._rw_regex: RegexRewrite | None = None
@@ -1625,6 +1628,7 @@ def _compile_route_action(
     r.cluster_not_found_response_code = {0: 503, 1: 404, 2: 500}.get(
         int(a.cluster_not_found_response_code), 503
     )
+    r.high = a.priority != 0  # RoutingPriority: DEFAULT 0, HIGH 1
 
     if a.prefix_rewrite and a.HasField("regex_rewrite"):
         raise ConfigError(f"{ap}.regex_rewrite", "only one of prefix_rewrite and regex_rewrite may be set")

@@ -299,12 +299,22 @@ class Router:
             self._local_failure(503, b"no healthy upstream", flags.NO_HEALTHY_UPSTREAM, "no_healthy_upstream")
             return
         st = cluster.stats
-        if st.upstream_rq_active.value >= cluster.max_requests:
+        route = self.route
+        if route.high:  # RouteAction.priority HIGH: the cluster's HIGH thresholds
+            hi = cluster.high
+            if hi.rq_active >= hi.max_requests:
+                st.upstream_rq_pending_overflow.value += 1
+                self._local_failure(
+                    503, _UPSTREAM_ERR + b"overflow", flags.UPSTREAM_OVERFLOW, _OVERFLOW_DETAILS
+                )
+                return
+            hi.rq_active += 1
+        elif st.upstream_rq_active.value - cluster.high.rq_active >= cluster.max_requests:
             st.upstream_rq_pending_overflow.value += 1
             self._local_failure(503, _UPSTREAM_ERR + b"overflow", flags.UPSTREAM_OVERFLOW, _OVERFLOW_DETAILS)
             return
         self.host = host
-        if self.route.auto_host_rewrite:
+        if route.auto_host_rewrite:
             self.headers.authority = host.hostname.encode()
         n = self.attempts = self.attempts + 1
         info = stream.info
@@ -578,9 +588,12 @@ class Router:
         if host is not None:
             self.host = None
             host.active_rq -= 1
-            st = self.cluster.stats
+            cluster = self.cluster
+            st = cluster.stats
             st.upstream_rq_active.value -= 1
             st.upstream_rq_completed.value += 1
+            if self.route.high:
+                cluster.high.rq_active -= 1
 
     def _upstream_complete(self) -> None:
         now = self.loop.time()
@@ -613,7 +626,7 @@ class Router:
         if self.backoff_handle is not None:
             self.backoff_handle.cancel()
             self.backoff_handle = None
-            self.cluster.active_retries -= 1  # the retry slot taken in _retry()
+            self._retry_level().active_retries -= 1  # the retry slot taken in _retry()
         if self.pending is not None:
             self.pending.cancel()
             self.pending = None
@@ -658,7 +671,8 @@ class Router:
         if self.body_bytes and not self.retain:
             return False
         st = self.cluster.stats
-        if self.cluster.active_retries >= self.cluster.retries_limit():
+        level = self._retry_level()
+        if level.active_retries >= level.retries_limit():
             st.upstream_rq_retry_overflow.value += 1
             return False
         return True
@@ -674,6 +688,13 @@ class Router:
         if not on & want:
             return False
         return self._retry()
+
+    def _retry_level(self) -> Any:
+        """Where this request's concurrent retries count: the cluster (DEFAULT priority) or its
+        ``HighPriority`` (a priority HIGH route); both have ``active_retries`` and
+        ``retries_limit()``."""
+        cluster = self.cluster
+        return cluster.high if self.route.high else cluster
 
     def _retry(self, reset: float | None = None) -> bool:
         """Start the back-off to the next attempt; ``reset``: the rate-limited back-off's delay
@@ -692,7 +713,8 @@ class Router:
             conn.abort()
         self._end_attempt()
         cluster = self.cluster
-        cluster.active_retries += 1
+        level = self._retry_level()
+        level.active_retries += 1
         if reset is not None:
             delay = reset * (1.0 + random.random() / 2)
             cluster.stats.upstream_rq_retry_backoff_ratelimited.value += 1
@@ -700,7 +722,7 @@ class Router:
             delay = self.policy.backoff(self.attempts - 1, random.random()) if self.policy else 0.0
 
         def go() -> None:
-            cluster.active_retries -= 1
+            level.active_retries -= 1
             self._start_attempt()
 
         self.backoff_handle = self.loop.call_later(delay, go)
@@ -743,7 +765,7 @@ class Router:
         if self.backoff_handle is not None:
             self.backoff_handle.cancel()
             self.backoff_handle = None
-            self.cluster.active_retries -= 1
+            self._retry_level().active_retries -= 1
         self._abandon_attempt()
         self._local_failure(
             504, b"upstream request timeout", flags.UPSTREAM_REQUEST_TIMEOUT, "upstream_response_timeout"

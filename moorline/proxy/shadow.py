@@ -153,7 +153,7 @@ class Shadow:
         st = cluster.stats
         if host is None:
             return False
-        if st.upstream_rq_active.value >= cluster.max_requests:
+        if st.upstream_rq_active.value - cluster.high.rq_active >= cluster.max_requests:  # DEFAULT priority
             st.upstream_rq_pending_overflow.value += 1
             return False
         self.request_done = end_stream

@@ -245,9 +245,13 @@ class ClusterStats:
         for attr, n in self.CB_GAUGES.items():
             count, limit = _BREAKERS[n.rsplit(".", 1)[1][: -len("_open")]]
             setattr(st, attr, self.scope.derived_gauge(n, opener(count, limit)))
+        # HIGH: only the breakers it counts on its own (see HighPriority)
+        for kind, (count, limit) in _HIGH_BREAKERS.items():
+            self.scope.derived_gauge(f"circuit_breakers.high.{kind}_open", opener(count, limit))
 
-    def track_remaining(self, cluster: Cluster) -> None:
-        """``circuit_breakers.default.remaining_*`` (``track_remaining``): limit minus count."""
+    def track_remaining(self, cluster: Cluster, high: bool = False) -> None:
+        """``circuit_breakers.<default|high>.remaining_*`` (``track_remaining``): limit minus
+        count (for HIGH only ``remaining_rq`` and ``remaining_retries``)."""
         ref = weakref.ref(cluster)
 
         def remaining(count: Callable[[Cluster], int], limit: Callable[[Cluster], int]) -> Callable[[], int]:
@@ -257,9 +261,13 @@ class ClusterStats:
 
             return fn
 
+        table, level = (_HIGH_BREAKERS, "high") if high else (_BREAKERS, "default")
         for kind, name in (("cx", "cx"), ("rq_pending", "pending"), ("rq", "rq"), ("rq_retry", "retries")):
-            count, limit = _BREAKERS[kind]
-            self.scope.derived_gauge(f"circuit_breakers.default.remaining_{name}", remaining(count, limit))
+            if kind in table:
+                count, limit = table[kind]
+                self.scope.derived_gauge(
+                    f"circuit_breakers.{level}.remaining_{name}", remaining(count, limit)
+                )
 
     def rq_status(self, code: int) -> None:
         """Count one upstream response: ``upstream_rq_<code>`` and ``upstream_rq_<N>xx``."""
@@ -416,6 +424,34 @@ class _Endpoint(NamedTuple):
     locality_weight: int = 0
 
 
+class HighPriority:
+    """The cluster's HIGH ``RoutingPriority`` thresholds and their live counts. Requests on a
+    route with ``priority: HIGH`` are checked against these instead of the DEFAULT ones
+    (``Cluster.max_requests`` ...), so they keep flowing while DEFAULT's limits are exhausted.
+    Requests and retries have their own counts here (a HIGH request is still counted in the
+    cluster's ``upstream_rq_active`` gauge; the DEFAULT check subtracts ``rq_active``).
+    Connections and pending requests are shared: one pool per host serves both priorities, so
+    a HIGH request queues and connects within the DEFAULT ``max_pending_requests`` /
+    ``max_connections`` (the HIGH values of those two are a notice)."""
+
+    __slots__ = ("active_retries", "max_requests", "max_retries", "retry_budget", "rq_active")
+
+    def __init__(self) -> None:
+        self.max_requests = 1024
+        self.max_retries = 3
+        self.retry_budget: tuple[float, int] | None = None
+        self.rq_active = 0
+        self.active_retries = 0
+
+    def retries_limit(self) -> int:
+        """``Cluster.retries_limit`` for HIGH: ``max_retries``, or the budget's share of the
+        HIGH requests in flight (at least ``min_retry_concurrency``)."""
+        rb = self.retry_budget
+        if rb is None:
+            return self.max_retries
+        return max(int(rb[0] * self.rq_active), rb[1])
+
+
 class Cluster:
     """A compiled cluster. See the module docstring; build with ``compile_cluster``."""
 
@@ -457,6 +493,7 @@ class Cluster:
         self.max_pending_requests = 1024
         self.max_requests = 1024
         self.max_retries = 3
+        self.high = HighPriority()  # read only for requests on a priority HIGH route
         self.panic_threshold = DEFAULT_PANIC_THRESHOLD
         self.overprovisioning = lbmod.DEFAULT_OVERPROVISIONING  # the assignment's policy (percent)
         # common_lb_config.locality_weighted_lb_config (or a policy's locality_lb_config): each
@@ -554,7 +591,8 @@ class Cluster:
         if rb is None:
             return self.max_retries
         st = self.stats
-        share = int(rb[0] * (st.upstream_rq_active.value + st.upstream_rq_pending_active.value))
+        active = st.upstream_rq_active.value - self.high.rq_active
+        share = int(rb[0] * (active + st.upstream_rq_pending_active.value))
         return max(share, rb[1])
 
     def notice(self, msg: str) -> None:
@@ -1251,8 +1289,13 @@ def _is_raw_buffer(ts: Any) -> bool:
 _BREAKERS: dict[str, tuple[Callable[[Cluster], int], Callable[[Cluster], int]]] = {
     "cx": (lambda c: c.stats.upstream_cx_active.value, lambda c: c.max_connections),
     "rq_pending": (lambda c: c.stats.upstream_rq_pending_active.value, lambda c: c.max_pending_requests),
-    "rq": (lambda c: c.stats.upstream_rq_active.value, lambda c: c.max_requests),
+    "rq": (lambda c: c.stats.upstream_rq_active.value - c.high.rq_active, lambda c: c.max_requests),
     "rq_retry": (lambda c: c.active_retries, lambda c: c.retries_limit()),
+}
+# the HIGH priority's own counts (connections and pending requests are shared with DEFAULT)
+_HIGH_BREAKERS: dict[str, tuple[Callable[[Cluster], int], Callable[[Cluster], int]]] = {
+    "rq": (lambda c: c.high.rq_active, lambda c: c.high.max_requests),
+    "rq_retry": (lambda c: c.high.active_retries, lambda c: c.high.retries_limit()),
 }
 
 
@@ -1319,28 +1362,39 @@ def compile_cluster(
                 opt_uint(ka, "keepalive_interval"),
             )
 
-    track_remaining = False
+    track_remaining = high_remaining = False
+    seen: set[int] = set()
     for i, th in enumerate(proto.circuit_breakers.thresholds):
-        if th.priority != 0:  # HIGH: no request priorities yet
-            c.notice(
-                f"circuit_breakers.thresholds[{i}]: priority HIGH thresholds are not used (requests carry no priority); ignored"
-            )
+        if th.priority in seen:
+            continue  # Envoy: the first thresholds of a priority count
+        seen.add(th.priority)
+        tp = f"circuit_breakers.thresholds[{i}]"
+        budget: tuple[float, int] | None = None
+        if th.HasField("retry_budget"):
+            rb = th.retry_budget
+            pct = rb.budget_percent.value if rb.HasField("budget_percent") else 20.0
+            if not 0.0 <= pct <= 100.0:
+                raise ConfigError(f"{tp}.retry_budget.budget_percent", "must be between 0 and 100")
+            budget = (pct / 100.0, opt_uint(rb, "min_retry_concurrency", 3) or 0)
+        if th.priority != 0:  # HIGH
+            hi = c.high
+            hi.max_requests = opt_uint(th, "max_requests", 1024) or 0
+            hi.max_retries = opt_uint(th, "max_retries", 3) or 0
+            hi.retry_budget = budget
+            high_remaining = th.track_remaining
+            for field in ("max_connections", "max_pending_requests"):
+                if th.HasField(field):
+                    c.notice(
+                        f"{tp}.{field}: HIGH requests share the DEFAULT connection pools and their "
+                        f"{field} (one pool per host); ignored"
+                    )
             continue
         c.max_connections = opt_uint(th, "max_connections", 1024) or 0
         c.max_pending_requests = opt_uint(th, "max_pending_requests", 1024) or 0
         c.max_requests = opt_uint(th, "max_requests", 1024) or 0
         c.max_retries = opt_uint(th, "max_retries", 3) or 0
-        if th.HasField("retry_budget"):
-            rb = th.retry_budget
-            pct = rb.budget_percent.value if rb.HasField("budget_percent") else 20.0
-            if not 0.0 <= pct <= 100.0:
-                raise ConfigError(
-                    f"circuit_breakers.thresholds[{i}].retry_budget.budget_percent",
-                    "must be between 0 and 100",
-                )
-            c.retry_budget = (pct / 100.0, opt_uint(rb, "min_retry_concurrency", 3) or 0)
+        c.retry_budget = budget
         track_remaining = th.track_remaining
-        break
 
     clb = proto.common_lb_config
     if clb.HasField("healthy_panic_threshold"):
@@ -1452,6 +1506,8 @@ def compile_cluster(
     c.stats.bind_breakers(c)
     if track_remaining:
         c.stats.track_remaining(c)
+    if high_remaining:
+        c.stats.track_remaining(c, high=True)
     return c
 
 

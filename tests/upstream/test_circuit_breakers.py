@@ -106,13 +106,70 @@ def test_retry_budget_percent_out_of_range() -> None:
     assert "retry_budget.budget_percent" in str(e.value)
 
 
-def test_high_priority_is_a_notice() -> None:
+def test_high_priority_thresholds_have_their_own_counts_and_gauges() -> None:
+    store = Store()
     c = build(
         static(
             "c1",
             ep("10.0.0.1", 80),
-            circuit_breakers={"thresholds": [{"priority": "HIGH", "max_requests": 1}]},
+            circuit_breakers={
+                "thresholds": [
+                    {"max_requests": 2},
+                    {
+                        "priority": "HIGH",
+                        "max_requests": 5,
+                        "max_retries": 1,
+                        "max_connections": 9,
+                        "track_remaining": True,
+                    },
+                    {"priority": "HIGH", "max_requests": 77},  # a later one of the same priority
+                ]
+            },
+        ),
+        store,
+    )
+    assert (c.max_requests, c.high.max_requests, c.high.max_retries) == (2, 5, 1)
+    assert any("thresholds[1].max_connections" in n and n.endswith("ignored") for n in c.notices)
+    assert not any("thresholds[2]" in n for n in c.notices)
+
+    def g(name: str) -> int:
+        s = store.get(f"cluster.c1.circuit_breakers.{name}")
+        assert s is not None, name
+        return s.value  # type: ignore[union-attr]
+
+    assert g("high.remaining_rq") == 5 and g("high.rq_open") == 0
+    assert store.get("cluster.c1.circuit_breakers.high.remaining_cx") is None  # shared with DEFAULT
+    # Four HIGH requests in flight: counted in the cluster's gauge, not against DEFAULT's limit.
+    c.stats.upstream_rq_active.value = 4
+    c.high.rq_active = 4
+    assert g("default.rq_open") == 0 and g("high.remaining_rq") == 1
+    c.stats.upstream_rq_active.value = 6  # plus two DEFAULT ones
+    assert g("default.rq_open") == 1
+    c.high.rq_active = 5
+    c.stats.upstream_rq_active.value = 7
+    assert g("high.rq_open") == 1 and g("high.remaining_rq") == 0
+    c.high.active_retries = 1
+    assert g("high.rq_retry_open") == 1 and g("high.remaining_retries") == 0
+    assert g("default.rq_retry_open") == 0
+
+
+def test_high_priority_retry_budget_counts_high_requests() -> None:
+    c = build(
+        static(
+            "c1",
+            ep("10.0.0.1", 80),
+            circuit_breakers={
+                "thresholds": [
+                    {
+                        "priority": "HIGH",
+                        "retry_budget": {"budget_percent": {"value": 50.0}, "min_retry_concurrency": 1},
+                    }
+                ]
+            },
         )
     )
-    assert c.max_requests == 1024
-    assert any("priority HIGH" in n and n.endswith("ignored") for n in c.notices)
+    assert c.high.retries_limit() == 1
+    c.high.rq_active = 10
+    c.stats.upstream_rq_active.value = 10
+    assert c.high.retries_limit() == 5
+    assert c.retries_limit() == 3  # DEFAULT keeps max_retries; the HIGH requests are not its share

@@ -126,3 +126,80 @@ def test_retry_budget_replaces_max_retries(moorline: Any) -> None:
         assert proc.stat("cluster.svc.upstream_rq_retry_overflow") == 0
     finally:
         up.stop()
+
+
+def _priority_routes() -> list[dict[str, Any]]:
+    """``x-prio: high`` goes to the same cluster on a route with ``priority: HIGH``."""
+    return [
+        {
+            "match": {"prefix": "/", "headers": [{"name": "x-prio", "string_match": {"exact": "high"}}]},
+            "route": {"cluster": "svc", "priority": "HIGH"},
+        },
+        {"match": {"prefix": "/"}, "route": {"cluster": "svc"}},
+    ]
+
+
+def test_high_priority_route_keeps_working_while_default_max_requests_is_exhausted(
+    moorline: Any, upstream: TestUpstream
+) -> None:
+    port = free_port()
+    cb = {
+        "thresholds": [
+            {"max_requests": 1},
+            {"priority": "HIGH", "max_requests": 1, "track_remaining": True},
+        ]
+    }
+    proc = moorline(
+        config_http(port, [cluster("svc", [upstream.port], circuit_breakers=cb)], routes=_priority_routes())
+    )
+    high = {"x-prio": "high"}
+    slow = RawConn("127.0.0.1", port)
+    slow.send(b"GET /delay/3000 HTTP/1.1\r\nHost: a\r\n\r\n")  # holds DEFAULT's one request
+    assert _poll(lambda: proc.stat(CB + "rq_open") == 1)
+    r = http_request("127.0.0.1", port, "GET", "/default")
+    assert r.status == 503 and r.body.endswith(b"overflow")
+    r = http_request("127.0.0.1", port, "GET", "/high", headers=high)
+    assert r.status == 200
+    assert proc.stat("cluster.svc.circuit_breakers.high.remaining_rq") == 1
+    # Now HIGH's own one request is held too: the next HIGH request overflows.
+    slow_high = RawConn("127.0.0.1", port)
+    slow_high.send(b"GET /delay/3000 HTTP/1.1\r\nHost: a\r\nx-prio: high\r\n\r\n")
+    assert _poll(lambda: proc.stat("cluster.svc.circuit_breakers.high.rq_open") == 1)
+    assert proc.stat("cluster.svc.circuit_breakers.high.remaining_rq") == 0
+    r = http_request("127.0.0.1", port, "GET", "/high2", headers=high)
+    assert r.status == 503 and r.body.endswith(b"overflow")
+    assert proc.stat("cluster.svc.upstream_rq_pending_overflow") == 2
+    assert slow.read_response().status == 200
+    assert slow_high.read_response().status == 200
+    slow.close()
+    slow_high.close()
+    assert _poll(lambda: proc.stat("cluster.svc.upstream_rq_active") == 0)
+    assert proc.stat(CB + "rq_open") == 0
+    assert proc.stat("cluster.svc.circuit_breakers.high.rq_open") == 0
+    assert http_request("127.0.0.1", port, "GET", "/default").status == 200
+    assert http_request("127.0.0.1", port, "GET", "/high", headers=high).status == 200
+    paths = [rec.path for rec in upstream.requests]
+    assert "/high2" not in paths and paths.count("/default") == 1
+
+
+def test_high_priority_route_takes_retries_from_the_high_thresholds(moorline: Any) -> None:
+    """DEFAULT allows no concurrent retry, HIGH allows them: only the HIGH route retries."""
+    up = TestUpstream(always_status=503).start()
+    try:
+        port = free_port()
+        cb = {"thresholds": [{"max_retries": 0}, {"priority": "HIGH", "max_retries": 5}]}
+        retry = {"retry_on": "5xx", "num_retries": 2}
+        routes = _priority_routes()
+        for r in routes:
+            r["route"]["retry_policy"] = retry
+        proc = moorline(config_http(port, [cluster("svc", [up.port], circuit_breakers=cb)], routes=routes))
+        assert http_request("127.0.0.1", port, "GET", "/d").status == 503
+        assert len(up.requests) == 1
+        assert proc.stat("cluster.svc.upstream_rq_retry_overflow") == 1
+        assert http_request("127.0.0.1", port, "GET", "/h", headers={"x-prio": "high"}).status == 503
+        assert [rec.path for rec in up.requests] == ["/d", "/h", "/h", "/h"]
+        assert proc.stat("cluster.svc.upstream_rq_retry") == 2
+        assert proc.stat("cluster.svc.upstream_rq_retry_overflow") == 1
+        assert proc.stat("cluster.svc.circuit_breakers.high.rq_retry_open") == 0
+    finally:
+        up.stop()
