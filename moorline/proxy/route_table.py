@@ -1205,6 +1205,7 @@ class VirtualHost:
         "domains",
         "include_attempt_count_in_response",
         "include_request_attempt_count",
+        "mirrors",
         "name",
         "per_request_buffer_limit_bytes",
         "rate_limits",
@@ -1232,6 +1233,9 @@ class VirtualHost:
         self.include_request_attempt_count = False
         self.include_attempt_count_in_response = False
         self.per_request_buffer_limit_bytes: int | None = None
+        # request_mirror_policies for its routes without their own: this virtual host's, else the
+        # route configuration's (None: no mirroring)
+        self.mirrors: tuple[MirrorPolicy, ...] | None = None
 
     def __repr__(self) -> str:
         return f"VirtualHost({self.name!r})"
@@ -1253,6 +1257,7 @@ class RouteTable:
         "_prefixes",
         "_suffixes",
         "internal_only_headers",
+        "mirrors",
         "name",
         "notices",
         "request_levels",
@@ -1267,6 +1272,7 @@ class RouteTable:
         self.virtual_hosts: list[VirtualHost] = []
         self.notices: list[str] = []
         self.internal_only_headers: frozenset[bytes] = frozenset()
+        self.mirrors: tuple[MirrorPolicy, ...] | None = None  # the configuration-level policies
         self.vhost_header: bytes | None = None
         self.typed_per_filter_config: dict[str, Any] = {}
         self.request_levels: _Level = (frozenset(), ())
@@ -1399,9 +1405,7 @@ class RouteTable:
             raise ConfigError(
                 f"{path}.cluster_specifier_plugins[0]", "cluster specifier plugins are not supported"
             )
-        for fname in ("request_mirror_policies",):
-            if len(getattr(rc, fname)):
-                notes.append(f"{path}.{fname}: ignored")
+        t.mirrors = _compile_mirrors(rc.request_mirror_policies, f"{path}.request_mirror_policies", notes)
         t._ignore_port = rc.ignore_port_in_host_matching
         t._ignore_params = rc.ignore_path_parameters_in_path_matching
         t.vhost_header = _b(rc.vhost_header).lower() if rc.vhost_header else None
@@ -1469,9 +1473,14 @@ def _compile_vhost(
         vh.per_request_buffer_limit_bytes = int(vproto.per_request_buffer_limit_bytes.value)
     vh.typed_per_filter_config = _tpfc(vproto)
     vh.rate_limits = compile_rate_limits(vproto.rate_limits, f"{vp}.rate_limits", notes, HeaderMatcher)
-    for fname in ("virtual_clusters", "request_mirror_policies"):
-        if len(getattr(vproto, fname)):
-            notes.append(f"{vp}.{fname}: ignored")
+    if len(vproto.virtual_clusters):
+        notes.append(f"{vp}.virtual_clusters: ignored")
+    # The most specific non-empty list wins whole (Envoy does not merge the levels).
+    vh.mirrors = (
+        _compile_mirrors(vproto.request_mirror_policies, f"{vp}.request_mirror_policies", notes)
+        if len(vproto.request_mirror_policies)
+        else table.mirrors
+    )
     if vproto.HasField("hedge_policy"):
         notes.append(f"{vp}.hedge_policy: ignored")
     if vproto.HasField("cors"):
@@ -1680,15 +1689,26 @@ def _compile_route_action(
 
     r.rate_limits = compile_rate_limits(a.rate_limits, f"{ap}.rate_limits", notes, HeaderMatcher)
     r.include_vh_rate_limits = bool(a.include_vh_rate_limits.value)
-    mirrors = []
-    for j, mp in enumerate(a.request_mirror_policies):
-        m = MirrorPolicy.compile(mp, f"{ap}.request_mirror_policies[{j}]", notes)
-        if m is not None:
-            mirrors.append(m)
-    r.mirrors = tuple(mirrors) or None
+    r.mirrors = (
+        _compile_mirrors(a.request_mirror_policies, f"{ap}.request_mirror_policies", notes)
+        if len(a.request_mirror_policies)
+        else vh.mirrors
+    )
     for fname in ("hedge_policy", "internal_redirect_policy", "early_data_policy"):
         if a.HasField(fname):
             notes.append(f"{ap}.{fname}: ignored")
+
+
+def _compile_mirrors(protos: Any, path: str, notes: list[str]) -> tuple[MirrorPolicy, ...] | None:
+    """``request_mirror_policies`` of one level; None when none is left (0 % ones compile to
+    nothing). A level with policies replaces the less specific levels' whole, even when all of
+    its own are 0 %."""
+    out = []
+    for j, mp in enumerate(protos):
+        m = MirrorPolicy.compile(mp, f"{path}[{j}]", notes)
+        if m is not None:
+            out.append(m)
+    return tuple(out) or None
 
 
 def _compile_weighted(wc: Any, wp: str, notes: list[str]) -> WeightedClusters:

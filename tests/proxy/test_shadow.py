@@ -272,3 +272,74 @@ def test_shadow_authority() -> None:
     assert shadow_authority(b"a:80") == b"a-shadow:80"
     assert shadow_authority(b"[::1]:80") == b"[::1]-shadow:80"
     assert shadow_authority(b"[::1]") == b"[::1]-shadow"
+
+
+def _levels(rc: Any, vh: Any, route: Any) -> RouteTable:
+    """Three virtual hosts: ``a`` (own policies or not), ``b`` without any; routes ``/own`` (own
+    policies or not) and ``/none``."""
+
+    def pol(name: str | None) -> dict[str, Any]:
+        return {"request_mirror_policies": [{"cluster": name}]} if name else {}
+
+    def routes(own: str | None) -> list[dict[str, Any]]:
+        return [
+            {"match": {"prefix": "/own"}, "route": {"cluster": "c", **pol(own)}},
+            {"match": {"prefix": "/none"}, "route": {"cluster": "c"}},
+            {"match": {"prefix": "/r"}, "redirect": {"path_redirect": "/x"}},
+        ]
+
+    d = {
+        "name": "t",
+        **pol(rc),
+        "virtual_hosts": [
+            {"name": "a", "domains": ["a"], "routes": routes(route), **pol(vh)},
+            {"name": "b", "domains": ["*"], "routes": routes(None)},
+        ],
+    }
+    return RouteTable.compile(ParseDict(d, route_pb2.RouteConfiguration()))
+
+
+def _mirror_of(t: RouteTable, host: str, path: str) -> list[str] | None:
+    r = t.match(host.encode(), path.encode(), b"GET", None)
+    assert r is not None
+    return None if r.mirrors is None else [m.cluster for m in r.mirrors]
+
+
+def test_mirror_policies_at_each_level_the_most_specific_non_empty_wins_whole() -> None:
+    t = _levels("m_rc", "m_vh", "m_route")
+    assert not any("request_mirror_policies" in n for n in t.notices)
+    assert _mirror_of(t, "a", "/own") == ["m_route"]  # the route's own replace the others
+    assert _mirror_of(t, "a", "/none") == ["m_vh"]  # the virtual host's replace the config's
+    assert _mirror_of(t, "x", "/none") == ["m_rc"]  # nothing below: the configuration's
+    t = _levels("m_rc", None, None)
+    assert _mirror_of(t, "a", "/own") == ["m_rc"] and _mirror_of(t, "a", "/none") == ["m_rc"]
+    r = t.match(b"a", b"/none", b"GET", None)
+    assert r is not None and not r.is_plain()  # inherited mirrors take the router's full path
+    redirect = t.match(b"a", b"/r", b"GET", None)
+    assert redirect is not None and redirect.mirrors is None
+    t = _levels(None, None, None)
+    r = t.match(b"a", b"/own", b"GET", None)
+    assert r is not None and r.mirrors is None and r.is_plain()  # unset anywhere: no cost
+
+
+def test_a_zero_fraction_route_policy_still_replaces_the_virtual_host_ones() -> None:
+    zero = {"cluster": "z", "runtime_fraction": {"default_value": {"numerator": 0}}}
+    vh = {
+        "name": "a",
+        "domains": ["*"],
+        "request_mirror_policies": [{"cluster": "m_vh"}],
+        "routes": [
+            {"match": {"prefix": "/z"}, "route": {"cluster": "c", "request_mirror_policies": [zero]}},
+            {"match": {"prefix": "/"}, "route": {"cluster": "c"}},
+        ],
+    }
+    t = RouteTable.compile(ParseDict({"name": "t", "virtual_hosts": [vh]}, route_pb2.RouteConfiguration()))
+    assert _mirror_of(t, "h", "/z") is None
+    assert _mirror_of(t, "h", "/") == ["m_vh"]
+
+
+def test_virtual_host_mirror_policy_errors_name_their_level() -> None:
+    vh = {"name": "a", "domains": ["*"], "request_mirror_policies": [{}], "routes": []}
+    with pytest.raises(ConfigError) as e:
+        RouteTable.compile(ParseDict({"name": "t", "virtual_hosts": [vh]}, route_pb2.RouteConfiguration()))
+    assert e.value.path.endswith("virtual_hosts[0].request_mirror_policies[0].cluster")
