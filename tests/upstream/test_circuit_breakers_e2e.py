@@ -187,7 +187,12 @@ def test_high_priority_route_takes_retries_from_the_high_thresholds(moorline: An
     up = TestUpstream(always_status=503).start()
     try:
         port = free_port()
-        cb = {"thresholds": [{"max_retries": 0}, {"priority": "HIGH", "max_retries": 5}]}
+        cb = {
+            "thresholds": [
+                {"max_retries": 0},
+                {"priority": "HIGH", "max_retries": 5, "track_remaining": True},
+            ]
+        }
         retry = {"retry_on": "5xx", "num_retries": 2}
         routes = _priority_routes()
         for r in routes:
@@ -201,5 +206,25 @@ def test_high_priority_route_takes_retries_from_the_high_thresholds(moorline: An
         assert proc.stat("cluster.svc.upstream_rq_retry") == 2
         assert proc.stat("cluster.svc.upstream_rq_retry_overflow") == 1
         assert proc.stat("cluster.svc.circuit_breakers.high.rq_retry_open") == 0
+        # every HIGH retry slot and request slot was given back
+        assert proc.stat("cluster.svc.circuit_breakers.high.remaining_retries") == 5
+        assert proc.stat("cluster.svc.circuit_breakers.high.remaining_rq") == 1024
     finally:
         up.stop()
+
+
+def test_high_priority_requests_do_not_use_up_default_max_requests(
+    moorline: Any, upstream: TestUpstream
+) -> None:
+    port = free_port()
+    cb = {"thresholds": [{"max_requests": 1}]}
+    proc = moorline(
+        config_http(port, [cluster("svc", [upstream.port], circuit_breakers=cb)], routes=_priority_routes())
+    )
+    slow_high = RawConn("127.0.0.1", port)
+    slow_high.send(b"GET /delay/3000 HTTP/1.1\r\nHost: a\r\nx-prio: high\r\n\r\n")
+    assert _poll(lambda: proc.stat("cluster.svc.upstream_rq_active") == 1)
+    assert proc.stat(CB + "rq_open") == 0  # the one in flight is HIGH's
+    assert http_request("127.0.0.1", port, "GET", "/default").status == 200
+    assert slow_high.read_response().status == 200
+    slow_high.close()
