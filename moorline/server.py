@@ -548,6 +548,8 @@ class Server:
             lines.append(f"{name}::default_priority::max_pending_requests::{c.max_pending_requests}")
             lines.append(f"{name}::default_priority::max_requests::{c.max_requests}")
             lines.append(f"{name}::default_priority::max_retries::{c.max_retries}")
+            lines.append(f"{name}::high_priority::max_connections::{c.high.max_connections}")
+            lines.append(f"{name}::high_priority::max_pending_requests::{c.high.max_pending_requests}")
             lines.append(f"{name}::high_priority::max_requests::{c.high.max_requests}")
             lines.append(f"{name}::high_priority::max_retries::{c.high.max_retries}")
             for h in c.hosts:

@@ -76,6 +76,7 @@ class Router:
         "downstream_end",
         "downstream_paused",
         "headers",
+        "high",
         "host",
         "is_retry",
         "loop",
@@ -109,6 +110,9 @@ class Router:
         self.conn: Any = None
         self.pending: Any = None
         self.host: Any = None
+        # RouteAction.priority HIGH: the cluster's HIGH thresholds (requests, retries, and in the
+        # pools pending requests and the connections this request opens)
+        self.high = route.high
         self.policy = route.retry
         self.retries_left = self.policy.num_retries if self.policy is not None else 0
         self.tried: set[Any] | None = None
@@ -299,8 +303,7 @@ class Router:
             self._local_failure(503, b"no healthy upstream", flags.NO_HEALTHY_UPSTREAM, "no_healthy_upstream")
             return
         st = cluster.stats
-        route = self.route
-        if route.high:  # RouteAction.priority HIGH: the cluster's HIGH thresholds
+        if self.high:  # RouteAction.priority HIGH: the cluster's HIGH thresholds
             hi = cluster.high
             if hi.rq_active >= hi.max_requests:
                 st.upstream_rq_pending_overflow.value += 1
@@ -314,7 +317,7 @@ class Router:
             self._local_failure(503, _UPSTREAM_ERR + b"overflow", flags.UPSTREAM_OVERFLOW, _OVERFLOW_DETAILS)
             return
         self.host = host
-        if route.auto_host_rewrite:
+        if self.route.auto_host_rewrite:
             self.headers.authority = host.hostname.encode()
         n = self.attempts = self.attempts + 1
         info = stream.info
@@ -592,7 +595,7 @@ class Router:
             st = cluster.stats
             st.upstream_rq_active.value -= 1
             st.upstream_rq_completed.value += 1
-            if self.route.high:
+            if self.high:
                 cluster.high.rq_active -= 1
 
     def _upstream_complete(self) -> None:
@@ -694,7 +697,7 @@ class Router:
         ``HighPriority`` (a priority HIGH route); both have ``active_retries`` and
         ``retries_limit()``."""
         cluster = self.cluster
-        return cluster.high if self.route.high else cluster
+        return cluster.high if self.high else cluster
 
     def _retry(self, reset: float | None = None) -> bool:
         """Start the back-off to the next attempt; ``reset``: the rate-limited back-off's delay

@@ -109,6 +109,8 @@ class Shadow:
         "timer",
         "trailers",
     )
+    # Shadows go out at DEFAULT priority (as Envoy's async client does), whatever the route's.
+    high = False
 
     def __init__(
         self,

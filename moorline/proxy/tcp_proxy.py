@@ -241,10 +241,10 @@ class _Session:
         cluster = self.cluster
         cs = cluster.stats
         self.attempts += 1
-        if cs.upstream_cx_active.value >= cluster.max_connections:
-            # Each session is one upstream connection, counted in the same upstream_cx_active
-            # the HTTP pools count (one budget per cluster, as Envoy's resource manager): over
-            # the cluster's max_connections the downstream is closed at once, no further attempt.
+        if cs.upstream_cx_active.value - cluster.high.cx_active >= cluster.max_connections:
+            # Each session is one upstream connection at DEFAULT priority, counted in the same
+            # upstream_cx_active the HTTP pools count (less the connections HIGH requests
+            # opened): over max_connections the downstream is closed at once, no further attempt.
             cs.upstream_cx_overflow.value += 1
             self._end_downstream()
             return

@@ -167,6 +167,10 @@ class ServerConnectionCallbacks(Protocol):
 class ResponseDecoder(Protocol):
     """What an upstream pool and connection call on the request using them (the router)."""
 
+    # RouteAction.priority HIGH: the pool counts its pending slot and the connection it opens
+    # against the cluster's HIGH thresholds (``cluster.high``)
+    high: bool
+
     def on_pool_ready(self, conn: UpstreamStream) -> None: ...
     def on_pool_failure(self, reason: ResetReason, detail: str | None) -> None: ...
     def on_upstream_1xx(self, headers: ResponseHeaders) -> None: ...

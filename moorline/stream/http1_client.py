@@ -49,6 +49,7 @@ class Http1ClientConnection(asyncio.Protocol):
         "_write_paused",
         "chunked_out",
         "closed",
+        "high",
         "idle_since",
         "keep_alive",
         "parser",
@@ -62,8 +63,9 @@ class Http1ClientConnection(asyncio.Protocol):
         "tunnel",
     )
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, high: bool = False) -> None:
         self.pool = pool
+        self.high = high  # opened for a priority HIGH request: counts in cluster.high.cx_active
         self.transport: Any = None
         self.parser = ResponseParser(self)
         self.req: Any = None
@@ -328,11 +330,12 @@ class PendingRequest:
     """A request queued for a connection (shared by the HTTP/1.1 and HTTP/2 pools: both keep
     ``pending`` and ``cluster``)."""
 
-    __slots__ = ("cancelled", "pool", "req")
+    __slots__ = ("cancelled", "high", "pool", "req")
 
-    def __init__(self, req: Any, pool: Any) -> None:
+    def __init__(self, req: Any, pool: Any, high: bool = False) -> None:
         self.req = req
         self.pool = pool
+        self.high = high  # a priority HIGH request: its slot is in cluster.high.pending_active
         self.cancelled = False
 
     def cancel(self) -> None:
@@ -344,23 +347,52 @@ class PendingRequest:
             self.pool.pending.remove(self)  # O(n), n <= max_pending_requests
         except ValueError:
             return  # already taken off the queue
-        self.pool.cluster.stats.upstream_rq_pending_active.value -= 1
+        self.dequeued(self.pool.cluster.stats)
+
+    def dequeued(self, stats: Any) -> None:
+        """Off the queue (served, failed or cancelled): its pending slot is free again."""
+        stats.upstream_rq_pending_active.value -= 1
+        if self.high:
+            self.pool.cluster.high.pending_active -= 1
 
 
 def queue_request(pool: Any, req: Any) -> PendingRequest | None:
-    """Queue ``req`` on ``pool`` (HTTP/1.1 or HTTP/2) within the cluster's max_pending_requests;
-    beyond it the request fails with "overflow" (503 UO) and None is returned."""
+    """Queue ``req`` on ``pool`` (HTTP/1.1 or HTTP/2) within the cluster's max_pending_requests
+    (``req.high``: the HIGH priority's); beyond it the request fails with "overflow" (503 UO)
+    and None is returned."""
     cluster = pool.cluster
     stats = cluster.stats
-    if stats.upstream_rq_pending_active.value >= cluster.max_pending_requests:
+    high = req.high
+    if high:
+        hi = cluster.high
+        if hi.pending_active >= hi.max_pending_requests:
+            stats.upstream_rq_pending_overflow.value += 1
+            req.on_pool_failure(ResetReason.OVERFLOW, None)
+            return None
+        hi.pending_active += 1
+    elif stats.upstream_rq_pending_active.value - cluster.high.pending_active >= cluster.max_pending_requests:
         stats.upstream_rq_pending_overflow.value += 1
         req.on_pool_failure(ResetReason.OVERFLOW, None)
         return None
-    p = PendingRequest(req, pool)
+    p = PendingRequest(req, pool, high)
     pool.pending.append(p)
     stats.upstream_rq_pending_total.value += 1
     stats.upstream_rq_pending_active.value += 1
     return p
+
+
+def may_connect(cluster: Any, high: bool) -> bool:
+    """Room for one more connection within the cluster's max_connections (``high``: the HIGH
+    priority's; a connection counts against the priority of the request that opened it);
+    without room ``upstream_cx_overflow`` counts."""
+    if high:
+        hi = cluster.high
+        if hi.cx_active < hi.max_connections:
+            return True
+    elif cluster.stats.upstream_cx_active.value - cluster.high.cx_active < cluster.max_connections:
+        return True
+    cluster.stats.upstream_cx_overflow.value += 1
+    return False
 
 
 class Pool:
@@ -395,23 +427,20 @@ class Pool:
         p = queue_request(self, req)
         if p is None:
             return None
-        cluster = self.cluster
-        stats = cluster.stats
-        if self.connecting < len(self.pending):
-            if stats.upstream_cx_active.value < cluster.max_connections:
-                self._open()
-            else:
-                stats.upstream_cx_overflow.value += 1
+        if self.connecting < len(self.pending) and may_connect(self.cluster, p.high):
+            self._open(p.high)
         return p
 
-    def _open(self) -> None:
+    def _open(self, high: bool = False) -> None:
         cluster = self.cluster
         stats = cluster.stats
-        conn = Http1ClientConnection(self)
+        conn = Http1ClientConnection(self, high)
         self.connecting += 1
         self.total += 1
         stats.upstream_cx_total.value += 1
         stats.upstream_cx_active.value += 1
+        if high:
+            cluster.high.cx_active += 1
         self.host.active_cx += 1
         start = self.loop.time()
 
@@ -434,6 +463,8 @@ class Pool:
             # failed connection: it never became active
             self.total -= 1
             stats.upstream_cx_active.value -= 1
+            if high:
+                cluster.high.cx_active -= 1
             self.host.active_cx -= 1
             if isinstance(err, asyncio.CancelledError) and not timed_out:
                 return
@@ -452,7 +483,7 @@ class Pool:
         stats = self.cluster.stats
         while self.pending and len(self.pending) > self.connecting:
             p = self.pending.popleft()
-            stats.upstream_rq_pending_active.value -= 1
+            p.dequeued(stats)
             if not p.cancelled:
                 p.req.on_pool_failure(ResetReason.CONNECTION_FAILURE, reason)
 
@@ -460,7 +491,7 @@ class Pool:
         """Give ``conn`` to the first queued request still waiting; False when none is."""
         while self.pending:
             p = self.pending.popleft()
-            self.cluster.stats.upstream_rq_pending_active.value -= 1
+            p.dequeued(self.cluster.stats)
             if p.cancelled:
                 continue
             p.req.on_pool_ready(conn)
@@ -509,17 +540,22 @@ class Pool:
             pass
 
     def on_connection_closed(self, conn: Http1ClientConnection, remote: bool) -> None:
-        stats = self.cluster.stats
+        cluster = self.cluster
+        stats = cluster.stats
         self.total -= 1
         stats.upstream_cx_active.value -= 1
+        if conn.high:
+            cluster.high.cx_active -= 1
         stats.upstream_cx_destroy.value += 1
         self.host.active_cx -= 1
         if remote:
             stats.upstream_cx_destroy_remote.value += 1
         self.remove_idle(conn)
-        # A queued request may now get a connection slot.
+        # A queued request may now get a connection slot (within its priority's limit).
         if self.pending and not self.closed and self.connecting < len(self.pending):
-            self._open()
+            high = self.pending[0].high
+            if may_connect(cluster, high):
+                self._open(high)
 
     def drain(self) -> None:
         self.draining = True

@@ -36,7 +36,7 @@ from moorline.net import upstream as net_upstream
 from moorline.protocol import http2 as h2c
 from moorline.protocol.headers import HeaderMap, RequestHeaders, ResponseHeaders
 from moorline.stream.api import ResetReason
-from moorline.stream.http1_client import PendingRequest, queue_request
+from moorline.stream.http1_client import PendingRequest, may_connect, queue_request
 
 _HIGH_WATER = 64 * 1024
 # Connection-specific request headers (RFC 9113 8.2.2); "te" is kept only as "trailers".
@@ -194,8 +194,9 @@ class H2UpstreamStream:
 class Http2ClientConnection(asyncio.Protocol):
     """One upstream HTTP/2 connection carrying many streams."""
 
-    def __init__(self, pool: H2Pool) -> None:
+    def __init__(self, pool: H2Pool, high: bool = False) -> None:
         self.pool = pool
+        self.high = high  # opened for a priority HIGH request: counts in cluster.high.cx_active
         self.loop = pool.loop
         self.cluster = pool.cluster
         self.stats = pool.cluster.stats
@@ -449,27 +450,27 @@ class H2Pool:
                 return None
         p = queue_request(self, req)
         if p is not None:
-            self._maybe_open()
+            self._maybe_open(p.high)
         return p
 
-    def _maybe_open(self) -> None:
-        # Streams the connections being set up will take (their peer limit is not known yet).
+    def _maybe_open(self, high: bool) -> None:
+        """Open a connection (counted against ``high``'s limit) when the queued requests
+        outnumber the streams the connections being set up will take (their peer limit is not
+        known yet)."""
         expected = len(self.connecting) * self.max_streams
         live = sum(1 for p in self.pending if not p.cancelled)
-        if live > expected:
-            stats = self.cluster.stats
-            if stats.upstream_cx_active.value < self.cluster.max_connections:
-                self._open()
-            else:
-                stats.upstream_cx_overflow.value += 1
+        if live > expected and may_connect(self.cluster, high):
+            self._open(high)
 
-    def _open(self) -> None:
+    def _open(self, high: bool = False) -> None:
         cluster = self.cluster
         stats = cluster.stats
-        conn = Http2ClientConnection(self)
+        conn = Http2ClientConnection(self, high)
         self.connecting.append(conn)
         stats.upstream_cx_total.value += 1
         stats.upstream_cx_active.value += 1
+        if high:
+            cluster.high.cx_active += 1
         self.host.active_cx += 1
         start = self.loop.time()
 
@@ -492,6 +493,8 @@ class H2Pool:
                 self.on_slot_free(conn)
                 return
             stats.upstream_cx_active.value -= 1
+            if high:
+                cluster.high.cx_active -= 1
             self.host.active_cx -= 1
             conn.closed = True
             if isinstance(err, asyncio.CancelledError) and not timed_out:
@@ -514,7 +517,7 @@ class H2Pool:
         room = len(self.connecting) * self.max_streams + sum(c.capacity() for c in self.conns)
         while self.pending and len(self.pending) > room:
             p = self.pending.popleft()
-            stats.upstream_rq_pending_active.value -= 1
+            p.dequeued(stats)
             if not p.cancelled:
                 p.req.on_pool_failure(ResetReason.CONNECTION_FAILURE, reason)
 
@@ -524,7 +527,7 @@ class H2Pool:
         stats = self.cluster.stats
         while pending and conn.capacity() > 0:
             p = pending.popleft()
-            stats.upstream_rq_pending_active.value -= 1
+            p.dequeued(stats)
             if p.cancelled:
                 continue
             p.req.on_pool_ready(conn.new_handle())
@@ -539,10 +542,13 @@ class H2Pool:
         handle.release()
 
     def on_connection_closed(self, conn: Http2ClientConnection, remote: bool) -> None:
-        stats = self.cluster.stats
+        cluster = self.cluster
+        stats = cluster.stats
         if conn in self.conns:
             self.conns.remove(conn)
         stats.upstream_cx_active.value -= 1
+        if conn.high:
+            cluster.high.cx_active -= 1
         stats.upstream_cx_destroy.value += 1
         self.host.active_cx -= 1
         if remote:
@@ -550,7 +556,7 @@ class H2Pool:
         if conn.streams:
             stats.upstream_cx_destroy_with_active_rq.value += 1
         if self.pending and not self.closed:
-            self._maybe_open()
+            self._maybe_open(self.pending[0].high)
 
     def _arm_sweep(self) -> None:
         t = self.cluster.idle_timeout

@@ -245,13 +245,12 @@ class ClusterStats:
         for attr, n in self.CB_GAUGES.items():
             count, limit = _BREAKERS[n.rsplit(".", 1)[1][: -len("_open")]]
             setattr(st, attr, self.scope.derived_gauge(n, opener(count, limit)))
-        # HIGH: only the breakers it counts on its own (see HighPriority)
         for kind, (count, limit) in _HIGH_BREAKERS.items():
             self.scope.derived_gauge(f"circuit_breakers.high.{kind}_open", opener(count, limit))
 
     def track_remaining(self, cluster: Cluster, high: bool = False) -> None:
         """``circuit_breakers.<default|high>.remaining_*`` (``track_remaining``): limit minus
-        count (for HIGH only ``remaining_rq`` and ``remaining_retries``)."""
+        count."""
         ref = weakref.ref(cluster)
 
         def remaining(count: Callable[[Cluster], int], limit: Callable[[Cluster], int]) -> Callable[[], int]:
@@ -263,11 +262,8 @@ class ClusterStats:
 
         table, level = (_HIGH_BREAKERS, "high") if high else (_BREAKERS, "default")
         for kind, name in (("cx", "cx"), ("rq_pending", "pending"), ("rq", "rq"), ("rq_retry", "retries")):
-            if kind in table:
-                count, limit = table[kind]
-                self.scope.derived_gauge(
-                    f"circuit_breakers.{level}.remaining_{name}", remaining(count, limit)
-                )
+            count, limit = table[kind]
+            self.scope.derived_gauge(f"circuit_breakers.{level}.remaining_{name}", remaining(count, limit))
 
     def rq_status(self, code: int) -> None:
         """Count one upstream response: ``upstream_rq_<code>`` and ``upstream_rq_<N>xx``."""
@@ -428,18 +424,32 @@ class HighPriority:
     """The cluster's HIGH ``RoutingPriority`` thresholds and their live counts. Requests on a
     route with ``priority: HIGH`` are checked against these instead of the DEFAULT ones
     (``Cluster.max_requests`` ...), so they keep flowing while DEFAULT's limits are exhausted.
-    Requests and retries have their own counts here (a HIGH request is still counted in the
-    cluster's ``upstream_rq_active`` gauge; the DEFAULT check subtracts ``rq_active``).
-    Connections and pending requests are shared: one pool per host serves both priorities, so
-    a HIGH request queues and connects within the DEFAULT ``max_pending_requests`` /
-    ``max_connections`` (the HIGH values of those two are a notice)."""
+    A HIGH request, its pending slot and the connections it opens are still counted in the
+    cluster's gauges (``upstream_rq_active``, ``upstream_rq_pending_active``,
+    ``upstream_cx_active``); the DEFAULT checks subtract the HIGH counts kept here. One pool per
+    host serves both priorities (Envoy keeps one per priority): a connection counts against the
+    priority of the request that opened it, and then carries requests of either."""
 
-    __slots__ = ("active_retries", "max_requests", "max_retries", "retry_budget", "rq_active")
+    __slots__ = (
+        "active_retries",
+        "cx_active",
+        "max_connections",
+        "max_pending_requests",
+        "max_requests",
+        "max_retries",
+        "pending_active",
+        "retry_budget",
+        "rq_active",
+    )
 
     def __init__(self) -> None:
+        self.max_connections = 1024
+        self.max_pending_requests = 1024
         self.max_requests = 1024
         self.max_retries = 3
         self.retry_budget: tuple[float, int] | None = None
+        self.cx_active = 0
+        self.pending_active = 0
         self.rq_active = 0
         self.active_retries = 0
 
@@ -449,7 +459,7 @@ class HighPriority:
         rb = self.retry_budget
         if rb is None:
             return self.max_retries
-        return max(int(rb[0] * self.rq_active), rb[1])
+        return max(int(rb[0] * (self.rq_active + self.pending_active)), rb[1])
 
 
 class Cluster:
@@ -591,8 +601,9 @@ class Cluster:
         if rb is None:
             return self.max_retries
         st = self.stats
-        active = st.upstream_rq_active.value - self.high.rq_active
-        share = int(rb[0] * (active + st.upstream_rq_pending_active.value))
+        hi = self.high
+        active = st.upstream_rq_active.value - hi.rq_active
+        share = int(rb[0] * (active + st.upstream_rq_pending_active.value - hi.pending_active))
         return max(share, rb[1])
 
     def notice(self, msg: str) -> None:
@@ -1287,13 +1298,18 @@ def _is_raw_buffer(ts: Any) -> bool:
 
 # circuit breaker -> (live count, limit), as the gauges read them
 _BREAKERS: dict[str, tuple[Callable[[Cluster], int], Callable[[Cluster], int]]] = {
-    "cx": (lambda c: c.stats.upstream_cx_active.value, lambda c: c.max_connections),
-    "rq_pending": (lambda c: c.stats.upstream_rq_pending_active.value, lambda c: c.max_pending_requests),
+    "cx": (lambda c: c.stats.upstream_cx_active.value - c.high.cx_active, lambda c: c.max_connections),
+    "rq_pending": (
+        lambda c: c.stats.upstream_rq_pending_active.value - c.high.pending_active,
+        lambda c: c.max_pending_requests,
+    ),
     "rq": (lambda c: c.stats.upstream_rq_active.value - c.high.rq_active, lambda c: c.max_requests),
     "rq_retry": (lambda c: c.active_retries, lambda c: c.retries_limit()),
 }
-# the HIGH priority's own counts (connections and pending requests are shared with DEFAULT)
+# the same for the HIGH priority (HighPriority)
 _HIGH_BREAKERS: dict[str, tuple[Callable[[Cluster], int], Callable[[Cluster], int]]] = {
+    "cx": (lambda c: c.high.cx_active, lambda c: c.high.max_connections),
+    "rq_pending": (lambda c: c.high.pending_active, lambda c: c.high.max_pending_requests),
     "rq": (lambda c: c.high.rq_active, lambda c: c.high.max_requests),
     "rq_retry": (lambda c: c.high.active_retries, lambda c: c.high.retries_limit()),
 }
@@ -1378,16 +1394,12 @@ def compile_cluster(
             budget = (pct / 100.0, opt_uint(rb, "min_retry_concurrency", 3) or 0)
         if th.priority != 0:  # HIGH
             hi = c.high
+            hi.max_connections = opt_uint(th, "max_connections", 1024) or 0
+            hi.max_pending_requests = opt_uint(th, "max_pending_requests", 1024) or 0
             hi.max_requests = opt_uint(th, "max_requests", 1024) or 0
             hi.max_retries = opt_uint(th, "max_retries", 3) or 0
             hi.retry_budget = budget
             high_remaining = th.track_remaining
-            for field in ("max_connections", "max_pending_requests"):
-                if th.HasField(field):
-                    c.notice(
-                        f"{tp}.{field}: HIGH requests share the DEFAULT connection pools and their "
-                        f"{field} (one pool per host); ignored"
-                    )
             continue
         c.max_connections = opt_uint(th, "max_connections", 1024) or 0
         c.max_pending_requests = opt_uint(th, "max_pending_requests", 1024) or 0

@@ -13,6 +13,7 @@ import shutil
 import socket
 from collections.abc import Callable, Coroutine
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -81,6 +82,7 @@ class FakeCluster:
         self.per_connection_buffer_limit = 1024 * 1024
         self.tcp_keepalive = (3, 30, 5)
         self.max_connections = 1024
+        self.high = SimpleNamespace(cx_active=0)  # connections opened by HIGH requests
         self.chosen: list[FakeHost] = []
 
     def choose_host(self, exclude: Any = None, context: Any = None) -> FakeHost | None:

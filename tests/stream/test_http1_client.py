@@ -302,3 +302,62 @@ def test_upstream_transport_limits_are_the_cluster_buffer_limit(make: Any) -> No
     c.send(GET)
     up = pair.upstream.accept()
     assert up.transport.write_limits == (8192, 2048)
+
+
+HIGH_ROUTES = [
+    {
+        "match": {"prefix": "/", "headers": [{"name": "x-prio", "string_match": {"exact": "high"}}]},
+        "route": {"cluster": "be", "priority": "HIGH"},
+    },
+    {"match": {"prefix": "/"}, "route": {"cluster": "be"}},
+]
+HIGH_GET = b"GET /h HTTP/1.1\r\nhost: a\r\nx-prio: high\r\n\r\n"
+
+
+@pytest.mark.parametrize("h2", [False, True], ids=["http1", "http2"])
+def test_high_priority_pending_slots_and_connections_are_given_back(make: Any, h2: bool) -> None:
+    """A HIGH request's pending slot and the connection it opens count in cluster.high (and in
+    the cluster's gauges); a refused connect, a cancelled wait and a closed connection give
+    each back."""
+    extra: dict[str, Any] = {"circuit_breakers": {"thresholds": [{"max_connections": 0}]}}
+    if h2:
+        extra["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        }
+    pair = make(extra, routes=HIGH_ROUTES)
+    hi = pair.server.cluster_manager.get("be").high
+
+    def counts() -> tuple[int, int, int, int]:
+        return (
+            hi.pending_active,
+            hi.cx_active,
+            pair.cluster_stat("be", "upstream_rq_pending_active"),
+            pair.cluster_stat("be", "upstream_cx_active"),
+        )
+
+    # DEFAULT may open no connection at all: its request waits (no connect attempt) ...
+    d = pair.connect()
+    d.send(GET)
+    assert not pair.upstream.pending and counts() == (0, 0, 1, 0)
+    d.reset()
+    assert counts() == (0, 0, 0, 0)
+    # ... a HIGH one opens its own.
+    c = pair.connect()
+    c.send(HIGH_GET)
+    assert counts() == (1, 1, 1, 1)
+    pair.upstream.refuse()
+    assert c.response().status == 503
+    assert counts() == (0, 0, 0, 0)
+    c2 = pair.connect()
+    c2.send(HIGH_GET)
+    assert counts() == (1, 1, 1, 1)
+    c2.reset()  # the downstream goes while its connection is still being opened
+    assert counts()[0] == 0 and counts()[2] == 0
+    up = pair.upstream.accept()
+    assert counts() == (0, 1, 0, 1)  # the connection HIGH opened stays (idle) in the pool
+    up.close()
+    assert counts() == (0, 0, 0, 0)
+    assert pair.cluster_stat("be", "upstream_cx_overflow") >= 1  # DEFAULT's attempt

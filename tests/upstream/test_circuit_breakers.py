@@ -129,8 +129,8 @@ def test_high_priority_thresholds_have_their_own_counts_and_gauges() -> None:
         store,
     )
     assert (c.max_requests, c.high.max_requests, c.high.max_retries) == (2, 5, 1)
-    assert any("thresholds[1].max_connections" in n and n.endswith("ignored") for n in c.notices)
-    assert not any("thresholds[2]" in n for n in c.notices)
+    assert (c.max_connections, c.high.max_connections, c.high.max_pending_requests) == (1024, 9, 1024)
+    assert not c.notices
 
     def g(name: str) -> int:
         s = store.get(f"cluster.c1.circuit_breakers.{name}")
@@ -138,7 +138,15 @@ def test_high_priority_thresholds_have_their_own_counts_and_gauges() -> None:
         return s.value  # type: ignore[union-attr]
 
     assert g("high.remaining_rq") == 5 and g("high.rq_open") == 0
-    assert store.get("cluster.c1.circuit_breakers.high.remaining_cx") is None  # shared with DEFAULT
+    assert g("high.remaining_cx") == 9 and g("high.remaining_pending") == 1024
+    # Connections and pending slots of HIGH requests: in the cluster's gauges, not DEFAULT's.
+    c.stats.upstream_cx_active.value = 9
+    c.high.cx_active = 9
+    c.stats.upstream_rq_pending_active.value = 3
+    c.high.pending_active = 3
+    assert g("high.cx_open") == 1 and g("high.remaining_cx") == 0
+    assert g("default.cx_open") == 0 and g("default.rq_pending_open") == 0
+    assert g("high.rq_pending_open") == 0 and g("high.remaining_pending") == 1021
     # Four HIGH requests in flight: counted in the cluster's gauge, not against DEFAULT's limit.
     c.stats.upstream_rq_active.value = 4
     c.high.rq_active = 4
@@ -172,4 +180,7 @@ def test_high_priority_retry_budget_counts_high_requests() -> None:
     c.high.rq_active = 10
     c.stats.upstream_rq_active.value = 10
     assert c.high.retries_limit() == 5
+    c.high.pending_active = 4
+    c.stats.upstream_rq_pending_active.value = 4
+    assert c.high.retries_limit() == 7  # half of the ten active and four pending
     assert c.retries_limit() == 3  # DEFAULT keeps max_retries; the HIGH requests are not its share

@@ -228,3 +228,45 @@ def test_high_priority_requests_do_not_use_up_default_max_requests(
     assert http_request("127.0.0.1", port, "GET", "/default").status == 200
     assert slow_high.read_response().status == 200
     slow_high.close()
+
+
+def test_high_priority_request_opens_its_own_connection_past_default_max_connections(
+    moorline: Any, upstream: TestUpstream
+) -> None:
+    """DEFAULT: one connection (busy with a long request) and one queued request, so the next
+    DEFAULT request overflows; a HIGH request takes a pending slot of its own and opens a
+    connection counted against HIGH, and is answered while the long one still runs. (One pool
+    per host, its queue served in order: the queued DEFAULT request goes first on that
+    connection, then the HIGH one.)"""
+    port = free_port()
+    cb = {
+        "thresholds": [
+            {"max_connections": 1, "max_pending_requests": 1},
+            {"priority": "HIGH", "max_connections": 1, "track_remaining": True},
+        ]
+    }
+    proc = moorline(
+        config_http(port, [cluster("svc", [upstream.port], circuit_breakers=cb)], routes=_priority_routes())
+    )
+    long = RawConn("127.0.0.1", port)
+    long.send(b"GET /delay/20000 HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert _poll(lambda: proc.stat("cluster.svc.upstream_rq_active") == 1)
+    queued = RawConn("127.0.0.1", port)
+    queued.send(b"GET /queued HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert _poll(lambda: proc.stat("cluster.svc.upstream_rq_pending_active") == 1)
+    assert proc.stat(CB + "cx_open") == 1 and proc.stat(CB + "rq_pending_open") == 1
+    r = http_request("127.0.0.1", port, "GET", "/default")
+    assert r.status == 503 and r.body.endswith(b"overflow")
+    r = http_request("127.0.0.1", port, "GET", "/high", headers={"x-prio": "high"})
+    assert r.status == 200  # (waiting for the long request would outlast the client's 10 s)
+    assert upstream.connections_total == 2
+    assert proc.stat("cluster.svc.upstream_rq_active") == 1  # the long one still runs
+    assert proc.stat("cluster.svc.upstream_cx_active") == 2
+    assert proc.stat("cluster.svc.circuit_breakers.high.remaining_cx") == 0
+    assert proc.stat("cluster.svc.circuit_breakers.high.remaining_pending") == 1024
+    assert proc.stat(CB + "cx_open") == 1  # DEFAULT's count is still its one connection
+    assert queued.read_response().status == 200
+    assert [rec.path for rec in upstream.requests] == ["/delay/20000", "/queued", "/high"]
+    long.close()
+    queued.close()
+    assert _poll(lambda: proc.stat("cluster.svc.upstream_rq_active") == 0)

@@ -125,7 +125,8 @@ def test_protocol_options_and_limits() -> None:
     assert c.max_requests_per_connection == 9  # typed options override the legacy field
     assert c.tcp_keepalive == (3, 300, None)
     assert (c.max_connections, c.max_pending_requests, c.max_requests, c.max_retries) == (100, 200, 300, 4)
-    assert any("HIGH" in n for n in c.notices)
+    assert c.high.max_connections == 7 and c.high.max_requests == 1024  # HIGH thresholds apart
+    assert not any("HIGH" in n for n in c.notices)
     # alt_stat_name names the stats, verbatim.
     assert store.get("cluster.xds-grpc;.upstream_rq_total") is c.stats.upstream_rq_total
 

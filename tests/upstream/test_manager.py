@@ -211,6 +211,8 @@ def test_retire_stops_dns_refresh_and_original_dst_sweeps() -> None:
 class _Req:
     """The router's side of a pooled request, just enough to run one exchange."""
 
+    high = False  # DEFAULT priority
+
     def __init__(self) -> None:
         self.conn: Any = None
         self.done = asyncio.Event()
