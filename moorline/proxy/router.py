@@ -456,6 +456,9 @@ class Router:
                     # Retriable, but the retries are used up (Envoy: URX and the counter).
                     self.cluster.stats.upstream_rq_retry_limit_exceeded.value += 1
                     self.stream.info.response_flags.append(flags.UPSTREAM_RETRY_LIMIT_EXCEEDED)
+                # A retried request whose answer would be retried again did not succeed (Envoy
+                # counts upstream_rq_retry_success only for an answer it would not retry).
+                self.is_retry = False
         now = self.loop.time()
         cluster = self.cluster
         cluster.stats.rq_status(status)
