@@ -160,6 +160,10 @@ class Http1ClientConnection(asyncio.Protocol):
         req = self.req
         if req is None:
             return
+        stats = self.stats
+        stats.upstream_cx_destroy_with_active_rq.value += 1
+        if not was_closed:
+            stats.upstream_cx_destroy_remote_with_active_rq.value += 1
         self.req = None
         if self.tunnel:
             req.on_upstream_reset(ResetReason.CONNECTION_TERMINATION)

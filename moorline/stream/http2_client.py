@@ -555,6 +555,8 @@ class H2Pool:
             stats.upstream_cx_destroy_remote.value += 1
         if conn.streams:
             stats.upstream_cx_destroy_with_active_rq.value += 1
+            if remote:
+                stats.upstream_cx_destroy_remote_with_active_rq.value += 1
         if self.pending and not self.closed:
             self._maybe_open(self.pending[0].high)
 
