@@ -9,7 +9,7 @@ tests/e2e/test_resilience_clients.py. Assertions are on outcomes and counts, not
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,10 +92,24 @@ def _open_big_on(port: int, backend: str, tries: int = 12) -> tuple[socket.socke
     raise AssertionError(f"no /big answer came from {backend}")
 
 
-def test_backend_killed_mid_stream(moorline: Any, tmp_path: Path) -> None:
+@pytest.fixture
+def nginx_backends(tmp_path: Path) -> Iterator[dict[str, tuple[procs.NginxProc, int]]]:
     big = tmp_path / "big.bin"
     big.write_bytes(bytes(range(256)) * (BIG // 256))
-    backends = {name: _nginx_backend(tmp_path, name, big) for name in ("b1", "b2", "b3")}
+    backends: dict[str, tuple[procs.NginxProc, int]] = {}
+    try:
+        for name in ("b1", "b2", "b3"):
+            backends[name] = _nginx_backend(tmp_path, name, big)
+        yield backends
+    finally:
+        for proc, _ in backends.values():
+            proc.stop()
+
+
+def test_backend_killed_mid_stream(
+    moorline: Any, tmp_path: Path, nginx_backends: dict[str, tuple[procs.NginxProc, int]]
+) -> None:
+    backends = nginx_backends
     port = free_port()
     log = tmp_path / "access.log"
     ports = [p for _, p in backends.values()]
