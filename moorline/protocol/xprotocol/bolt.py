@@ -444,13 +444,13 @@ class BoltCodec:
         assert isinstance(frame, BoltFrame)
         if not 0 <= request_id <= 0xFFFFFFFF:
             raise ValueError(f"bolt request ids are 32-bit: {request_id}")
-        raw = frame.raw
+        raw = memoryview(frame.raw)
         at = _ID_OFFSET[frame.proto]
-        out = bytearray(raw)
-        _U32.pack_into(out, at, request_id)
-        if frame.crc:
-            _U32.pack_into(out, len(out) - 4, zlib.crc32(memoryview(out)[:-4]))
-        return bytes(out)
+        head = raw[:at].tobytes() + _U32.pack(request_id)
+        if not frame.crc:
+            return b"".join((head, raw[at + 4 :]))  # one copy of the body, however large
+        rest = raw[at + 4 : -4]
+        return b"".join((head, rest, _U32.pack(zlib.crc32(rest, zlib.crc32(head)))))
 
     def heartbeat_reply(self, frame: Frame) -> bytes:
         # As sofa-bolt's HeartbeatAckCommand: success, nothing after the head, the default

@@ -532,3 +532,16 @@ def test_mutated_frames_never_crash(raw: bytes, data: st.DataObject) -> None:
         buf[i] = data.draw(st.integers(0, 255))
     _probe(bytes(buf))
     _probe(bytes(buf[: data.draw(st.integers(0, len(buf)))]))
+
+
+def test_one_mib_frames_through_the_reader() -> None:
+    body = bytes(range(256)) * 4096
+    a = bolt.encode_request(1, headers={"service": SERVICE}, content=body, proto=2, ver1=2, switch=1)
+    b = bolt.encode_response(2, content=body)
+    r = FrameReader(C)
+    got = r.feed(a[:1000]) + r.feed(a[1000:] + b[:30]) + r.feed(b[30:])
+    assert got == [a, b] and r.pending == 0
+    f = C.decode(got[0])
+    assert bytes(f.body) == body
+    out = C.with_request_id(f, 9)
+    assert len(out) == len(a) and C.decode(out).request_id == 9
