@@ -14,7 +14,8 @@ then the class name, the header block (``[u32 len][key][u32 len][value]`` repeat
 -1 is Java's null, read as the empty string) and the content (opaque: Hessian2 or protobuf). In
 v2, when ``ver1`` is 2 and bit 0 of ``switch`` is set, a CRC32 (zlib's) of everything before it
 follows the content, as sofa-bolt's ``RpcCommandEncoderV2`` writes it. (sofa-bolt-node appends
-the CRC whenever ``switch`` is 1, whatever ``ver1`` says; sofa-bolt, the reference, is followed.)
+the CRC whenever ``switch`` is 1, whatever ``ver1`` says; sofa-bolt, the reference, is followed:
+its Java client sets the switch bit on every request and, with ``ver1`` 1, sends no CRC.)
 
 ``type`` is 0 response, 1 request, 2 oneway; ``cmdcode`` is 0 heartbeat, 1 request, 2 response,
 100 MOSN's goaway. The routing key is the ``service`` header (``interface:version``); SOFARPC's
