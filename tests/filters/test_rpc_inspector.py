@@ -16,7 +16,7 @@ from moorline.config.loader import parse_message
 from moorline.net.conn_info import ConnInfo
 from moorline.net.listener import Listener
 from moorline.observability.stats import Store
-from moorline.protocol.xprotocol.api import FrameKind, Match
+from moorline.protocol.xprotocol.api import CodecError, FrameKind, Match
 from moorline.protocol.xprotocol.example import encode_frame
 
 TS = "type.googleapis.com/xds.type.v3.TypedStruct"
@@ -137,6 +137,17 @@ def test_an_earlier_undecided_codec_holds_a_later_yes() -> None:
     flt, _ = inspector({"first": first, "eager": eager})
     i = info()
     assert flt.on_data(b"\xff", i) is True and i.alpn == ["first"]
+
+
+def test_a_codec_raising_codec_error_is_a_no() -> None:
+    def refuse(d: bytes) -> Match:
+        raise CodecError("bad magic")
+
+    flt, _ = inspector(
+        {"picky": FakeCodec("picky", refuse), "eager": FakeCodec("eager", lambda d: Match.YES)}
+    )
+    i = info()
+    assert flt.on_data(b"\xff", i) is True and i.alpn == ["eager"]
 
 
 def test_a_codec_sees_at_most_match_bytes_and_waiting_there_is_no() -> None:

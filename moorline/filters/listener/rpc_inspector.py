@@ -36,7 +36,7 @@ from moorline.config import registry
 from moorline.config.errors import ConfigError
 from moorline.config.loader import OpaqueAny
 from moorline.protocol.xprotocol import builtin_codecs
-from moorline.protocol.xprotocol.api import Match
+from moorline.protocol.xprotocol.api import CodecError, Match
 
 NAME = "moorline.filters.listener.rpc_inspector"
 TYPE = "moorline.filters.listener.rpc_inspector.v1.RpcInspector"
@@ -80,7 +80,10 @@ def _codec_matcher(codec: Any) -> Callable[[bytes], Match | list[str]]:
     alpn = [codec.name]
 
     def match(data: bytes) -> Match | list[str]:
-        r = codec.match(data[:MATCH_BYTES])
+        try:
+            r = codec.match(data[:MATCH_BYTES])
+        except CodecError:
+            return Match.NO  # bytes that cannot be this protocol, said the other way
         if r is Match.YES:
             return alpn
         if r is Match.NEED_MORE and len(data) < MATCH_BYTES:

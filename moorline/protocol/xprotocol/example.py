@@ -148,7 +148,11 @@ def _parse_block(raw: bytes, start: int, end: int) -> dict[str, str]:
         raise CodecError("example: header block needs a service, a method and name/value pairs")
     out = {"service": strings[0], "method": strings[1]}
     for i in range(2, len(strings), 2):
-        out[strings[i]] = strings[i + 1]
+        name = strings[i]
+        if name in ("service", "method"):
+            # A user header must not replace the routing key the proxy matched on.
+            raise CodecError(f"example: user header {name!r} is reserved")
+        out[name] = strings[i + 1]
     return out
 
 

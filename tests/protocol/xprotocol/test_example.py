@@ -91,6 +91,7 @@ def test_user_headers() -> None:
 
 
 names = st.text(max_size=20).filter(lambda s: len(s.encode()) <= 255)
+user_names = names.filter(lambda s: s not in ("service", "method"))
 
 
 @st.composite
@@ -98,7 +99,7 @@ def frames(draw: st.DrawFn) -> bytes:
     kind = draw(st.sampled_from(KINDS))
     status = draw(st.integers(0, 255)) if kind is FrameKind.RESPONSE else 0
     service, method = draw(names), draw(names)
-    hdrs = draw(st.lists(st.tuples(names, names), max_size=3))
+    hdrs = draw(st.lists(st.tuples(user_names, names), max_size=3))
     payload = draw(st.binary(max_size=300))
     return encode_frame(kind, draw(st.integers(0, 2**32 - 1)), service, method, payload, status, hdrs)
 
@@ -109,7 +110,7 @@ def frames(draw: st.DrawFn) -> bytes:
     service=names,
     method=names,
     payload=st.binary(max_size=2000),
-    hdrs=st.lists(st.tuples(names, names), max_size=4),
+    hdrs=st.lists(st.tuples(user_names, names), max_size=4),
 )
 def test_round_trip(kind: FrameKind, rid: int, service: str, method: str, payload: bytes, hdrs: list) -> None:
     raw = encode_frame(kind, rid, service, method, payload, headers=hdrs)
@@ -213,6 +214,13 @@ def test_frame_length_and_garbage() -> None:
         CODEC.frame_length(b"\xeb\x00")
     with pytest.raises(CodecError, match="limit"):
         CODEC.frame_length(struct.pack(">BBBIHI", 0xEB, 1, 0, 1, 0xFFFF, MAX_FRAME))
+
+
+def test_user_headers_cannot_replace_the_routing_key() -> None:
+    for name in ("service", "method"):
+        raw = encode_frame(FrameKind.REQUEST, 1, "s", "m", headers=[(name, "other")])
+        with pytest.raises(CodecError, match="reserved"):
+            CODEC.decode(raw)
 
 
 @pytest.mark.parametrize(
