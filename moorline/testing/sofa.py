@@ -267,3 +267,43 @@ class RecordingRelay:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def rpc_proxy_listener(
+    name: str,
+    port: int,
+    routes: list[dict[str, Any]] | None = None,
+    cluster_name: str | None = None,
+    protocol: str = "bolt",
+    stat_prefix: str = "rpc",
+    extra: dict[str, Any] | None = None,
+    host: str = "127.0.0.1",
+) -> dict[str, Any]:
+    """A listener with one ``moorline.filters.network.rpc_proxy`` (the issue 10 schema, as an
+    ``xds.type.v3.TypedStruct``) on ``host:port``: ``routes`` as given, or one catch-all route to
+    ``cluster_name``; ``extra`` merges more top-level fields (``access_log``,
+    ``max_pending_per_connection``)."""
+    if routes is None:
+        if cluster_name is None:
+            raise ValueError("rpc_proxy_listener needs routes or cluster_name")
+        routes = [{"match": {}, "route": {"cluster": cluster_name}}]
+    value: dict[str, Any] = {"stat_prefix": stat_prefix, "protocol": protocol, "routes": routes}
+    value.update(extra or {})
+    return {
+        "name": name,
+        "address": {"socket_address": {"address": host, "port_value": port}},
+        "filter_chains": [
+            {
+                "filters": [
+                    {
+                        "name": "moorline.filters.network.rpc_proxy",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/xds.type.v3.TypedStruct",
+                            "type_url": "type.googleapis.com/moorline.filters.network.rpc_proxy.v1.RpcProxy",
+                            "value": value,
+                        },
+                    }
+                ]
+            }
+        ],
+    }

@@ -39,7 +39,24 @@ def test_unary_echo(server: SofaServerProc) -> None:
     results = run_sofa_client(
         server.port, {"steps": [call("echo", {"string": "hello"}, count=3, concurrency=2)]}
     )
-    assert [(r["ok"], r.get("value"), r["size"]) for r in results] == [(True, "hello", 5)] * 3
+    assert [(r["ok"], r.get("value"), r["size"], r["string_match"]) for r in results] == [
+        (True, "hello", 5, True)
+    ] * 3
+
+
+def test_distinct_calls_each_get_their_own_reply(server: SofaServerProc) -> None:
+    step = call("echo", {"string": "a"}, count=6, concurrency=3) | {"distinct": True}
+    raw = {
+        "kind": "raw_call",
+        "method": "echo",
+        "args": [{"string": "r"}],
+        "count": 4,
+        "concurrency": 4,
+        "distinct": True,
+    }
+    results = run_sofa_client(server.port, {"steps": [step, raw]})
+    assert [r["value"] for r in results] == [f"a#{i}" for i in range(6)] + [f"r#{i}" for i in range(4)]
+    assert all(r["string_match"] for r in results)
 
 
 def test_echo_bytes_1mib_both_ways(server: SofaServerProc) -> None:
@@ -252,3 +269,31 @@ def test_real_frames_match_the_fixtures(server: SofaServerProc) -> None:
             continue
         assert old["hex"] == new["hex"], f"{old['name']} differs from the fixture"
         assert old["header"] == describe(bytes.fromhex(old["hex"]))
+
+
+def test_rpc_proxy_listener_is_valid_envoy_config() -> None:
+    import xds.type.v3.typed_struct_pb2
+    import yaml
+    from envoy.config.bootstrap.v3 import bootstrap_pb2
+    from google.protobuf import json_format
+
+    from moorline.testing.procs import bootstrap, cluster
+
+    text = bootstrap(
+        [sofa.rpc_proxy_listener("rpc", 46001, cluster_name="hello")], [cluster("hello", [46002])]
+    )
+    msg = bootstrap_pb2.Bootstrap()
+    json_format.ParseDict(yaml.safe_load(text), msg)
+    (flt,) = msg.static_resources.listeners[0].filter_chains[0].filters
+    assert flt.name == "moorline.filters.network.rpc_proxy"
+    ts = xds.type.v3.typed_struct_pb2.TypedStruct()
+    assert flt.typed_config.Unpack(ts)
+    assert ts.type_url == "type.googleapis.com/moorline.filters.network.rpc_proxy.v1.RpcProxy"
+    value = json_format.MessageToDict(ts.value)
+    assert value == {
+        "stat_prefix": "rpc",
+        "protocol": "bolt",
+        "routes": [{"match": {}, "route": {"cluster": "hello"}}],
+    }
+    with pytest.raises(ValueError):
+        sofa.rpc_proxy_listener("rpc", 46001)

@@ -7,13 +7,14 @@
 //   {"service": "com.alipay.test.HelloService", "version": "1.0",
 //    "steps": [
 //      {"kind": "call", "method": "echo", "args": [{"string": "hi"}], "count": 1, "concurrency": 1,
-//       "timeout": 3000},
+//       "timeout": 3000, "distinct": false},
 //      {"kind": "oneway", "method": "note", "args": [{"string": "x"}], "count": 3},
 //      {"kind": "heartbeat", "count": 1, "timeout": 3000},
 //      {"kind": "load", "method": "echo", "args": [{"string": "..."}], "connections": 100,
 //       "concurrency": 1, "seconds": 10, "timeout": 3000}]}
 // Arguments are typed for Hessian2: {"string": s}, {"int": n}, {"bytes": n} (n bytes, a fixed
-// pattern) or {"bytes_hex": "..."}.
+// pattern) or {"bytes_hex": "..."}. "distinct" appends "#<call index>" to a first string argument.
+// "raw_call" is a "call" on the raw connection (below).
 //
 // "call" goes through sofa-rpc-node's RpcClient (a consumer with a static serverHost, no registry,
 // one connection, request ids from sofa-rpc-node's counter). sofa-rpc-node has no oneway or
@@ -23,7 +24,8 @@
 //
 // Output, one JSON document on stdout: {"results": [...]}, one entry per call in step order:
 //   {"step": i, "kind": k, "ok": true, "size": <reply length>, "value": <reply if a short
-//    string/number>, "bytes_match": <for bytes args: reply == first arg>}
+//    string/number>, "bytes_match" / "string_match": <reply == the first argument, when it has
+//    that type>}
 //   {"step": i, "kind": k, "ok": false, "error": <error name>, "code": <resultCode>, "message": ...}
 // a heartbeat entry has "ok" when its ack arrived in time; a load step gives one entry
 //   {"kind": "load", "calls", "errors", "seconds", "qps", "first_error"}.
@@ -57,15 +59,26 @@ function pattern(n) {
   return b;
 }
 
-function describeValue(step, value) {
+// The Java arguments of call number i of a step: with "distinct", a first string argument gets
+// "#<i>" appended, so every reply of an echo step can be matched to its own request.
+function stepArgs(step, i) {
+  const args = (step.args || []).map(javaArg);
+  if (step.distinct && args.length && args[0].$class === 'java.lang.String') {
+    args[0] = { $class: 'java.lang.String', $: args[0].$ + '#' + i };
+  }
+  return args;
+}
+
+function describeValue(args, value) {
   const out = { ok: true, size: 0 };
+  const first = args[0];
   if (Buffer.isBuffer(value)) {
     out.size = value.length;
-    const first = step.args && step.args[0] && javaArg(step.args[0]);
     if (Buffer.isBuffer(first)) out.bytes_match = first.equals(value);
   } else if (typeof value === 'string') {
     out.size = Buffer.byteLength(value);
     if (value.length <= 256) out.value = value;
+    if (first && first.$class === 'java.lang.String') out.string_match = first.$ === value;
   } else if (value === null || value === undefined) {
     out.value = null;
   } else if (typeof value === 'number' || typeof value === 'boolean') {
@@ -158,14 +171,15 @@ class RawConnection {
     });
   }
 
-  request(service, step, oneway) {
+  request(service, step, oneway, i = 0) {
     if (this.closed) return Promise.resolve(describeError(this.closed));
     const id = ++this.nextId;
     const timeout = step.timeout || 3000;
+    const args = stepArgs(step, i);
     const req = {
       serverSignature: service,
       methodName: step.method,
-      args: (step.args || []).map(javaArg),
+      args,
       requestProps: { service },
       timeout,
       oneway,
@@ -179,7 +193,7 @@ class RawConnection {
     this.sentReqs.set(id, { req });
     const done = this._track(id, timeout, res => {
       if (res.data && res.data.error) return describeError(res.data.error);
-      return describeValue(step, res.data && res.data.appResponse);
+      return describeValue(args, res.data && res.data.appResponse);
     });
     this.encoder.writeRequest(id, req, err => {
       if (err) {
@@ -260,11 +274,11 @@ async function main() {
         consumer = client.createConsumer({ interfaceName, version, serverHost: target });
         await consumer.ready();
       }
-      const args = (step.args || []).map(javaArg);
-      out = await pool(count, concurrency, async () => {
+      out = await pool(count, concurrency, async i => {
+        const args = stepArgs(step, i);
         try {
           const value = await consumer.invoke(step.method, args, { responseTimeout: step.timeout || 3000 });
-          return describeValue(step, value);
+          return describeValue(args, value);
         } catch (err) {
           return describeError(err);
         }
@@ -274,9 +288,9 @@ async function main() {
         raw = new RawConnection(host, port, counters);
         await raw.ready;
       }
-      out = await pool(count, concurrency, () => {
+      out = await pool(count, concurrency, i => {
         if (kind === 'heartbeat') return raw.heartbeat(step.timeout || 3000);
-        return raw.request(service, step, kind === 'oneway');
+        return raw.request(service, step, kind === 'oneway', i);
       });
     } else if (kind === 'load') {
       out = [ await runLoad(host, port, service, step, counters) ];
