@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from moorline.testing import sofa
-from moorline.testing.procs import PeerMissingError
+from moorline.testing.procs import PeerMissingError, wait_until
 from moorline.testing.sofa import SofaServerProc, call, run_sofa_client, run_sofa_client_doc
 
 FIXTURES = Path(__file__).resolve().parents[1] / "protocol" / "xprotocol" / "fixtures" / "bolt_sofa_node.json"
@@ -189,7 +189,8 @@ def describe(frame: bytes) -> dict[str, Any]:
 
 def capture(port: int) -> list[dict[str, Any]]:
     """One connection of sofa-rpc-node's RpcClient and one raw sofa-bolt-node connection through
-    a recording relay; the frames of both, named, in order."""
+    a recording relay; the frames of both, named. Requests in the order sent, then each one's
+    response (paired by request id: the server may answer in another order)."""
     named: list[dict[str, Any]] = []
     with sofa.RecordingRelay(port) as relay:
         run_sofa_client(relay.port, {"steps": [call("echo", {"string": "hello"})]})
@@ -202,28 +203,44 @@ def capture(port: int) -> list[dict[str, Any]]:
         run_sofa_client_doc(relay.port, {"steps": raw_steps, "settle_ms": 300})
         assert relay.connections == 2
         names = [
-            (["rpc_client_echo_request"], ["rpc_client_echo_response"]),
-            (
-                ["echo_request", "heartbeat_request", "oneway_request", "unknown_method_request"],
-                [
-                    "echo_response",
-                    "heartbeat_ack",
-                    "oneway_unsolicited_response",
-                    "server_exception_response",
-                ],
-            ),
+            [("rpc_client_echo_request", "rpc_client_echo_response")],
+            [
+                ("echo_request", "echo_response"),
+                ("heartbeat_request", "heartbeat_ack"),
+                ("oneway_request", "oneway_unsolicited_response"),
+                ("unknown_method_request", "server_exception_response"),
+            ],
         ]
-        for conn, (up_names, down_names) in enumerate(names):
-            for direction, data, labels in (
-                ("client_to_server", relay.client_bytes(conn), up_names),
-                ("server_to_client", relay.server_bytes(conn), down_names),
-            ):
-                frames = split_bolt_v1(data)
-                assert len(frames) == len(labels), (direction, [f[:22].hex() for f in frames])
-                for label, frame in zip(labels, frames, strict=True):
-                    named.append(
-                        {"name": label, "direction": direction, "header": describe(frame), "hex": frame.hex()}
-                    )
+        for conn, pairs in enumerate(names):
+            requests = split_bolt_v1(relay.client_bytes(conn))
+            assert len(requests) == len(pairs), [f[:22].hex() for f in requests]
+            # The answer to the oneway request may trail the client's exit: wait for all of them.
+            wait_until(
+                lambda conn=conn, n=len(pairs): len(split_bolt_v1(relay.server_bytes(conn))) == n,
+                f"{len(pairs)} responses on connection {conn}",
+                timeout=10,
+                ignore=(AssertionError,),
+            )
+            responses = {describe(f)["request_id"]: f for f in split_bolt_v1(relay.server_bytes(conn))}
+            for (req_name, _), frame in zip(pairs, requests, strict=True):
+                named.append(
+                    {
+                        "name": req_name,
+                        "direction": "client_to_server",
+                        "header": describe(frame),
+                        "hex": frame.hex(),
+                    }
+                )
+            for (_, rsp_name), req in zip(pairs, requests, strict=True):
+                frame = responses[describe(req)["request_id"]]
+                named.append(
+                    {
+                        "name": rsp_name,
+                        "direction": "server_to_client",
+                        "header": describe(frame),
+                        "hex": frame.hex(),
+                    }
+                )
     return named
 
 
