@@ -23,7 +23,9 @@ from typing import Any
 PEERS = ("nginx", "haproxy")
 # The HTTP/1.1 scenarios (and idle-conns) also run the calibration floor (bench/floor.py).
 PEERS_H1 = (*PEERS, "floor")
-PEER_LABELS = {"nginx": "nginx", "haproxy": "HAProxy", "floor": "floor"}
+PEER_LABELS = {"nginx": "nginx", "haproxy": "HAProxy", "floor": "floor", "direct": "direct"}
+# The bolt scenario compares moorline with the same load sent straight to the server.
+PEERS_BOLT = ("direct",)
 FLOOR_NOTE = (
     "floor: bench/floor.py, a bare uvloop + httptools HTTP/1.1 forwarder (no routing, no stats, one"
     " upstream connection per downstream connection): moorline ÷ floor is what moorline costs above"
@@ -103,6 +105,13 @@ XDS_METRICS = (
     Metric("rss_per_cluster_kib", "RSS KiB/cluster", "{:.1f}", "lower"),
     Metric("rss_mib", "RSS after MiB", "{:.1f}", None),
 )
+BOLT_METRICS = (
+    Metric("rps", "req/s", "{:,.0f}", "higher"),
+    Metric("p50_ms", "p50 ms", "{:.2f}", "lower"),
+    Metric("p99_ms", "p99 ms", "{:.2f}", "lower"),
+    Metric("cpu_us_per_req", "CPU µs/req (moorline; direct: the server)", "{:.1f}", None),
+    Metric("errors", "errors", "{:,.0f}", None),
+)
 METRICS_BY_KIND = {
     "http": HTTP_METRICS,
     "h2": H2_METRICS,
@@ -112,6 +121,7 @@ METRICS_BY_KIND = {
     "startup": STARTUP_METRICS,
     "xds": XDS_METRICS,
     "failover": FAILOVER_METRICS,
+    "bolt": BOLT_METRICS,
 }
 # Kinds whose table has an "errors" column (socket errors + failed requests over all runs).
 _ERROR_KINDS = ("http", "h2", "tls", "l4", "idle")

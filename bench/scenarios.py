@@ -122,6 +122,11 @@ SCENARIOS: dict[str, Scenario] = {
             )
         ),
         Scenario(
+            "bolt",
+            "bolt",
+            "SOFARPC Bolt v1 through rpc_proxy: 100 connections, one 1 KiB request in flight each, 1 KiB responses; against the same load straight to the server",
+        ),
+        Scenario(
             "xds-scale",
             "xds",
             "ADS state of the world: 1,000 EDS clusters (2 endpoints each), 1,000 routes and a listener pushed at once",
@@ -190,6 +195,8 @@ def floor_runs(sc: Scenario) -> bool:
 def variants_for(sc: Scenario, proxies: list[str]) -> list[str]:
     if sc.kind in ("startup", "xds"):
         return ["moorline"] if "moorline" in proxies else []
+    if sc.kind == "bolt":
+        return ["moorline", "direct"] if "moorline" in proxies else []
     if sc.kind == "l4":
         pool: tuple[str, ...] = L4_VARIANTS
     else:
@@ -199,6 +206,8 @@ def variants_for(sc: Scenario, proxies: list[str]) -> list[str]:
 
 def peers_for(sc: Scenario) -> tuple[str, ...]:
     """The peers moorline's ratios are taken against in ``sc``."""
+    if sc.kind == "bolt":
+        return report.PEERS_BOLT
     return report.PEERS_H1 if floor_runs(sc) else report.PEERS
 
 
@@ -293,6 +302,8 @@ class Harness:
             self._xds(sc, doc)
         elif sc.kind == "failover":
             self._failover(sc, doc, variants)
+        elif sc.kind == "bolt":
+            self._bolt(sc, doc, variants)
         else:
             if sc.kind == "idle":
                 doc["settings"]["idle_conns"] = self.s.idle_conns
@@ -529,6 +540,22 @@ class Harness:
                 self.progress(f"{sc.name}: round {rnd}/{self.s.rounds}, {v}")
                 try:
                     sample = run_once(self.lab, base_name(v), sc.mode, max(self.s.duration_s, 6))
+                except (StartError, RuntimeError, ValueError, OSError) as exc:
+                    sample = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+                sample["round"] = rnd
+                doc["samples"][v].append(sample)
+
+    # -- bolt -------------------------------------------------------------------------------------
+
+    def _bolt(self, sc: Scenario, doc: dict[str, Any], variants: list[str]) -> None:
+        from bench.bolt import CONNECTIONS, CONTENT, run_once
+
+        doc["settings"].update(connections=CONNECTIONS, content_bytes=CONTENT)
+        for rnd in range(1, self.s.rounds + 1):
+            for v in variants:
+                self.progress(f"{sc.name}: round {rnd}/{self.s.rounds}, {v}")
+                try:
+                    sample = run_once(self.lab, v, self.s.duration_s)
                 except (StartError, RuntimeError, ValueError, OSError) as exc:
                     sample = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
                 sample["round"] = rnd
