@@ -82,7 +82,9 @@ def test_binary_protocols_decide_on_their_head() -> None:
     assert flt.on_data(EXAMPLE[:12], i) is False
     assert flt.on_data(EXAMPLE[:13], i) is True and i.alpn == ["example"]
     i = info()
-    assert flt.on_data(b"\x01\x01\x00\x01", i) is True and i.alpn is None  # not HTTP, not example
+    assert flt.on_data(b"\x01\x01\x00\x01", i) is True and i.alpn == ["bolt"]  # a Bolt v1 request head
+    i = info()
+    assert flt.on_data(b"\x7f\x00\x00\x00", i) is True and i.alpn is None  # no registered protocol
 
 
 def test_tls_is_left_to_the_client_hello() -> None:
