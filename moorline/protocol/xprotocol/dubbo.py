@@ -199,7 +199,7 @@ class DubboFrame:
             t = 0
             if self.args_at:
                 v = self._headers.get("timeout", "")
-                if v.isdigit() and len(v) < 10:
+                if v.isascii() and v.isdigit() and len(v) < 10:
                     t = int(v)
             self._timeout = t
         return t
@@ -285,7 +285,7 @@ class DubboCodec:
             if flag & FLAG_EVENT:
                 if flag & FLAG_TWO_WAY:
                     kind = FrameKind.HEARTBEAT
-                elif raw[HEAD:] == _READONLY:
+                elif len(raw) == HEAD + len(_READONLY) and raw[HEAD:] == _READONLY:
                     kind = FrameKind.GOAWAY
                 else:
                     kind = FrameKind.ONEWAY

@@ -165,6 +165,13 @@ def test_body_fields_win_over_attachments_and_non_string_attachments_are_dropped
     assert f.timeout_ms == 0  # not a number of milliseconds
 
 
+@pytest.mark.parametrize("value", ["\u00b2", "\u0663", "-5", "99999999999", ""])
+def test_timeout_attachment_that_is_not_plain_digits_is_no_timeout(value: str) -> None:
+    # "\u00b2".isdigit() is true, int() of it raises: only ASCII digits count.
+    f = CODEC.decode(request(2, encode("2.0.2", "svc", "1.0", "m", "", {"timeout": value})))
+    assert f.timeout_ms == 0
+
+
 def test_real_client_request() -> None:
     raw = client_request()
     f = CODEC.decode(raw)
@@ -203,6 +210,8 @@ def test_kinds() -> None:
     assert CODEC.decode(readonly).kind == FrameKind.GOAWAY
     other_event = b"\xda\xbb\xa2\x00" + bytes(8) + b"\x00\x00\x00\x01N"
     assert CODEC.decode(other_event).kind == FrameKind.ONEWAY
+    longer = b"\xda\xbb\xa2\x00" + bytes(8) + b"\x00\x00\x00\x03\x01RN"  # "R" then more: not read-only
+    assert CODEC.decode(longer).kind == FrameKind.ONEWAY
     r = CODEC.decode(response(5, 70, encode("boom")))
     assert (r.kind, r.request_id, r.status) == (FrameKind.RESPONSE, 5, 70)
     assert not CODEC.is_success(r) and not CODEC.is_retriable(r)
