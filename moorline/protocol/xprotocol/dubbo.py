@@ -115,21 +115,41 @@ def _count_params(desc: str) -> int:
     return n
 
 
+def _read_attachments(raw: bytes, args_at: int, param_types: str) -> dict[str, str]:
+    """The attachments' string entries, after skipping the arguments that start at
+    ``args_at``; {} when absent or unreadable."""
+    try:
+        r = Hessian2Reader(raw, args_at)
+        for _ in range(_count_params(param_types)):
+            r.skip()
+        if r.at_end:
+            return {}
+        value = r.read()
+    except CodecError:
+        return {}
+    if not isinstance(value, dict):
+        return {}
+    return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
+
+
 class DubboHeaders(Mapping[str, str]):
     """The body's routing fields at once; the attachments on the first look-up of another
-    name (or iteration)."""
+    name (or iteration). Holds the frame's bytes, not the frame: no reference cycle, so a
+    frame is freed by its last reference going, without the cyclic GC."""
 
-    __slots__ = ("_attachments", "_fields", "_frame")
+    __slots__ = ("_args_at", "_attachments", "_fields", "_param_types", "_raw")
 
-    def __init__(self, frame: DubboFrame, fields: dict[str, str]) -> None:
-        self._frame = frame
+    def __init__(self, raw: bytes, args_at: int, param_types: str, fields: dict[str, str]) -> None:
+        self._raw = raw
+        self._args_at = args_at
+        self._param_types = param_types
         self._fields = fields
         self._attachments: dict[str, str] | None = None
 
     def _all(self) -> dict[str, str]:
         merged = self._attachments
         if merged is None:
-            merged = self._frame._read_attachments()
+            merged = _read_attachments(self._raw, self._args_at, self._param_types)
             merged.update(self._fields)
             self._attachments = merged
         return merged
@@ -217,27 +237,11 @@ class DubboFrame:
         self.param_types = r.read_string()
         self.args_at = r.pos
         self._headers = DubboHeaders(
-            self,
+            self.raw,
+            self.args_at,
+            self.param_types,
             {"service": self.service, "version": self.version, "method": self.method, "dubbo": dubbo},
         )
-
-    def _read_attachments(self) -> dict[str, str]:
-        """The attachments' string entries, after skipping the arguments; {} when absent or
-        unreadable."""
-        if not self.args_at:
-            return {}
-        try:
-            r = Hessian2Reader(self.raw, self.args_at)
-            for _ in range(_count_params(self.param_types)):
-                r.skip()
-            if r.at_end:
-                return {}
-            value = r.read()
-        except CodecError:
-            return {}
-        if not isinstance(value, dict):
-            return {}
-        return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
 
     def __repr__(self) -> str:
         return f"DubboFrame({self.kind.name}, id={self.request_id}, status={self.status}, service={self.service!r}, method={self.method!r})"

@@ -3,6 +3,8 @@ request id rewriting, heartbeats, local replies, and frames split at every byte 
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 from dubbo_ssl.codec.encoder import Object, Request
 from dubbo_ssl.common.constants import CLI_HEARTBEAT_REQ_HEAD, CLI_HEARTBEAT_RES_HEAD, CLI_HEARTBEAT_TAIL
@@ -170,6 +172,13 @@ def test_timeout_attachment_that_is_not_plain_digits_is_no_timeout(value: str) -
     # "\u00b2".isdigit() is true, int() of it raises: only ASCII digits count.
     f = CODEC.decode(request(2, encode("2.0.2", "svc", "1.0", "m", "", {"timeout": value})))
     assert f.timeout_ms == 0
+
+
+def test_no_reference_cycle_between_a_frame_and_its_headers() -> None:
+    # A frame per request must be freed by reference counting alone (no cyclic GC on the path).
+    f = CODEC.decode(REQUEST)
+    assert f.headers["tenant"] == "a"
+    assert all(r is not f for r in gc.get_referents(f.headers))
 
 
 def test_real_client_request() -> None:
