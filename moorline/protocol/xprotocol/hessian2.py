@@ -183,9 +183,13 @@ class Hessian2Reader:
                     raise CodecError(f"hessian2: bad string chunk 0x{b:02x}")
                 return None
             start = self.pos
-            end, _ = _utf8_units(self.view, start, units)
-            parts.append(bytes(self.view[start:end]))
-            self.pos = end
+            # Fast path: all ASCII, one byte per unit (checked in C, not walked in Python).
+            data = bytes(self.view[start : start + units])
+            if len(data) != units or not data.isascii():
+                end, _ = _utf8_units(self.view, start, units)
+                data = bytes(self.view[start:end])
+            parts.append(data)
+            self.pos = start + len(data)
             if final:
                 return _decode_text(b"".join(parts))
             b = self._byte()
