@@ -88,8 +88,8 @@ class _Conn(asyncio.Protocol):
 
     def _frame(self, frame: dubbo.DubboFrame) -> None:
         srv = self.server
-        if self.transport is None:
-            return
+        if self.transport is None or self.transport.is_closing():
+            return  # e.g. reset by ``die`` earlier in the same read
         if frame.kind == FrameKind.HEARTBEAT:
             srv._record_heartbeat(frame.request_id)
             self.transport.write(dubbo.CODEC.heartbeat_reply(frame))

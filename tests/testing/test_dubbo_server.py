@@ -131,3 +131,15 @@ def test_garbage_closes_the_connection(srv: DubboTestServer) -> None:
     with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
         s.sendall(b"GET / HTTP/1.1\r\n\r\n")
         assert s.recv(100) == b""
+
+
+def test_die_drops_the_rest_of_the_connection(srv: DubboTestServer) -> None:
+    srv.die = True
+    two = b"".join(request(i, encode("2.0.2", SERVICE, "", "echo", "I", i, {})) for i in (1, 2))
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+        s.sendall(two)
+        with pytest.raises(ConnectionResetError):
+            while s.recv(100):
+                pass
+    # The second request, behind the fatal one in the same read, was never taken.
+    assert [r.request_id for r in srv.requests] == [1]
