@@ -23,6 +23,7 @@ def register_builtin() -> None:
     import moorline.filters.http.rbac
     import moorline.filters.listener.http_inspector
     import moorline.filters.listener.original_dst
+    import moorline.filters.listener.rpc_inspector
     import moorline.filters.listener.tls_inspector
     import moorline.filters.network.local_ratelimit
     import moorline.filters.network.rbac

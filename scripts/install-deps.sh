@@ -3,14 +3,17 @@
 # iperf3, h2load, curl, openssl; redis-server behind the Redis-backed test rate limit service,
 # moorline/testing/rls_server.py; iptables for the transparent-interception tests, which install
 # REDIRECT rules in a network namespace of their own: both the nft and the legacy backend work
-# there, tests/net/test_original_dst_netns.py takes whichever `iptables` is).
+# there, tests/net/test_original_dst_netns.py takes whichever `iptables` is); nodejs and npm for
+# the real SOFARPC (Bolt) peers, sofa-rpc-node, whose npm packages are then installed from
+# tests/rpc/node/package-lock.json (moorline/testing/sofa.py drives them).
 # Idempotent: does nothing when all are present.
 set -euo pipefail
 need=()
 for pair in nginx:/usr/sbin/nginx haproxy:/usr/sbin/haproxy wrk:/usr/bin/wrk iperf3:/usr/bin/iperf3 \
             nghttp2-client:/usr/bin/h2load curl:/usr/bin/curl openssl:/usr/bin/openssl \
             libnginx-mod-stream:/usr/lib/nginx/modules/ngx_stream_module.so \
-            iptables:/usr/sbin/iptables redis-server:/usr/bin/redis-server; do
+            iptables:/usr/sbin/iptables redis-server:/usr/bin/redis-server \
+            nodejs:/usr/bin/node npm:/usr/bin/npm; do
   pkg=${pair%%:*}; bin=${pair#*:}
   [ -e "$bin" ] || need+=("$pkg")
 done
@@ -21,20 +24,38 @@ if command -v "$PY" >/dev/null; then
   inc=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
   [ -e "$inc/Python.h" ] || need+=(python3-dev)
 fi
-[ ${#need[@]} -eq 0 ] && exit 0
-SUDO=""
-if [ "$(id -u)" != 0 ]; then
-  if command -v sudo >/dev/null; then SUDO=sudo; else
-    echo "install-deps: missing ${need[*]} and not root; tests that need them will be skipped" >&2; exit 0
+apt_install() {
+  [ ${#need[@]} -eq 0 ] && return 0
+  SUDO=""
+  if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null; then SUDO=sudo; else
+      echo "install-deps: missing ${need[*]} and not root; tests that need them will fail" >&2; return 0
+    fi
   fi
+  echo "install-deps: installing ${need[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  # policy-rc.d keeps the packages' services (nginx on :80, redis on :6379) from starting: tests start their own.
+  local created=0
+  if [ ! -e /usr/sbin/policy-rc.d ] && [ -z "$SUDO" ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; created=1
+  fi
+  $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  [ "$created" = 1 ] && rm -f /usr/sbin/policy-rc.d
+  return 0
+}
+apt_install
+
+# The SOFARPC peers' npm packages, exactly as the lock file pins them; redone only when the lock
+# file is newer than the installed tree (npm writes node_modules/.package-lock.json).
+NODE_DIR="$(cd "$(dirname "$0")/.." && pwd)/tests/rpc/node"
+if command -v npm >/dev/null; then
+  if [ ! -e "$NODE_DIR/node_modules/.package-lock.json" ] \
+     || [ "$NODE_DIR/package-lock.json" -nt "$NODE_DIR/node_modules/.package-lock.json" ]; then
+    echo "install-deps: npm ci in $NODE_DIR" >&2
+    (cd "$NODE_DIR" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  fi
+else
+  echo "install-deps: npm missing; the SOFARPC tests will fail" >&2
 fi
-echo "install-deps: installing ${need[*]}" >&2
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
-# policy-rc.d keeps the packages' services (nginx on :80, redis on :6379) from starting: tests start their own.
-if [ ! -e /usr/sbin/policy-rc.d ] && [ -z "$SUDO" ]; then
-  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; created=1
-fi
-$SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-[ "${created:-0}" = 1 ] && rm -f /usr/sbin/policy-rc.d
 exit 0

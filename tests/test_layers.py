@@ -134,7 +134,7 @@ def test_lower_layers_do_not_import_upper_ones(layer: str, forbidden: tuple[str,
 
 def test_codecs_are_sans_io() -> None:
     """protocol/ takes bytes and time as arguments: no event loop, sockets or clock."""
-    for p in (ROOT / "protocol").glob("*.py"):
+    for p in (ROOT / "protocol").rglob("*.py"):
         tree = ast.parse(p.read_text())
         for node in ast.walk(tree):
             names = []

@@ -41,6 +41,7 @@ REQUIRED_PEERS: dict[str, tuple[str, str]] = {
     "curl": ("/usr/bin/curl", "curl"),
     "openssl": ("/usr/bin/openssl", "openssl"),
     "redis-server": ("/usr/bin/redis-server", "redis-server"),
+    "node": ("/usr/bin/node", "nodejs"),
 }
 
 _live: list[_Proc] = []
