@@ -10,7 +10,7 @@ import importlib
 from moorline.protocol.xprotocol.api import XCodec
 
 # One line per protocol module (each exports CODECS).
-_MODULES: tuple[str, ...] = ("bolt", "example")
+_MODULES: tuple[str, ...] = ("bolt", "dubbo", "example")
 
 
 def builtin_codecs() -> dict[str, XCodec]:
