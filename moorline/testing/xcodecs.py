@@ -24,12 +24,17 @@ the body back, prefixed with ``<server name>:``), ``sleep`` (answers after ``flo
 seconds), ``busy`` (status 1), ``fail`` (status 2), ``close`` (closes the connection without
 an answer), ``garbage`` (answers with bytes no codec frame starts with); every request frame
 received is kept in ``RpcTestServer.received``.
+
+``python -m moorline.testing.xcodecs <python> -m moorline run ...`` runs moorline in this process
+with the test codecs added to the registered ones (``procs.start_moorline(wrap=...)``), for end
+to end tests before a real protocol is registered.
 """
 
 from __future__ import annotations
 
 import asyncio
 import struct
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -201,6 +206,7 @@ class RpcTestServer:
     server: asyncio.Server
     port: int
     name: str
+    always: int | None = None  # answer every request with this status
     received: list[TestFrame] = field(default_factory=list)
     connections: int = 0
     transports: list[asyncio.Transport] = field(default_factory=list)
@@ -244,7 +250,9 @@ class _ServerProto(asyncio.Protocol):
     def _answer(self, f: TestFrame) -> None:
         m = f.method
         c = self.codec
-        if m == "close":
+        if self.srv.always is not None:
+            self.transport.write(c.response(f.request_id, self.srv.name.encode(), self.srv.always))
+        elif m == "close":
             self.transport.close()
         elif m == "garbage":
             self.transport.write(b"\xff" * 32)
@@ -263,12 +271,15 @@ class _ServerProto(asyncio.Protocol):
             self.transport.write(data)
 
 
-async def serve(codec: TestCodec, name: str = "up", host: str = "127.0.0.1", port: int = 0) -> RpcTestServer:
-    """An upstream server for ``codec`` on ``host:port`` (0: any free port)."""
+async def serve(
+    codec: TestCodec, name: str = "up", host: str = "127.0.0.1", port: int = 0, always: int | None = None
+) -> RpcTestServer:
+    """An upstream server for ``codec`` on ``host:port`` (0: any free port); ``always``: every
+    request is answered with that status."""
     loop = asyncio.get_running_loop()
     holder: list[RpcTestServer] = []
     server = await loop.create_server(lambda: _ServerProto(holder[0], codec), host, port)
-    srv = RpcTestServer(server, server.sockets[0].getsockname()[1], name)
+    srv = RpcTestServer(server, server.sockets[0].getsockname()[1], name, always)
     holder.append(srv)
     return srv
 
@@ -307,3 +318,22 @@ async def connect_client(codec: TestCodec, port: int, host: str = "127.0.0.1") -
     loop = asyncio.get_running_loop()
     _, proto = await loop.create_connection(lambda: RpcTestClient(codec), host, port)
     return proto
+
+
+def _main(argv: list[str]) -> int:
+    from moorline import cli
+    from moorline.protocol import xprotocol
+
+    registered = xprotocol.builtin_codecs
+
+    def with_test_codecs() -> dict[str, Any]:
+        out: dict[str, Any] = dict(registered())
+        out.update((c.name, c) for c in CODECS)
+        return out
+
+    xprotocol.builtin_codecs = with_test_codecs  # type: ignore[assignment]
+    return cli.main(argv[argv.index("moorline") + 1 :])
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))
