@@ -6,7 +6,8 @@ here, requests and oneways go to ``handler.on_rpc_request(conn, frame)`` (the pr
 ``moorline.proxy.rpc_proxy``), responses come back through ``conn.send(raw)``. With ``codec``
 None the first bytes pick it among ``sniff`` (each codec's ``match``). At most
 ``handler.max_pending`` requests are in flight per connection: beyond, the request gets an
-``OVERFLOW`` local reply. Bytes that are not the protocol (``CodecError``) count
+``OVERFLOW`` local reply; while the connection's write buffer is above its high-water mark
+(``info.buffer_limit``) its requests are not read. Bytes that are not the protocol (``CodecError``) count
 ``codec_error`` and close the connection; a frame that decodes but cannot come from a client
 (a response) is answered with a ``CODEC_ERROR`` local reply first (its request id is known).
 
@@ -79,6 +80,7 @@ class RpcServerConnection(asyncio.Protocol):
         "reader",
         "sniff_codecs",
         "transport",
+        "write_paused",
     )
 
     def __init__(self, handler: Any, info: Any, codec: XCodec | None, sniff: tuple[XCodec, ...] = ()) -> None:
@@ -90,6 +92,7 @@ class RpcServerConnection(asyncio.Protocol):
         self._sniff = b""
         self.transport: Any = None
         self.closed = False
+        self.write_paused = False
         self.active: set[Any] = set()  # requests in flight (the proxy's objects)
 
     def connection_made(self, transport: Any) -> None:
@@ -162,6 +165,18 @@ class RpcServerConnection(asyncio.Protocol):
     def send(self, raw: bytes) -> None:
         if not self.closed:
             self.transport.write(raw)
+
+    def pause_writing(self) -> None:
+        # A client that does not read its answers: stop reading its requests, so what waits in
+        # the write buffer stays within the high-water mark plus the requests in flight.
+        self.write_paused = True
+        if not self.closed:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if not self.closed:
+            self.transport.resume_reading()
 
     def close(self) -> None:
         if not self.closed:

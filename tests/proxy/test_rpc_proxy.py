@@ -99,16 +99,28 @@ class Front:
         return await xcodecs.connect_client(codec, self.port)
 
 
-async def front(store: Store, clusters: list[Cluster], value: dict[str, Any], ctx: Any = None) -> Front:
+async def front(
+    store: Store,
+    clusters: list[Cluster],
+    value: dict[str, Any],
+    ctx: Any = None,
+    buffer_limit: int = 1 << 20,
+    rcvbuf: int = 0,
+) -> Front:
     ctx = ctx or BuildContext(stats=store, cluster_manager=FakeCM(*clusters))
     value = {"stat_prefix": "t", "protocol": "xmux", **value}
     proxy = rpc_proxy.RpcProxy(value, ctx, "v", codecs=TABLE)
     loop = asyncio.get_running_loop()
 
     def make() -> Any:
-        return proxy.protocol(ConnInfo(("127.0.0.1", 0), ("127.0.0.1", 0), "l"))
+        return proxy.protocol(ConnInfo(("127.0.0.1", 0), ("127.0.0.1", 0), "l", buffer_limit=buffer_limit))
 
-    server = await loop.create_server(make, "127.0.0.1", 0)
+    lsock = socket.socket()
+    if rcvbuf:
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # accepted sockets inherit it
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, rcvbuf)
+    lsock.bind(("127.0.0.1", 0))
+    server = await loop.create_server(make, sock=lsock)
     return Front(proxy, server)
 
 
@@ -403,6 +415,41 @@ def test_auto_protocol_sniffs_each_connection() -> None:
         assert bytes(ra.body) == b"m:" and bytes(rb.body) == b"p:"
         sm.close()
         sp.close()
+
+    run(main)
+
+
+def test_a_client_that_does_not_read_stops_being_read() -> None:
+    """Answers wait in the downstream write buffer only up to its high-water mark plus the
+    requests in flight: above it the client's requests are not read (small socket buffers on
+    both sides, so the kernel cannot take the whole burst)."""
+
+    async def main() -> None:
+        srv = await xcodecs.serve(MUX, "up")
+        store = Store()
+        value = {"routes": [route("c")]}
+        f = await front(
+            store, [make_cluster(store, "c", [srv.port])], value, buffer_limit=64 * 1024, rcvbuf=65536
+        )
+        loop = asyncio.get_running_loop()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.connect(("127.0.0.1", f.port))
+        sock.setblocking(False)
+        _, cl = await loop.create_connection(lambda: xcodecs.RpcTestClient(MUX), sock=sock)
+        cl.transport.pause_reading()
+        body = b"x" * 65536
+        n = 200  # 13 MB each way
+        cl.send(b"".join(MUX.request(i, body=body) for i in range(1, n + 1)))
+        (conn,) = f.proxy.conns
+        await until(lambda: conn.write_paused and not conn.active)
+        assert len(srv.received) < n  # the rest waits, unread, in the client's buffers
+        cl.transport.resume_reading()
+        await until(lambda: len(cl.frames) == n, timeout=20)
+        assert [fr.request_id for fr in cl.frames] == list(range(1, n + 1))
+        assert {fr.status for fr in cl.frames} == {0}
+        srv.close()
 
     run(main)
 

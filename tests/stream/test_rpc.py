@@ -447,3 +447,66 @@ def test_server_connection_sniffs_the_protocol() -> None:
         server.close()
 
     run(main)
+
+
+def test_max_requests_per_connection_opens_the_next_connection() -> None:
+    async def main() -> None:
+        srv = await xcodecs.serve(MUX, "a")
+        store = Store()
+        c = make_cluster(store, [srv.port], max_requests_per_connection=2)
+        pool = rpc.pool_for(c.choose_host(), MUX, asyncio.get_running_loop())
+        for i in range(3):
+            r = Req(MUX, MUX.request(i))
+            pool.send(r)
+            await until(lambda r=r: r.finished)  # type: ignore[misc]
+            assert r.response is not None
+        assert srv.connections == 2
+        assert val(store, "cluster.c.upstream_cx_max_requests") == 1
+        await until(lambda: val(store, "cluster.c.upstream_cx_active") == 1)  # the first closed
+        srv.close()
+
+    run(main)
+
+
+def test_connection_reset_before_the_connect_callback_fails_the_queue(monkeypatch: Any) -> None:
+    """The connect race: the connection is made and lost before the pool hears of the connect.
+    The queued requests fail as on a connect failure, nothing is handed a dead connection and
+    the counts come back to zero."""
+
+    class DeadTransport:
+        def set_write_buffer_limits(self, high: int, low: int) -> None:
+            pass
+
+        def write(self, data: bytes) -> None:
+            raise AssertionError("written to a dead connection")
+
+        def close(self) -> None:
+            pass
+
+    def connect(loop: Any, host: Any, protocol: Any, timeout: float, keepalive: Any, on_done: Any) -> Any:
+        def later() -> None:
+            protocol.connection_made(DeadTransport())
+            protocol.connection_lost(ConnectionResetError())
+            on_done(None, False)
+
+        h = loop.call_soon(later)
+        return h.cancel
+
+    monkeypatch.setattr(rpc.net_upstream, "connect", connect)
+
+    async def main() -> None:
+        store = Store()
+        c = make_cluster(store, [1])
+        for codec in (MUX, PINGPONG):
+            pool = rpc.pool_for(c.choose_host(), codec, asyncio.get_running_loop())
+            reqs = [Req(codec, codec.request(i)) for i in range(2)]
+            for r in reqs:
+                pool.send(r)
+            await until(lambda reqs=reqs: all(r.finished for r in reqs))  # type: ignore[misc]
+            for r in reqs:
+                assert r.failure is not None and r.failure[0] == Reason.UPSTREAM_RESET and r.failure[2]
+        assert val(store, "cluster.c.upstream_cx_active") == 0
+        assert val(store, "cluster.c.upstream_rq_active") == 0
+        assert val(store, "cluster.c.upstream_rq_pending_active") == 0
+
+    run(main)
