@@ -21,7 +21,8 @@ Upstream, per host and codec (``pool_for(host, codec, loop)``, kept in ``host.rp
   ``cluster.<name>.rpc.upstream_rq_unknown_id``.
 - ``PingPongPool``: one request at a time per connection, an idle list, new connections within
   the cluster's ``max_connections``; a request abandoned in flight (timeout, downstream gone)
-  closes its connection, so its late answer can never become the next request's.
+  closes its connection, so its late answer can never become the next request's, and so does
+  an answer whose id is not the in-flight request's (or that comes with none in flight).
 
 Both queue requests while connecting (bounded by ``max_pending_requests``) and check
 ``max_requests``: over a breaker the request fails with ``Reason.OVERFLOW``
@@ -302,11 +303,19 @@ class RpcClientConnection(asyncio.Protocol):
         inflight = self.inflight
         if self.codec.multiplexed:
             req = inflight.pop(f.request_id, None)
+            if req is None:
+                self.pool.unknown_id.value += 1
+                return
         else:
-            req = inflight.pop(next(iter(inflight))) if inflight else None
-        if req is None:
-            self.pool.unknown_id.value += 1
-            return
+            # One request at a time: an answer that is not the in-flight request's (none is in
+            # flight, or another id) means the connection is out of step; it is closed rather
+            # than let the answer pass for the next request's.
+            if not inflight or f.request_id not in inflight:
+                self.pool.unknown_id.value += 1
+                self.stats.upstream_cx_protocol_error.value += 1
+                self.abort()
+                return
+            req = inflight.pop(f.request_id)
         req.up_conn = None
         pool = self.pool
         pool.request_done(req)

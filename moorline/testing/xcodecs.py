@@ -22,7 +22,7 @@ The routing keys are the ``service`` and ``method`` headers. Local replies carry
 ``serve(codec)`` starts an asyncio server answering requests by method: ``echo`` (default:
 the body back, prefixed with ``<server name>:``), ``sleep`` (answers after ``float(body)``
 seconds), ``busy`` (status 1), ``fail`` (status 2), ``close`` (closes the connection without
-an answer), ``garbage`` (answers with bytes no codec frame starts with); every request frame
+an answer), ``double`` (answers, and again 50 ms later), ``garbage`` (answers with bytes no codec frame starts with); every request frame
 received is kept in ``RpcTestServer.received``.
 
 ``python -m moorline.testing.xcodecs <python> -m moorline run ...`` runs moorline in this process
@@ -254,6 +254,10 @@ class _ServerProto(asyncio.Protocol):
             self.transport.write(c.response(f.request_id, self.srv.name.encode(), self.srv.always))
         elif m == "close":
             self.transport.close()
+        elif m == "double":  # a second answer 50 ms later (an upstream out of step)
+            data = c.response(f.request_id, self.srv.name.encode() + b":double")
+            self.transport.write(data)
+            asyncio.get_running_loop().call_later(0.05, self._write, data)
         elif m == "garbage":
             self.transport.write(b"\xff" * 32)
         elif m == "busy":

@@ -510,3 +510,29 @@ def test_connection_reset_before_the_connect_callback_fails_the_queue(monkeypatc
         assert val(store, "cluster.c.upstream_rq_pending_active") == 0
 
     run(main)
+
+
+def test_ping_pong_answer_out_of_step_closes_the_connection() -> None:
+    """A second answer to a request must not pass for the answer of the request after it."""
+
+    async def main() -> None:
+        srv = await xcodecs.serve(PINGPONG, "p")
+        store = Store()
+        c = make_cluster(store, [srv.port])
+        pool = rpc.pool_for(c.choose_host(), PINGPONG, asyncio.get_running_loop())
+        first = Req(PINGPONG, PINGPONG.request(1, method="double"))
+        pool.send(first)
+        await until(lambda: first.finished)
+        nxt = Req(PINGPONG, PINGPONG.request(2, method="sleep", body=b"0.3"))
+        pool.send(nxt)  # in flight on the same connection when the extra answer comes
+        await until(lambda: nxt.finished)
+        assert nxt.response is None
+        assert nxt.failure is not None and nxt.failure[0] == Reason.UPSTREAM_RESET
+        assert val(store, "cluster.c.upstream_cx_protocol_error") == 1
+        again = Req(PINGPONG, PINGPONG.request(3, body=b"ok"))
+        pool.send(again)
+        await until(lambda: again.finished)
+        assert bytes(again.response.body) == b"p:ok" and srv.connections == 2
+        srv.close()
+
+    run(main)
