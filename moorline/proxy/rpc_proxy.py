@@ -19,7 +19,7 @@ its ``value`` over as a dict (``OpaqueAny``), compiled here once (``ConfigError`
 Per request (``ActiveRpc``, a plain object: no Task or Future; one loop timer for its timeout):
 route by service / method / headers (the frame's headers are decoded only when a route asks),
 pick a cluster (weighted: per request), a host (``cluster.choose_host``, excluding the hosts a
-retry already tried), and hand the request to the host's pool (``moorline.stream.rpc``). The
+retry already tried; retries within the cluster's ``max_retries``), and hand the request to the host's pool (``moorline.stream.rpc``). The
 response goes back with the downstream request id restored. The proxy answers itself, through
 ``codec.local_reply``, with ``NO_ROUTE`` (no route, unknown cluster), ``NO_HEALTHY_UPSTREAM``,
 ``OVERFLOW`` (circuit breakers, ``max_pending_per_connection``), ``TIMEOUT`` and
@@ -391,6 +391,7 @@ class ActiveRpc:
         "oneway",
         "proxy",
         "retries_left",
+        "retry_slot",
         "route",
         "start_mono",
         "timer",
@@ -414,6 +415,7 @@ class ActiveRpc:
         self.host: Any = None
         self.tried: set[Any] | None = None
         self.retries_left = 0
+        self.retry_slot = False  # holds one of the cluster's max_retries (released at the end)
         self.attempts = 0
         self.timer: asyncio.TimerHandle | None = None
         self.done = False
@@ -472,6 +474,8 @@ class ActiveRpc:
         st = self.proxy.stats
         if ok:
             st.response_success.value += 1
+            if self.retry_slot:
+                self.cluster.stats.upstream_rq_retry_success.value += 1
         else:
             st.response_error.value += 1
         rid = self.frame.request_id
@@ -494,6 +498,13 @@ class ActiveRpc:
     def _retry(self) -> bool:
         if self.retries_left <= 0:
             return False
+        cluster = self.cluster
+        if not self.retry_slot:
+            if cluster.active_retries >= cluster.retries_limit():
+                cluster.stats.upstream_rq_retry_overflow.value += 1
+                return False
+            cluster.active_retries += 1
+            self.retry_slot = True
         self.retries_left -= 1
         self.proxy.stats.retry.value += 1
         self.cluster.stats.upstream_rq_retry.value += 1
@@ -543,6 +554,9 @@ class ActiveRpc:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.retry_slot:
+            self.retry_slot = False
+            self.cluster.active_retries -= 1
         self.conn.active.discard(self)
         logs = self.proxy.access_logs
         if logs:

@@ -299,6 +299,25 @@ def test_retry_on_connect_failure_goes_to_another_host() -> None:
     run(main)
 
 
+def test_retries_within_the_max_retries_circuit_breaker() -> None:
+    async def main() -> None:
+        srv = await xcodecs.serve(MUX, "good")
+        store = Store()
+        cb = {"thresholds": [{"max_retries": 0}]}
+        c = make_cluster(store, "c", [refused_port(), srv.port], circuit_breakers=cb)
+        rp = {"num_retries": 1, "retry_on": ["connect_failure"]}
+        f = await front(store, [c], {"routes": [route("c", retry_policy=rp)]})
+        cl = await f.client()
+        r = await ask(cl, MUX.request(1), 1)  # round robin: the refused host first
+        assert r.status == STATUS_OF[Reason.UPSTREAM_RESET]
+        assert val(store, "cluster.c.upstream_rq_retry_overflow") == 1
+        assert val(store, "cluster.c.upstream_rq_retry") == 0
+        assert c.active_retries == 0
+        srv.close()
+
+    run(main)
+
+
 def test_retry_on_retriable_status_and_outlier_reports() -> None:
     async def main() -> None:
         busy = await xcodecs.serve(MUX, "busy", always=xcodecs.STATUS_BUSY)
@@ -320,6 +339,8 @@ def test_retry_on_retriable_status_and_outlier_reports() -> None:
         busy_host = next(h for h in c.hosts if h.port == busy.port)
         assert busy_host.outlier_ejected  # two 503-like answers in a row
         assert val(store, "rpc_proxy.t.retry") >= 2
+        assert val(store, "cluster.c.upstream_rq_retry_success") == val(store, "rpc_proxy.t.retry")
+        assert c.active_retries == 0  # every retry slot given back
         busy.close()
         good.close()
 
