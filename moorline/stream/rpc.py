@@ -24,7 +24,9 @@ Upstream, per host and codec (``pool_for(host, codec, loop)``, kept in ``host.rp
   closes its connection, so its late answer can never become the next request's, and so does
   an answer whose id is not the in-flight request's (or that comes with none in flight).
 
-Both queue requests while connecting (bounded by ``max_pending_requests``) and check
+Connections without a request in flight close after the cluster's ``idle_timeout``
+(``common_http_protocol_options``, default 1 hour; one sweep timer per pool). Both queue
+requests while connecting (bounded by ``max_pending_requests``) and check
 ``max_requests``: over a breaker the request fails with ``Reason.OVERFLOW``
 (``upstream_rq_pending_overflow``). A connect failure or timeout fails the queued requests
 with ``Reason.UPSTREAM_RESET`` and ``connect_failure=True`` (the proxy may retry on another
@@ -203,6 +205,7 @@ class RpcClientConnection(asyncio.Protocol):
         "closed",
         "codec",
         "connected",
+        "idle_since",
         "inflight",
         "next_id",
         "pool",
@@ -224,6 +227,7 @@ class RpcClientConnection(asyncio.Protocol):
         self.closed = False
         self.connected = False
         self.retired = False  # takes no new requests (max_requests_per_connection, GOAWAY)
+        self.idle_since = 0.0  # loop time its last request ended (read by the idle sweep)
         self.transport: Any = None
 
     def connection_made(self, transport: Any) -> None:
@@ -264,8 +268,11 @@ class RpcClientConnection(asyncio.Protocol):
         if mrpc and self.requests >= mrpc and not self.retired:
             self.stats.upstream_cx_max_requests.value += 1
             self.pool.retire(self)
-        if req.oneway and not self.codec.multiplexed:
-            self.pool.on_free(self)
+        if req.oneway:
+            if not self.codec.multiplexed:
+                self.pool.on_free(self)
+            elif not self.inflight:
+                self.pool.on_idle(self)
 
     def cancel(self, req: Any) -> None:
         """``req`` gave up (timeout, downstream gone): its answer, if it comes, is dropped."""
@@ -275,8 +282,11 @@ class RpcClientConnection(asyncio.Protocol):
         if not self.codec.multiplexed:
             # One request at a time: the late answer would be the next request's.
             self.close()
-        elif self.retired and not self.inflight:
-            self.close()
+        elif not self.inflight:
+            if self.retired:
+                self.close()
+            else:
+                self.pool.on_idle(self)
 
     def data_received(self, data: bytes) -> None:
         self.stats.upstream_cx_rx_bytes_total.value += len(data)
@@ -323,8 +333,11 @@ class RpcClientConnection(asyncio.Protocol):
         req.on_upstream_response(f)
         if not self.closed:
             if self.codec.multiplexed:
-                if self.retired and not inflight:
-                    self.close()
+                if not inflight:
+                    if self.retired:
+                        self.close()
+                    else:
+                        pool.on_idle(self)
             else:
                 pool.on_free(self)
 
@@ -379,6 +392,7 @@ class RpcPool:
         self.closed = False
         self.draining = False
         self.unknown_id = cluster.stats.scope.counter("rpc.upstream_rq_unknown_id")
+        self._sweep: asyncio.TimerHandle | None = None
 
     # -- requests
 
@@ -541,6 +555,34 @@ class RpcPool:
         if self.pending and not self.closed and self._need_connect(0) and self._may_connect():
             self._open()
 
+    def on_idle(self, conn: RpcClientConnection) -> None:
+        """``conn`` has no request in flight: it closes after the cluster's idle timeout."""
+        conn.idle_since = self.loop.time()
+        if self._sweep is None:
+            t = self.cluster.idle_timeout
+            if t:
+                self._sweep = self.loop.call_later(max(t / 4, 0.01), self._sweep_idle)
+
+    def _sweep_idle(self) -> None:
+        """Close connections idle longer than the idle timeout: one timer per pool, so a
+        connection closes at most a quarter of the timeout late."""
+        self._sweep = None
+        t = self.cluster.idle_timeout
+        if not t or self.closed:
+            return
+        now = self.loop.time()
+        waiting = False
+        for conn in list(self.conns):
+            if conn.inflight or conn.closed:
+                continue
+            if now - conn.idle_since >= t:
+                self.cluster.stats.upstream_cx_idle_timeout.value += 1
+                self.retire(conn)
+            else:
+                waiting = True
+        if waiting:
+            self._sweep = self.loop.call_later(max(t / 4, 0.01), self._sweep_idle)
+
     def retire(self, conn: RpcClientConnection) -> None:
         conn.retired = True
         try:
@@ -553,6 +595,9 @@ class RpcPool:
     def drain(self) -> None:
         """The host left its cluster: idle connections close now, busy ones when empty."""
         self.draining = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for conn in list(self.conns):
             self.retire(conn)
 
@@ -599,6 +644,8 @@ class MultiplexPool(RpcPool):
             req = self.pending.popleft()
             self._dequeue(req)
             conn.send(req)
+        if not conn.inflight and not conn.closed:
+            self.on_idle(conn)
 
 
 class PingPongPool(RpcPool):
@@ -634,6 +681,7 @@ class PingPongPool(RpcPool):
             conn.close()
             return
         self.conns.append(conn)
+        self.on_idle(conn)
 
 
 def pool_for(host: Any, codec: XCodec, loop: asyncio.AbstractEventLoop) -> RpcPool:

@@ -536,3 +536,32 @@ def test_ping_pong_answer_out_of_step_closes_the_connection() -> None:
         srv.close()
 
     run(main)
+
+
+IDLE = {
+    "typed_extension_protocol_options": {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "common_http_protocol_options": {"idle_timeout": "0.05s"},
+            "explicit_http_config": {"http_protocol_options": {}},
+        }
+    }
+}
+
+
+def test_idle_connections_close_after_the_idle_timeout() -> None:
+    async def main() -> None:
+        for codec in (MUX, PINGPONG):
+            srv = await xcodecs.serve(codec, "a")
+            store = Store()
+            c = make_cluster(store, [srv.port], **IDLE)
+            pool = rpc.pool_for(c.choose_host(), codec, asyncio.get_running_loop())
+            busy = Req(codec, codec.request(1, method="sleep", body=b"0.2"))
+            pool.send(busy)
+            await until(lambda busy=busy: busy.finished)  # type: ignore[misc]
+            assert busy.response is not None  # a busy connection is not idle, however long
+            await until(lambda store=store: val(store, "cluster.c.upstream_cx_active") == 0)
+            assert val(store, "cluster.c.upstream_cx_idle_timeout") == 1
+            srv.close()
+
+    run(main)
