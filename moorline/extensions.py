@@ -29,4 +29,5 @@ def register_builtin() -> None:
     import moorline.filters.network.rbac
     import moorline.observability.access_log
     import moorline.proxy.hcm
+    import moorline.proxy.rpc_proxy
     import moorline.proxy.tcp_proxy  # noqa: F401

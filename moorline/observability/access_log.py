@@ -142,6 +142,11 @@ _SIMPLE: dict[str, Getter] = {
     # Why a network filter closed the connection (Envoy: RBAC's "rbac_access_denied_matched_policy");
     # moorline's network filters record none yet, so "-" as Envoy prints when unset.
     "CONNECTION_TERMINATION_DETAILS": lambda i: getattr(i, "connection_termination_details", None),
+    # x-protocol requests (moorline.proxy.rpc_proxy); "-" elsewhere.
+    "RPC_SERVICE": lambda i: i.rpc_service,
+    "RPC_METHOD": lambda i: i.rpc_method,
+    "RPC_PROTOCOL": lambda i: i.rpc_protocol,
+    "RPC_STATUS": lambda i: i.rpc_status,
 }
 
 # Commands whose value is a number in JSON output.
@@ -155,6 +160,7 @@ _NUMERIC = frozenset(
         "BYTES_SENT",
         "CONNECTION_ID",
         "UPSTREAM_REQUEST_ATTEMPT_COUNT",
+        "RPC_STATUS",
     }
 )
 

@@ -52,6 +52,10 @@ class StreamInfo:
         "response_headers",  # HeaderMap or None
         "response_trailers",
         "route_name",
+        "rpc_method",  # x-protocol requests (rpc_proxy): None elsewhere
+        "rpc_protocol",
+        "rpc_service",
+        "rpc_status",  # the response's protocol status (None: answered locally / none)
         "start_mono",  # loop.time() at start
         "start_time",  # wall clock, seconds since epoch (time.time())
         "upstream_cluster",  # cluster name or None
@@ -86,6 +90,10 @@ class StreamInfo:
         self.connection_id = 0
         self.attempt_count = 0
         self.requested_server_name: str | None = None
+        self.rpc_service: str | None = None
+        self.rpc_method: str | None = None
+        self.rpc_protocol: str | None = None
+        self.rpc_status: int | None = None
 
     # The downstream addresses ("ip:port") are formatted when read (by an access log), not
     # kept per connection: an idle keep-alive connection should not carry two strings.

@@ -300,6 +300,7 @@ class Host:
         "port",
         "priority",
         "removed",
+        "rpcpool",
         "stats_cx_connect_fail",
         "stats_cx_total",
         "stats_rq_error",
@@ -344,6 +345,8 @@ class Host:
         # die with the host, so a replaced or removed cluster takes its connections with it.
         self.pool: ConnPool | None = None
         self.h2pool: ConnPool | None = None
+        # x-protocol pools (moorline.stream.rpc), one per protocol name.
+        self.rpcpool: dict[str, ConnPool] | None = None
         self.stats_rq_total = 0
         self.stats_rq_error = 0
         self.stats_rq_success = 0
@@ -394,6 +397,9 @@ class Host:
         """The host left its cluster: idle connections close now, busy ones after their request."""
         for p in (self.pool, self.h2pool):
             if p is not None:
+                p.drain()
+        if self.rpcpool:
+            for p in self.rpcpool.values():
                 p.drain()
 
     def __repr__(self) -> str:
@@ -1075,7 +1081,7 @@ class Cluster:
             for h in self._od_hosts.values()
             if h not in self._od_used
             and not h.active_rq
-            and not (h.active_cx and h.pool is None and h.h2pool is None)
+            and not (h.active_cx and h.pool is None and h.h2pool is None and not h.rpcpool)
         ]
         if not keep_marks:
             self._od_used.clear()
