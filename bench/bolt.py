@@ -36,8 +36,12 @@ CONTENT = 1024
 SERVICE = b"com.alipay.test.EchoService:1.0"
 REQ_CLASS = b"com.alipay.sofa.rpc.core.request.SofaRequest"
 RESP_CLASS = b"com.alipay.sofa.rpc.core.response.SofaResponse"
-_REQ_HEAD = struct.Struct(">BBHBIBIHHI")  # proto type cmdcode ver2 id codec timeout classLen headerLen contentLen
-_RESP_HEAD = struct.Struct(">BBHBIBHHHI")  # proto type cmdcode ver2 id codec status classLen headerLen contentLen
+_REQ_HEAD = struct.Struct(
+    ">BBHBIBIHHI"
+)  # proto type cmdcode ver2 id codec timeout classLen headerLen contentLen
+_RESP_HEAD = struct.Struct(
+    ">BBHBIBHHHI"
+)  # proto type cmdcode ver2 id codec status classLen headerLen contentLen
 
 
 def _header_block(pairs: list[tuple[bytes, bytes]]) -> bytes:
@@ -199,7 +203,9 @@ def moorline_config(port: int, admin: int, upstream_port: int) -> str:
     value = {
         "stat_prefix": "bolt",
         "protocol": "bolt",
-        "routes": [{"match": {"service": {"prefix": ""}}, "route": {"cluster": "bolt_server", "timeout": "10s"}}],
+        "routes": [
+            {"match": {"service": {"prefix": ""}}, "route": {"cluster": "bolt_server", "timeout": "10s"}}
+        ],
     }
     doc = {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
@@ -229,7 +235,9 @@ def moorline_config(port: int, admin: int, upstream_port: int) -> str:
                     "name": "bolt_server",
                     "connect_timeout": "1s",
                     "type": "STATIC",
-                    "circuit_breakers": {"thresholds": [{"max_requests": 100000, "max_pending_requests": 100000}]},
+                    "circuit_breakers": {
+                        "thresholds": [{"max_requests": 100000, "max_pending_requests": 100000}]
+                    },
                     "load_assignment": {
                         "cluster_name": "bolt_server",
                         "endpoints": [
@@ -238,7 +246,10 @@ def moorline_config(port: int, admin: int, upstream_port: int) -> str:
                                     {
                                         "endpoint": {
                                             "address": {
-                                                "socket_address": {"address": "127.0.0.1", "port_value": upstream_port}
+                                                "socket_address": {
+                                                    "address": "127.0.0.1",
+                                                    "port_value": upstream_port,
+                                                }
                                             }
                                         }
                                     }
@@ -256,7 +267,12 @@ def moorline_config(port: int, admin: int, upstream_port: int) -> str:
 def _start_server(lab: Lab) -> tuple[Child, int]:
     argv = [sys.executable, "-m", "bench.bolt", "serve"]
     child = spawn(
-        "bolt-server", argv, lab.subdir("bolt-server"), cpus=lab.load_cpus, env={"PYTHONPATH": str(REPO_ROOT)}, pipes=True
+        "bolt-server",
+        argv,
+        lab.subdir("bolt-server"),
+        cpus=lab.load_cpus,
+        env={"PYTHONPATH": str(REPO_ROOT)},
+        pipes=True,
     )
     line = read_line(child, 20)
     if line is None or not line.startswith("READY port="):
@@ -293,7 +309,12 @@ def run_once(lab: Lab, variant: str, duration: int) -> dict[str, Any]:
             str(duration),
         ]
         loader = spawn(
-            "bolt-load", argv, lab.subdir("bolt-load"), cpus=lab.load_cpus, env={"PYTHONPATH": str(REPO_ROOT)}, pipes=True
+            "bolt-load",
+            argv,
+            lab.subdir("bolt-load"),
+            cpus=lab.load_cpus,
+            env={"PYTHONPATH": str(REPO_ROOT)},
+            pipes=True,
         )
         try:
             line = read_line(loader, 60)

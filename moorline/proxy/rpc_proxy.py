@@ -598,4 +598,25 @@ def _factory(cfg: Any, ctx: Any, path: str) -> RpcProxy:
     return RpcProxy(value, ctx, f"{cpath}.value")
 
 
+def _dubbo_proxy_factory(cfg: Any, ctx: Any, path: str) -> RpcProxy:
+    """Envoy's own ``envoy.filters.network.dubbo_proxy``: translated into rpc_proxy's schema
+    (``rpc_dubbo_config``), so Envoy users' Dubbo configs run on the same proxy."""
+    from moorline.proxy.rpc_dubbo_config import compile_envoy_dubbo_proxy
+
+    cpath = f"{path}.typed_config"
+    if cfg is None:
+        raise ConfigError(cpath, "typed_config is required")
+    notices: list[str] = []
+    value = compile_envoy_dubbo_proxy(cfg, cpath, notices)
+    for n in notices:
+        ctx.notice(n)
+    return RpcProxy(value, ctx, f"{cpath}(as rpc_proxy)")
+
+
 registry.register("network", [NAME], [TYPE_URL], _factory)
+registry.register(
+    "network",
+    ["envoy.filters.network.dubbo_proxy"],
+    ["type.googleapis.com/envoy.extensions.filters.network.dubbo_proxy.v3.DubboProxy"],
+    _dubbo_proxy_factory,
+)
