@@ -30,6 +30,35 @@ def _rewrite_ports(text: str, mapping: dict[int, int]) -> str:
 def test_every_example_is_covered() -> None:
     """A new example without a test here fails this test."""
     assert sorted(p.name for p in EXAMPLES.glob("*.yaml")) == ["front-proxy.yaml", "tcp-proxy.yaml"]
+    assert sorted(p.name for p in EXAMPLES.glob("*/envoy.yaml")) == ["envoy.yaml"]  # rpc-bolt
+
+
+def test_rpc_bolt_example(tmp_path: Path, moorline: Any) -> None:
+    # Three real SOFARPC servers (sofa-rpc-node): the two "hello" hosts share HelloService's
+    # calls, the access log line names the protocol and service.
+    from moorline.testing import sofa
+
+    servers = [sofa.start_sofa_server(0, tmp_path / f"s{i}") for i in range(3)]
+    try:
+        port, admin = free_port(), free_port()
+        mapping = {
+            12200: port,
+            9901: admin,
+            12201: servers[0].port,
+            12202: servers[1].port,
+            12203: servers[2].port,
+        }
+        cfg = tmp_path / "rpc-bolt.yaml"
+        cfg.write_text(_rewrite_ports((EXAMPLES / "rpc-bolt" / "envoy.yaml").read_text(), mapping))
+        proc = moorline(cfg)
+        results = sofa.run_sofa_client(port, {"steps": [sofa.call("whoami", count=12, concurrency=1)]})
+        assert all(r["ok"] for r in results), results
+        assert {r["value"] for r in results} == {str(servers[0].port), str(servers[1].port)}
+        assert proc.stat("rpc_proxy.bolt.response_success") == 12
+        assert "bolt com.alipay.test.HelloService:1.0" in proc.stdout_text()
+    finally:
+        for s in servers:
+            s.stop()
 
 
 def test_front_proxy_example(tmp_path: Path, moorline: Any) -> None:
