@@ -208,6 +208,7 @@ class RpcClientConnection(asyncio.Protocol):
         "idle_since",
         "inflight",
         "next_id",
+        "out",
         "pool",
         "reader",
         "requests",
@@ -229,6 +230,9 @@ class RpcClientConnection(asyncio.Protocol):
         self.retired = False  # takes no new requests (max_requests_per_connection, GOAWAY)
         self.idle_since = 0.0  # loop time its last request ended (read by the idle sweep)
         self.transport: Any = None
+        # Multiplexed: the frames sent in this loop turn, written together at its end (one
+        # write, one syscall, for the many clients sharing this connection); None: none yet.
+        self.out: list[bytes] | None = None
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -255,7 +259,15 @@ class RpcClientConnection(asyncio.Protocol):
             uid = frame.request_id
             raw = frame.raw
         self.stats.upstream_cx_tx_bytes_total.value += len(raw)
-        self.transport.write(raw)
+        if self.codec.multiplexed:
+            out = self.out
+            if out is None:
+                self.out = [raw]
+                self.pool.loop.call_soon(self._flush)
+            else:
+                out.append(raw)
+        else:
+            self.transport.write(raw)
         if req.oneway:
             self.pool.request_done(req)
             req.on_oneway_sent()
@@ -341,8 +353,14 @@ class RpcClientConnection(asyncio.Protocol):
             else:
                 pool.on_free(self)
 
+    def _flush(self) -> None:
+        out, self.out = self.out, None
+        if out and not self.closed and self.transport is not None:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
     def close(self) -> None:
         if not self.closed:
+            self._flush()  # (a graceful close still sends what this turn queued)
             self.closed = True
             self.stats.upstream_cx_destroy_local.value += 1
             if self.transport is not None:
@@ -350,6 +368,7 @@ class RpcClientConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         if not self.closed:
+            self.out = None
             self.closed = True
             self.stats.upstream_cx_destroy_local.value += 1
             if self.transport is not None:

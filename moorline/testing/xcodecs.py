@@ -209,6 +209,7 @@ class RpcTestServer:
     always: int | None = None  # answer every request with this status
     received: list[TestFrame] = field(default_factory=list)
     connections: int = 0
+    reads: int = 0  # data_received calls (a coalesced write arrives in one)
     transports: list[asyncio.Transport] = field(default_factory=list)
 
     def close(self) -> None:
@@ -230,6 +231,7 @@ class _ServerProto(asyncio.Protocol):
         self.srv.transports.append(transport)
 
     def data_received(self, data: bytes) -> None:
+        self.srv.reads += 1
         try:
             frames = self.reader.feed(data)
         except CodecError:

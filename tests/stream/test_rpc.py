@@ -133,6 +133,31 @@ def test_multiplex_pool_one_connection_ids_rewritten_and_restored() -> None:
     run(main)
 
 
+def test_multiplex_requests_of_one_loop_turn_go_out_in_one_write() -> None:
+    # Many clients share the upstream connection: what they send in one loop turn is written
+    # once (one syscall), in order, and still reaches the server whole.
+    async def main() -> None:
+        srv = await xcodecs.serve(MUX, "a")
+        store = Store()
+        c = make_cluster(store, [srv.port])
+        pool = rpc.pool_for(c.choose_host(), MUX, asyncio.get_running_loop())
+        first = Req(MUX, MUX.request(1, body=b"open"))
+        pool.send(first)
+        await until(lambda: first.finished)
+        reads = srv.reads
+        reqs = [Req(MUX, MUX.request(i, body=b"r%d" % i)) for i in range(20)]
+        for r in reqs:
+            pool.send(r)
+        assert all(r.up_state == rpc.IN_FLIGHT for r in reqs)
+        await until(lambda: all(r.finished for r in reqs))
+        assert [bytes(r.response.body) for r in reqs] == [b"a:r%d" % i for i in range(20)]
+        assert srv.reads == reads + 1
+        assert [bytes(f.body) for f in srv.received[1:]] == [b"r%d" % i for i in range(20)]
+        srv.close()
+
+    run(main)
+
+
 def test_multiplex_unknown_id_dropped_and_counted_after_cancel() -> None:
     async def main() -> None:
         srv = await xcodecs.serve(MUX, "a")
