@@ -215,7 +215,12 @@ class BoltFrame:
         if fk is FrameKind.REQUEST and kind == TYPE_ONEWAY:
             fk = FrameKind.ONEWAY
         hstart = size + clen
-        _check_header_block(raw, hstart, hstart + hlen)
+        # A request's header block is read now (routing reads it anyway, and a malformed one
+        # is the request's codec error); a response's is not needed to forward it, so it is
+        # read only if asked for, and a malformed one then reads as no headers.
+        self._headers: dict[str, str] | None = (
+            _parse_header_block(raw, hstart, hstart + hlen) if request else None
+        )
         self.raw = raw
         self.kind = fk
         self.proto = proto
@@ -234,7 +239,6 @@ class BoltFrame:
         self._hend = hstart + hlen
         self.body_start = hstart + hlen
         self.body_end = end
-        self._headers: dict[str, str] | None = None
 
     @property
     def class_name(self) -> str:
@@ -244,7 +248,11 @@ class BoltFrame:
     def headers(self) -> Mapping[str, str]:
         h = self._headers
         if h is None:
-            h = self._headers = _parse_header_block(self.raw, self._hstart, self._hend)
+            try:
+                h = _parse_header_block(self.raw, self._hstart, self._hend)
+            except CodecError:
+                h = {}
+            self._headers = h
         return h
 
     @property
@@ -273,12 +281,6 @@ def _entry_length(raw: bytes, pos: int, end: int) -> int:
     if n < 0 or pos + 4 + n > end:
         raise CodecError("bolt: bad header length")
     return n
-
-
-def _check_header_block(raw: bytes, pos: int, end: int) -> None:
-    while pos < end:
-        pos += 4 + _entry_length(raw, pos, end)
-        pos += 4 + _entry_length(raw, pos, end)
 
 
 def _parse_header_block(raw: bytes, pos: int, end: int) -> dict[str, str]:

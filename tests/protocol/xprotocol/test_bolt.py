@@ -264,6 +264,15 @@ def test_decode_rejects(raw: bytes, detail: str) -> None:
         C.decode(raw)
 
 
+def test_a_response_with_a_malformed_header_block_is_forwarded_with_no_headers() -> None:
+    # Forwarding a response needs only its head; its header block is read only if asked for,
+    # and a malformed one then reads as empty (a request's is a codec error, see above).
+    raw = bytes.fromhex("01 00 0002 01 00000009 01 0000") + struct.pack(">HHI", 0, 5, 0) + b"\0\0\0\x09k"
+    f = C.decode(raw)
+    assert f.kind is FrameKind.RESPONSE and f.request_id == 9 and C.is_success(f)
+    assert dict(f.headers) == {}
+
+
 def test_crc_mismatch_is_a_codec_error() -> None:
     raw = bytearray(NODE["v2crc_request"])
     raw[40] ^= 0x20
