@@ -113,6 +113,30 @@ class RpcProxyStats:
         self.local_reply: dict[Reason, Counter] = {r: c(f"local_reply.{r.value}") for r in Reason}
 
 
+# Per service and method stats: at most this many (service, method) pairs per proxy; later
+# ones are counted under service "other" (a client inventing names cannot grow the store).
+MAX_SERVICE_STATS = 1000
+
+
+class ServiceStats:
+    """``rpc_proxy.<stat_prefix>.service.<service>.method.<method>.``: ``request``,
+    ``response_success``, ``response_error`` and ``local_reply`` (answered by moorline, or given
+    up). ``:`` in names becomes ``_``, as Envoy sanitizes stat names."""
+
+    __slots__ = ("local_reply", "request", "response_error", "response_success")
+
+    def __init__(self, scope: Any) -> None:
+        c = scope.counter
+        self.request: Counter = c("request")
+        self.response_success: Counter = c("response_success")
+        self.response_error: Counter = c("response_error")
+        self.local_reply: Counter = c("local_reply")
+
+
+def _stat_name(s: str) -> str:
+    return s.replace(":", "_") or "none"
+
+
 # -- config -----------------------------------------------------------------------------------------
 
 
@@ -301,8 +325,22 @@ class RpcProxy:
         if "access_log" in d:
             self.access_logs = _access_logs(d["access_log"], ctx, f"{path}.access_log")
         self.stats = RpcProxyStats(ctx.stats.scope(f"rpc_proxy.{self.stat_prefix}."))
+        self._scope = ctx.stats.scope(f"rpc_proxy.{self.stat_prefix}.service.")
+        self._service_stats: dict[tuple[str, str], ServiceStats] = {}
         self.conns: set[rpcs.RpcServerConnection] = set()
         self.rng = random.Random()
+
+    def service_stats(self, frame: Frame) -> ServiceStats:
+        key = (frame.service, frame.method)
+        ss = self._service_stats.get(key)
+        if ss is None:
+            if len(self._service_stats) >= MAX_SERVICE_STATS:
+                key = ("other", "other")
+                ss = self._service_stats.get(key)
+            if ss is None:
+                ss = ServiceStats(self._scope.scope(f"{_stat_name(key[0])}.method.{_stat_name(key[1])}."))
+                self._service_stats[key] = ss
+        return ss
 
     # -- the listener's side
 
@@ -388,6 +426,7 @@ class ActiveRpc:
         "done",
         "frame",
         "host",
+        "ok",
         "oneway",
         "proxy",
         "retries_left",
@@ -424,6 +463,7 @@ class ActiveRpc:
         self.up_pool: Any = None
         self.up_state = rpcs.IDLE
         self.start_mono = 0.0
+        self.ok: bool | None = None  # the upstream's answer was a success / an error
 
     def start(self, route: _Route, cluster: Any) -> None:
         self.route = route
@@ -472,6 +512,7 @@ class ActiveRpc:
         if retriable and self.route.retry_status and self._retry():
             return
         st = self.proxy.stats
+        self.ok = ok
         if ok:
             st.response_success.value += 1
             if self.retry_slot:
@@ -558,6 +599,16 @@ class ActiveRpc:
             self.retry_slot = False
             self.cluster.active_retries -= 1
         self.conn.active.discard(self)
+        ss = self.proxy.service_stats(self.frame)
+        ss.request.value += 1
+        ok = self.ok
+        if ok is None:
+            if not (self.oneway and details is None):
+                ss.local_reply.value += 1
+        elif ok:
+            ss.response_success.value += 1
+        else:
+            ss.response_error.value += 1
         logs = self.proxy.access_logs
         if logs:
             self._log(logs, status, details, flags)

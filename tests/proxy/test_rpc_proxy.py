@@ -208,6 +208,14 @@ def test_routes_by_service_method_and_header() -> None:
         r = await ask(cl, MUX.request(5, headers={"tenant": "b"}), 5)
         assert r.status == STATUS_OF[Reason.NO_ROUTE]
         assert val(store, "rpc_proxy.t.local_reply.no_route") == 1
+        # Per service and method (":" sanitized as Envoy does).
+        hello = "rpc_proxy.t.service.com.a.Hello_1.0.method.echo."
+        assert val(store, hello + "request") == 1 and val(store, hello + "response_success") == 1
+        assert val(store, "rpc_proxy.t.service.svc.method.sayHi.request") == 1
+        # svc/echo: the header-routed, the catch-all and the NO_ROUTE request (answered here).
+        assert val(store, "rpc_proxy.t.service.svc.method.echo.request") == 3
+        assert val(store, "rpc_proxy.t.service.svc.method.echo.response_success") == 2
+        assert val(store, "rpc_proxy.t.service.svc.method.echo.local_reply") == 1
         for s in (s1, s2, s3, s4):
             s.close()
 
@@ -608,3 +616,22 @@ def test_typed_struct_config_through_the_registry(monkeypatch: pytest.MonkeyPatc
     assert isinstance(proxy, rpc_proxy.RpcProxy)
     assert proxy.codec is MUX
     assert proxy.routes[0].cum == [2] and proxy.routes[0].timeout == 1.5
+
+
+def test_service_stats_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rpc_proxy, "MAX_SERVICE_STATS", 2)
+
+    async def main() -> None:
+        s = await xcodecs.serve(MUX, "a")
+        store = Store()
+        f = await front(store, [make_cluster(store, "a", [s.port])], {"routes": [route("a")]})
+        cl = await f.client()
+        for i, name in enumerate(("s1", "s2", "s3", "s4"), 1):
+            await ask(cl, MUX.request(i, service=name), i)
+        assert val(store, "rpc_proxy.t.service.s1.method.echo.request") == 1
+        assert val(store, "rpc_proxy.t.service.s2.method.echo.request") == 1
+        assert store.get("rpc_proxy.t.service.s3.method.echo.request") is None
+        assert val(store, "rpc_proxy.t.service.other.method.other.request") == 2
+        s.close()
+
+    run(main)
