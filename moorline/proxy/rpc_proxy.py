@@ -328,6 +328,7 @@ class RpcProxy:
         self._scope = ctx.stats.scope(f"rpc_proxy.{self.stat_prefix}.service.")
         self._service_stats: dict[tuple[str, str], ServiceStats] = {}
         self.conns: set[rpcs.RpcServerConnection] = set()
+        self.draining = False
         self.rng = random.Random()
 
     def service_stats(self, frame: Frame) -> ServiceStats:
@@ -357,6 +358,20 @@ class RpcProxy:
 
     def active_connections(self) -> int:
         return len(self.conns)
+
+    def active_requests(self) -> int:
+        """Requests in flight (a draining server waits for these, not for idle connections:
+        RPC clients keep their connections open for good)."""
+        return sum(len(c.active) for c in self.conns)
+
+    def drain(self, decision: Any = True) -> None:
+        """Listener drain or shutdown: idle connections close now; a busy one closes once its
+        last request in flight is answered (``_finish``). New requests on a draining connection
+        are still served (the client may not have seen the close yet)."""
+        self.draining = True
+        for c in list(self.conns):
+            if not c.active:
+                c.close()
 
     def close_all(self) -> None:
         for c in list(self.conns):
@@ -598,7 +613,10 @@ class ActiveRpc:
         if self.retry_slot:
             self.retry_slot = False
             self.cluster.active_retries -= 1
-        self.conn.active.discard(self)
+        conn = self.conn
+        conn.active.discard(self)
+        if self.proxy.draining and not conn.active:
+            conn.close()  # (after this answer: close() lets the transport flush it)
         ss = self.proxy.service_stats(self.frame)
         ss.request.value += 1
         ok = self.ok

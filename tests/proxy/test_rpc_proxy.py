@@ -635,3 +635,26 @@ def test_service_stats_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         s.close()
 
     run(main)
+
+
+def test_drain_closes_idle_connections_now_and_busy_ones_after_their_answer() -> None:
+    # A draining server waits for requests, not for connections (RPC clients keep theirs for
+    # good): drain() closes the idle one at once and the busy one right after its answer.
+    async def main() -> None:
+        s = await xcodecs.serve(MUX, "a")
+        store = Store()
+        f = await front(store, [make_cluster(store, "a", [s.port])], {"routes": [route("a")]})
+        idle, busy = await f.client(), await f.client()
+        await ask(idle, MUX.request(1), 1)
+        busy.send(MUX.request(2, method="sleep", body=b"0.3"))
+        await until(lambda: f.proxy.active_requests() == 1)
+        f.proxy.drain()
+        await until(lambda: idle.closed)
+        assert f.proxy.active_connections() >= 1  # the busy one stays for its answer
+        await until(lambda: busy.by_id(2) is not None)
+        assert bytes(busy.by_id(2).body) == b"a:slept"
+        await until(lambda: f.proxy.active_connections() == 0)
+        assert f.proxy.active_requests() == 0
+        s.close()
+
+    run(main)
