@@ -58,6 +58,15 @@ log = logging.getLogger("moorline.rpc")
 SNIFF_MAX = 64  # bytes a protocol sniff may hold before giving up
 MAX_ID = 0x7FFFFFFF
 
+# Keepalive of multiplexed upstream connections whose codec has heartbeats (after MOSN's: a
+# heartbeat on a connection quiet for KEEPALIVE_INTERVAL, closed after KEEPALIVE_MAX_MISSES
+# heartbeats in a row go unanswered for KEEPALIVE_TIMEOUT each); one pool timer, every
+# KEEPALIVE_TICK seconds.
+KEEPALIVE_INTERVAL = 15.0
+KEEPALIVE_TIMEOUT = 5.0
+KEEPALIVE_MAX_MISSES = 3
+KEEPALIVE_TICK = 1.0
+
 # request.up_state
 IDLE = 0
 QUEUED = 1
@@ -205,8 +214,12 @@ class RpcClientConnection(asyncio.Protocol):
         "closed",
         "codec",
         "connected",
+        "hb_id",
+        "hb_misses",
+        "hb_sent",
         "idle_since",
         "inflight",
+        "last_active",
         "next_id",
         "out",
         "pool",
@@ -233,6 +246,13 @@ class RpcClientConnection(asyncio.Protocol):
         # Multiplexed: the frames sent in this loop turn, written together at its end (one
         # write, one syscall, for the many clients sharing this connection); None: none yet.
         self.out: list[bytes] | None = None
+        # Keepalive (multiplexed codecs with heartbeats): loop time of the last frame either
+        # way (read and written once per loop turn, not per request), the heartbeat in flight
+        # (its id, 0: none, and when it went) and the heartbeats missed in a row.
+        self.last_active = 0.0
+        self.hb_id = 0
+        self.hb_sent = 0.0
+        self.hb_misses = 0
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -244,7 +264,7 @@ class RpcClientConnection(asyncio.Protocol):
         n = self.next_id
         while True:
             n = n + 1 if n < MAX_ID else 1
-            if n not in inflight:
+            if n not in inflight and n != self.hb_id:
                 self.next_id = n
                 return n
 
@@ -302,6 +322,7 @@ class RpcClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.stats.upstream_cx_rx_bytes_total.value += len(data)
+        self.last_active = self.pool.loop.time()
         codec = self.codec
         try:
             frames = self.reader.feed(data)
@@ -314,6 +335,10 @@ class RpcClientConnection(asyncio.Protocol):
                     self._response(f)
                 elif kind == FrameKind.HEARTBEAT:
                     self.transport.write(codec.heartbeat_reply(f))
+                elif kind == FrameKind.HEARTBEAT_RESPONSE:
+                    if f.request_id == self.hb_id and self.hb_id:
+                        self.hb_id = 0
+                        self.hb_misses = 0
                 elif kind == FrameKind.GOAWAY:
                     self.pool.retire(self)
         except CodecError as e:
@@ -357,6 +382,33 @@ class RpcClientConnection(asyncio.Protocol):
         out, self.out = self.out, None
         if out and not self.closed and self.transport is not None:
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            self.last_active = self.pool.loop.time()
+
+    def keepalive(self, now: float, interval: float, timeout: float) -> None:
+        """The pool's keepalive tick: a heartbeat on a connection quiet for ``interval``; one
+        unanswered for ``timeout`` is a miss, and ``KEEPALIVE_MAX_MISSES`` in a row close the
+        connection (its requests in flight fail as an upstream reset)."""
+        if self.closed or self.transport is None:
+            return
+        if self.hb_id:
+            if now - self.hb_sent < timeout:
+                return
+            self.hb_id = 0
+            self.hb_misses += 1
+            self.pool.heartbeat_timeout.value += 1
+            if self.hb_misses >= KEEPALIVE_MAX_MISSES:
+                log.debug(
+                    "rpc upstream %s: %d heartbeats unanswered, closing", self.pool.host, self.hb_misses
+                )
+                self.abort()
+                return
+        elif now - self.last_active < interval:
+            return
+        hid = self._alloc_id()
+        self.hb_id = hid
+        self.hb_sent = now
+        self.pool.heartbeat_sent.value += 1
+        self.transport.write(self.codec.heartbeat_request(hid))
 
     def close(self) -> None:
         if not self.closed:
@@ -411,7 +463,10 @@ class RpcPool:
         self.closed = False
         self.draining = False
         self.unknown_id = cluster.stats.scope.counter("rpc.upstream_rq_unknown_id")
+        self.heartbeat_sent = cluster.stats.scope.counter("rpc.upstream_heartbeat")
+        self.heartbeat_timeout = cluster.stats.scope.counter("rpc.upstream_heartbeat_timeout")
         self._sweep: asyncio.TimerHandle | None = None
+        self._keepalive: asyncio.TimerHandle | None = None
 
     # -- requests
 
@@ -617,6 +672,9 @@ class RpcPool:
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
         for conn in list(self.conns):
             self.retire(conn)
 
@@ -659,12 +717,26 @@ class MultiplexPool(RpcPool):
 
     def _ready(self, conn: RpcClientConnection) -> None:
         self.conns.append(conn)
+        conn.last_active = self.loop.time()
+        if self.codec.heartbeat and self._keepalive is None and not self.draining:
+            self._keepalive = self.loop.call_later(KEEPALIVE_TICK, self._keepalive_tick)
         while self.pending and not conn.closed:
             req = self.pending.popleft()
             self._dequeue(req)
             conn.send(req)
         if not conn.inflight and not conn.closed:
             self.on_idle(conn)
+
+    def _keepalive_tick(self) -> None:
+        """One timer per pool while it has connections (codecs with heartbeats only)."""
+        self._keepalive = None
+        if self.closed or self.draining or not self.conns:
+            return
+        now = self.loop.time()
+        for conn in list(self.conns):
+            conn.keepalive(now, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
+        if self.conns:
+            self._keepalive = self.loop.call_later(KEEPALIVE_TICK, self._keepalive_tick)
 
 
 class PingPongPool(RpcPool):

@@ -210,6 +210,8 @@ class RpcTestServer:
     received: list[TestFrame] = field(default_factory=list)
     connections: int = 0
     reads: int = 0  # data_received calls (a coalesced write arrives in one)
+    heartbeats: int = 0  # heartbeats received
+    answer_heartbeats: bool = True
     transports: list[asyncio.Transport] = field(default_factory=list)
 
     def close(self) -> None:
@@ -240,7 +242,9 @@ class _ServerProto(asyncio.Protocol):
         for raw in frames:
             f = self.codec.decode(raw)
             if f.kind == FrameKind.HEARTBEAT:
-                self.transport.write(self.codec.heartbeat_reply(f))
+                self.srv.heartbeats += 1
+                if self.srv.answer_heartbeats:
+                    self.transport.write(self.codec.heartbeat_reply(f))
                 continue
             if f.kind not in (FrameKind.REQUEST, FrameKind.ONEWAY):
                 continue

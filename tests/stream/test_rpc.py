@@ -590,3 +590,61 @@ def test_idle_connections_close_after_the_idle_timeout() -> None:
             srv.close()
 
     run(main)
+
+
+def _fast_keepalive(monkeypatch: Any) -> None:
+    monkeypatch.setattr(rpc, "KEEPALIVE_INTERVAL", 0.05)
+    monkeypatch.setattr(rpc, "KEEPALIVE_TIMEOUT", 0.05)
+    monkeypatch.setattr(rpc, "KEEPALIVE_TICK", 0.02)
+
+
+def test_quiet_upstream_connections_get_heartbeats(monkeypatch: Any) -> None:
+    _fast_keepalive(monkeypatch)
+
+    async def main() -> None:
+        srv = await xcodecs.serve(MUX, "a")
+        store = Store()
+        c = make_cluster(store, [srv.port])
+        pool = rpc.pool_for(c.choose_host(), MUX, asyncio.get_running_loop())
+        r = Req(MUX, MUX.request(1))
+        pool.send(r)
+        await until(lambda: r.finished)
+        await until(lambda: srv.heartbeats >= 3)  # answered: the connection stays
+        assert srv.connections == 1
+        assert val(store, "cluster.c.rpc.upstream_heartbeat") >= 3
+        assert val(store, "cluster.c.rpc.upstream_heartbeat_timeout") == 0
+        # Requests still flow on it, with ids that never collide with a heartbeat's.
+        r2 = Req(MUX, MUX.request(2, body=b"after"))
+        pool.send(r2)
+        await until(lambda: r2.finished)
+        assert bytes(r2.response.body) == b"a:after"
+        pool.close()
+        srv.close()
+
+    run(main)
+
+
+def test_an_upstream_that_stops_answering_heartbeats_is_closed(monkeypatch: Any) -> None:
+    _fast_keepalive(monkeypatch)
+
+    async def main() -> None:
+        srv = await xcodecs.serve(MUX, "a")
+        srv.answer_heartbeats = False
+        store = Store()
+        c = make_cluster(store, [srv.port])
+        pool = rpc.pool_for(c.choose_host(), MUX, asyncio.get_running_loop())
+        r = Req(MUX, MUX.request(1))
+        pool.send(r)
+        await until(lambda: r.finished)
+        await until(lambda: val(store, "cluster.c.upstream_cx_active") == 0)
+        assert val(store, "cluster.c.rpc.upstream_heartbeat_timeout") == rpc.KEEPALIVE_MAX_MISSES
+        assert srv.heartbeats == rpc.KEEPALIVE_MAX_MISSES
+        # The next request opens a new connection.
+        r2 = Req(MUX, MUX.request(2))
+        pool.send(r2)
+        await until(lambda: r2.finished)
+        assert srv.connections == 2
+        pool.close()
+        srv.close()
+
+    run(main)
