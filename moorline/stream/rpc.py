@@ -689,7 +689,12 @@ class PingPongPool(RpcPool):
         self.on_free(conn)
 
     def on_free(self, conn: RpcClientConnection) -> None:
-        if conn.closed or conn.retired:
+        if conn.closed:
+            return
+        if conn.retired:
+            # Retired while busy (max_requests_per_connection, GOAWAY): its last request is
+            # done, so nothing else will close it.
+            conn.close()
             return
         while self.pending:
             req = self.pending.popleft()

@@ -590,3 +590,26 @@ def test_idle_connections_close_after_the_idle_timeout() -> None:
             srv.close()
 
     run(main)
+
+
+def test_ping_pong_connection_retired_while_busy_closes_after_its_answer() -> None:
+    """max_requests_per_connection reached with the request in flight: once answered, the
+    connection is neither kept idle nor left open (it would hold a max_connections slot)."""
+
+    async def main() -> None:
+        srv = await xcodecs.serve(PINGPONG, "p")
+        store = Store()
+        cb = {"thresholds": [{"max_connections": 1}]}
+        c = make_cluster(store, [srv.port], circuit_breakers=cb, max_requests_per_connection=1)
+        pool = rpc.pool_for(c.choose_host(), PINGPONG, asyncio.get_running_loop())
+        for i in range(3):
+            r = Req(PINGPONG, PINGPONG.request(i, body=b"x%d" % i))
+            pool.send(r)
+            await until(lambda r=r: r.finished)  # type: ignore[misc]
+            assert r.response is not None and bytes(r.response.body) == b"p:x%d" % i
+        assert srv.connections == 3
+        assert val(store, "cluster.c.upstream_cx_max_requests") == 3
+        await until(lambda: val(store, "cluster.c.upstream_cx_active") == 0)
+        srv.close()
+
+    run(main)
