@@ -659,11 +659,15 @@ class MultiplexPool(RpcPool):
 
     def _ready(self, conn: RpcClientConnection) -> None:
         self.conns.append(conn)
-        while self.pending and not conn.closed:
+        while self.pending and not conn.closed and not conn.retired:
             req = self.pending.popleft()
             self._dequeue(req)
             conn.send(req)
-        if not conn.inflight and not conn.closed:
+        if self.pending and self._need_connect(0) and self._may_connect():
+            # Retired by max_requests_per_connection with requests still queued: the rest go
+            # to the next connection (or wait for this one to close, within max_connections).
+            self._open()
+        if not conn.inflight and not conn.closed and not conn.retired:
             self.on_idle(conn)
 
 

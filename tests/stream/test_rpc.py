@@ -613,3 +613,21 @@ def test_ping_pong_connection_retired_while_busy_closes_after_its_answer() -> No
         srv.close()
 
     run(main)
+
+
+def test_multiplex_queue_flushed_on_connect_respects_max_requests_per_connection() -> None:
+    async def main() -> None:
+        srv = await xcodecs.serve(MUX, "a")
+        store = Store()
+        c = make_cluster(store, [srv.port], max_requests_per_connection=2)
+        pool = rpc.pool_for(c.choose_host(), MUX, asyncio.get_running_loop())
+        reqs = [Req(MUX, MUX.request(i, body=b"%d" % i)) for i in range(5)]
+        for r in reqs:
+            pool.send(r)  # all queued behind the first connect
+        await until(lambda: all(r.finished for r in reqs))
+        assert all(r.response is not None and bytes(r.response.body) == b"a:%d" % i for i, r in enumerate(reqs))
+        assert srv.connections == 3  # 2 + 2 + 1
+        await until(lambda: val(store, "cluster.c.upstream_cx_active") == 1)
+        srv.close()
+
+    run(main)
