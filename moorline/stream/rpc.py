@@ -28,7 +28,9 @@ Connections without a request in flight close after the cluster's ``idle_timeout
 (``common_http_protocol_options``, default 1 hour; one sweep timer per pool). Both queue
 requests while connecting (bounded by ``max_pending_requests``) and check
 ``max_requests``: over a breaker the request fails with ``Reason.OVERFLOW``
-(``upstream_rq_pending_overflow``). A connect failure or timeout fails the queued requests
+(``upstream_rq_pending_overflow``), and so does a oneway (done once written, so outside
+``max_requests``) for a connection whose write buffer is above the cluster's
+``per_connection_buffer_limit`` (an upstream that does not read). A connect failure or timeout fails the queued requests
 with ``Reason.UPSTREAM_RESET`` and ``connect_failure=True`` (the proxy may retry on another
 host); a connection dying with requests in flight fails each of them the same way with
 ``connect_failure=False``. A connection reset between the connect and its callback is a
@@ -215,6 +217,7 @@ class RpcClientConnection(asyncio.Protocol):
         "retired",
         "stats",
         "transport",
+        "write_paused",
     )
 
     def __init__(self, pool: RpcPool) -> None:
@@ -233,6 +236,13 @@ class RpcClientConnection(asyncio.Protocol):
         # Multiplexed: the frames sent in this loop turn, written together at its end (one
         # write, one syscall, for the many clients sharing this connection); None: none yet.
         self.out: list[bytes] | None = None
+        self.write_paused = False  # write buffer above per_connection_buffer_limit
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -425,6 +435,15 @@ class RpcPool:
             return
         conn = self._take()
         if conn is not None:
+            if req.oneway and conn.write_paused:
+                # A oneway is done once written, so max_requests does not bound it: over the
+                # connection's high-water mark (the upstream is not reading) it is dropped,
+                # which keeps the write buffer within per_connection_buffer_limit.
+                if not self.multiplexed:
+                    self.conns.append(conn)  # taken from the idle list: still idle
+                st.upstream_rq_pending_overflow.value += 1
+                req.on_upstream_failure(Reason.OVERFLOW, "upstream connection not reading", False)
+                return
             self._start(req)
             conn.send(req)
             return

@@ -631,3 +631,42 @@ def test_multiplex_queue_flushed_on_connect_respects_max_requests_per_connection
         srv.close()
 
     run(main)
+
+
+def _never_reading_server() -> tuple[socket.socket, list[socket.socket]]:
+    """A listener whose connections are accepted (by the kernel) and never read."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(8)
+    return s, []
+
+
+def test_oneways_to_an_upstream_that_does_not_read_stay_within_the_buffer_limit() -> None:
+    """Oneways finish once written, so max_requests does not bound them: over the connection's
+    write high-water mark they are dropped (overflow) rather than buffered without end."""
+
+    async def main() -> None:
+        lsock, _ = _never_reading_server()
+        store = Store()
+        limit = 64 * 1024
+        c = make_cluster(store, [lsock.getsockname()[1]], per_connection_buffer_limit_bytes=limit)
+        pool = rpc.pool_for(c.choose_host(), MUX, asyncio.get_running_loop())
+        first = Req(MUX, MUX.request(1, oneway=True, body=b"x"))
+        pool.send(first)
+        await until(lambda: first.sent)
+        body = b"y" * 60000
+        reqs = [Req(MUX, MUX.request(i, oneway=True, body=body)) for i in range(500)]  # 30 MB
+        conn = pool.conns[0]
+        turn = 5  # oneways per loop turn (a multiplexed connection writes a turn's frames at once)
+        for at in range(0, len(reqs), turn):
+            for r in reqs[at : at + turn]:
+                pool.send(r)
+            await asyncio.sleep(0)
+            assert conn.transport.get_write_buffer_size() <= limit + turn * 61000
+        dropped = [r for r in reqs if r.failure is not None]
+        assert dropped and all(r.failure[0] == Reason.OVERFLOW for r in dropped)  # type: ignore[index]
+        assert val(store, "cluster.c.upstream_rq_pending_overflow") == len(dropped)
+        assert val(store, "cluster.c.upstream_rq_active") == 0
+        lsock.close()
+
+    run(main)
