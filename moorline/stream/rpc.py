@@ -323,7 +323,8 @@ class RpcClientConnection(asyncio.Protocol):
                 if kind == FrameKind.RESPONSE:
                     self._response(f)
                 elif kind == FrameKind.HEARTBEAT:
-                    self.transport.write(codec.heartbeat_reply(f))
+                    if not self.write_paused:  # else the upstream is not reading: no answer
+                        self.transport.write(codec.heartbeat_reply(f))
                 elif kind == FrameKind.GOAWAY:
                     self.pool.retire(self)
         except CodecError as e:

@@ -670,3 +670,36 @@ def test_oneways_to_an_upstream_that_does_not_read_stay_within_the_buffer_limit(
         lsock.close()
 
     run(main)
+
+
+def test_heartbeat_flood_from_an_upstream_that_does_not_read_is_not_buffered() -> None:
+    """Answers to an upstream's heartbeats are skipped while it does not read what it is sent."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        flood = MUX.heartbeat_request(3) * 20000  # 360 KB a write
+        writes = 40
+
+        class Flooder(asyncio.Protocol):
+            def connection_made(self, transport: Any) -> None:
+                transport.pause_reading()  # never reads what the proxy sends
+                for _ in range(writes):
+                    transport.write(flood)
+
+        server = await loop.create_server(Flooder, "127.0.0.1", 0)
+        store = Store()
+        limit = 16 * 1024
+        c = make_cluster(
+            store, [server.sockets[0].getsockname()[1]], per_connection_buffer_limit_bytes=limit
+        )
+        pool = rpc.pool_for(c.choose_host(), MUX, loop)
+        r = Req(MUX, MUX.request(1, body=b"x"))
+        pool.send(r)
+        total = len(flood) * writes
+        await until(lambda: val(store, "cluster.c.upstream_cx_rx_bytes_total") >= total, timeout=20)
+        conn = pool.conns[0]
+        assert not conn.closed
+        assert conn.transport.get_write_buffer_size() <= limit + len(flood)
+        server.close()
+
+    run(main)
