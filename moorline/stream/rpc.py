@@ -441,7 +441,7 @@ class RpcPool:
                 # connection's high-water mark (the upstream is not reading) it is dropped,
                 # which keeps the write buffer within per_connection_buffer_limit.
                 if not self.multiplexed:
-                    self.conns.append(conn)  # taken from the idle list: still idle
+                    self.conns.insert(0, conn)  # still idle; the next take tries another first
                 st.upstream_rq_pending_overflow.value += 1
                 req.on_upstream_failure(Reason.OVERFLOW, "upstream connection not reading", False)
                 return

@@ -703,3 +703,27 @@ def test_heartbeat_flood_from_an_upstream_that_does_not_read_is_not_buffered() -
         server.close()
 
     run(main)
+
+
+def test_upstream_request_ids_wrap_around_skipping_ids_in_flight() -> None:
+    async def main() -> None:
+        srv = await xcodecs.serve(MUX, "a")
+        store = Store()
+        c = make_cluster(store, [srv.port])
+        pool = rpc.pool_for(c.choose_host(), MUX, asyncio.get_running_loop())
+        first = Req(MUX, MUX.request(1, method="sleep", body=b"0.2"))
+        pool.send(first)
+        await until(lambda: first.up_state == rpc.IN_FLIGHT and first.up_conn is not None)
+        conn = first.up_conn
+        assert first.up_id == 1
+        conn.next_id = rpc.MAX_ID - 1
+        reqs = [Req(MUX, MUX.request(7, body=b"%d" % i)) for i in range(3)]
+        for r in reqs:
+            pool.send(r)
+        assert [r.up_id for r in reqs] == [rpc.MAX_ID, 2, 3]  # 1 is still in flight
+        await until(lambda: first.finished and all(r.finished for r in reqs))
+        assert [bytes(r.response.body) for r in reqs] == [b"a:0", b"a:1", b"a:2"]
+        assert bytes(first.response.body) == b"a:slept"
+        srv.close()
+
+    run(main)
