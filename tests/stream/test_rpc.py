@@ -625,7 +625,9 @@ def test_multiplex_queue_flushed_on_connect_respects_max_requests_per_connection
         for r in reqs:
             pool.send(r)  # all queued behind the first connect
         await until(lambda: all(r.finished for r in reqs))
-        assert all(r.response is not None and bytes(r.response.body) == b"a:%d" % i for i, r in enumerate(reqs))
+        assert all(
+            r.response is not None and bytes(r.response.body) == b"a:%d" % i for i, r in enumerate(reqs)
+        )
         assert srv.connections == 3  # 2 + 2 + 1
         await until(lambda: val(store, "cluster.c.upstream_cx_active") == 1)
         srv.close()
@@ -633,12 +635,12 @@ def test_multiplex_queue_flushed_on_connect_respects_max_requests_per_connection
     run(main)
 
 
-def _never_reading_server() -> tuple[socket.socket, list[socket.socket]]:
+def _never_reading_server() -> socket.socket:
     """A listener whose connections are accepted (by the kernel) and never read."""
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     s.listen(8)
-    return s, []
+    return s
 
 
 def test_oneways_to_an_upstream_that_does_not_read_stay_within_the_buffer_limit() -> None:
@@ -646,7 +648,7 @@ def test_oneways_to_an_upstream_that_does_not_read_stay_within_the_buffer_limit(
     write high-water mark they are dropped (overflow) rather than buffered without end."""
 
     async def main() -> None:
-        lsock, _ = _never_reading_server()
+        lsock = _never_reading_server()
         store = Store()
         limit = 64 * 1024
         c = make_cluster(store, [lsock.getsockname()[1]], per_connection_buffer_limit_bytes=limit)
@@ -689,9 +691,7 @@ def test_heartbeat_flood_from_an_upstream_that_does_not_read_is_not_buffered() -
         server = await loop.create_server(Flooder, "127.0.0.1", 0)
         store = Store()
         limit = 16 * 1024
-        c = make_cluster(
-            store, [server.sockets[0].getsockname()[1]], per_connection_buffer_limit_bytes=limit
-        )
+        c = make_cluster(store, [server.sockets[0].getsockname()[1]], per_connection_buffer_limit_bytes=limit)
         pool = rpc.pool_for(c.choose_host(), MUX, loop)
         r = Req(MUX, MUX.request(1, body=b"x"))
         pool.send(r)
