@@ -131,7 +131,8 @@ def _action(a: Any, path: str, notices: list[str]) -> dict[str, Any]:
             raise ConfigError(f"{wpath}.clusters", "at least one cluster is needed")
         if not any(c["weight"] for c in clusters):
             raise ConfigError(f"{wpath}.clusters", "the weights sum to zero")
-        return {"weighted_clusters": {"clusters": clusters}}
+        # A 0 weight gets no traffic in Envoy; rpc_proxy's weights are at least 1.
+        return {"weighted_clusters": {"clusters": [c for c in clusters if c["weight"]]}}
     raise ConfigError(path, "a route action needs cluster or weighted_clusters")
 
 

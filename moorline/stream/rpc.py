@@ -28,7 +28,9 @@ Connections without a request in flight close after the cluster's ``idle_timeout
 (``common_http_protocol_options``, default 1 hour; one sweep timer per pool). Both queue
 requests while connecting (bounded by ``max_pending_requests``) and check
 ``max_requests``: over a breaker the request fails with ``Reason.OVERFLOW``
-(``upstream_rq_pending_overflow``). A connect failure or timeout fails the queued requests
+(``upstream_rq_pending_overflow``), and so does a oneway (done once written, so outside
+``max_requests``) for a connection whose write buffer is above the cluster's
+``per_connection_buffer_limit`` (an upstream that does not read). A connect failure or timeout fails the queued requests
 with ``Reason.UPSTREAM_RESET`` and ``connect_failure=True`` (the proxy may retry on another
 host); a connection dying with requests in flight fails each of them the same way with
 ``connect_failure=False``. A connection reset between the connect and its callback is a
@@ -228,6 +230,7 @@ class RpcClientConnection(asyncio.Protocol):
         "retired",
         "stats",
         "transport",
+        "write_paused",
     )
 
     def __init__(self, pool: RpcPool) -> None:
@@ -253,6 +256,13 @@ class RpcClientConnection(asyncio.Protocol):
         self.hb_id = 0
         self.hb_sent = 0.0
         self.hb_misses = 0
+        self.write_paused = False  # write buffer above per_connection_buffer_limit
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -334,7 +344,8 @@ class RpcClientConnection(asyncio.Protocol):
                 if kind == FrameKind.RESPONSE:
                     self._response(f)
                 elif kind == FrameKind.HEARTBEAT:
-                    self.transport.write(codec.heartbeat_reply(f))
+                    if not self.write_paused:  # else the upstream is not reading: no answer
+                        self.transport.write(codec.heartbeat_reply(f))
                 elif kind == FrameKind.HEARTBEAT_RESPONSE:
                     if f.request_id == self.hb_id and self.hb_id:
                         self.hb_id = 0
@@ -480,6 +491,15 @@ class RpcPool:
             return
         conn = self._take()
         if conn is not None:
+            if req.oneway and conn.write_paused:
+                # A oneway is done once written, so max_requests does not bound it: over the
+                # connection's high-water mark (the upstream is not reading) it is dropped,
+                # which keeps the write buffer within per_connection_buffer_limit.
+                if not self.multiplexed:
+                    self.conns.insert(0, conn)  # still idle; the next take tries another first
+                st.upstream_rq_pending_overflow.value += 1
+                req.on_upstream_failure(Reason.OVERFLOW, "upstream connection not reading", False)
+                return
             self._start(req)
             conn.send(req)
             return
@@ -720,11 +740,15 @@ class MultiplexPool(RpcPool):
         conn.last_active = self.loop.time()
         if self.codec.heartbeat and self._keepalive is None and not self.draining:
             self._keepalive = self.loop.call_later(KEEPALIVE_TICK, self._keepalive_tick)
-        while self.pending and not conn.closed:
+        while self.pending and not conn.closed and not conn.retired:
             req = self.pending.popleft()
             self._dequeue(req)
             conn.send(req)
-        if not conn.inflight and not conn.closed:
+        if self.pending and self._need_connect(0) and self._may_connect():
+            # Retired by max_requests_per_connection with requests still queued: the rest go
+            # to the next connection (or wait for this one to close, within max_connections).
+            self._open()
+        if not conn.inflight and not conn.closed and not conn.retired:
             self.on_idle(conn)
 
     def _keepalive_tick(self) -> None:
@@ -761,7 +785,12 @@ class PingPongPool(RpcPool):
         self.on_free(conn)
 
     def on_free(self, conn: RpcClientConnection) -> None:
-        if conn.closed or conn.retired:
+        if conn.closed:
+            return
+        if conn.retired:
+            # Retired while busy (max_requests_per_connection, GOAWAY): its last request is
+            # done, so nothing else will close it.
+            conn.close()
             return
         while self.pending:
             req = self.pending.popleft()

@@ -214,3 +214,18 @@ def test_refused(text: str, field: str) -> None:
 def test_no_routes_gives_an_empty_route_list() -> None:
     value, notices = compile_yaml("stat_prefix: s\n")
     assert value == {"stat_prefix": "s", "protocol": "dubbo", "routes": []} and notices == []
+
+
+def test_zero_weight_cluster_is_left_out_and_the_proxy_compiles() -> None:
+    """Envoy takes a 0 weight (that cluster gets no traffic); rpc_proxy's schema wants >= 1."""
+    from moorline.config.context import BuildContext
+    from moorline.observability.stats import Store
+    from moorline.proxy.rpc_proxy import RpcProxy
+
+    value, _ = compile_yaml(
+        "stat_prefix: s\nroute_config: [{routes: [{match: {}, route: {weighted_clusters: "
+        "{clusters: [{name: a, weight: 0}, {name: b, weight: 2}]}}}]}]\n"
+    )
+    assert value["routes"][0]["route"] == {"weighted_clusters": {"clusters": [{"name": "b", "weight": 2}]}}
+    proxy = RpcProxy(value, BuildContext(stats=Store()), PATH)
+    assert proxy.routes[0].names == ["b"]

@@ -645,6 +645,140 @@ def test_an_upstream_that_stops_answering_heartbeats_is_closed(monkeypatch: Any)
         await until(lambda: r2.finished)
         assert srv.connections == 2
         pool.close()
+
+
+def test_ping_pong_connection_retired_while_busy_closes_after_its_answer() -> None:
+    """max_requests_per_connection reached with the request in flight: once answered, the
+    connection is neither kept idle nor left open (it would hold a max_connections slot)."""
+
+    async def main() -> None:
+        srv = await xcodecs.serve(PINGPONG, "p")
+        store = Store()
+        cb = {"thresholds": [{"max_connections": 1}]}
+        c = make_cluster(store, [srv.port], circuit_breakers=cb, max_requests_per_connection=1)
+        pool = rpc.pool_for(c.choose_host(), PINGPONG, asyncio.get_running_loop())
+        for i in range(3):
+            r = Req(PINGPONG, PINGPONG.request(i, body=b"x%d" % i))
+            pool.send(r)
+            await until(lambda r=r: r.finished)  # type: ignore[misc]
+            assert r.response is not None and bytes(r.response.body) == b"p:x%d" % i
+        assert srv.connections == 3
+        assert val(store, "cluster.c.upstream_cx_max_requests") == 3
+        await until(lambda: val(store, "cluster.c.upstream_cx_active") == 0)
+        srv.close()
+
+    run(main)
+
+
+def test_multiplex_queue_flushed_on_connect_respects_max_requests_per_connection() -> None:
+    async def main() -> None:
+        srv = await xcodecs.serve(MUX, "a")
+        store = Store()
+        c = make_cluster(store, [srv.port], max_requests_per_connection=2)
+        pool = rpc.pool_for(c.choose_host(), MUX, asyncio.get_running_loop())
+        reqs = [Req(MUX, MUX.request(i, body=b"%d" % i)) for i in range(5)]
+        for r in reqs:
+            pool.send(r)  # all queued behind the first connect
+        await until(lambda: all(r.finished for r in reqs))
+        assert all(
+            r.response is not None and bytes(r.response.body) == b"a:%d" % i for i, r in enumerate(reqs)
+        )
+        assert srv.connections == 3  # 2 + 2 + 1
+        await until(lambda: val(store, "cluster.c.upstream_cx_active") == 1)
+        srv.close()
+
+    run(main)
+
+
+def _never_reading_server() -> socket.socket:
+    """A listener whose connections are accepted (by the kernel) and never read."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(8)
+    return s
+
+
+def test_oneways_to_an_upstream_that_does_not_read_stay_within_the_buffer_limit() -> None:
+    """Oneways finish once written, so max_requests does not bound them: over the connection's
+    write high-water mark they are dropped (overflow) rather than buffered without end."""
+
+    async def main() -> None:
+        lsock = _never_reading_server()
+        store = Store()
+        limit = 64 * 1024
+        c = make_cluster(store, [lsock.getsockname()[1]], per_connection_buffer_limit_bytes=limit)
+        pool = rpc.pool_for(c.choose_host(), MUX, asyncio.get_running_loop())
+        first = Req(MUX, MUX.request(1, oneway=True, body=b"x"))
+        pool.send(first)
+        await until(lambda: first.sent)
+        body = b"y" * 60000
+        reqs = [Req(MUX, MUX.request(i, oneway=True, body=body)) for i in range(500)]  # 30 MB
+        conn = pool.conns[0]
+        turn = 5  # oneways per loop turn (a multiplexed connection writes a turn's frames at once)
+        for at in range(0, len(reqs), turn):
+            for r in reqs[at : at + turn]:
+                pool.send(r)
+            await asyncio.sleep(0)
+            assert conn.transport.get_write_buffer_size() <= limit + turn * 61000
+        dropped = [r for r in reqs if r.failure is not None]
+        assert dropped and all(r.failure[0] == Reason.OVERFLOW for r in dropped)  # type: ignore[index]
+        assert val(store, "cluster.c.upstream_rq_pending_overflow") == len(dropped)
+        assert val(store, "cluster.c.upstream_rq_active") == 0
+        lsock.close()
+
+    run(main)
+
+
+def test_heartbeat_flood_from_an_upstream_that_does_not_read_is_not_buffered() -> None:
+    """Answers to an upstream's heartbeats are skipped while it does not read what it is sent."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        flood = MUX.heartbeat_request(3) * 20000  # 360 KB a write
+        writes = 40
+
+        class Flooder(asyncio.Protocol):
+            def connection_made(self, transport: Any) -> None:
+                transport.pause_reading()  # never reads what the proxy sends
+                for _ in range(writes):
+                    transport.write(flood)
+
+        server = await loop.create_server(Flooder, "127.0.0.1", 0)
+        store = Store()
+        limit = 16 * 1024
+        c = make_cluster(store, [server.sockets[0].getsockname()[1]], per_connection_buffer_limit_bytes=limit)
+        pool = rpc.pool_for(c.choose_host(), MUX, loop)
+        r = Req(MUX, MUX.request(1, body=b"x"))
+        pool.send(r)
+        total = len(flood) * writes
+        await until(lambda: val(store, "cluster.c.upstream_cx_rx_bytes_total") >= total, timeout=20)
+        conn = pool.conns[0]
+        assert not conn.closed
+        assert conn.transport.get_write_buffer_size() <= limit + len(flood)
+        server.close()
+
+    run(main)
+
+
+def test_upstream_request_ids_wrap_around_skipping_ids_in_flight() -> None:
+    async def main() -> None:
+        srv = await xcodecs.serve(MUX, "a")
+        store = Store()
+        c = make_cluster(store, [srv.port])
+        pool = rpc.pool_for(c.choose_host(), MUX, asyncio.get_running_loop())
+        first = Req(MUX, MUX.request(1, method="sleep", body=b"0.2"))
+        pool.send(first)
+        await until(lambda: first.up_state == rpc.IN_FLIGHT and first.up_conn is not None)
+        conn = first.up_conn
+        assert first.up_id == 1
+        conn.next_id = rpc.MAX_ID - 1
+        reqs = [Req(MUX, MUX.request(7, body=b"%d" % i)) for i in range(3)]
+        for r in reqs:
+            pool.send(r)
+        assert [r.up_id for r in reqs] == [rpc.MAX_ID, 2, 3]  # 1 is still in flight
+        await until(lambda: first.finished and all(r.finished for r in reqs))
+        assert [bytes(r.response.body) for r in reqs] == [b"a:0", b"a:1", b"a:2"]
+        assert bytes(first.response.body) == b"a:slept"
         srv.close()
 
     run(main)
