@@ -153,6 +153,9 @@ class RpcServerConnection(asyncio.Protocol):
             else:
                 self._codec_error(frame, "unexpected response from the downstream")
                 return
+        if reader.error is not None and not self.closed:
+            # Garbage after whole frames in the same read: those were served first.
+            self._codec_error(None, reader.error.detail)
 
     def _sniff_codec(self, data: bytes) -> FrameReader | None:
         buf = self._sniff = self._sniff + data
@@ -352,6 +355,8 @@ class RpcClientConnection(asyncio.Protocol):
                         self.hb_misses = 0
                 elif kind == FrameKind.GOAWAY:
                     self.pool.retire(self)
+            if self.reader.error is not None and not self.closed:
+                raise self.reader.error  # (after the answers that came before the garbage)
         except CodecError as e:
             log.debug("rpc upstream codec error: %s", e.detail)
             self.stats.upstream_cx_protocol_error.value += 1

@@ -266,6 +266,8 @@ class _ServerProto(asyncio.Protocol):
             asyncio.get_running_loop().call_later(0.05, self._write, data)
         elif m == "garbage":
             self.transport.write(b"\xff" * 32)
+        elif m == "tail_garbage":  # a good answer, then garbage in the same write
+            self.transport.write(c.response(f.request_id, self.srv.name.encode() + b":ok") + b"\xff" * 32)
         elif m == "busy":
             self.transport.write(c.response(f.request_id, b"busy", STATUS_BUSY))
         elif m == "fail":

@@ -225,6 +225,25 @@ def test_upstream_garbage_is_a_protocol_error_and_reset() -> None:
     run(main)
 
 
+def test_an_answer_before_garbage_in_the_same_read_is_delivered() -> None:
+    # The good answer is not lost to the garbage behind it: it reaches its request, then the
+    # connection is closed as a protocol error (failing only what was still in flight).
+    async def main() -> None:
+        srv = await xcodecs.serve(MUX, "a")
+        store = Store()
+        c = make_cluster(store, [srv.port])
+        pool = rpc.pool_for(c.choose_host(), MUX, asyncio.get_running_loop())
+        r = Req(MUX, MUX.request(1, method="tail_garbage"))
+        pool.send(r)
+        await until(lambda: r.finished)
+        assert r.failure is None and bytes(r.response.body) == b"a:ok"
+        await until(lambda: val(store, "cluster.c.upstream_cx_protocol_error") == 1)
+        assert val(store, "cluster.c.upstream_cx_active") == 0
+        srv.close()
+
+    run(main)
+
+
 def test_connect_failure_fails_queued_as_connect_failure() -> None:
     async def main() -> None:
         store = Store()

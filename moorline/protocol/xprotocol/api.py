@@ -158,18 +158,35 @@ class XCodec(Protocol):
 class FrameReader:
     """Splits a byte stream into frames for one connection: ``feed(data)`` returns the whole
     frames' bytes (possibly none); what is left waits for the next feed. At most one
-    incomplete frame is held (``MAX_FRAME``, checked by the codec's ``frame_length``)."""
+    incomplete frame is held (``MAX_FRAME``, checked by the codec's ``frame_length``).
 
-    __slots__ = ("buf", "codec")
+    Bytes that cannot be a frame raise ``CodecError``, but not at the cost of the whole frames
+    before them in the same read: those are returned, the error is kept in ``error`` (the
+    caller handles the frames, then the error), and every later ``feed`` raises it."""
+
+    __slots__ = ("buf", "codec", "error")
 
     def __init__(self, codec: XCodec) -> None:
         self.codec = codec
         self.buf = bytearray()
+        self.error: CodecError | None = None
 
     def feed(self, data: bytes) -> list[bytes]:
+        if self.error is not None:
+            raise self.error
+        out: list[bytes] = []
+        try:
+            self._split(data, out)
+        except CodecError as e:
+            if not out:
+                raise
+            self.error = e
+            self.buf.clear()
+        return out
+
+    def _split(self, data: bytes, out: list[bytes]) -> None:
         buf = self.buf
         length = self.codec.frame_length
-        out: list[bytes] = []
         if not buf:
             # Fast path: frames that arrive whole in one read are sliced without a copy into
             # the buffer.
@@ -185,7 +202,7 @@ class FrameReader:
                 pos += n
             if pos < end:
                 buf += view[pos:]
-            return out
+            return
         buf += data
         while buf:
             n = length(buf)
@@ -195,7 +212,6 @@ class FrameReader:
                 raise CodecError("frame length not positive")
             out.append(bytes(buf[:n]))
             del buf[:n]
-        return out
 
     @property
     def pending(self) -> int:

@@ -273,10 +273,20 @@ def test_split_anywhere(data: st.DataObject, raws: list[bytes]) -> None:
 
 
 def test_frame_reader_rejects_garbage_after_a_frame() -> None:
+    # The whole frame before the garbage is not lost: it comes back, the error is kept and
+    # raised by the next feed.
     reader = FrameReader(CODEC)
     assert reader.feed(REQUEST[:5]) == []
+    assert reader.feed(REQUEST[5:] + b"GET / HTTP/1.1\r\n") == [REQUEST]
+    assert reader.error is not None and "bad magic" in reader.error.detail
     with pytest.raises(CodecError, match="bad magic"):
-        reader.feed(REQUEST[5:] + b"GET / HTTP/1.1\r\n")
+        reader.feed(REQUEST)
+    # Garbage first: raised at once.
+    with pytest.raises(CodecError, match="bad magic"):
+        FrameReader(CODEC).feed(b"GET / HTTP/1.1\r\n")
+    # On the fast path too (no bytes held before).
+    r2 = FrameReader(CODEC)
+    assert r2.feed(REQUEST + b"\x00garbage") == [REQUEST] and r2.error is not None
 
 
 @settings(max_examples=300)
