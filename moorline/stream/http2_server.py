@@ -471,8 +471,17 @@ class Http2ServerConnection(asyncio.Protocol):
         if self.goaway_sent and sid > self.goaway_last:
             self.codec.reset(sid, h2c.REFUSED_STREAM)
             return
-        rh = request_headers(headers)
         sh = self.stats_h2
+        if len(headers) > self.cfg.limits.max_headers:
+            # More header fields than max_headers_count (the limit HTTP/1.1 answers 431 for):
+            # the stream is reset, as Envoy's codec does (http2.header_overflow), and nothing
+            # goes upstream; the connection and its other streams go on.
+            sh.header_overflow.value += 1
+            self.stats.downstream_rq_total.value += 1
+            self.stats.downstream_rq_4xx.value += 1
+            self.codec.reset(sid, h2c.INTERNAL_ERROR)
+            return
+        rh = request_headers(headers)
         if rh is None:
             # A malformed request header block: reset the stream (RFC 9113 8.1.1).
             sh.rx_messaging_error.value += 1

@@ -258,6 +258,24 @@ def test_invalid_h2_authority_is_400(make: Any, authority: str) -> None:
     pair.assert_settled()
 
 
+def test_h2_request_over_the_header_count_limit_is_reset_not_forwarded(make: Any) -> None:
+    # The limit HTTP/1.1 answers 431 for (max_headers_count, 100 by default) applies to
+    # HTTP/2 too: the stream is reset (as Envoy's codec does), nothing goes upstream, and the
+    # connection's other streams are served.
+    pair = make()
+    h = pair.connect_h2()
+    sid = h.request("GET", "/", "example.com", headers=[(f"x-h{i}", "v") for i in range(1000)])
+    r = h.response(sid)
+    assert r.reset_code == 2 and r.headers is None  # INTERNAL_ERROR
+    assert pair.upstream.attempts == []
+    assert pair.stat("http2.header_overflow") == 1
+    ok = h.request("GET", "/", "example.com", headers=[(f"x-h{i}", "v") for i in range(50)])
+    up = pair.upstream.accept()
+    assert len([k for k, _ in up.request().headers if k.startswith(b"x-h")]) == 50
+    up.respond(200)
+    assert h.response(ok).status == 200
+
+
 def test_invalid_h2_method_cannot_inject_a_request_line(make: Any) -> None:
     pair = make()
     h = pair.connect_h2()
