@@ -15,6 +15,7 @@ its ``value`` over as a dict (``OpaqueAny``), compiled here once (``ConfigError`
         retry_policy: {num_retries: 1, retry_on: [connect_failure, retriable_status]}
     access_log: [...]           # Envoy AccessLog configs; %RPC_SERVICE% %RPC_METHOD% ...
     max_pending_per_connection: 1000
+    idle_timeout: 3600s   # no request in flight and no byte received: closed (0s: never)
 
 Per request (``ActiveRpc``, a plain object: no Task or Future; one loop timer for its timeout):
 route by service / method / headers (the frame's headers are decoded only when a route asks),
@@ -89,6 +90,7 @@ class RpcProxyStats:
         "cx_active",
         "cx_total",
         "heartbeat",
+        "idle_timeout",
         "local_reply",
         "oneway",
         "request",
@@ -108,6 +110,7 @@ class RpcProxyStats:
         self.heartbeat: Counter = c("heartbeat")
         self.request_timeout: Counter = c("request_timeout")
         self.retry: Counter = c("retry")
+        self.idle_timeout: Counter = c("idle_timeout")
         self.cx_total: Counter = c("cx_total")
         self.cx_active: Gauge = scope.gauge("cx_active")
         self.local_reply: dict[Reason, Counter] = {r: c(f"local_reply.{r.value}") for r in Reason}
@@ -297,7 +300,7 @@ class RpcProxy:
         d = _dict(
             value,
             path,
-            ("stat_prefix", "protocol", "routes", "access_log", "max_pending_per_connection"),
+            ("stat_prefix", "protocol", "routes", "access_log", "max_pending_per_connection", "idle_timeout"),
         )
         self.stat_prefix = _str(d.get("stat_prefix"), f"{path}.stat_prefix")
         table = dict(codecs) if codecs is not None else xprotocol.builtin_codecs()
@@ -321,6 +324,12 @@ class RpcProxy:
         self.max_pending = _uint(
             d.get("max_pending_per_connection", DEFAULT_MAX_PENDING), f"{path}.max_pending_per_connection", 1
         )
+        # A client connection with no request in flight and no byte received for this long is
+        # closed (0: never), as tcp_proxy's idle_timeout (also 1 h by default); clients that
+        # send heartbeats are never idle. One sweep timer per proxy, only while it has
+        # connections.
+        self.idle_timeout = _duration(d.get("idle_timeout", "3600s"), f"{path}.idle_timeout")
+        self._idle_sweep: asyncio.TimerHandle | None = None
         self.access_logs: list[Any] = []
         if "access_log" in d:
             self.access_logs = _access_logs(d["access_log"], ctx, f"{path}.access_log")
@@ -354,7 +363,23 @@ class RpcProxy:
         self.stats.cx_total.value += 1
         conn = rpcs.RpcServerConnection(self, info, self.codec, self.sniff)
         self.conns.add(conn)
+        if self.idle_timeout > 0 and self._idle_sweep is None:
+            loop = asyncio.get_running_loop()
+            self._idle_sweep = loop.call_later(self.idle_timeout / 4, self._sweep_idle)
         return conn
+
+    def _sweep_idle(self) -> None:
+        self._idle_sweep = None
+        if not self.conns:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for c in list(self.conns):
+            if not c.active and now - c.last_rx >= self.idle_timeout:
+                self.stats.idle_timeout.value += 1
+                c.close()
+        if self.conns:
+            self._idle_sweep = loop.call_later(self.idle_timeout / 4, self._sweep_idle)
 
     def active_connections(self) -> int:
         return len(self.conns)

@@ -91,6 +91,7 @@ class RpcServerConnection(asyncio.Protocol):
         "codec",
         "handler",
         "info",
+        "last_rx",
         "reader",
         "sniff_codecs",
         "transport",
@@ -108,9 +109,11 @@ class RpcServerConnection(asyncio.Protocol):
         self.closed = False
         self.write_paused = False
         self.active: set[Any] = set()  # requests in flight (the proxy's objects)
+        self.last_rx = 0.0  # loop time of the last read (the proxy's idle sweep reads it)
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        self.last_rx = asyncio.get_running_loop().time()
         limit = getattr(self.info, "buffer_limit", 0) or 1024 * 1024
         transport.set_write_buffer_limits(high=limit, low=limit // 4)
         self.handler.stats.cx_active.value += 1
@@ -118,6 +121,7 @@ class RpcServerConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        self.last_rx = asyncio.get_running_loop().time()
         reader = self.reader
         if reader is None:
             reader = self._sniff_codec(data)

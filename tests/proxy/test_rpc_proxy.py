@@ -658,3 +658,42 @@ def test_drain_closes_idle_connections_now_and_busy_ones_after_their_answer() ->
         s.close()
 
     run(main)
+
+
+def test_idle_client_connections_close_after_the_idle_timeout() -> None:
+    # Quiet and with nothing in flight: closed. Waiting for an answer, or sending heartbeats:
+    # kept (a heartbeat is traffic).
+    async def main() -> None:
+        s = await xcodecs.serve(MUX, "a")
+        store = Store()
+        f = await front(
+            store, [make_cluster(store, "a", [s.port])], {"routes": [route("a")], "idle_timeout": "1s"}
+        )
+        quiet, busy, beating = await f.client(), await f.client(), await f.client()
+        await ask(quiet, MUX.request(1), 1)
+        busy.send(MUX.request(2, method="sleep", body=b"30"))
+        await until(lambda: f.proxy.active_requests() == 1)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 20
+        while not quiet.closed:
+            assert loop.time() < end, "the quiet connection was never closed"
+            beating.send(xcodecs.encode(MUX.magic, FrameKind.HEARTBEAT, 99))
+            await asyncio.sleep(0.05)
+        assert not beating.closed and not busy.closed
+        assert f.proxy.active_requests() == 1
+        assert val(store, "rpc_proxy.t.idle_timeout") == 1
+        s.close()
+
+    run(main)
+
+
+def test_idle_timeout_is_a_duration() -> None:
+    store = Store()
+    with pytest.raises(ConfigError) as ei:
+        rpc_proxy.RpcProxy(
+            {"stat_prefix": "t", "protocol": "xmux", "idle_timeout": 5},
+            BuildContext(stats=store, cluster_manager=FakeCM()),
+            "v",
+            codecs=TABLE,
+        )
+    assert ei.value.path == "v.idle_timeout"
