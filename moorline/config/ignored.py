@@ -210,7 +210,7 @@ HCM: Table = {
     "proxy_status_config": "no proxy-status header is added; ignored",
     "typed_header_validation_config": "header validation extensions are not supported; ignored",
     "append_x_forwarded_port": "x-forwarded-port is not added; ignored",
-    "append_local_overload": "there is no overload manager; ignored",
+    "append_local_overload": "the x-envoy-local-overloaded header is not added; ignored",
     "add_proxy_protocol_connection_state": "the PROXY protocol is not supported; ignored",
     "http_protocol_options": _HTTP1_OPTIONS,
     "common_http_protocol_options": {

@@ -63,6 +63,7 @@ from h2.events import (
     DataReceived,
     InformationalResponseReceived,
     PingReceived,
+    PriorityUpdated,
     RemoteSettingsChanged,
     RequestReceived,
     ResponseReceived,
@@ -119,6 +120,8 @@ class Http2Options:
         "max_consecutive_empty_frames",
         "max_frame_size",
         "max_header_list_size",
+        "max_inbound_priority_frames_per_stream",
+        "max_inbound_window_update_frames_per_data_frame_sent",
         "max_outbound_control_frames",
         "premature_reset_min_streams",
     )
@@ -134,6 +137,8 @@ class Http2Options:
         max_outbound_control_frames: int = 1000,
         max_consecutive_empty_frames: int = 1,
         premature_reset_min_streams: int = 100,
+        max_inbound_priority_frames_per_stream: int = 100,
+        max_inbound_window_update_frames_per_data_frame_sent: int = 10,
     ) -> None:
         self.max_concurrent_streams = max_concurrent_streams
         self.initial_stream_window_size = initial_stream_window_size
@@ -144,6 +149,10 @@ class Http2Options:
         self.max_outbound_control_frames = max_outbound_control_frames
         self.max_consecutive_empty_frames = max_consecutive_empty_frames
         self.premature_reset_min_streams = premature_reset_min_streams
+        self.max_inbound_priority_frames_per_stream = max_inbound_priority_frames_per_stream
+        self.max_inbound_window_update_frames_per_data_frame_sent = (
+            max_inbound_window_update_frames_per_data_frame_sent
+        )
 
     @classmethod
     def from_proto(
@@ -189,6 +198,17 @@ class Http2Options:
         v = u("max_consecutive_inbound_frames_with_empty_payload")
         if v is not None:
             o.max_consecutive_empty_frames = v
+        v = u("max_inbound_priority_frames_per_stream")
+        if v is not None:
+            o.max_inbound_priority_frames_per_stream = v
+        v = u("max_inbound_window_update_frames_per_data_frame_sent")
+        if v is not None:
+            if v < 1:
+                return o, (
+                    f"{path}.max_inbound_window_update_frames_per_data_frame_sent",
+                    "must be at least 1",
+                )
+            o.max_inbound_window_update_frames_per_data_frame_sent = v
         return o, None
 
 
@@ -255,6 +275,12 @@ class Http2Codec:
         self.closed_streams = 0
         self.premature_resets = 0
         self._empty_run = 0
+        # Inbound frame floods (Envoy's limits, server side): PRIORITY and WINDOW_UPDATE frames
+        # received, streams the peer opened and DATA frames we sent.
+        self._prio_frames = 0
+        self._wu_frames = 0
+        self._in_streams = 0
+        self._data_frames = 0
 
     # -- connection ---------------------------------------------------------------------
     def initiate(self) -> None:
@@ -353,6 +379,7 @@ class Http2Codec:
             elif t is RequestReceived:
                 sid = ev.stream_id
                 self._empty_run = 0
+                self._in_streams += 1
                 if reset_now is not None and sid in reset_now:
                     # Opened and reset in the same read: never reaches the proxy.
                     self.closed_streams += 1
@@ -386,8 +413,11 @@ class Http2Codec:
                 else:
                     out.append((RESET, sid, int(ev.error_code)))
             elif t is WindowUpdated:
+                self._wu_frames += 1
                 if self._out:
                     self._flush_queued(out)
+            elif t is PriorityUpdated:
+                self._prio_frames += 1
             elif t is PingReceived:
                 self.ctrl_queued += 1
             elif t is RemoteSettingsChanged:
@@ -402,6 +432,20 @@ class Http2Codec:
             elif t is ConnectionTerminated:
                 self.goaway_received = True
                 out.append((GOAWAY, int(ev.last_stream_id or 0), int(ev.error_code)))
+        if server:
+            o = self.options
+            if self._prio_frames > o.max_inbound_priority_frames_per_stream * (1 + self._in_streams):
+                self.goaway(ENHANCE_YOUR_CALM)
+                raise Http2Error(
+                    ENHANCE_YOUR_CALM, "too many PRIORITY frames", "inbound_priority_frames_flood"
+                )
+            if self._wu_frames > 5 + 2 * (
+                self._in_streams + o.max_inbound_window_update_frames_per_data_frame_sent * self._data_frames
+            ):
+                self.goaway(ENHANCE_YOUR_CALM)
+                raise Http2Error(
+                    ENHANCE_YOUR_CALM, "too many WINDOW_UPDATE frames", "inbound_window_update_frames_flood"
+                )
         if self.ctrl_queued > self.options.max_outbound_control_frames:
             self.goaway(ENHANCE_YOUR_CALM)
             raise Http2Error(ENHANCE_YOUR_CALM, "too many queued control frames", "outbound_control_flood")
@@ -501,12 +545,14 @@ class Http2Codec:
         mfs = h.max_outbound_frame_size
         if n <= mfs and n == len(data):
             h.send_data(sid, data)
+            self._data_frames += 1
             return n
         mv = memoryview(data)
         off = 0
         while off < n:
             k = min(mfs, n - off)
             h.send_data(sid, bytes(mv[off : off + k]))
+            self._data_frames += 1
             off += k
         return n
 

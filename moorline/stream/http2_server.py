@@ -57,6 +57,8 @@ class H2ServerStats:
         "goaway_sent",
         "header_overflow",
         "inbound_empty_frames_flood",
+        "inbound_priority_frames_flood",
+        "inbound_window_update_frames_flood",
         "outbound_control_flood",
         "rx_messaging_error",
         "rx_reset",
@@ -79,6 +81,8 @@ class H2ServerStats:
     too_many_header_frames: Counter
     outbound_control_flood: Counter
     inbound_empty_frames_flood: Counter
+    inbound_priority_frames_flood: Counter
+    inbound_window_update_frames_flood: Counter
     rx_messaging_error: Counter
     too_many_premature_resets_h2: Counter
     trailers: Counter
@@ -100,6 +104,8 @@ class H2ServerStats:
             "too_many_header_frames",
             "outbound_control_flood",
             "inbound_empty_frames_flood",
+            "inbound_priority_frames_flood",
+            "inbound_window_update_frames_flood",
             "rx_messaging_error",
             "trailers",
         ):

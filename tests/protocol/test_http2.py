@@ -13,8 +13,10 @@ from hyperframe.frame import (
     DataFrame,
     HeadersFrame,
     PingFrame,
+    PriorityFrame,
     RstStreamFrame,
     SettingsFrame,
+    WindowUpdateFrame,
 )
 
 from moorline.protocol import http2 as h2c
@@ -224,6 +226,59 @@ def test_empty_data_frames_flood() -> None:
     with pytest.raises(Http2Error) as ei:
         s.receive(DataFrame(1).serialize() * 3)
     assert ei.value.stat == "inbound_empty_frames_flood"
+
+
+def test_priority_frame_flood() -> None:
+    # Envoy's max_inbound_priority_frames_per_stream (100) x (1 + streams opened): a stream of
+    # PRIORITY frames stalls every other client of the loop; the 101st for no stream is a flood.
+    s, pre = raw_client()
+    s.receive(pre + PriorityFrame(3, depends_on=0, stream_weight=15).serialize() * 100)
+    with pytest.raises(Http2Error) as ei:
+        s.receive(PriorityFrame(5, depends_on=0, stream_weight=15).serialize())
+    assert ei.value.stat == "inbound_priority_frames_flood"
+    assert ei.value.code == h2c.ENHANCE_YOUR_CALM
+    # Each stream the client opens allows 100 more.
+    s, pre = raw_client()
+    enc = Encoder()
+    s.receive(pre + headers_frame(enc, 1, REQ) + PriorityFrame(3, depends_on=0).serialize() * 200)
+
+
+def test_window_update_flood() -> None:
+    # Envoy's rule: at most 5 + 2 x (streams opened + 10 x DATA frames we sent) WINDOW_UPDATEs.
+    s, pre = raw_client()
+    s.receive(pre + WindowUpdateFrame(0, window_increment=1).serialize() * 5)
+    with pytest.raises(Http2Error) as ei:
+        s.receive(WindowUpdateFrame(0, window_increment=1).serialize())
+    assert ei.value.stat == "inbound_window_update_frames_flood"
+    # A client reading our DATA may update its windows for each frame: well within the limit.
+    s, pre = raw_client()
+    enc = Encoder()
+    s.receive(pre + headers_frame(enc, 1, REQ))
+    s.send_headers(1, [(b":status", b"200")], False)
+    for _ in range(8):
+        s.send_data(1, b"x" * 1000, False)
+    s.receive(
+        (
+            WindowUpdateFrame(0, window_increment=1000).serialize()
+            + WindowUpdateFrame(1, window_increment=1000).serialize()
+        )
+        * 8
+    )
+
+
+def test_flood_limits_from_proto() -> None:
+    p = protocol_pb2.Http2ProtocolOptions()
+    p.max_inbound_priority_frames_per_stream.value = 7
+    p.max_inbound_window_update_frames_per_data_frame_sent.value = 3
+    o, err = Http2Options.from_proto(p, "h2")
+    assert err is None
+    assert (
+        o.max_inbound_priority_frames_per_stream,
+        o.max_inbound_window_update_frames_per_data_frame_sent,
+    ) == (7, 3)
+    p.max_inbound_window_update_frames_per_data_frame_sent.value = 0
+    _, err = Http2Options.from_proto(p, "h2")
+    assert err == ("h2.max_inbound_window_update_frames_per_data_frame_sent", "must be at least 1")
 
 
 def test_oversized_header_list() -> None:
