@@ -276,6 +276,22 @@ def test_h2_request_over_the_header_count_limit_is_reset_not_forwarded(make: Any
     assert h.response(ok).status == 200
 
 
+def test_h2_window_update_flood_ends_the_connection(make: Any) -> None:
+    # One client sending WINDOW_UPDATEs with nothing to update them for stalled every other
+    # client of the loop: past Envoy's limit the connection gets GOAWAY ENHANCE_YOUR_CALM.
+    import h2.events
+
+    pair = make()
+    h = pair.connect_h2()
+    for _ in range(50):
+        h.h2.increment_flow_control_window(1)
+    h._flush()
+    goaways = [e for e in h.events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert goaways and goaways[0].error_code == 11  # ENHANCE_YOUR_CALM
+    assert pair.stat("http2.inbound_window_update_frames_flood") == 1
+    assert pair.upstream.attempts == []
+
+
 def test_invalid_h2_method_cannot_inject_a_request_line(make: Any) -> None:
     pair = make()
     h = pair.connect_h2()
