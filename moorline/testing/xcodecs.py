@@ -349,3 +349,48 @@ def _main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(_main(sys.argv[1:]))
+
+
+# -- helpers for tests of the pools and the proxy ----------------------------------------------
+
+
+def run(coro_fn: Any) -> Any:
+    """Run ``coro_fn()`` to its end on a fresh uvloop loop."""
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
+        return r.run(coro_fn())
+
+
+async def until(pred: Any, timeout: float = 5.0) -> None:
+    """Poll ``pred`` on the running loop; ``AssertionError`` after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not pred():
+        assert loop.time() < end, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
+def stat_value(store: Any, name: str) -> int:
+    s = store.get(name)
+    assert s is not None, name
+    return int(s.value)
+
+
+def static_cluster(store: Any, name: str, ports: list[int], **extra: Any) -> Any:
+    """A compiled STATIC cluster over loopback ``ports`` (``procs.cluster``'s shape)."""
+    import random
+
+    from envoy.config.cluster.v3 import cluster_pb2
+    from google.protobuf import json_format
+
+    from moorline.net.upstream import UpstreamTransportFactory
+    from moorline.testing.procs import cluster
+    from moorline.upstream.cluster import compile_cluster
+
+    return compile_cluster(
+        json_format.ParseDict(cluster(name, list(ports), **extra), cluster_pb2.Cluster()),
+        store,
+        rng=random.Random(1),
+        transport_factory=UpstreamTransportFactory(),
+    )

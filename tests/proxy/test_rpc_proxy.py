@@ -6,69 +6,30 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
-from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvloop
-from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
-from google.protobuf import json_format
 
 from moorline.config.context import BuildContext
 from moorline.config.errors import ConfigError
 from moorline.config.loader import parse_message
 from moorline.net.conn_info import ConnInfo
 from moorline.net.listener import Listener
-from moorline.net.upstream import UpstreamTransportFactory
 from moorline.observability.stats import Store
 from moorline.protocol.xprotocol.api import FrameKind, Reason
 from moorline.proxy import rpc_proxy
 from moorline.testing import xcodecs
-from moorline.testing.xcodecs import MUX, PINGPONG, STATUS_OF
-from moorline.upstream.cluster import Cluster, compile_cluster
+from moorline.testing.xcodecs import MUX, PINGPONG, STATUS_OF, run, static_cluster, until
+from moorline.testing.xcodecs import stat_value as val
+from moorline.upstream.cluster import Cluster
 
 TABLE = {c.name: c for c in xcodecs.CODECS}
 
 
-def run(coro_fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
-        return r.run(coro_fn())
-
-
-async def until(pred: Callable[[], bool], timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not pred():
-        assert loop.time() < end, "condition not reached"
-        await asyncio.sleep(0.005)
-
-
-def val(store: Store, name: str) -> int:
-    s = store.get(name)
-    assert s is not None, name
-    return int(s.value)  # type: ignore[union-attr]
-
-
 def make_cluster(store: Store, name: str, ports: list[int], **extra: Any) -> Cluster:
-    eps = [
-        {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}}
-        for p in ports
-    ]
-    d = {
-        "name": name,
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": eps}]},
-        **extra,
-    }
-    return compile_cluster(
-        json_format.ParseDict(d, cluster_pb2.Cluster()),
-        store,
-        rng=random.Random(1),
-        transport_factory=UpstreamTransportFactory(),
-    )
+    return static_cluster(store, name, ports, **extra)
 
 
 class FakeCM:
