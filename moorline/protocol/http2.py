@@ -17,6 +17,13 @@ Event tuples (first item is the kind):
 ``WRITABLE``    ``(WRITABLE, sid)``: data queued for ``sid`` beyond the peer's window was sent
 ``GOAWAY``      ``(GOAWAY, last_stream_id, error_code)``: the peer will take no new streams
 ``SETTINGS``    ``(SETTINGS,)``: the peer changed its settings (max concurrent streams ...)
+``OVERSIZED``   ``(OVERSIZED, sid)``: the header block of ``sid`` decoded past
+                ``max_header_list_size``; the codec reset that stream alone (RST_STREAM), the
+                connection goes on (Envoy's ``http2.header_overflow``)
+``MALFORMED``   ``(MALFORMED, sid)``: the peer's message on ``sid`` broke HTTP/2's messaging
+                rules (RFC 9113 8.1.1: pseudo-headers, content-length ...); the codec reset that
+                stream alone (PROTOCOL_ERROR). Upstream always; downstream only with
+                ``stream_error_on_invalid_http_messaging``, else it is a connection error
 ==============  ==========================================================================
 
 Flow control. Inbound: the codec never acknowledges DATA by itself; the glue calls
@@ -82,6 +89,8 @@ RESET = 4
 WRITABLE = 5
 GOAWAY = 6
 SETTINGS = 7
+OVERSIZED = 8
+MALFORMED = 9
 
 NO_ERROR = 0
 PROTOCOL_ERROR = 1

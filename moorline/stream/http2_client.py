@@ -34,6 +34,7 @@ from typing import Any
 
 from moorline.net import upstream as net_upstream
 from moorline.protocol import http2 as h2c
+from moorline.protocol import http2_backends
 from moorline.protocol.headers import HeaderMap, RequestHeaders, ResponseHeaders
 from moorline.stream.api import ResetReason
 from moorline.stream.http1_client import PendingRequest, may_connect, queue_request
@@ -49,13 +50,14 @@ _PSEUDO_ORDER = (b":method", b":scheme", b":authority", b":path")
 class H2ClusterStats:
     """``cluster.<name>.http2.*`` (Envoy's upstream codec stats)."""
 
-    __slots__ = ("goaway_received", "rx_reset", "streams_active", "tx_reset")
+    __slots__ = ("goaway_received", "header_overflow", "rx_reset", "streams_active", "tx_reset")
 
     def __init__(self, cluster: Any) -> None:
         scope = cluster.stats.scope.scope("http2.")
         self.rx_reset = scope.counter("rx_reset")
         self.tx_reset = scope.counter("tx_reset")
         self.goaway_received = scope.counter("goaway_received")
+        self.header_overflow = scope.counter("header_overflow")
         self.streams_active = scope.gauge("streams_active")
 
 
@@ -201,7 +203,7 @@ class Http2ClientConnection(asyncio.Protocol):
         self.cluster = pool.cluster
         self.stats = pool.cluster.stats
         self.h2stats = pool.h2stats
-        self.codec = h2c.Http2Codec(True, pool.options)
+        self.codec = http2_backends.Codec(True, pool.options)
         self.transport: Any = None
         self.streams: dict[int, H2UpstreamStream] = {}
         self.reserved = 0  # handles given out (streams opened or about to be)
@@ -332,6 +334,25 @@ class Http2ClientConnection(asyncio.Protocol):
                             ResetReason.REMOTE_REFUSED_STREAM
                             if ev[2] == h2c.REFUSED_STREAM
                             else ResetReason.REMOTE_RESET
+                        )
+                elif kind == h2c.OVERSIZED or kind == h2c.MALFORMED:
+                    # The response's header block was past our max_header_list_size, or broke
+                    # HTTP/2's messaging rules: the codec reset that stream alone; the request
+                    # fails as an upstream protocol error (502), the connection goes on.
+                    s = streams.get(ev[1])
+                    if kind == h2c.OVERSIZED:
+                        self.h2stats.header_overflow.value += 1
+                    if s is None:
+                        continue
+                    req = s.req
+                    s.req = None
+                    s.remote_end = True
+                    s._detach()
+                    touched.pop(ev[1], None)
+                    if req is not None:
+                        req.on_upstream_reset(
+                            ResetReason.PROTOCOL_ERROR,
+                            "response headers too large" if kind == h2c.OVERSIZED else "malformed response",
                         )
                 elif kind == h2c.WRITABLE:
                     s = streams.get(ev[1])

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from moorline.observability.stats import Counter, Gauge
 from moorline.protocol import http2 as h2c
+from moorline.protocol import http2_backends
 from moorline.protocol.headers import HeaderMap, RequestHeaders, ResponseHeaders
 from moorline.stream.api import HttpProtocol, ResetReason
 from moorline.stream.http1_server import Http1ServerConnection
@@ -363,7 +364,7 @@ class Http2ServerConnection(asyncio.Protocol):
         self.info = info
         self.loop = asyncio.get_event_loop()
         self.transport: Any = None
-        self.codec = h2c.Http2Codec(False, getattr(cfg, "http2_options", None))
+        self.codec = http2_backends.Codec(False, getattr(cfg, "http2_options", None))
         self.streams: dict[int, H2ServerStream] = {}
         self.stats = cfg.stats
         self.stats_h2 = _stats_for(cfg)
@@ -425,6 +426,10 @@ class Http2ServerConnection(asyncio.Protocol):
                     self._on_writable(ev[1])
                 elif kind == h2c.GOAWAY:
                     self.goaway_sent = True  # the client leaves: finish what is in flight, then close
+                elif kind == h2c.OVERSIZED:
+                    self._on_oversized()
+                elif kind == h2c.MALFORMED:
+                    self._on_malformed(ev[1])
                 if self.closed:
                     return
         finally:
@@ -510,6 +515,23 @@ class Http2ServerConnection(asyncio.Protocol):
         if self.cfg.runtime.draining and not self.goaway_sent:
             self._send_goaway(h2c.NO_ERROR)
 
+    def _on_oversized(self) -> None:
+        # A request header block past max_header_list_size: the codec reset that stream, as
+        # Envoy's codec does; it never reached the proxy.
+        self.stats_h2.header_overflow.value += 1
+        self.stats.downstream_rq_total.value += 1
+        self.stats.downstream_rq_4xx.value += 1
+
+    def _on_malformed(self, sid: int) -> None:
+        # stream_error_on_invalid_http_messaging: the codec reset only this stream.
+        self.stats_h2.rx_messaging_error.value += 1
+        ss = self.streams.get(sid)
+        if ss is None:
+            self.stats.downstream_rq_total.value += 1
+            self.stats.downstream_rq_4xx.value += 1
+            return
+        self._on_reset(sid, remote=False)
+
     def _on_data(self, sid: int, data: bytes, n: int, end_stream: bool) -> None:
         ss = self.streams.get(sid)
         if ss is None or ss.stream is None:
@@ -538,8 +560,9 @@ class Http2ServerConnection(asyncio.Protocol):
         if ss.resp_ended and not ss.closed and not self.codec.pending(sid):
             ss._detach()
 
-    def _on_reset(self, sid: int) -> None:
-        self.stats_h2.rx_reset.value += 1
+    def _on_reset(self, sid: int, remote: bool = True) -> None:
+        if remote:
+            self.stats_h2.rx_reset.value += 1
         ss = self.streams.pop(sid, None)
         if ss is None:
             return

@@ -898,6 +898,16 @@ class H2Client(_H2Peer):
         self._receive()
         return self.streams[sid]
 
+    def goaway_code(self) -> int | None:
+        """The error code of the GOAWAY the server sent, or None."""
+        import h2.events
+
+        self._receive()
+        for ev in self.events:
+            if isinstance(ev, h2.events.ConnectionTerminated):
+                return int(ev.error_code)
+        return None
+
 
 class H2Response:
     """What one HTTP/2 stream received."""
