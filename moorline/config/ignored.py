@@ -8,9 +8,6 @@ everything compiled; it adds a notice for each such field that is set (a message
 not empty, a scalar not at its default) unless a compiler already said something about that field
 or one around it. ``--reject-ignored`` turns every notice into an error.
 
-It also rejects the few fields that cannot be ignored without changing what a request does
-(``connect_config``: CONNECT termination would silently become CONNECT forwarding).
-
 Left out on purpose: ``metadata`` (inert data; it does something only through a filter that reads
 it), ``traffic_direction`` and ``inline_headers`` (hints with no behaviour of their own).
 ``ignore_global_conn_limit`` is read by ``net/listener.py``. When a field below gets implemented,
@@ -24,7 +21,6 @@ from collections.abc import Callable, Mapping
 from typing import Any, Union
 
 from moorline.config.context import BuildContext
-from moorline.config.errors import ConfigError
 
 HCM_TYPE = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 
@@ -251,19 +247,6 @@ def _check_hcm(any_msg: Any, path: str, ctx: BuildContext) -> None:
     if getattr(getattr(hcm, "DESCRIPTOR", None), "full_name", None) != HCM_TYPE:
         return
     _announce(hcm, HCM, path, ctx)
-    if hcm.HasField("route_config"):
-        rc_path = f"{path}.route_config"
-        for i, vh in enumerate(hcm.route_config.virtual_hosts):
-            for j, r in enumerate(vh.routes):
-                if not r.HasField("route"):
-                    continue
-                for k, u in enumerate(r.route.upgrade_configs):
-                    if u.HasField("connect_config"):
-                        raise ConfigError(
-                            f"{rc_path}.virtual_hosts[{i}].routes[{j}].route.upgrade_configs[{k}].connect_config",
-                            "CONNECT termination is not supported (moorline would forward the CONNECT "
-                            "request upstream instead); remove connect_config to proxy CONNECT as a request",
-                        )
 
 
 def _announce(msg: Any, table: Table, path: str, ctx: BuildContext) -> None:

@@ -364,6 +364,10 @@ cdef class NgCodec:
         return nghttp2_session_get_remote_settings(self.s, NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS)
 
     @property
+    def peer_allows_connect(self):
+        return nghttp2_session_get_remote_settings(self.s, NGHTTP2_SETTINGS_ENABLE_CONNECT_PROTOCOL) == 1
+
+    @property
     def highest_inbound_stream_id(self):
         return nghttp2_session_get_last_proc_stream_id(self.s)
 

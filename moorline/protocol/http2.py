@@ -53,6 +53,14 @@ Protections (each raises ``Http2Error`` with the GOAWAY already queued, and name
   the same read are dropped before the glue sees them, so an attack batch costs no upstream
   requests.
 
+Extended CONNECT (RFC 8441): ``Http2Options.allow_connect`` (Envoy's
+``http2_protocol_options.allow_connect``) makes a server codec advertise
+SETTINGS_ENABLE_CONNECT_PROTOCOL = 1; ``:protocol`` then passes through in the ``HEADERS``
+event's header list like the other pseudo-headers, and the server glue decides (it rejects
+``:protocol`` when the option is off). A client codec sends ``:protocol`` only when
+``peer_allows_connect`` (the peer's setting) is true. CONNECT streams carry tunnel bytes as
+ordinary DATA, under the same flow control.
+
 GOAWAY does not end the streams already in flight (RFC 9113 6.8), but ``h2``'s connection
 state machine closes on any GOAWAY; the codec swaps in a state machine that keeps the
 connection open after a GOAWAY, and the glue refuses new streams itself.
@@ -122,6 +130,7 @@ class Http2Options:
     """HTTP/2 settings and protection thresholds (Envoy ``Http2ProtocolOptions``)."""
 
     __slots__ = (
+        "allow_connect",
         "header_table_size",
         "initial_connection_window_size",
         "initial_stream_window_size",
@@ -148,7 +157,11 @@ class Http2Options:
         premature_reset_min_streams: int = 100,
         max_inbound_priority_frames_per_stream: int = 100,
         max_inbound_window_update_frames_per_data_frame_sent: int = 10,
+        allow_connect: bool = False,
     ) -> None:
+        # RFC 8441: advertise SETTINGS_ENABLE_CONNECT_PROTOCOL and take extended CONNECT
+        # (``:protocol``) requests (server side); client side, send them when the peer allows.
+        self.allow_connect = allow_connect
         self.max_concurrent_streams = max_concurrent_streams
         self.initial_stream_window_size = initial_stream_window_size
         self.initial_connection_window_size = initial_connection_window_size
@@ -218,6 +231,8 @@ class Http2Options:
                     "must be at least 1",
                 )
             o.max_inbound_window_update_frames_per_data_frame_sent = v
+        if proto.allow_connect:
+            o.allow_connect = True
         return o, None
 
 
@@ -260,17 +275,18 @@ class Http2Codec:
         )
         h = self.h2 = H2Connection(cfg)
         h.state_machine = _KeepOpenStateMachine()
-        h.local_settings = Settings(
-            client=client_side,
-            initial_values={
-                SettingCodes.MAX_CONCURRENT_STREAMS: o.max_concurrent_streams,
-                SettingCodes.MAX_HEADER_LIST_SIZE: o.max_header_list_size,
-                SettingCodes.INITIAL_WINDOW_SIZE: o.initial_stream_window_size,
-                SettingCodes.MAX_FRAME_SIZE: o.max_frame_size,
-                SettingCodes.HEADER_TABLE_SIZE: o.header_table_size,
-                SettingCodes.ENABLE_PUSH: 0,
-            },
-        )
+        initial = {
+            SettingCodes.MAX_CONCURRENT_STREAMS: o.max_concurrent_streams,
+            SettingCodes.MAX_HEADER_LIST_SIZE: o.max_header_list_size,
+            SettingCodes.INITIAL_WINDOW_SIZE: o.initial_stream_window_size,
+            SettingCodes.MAX_FRAME_SIZE: o.max_frame_size,
+            SettingCodes.HEADER_TABLE_SIZE: o.header_table_size,
+            SettingCodes.ENABLE_PUSH: 0,
+        }
+        if o.allow_connect and not client_side:
+            # RFC 8441 3: only the server advertises it (a client's value means nothing).
+            initial[SettingCodes.ENABLE_CONNECT_PROTOCOL] = 1
+        h.local_settings = Settings(client=client_side, initial_values=initial)
         # Settings given as initial values are never "acknowledged" in h2: apply them to the
         # decoder and frame buffer now.
         h.decoder.max_header_list_size = o.max_header_list_size
@@ -315,6 +331,12 @@ class Http2Codec:
     @property
     def peer_max_concurrent_streams(self) -> int:
         return int(self.h2.remote_settings.max_concurrent_streams)
+
+    @property
+    def peer_allows_connect(self) -> bool:
+        """The peer advertised SETTINGS_ENABLE_CONNECT_PROTOCOL = 1 (RFC 8441): extended
+        CONNECT requests may be sent to it."""
+        return bool(self.h2.remote_settings.enable_connect_protocol)
 
     @property
     def open_outbound_streams(self) -> int:

@@ -927,6 +927,7 @@ class Route:
         "cluster",
         "cluster_header",
         "cluster_not_found_response_code",
+        "connect_terminate",
         "direct_body",
         "direct_status",
         "filter_configs",
@@ -999,6 +1000,9 @@ class Route:
         self.host_rewrite_header: bytes | None = None
         self.plain: bool | None = None  # see is_plain()
         self.upgrade_configs: dict[bytes, bool] = {}
+        # upgrade_configs CONNECT with connect_config: CONNECT ends here, its payload goes to the
+        # host over TCP (stream.tcp_upstream) instead of a CONNECT request being forwarded
+        self.connect_terminate = False
         # header mutations
         self._req_levels: tuple[_Level, ...] = ()
         self._resp_levels: tuple[_Level, ...] = ()
@@ -1685,7 +1689,19 @@ def _compile_route_action(
     for j, u in enumerate(a.upgrade_configs):
         if not u.upgrade_type:
             raise ConfigError(f"{ap}.upgrade_configs[{j}].upgrade_type", "upgrade_type is required")
-        r.upgrade_configs[_b(u.upgrade_type).lower()] = u.enabled.value if u.HasField("enabled") else True
+        kind = _b(u.upgrade_type).lower()
+        enabled = u.enabled.value if u.HasField("enabled") else True
+        r.upgrade_configs[kind] = enabled
+        if u.HasField("connect_config"):
+            up = f"{ap}.upgrade_configs[{j}].connect_config"
+            if kind != b"connect":
+                raise ConfigError(up, "connect_config is only valid for upgrade_type CONNECT")
+            r.connect_terminate = enabled
+            cc = u.connect_config
+            if cc.HasField("proxy_protocol_config"):
+                notes.append(f"{up}.proxy_protocol_config: ignored (no PROXY header is sent upstream)")
+            if cc.allow_post:
+                notes.append(f"{up}.allow_post: ignored (only CONNECT is terminated)")
 
     r.rate_limits = compile_rate_limits(a.rate_limits, f"{ap}.rate_limits", notes, HeaderMatcher)
     r.include_vh_rate_limits = bool(a.include_vh_rate_limits.value)

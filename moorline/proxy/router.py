@@ -33,6 +33,7 @@ from moorline.proxy.route_table import (
 from moorline.proxy.shadow import start_shadows
 from moorline.stream.api import HttpProtocol, ResetReason
 from moorline.stream.http1_client import pool_for
+from moorline.stream.tcp_upstream import connect as tcp_connect
 from moorline.upstream.outlier import CONNECT_FAILED as _OD_CONNECT_FAILED
 from moorline.upstream.outlier import CONNECT_SUCCESS as _OD_CONNECT_SUCCESS
 from moorline.upstream.outlier import TIMEOUT as _OD_TIMEOUT
@@ -332,7 +333,10 @@ class Router:
         host.active_rq += 1
         stream.phase = _UPSTREAM_REQUEST
         self.attempt_start = self.loop.time()
-        if cluster.http2 or (cluster.http2 is None and stream.conn.protocol == _HTTP2):
+        if self.route.connect_terminate and stream.method == b"CONNECT":
+            # CONNECT termination: the payload goes to the host over TCP (a 200 is synthesized).
+            self.pending = tcp_connect(host, self.loop, self)
+        elif cluster.http2 or (cluster.http2 is None and stream.conn.protocol == _HTTP2):
             from moorline.stream.http2_client import pool_for as h2_pool_for
 
             self.pending = h2_pool_for(host, self.loop).new_stream(self)

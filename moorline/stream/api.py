@@ -15,7 +15,8 @@ interface                   implemented by                                      
 ``ServerConnectionCallbacks`` ``proxy.hcm.HcmConfig``                           the server codecs
 ``StreamDecoder``           ``proxy.hcm.ActiveStream``                           the server codecs
 ``UpstreamStream``          ``stream.http1_client.Http1ClientConnection``,      ``proxy.router.Router``
-                            ``stream.http2_client.H2UpstreamStream``
+                            ``stream.http2_client.H2UpstreamStream``,
+                            ``stream.tcp_upstream.TcpUpstream`` (CONNECT termination)
 ``ResponseDecoder``         ``proxy.router.Router``                              the upstream pools
 ``CodecRegistry``           this module                                          ``proxy.hcm``, ``server``
 ==========================  ==================================================  ==========================

@@ -76,6 +76,45 @@ def request_headers(headers: RequestHeaders) -> list[tuple[bytes, bytes]]:
     return out
 
 
+def tunnel_request_headers(
+    headers: RequestHeaders, allow_connect: bool
+) -> tuple[list[tuple[bytes, bytes]], bytes | None] | None:
+    """The HTTP/2 header list of a CONNECT or upgrade request, with the upgrade token sent as
+    ``:protocol`` (None when ``headers`` is neither). ``(block, protocol)``:
+
+    - CONNECT: ``:method CONNECT`` and ``:authority`` only (RFC 9113 8.5); protocol None;
+    - an HTTP/1.1 upgrade (``upgrade: websocket`` with ``connection: upgrade``, as the connection
+      manager passes it on) to a cluster with ``allow_connect``: an RFC 8441 extended CONNECT,
+      ``:method CONNECT``, ``:protocol <upgrade>``, ``:scheme``, ``:authority``, ``:path`` (Envoy's
+      translation); protocol is the upgrade token. Without ``allow_connect`` an upgrade goes as
+      the plain request it is (None): its upgrade headers are connection-specific, so the
+      upstream answers it as an ordinary request and the router treats that as a refusal."""
+    if headers.method == b"CONNECT":
+        out = [(b":method", b"CONNECT"), (b":authority", headers.authority)]
+        protocol = None
+    else:
+        upg = headers.get(b"upgrade")
+        if upg is None or not allow_connect:
+            return None
+        protocol = upg.strip().lower()
+        out = [
+            (b":method", b"CONNECT"),
+            (b":protocol", protocol),
+            (b":scheme", headers.scheme or b"http"),
+            (b":authority", headers.authority),
+            (b":path", headers.path),
+        ]
+    for k, v in headers._h:
+        if k in _DROP or k == b"content-length":
+            continue
+        if k == b"te":
+            if v.lower() == b"trailers":
+                out.append((k, v))
+        else:
+            out.append((k, v))
+    return out, protocol
+
+
 def _regular(headers: Any) -> list[tuple[bytes, bytes]]:
     return [p for p in headers if p[0][:1] != b":"]
 
@@ -88,10 +127,12 @@ class H2UpstreamStream:
         "conn",
         "local_end",
         "pool",
+        "protocol",
         "read_paused",
         "remote_end",
         "req",
         "sid",
+        "tunnel",
         "unacked",
         "window_paused",
     )
@@ -107,6 +148,11 @@ class H2UpstreamStream:
         self.read_paused = False
         self.unacked = 0
         self.window_paused = False
+        # A CONNECT (tunnel, protocol None) or an extended CONNECT (protocol: the upgrade
+        # token): its 2xx opens the tunnel; an extended CONNECT's 200 reaches the router as
+        # the 101 an HTTP/1.1 upstream would have sent.
+        self.tunnel = False
+        self.protocol: bytes | None = None
 
     def send_headers(self, req: Any, headers: RequestHeaders, end_stream: bool) -> None:
         self.req = req
@@ -120,7 +166,13 @@ class H2UpstreamStream:
         conn.h2stats.streams_active.value += 1
         conn.requests += 1
         self.local_end = end_stream
-        codec.send_headers(sid, request_headers(headers), end_stream)
+        t = tunnel_request_headers(headers, codec.options.allow_connect)
+        if t is None:
+            block = request_headers(headers)
+        else:
+            block, self.protocol = t
+            self.tunnel = True
+        codec.send_headers(sid, block, end_stream)
         conn.flush()
 
     def _fail_later(self, reason: ResetReason) -> None:
@@ -304,8 +356,12 @@ class Http2ClientConnection(asyncio.Protocol):
                         continue
                     if ev[3]:
                         s.remote_end = True
-                    touched[ev[1]] = s.req
-                    s.req.on_upstream_headers(ResponseHeaders.make(int(st), _regular(hs)), ev[3])
+                    req = touched[ev[1]] = s.req
+                    status = int(st)
+                    if s.tunnel and 200 <= status < 300 and not ev[3]:
+                        self._tunnel_open(s, req, status, hs)
+                        continue
+                    req.on_upstream_headers(ResponseHeaders.make(status, _regular(hs)), ev[3])
                 elif kind == h2c.TRAILERS:
                     s = streams.get(ev[1])
                     if s is None or s.req is None:
@@ -371,6 +427,20 @@ class Http2ClientConnection(asyncio.Protocol):
             req.on_upstream_batch_end()
         if settings and not self.closed:
             self.pool.on_slot_free(self)
+
+    def _tunnel_open(self, s: H2UpstreamStream, req: Any, code: int, hs: Any) -> None:
+        """A 2xx to CONNECT or extended CONNECT: the stream is a tunnel. An extended CONNECT's
+        200 becomes 101 with ``upgrade: <protocol>`` (Envoy's translation back to HTTP/1.1),
+        so the connection manager answers an HTTP/1.1 client with Switching Protocols (and an
+        HTTP/2 one with 200 again)."""
+        regular = _regular(hs)
+        if s.protocol is not None:
+            code = 101
+            regular = [p for p in regular if p[0] != b"content-length"]
+            regular.append((b"upgrade", s.protocol))
+        req.on_upstream_headers(ResponseHeaders.make(code, regular), False)
+        if s.req is req and not s.closed:
+            req.on_upstream_upgrade(b"")
 
     def _on_goaway(self, last_stream_id: int) -> None:
         self.goaway = True

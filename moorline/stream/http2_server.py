@@ -124,35 +124,56 @@ def _stats_for(cfg: Any) -> H2ServerStats:
 
 
 _REQ_PSEUDO = frozenset((b":method", b":scheme", b":authority", b":path"))
+_REQ_PSEUDO_CONNECT = _REQ_PSEUDO | frozenset((b":protocol",))
 
 
-def request_headers(headers: list[tuple[bytes, bytes]]) -> RequestHeaders | None:
+def request_headers(headers: list[tuple[bytes, bytes]], allow_connect: bool = False) -> RequestHeaders | None:
     """An HTTP/2 request header block as ``RequestHeaders``, or None when it is malformed
     (RFC 9113 8.3: unknown or repeated pseudo-headers, pseudo-headers after regular ones, a
     request without ``:method``, or without ``:scheme`` and ``:path`` unless it is CONNECT).
-    Split ``cookie`` headers are joined (RFC 9113 8.2.3)."""
-    method = scheme = authority = path = None
+    Split ``cookie`` headers are joined (RFC 9113 8.2.3). With ``allow_connect`` an RFC 8441
+    extended CONNECT is taken (see ``parse_request``)."""
+    return parse_request(headers, allow_connect)[0]
+
+
+def parse_request(
+    headers: list[tuple[bytes, bytes]], allow_connect: bool = False
+) -> tuple[RequestHeaders | None, bool]:
+    """``(request, extended)``: ``request_headers``, and whether it was an RFC 8441 extended
+    CONNECT (``:method CONNECT`` with ``:protocol``, ``:scheme``, ``:path``, ``:authority``).
+
+    An extended CONNECT becomes what an HTTP/1.1 client would have sent for the same upgrade,
+    as Envoy translates it: ``GET`` with ``upgrade: <:protocol>`` and ``connection: upgrade``,
+    so the connection manager, the route's ``upgrade_configs`` and an HTTP/1.1 upstream see an
+    ordinary upgrade. Without ``allow_connect`` (SETTINGS_ENABLE_CONNECT_PROTOCOL not sent)
+    ``:protocol`` is an unknown pseudo-header and the block is malformed (RFC 8441 3)."""
+    method = scheme = authority = path = protocol = None
     rest: list[tuple[bytes, bytes]] = []
     cookies: list[bytes] | None = None
+    allowed = _REQ_PSEUDO_CONNECT if allow_connect else _REQ_PSEUDO
     for k, v in headers:
         if k[:1] == b":":
-            if rest or cookies or k not in _REQ_PSEUDO:
-                return None
+            if rest or cookies or k not in allowed:
+                return None, False
             if k == b":method":
                 if method is not None:
-                    return None
+                    return None, False
                 method = v
             elif k == b":path":
                 if path is not None:
-                    return None
+                    return None, False
                 path = v
             elif k == b":authority":
                 if authority is not None:
-                    return None
+                    return None, False
                 authority = v
+            elif k == b":protocol":
+                if protocol is not None:
+                    return None, False
+                protocol = v
             else:
                 if scheme is not None:
-                    return None
+                    return None, False
                 scheme = v
             continue
         if k == b"cookie":
@@ -162,15 +183,24 @@ def request_headers(headers: list[tuple[bytes, bytes]]) -> RequestHeaders | None
             continue
         rest.append((k, v))
     if method is None:
-        return None
-    if method == b"CONNECT":
+        return None, False
+    extended = False
+    if protocol is not None:
+        # RFC 8441 4: only with CONNECT, and with the full :scheme / :path / :authority tuple.
+        if method != b"CONNECT" or scheme is None or not path or not authority or not protocol:
+            return None, False
+        extended = True
+        method = b"GET"
+        rest.append((b"upgrade", protocol))
+        rest.append((b"connection", b"upgrade"))
+    elif method == b"CONNECT":
         if scheme is not None or path is not None or not authority:
-            return None  # RFC 8441 extended CONNECT is not supported
+            return None, False
     elif scheme is None or not path:
-        return None
+        return None, False
     if cookies:
         rest.append((b"cookie", b"; ".join(cookies)))
-    return RequestHeaders.make(method, path or b"", authority or b"", scheme or b"http", rest)
+    return RequestHeaders.make(method, path or b"", authority or b"", scheme or b"http", rest), extended
 
 
 class H2ServerStream:
@@ -185,6 +215,7 @@ class H2ServerStream:
         "closed",
         "conn",
         "drain",
+        "extended",
         "info",
         "loop",
         "read_paused",
@@ -194,6 +225,8 @@ class H2ServerStream:
         "resp_no_body",
         "sid",
         "stream",
+        "tunnel",
+        "tunnel_req",
         "unacked",
         "window_paused",
     )
@@ -216,6 +249,13 @@ class H2ServerStream:
         self.read_paused = False
         self.unacked = 0
         self.window_paused = False
+        # CONNECT or an extended CONNECT (RFC 8441): the request's DATA is tunnel bytes from the
+        # start (held by the router until the upstream accepts); ``extended``: the upstream's
+        # 101 goes out as 200. ``tunnel``: the upstream accepted (``start_tunnel``); the stream
+        # then half-closes per direction instead of ending with the response.
+        self.tunnel_req = False
+        self.extended = False
+        self.tunnel = False
 
     @property
     def last_activity(self) -> float:
@@ -232,6 +272,10 @@ class H2ServerStream:
         h = headers._h
         cfg = self.cfg
         code = headers.status
+        if code == 101 and self.extended:
+            # RFC 8441 5: the upstream's 101 Switching Protocols is a 200 on an HTTP/2 stream
+            # (its upgrade / connection headers are connection-specific and dropped below).
+            code = 200
         status = _STATUS_BYTES.get(code) or str(code).encode()
         out = [(b":status", status)]
         server_mode = cfg.server_header_transformation
@@ -285,11 +329,25 @@ class H2ServerStream:
         self.conn.flush()
 
     def start_tunnel(self) -> None:
-        # Upgrades and CONNECT are not carried over HTTP/2 (RFC 8441 is not implemented).
-        return
+        self.tunnel = True
 
     def encode_tunnel(self, data: bytes, end_stream: bool) -> None:
-        return
+        """Upstream tunnel bytes as DATA; ``end_stream`` (the upstream half-closed) is
+        END_STREAM. Beyond the client's windows the codec queues them; above ``_HIGH_WATER``
+        the upstream's reads are paused until WRITABLE."""
+        if self.closed:
+            return
+        conn = self.conn
+        codec = conn.codec
+        codec.send_data(self.sid, data, end_stream)
+        if end_stream:
+            self._response_ended()
+        elif not self.window_paused and codec.pending(self.sid) > _HIGH_WATER:
+            self.window_paused = True
+            s = self.stream
+            if s is not None:
+                s.on_write_paused()
+        conn.flush()
 
     def stream_ended(self) -> None:
         self.stream = None
@@ -329,6 +387,8 @@ class H2ServerStream:
         self.resp_ended = True
         conn = self.conn
         if not self.req_ended:
+            if self.tunnel:
+                return  # a half-closed tunnel: the client may still send (its END_STREAM ends it)
             if conn.codec.pending(self.sid):
                 return  # the queued data goes first; WRITABLE finishes the stream
             # The client is still sending a body nobody reads: stop it (RFC 9113 8.1).
@@ -365,6 +425,7 @@ class Http2ServerConnection(asyncio.Protocol):
         self.loop = asyncio.get_event_loop()
         self.transport: Any = None
         self.codec = http2_backends.Codec(False, getattr(cfg, "http2_options", None))
+        self.allow_connect = self.codec.options.allow_connect
         self.streams: dict[int, H2ServerStream] = {}
         self.stats = cfg.stats
         self.stats_h2 = _stats_for(cfg)
@@ -492,7 +553,7 @@ class Http2ServerConnection(asyncio.Protocol):
             self.stats.downstream_rq_4xx.value += 1
             self.codec.reset(sid, h2c.INTERNAL_ERROR)
             return
-        rh = request_headers(headers)
+        rh, extended = parse_request(headers, self.allow_connect)
         if rh is None:
             # A malformed request header block: reset the stream (RFC 9113 8.1.1).
             sh.rx_messaging_error.value += 1
@@ -503,6 +564,9 @@ class Http2ServerConnection(asyncio.Protocol):
         ss = H2ServerStream(self, sid)
         ss.req_ended = end_stream
         ss.resp_no_body = rh.method == b"HEAD"
+        if extended or rh.method == b"CONNECT":
+            ss.tunnel_req = True
+            ss.extended = extended
         self.streams[sid] = ss
         sh.streams_active.value += 1
         sh.downstream_rq_http2_total.value += 1
@@ -540,7 +604,9 @@ class Http2ServerConnection(asyncio.Protocol):
         s = ss.stream
         if end_stream:
             ss.req_ended = True
-        if data or end_stream:
+        if ss.tunnel_req:
+            s.decode_tunnel(data, end_stream)
+        elif data or end_stream:
             s.decode_data(data, end_stream)
         if ss.read_paused:
             ss.unacked += n
@@ -584,6 +650,8 @@ class Http2ServerConnection(asyncio.Protocol):
         if ss.resp_ended:
             if not self.codec.pending(sid):
                 if not ss.req_ended:
+                    if ss.tunnel:
+                        return  # half-closed tunnel: the client's END_STREAM ends the stream
                     self.codec.reset(sid, h2c.NO_ERROR)
                 ss._detach()
             return

@@ -14,7 +14,6 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2
 
 from moorline.config import ignored
-from moorline.config.errors import ConfigError
 from moorline.config.loader import load_bootstrap
 from moorline.server import Server
 from moorline.testing import procs
@@ -185,9 +184,8 @@ def test_a_compiler_notice_is_not_repeated() -> None:
     ]
 
 
-def test_connect_config_is_rejected() -> None:
-    """CONNECT termination is not implemented: ignoring connect_config would forward the CONNECT
-    request upstream instead, so the config is refused with the field's path."""
+def test_connect_config_is_compiled_not_announced() -> None:
+    """CONNECT termination (connect_config) is implemented: no notice, no error."""
     doc = _base()
     vh = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     vh["route_config"]["virtual_hosts"][0]["routes"] = [
@@ -197,10 +195,5 @@ def test_connect_config_is_rejected() -> None:
             "route": {"cluster": "c", "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}]},
         },
     ]
-    with pytest.raises(ConfigError) as ei:
-        _server(doc)
-    assert ei.value.source == "test.yaml"
-    assert ei.value.path == (
-        f"{HCM_PATH}.route_config.virtual_hosts[0].routes[1].route.upgrade_configs[0].connect_config"
-    )
-    assert "CONNECT termination is not supported" in ei.value.message
+    notices = _server(doc).ctx.notices
+    assert not [n for n in notices if "connect_config" in n.path]

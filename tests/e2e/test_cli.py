@@ -362,11 +362,14 @@ def _bad_real_configs() -> dict[str, tuple[object, list[str]]]:
     ][0]["routes"].insert(
         0,
         {
-            "match": {"connect_matcher": {}},
-            "route": {"cluster": "c", "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}]},
+            "match": {"prefix": "/ws"},
+            "route": {
+                "cluster": "c",
+                "upgrade_configs": [{"upgrade_type": "websocket", "connect_config": {}}],
+            },
         },
     )
-    out["connect_config"] = (
+    out["connect_config on websocket"] = (
         doc,
         [f"{HCM_PATH}.route_config.virtual_hosts[0].routes[0].route.upgrade_configs[0].connect_config"],
     )
