@@ -32,6 +32,7 @@ import pytest
 import websockets.asyncio.server
 import websockets.sync.client
 
+from moorline.protocol import http2_backends
 from moorline.testing import procs
 
 pytestmark = pytest.mark.e2e
@@ -314,6 +315,12 @@ def test_extended_connect_without_allow_connect_is_reset(env: Env) -> None:
         c.wait_settings()
         assert c.h2.remote_settings.get(h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL, 0) == 0
         sid = _ext_connect(c, env.plain)
+        if http2_backends.BACKEND == "nghttp2":
+            # nghttp2 rejects the unannounced :protocol as an invalid message; as Envoy does by
+            # default (stream_error_on_invalid_http_messaging false), the connection ends.
+            ev = c.until(lambda e: isinstance(e, (h2.events.ConnectionTerminated, h2.events.ResponseReceived)))
+            assert isinstance(ev, h2.events.ConnectionTerminated) and ev.error_code == 1
+            return
         ev = c.until(lambda e: isinstance(e, (h2.events.StreamReset, h2.events.ResponseReceived)))
         assert isinstance(ev, h2.events.StreamReset) and ev.stream_id == sid
         assert ev.error_code == 1  # PROTOCOL_ERROR

@@ -1,5 +1,8 @@
 """The sans-IO HTTP/2 codec: exchanges between a client and a server codec, flow control,
-GOAWAY that keeps streams in flight, and each flood protection fed the attack's frames."""
+GOAWAY that keeps streams in flight, and each flood protection fed the attack's frames.
+
+Every test runs against both backends: ``h2`` (the reference) and ``nghttp2`` (required: the
+build is part of ``make test``; without it these cases fail rather than skip)."""
 
 from __future__ import annotations
 
@@ -21,6 +24,20 @@ from hyperframe.frame import (
 
 from moorline.protocol import http2 as h2c
 from moorline.protocol.http2 import Http2Codec, Http2Error, Http2Options
+
+
+def _nghttp2() -> Any:
+    from moorline.protocol._nghttp2 import NgCodec  # type: ignore[import-not-found,unused-ignore]
+
+    return NgCodec
+
+
+@pytest.fixture(autouse=True, params=["h2", "nghttp2"])
+def backend(request: Any, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs the test with ``Http2Codec`` (the name the helpers below use) bound to one backend."""
+    if request.param == "nghttp2":
+        monkeypatch.setitem(globals(), "Http2Codec", _nghttp2())
+    return str(request.param)
 
 REQ = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", b"/p")]
 GET = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", b"/")]
@@ -307,11 +324,32 @@ def test_continuation_flood() -> None:
 
 
 def test_peer_hpack_table_size_is_capped_for_our_encoder() -> None:
+    # The peer allows a 1 GiB table; our encoder's is our memory: it stays at MAX_ENCODER_TABLE,
+    # which a decoder refusing any larger table size update checks.
+    from hpack import Decoder
+    from hyperframe.frame import Frame
+
     s, pre = raw_client()
     st = SettingsFrame(0)
     st.settings = {0x1: 2**30}  # SETTINGS_HEADER_TABLE_SIZE
-    s.receive(pre + st.serialize())
-    assert s.h2.encoder.header_table_size <= h2c.MAX_ENCODER_TABLE
+    enc = Encoder()
+    s.receive(pre + st.serialize() + headers_frame(enc, 1, GET))
+    s.data_to_send()
+    s.send_headers(1, [(b":status", b"200")] + [(b"x-h%d" % i, b"v" * 1000) for i in range(100)], True)
+    out = memoryview(s.data_to_send())
+    dec = Decoder()
+    dec.max_allowed_table_size = 2**30
+    dec.max_header_list_size = 2**20
+    block = b""
+    while out:
+        f, n = Frame.parse_frame_header(out[:9])
+        f.parse_body(out[9 : 9 + n])
+        out = out[9 + n :]
+        if isinstance(f, (HeadersFrame, ContinuationFrame)):
+            block += f.data
+    headers = dec.decode(block, raw=True)
+    assert len(headers) == 101
+    assert dec.header_table_size <= h2c.MAX_ENCODER_TABLE
 
 
 def test_our_decoder_table_is_capped_at_the_advertised_size() -> None:
@@ -337,5 +375,13 @@ def test_options_from_proto() -> None:
     p.initial_stream_window_size.value = 100
     _, err = Http2Options.from_proto(p, "x")
     assert err is not None and err[0] == "x.initial_stream_window_size"
+    from hyperframe.frame import Frame
+
     c = Http2Codec(False, o)
-    assert c.h2.local_settings.max_concurrent_streams == 7
+    c.initiate()
+    out = c.data_to_send()
+    f, n = Frame.parse_frame_header(out[:9])
+    f.parse_body(memoryview(out[9 : 9 + n]))
+    assert isinstance(f, SettingsFrame)
+    assert f.settings[SettingsFrame.MAX_CONCURRENT_STREAMS] == 7
+    assert f.settings[SettingsFrame.INITIAL_WINDOW_SIZE] == 70000
