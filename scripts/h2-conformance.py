@@ -52,6 +52,8 @@ def main(argv: list[str]) -> int:
         if args.verbose or not r.passed:
             mark = "ok  " if r.passed else "FAIL"
             print(f"{mark} {r.case.id:<18} [{r.case.section}] {r.case.desc}")
+            if args.verbose and r.reaction:
+                print(f"     reaction: {r.reaction}")
             if not r.passed:
                 print(f"     {r.detail}")
     backend = args.backend or "default"
