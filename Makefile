@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit deps venv native bench bench-smoke clean
+.PHONY: run test lint typecheck unit deps venv native bench bench-smoke conformance clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ test: deps $(STAMP) lint typecheck
 	$(MAKE) native NATIVE_FLAGS=--strict
 	MOORLINE_REQUIRE_NATIVE=1 $(BIN)/pytest -n 2 -p no:cacheprovider tests
 	MOORLINE_PURE_PYTHON=1 $(BIN)/pytest -n 2 -p no:cacheprovider tests/protocol tests/stream tests/proxy
+
+# The HTTP/2 conformance cases (moorline.testing.h2conformance) against each codec backend.
+conformance: deps $(STAMP)
+	$(BIN)/python scripts/h2-conformance.py --backend h2
+	$(BIN)/python scripts/h2-conformance.py --backend nghttp2
 
 bench: deps native
 	$(BIN)/python -m pip install -q -e '.[bench]'

@@ -44,6 +44,7 @@ NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 GRPC_UPSTREAM_KEEPALIVE = 256
 GRPC_METHOD = "/bench.Echo/Unary"
 GRPC_PAYLOAD = b"hello, world\n"  # echoed back: 13 bytes of message, as in h1-small / h2-small
+GRPC_STREAM_METHOD = "/bench.Echo/Stream"  # grpc-stream: 1,000 messages of 1 KiB per call
 
 OPENSSL = "/usr/bin/openssl"
 

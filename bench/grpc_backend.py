@@ -8,6 +8,11 @@ until stdin closes or it gets SIGTERM.
 ``python -m bench.grpc_backend check <port>``: one unary call through a proxy; exits 0 if the
 echo came back intact, 1 with the status on stderr otherwise. A child process, not a call in the
 harness, so grpcio's threads never live in the process that forks the load generators.
+
+``python -m bench.grpc_backend check-stream <port>``: one server-streaming call to
+``/bench.Echo/Stream`` (the grpc-stream scenario's backend, ``bench/grpc_stream_server.js``)
+through a proxy; exits 0 if exactly ``STREAM_MESSAGES`` messages of ``STREAM_MESSAGE_SIZE``
+bytes came back and the call ended with status OK.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from grpc import aio
 SERVICE = "bench.Echo"
 METHOD = "Unary"
 PAYLOAD = b"hello, world\n"
+STREAM_METHOD = "Stream"
+STREAM_MESSAGES = 1000
+STREAM_MESSAGE_SIZE = 1024
 
 
 def _ident(b: bytes) -> bytes:
@@ -67,13 +75,36 @@ def check(port: int) -> int:
     return 0
 
 
+def check_stream(port: int) -> int:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        call = ch.unary_stream(
+            f"/{SERVICE}/{STREAM_METHOD}", request_serializer=_ident, response_deserializer=_ident
+        )
+        sizes: list[int] = []
+        try:
+            for msg in call(b"", timeout=20):
+                sizes.append(len(msg))
+        except grpc.RpcError as exc:
+            print(
+                f"gRPC stream failed after {len(sizes)} messages: {exc.code()} {exc.details()}",
+                file=sys.stderr,
+            )
+            return 1
+    if len(sizes) != STREAM_MESSAGES or set(sizes) != {STREAM_MESSAGE_SIZE}:
+        print(f"gRPC stream: {len(sizes)} messages of sizes {sorted(set(sizes))[:5]}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["serve"]:
         asyncio.run(serve())
         return 0
     if len(argv) == 2 and argv[0] == "check":
         return check(int(argv[1]))
-    print("usage: python -m bench.grpc_backend serve | check <port>", file=sys.stderr)
+    if len(argv) == 2 and argv[0] == "check-stream":
+        return check_stream(int(argv[1]))
+    print("usage: python -m bench.grpc_backend serve | check <port> | check-stream <port>", file=sys.stderr)
     return 2
 
 

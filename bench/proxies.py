@@ -69,6 +69,7 @@ class Running:
     admin_port: int | None = None
     config_text: str = ""
     extra: dict[str, str] = field(default_factory=dict)
+    borrowed: bool = False  # "direct": the child is the backend, which this run must not stop
 
     def pids(self) -> list[int]:
         return self.child.pids()
@@ -77,6 +78,8 @@ class Running:
         return self.child.alive()
 
     def stop(self) -> None:
+        if self.borrowed:
+            return
         # nginx: SIGQUIT is its graceful stop; the others take SIGTERM.
         sig = signal.SIGQUIT if self.name.startswith("nginx") else signal.SIGTERM
         self.child.stop(sig, 5)
@@ -147,11 +150,12 @@ def h2c_get(port: int, path: str, workdir: Path, timeout: float = 10.0) -> tuple
     return version, int(code or 0), body
 
 
-def grpc_check(port: int, workdir: Path, timeout: float = 20.0) -> str | None:
-    """One gRPC unary echo through the proxy (``bench.grpc_backend check``, a child process);
-    None if it came back intact, else why not."""
+def grpc_check(port: int, workdir: Path, timeout: float = 20.0, stream: bool = False) -> str | None:
+    """One gRPC unary echo through the proxy (``bench.grpc_backend check``, a child process),
+    or with ``stream`` one server-streaming call (``check-stream``); None if it came back
+    intact, else why not."""
     res = subprocess.run(
-        [sys.executable, "-m", "bench.grpc_backend", "check", str(port)],
+        [sys.executable, "-m", "bench.grpc_backend", "check-stream" if stream else "check", str(port)],
         capture_output=True, text=True, timeout=timeout, cwd=str(workdir),
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )  # fmt: skip
@@ -235,7 +239,8 @@ def start_backend(lab: Lab) -> Backend:
 
 @dataclass
 class GrpcBackend:
-    """``python -m bench.grpc_backend serve`` on the load generator's CPU."""
+    """``python -m bench.grpc_backend serve`` (or, for grpc-stream, ``node
+    bench/grpc_stream_server.js``) on the load generator's CPU."""
 
     child: Child
     port: int
@@ -273,10 +278,41 @@ def start_grpc_backend(lab: Lab) -> GrpcBackend:
     return GrpcBackend(child, port)
 
 
+NODE = "/usr/bin/node"
+STREAM_SERVER_JS = REPO_ROOT / "bench" / "grpc_stream_server.js"
+
+
+def start_grpc_stream_backend(lab: Lab) -> GrpcBackend:
+    """The grpc-stream backend: Node's http2 answering every call with 1,000 x 1 KiB gRPC
+    messages and grpc-status 0, checked with a real grpcio streaming call."""
+    if not Path(NODE).exists():
+        raise StartError(f"{NODE} is not installed (the grpc-stream backend runs on Node's http2)")
+    child = spawn(
+        "grpc-stream-backend",
+        [NODE, str(STREAM_SERVER_JS)],
+        lab.workdir / "grpc-stream-backend",
+        cpus=lab.load_cpus,
+        pipes=True,
+    )
+    line = read_line(child, START_TIMEOUT_S)
+    if line is None or not line.startswith("READY port="):
+        tail = child.stderr_tail()
+        child.stop(signal.SIGKILL, 1)
+        raise StartError(f"gRPC stream backend did not report READY ({line!r}): {tail}")
+    port = int(line.split("=", 1)[1])
+    err = grpc_check(port, lab.workdir, stream=True)
+    if err:
+        child.stop(signal.SIGKILL, 1)
+        raise StartError(f"gRPC stream backend check failed: {err}")
+    return GrpcBackend(child, port)
+
+
 # Listener/upstream protocol of an HTTP scenario: "h1" (HTTP/1.1 both sides), "h2" (h2c prior
-# knowledge downstream, HTTP/1.1 upstream), "grpc" (h2c both sides), "tls" (HTTP/1.1 over
-# TLS 1.3 downstream, HTTP/1.1 upstream).
-MODES = ("h1", "h2", "grpc", "tls")
+# knowledge downstream, HTTP/1.1 upstream), "grpc" (h2c both sides), "grpc-stream" (h2c both
+# sides, the server-streaming backend), "tls" (HTTP/1.1 over TLS 1.3 downstream, HTTP/1.1
+# upstream).
+MODES = ("h1", "h2", "grpc", "grpc-stream", "tls")
+GRPC_MODES = ("grpc", "grpc-stream")
 
 
 def start_proxy(
@@ -290,11 +326,14 @@ def start_proxy(
     check_body: bytes | None = None,
     mode: str = "h1",
     tls: configs.TlsFiles | None = None,
+    upstream_child: Child | None = None,
 ) -> Running:
     """Start ``variant`` (see HTTP_VARIANTS / L4_VARIANTS) proxying to 127.0.0.1:upstream_port,
     pinned to the proxy CPU; for HTTP, one GET of ``check_path`` must answer 200 ``check_body``
     (this also opens the first upstream connection), over the scenario's protocol (``mode``,
-    see :data:`MODES`): h2c for ``h2``, a gRPC echo call for ``grpc``, TLS 1.3 for ``tls``."""
+    see :data:`MODES`): h2c for ``h2``, a gRPC echo call for ``grpc``, a streaming call for
+    ``grpc-stream``, TLS 1.3 for ``tls``. ``direct`` starts nothing: its port is the backend's
+    and its process ``upstream_child`` (the backend's CPU is what gets measured)."""
     if mode not in MODES:
         raise StartError(f"unknown mode {mode!r}")
     if mode == "tls" and tls is None:
@@ -314,7 +353,7 @@ def start_proxy(
                 upstream_port,
                 admin,
                 route_rules,
-                upstream_h2=mode == "grpc",
+                upstream_h2=mode in GRPC_MODES,
                 tls=tls if mode == "tls" else None,
             )
         )
@@ -345,7 +384,7 @@ def start_proxy(
         def conf(p: Path) -> str:
             if l4:
                 return configs.nginx_stream_proxy(p, port, upstream_port)
-            if mode == "grpc":
+            if mode in GRPC_MODES:
                 return configs.nginx_grpc_proxy(p, port, upstream_port)
             return configs.nginx_http_proxy(
                 p, port, upstream_port, route_rules, h2=mode == "h2", tls=tls if mode == "tls" else None
@@ -359,7 +398,7 @@ def start_proxy(
             child.stop(signal.SIGKILL, 1)
             raise StartError(f"{exc} {_error_log(prefix)}") from None
     elif variant.startswith("haproxy"):
-        bind_opts = {"h2": "proto h2", "grpc": "proto h2"}.get(mode, "")
+        bind_opts = {"h2": "proto h2", "grpc": "proto h2", "grpc-stream": "proto h2"}.get(mode, "")
         if mode == "tls":
             assert tls is not None
             bind_opts = configs.haproxy_tls_bind(tls)
@@ -371,7 +410,7 @@ def start_proxy(
                 upstream_port,
                 route_rules,
                 bind_opts=bind_opts,
-                server_opts="proto h2" if mode == "grpc" else "",
+                server_opts="proto h2" if mode in GRPC_MODES else "",
             )
         )
         d = lab.subdir(variant)
@@ -384,6 +423,15 @@ def start_proxy(
         except StartError:
             child.stop(signal.SIGKILL, 1)
             raise
+    elif variant == "direct":
+        # No proxy: the load goes straight to the backend (what the backend alone can do, so
+        # the proxies' numbers can be read against it). Nothing is started or stopped here.
+        if upstream_child is None:
+            raise StartError("direct needs the backend's process")
+        port = upstream_port
+        running = Running(
+            variant, upstream_child, port, None, "(no proxy: straight to the backend)", borrowed=True
+        )
     elif variant == "floor":
         if l4 or mode != "h1":
             raise StartError("the floor forwards HTTP/1.1 only")
@@ -398,11 +446,11 @@ def start_proxy(
             raise
     else:
         raise StartError(f"unknown proxy {variant!r}")
-    if lab.proxy_cpus:
+    if lab.proxy_cpus and not running.borrowed:
         # taskset at exec already covers threads and workers; this is the belt to its braces.
         pin_tree(running.child.pid, lab.proxy_cpus)
-    if mode == "grpc":
-        err = grpc_check(port, lab.workdir)
+    if mode in GRPC_MODES:
+        err = grpc_check(port, lab.workdir, stream=mode == "grpc-stream")
         if err:
             running.stop()
             raise StartError(f"check gRPC call failed: {err}")

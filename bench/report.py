@@ -26,6 +26,8 @@ PEERS_H1 = (*PEERS, "floor")
 PEER_LABELS = {"nginx": "nginx", "haproxy": "HAProxy", "floor": "floor", "direct": "direct"}
 # The bolt scenario compares moorline with the same load sent straight to the server.
 PEERS_BOLT = ("direct",)
+# grpc-stream also runs "direct" (the load straight to the backend: the ceiling of the setup).
+PEERS_STREAM = (*PEERS, "direct")
 FLOOR_NOTE = (
     "floor: bench/floor.py, a bare uvloop + httptools HTTP/1.1 forwarder (no routing, no stats, one"
     " upstream connection per downstream connection): moorline ÷ floor is what moorline costs above"
@@ -112,9 +114,22 @@ BOLT_METRICS = (
     Metric("cpu_us_per_req", "CPU µs/req (moorline; direct: the server)", "{:.1f}", None),
     Metric("errors", "errors", "{:,.0f}", None),
 )
+GRPC_STREAM_METRICS = (
+    Metric("msgs_per_s", "messages/s", "{:,.0f}", "higher"),
+    Metric("mib_per_s", "MiB/s", "{:,.1f}", "higher"),
+    Metric("rps", "calls/s", "{:,.1f}", "higher"),
+    Metric("p50_ms", "p50 ms/call", "{:.1f}", "lower"),
+    Metric("p99_ms", "p99 ms/call", "{:.1f}", "lower"),
+    Metric("cpu_us_per_req", "CPU µs/call (direct: the backend's)", "{:,.0f}", "lower"),
+    Metric("cpu_pct", "proxy CPU %", "{:.0f}", None),
+    Metric("peak_rss_mib", "peak RSS MiB", "{:.1f}", "lower"),
+    Metric("core_other_pct", "others on proxy core %", "{:.0f}", None),
+    Metric("load_core_busy_pct", "load core busy %", "{:.0f}", None),
+)
 METRICS_BY_KIND = {
     "http": HTTP_METRICS,
     "h2": H2_METRICS,
+    "grpc-stream": GRPC_STREAM_METRICS,
     "tls": TLS_METRICS,
     "l4": L4_METRICS,
     "idle": IDLE_METRICS,
@@ -124,13 +139,14 @@ METRICS_BY_KIND = {
     "bolt": BOLT_METRICS,
 }
 # Kinds whose table has an "errors" column (socket errors + failed requests over all runs).
-_ERROR_KINDS = ("http", "h2", "tls", "l4", "idle")
+_ERROR_KINDS = ("http", "h2", "grpc-stream", "tls", "l4", "idle")
 
 # For the chart: one "throughput" metric (higher is better) and one "cost" metric (lower is
 # better) per kind of scenario.
 CHART_METRICS = {
     "http": ("rps", "cpu_us_per_req"),
     "h2": ("rps", "cpu_us_per_req"),
+    "grpc-stream": ("msgs_per_s", "cpu_us_per_req"),
     "tls": ("rps", "cpu_us_per_req"),
     "l4": ("gbit_s", "cpu_ms_per_gb"),
     "idle": (None, "rss_per_conn_kib"),

@@ -16,6 +16,7 @@ from typing import Any
 
 from bench import configs, measure, report
 from bench.children import CLK_TCK, Child, core_ticks, cpu_seconds, hwm_kib, port_free, rss_kib, spawn
+from bench.grpc_backend import STREAM_MESSAGE_SIZE, STREAM_MESSAGES
 from bench.proxies import (
     H1_VARIANTS,
     HTTP_VARIANTS,
@@ -27,6 +28,7 @@ from bench.proxies import (
     StartError,
     start_backend,
     start_grpc_backend,
+    start_grpc_stream_backend,
     start_proxy,
     wait_moorline_ready,
 )
@@ -34,23 +36,31 @@ from moorline.testing.procs import free_port
 
 ERROR_TOLERANCE = 0.01  # a run with more socket errors + non-2xx than this share of requests failed
 
+# h2load's load in h2-small and grpc-unary: 16 connections, 10 streams in flight on each.
+H2_CLIENTS = 16
+H2_STREAMS = 10
+# grpc-stream: 8 connections x 4 calls in flight, each call 1,000 messages of 1 KiB (~1 MiB).
+STREAM_CLIENTS = 8
+STREAM_STREAMS = 4
+GRPC_HEADERS = ("content-type: application/grpc", "te: trailers")
+
 
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    kind: str  # "http", "h2" (h2load), "tls" (wrk over https), "l4", "idle", "startup"
+    kind: str  # "http", "h2" / "grpc-stream" (h2load), "tls" (wrk over https), "l4", "idle", "startup"
     description: str
     path: str = "/small"
     body: bytes = configs.BODIES["small"]
     wrk_headers: tuple[str, ...] = ()
     route_rules: bool = False
     mode: str = "h1"  # the proxy's protocols, see bench.proxies.MODES
+    clients: int = H2_CLIENTS  # h2load -c (h2load kinds)
+    streams: int = H2_STREAMS  # h2load -m
 
 
-# h2load's load in h2-small and grpc-unary: 16 connections, 10 streams in flight on each.
-H2_CLIENTS = 16
-H2_STREAMS = 10
-GRPC_HEADERS = ("content-type: application/grpc", "te: trailers")
+def h2load_kind(sc: Scenario) -> bool:
+    return sc.kind in ("h2", "grpc-stream")
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -97,6 +107,17 @@ SCENARIOS: dict[str, Scenario] = {
             path=configs.GRPC_METHOD,
             body=configs.GRPC_PAYLOAD,
             mode="grpc",
+        ),
+        Scenario(
+            "grpc-stream",
+            "grpc-stream",
+            f"gRPC server streaming, {STREAM_MESSAGES:,} messages of {STREAM_MESSAGE_SIZE} bytes per call, h2c both ways,"
+            f" {STREAM_CLIENTS} connections x {STREAM_STREAMS} calls, Node http2 backend; direct = no proxy",
+            path=configs.GRPC_STREAM_METHOD,
+            body=b"",
+            mode="grpc-stream",
+            clients=STREAM_CLIENTS,
+            streams=STREAM_STREAMS,
         ),
         Scenario(
             "tls-handshake",
@@ -177,9 +198,13 @@ class Progress:
 
 
 def _h2load_line(sc: Scenario) -> str:
-    line = f"h2load -t1 -c{H2_CLIENTS} -m{H2_STREAMS} -D <duration> --log-file <per-request log>"
+    line = f"h2load -t1 -c{sc.clients} -m{sc.streams} -D <duration> --log-file <per-request log>"
     if sc.mode == "grpc":
         line += " -d <5-byte gRPC frame header + 13 bytes>" + "".join(f" -H '{h}'" for h in GRPC_HEADERS)
+    elif sc.mode == "grpc-stream":
+        line += " -d <5-byte gRPC frame header of an empty message>" + "".join(
+            f" -H '{h}'" for h in GRPC_HEADERS
+        )
     return line
 
 
@@ -197,6 +222,10 @@ def variants_for(sc: Scenario, proxies: list[str]) -> list[str]:
         return ["moorline"] if "moorline" in proxies else []
     if sc.kind == "bolt":
         return ["moorline", "direct"] if "moorline" in proxies else []
+    if sc.kind == "grpc-stream":
+        # direct (no proxy) shows what the backend and h2load manage alone: the proxies'
+        # throughput is theirs only while it stays well below that.
+        return [v for v in (*HTTP_VARIANTS, "direct") if v == "direct" or v in proxies]
     if sc.kind == "l4":
         pool: tuple[str, ...] = L4_VARIANTS
     else:
@@ -208,6 +237,8 @@ def peers_for(sc: Scenario) -> tuple[str, ...]:
     """The peers moorline's ratios are taken against in ``sc``."""
     if sc.kind == "bolt":
         return report.PEERS_BOLT
+    if sc.kind == "grpc-stream":
+        return report.PEERS_STREAM
     return report.PEERS_H1 if floor_runs(sc) else report.PEERS
 
 
@@ -237,6 +268,7 @@ class Harness:
         self.progress = progress
         self.backend: Backend | None = None
         self.grpc_backend: GrpcBackend | None = None
+        self.stream_backend: GrpcBackend | None = None
         self.tls_files: configs.TlsFiles | None = None
 
     def close(self) -> None:
@@ -246,6 +278,9 @@ class Harness:
         if self.grpc_backend is not None:
             self.grpc_backend.stop()
             self.grpc_backend = None
+        if self.stream_backend is not None:
+            self.stream_backend.stop()
+            self.stream_backend = None
 
     def _backend(self) -> Backend:
         if self.backend is None or not self.backend.alive():
@@ -256,6 +291,11 @@ class Harness:
         if self.grpc_backend is None or not self.grpc_backend.alive():
             self.grpc_backend = start_grpc_backend(self.lab)
         return self.grpc_backend
+
+    def _stream_backend(self) -> GrpcBackend:
+        if self.stream_backend is None or not self.stream_backend.alive():
+            self.stream_backend = start_grpc_stream_backend(self.lab)
+        return self.stream_backend
 
     def _tls(self) -> configs.TlsFiles:
         """One certificate for the whole run, made on first use, served by every proxy."""
@@ -282,9 +322,9 @@ class Harness:
                 "duration_s": self.s.duration_s,
                 "warmup_s": self.s.warmup_s,
                 "wrk": "wrk -t1 -c64 --latency" if sc.kind in ("http", "tls") else None,
-                "h2load": _h2load_line(sc) if sc.kind == "h2" else None,
+                "h2load": _h2load_line(sc) if h2load_kind(sc) else None,
                 "mode": sc.mode,
-                "path": sc.path if sc.kind in ("http", "h2", "tls", "idle") else None,
+                "path": sc.path if sc.kind in ("http", "h2", "grpc-stream", "tls", "idle") else None,
                 "wrk_headers": list(sc.wrk_headers),
                 "proxy_cpus": self.lab.proxy_cpus,
                 "load_cpus": self.lab.load_cpus,
@@ -312,6 +352,7 @@ class Harness:
             runner = {
                 "http": self._http_run,
                 "h2": self._http_run,
+                "grpc-stream": self._http_run,
                 "tls": self._http_run,
                 "l4": self._l4_run,
                 "idle": self._idle_run,
@@ -382,13 +423,13 @@ class Harness:
         """One run of the scenario's load generator against the proxy on ``port``."""
         scheme = "https" if sc.mode == "tls" else "http"
         url = f"{scheme}://127.0.0.1:{port}{sc.path}"
-        if sc.kind != "h2":
+        if not h2load_kind(sc):
             work = self.lab.workdir / "wrk"
             return measure.run_wrk(url, duration_s, work, self.lab.load_cpus, headers=sc.wrk_headers)
         work = self.lab.workdir / "h2load"
         data: Path | None = None
         headers: tuple[str, ...] = ()
-        if sc.mode == "grpc":
+        if sc.mode in ("grpc", "grpc-stream"):
             data = work / "grpc-request.bin"
             work.mkdir(parents=True, exist_ok=True)
             data.write_bytes(configs.grpc_frame(sc.body))
@@ -398,14 +439,21 @@ class Harness:
             duration_s,
             work,
             self.lab.load_cpus,
-            clients=H2_CLIENTS,
-            streams=H2_STREAMS,
+            clients=sc.clients,
+            streams=sc.streams,
             data=data,
             headers=headers,
         )
 
     def _http_run(self, sc: Scenario, variant: str) -> dict[str, Any]:
-        upstream_port = self._grpc_backend().port if sc.mode == "grpc" else self._backend().port
+        upstream_child = None
+        if sc.mode == "grpc":
+            upstream_port = self._grpc_backend().port
+        elif sc.mode == "grpc-stream":
+            sb = self._stream_backend()
+            upstream_port, upstream_child = sb.port, sb.child
+        else:
+            upstream_port = self._backend().port
         p = start_proxy(
             self.lab,
             variant,
@@ -415,6 +463,7 @@ class Harness:
             check_body=sc.body,
             mode=sc.mode,
             tls=self._tls() if sc.mode == "tls" else None,
+            upstream_child=upstream_child,
         )
         try:
             if self.s.warmup_s > 0:
@@ -441,9 +490,13 @@ class Harness:
             "cpu_pct": 100.0 * cpu / (t1 - t0),
             "peak_rss_mib": peak / 1024.0,
             **other,
-            ("h2load_output" if sc.kind == "h2" else "wrk_output"): raw,
+            ("h2load_output" if h2load_kind(sc) else "wrk_output"): raw,
             "config": p.config_text,
         }
+        if sc.kind == "grpc-stream":
+            # One "request" is one call of STREAM_MESSAGES messages.
+            sample["msgs_per_s"] = res.rps * STREAM_MESSAGES
+            sample["mib_per_s"] = res.rps * STREAM_MESSAGES * STREAM_MESSAGE_SIZE / 2**20
         if not ok:
             sample["error"] = (
                 "proxy died during the run"

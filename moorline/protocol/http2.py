@@ -103,8 +103,10 @@ MALFORMED = 9
 NO_ERROR = 0
 PROTOCOL_ERROR = 1
 INTERNAL_ERROR = 2
+FRAME_SIZE_ERROR = 6
 REFUSED_STREAM = 7
 CANCEL = 8
+COMPRESSION_ERROR = 9
 ENHANCE_YOUR_CALM = 11
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -234,6 +236,18 @@ class Http2Options:
         if proto.allow_connect:
             o.allow_connect = True
         return o, None
+
+
+def _rfc_error_code(e: ProtocolError) -> int | None:
+    """The error code RFC 9113 names where h2 answers PROTOCOL_ERROR: a field block that does
+    not decode is a COMPRESSION_ERROR (4.3), a SETTINGS ACK with a payload a FRAME_SIZE_ERROR
+    (6.5)."""
+    if str(e).startswith("Error decoding header block"):
+        return COMPRESSION_ERROR
+    cause = e.__cause__
+    if cause is not None and "SETTINGS ack" in str(cause):
+        return FRAME_SIZE_ERROR
+    return None
 
 
 class _KeepOpenStateMachine(H2ConnectionStateMachine):
@@ -369,7 +383,11 @@ class Http2Codec:
         except ProtocolError as e:
             msg = str(e)
             stat = "too_many_header_frames" if "continuation" in msg.lower() else "rx_messaging_error"
-            raise Http2Error(int(getattr(e, "error_code", PROTOCOL_ERROR)), msg, stat) from None
+            code = int(getattr(e, "error_code", PROTOCOL_ERROR))
+            right = _rfc_error_code(e)
+            if right is not None and right != code and self._recode_goaway(code, right):
+                code = right
+            raise Http2Error(code, msg, stat) from None
         out: list[tuple[Any, ...]] = []
         if not raw:
             return out
@@ -489,6 +507,14 @@ class Http2Codec:
                 self.goaway(ENHANCE_YOUR_CALM)
                 raise Http2Error(ENHANCE_YOUR_CALM, "too many premature resets", "too_many_premature_resets")
         return out
+
+    def _recode_goaway(self, old: int, new: int) -> bool:
+        """h2 has just queued GOAWAY ``old`` as the last frame; make its error code ``new``."""
+        buf = self.h2._data_to_send
+        if len(buf) < 17 or buf[-14] != 0x7 or int.from_bytes(buf[-4:], "big") != old:
+            return False
+        buf[-4:] = new.to_bytes(4, "big")
+        return True
 
     def ack(self, sid: int, n: int) -> None:
         """``n`` flow-controlled bytes of ``sid`` were consumed: let the peer send more."""

@@ -38,6 +38,7 @@ REQUIRED_PEERS: dict[str, tuple[str, str]] = {
     "wrk": ("/usr/bin/wrk", "wrk"),
     "iperf3": ("/usr/bin/iperf3", "iperf3"),
     "h2load": ("/usr/bin/h2load", "nghttp2-client"),
+    "nghttp": ("/usr/bin/nghttp", "nghttp2-client"),
     "curl": ("/usr/bin/curl", "curl"),
     "openssl": ("/usr/bin/openssl", "openssl"),
     "redis-server": ("/usr/bin/redis-server", "redis-server"),

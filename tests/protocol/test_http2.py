@@ -385,3 +385,47 @@ def test_options_from_proto() -> None:
     assert isinstance(f, SettingsFrame)
     assert f.settings[SettingsFrame.MAX_CONCURRENT_STREAMS] == 7
     assert f.settings[SettingsFrame.INITIAL_WINDOW_SIZE] == 70000
+
+
+def _goaway_code(data: bytes) -> int | None:
+    """The error code of the last GOAWAY frame in ``data`` (frames from one codec)."""
+    code = None
+    off = 0
+    while off + 9 <= len(data):
+        n = int.from_bytes(data[off : off + 3], "big")
+        if data[off + 3] == 0x7:
+            code = int.from_bytes(data[off + 13 : off + 17], "big")
+        off += 9 + n
+    return code
+
+
+def test_a_field_block_that_does_not_decode_is_a_compression_error() -> None:
+    # RFC 9113 4.3: COMPRESSION_ERROR, where h2 itself answers PROTOCOL_ERROR.
+    s, pre = raw_client()
+    f = HeadersFrame(1)
+    f.data = b"\x82\x86\x84\xc6"  # index 70: past the static table, the dynamic one is empty
+    f.flags.add("END_HEADERS")
+    f.flags.add("END_STREAM")
+    with pytest.raises(Http2Error) as ei:
+        s.receive(pre + f.serialize())
+    assert ei.value.code == h2c.COMPRESSION_ERROR
+    assert _goaway_code(s.data_to_send()) == h2c.COMPRESSION_ERROR
+
+
+def test_a_settings_ack_with_a_payload_is_a_frame_size_error() -> None:
+    # RFC 9113 6.5: FRAME_SIZE_ERROR, where h2 itself answers PROTOCOL_ERROR.
+    s, pre = raw_client()
+    ack = b"\x00\x00\x06\x04\x01\x00\x00\x00\x00" + b"\x00\x02\x00\x00\x00\x00"
+    with pytest.raises(Http2Error) as ei:
+        s.receive(pre + ack)
+    assert ei.value.code == h2c.FRAME_SIZE_ERROR
+    assert _goaway_code(s.data_to_send()) == h2c.FRAME_SIZE_ERROR
+
+
+def test_other_protocol_errors_keep_h2s_code() -> None:
+    s, pre = raw_client()
+    ping_on_stream = b"\x00\x00\x08\x06\x00\x00\x00\x00\x01" + b"\x00" * 8
+    with pytest.raises(Http2Error) as ei:
+        s.receive(pre + ping_on_stream)
+    assert ei.value.code == h2c.PROTOCOL_ERROR
+    assert _goaway_code(s.data_to_send()) == h2c.PROTOCOL_ERROR
