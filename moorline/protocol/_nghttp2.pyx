@@ -305,7 +305,6 @@ cdef class NgCodec:
         nghttp2_option_new(&opt)
         nghttp2_option_set_no_auto_window_update(opt, 1)
         nghttp2_option_set_max_deflate_dynamic_table_size(opt, MAX_ENCODER_TABLE)
-        nghttp2_option_set_no_closed_streams(opt, 1)
         # What the glue sends is bounded by moorline's own header limits; nghttp2's 64 KiB default
         # would turn a large (but accepted) upstream response head into a reset.
         nghttp2_option_set_max_send_header_block_length(opt, 1 << 20)

@@ -37,9 +37,11 @@ the producer (its bound is the glue's high-water mark plus one producer read).
 Protections (each raises ``Http2Error`` with the GOAWAY already queued, and names the Envoy
 ``http2.*`` stat to count):
 
-- header blocks: at most ``max_header_list_size`` decoded bytes (h2/hpack
-  ``OversizedHeaderListError`` -> ``header_overflow``) and at most 64 CONTINUATION frames of at
-  most ``max_frame_size`` bytes (h2's frame buffer -> ``too_many_header_frames``);
+- header blocks: one that decodes past ``max_header_list_size`` resets its stream alone
+  (``OVERSIZED``, INTERNAL_ERROR, as Envoy's codec does); past ``hard_header_cap`` of that
+  (an HPACK bomb: h2/hpack ``OversizedHeaderListError``) the connection ends
+  (``header_overflow``); at most 64 CONTINUATION frames of at most ``max_frame_size`` bytes
+  (h2's frame buffer -> ``too_many_header_frames``);
 - HPACK: the decoder's dynamic table is capped at our advertised ``header_table_size``; the
   encoder's at ``MAX_ENCODER_TABLE`` whatever the peer allows (its memory is ours);
 - control frame floods (PING, SETTINGS, RST answers): more than ``max_outbound_control_frames``
@@ -115,6 +117,20 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_ENCODER_TABLE = 64 * 1024
 _MAX_WINDOW = 2**31 - 1
 _DEFAULT_WINDOW = 65535
+
+
+def hard_header_cap(limit: int) -> int:
+    """Decoded header bytes past which a block is a bomb, not a large request: the connection
+    ends instead of the stream (4x the limit, at least 256 KiB)."""
+    return max(4 * limit, 256 * 1024)
+
+
+def _list_size(headers: list[tuple[bytes, bytes]]) -> int:
+    # RFC 9113 6.5.2's SETTINGS_MAX_HEADER_LIST_SIZE accounting: name + value + 32 per field.
+    n = 32 * len(headers)
+    for k, v in headers:
+        n += len(k) + len(v)
+    return n
 
 
 class Http2Error(Exception):
@@ -303,7 +319,9 @@ class Http2Codec:
         h.local_settings = Settings(client=client_side, initial_values=initial)
         # Settings given as initial values are never "acknowledged" in h2: apply them to the
         # decoder and frame buffer now.
-        h.decoder.max_header_list_size = o.max_header_list_size
+        # The decoder stops only a bomb; a block past the limit but under this costs its stream.
+        self._header_limit = o.max_header_list_size
+        h.decoder.max_header_list_size = hard_header_cap(o.max_header_list_size)
         h.decoder.max_allowed_table_size = o.header_table_size
         h.max_inbound_frame_size = o.max_frame_size
         self._out: dict[int, _Out] = {}
@@ -434,6 +452,9 @@ class Http2Codec:
                     self.closed_streams += 1
                     self.premature_resets += 1
                     continue
+                if _list_size(ev.headers) > self._header_limit:
+                    reset_now = self._oversized(sid, out, reset_now)
+                    continue
                 if len(open_local) >= self.options.max_concurrent_streams:
                     h.reset_stream(sid, REFUSED_STREAM)
                     if reset_now is None:
@@ -443,8 +464,16 @@ class Http2Codec:
                 open_local.add(sid)
                 out.append((HEADERS, sid, ev.headers, ev.stream_ended is not None))
             elif t is ResponseReceived:
+                if _list_size(ev.headers) > self._header_limit:
+                    reset_now = self._oversized(ev.stream_id, out, reset_now)
+                    continue
                 out.append((HEADERS, ev.stream_id, ev.headers, ev.stream_ended is not None))
             elif t is TrailersReceived:
+                if reset_now is not None and ev.stream_id in reset_now:
+                    continue
+                if _list_size(ev.headers) > self._header_limit:
+                    reset_now = self._oversized(ev.stream_id, out, reset_now)
+                    continue
                 out.append((TRAILERS, ev.stream_id, ev.headers))
             elif t is InformationalResponseReceived:
                 out.append((INFORMATIONAL, ev.stream_id, ev.headers))
@@ -515,6 +544,21 @@ class Http2Codec:
             return False
         buf[-4:] = new.to_bytes(4, "big")
         return True
+
+    def _oversized(self, sid: int, out: list[tuple[Any, ...]], reset_now: set[int] | None) -> set[int]:
+        """Reset ``sid`` (its header block is past the limit); its later frames are dropped."""
+        self._open_local.discard(sid)
+        self._out.pop(sid, None)
+        self.ctrl_queued += 1
+        try:
+            self.h2.reset_stream(sid, INTERNAL_ERROR)
+        except (StreamClosedError, ProtocolError, KeyError):
+            pass
+        out.append((OVERSIZED, sid))
+        if reset_now is None:
+            reset_now = set()
+        reset_now.add(sid)
+        return reset_now
 
     def ack(self, sid: int, n: int) -> None:
         """``n`` flow-controlled bytes of ``sid`` were consumed: let the peer send more."""

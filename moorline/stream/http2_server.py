@@ -486,7 +486,9 @@ class Http2ServerConnection(asyncio.Protocol):
                 elif kind == h2c.WRITABLE:
                     self._on_writable(ev[1])
                 elif kind == h2c.GOAWAY:
-                    self.goaway_sent = True  # the client leaves: finish what is in flight, then close
+                    # The client will open no more streams; as Envoy does, nothing else changes
+                    # (RFC 9113 6.8: the connection stays until it closes it or an idle timeout).
+                    pass
                 elif kind == h2c.OVERSIZED:
                     self._on_oversized()
                 elif kind == h2c.MALFORMED:

@@ -298,16 +298,46 @@ def test_flood_limits_from_proto() -> None:
     assert err == ("h2.max_inbound_window_update_frames_per_data_frame_sent", "must be at least 1")
 
 
-def test_oversized_header_list() -> None:
+def test_oversized_header_list_resets_only_its_stream(backend: str) -> None:
+    # Past max_header_list_size the stream is reset (INTERNAL_ERROR, OVERSIZED for the glue's
+    # http2.header_overflow), the HPACK state stays right and the next request is served.
     s = Http2Codec(False, Http2Options(max_header_list_size=8 * 1024))
     s.initiate()
     s.data_to_send()
     enc = Encoder()
     big = GET + [(b"x-big-%d" % i, b"v" * 600) for i in range(20)]  # 12 KB, one frame
-    with pytest.raises(Http2Error) as ei:
-        s.receive(h2c.PREFACE + SettingsFrame(0).serialize() + headers_frame(enc, 1, big))
-    assert ei.value.stat == "header_overflow"
-    assert ei.value.code == h2c.ENHANCE_YOUR_CALM
+    ev = s.receive(h2c.PREFACE + SettingsFrame(0).serialize() + headers_frame(enc, 1, big))
+    assert kinds(ev, h2c.OVERSIZED) == [(h2c.OVERSIZED, 1)]
+    assert kinds(ev, h2c.HEADERS) == []
+    out = s.data_to_send()
+    assert RstStreamFrame(1, error_code=h2c.INTERNAL_ERROR).serialize() in out
+    ev = s.receive(headers_frame(enc, 3, GET + [(b"x-big-0", b"v" * 600)]))
+    assert [e[1] for e in kinds(ev, h2c.HEADERS)] == [3]
+
+
+def test_a_header_block_far_past_the_limit_ends_the_connection_on_h2(backend: str) -> None:
+    # The h2 backend's decoder stops a bomb at hard_header_cap; nghttp2 decodes without keeping
+    # what it does not hand over, so there the stream alone is reset.
+    s = Http2Codec(False, Http2Options(max_header_list_size=8 * 1024))
+    s.initiate()
+    s.data_to_send()
+    enc = Encoder()
+    f = HeadersFrame(1)
+    f.data = enc.encode(GET + [(b"x-big-%d" % i, b"v" * 1000) for i in range(300)])  # 300 KB
+    f.flags.add("END_HEADERS")
+    f.flags.add("END_STREAM")
+    settings = SettingsFrame(0)
+    settings.settings = {SettingsFrame.MAX_FRAME_SIZE: 1 << 20}
+    data = h2c.PREFACE + settings.serialize() + f.serialize()
+    if backend == "h2":
+        s.h2.max_inbound_frame_size = 1 << 20
+        with pytest.raises(Http2Error) as ei:
+            s.receive(data)
+        assert ei.value.stat == "header_overflow"
+    else:
+        with pytest.raises(Http2Error) as ei:  # one 300 KB frame is past our max_frame_size
+            s.receive(data)
+        assert ei.value.code == h2c.FRAME_SIZE_ERROR
 
 
 def test_continuation_flood() -> None:
