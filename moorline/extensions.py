@@ -17,6 +17,7 @@ def register_builtin() -> None:
     import moorline.filters.http.cors
     import moorline.filters.http.ext_authz
     import moorline.filters.http.fault
+    import moorline.filters.http.grpc_web
     import moorline.filters.http.health_check
     import moorline.filters.http.local_ratelimit
     import moorline.filters.http.ratelimit

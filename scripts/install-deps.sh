@@ -5,7 +5,8 @@
 # REDIRECT rules in a network namespace of their own: both the nft and the legacy backend work
 # there, tests/net/test_original_dst_netns.py takes whichever `iptables` is); nodejs and npm for
 # the real SOFARPC (Bolt) peers, sofa-rpc-node, whose npm packages are then installed from
-# tests/rpc/node/package-lock.json (moorline/testing/sofa.py drives them).
+# tests/rpc/node/package-lock.json (moorline/testing/sofa.py drives them), and for the npm grpc-web
+# client (tests/filters/grpc_web_node/package-lock.json, tests/filters/test_grpc_web_e2e.py).
 # Idempotent: does nothing when all are present.
 set -euo pipefail
 need=()
@@ -46,16 +47,19 @@ apt_install() {
 }
 apt_install
 
-# The SOFARPC peers' npm packages, exactly as the lock file pins them; redone only when the lock
+# The npm test peers, exactly as their lock files pin them: the SOFARPC peers (tests/rpc/node) and
+# the grpc-web browser client runtime (tests/filters/grpc_web_node); each redone only when its lock
 # file is newer than the installed tree (npm writes node_modules/.package-lock.json).
-NODE_DIR="$(cd "$(dirname "$0")/.." && pwd)/tests/rpc/node"
-if command -v npm >/dev/null; then
-  if [ ! -e "$NODE_DIR/node_modules/.package-lock.json" ] \
-     || [ "$NODE_DIR/package-lock.json" -nt "$NODE_DIR/node_modules/.package-lock.json" ]; then
-    echo "install-deps: npm ci in $NODE_DIR" >&2
-    (cd "$NODE_DIR" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+for NODE_DIR in "$ROOT/tests/rpc/node" "$ROOT/tests/filters/grpc_web_node"; do
+  if command -v npm >/dev/null; then
+    if [ ! -e "$NODE_DIR/node_modules/.package-lock.json" ] \
+       || [ "$NODE_DIR/package-lock.json" -nt "$NODE_DIR/node_modules/.package-lock.json" ]; then
+      echo "install-deps: npm ci in $NODE_DIR" >&2
+      (cd "$NODE_DIR" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+    fi
+  else
+    echo "install-deps: npm missing; the tests driving $NODE_DIR will fail" >&2
   fi
-else
-  echo "install-deps: npm missing; the SOFARPC tests will fail" >&2
-fi
+done
 exit 0

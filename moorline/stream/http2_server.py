@@ -321,7 +321,13 @@ class H2ServerStream:
         if self.closed:
             return
         conn = self.conn
-        conn.codec.send_trailers(self.sid, [p for p in trailers._h if p[0] not in _CONN_SPECIFIC])
+        fields = [p for p in trailers._h if p[0] not in _CONN_SPECIFIC]
+        if fields:
+            conn.codec.send_trailers(self.sid, fields)
+        else:
+            # A filter moved the trailers into the body (gRPC-Web): an empty trailer block is no
+            # HEADERS frame, so the body ends with an empty DATA frame, as Envoy's codec does.
+            conn.codec.send_data(self.sid, b"", True)
         self._response_ended()
         conn.flush()
 
