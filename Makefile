@@ -33,12 +33,17 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# The whole suite on the compiled parsers (required: a build failure fails the run), then the
-# codec, stream and proxy tests again on the pure-Python reference parsers.
+# The whole suite on the compiled modules (required: a build failure fails the run; HTTP/2 runs
+# on libnghttp2), then the codec, stream, proxy and HTTP/2 end-to-end tests (conformance,
+# gRPC, gRPC-Web, CONNECT) again on the pure-Python references: the HTTP/1.1 parsers and
+# the h2 backend.
+H2_E2E := tests/conformance tests/e2e/test_h2_e2e.py tests/e2e/test_h2_connect.py \
+	tests/e2e/test_grpc_e2e.py tests/e2e/test_tls_h2_e2e.py tests/e2e/test_probe_findings.py \
+	tests/filters/test_grpc_web_e2e.py
 test: deps $(STAMP) lint typecheck
 	$(MAKE) native NATIVE_FLAGS=--strict
 	MOORLINE_REQUIRE_NATIVE=1 $(BIN)/pytest -n 2 -p no:cacheprovider tests
-	MOORLINE_PURE_PYTHON=1 $(BIN)/pytest -n 2 -p no:cacheprovider tests/protocol tests/stream tests/proxy
+	MOORLINE_PURE_PYTHON=1 $(BIN)/pytest -n 2 -p no:cacheprovider tests/protocol tests/stream tests/proxy $(H2_E2E)
 
 # The HTTP/2 conformance cases (moorline.testing.h2conformance) against each codec backend.
 conformance: deps $(STAMP)

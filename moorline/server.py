@@ -18,7 +18,7 @@ from moorline.config.ignored import check_bootstrap_fields
 from moorline.config.util import addr_str, address_of
 from moorline.extensions import register_builtin
 from moorline.observability.stats import Store
-from moorline.protocol import http1
+from moorline.protocol import http1, http2_backends
 from moorline.stream import builtin_codecs
 
 # The "moorline" logger itself prints as [main] (Envoy's component); a "moorline.main" child
@@ -287,9 +287,10 @@ class Server:
         gc.set_threshold(int(os.environ.get("MOORLINE_GC_GEN0", "20000")), 50, 100)
         uptime_task = loop.create_task(self._tick())
         log.info(
-            "moorline %s ready (HTTP/1.1 parsers: %s)",
+            "moorline %s ready (HTTP/1.1 parsers: %s; HTTP/2 codec: %s)",
             __version__,
             "compiled, llhttp" if http1.NATIVE else "pure Python on httptools",
+            "libnghttp2" if http2_backends.BACKEND == "nghttp2" else "pure Python h2",
         )
         await self._stop.wait()
         uptime_task.cancel()

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the tests and benchmarks drive (real peers: nginx, HAProxy, wrk,
+# Installs the Debian packages the tests and benchmarks drive (libnghttp2-dev: the header the
+# HTTP/2 codec on libnghttp2 is compiled against; real peers: nginx, HAProxy, wrk,
 # iperf3, h2load, curl, openssl; redis-server behind the Redis-backed test rate limit service,
 # moorline/testing/rls_server.py; iptables for the transparent-interception tests, which install
 # REDIRECT rules in a network namespace of their own: both the nft and the legacy backend work
@@ -14,7 +15,7 @@ for pair in nginx:/usr/sbin/nginx haproxy:/usr/sbin/haproxy wrk:/usr/bin/wrk ipe
             nghttp2-client:/usr/bin/h2load curl:/usr/bin/curl openssl:/usr/bin/openssl \
             libnginx-mod-stream:/usr/lib/nginx/modules/ngx_stream_module.so \
             iptables:/usr/sbin/iptables redis-server:/usr/bin/redis-server \
-            nodejs:/usr/bin/node npm:/usr/bin/npm; do
+            nodejs:/usr/bin/node npm:/usr/bin/npm libnghttp2-dev:/usr/include/nghttp2/nghttp2.h; do
   pkg=${pair%%:*}; bin=${pair#*:}
   [ -e "$bin" ] || need+=("$pkg")
 done

@@ -318,7 +318,9 @@ def test_extended_connect_without_allow_connect_is_reset(env: Env) -> None:
         if http2_backends.BACKEND == "nghttp2":
             # nghttp2 rejects the unannounced :protocol as an invalid message; as Envoy does by
             # default (stream_error_on_invalid_http_messaging false), the connection ends.
-            ev = c.until(lambda e: isinstance(e, (h2.events.ConnectionTerminated, h2.events.ResponseReceived)))
+            ev = c.until(
+                lambda e: isinstance(e, (h2.events.ConnectionTerminated, h2.events.ResponseReceived))
+            )
             assert isinstance(ev, h2.events.ConnectionTerminated) and ev.error_code == 1
             return
         ev = c.until(lambda e: isinstance(e, (h2.events.StreamReset, h2.events.ResponseReceived)))

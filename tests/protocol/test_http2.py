@@ -39,6 +39,7 @@ def backend(request: Any, monkeypatch: pytest.MonkeyPatch) -> str:
         monkeypatch.setitem(globals(), "Http2Codec", _nghttp2())
     return str(request.param)
 
+
 REQ = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", b"/p")]
 GET = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", b"/")]
 
