@@ -905,7 +905,7 @@ class H2Client(_H2Peer):
         self._receive()
         for ev in self.events:
             if isinstance(ev, h2.events.ConnectionTerminated):
-                return int(ev.error_code)
+                return int(ev.error_code or 0)
         return None
 
 

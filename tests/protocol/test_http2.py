@@ -312,7 +312,7 @@ def test_oversized_header_list_resets_only_its_stream(backend: str) -> None:
     assert kinds(ev, h2c.HEADERS) == []
     out = s.data_to_send()
     assert RstStreamFrame(1, error_code=h2c.INTERNAL_ERROR).serialize() in out
-    ev = s.receive(headers_frame(enc, 3, GET + [(b"x-big-0", b"v" * 600)]))
+    ev = s.receive(headers_frame(enc, 3, [*GET, (b"x-big-0", b"v" * 600)]))
     assert [e[1] for e in kinds(ev, h2c.HEADERS)] == [3]
 
 
