@@ -365,6 +365,8 @@ def start_proxy(
             # after comparisons of a change, same machine, same peers).
             "PYTHONPATH": os.environ.get("MOORLINE_BENCH_SRC") or str(REPO_ROOT),
             "MOORLINE_NO_SPLICE": "1" if variant == "moorline-copy" else "0",
+            # moorline-h2: HTTP/2 on the pure-Python h2 backend (the reference, and the "before").
+            "MOORLINE_HTTP2_BACKEND": "h2" if variant == "moorline-h2" else "",
         }
         argv = [sys.executable, "-m", "moorline", "run", "-c", str(cfg), "--log-level", "warning"]
         child = spawn(variant, argv, d, cpus=lab.proxy_cpus, env=env)

@@ -218,6 +218,15 @@ def floor_runs(sc: Scenario) -> bool:
 
 
 def variants_for(sc: Scenario, proxies: list[str]) -> list[str]:
+    """The variants one scenario runs; HTTP/2 scenarios run moorline on both codec backends
+    (``moorline``: libnghttp2 when built, ``moorline-h2``: the pure-Python h2 reference)."""
+    out = _variants(sc, proxies)
+    if sc.mode in ("h2", "grpc", "grpc-stream") and "moorline" in out:
+        out.insert(out.index("moorline") + 1, "moorline-h2")
+    return out
+
+
+def _variants(sc: Scenario, proxies: list[str]) -> list[str]:
     if sc.kind in ("startup", "xds"):
         return ["moorline"] if "moorline" in proxies else []
     if sc.kind == "bolt":

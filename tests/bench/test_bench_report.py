@@ -231,6 +231,17 @@ def test_floor_runs_in_the_http1_scenarios_only() -> None:
     assert variants_for(SCENARIOS["h1-small"], ["floor", "moorline"]) == ["moorline", "floor"]
 
 
+def test_http2_scenarios_run_moorline_on_both_codec_backends() -> None:
+    from bench.scenarios import SCENARIOS, variants_for
+
+    everyone = ["moorline", "nginx", "haproxy", "floor"]
+    for name in ("h2-small", "grpc-unary"):
+        assert variants_for(SCENARIOS[name], everyone) == ["moorline", "moorline-h2", "nginx", "haproxy"]
+    assert "moorline-h2" in variants_for(SCENARIOS["grpc-stream"], everyone)
+    assert "moorline-h2" not in variants_for(SCENARIOS["h1-small"], everyone)
+    assert variants_for(SCENARIOS["h2-small"], ["nginx"]) == ["nginx"]
+
+
 def test_floor_command_line_and_config_text() -> None:
     argv = configs.floor_argv("/py", 1000, 2000)
     assert argv == ["/py", "-m", "bench.floor", "--listen", "127.0.0.1:1000", "--to", "127.0.0.1:2000"]
