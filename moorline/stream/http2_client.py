@@ -341,6 +341,19 @@ class Http2ClientConnection(asyncio.Protocol):
                             s.req.on_upstream_write_resumed()
                 elif kind == h2c.GOAWAY:
                     self._on_goaway(ev[1])
+                elif kind == h2c.INVALID:
+                    # An invalid response on this stream (stream_error_on_invalid_http_messaging):
+                    # the codec reset it; the request fails as on a malformed :status.
+                    s = streams.get(ev[1])
+                    if s is None:
+                        continue
+                    req = s.req
+                    s.req = None
+                    s.remote_end = True
+                    s._detach()
+                    touched.pop(ev[1], None)
+                    if req is not None:
+                        req.on_upstream_reset(ResetReason.PROTOCOL_ERROR, ev[2])
                 elif kind == h2c.SETTINGS:
                     settings = True
         finally:
@@ -404,12 +417,22 @@ class Http2ClientConnection(asyncio.Protocol):
     def flush(self) -> None:
         if self.in_batch or self.transport is None or self.closed:
             return
-        data = self.codec.data_to_send()
+        codec = self.codec
+        data = codec.data_to_send()
         if data:
             self.stats.upstream_cx_tx_bytes_total.value += len(data)
             self.transport.write(data)
+        if codec.error is not None:
+            # Past max_outbound_frames while the upstream did not read: GOAWAY written, the
+            # connection ends and its requests fail.
+            e = codec.error
+            codec.error = None
+            self.stats.upstream_cx_protocol_error.value += 1
+            self._fail_all(ResetReason.PROTOCOL_ERROR, e.detail)
+            self.close()
+            return
         if not self.write_paused:
-            self.codec.flushed()
+            codec.flushed()
 
     def close(self) -> None:
         if not self.closed:
