@@ -120,6 +120,7 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_ENCODER_TABLE = 64 * 1024
 _MAX_WINDOW = 2**31 - 1
 _DEFAULT_WINDOW = 65535
+_INITIAL_PEER_STREAMS = 100
 
 
 class Http2Error(Exception):
@@ -406,6 +407,7 @@ class Http2Codec:
         # Set when frames produced by ``send_*`` passed an outbound limit (see ``data_to_send``).
         self.error: Http2Error | None = None
         self._flooded = False
+        self._peer_settings = False
         self.closed_streams = 0
         self.premature_resets = 0
         self._empty_run = 0
@@ -474,7 +476,11 @@ class Http2Codec:
 
     @property
     def peer_max_concurrent_streams(self) -> int:
-        return int(self.h2.remote_settings.max_concurrent_streams)
+        """The peer's SETTINGS_MAX_CONCURRENT_STREAMS; 100 until its first SETTINGS arrived
+        (nghttp2's default for the peer's limit), so a new connection is not handed more streams
+        than a typical server takes before it has spoken."""
+        v = int(self.h2.remote_settings.max_concurrent_streams)
+        return v if self._peer_settings else min(v, _INITIAL_PEER_STREAMS)
 
     @property
     def open_outbound_streams(self) -> int:
@@ -592,6 +598,7 @@ class Http2Codec:
             elif t is PriorityUpdated:
                 self._prio_frames += 1
             elif t is RemoteSettingsChanged:
+                self._peer_settings = True
                 if SettingCodes.HEADER_TABLE_SIZE in ev.changed_settings:
                     enc = h.encoder
                     if enc.header_table_size > MAX_ENCODER_TABLE:

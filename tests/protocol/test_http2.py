@@ -544,3 +544,13 @@ def test_stream_error_option_precedence() -> None:
         Http2Options.from_proto(None, "h2", hcm_stream_error=True)[0].stream_error_on_invalid_http_messaging
         is True
     )
+
+
+def test_peer_stream_limit_is_100_until_its_settings_arrive() -> None:
+    c = Http2Codec(True)
+    c.initiate()
+    assert c.peer_max_concurrent_streams == 100
+    s = Http2Codec(False, Http2Options(max_concurrent_streams=250))
+    s.initiate()
+    c.receive(s.data_to_send())
+    assert c.peer_max_concurrent_streams == 250
