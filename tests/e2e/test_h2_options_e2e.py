@@ -282,3 +282,37 @@ def test_upstream_goaway_drains_and_is_replaced_without_failures(env: Env) -> No
     assert env.proc.stat("cluster.ngx.http2.goaway_received") >= cx - 4
     assert env.proc.stat("cluster.ngx.upstream_rq_5xx") == 0
     assert "Traceback" not in env.proc.stderr_text()
+
+
+def test_rst_answers_to_a_client_that_does_not_read(env: Env) -> None:
+    # Issue 11's probe: empty DATA frames on a stream the client reset, each answered with
+    # RST_STREAM, and a client that never reads (3 million frames were accepted, RSS +33 MB).
+    # Envoy's max_outbound_control_frames (1000) must end the connection.
+    from hpack import Encoder
+    from hyperframe.frame import DataFrame, HeadersFrame, RstStreamFrame, SettingsFrame
+
+    from moorline.protocol.http2 import PREFACE
+
+    before = env.proc.stat("http2.outbound_control_flood")
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the answers fill it at once
+    s.settimeout(10)
+    s.connect(("127.0.0.1", env.default_port))
+    h = HeadersFrame(1)
+    h.data = Encoder().encode(
+        [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"t"), (b":path", b"/rec/x")]
+    )
+    h.flags.add("END_HEADERS")
+    rst = RstStreamFrame(1)
+    rst.error_code = 8
+    s.sendall(PREFACE + SettingsFrame(0).serialize() + h.serialize() + rst.serialize())
+    chunk = DataFrame(1).serialize() * 5000
+    sent = 0
+    with contextlib.suppress(OSError):
+        while sent < 3_000_000:  # the probe's count, never reading
+            s.sendall(chunk)
+            sent += 5000
+    s.close()
+    procs.wait_until(lambda: env.proc.stat("http2.outbound_control_flood") > before, "outbound_control_flood")
+    assert sent < 3_000_000, "moorline accepted every frame"
+    assert env.proc.alive()
