@@ -60,6 +60,7 @@ class H2ServerStats:
         "inbound_priority_frames_flood",
         "inbound_window_update_frames_flood",
         "outbound_control_flood",
+        "outbound_flood",
         "rx_messaging_error",
         "rx_reset",
         "streams_active",
@@ -80,6 +81,7 @@ class H2ServerStats:
     header_overflow: Counter
     too_many_header_frames: Counter
     outbound_control_flood: Counter
+    outbound_flood: Counter
     inbound_empty_frames_flood: Counter
     inbound_priority_frames_flood: Counter
     inbound_window_update_frames_flood: Counter
@@ -103,6 +105,7 @@ class H2ServerStats:
             "header_overflow",
             "too_many_header_frames",
             "outbound_control_flood",
+            "outbound_flood",
             "inbound_empty_frames_flood",
             "inbound_priority_frames_flood",
             "inbound_window_update_frames_flood",

@@ -116,3 +116,20 @@ def test_rst_answers_to_a_client_that_does_not_read_end_in_goaway() -> None:
         assert b"\x00\x00\x08\x07" in data  # a GOAWAY frame header (length 8, type 7)...
         i = data.rindex(b"\x00\x00\x08\x07\x00\x00\x00\x00\x00")
         assert int.from_bytes(data[i + 13 : i + 17], "big") == 11  # ... ENHANCE_YOUR_CALM
+
+
+def test_frames_queued_for_a_client_that_does_not_read_end_in_outbound_flood() -> None:
+    # Envoy's max_outbound_frames: DATA frames of a response pile up while the socket is full.
+    with make(h2opts={"max_outbound_frames": 20}) as pair:
+        h = pair.connect_h2()
+        sid = h.request(path="/big")
+        up = pair.upstream.accept()
+        h.down.block_writes()
+        up.send(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        for _ in range(30):
+            up.send(b"1\r\nx\r\n")  # one DATA frame each
+            if h.down.closed:
+                break
+        assert h.down.closed
+        assert pair.stat("http2.outbound_flood") == 1
+        assert h.streams[sid].reset_code is None  # the connection ended, not the stream
