@@ -137,10 +137,23 @@ _HTTP1_OPTIONS: Table = {
     "ignore_http_11_upgrade": "ignored",
 }
 
+# Http2ProtocolOptions fields the HTTP/2 codecs do not implement (allow_connect is left to the
+# connection manager's CONNECT support).
+_HTTP2_OPTIONS: Table = {
+    "allow_metadata": When("METADATA frames are not supported (they are dropped); ignored", lambda v: v),
+    "max_metadata_size": "METADATA frames are not supported; ignored",
+    "custom_settings_parameters": "custom SETTINGS parameters are not sent; ignored",
+    "connection_keepalive": "HTTP/2 PING keepalive is not implemented (idle timeouts still apply); ignored",
+    "use_oghttp2_codec": When(
+        "the oghttp2 codec is not available (moorline uses libnghttp2 or h2); ignored", lambda v: v.value
+    ),
+}
+
 CLUSTER: Table = {
     "transport_socket_matcher": "transport socket matchers are not supported; the cluster's transport_socket is used",
     "upstream_http_protocol_options": "auto_sni / auto_san_validation are not supported; ignored",
     "http_protocol_options": _HTTP1_OPTIONS,
+    "http2_protocol_options": _HTTP2_OPTIONS,
     "use_tcp_for_dns_lookups": _DNS,
     "dns_resolution_config": _DNS,
     "ring_hash_lb_config": "ring hash load balancing is not supported; ignored",
@@ -201,7 +214,12 @@ HCM: Table = {
     ),
     "path_normalization_options": "paths are not normalized; ignored",
     "request_id_extension": "request ids are random UUIDs; ignored",
-    "stream_error_on_invalid_http_message": When(_CLOSES, lambda v: v.value),
+    "stream_error_on_invalid_http_message": When(
+        "applied to HTTP/2 only (one stream is reset); an invalid HTTP/1.1 message still closes "
+        "the connection",
+        lambda v: v.value,
+    ),
+    "http2_protocol_options": _HTTP2_OPTIONS,
     "strip_trailing_host_dot": "the trailing dot of the host is kept; ignored",
     "proxy_status_config": "no proxy-status header is added; ignored",
     "typed_header_validation_config": "header validation extensions are not supported; ignored",
@@ -238,6 +256,31 @@ def check_bootstrap_fields(bootstrap: Any, ctx: BuildContext) -> None:
                     _check_hcm(f.typed_config, f"{cpath}.filters[{k}].typed_config", ctx)
     for i, c in enumerate(sr.clusters):
         _announce(c, CLUSTER, f"static_resources.clusters[{i}]", ctx)
+        _check_upstream_http(c, f"static_resources.clusters[{i}]", ctx)
+
+
+UPSTREAM_HTTP_TYPE = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def _check_upstream_http(cluster: Any, path: str, ctx: BuildContext) -> None:
+    """The HTTP/2 options inside the cluster's ``typed_extension_protocol_options`` (an Any the
+    tables cannot walk into)."""
+    from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+
+    anyv = cluster.typed_extension_protocol_options.get(UPSTREAM_HTTP_TYPE)
+    if anyv is None:
+        return
+    opts = http_protocol_options_pb2.HttpProtocolOptions()
+    if not anyv.Is(opts.DESCRIPTOR) or not anyv.Unpack(opts):
+        return  # the cluster compiler rejected it already
+    base = f'{path}.typed_extension_protocol_options["{UPSTREAM_HTTP_TYPE}"]'
+    for oneof in ("explicit_http_config", "use_downstream_protocol_config"):
+        if opts.HasField(oneof):
+            sub = getattr(opts, oneof)
+            if sub.HasField("http2_protocol_options"):
+                _announce(
+                    sub.http2_protocol_options, _HTTP2_OPTIONS, f"{base}.{oneof}.http2_protocol_options", ctx
+                )
 
 
 def _check_hcm(any_msg: Any, path: str, ctx: BuildContext) -> None:

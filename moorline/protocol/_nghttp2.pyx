@@ -244,6 +244,8 @@ cdef class NgCodec:
     cdef readonly bint client_side
     cdef readonly bint goaway_received
     cdef readonly bint goaway_sent
+    cdef readonly object error      # an outbound limit passed by frames from send_* (data_to_send)
+    cdef bint _got_settings
     cdef public long ctrl_queued
     cdef public long frames_queued
     cdef public long closed_streams
@@ -346,6 +348,19 @@ cdef class NgCodec:
 
     def data_to_send(self):
         self._pump()
+        if self.error is None and not self.goaway_sent and (
+            self.ctrl_queued > self._max_ctrl or self.frames_queued > self._max_frames
+        ):
+            # The glue's own frames passed an outbound limit: GOAWAY, and the glue finds the
+            # error here once it wrote these bytes (it counts the stat and closes).
+            over_ctrl = self.ctrl_queued > self._max_ctrl
+            self.goaway(ENHANCE_YOUR_CALM)
+            self._pump()
+            self.error = Http2Error(
+                ENHANCE_YOUR_CALM,
+                "too many queued control frames" if over_ctrl else "too many queued frames",
+                "outbound_control_flood" if over_ctrl else "outbound_flood",
+            )
         if not self._len:
             return b""
         out = PyBytes_FromStringAndSize(self._buf, self._len)
@@ -363,7 +378,9 @@ cdef class NgCodec:
 
     @property
     def peer_max_concurrent_streams(self):
-        return nghttp2_session_get_remote_settings(self.s, NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS)
+        cdef uint32_t v = nghttp2_session_get_remote_settings(self.s, NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS)
+        # Until the peer's first SETTINGS, 100 (nghttp2 holds further streams back itself).
+        return v if self._got_settings or v < 100 else 100
 
     @property
     def peer_allows_connect(self):
@@ -823,6 +840,7 @@ cdef int _on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, vo
             c._prio_frames += 1
         elif t == NGHTTP2_SETTINGS:
             if not (frame.hd.flags & NGHTTP2_FLAG_ACK):
+                c._got_settings = True
                 ev.append((EV_SETTINGS,))
         elif t == NGHTTP2_GOAWAY:
             c.goaway_received = True
@@ -900,7 +918,7 @@ cdef int _on_invalid_frame(nghttp2_session *session, const nghttp2_frame *frame,
                 # Only this stream: nghttp2 resets it (PROTOCOL_ERROR); MALFORMED tells the glue.
                 c._local_resets.add(sid)
                 c._open_local.discard(sid)
-                c._events.append((EV_MALFORMED, sid))
+                c._events.append((EV_MALFORMED, sid, c._err_detail))
         return 0
     except BaseException as e:
         c._exc = e

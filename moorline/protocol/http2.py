@@ -20,10 +20,12 @@ Event tuples (first item is the kind):
 ``OVERSIZED``   ``(OVERSIZED, sid)``: the header block of ``sid`` decoded past
                 ``max_header_list_size``; the codec reset that stream alone (RST_STREAM), the
                 connection goes on (Envoy's ``http2.header_overflow``)
-``MALFORMED``   ``(MALFORMED, sid)``: the peer's message on ``sid`` broke HTTP/2's messaging
+``MALFORMED``   ``(MALFORMED, sid, detail)``: the peer's message on ``sid`` broke HTTP/2's messaging
                 rules (RFC 9113 8.1.1: pseudo-headers, content-length ...); the codec reset that
-                stream alone (PROTOCOL_ERROR). Upstream always; downstream only with
-                ``stream_error_on_invalid_http_messaging``, else it is a connection error
+                stream alone (PROTOCOL_ERROR). Upstream always (nghttp2; h2 with the option);
+                downstream only with ``stream_error_on_invalid_http_messaging``, else it
+                raises ``Http2Error``. The glue ends the stream as if reset and counts
+                ``http2.rx_messaging_error``
 ==============  ==========================================================================
 
 Flow control. Inbound: the codec never acknowledges DATA by itself; the glue calls
@@ -44,9 +46,17 @@ Protections (each raises ``Http2Error`` with the GOAWAY already queued, and name
   (h2's frame buffer -> ``too_many_header_frames``);
 - HPACK: the decoder's dynamic table is capped at our advertised ``header_table_size``; the
   encoder's at ``MAX_ENCODER_TABLE`` whatever the peer allows (its memory is ours);
-- control frame floods (PING, SETTINGS, RST answers): more than ``max_outbound_control_frames``
-  produced since the glue last reported the socket writable (``flushed()``) ->
-  ``outbound_control_flood`` (Envoy's ``max_outbound_control_frames``);
+- outbound floods: every frame the codec produces is counted as h2 serialises it (its own
+  answers too: PING and SETTINGS ACKs, the RST_STREAM h2 sends back for each frame on a reset
+  stream). More than ``max_outbound_control_frames`` RST_STREAM, PING and SETTINGS frames, or
+  more than ``max_outbound_frames`` frames of any kind, produced since the glue last reported
+  the socket writable (``flushed()``) -> ``outbound_control_flood`` / ``outbound_flood``
+  (Envoy's limits of the same names). Checked at the end of ``receive`` (raises) and in
+  ``data_to_send`` for frames produced by ``send_*`` (sets ``error``: GOAWAY queued, the glue
+  writes it and closes the connection);
+- invalid messages (h2's header validation, content-length): a connection error
+  (GOAWAY PROTOCOL_ERROR, ``rx_messaging_error``) unless ``stream_error_on_invalid_http_messaging``
+  is set, then only that stream is reset (``MALFORMED`` event), as Envoy's option does;
 - empty DATA frames without END_STREAM: more than ``max_consecutive_empty_frames`` in a row ->
   ``inbound_empty_frames_flood`` (CVE-2019-9518);
 - rapid reset (CVE-2023-44487), server side: once ``premature_reset_min_streams`` streams have
@@ -79,7 +89,6 @@ from h2.events import (
     ConnectionTerminated,
     DataReceived,
     InformationalResponseReceived,
-    PingReceived,
     PriorityUpdated,
     RemoteSettingsChanged,
     RequestReceived,
@@ -88,8 +97,19 @@ from h2.events import (
     TrailersReceived,
     WindowUpdated,
 )
-from h2.exceptions import DenialOfServiceError, ProtocolError, StreamClosedError
+from h2.exceptions import (
+    DenialOfServiceError,
+    InvalidBodyLengthError,
+    NoSuchStreamError,
+    ProtocolError,
+    StreamClosedError,
+    StreamIDTooLowError,
+    TooManyStreamsError,
+)
 from h2.settings import SettingCodes, Settings
+from h2.stream import StreamClosedBy
+from hpack import HPACKError
+from hyperframe.frame import PingFrame, RstStreamFrame, SettingsFrame, WindowUpdateFrame
 
 HEADERS = 0
 INFORMATIONAL = 1
@@ -117,6 +137,7 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_ENCODER_TABLE = 64 * 1024
 _MAX_WINDOW = 2**31 - 1
 _DEFAULT_WINDOW = 65535
+_INITIAL_PEER_STREAMS = 100
 
 
 def hard_header_cap(limit: int) -> int:
@@ -159,7 +180,9 @@ class Http2Options:
         "max_inbound_priority_frames_per_stream",
         "max_inbound_window_update_frames_per_data_frame_sent",
         "max_outbound_control_frames",
+        "max_outbound_frames",
         "premature_reset_min_streams",
+        "stream_error_on_invalid_http_messaging",
     )
 
     def __init__(
@@ -176,6 +199,8 @@ class Http2Options:
         max_inbound_priority_frames_per_stream: int = 100,
         max_inbound_window_update_frames_per_data_frame_sent: int = 10,
         allow_connect: bool = False,
+        max_outbound_frames: int = 10000,
+        stream_error_on_invalid_http_messaging: bool = False,
     ) -> None:
         # RFC 8441: advertise SETTINGS_ENABLE_CONNECT_PROTOCOL and take extended CONNECT
         # (``:protocol``) requests (server side); client side, send them when the peer allows.
@@ -193,20 +218,38 @@ class Http2Options:
         self.max_inbound_window_update_frames_per_data_frame_sent = (
             max_inbound_window_update_frames_per_data_frame_sent
         )
+        self.max_outbound_frames = max_outbound_frames
+        self.stream_error_on_invalid_http_messaging = stream_error_on_invalid_http_messaging
 
     @classmethod
     def from_proto(
-        cls, proto: Any, path: str, max_header_list_size: int | None = None
+        cls,
+        proto: Any,
+        path: str,
+        max_header_list_size: int | None = None,
+        hcm_stream_error: bool | None = None,
     ) -> tuple[Http2Options, tuple[str, str] | None]:
         """Compile an ``envoy.config.core.v3.Http2ProtocolOptions`` (or None: defaults).
+
+        ``hcm_stream_error`` is the connection manager's ``stream_error_on_invalid_http_message``
+        when set: Envoy's order is the options' ``override_stream_error_on_invalid_http_message``,
+        then the HCM's field, then the deprecated ``stream_error_on_invalid_http_messaging``.
 
         Returns ``(options, error)``; ``error`` is ``(field_path, message)`` (the path starts
         with ``path``) for a value outside Envoy's bounds."""
         o = cls()
         if max_header_list_size:
             o.max_header_list_size = max_header_list_size
+        if hcm_stream_error is not None:
+            o.stream_error_on_invalid_http_messaging = hcm_stream_error
         if proto is None:
             return o, None
+        if proto.HasField("override_stream_error_on_invalid_http_message"):
+            o.stream_error_on_invalid_http_messaging = (
+                proto.override_stream_error_on_invalid_http_message.value
+            )
+        elif hcm_stream_error is None:
+            o.stream_error_on_invalid_http_messaging = proto.stream_error_on_invalid_http_messaging
 
         def u(name: str) -> int | None:
             return int(getattr(proto, name).value) if proto.HasField(name) else None
@@ -233,8 +276,15 @@ class Http2Options:
         if v is not None:
             o.header_table_size = min(v, MAX_ENCODER_TABLE)
         v = u("max_outbound_control_frames")
-        if v is not None and v > 0:
+        if v is not None:
+            if v < 1:
+                return o, (f"{path}.max_outbound_control_frames", "must be at least 1")
             o.max_outbound_control_frames = v
+        v = u("max_outbound_frames")
+        if v is not None:
+            if v < 1:
+                return o, (f"{path}.max_outbound_frames", "must be at least 1")
+            o.max_outbound_frames = v
         v = u("max_consecutive_inbound_frames_with_empty_payload")
         if v is not None:
             o.max_consecutive_empty_frames = v
@@ -276,6 +326,85 @@ class _KeepOpenStateMachine(H2ConnectionStateMachine):
         return super().process_input(input_)
 
 
+_CONTROL_FRAMES = (RstStreamFrame, PingFrame, SettingsFrame)
+
+
+class _InvalidMessage:
+    """Marker event of ``_Connection``: a stream was reset for an invalid message."""
+
+    __slots__ = ("detail", "stream_id")
+
+    def __init__(self, stream_id: int, detail: str) -> None:
+        self.stream_id = stream_id
+        self.detail = detail
+
+
+class _Connection(H2Connection):
+    """h2's connection with two additions: every frame produced is counted (``frames_out``,
+    control frames in ``ctrl_out``) where h2 serialises it, so h2's automatic answers are
+    counted like ours; and, with ``stream_errors``, an invalid message on one stream resets
+    that stream instead of ending the connection."""
+
+    def __init__(self, config: H2Configuration, stream_errors: bool) -> None:
+        super().__init__(config)
+        self.frames_out = 0
+        self.ctrl_out = 0
+        self.stream_errors = stream_errors
+
+    def _prepare_for_sending(self, frames: list[Any]) -> None:
+        if not frames:
+            return
+        self.frames_out += len(frames)
+        for f in frames:
+            if isinstance(f, _CONTROL_FRAMES):
+                self.ctrl_out += 1
+        self._data_to_send += b"".join([f.serialize() for f in frames])
+
+    def _receive_headers_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
+        try:
+            return super()._receive_headers_frame(frame)  # type: ignore[no-any-return]
+        except ProtocolError as e:
+            sid = frame.stream_id
+            if (
+                not self.stream_errors
+                or isinstance(
+                    e, (DenialOfServiceError, NoSuchStreamError, StreamIDTooLowError, TooManyStreamsError)
+                )
+                or isinstance(e.__cause__, (HPACKError, IndexError, TypeError, UnicodeDecodeError))
+                or sid not in self.streams
+            ):
+                raise  # framing, HPACK or connection state: no stream to blame
+            return self._stream_error(sid, e), [_InvalidMessage(sid, str(e))]
+
+    def _receive_data_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
+        try:
+            return super()._receive_data_frame(frame)  # type: ignore[no-any-return]
+        except InvalidBodyLengthError as e:
+            if not self.stream_errors:
+                raise
+            sid = frame.stream_id
+            frames = self._stream_error(sid, e)
+            # The frame's bytes were counted against the connection window and nobody reads them.
+            inc = self._inbound_flow_control_window_manager.process_bytes(frame.flow_controlled_length)
+            if inc:
+                wu = WindowUpdateFrame(0)
+                wu.window_increment = inc
+                frames.append(wu)
+            return frames, [_InvalidMessage(sid, str(e))]
+
+    def _stream_error(self, sid: int, e: ProtocolError) -> list[Any]:
+        stream = self.streams[sid]
+        try:
+            return stream.reset_stream(PROTOCOL_ERROR)  # type: ignore[no-any-return]
+        except ProtocolError:
+            # h2's stream state machine closed the stream when it raised: close it as reset, so
+            # later frames on it get RST_STREAM instead of a connection error.
+            stream.state_machine.stream_closed_by = StreamClosedBy.SEND_RST_STREAM
+            f = RstStreamFrame(sid)
+            f.error_code = PROTOCOL_ERROR
+            return [f]
+
+
 class _Out:
     """Data queued for a stream beyond the peer's flow-control window."""
 
@@ -303,7 +432,7 @@ class Http2Codec:
             validate_outbound_headers=False,
             normalize_outbound_headers=True,
         )
-        h = self.h2 = H2Connection(cfg)
+        h = self.h2 = _Connection(cfg, o.stream_error_on_invalid_http_messaging)
         h.state_machine = _KeepOpenStateMachine()
         initial = {
             SettingCodes.MAX_CONCURRENT_STREAMS: o.max_concurrent_streams,
@@ -328,7 +457,10 @@ class Http2Codec:
         self._open_local: set[int] = set()  # server: streams whose response has not ended
         self.goaway_received = False
         self.goaway_sent = False
-        self.ctrl_queued = 0
+        # Set when frames produced by ``send_*`` passed an outbound limit (see ``data_to_send``).
+        self.error: Http2Error | None = None
+        self._flooded = False
+        self._peer_settings = False
         self.closed_streams = 0
         self.premature_resets = 0
         self._empty_run = 0
@@ -354,15 +486,54 @@ class Http2Codec:
             h.increment_flow_control_window(extra)
 
     def data_to_send(self) -> bytes:
-        return self.h2.data_to_send()
+        """The bytes to write. When the frames queued since ``flushed()`` passed an outbound
+        limit, GOAWAY ENHANCE_YOUR_CALM is queued first and ``error`` is set: the glue writes
+        these bytes, then treats ``error`` as a connection error (counts ``error.stat``, closes)."""
+        h = self.h2
+        if self._over_outbound_limits():
+            self.error = self._outbound_flood()
+        return h.data_to_send()
 
     def flushed(self) -> None:
         """The glue wrote everything queued and the transport is below its high-water mark."""
-        self.ctrl_queued = 0
+        h = self.h2
+        h.frames_out = 0
+        h.ctrl_out = 0
+
+    @property
+    def ctrl_queued(self) -> int:
+        """Control frames (RST_STREAM, PING, SETTINGS) produced since ``flushed()``."""
+        return int(self.h2.ctrl_out)
+
+    @property
+    def frames_queued(self) -> int:
+        """Frames of any kind produced since ``flushed()``."""
+        return int(self.h2.frames_out)
+
+    def _over_outbound_limits(self) -> bool:
+        h = self.h2
+        o = self.options
+        return not self._flooded and (
+            h.ctrl_out > o.max_outbound_control_frames or h.frames_out > o.max_outbound_frames
+        )
+
+    def _outbound_flood(self) -> Http2Error:
+        h = self.h2
+        self.goaway(ENHANCE_YOUR_CALM)
+        if h.ctrl_out > self.options.max_outbound_control_frames:
+            e = Http2Error(ENHANCE_YOUR_CALM, "too many queued control frames", "outbound_control_flood")
+        else:
+            e = Http2Error(ENHANCE_YOUR_CALM, "too many queued frames", "outbound_flood")
+        self._flooded = True
+        return e
 
     @property
     def peer_max_concurrent_streams(self) -> int:
-        return int(self.h2.remote_settings.max_concurrent_streams)
+        """The peer's SETTINGS_MAX_CONCURRENT_STREAMS; 100 until its first SETTINGS arrived
+        (nghttp2's default for the peer's limit), so a new connection is not handed more streams
+        than a typical server takes before it has spoken."""
+        v = int(self.h2.remote_settings.max_concurrent_streams)
+        return v if self._peer_settings else min(v, _INITIAL_PEER_STREAMS)
 
     @property
     def peer_allows_connect(self) -> bool:
@@ -408,6 +579,10 @@ class Http2Codec:
             raise Http2Error(code, msg, stat) from None
         out: list[tuple[Any, ...]] = []
         if not raw:
+            # Frames that make no event can still make answers (RST_STREAM for each frame on a
+            # reset stream).
+            if self._over_outbound_limits():
+                raise self._outbound_flood()
             return out
         server = not self.client_side
         reset_now: set[int] | None = None
@@ -496,10 +671,8 @@ class Http2Codec:
                     self._flush_queued(out)
             elif t is PriorityUpdated:
                 self._prio_frames += 1
-            elif t is PingReceived:
-                self.ctrl_queued += 1
             elif t is RemoteSettingsChanged:
-                self.ctrl_queued += 1
+                self._peer_settings = True
                 if SettingCodes.HEADER_TABLE_SIZE in ev.changed_settings:
                     enc = h.encoder
                     if enc.header_table_size > MAX_ENCODER_TABLE:
@@ -510,6 +683,16 @@ class Http2Codec:
             elif t is ConnectionTerminated:
                 self.goaway_received = True
                 out.append((GOAWAY, int(ev.last_stream_id or 0), int(ev.error_code)))
+            elif t is _InvalidMessage:
+                sid = ev.stream_id
+                self._out.pop(sid, None)
+                if sid in open_local:
+                    open_local.discard(sid)
+                    self.closed_streams += 1
+                if reset_now is None:
+                    reset_now = set()
+                reset_now.add(sid)  # frames after it in this read are dropped
+                out.append((MALFORMED, sid, ev.detail))
         if server:
             o = self.options
             if self._prio_frames > o.max_inbound_priority_frames_per_stream * (1 + self._in_streams):
@@ -524,9 +707,8 @@ class Http2Codec:
                 raise Http2Error(
                     ENHANCE_YOUR_CALM, "too many WINDOW_UPDATE frames", "inbound_window_update_frames_flood"
                 )
-        if self.ctrl_queued > self.options.max_outbound_control_frames:
-            self.goaway(ENHANCE_YOUR_CALM)
-            raise Http2Error(ENHANCE_YOUR_CALM, "too many queued control frames", "outbound_control_flood")
+        if self._over_outbound_limits():
+            raise self._outbound_flood()
         if (
             server
             and self.premature_resets
@@ -617,7 +799,6 @@ class Http2Codec:
         return q.size if q is not None else 0
 
     def reset(self, sid: int, code: int = CANCEL) -> None:
-        self.ctrl_queued += 1
         self._out.pop(sid, None)
         self._open_local.discard(sid)
         try:

@@ -289,6 +289,11 @@ class HcmConfig:
             proto.http2_protocol_options if proto.HasField("http2_protocol_options") else None,
             f"{path}.http2_protocol_options",
             max_header_list_size=(opt_uint(proto, "max_request_headers_kb", 60) or 60) * 1024,
+            hcm_stream_error=(
+                proto.stream_error_on_invalid_http_message.value
+                if proto.HasField("stream_error_on_invalid_http_message")
+                else None
+            ),
         )
         if h2err is not None:
             raise ConfigError(*h2err)

@@ -31,7 +31,7 @@ from moorline.proxy.route_table import (
     RETRY_RESET,
 )
 from moorline.proxy.shadow import start_shadows
-from moorline.stream.api import HttpProtocol, ResetReason
+from moorline.stream.api import GOAWAY_REFUSED, HttpProtocol, ResetReason
 from moorline.stream.http1_client import pool_for
 from moorline.stream.tcp_upstream import connect as tcp_connect
 from moorline.upstream.outlier import CONNECT_FAILED as _OD_CONNECT_FAILED
@@ -39,6 +39,8 @@ from moorline.upstream.outlier import CONNECT_SUCCESS as _OD_CONNECT_SUCCESS
 from moorline.upstream.outlier import TIMEOUT as _OD_TIMEOUT
 from moorline.upstream.outlier import http_status_for_grpc as _od_grpc_http
 
+# Tries of one request that each met a GOAWAY before the upstream saw them (see on_upstream_reset).
+_MAX_GOAWAY_RETRIES = 32
 _UPSTREAM_ERR = b"upstream connect error or disconnect/reset before headers. reset reason: "
 # Envoy names a pool overflow (a circuit breaker) as it names any reset before the response.
 _OVERFLOW_DETAILS = "upstream_reset_before_response_started{overflow}"
@@ -76,6 +78,7 @@ class Router:
         "done",
         "downstream_end",
         "downstream_paused",
+        "goaway_retries",
         "headers",
         "high",
         "host",
@@ -141,6 +144,7 @@ class Router:
         self.tunnel_eof = False
         self.is_retry = False
         self.refused_retried = False
+        self.goaway_retries = 0
         self.attempts = 0
         self.shadows: list[Any] | None = None  # request mirroring (shadow.py)
 
@@ -552,13 +556,23 @@ class Router:
         self.cluster.stats.upstream_rq_rx_reset.value += 1
         if (
             reason is ResetReason.REMOTE_REFUSED_STREAM
-            and not self.refused_retried
+            and (
+                not self.refused_retried
+                if detail != GOAWAY_REFUSED
+                else self.goaway_retries < _MAX_GOAWAY_RETRIES
+            )
             and self.downstream_end
             and (self.retain or not self.body_bytes)
         ):
             # REFUSED_STREAM / beyond a GOAWAY's last stream id: the upstream never processed the
-            # request (RFC 9113 8.7), so it is safe to send it again once, policy or not.
-            self.refused_retried = True
+            # request (RFC 9113 8.7), so it is safe to send it again, policy or not: once for
+            # REFUSED_STREAM; for a GOAWAY (an upstream that closes connections every few
+            # requests, nginx's keepalive_requests) as long as each try met a new GOAWAY, up to
+            # _MAX_GOAWAY_RETRIES (an upstream that refuses everything is not retried forever).
+            if detail == GOAWAY_REFUSED:
+                self.goaway_retries += 1
+            else:
+                self.refused_retried = True
             self.cluster.stats.upstream_rq_retry.value += 1
             self.is_retry = True
             self._start_attempt()

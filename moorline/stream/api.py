@@ -84,6 +84,12 @@ class ResetReason(enum.Enum):
         return self.value.replace(" ", "_")
 
 
+# ``detail`` of ``on_upstream_reset(REMOTE_REFUSED_STREAM, detail)`` when the stream was above
+# the last stream id of a GOAWAY from the upstream: the upstream never saw it (RFC 9113 6.8), so
+# it may be sent again on another connection however often that happens.
+GOAWAY_REFUSED = "goaway"
+
+
 class ServerConnection(Protocol):
     """A downstream codec connection (HTTP/1.1) or stream (HTTP/2) as one exchange sees it."""
 

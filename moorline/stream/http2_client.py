@@ -5,7 +5,7 @@ connection with a free stream slot, or queues ``req`` (bounded by the cluster's
 ``max_pending_requests``) and opens a new connection (bounded by ``max_connections``) when the
 connections being set up cannot take the queue. A connection's slots are the smaller of the
 peer's SETTINGS_MAX_CONCURRENT_STREAMS and the cluster's
-``http2_protocol_options.max_concurrent_streams``.
+``http2_protocol_options.max_concurrent_streams`` (unset: no limit of ours, as Envoy's default).
 
 ``H2UpstreamStream`` is what the router (``moorline.proxy.router``) uses as its upstream
 connection: ``send_headers(req, headers, end_stream)``, ``send_data``, ``send_trailers``,
@@ -36,10 +36,11 @@ from moorline.net import upstream as net_upstream
 from moorline.protocol import http2 as h2c
 from moorline.protocol import http2_backends
 from moorline.protocol.headers import HeaderMap, RequestHeaders, ResponseHeaders
-from moorline.stream.api import ResetReason
+from moorline.stream.api import GOAWAY_REFUSED, ResetReason
 from moorline.stream.http1_client import PendingRequest, may_connect, queue_request
 
 _HIGH_WATER = 64 * 1024
+_UNLIMITED_STREAMS = 2**31 - 1
 # Connection-specific request headers (RFC 9113 8.2.2); "te" is kept only as "trailers".
 _DROP = frozenset(
     (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"host")
@@ -408,7 +409,7 @@ class Http2ClientConnection(asyncio.Protocol):
                     if req is not None:
                         req.on_upstream_reset(
                             ResetReason.PROTOCOL_ERROR,
-                            "response headers too large" if kind == h2c.OVERSIZED else "malformed response",
+                            "response headers too large" if kind == h2c.OVERSIZED else str(ev[2]),
                         )
                 elif kind == h2c.WRITABLE:
                     s = streams.get(ev[1])
@@ -451,7 +452,7 @@ class Http2ClientConnection(asyncio.Protocol):
                 s.req = None
                 s._detach()
                 if req is not None:
-                    req.on_upstream_reset(ResetReason.REMOTE_REFUSED_STREAM)
+                    req.on_upstream_reset(ResetReason.REMOTE_REFUSED_STREAM, GOAWAY_REFUSED)
         if not self.reserved:
             self.close()
 
@@ -495,12 +496,22 @@ class Http2ClientConnection(asyncio.Protocol):
     def flush(self) -> None:
         if self.in_batch or self.transport is None or self.closed:
             return
-        data = self.codec.data_to_send()
+        codec = self.codec
+        data = codec.data_to_send()
         if data:
             self.stats.upstream_cx_tx_bytes_total.value += len(data)
             self.transport.write(data)
+        if codec.error is not None:
+            # Past max_outbound_frames while the upstream did not read: GOAWAY written, the
+            # connection ends and its requests fail.
+            e = codec.error
+            codec.error = None
+            self.stats.upstream_cx_protocol_error.value += 1
+            self._fail_all(ResetReason.PROTOCOL_ERROR, e.detail)
+            self.close()
+            return
         if not self.write_paused:
-            self.codec.flushed()
+            codec.flushed()
 
     def close(self) -> None:
         if not self.closed:
@@ -571,10 +582,15 @@ class H2Pool:
             if err is None:
                 stats.upstream_cx_connect_ms.record((self.loop.time() - start) * 1000)
                 if conn.closed:
-                    # Closed by the peer between the connect and this callback (connection_lost
-                    # has accounted it): never a member of conns, its queue fails as on a
-                    # connect failure.
-                    self._fail_queued("delayed connect error: connection closed by peer")
+                    # Closed between the connect and this callback (connection_lost has accounted
+                    # it); never a member of conns. Closed by the peer before it served anything:
+                    # its queue fails as on a connect failure. It may also have served requests
+                    # already (its SETTINGS arrived first and the queue went onto it) and been
+                    # closed after a GOAWAY: the requests it refused are queued for the next one.
+                    if conn.requests and self.pending and not self.closed:
+                        self._maybe_open(self.pending[0].high)
+                    else:
+                        self._fail_queued("delayed connect error: connection closed by peer")
                     return
                 conn.connected = True
                 if self.closed:
@@ -635,8 +651,14 @@ class H2Pool:
     def on_connection_closed(self, conn: Http2ClientConnection, remote: bool) -> None:
         cluster = self.cluster
         stats = cluster.stats
+        early = False
         if conn in self.conns:
             self.conns.remove(conn)
+        elif conn in self.connecting:
+            # Closed before its connect callback: it will not take the queue any more; the
+            # callback decides what happens to the queue (see _open).
+            self.connecting.remove(conn)
+            early = True
         stats.upstream_cx_active.value -= 1
         if conn.high:
             cluster.high.cx_active -= 1
@@ -648,7 +670,7 @@ class H2Pool:
             stats.upstream_cx_destroy_with_active_rq.value += 1
             if remote:
                 stats.upstream_cx_destroy_remote_with_active_rq.value += 1
-        if self.pending and not self.closed:
+        if self.pending and not self.closed and not early:
             self._maybe_open(self.pending[0].high)
 
     def _arm_sweep(self) -> None:
@@ -702,6 +724,10 @@ def options_for(cluster: Any) -> h2c.Http2Options:
     the cluster compiler owns config validation)."""
     proto = getattr(cluster, "http2_protocol_options", None)
     opts, _err = h2c.Http2Options.from_proto(proto, "http2_protocol_options")
+    if proto is None or not proto.HasField("max_concurrent_streams"):
+        # Envoy's default (2147483647): an upstream connection carries as many streams as the
+        # upstream's SETTINGS_MAX_CONCURRENT_STREAMS allows. (Downstream keeps moorline's 100.)
+        opts.max_concurrent_streams = _UNLIMITED_STREAMS
     return opts
 
 

@@ -61,6 +61,7 @@ class H2ServerStats:
         "inbound_priority_frames_flood",
         "inbound_window_update_frames_flood",
         "outbound_control_flood",
+        "outbound_flood",
         "rx_messaging_error",
         "rx_reset",
         "streams_active",
@@ -81,6 +82,7 @@ class H2ServerStats:
     header_overflow: Counter
     too_many_header_frames: Counter
     outbound_control_flood: Counter
+    outbound_flood: Counter
     inbound_empty_frames_flood: Counter
     inbound_priority_frames_flood: Counter
     inbound_window_update_frames_flood: Counter
@@ -104,6 +106,7 @@ class H2ServerStats:
             "header_overflow",
             "too_many_header_frames",
             "outbound_control_flood",
+            "outbound_flood",
             "inbound_empty_frames_flood",
             "inbound_priority_frames_flood",
             "inbound_window_update_frames_flood",
@@ -563,10 +566,18 @@ class Http2ServerConnection(asyncio.Protocol):
             return
         rh, extended = parse_request(headers, self.allow_connect)
         if rh is None:
-            # A malformed request header block: reset the stream (RFC 9113 8.1.1).
-            sh.rx_messaging_error.value += 1
+            # A malformed request header block (RFC 9113 8.1.1): as Envoy, the connection ends
+            # (GOAWAY PROTOCOL_ERROR) unless stream_error_on_invalid_http_messaging asks to reset
+            # only this stream.
             self.stats.downstream_rq_total.value += 1
             self.stats.downstream_rq_4xx.value += 1
+            if not self.codec.options.stream_error_on_invalid_http_messaging:
+                self.codec.goaway(h2c.PROTOCOL_ERROR)
+                self._connection_error(
+                    h2c.Http2Error(h2c.PROTOCOL_ERROR, "malformed request", "rx_messaging_error")
+                )
+                return
+            sh.rx_messaging_error.value += 1
             self.codec.reset(sid, h2c.PROTOCOL_ERROR)
             return
         ss = H2ServerStream(self, sid)
@@ -593,16 +604,6 @@ class Http2ServerConnection(asyncio.Protocol):
         self.stats_h2.header_overflow.value += 1
         self.stats.downstream_rq_total.value += 1
         self.stats.downstream_rq_4xx.value += 1
-
-    def _on_malformed(self, sid: int) -> None:
-        # stream_error_on_invalid_http_messaging: the codec reset only this stream.
-        self.stats_h2.rx_messaging_error.value += 1
-        ss = self.streams.get(sid)
-        if ss is None:
-            self.stats.downstream_rq_total.value += 1
-            self.stats.downstream_rq_4xx.value += 1
-            return
-        self._on_reset(sid, remote=False)
 
     def _on_data(self, sid: int, data: bytes, n: int, end_stream: bool) -> None:
         ss = self.streams.get(sid)
@@ -651,6 +652,24 @@ class Http2ServerConnection(asyncio.Protocol):
         if s is not None:
             s.on_reset(ResetReason.REMOTE_RESET)
 
+    def _on_malformed(self, sid: int) -> None:
+        """The codec reset ``sid`` for an invalid message (stream_error_on_invalid_http_messaging)."""
+        self.stats_h2.rx_messaging_error.value += 1
+        ss = self.streams.pop(sid, None)
+        if ss is None:
+            self.stats.downstream_rq_total.value += 1
+            self.stats.downstream_rq_4xx.value += 1
+            return
+        self.stats_h2.streams_active.value -= 1
+        ss.closed = True
+        if ss.unacked:
+            self.codec.ack(sid, ss.unacked)
+            ss.unacked = 0
+        self.codec.forget(sid)
+        s = ss.stream
+        if s is not None:
+            s.on_reset(ResetReason.PROTOCOL_ERROR)
+
     def _on_writable(self, sid: int) -> None:
         ss = self.streams.get(sid)
         if ss is None:
@@ -698,11 +717,19 @@ class Http2ServerConnection(asyncio.Protocol):
         self.flush_scheduled = False
         if self.closed:
             return
-        data = self.codec.data_to_send()
+        codec = self.codec
+        data = codec.data_to_send()
         if data:
             self.transport.write(data)
+        if codec.error is not None:
+            # Frames produced for upstream responses passed max_outbound_frames while the client
+            # did not read: the GOAWAY is written, the connection ends.
+            e = codec.error
+            codec.error = None
+            self._connection_error(e)
+            return
         if not self.write_paused:
-            self.codec.flushed()
+            codec.flushed()
 
     def _send_goaway(self, code: int) -> None:
         if self.goaway_sent or self.closed:

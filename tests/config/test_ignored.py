@@ -197,3 +197,61 @@ def test_connect_config_is_compiled_not_announced() -> None:
     ]
     notices = _server(doc).ctx.notices
     assert not [n for n in notices if "connect_config" in n.path]
+
+
+H2_UNIMPLEMENTED = {
+    "allow_metadata": True,
+    "max_metadata_size": 1024,
+    "custom_settings_parameters": [{"identifier": 0x99, "value": 1}],
+    "connection_keepalive": {"interval": "10s", "timeout": "5s"},
+    "use_oghttp2_codec": True,
+}
+# What moorline implements: no notice for these.
+H2_IMPLEMENTED = {
+    "hpack_table_size": 4096,
+    "max_concurrent_streams": 50,
+    "initial_stream_window_size": 65535,
+    "initial_connection_window_size": 1048576,
+    "max_outbound_frames": 5000,
+    "max_outbound_control_frames": 500,
+    "max_consecutive_inbound_frames_with_empty_payload": 2,
+    "max_inbound_priority_frames_per_stream": 50,
+    "max_inbound_window_update_frames_per_data_frame_sent": 5,
+    "override_stream_error_on_invalid_http_message": True,
+}
+# A list is announced per item.
+H2_FIELDS = sorted(f + "[0]" if isinstance(v, list) else f for f, v in H2_UNIMPLEMENTED.items())
+
+
+def test_unimplemented_http2_options_are_announced_on_the_hcm() -> None:
+    notices = _server(_base({"http2_protocol_options": {**H2_UNIMPLEMENTED, **H2_IMPLEMENTED}})).ctx.notices
+    assert sorted(n.path for n in notices) == [f"{HCM_PATH}.http2_protocol_options.{f}" for f in H2_FIELDS]
+
+
+def test_unimplemented_http2_options_are_announced_on_clusters() -> None:
+    legacy = _server(_base(http2_protocol_options={**H2_UNIMPLEMENTED, **H2_IMPLEMENTED})).ctx.notices
+    assert sorted(n.path for n in legacy) == [
+        f"static_resources.clusters[0].http2_protocol_options.{f}" for f in H2_FIELDS
+    ]
+    key = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    for oneof in ("explicit_http_config", "use_downstream_protocol_config"):
+        typed = {
+            key: {
+                "@type": f"type.googleapis.com/{key}",
+                oneof: {"http2_protocol_options": {**H2_UNIMPLEMENTED, **H2_IMPLEMENTED}},
+            }
+        }
+        notices = _server(_base(typed_extension_protocol_options=typed)).ctx.notices
+        base = f'static_resources.clusters[0].typed_extension_protocol_options["{key}"].{oneof}'
+        assert sorted(n.path for n in notices) == [f"{base}.http2_protocol_options.{f}" for f in H2_FIELDS]
+
+
+def test_http2_options_at_their_defaults_give_no_notice() -> None:
+    off = {"allow_metadata": False, "use_oghttp2_codec": False}
+    assert _server(_base({"http2_protocol_options": off}, http2_protocol_options=off)).ctx.notices == []
+
+
+def test_hcm_stream_error_says_it_applies_to_http2_only() -> None:
+    notices = _server(_base({"stream_error_on_invalid_http_message": True})).ctx.notices
+    assert [n.path for n in notices] == [f"{HCM_PATH}.stream_error_on_invalid_http_message"]
+    assert "HTTP/2" in notices[0].message

@@ -460,3 +460,218 @@ def test_other_protocol_errors_keep_h2s_code() -> None:
         s.receive(pre + ping_on_stream)
     assert ei.value.code == h2c.PROTOCOL_ERROR
     assert _goaway_code(s.data_to_send()) == h2c.PROTOCOL_ERROR
+
+
+def _parse_frames(data: bytes) -> list[tuple[int, int, bytes]]:
+    """(type, stream id, payload) of each frame in ``data``."""
+    out = []
+    off = 0
+    while off + 9 <= len(data):
+        n = int.from_bytes(data[off : off + 3], "big")
+        t = data[off + 3]
+        sid = int.from_bytes(data[off + 5 : off + 9], "big") & 0x7FFFFFFF
+        out.append((t, sid, data[off + 9 : off + 9 + n]))
+        off += 9 + n
+    return out
+
+
+def _goaway_codes(data: bytes) -> list[int]:
+    return [int.from_bytes(p[4:8], "big") for t, _, p in _parse_frames(data) if t == 0x7]
+
+
+def test_rst_answers_on_a_reset_stream_count_as_control_frames() -> None:
+    # Issue 11's probe: each empty DATA frame on a stream the client reset gets an RST_STREAM back
+    # from h2; a client that never reads made the server queue them without limit.
+    s, pre = raw_client()
+    enc = Encoder()
+    rst = RstStreamFrame(1)
+    rst.error_code = h2c.CANCEL
+    s.receive(pre + headers_frame(enc, 1, REQ, end=False) + rst.serialize())
+    s.data_to_send()
+    s.flushed()
+    empty = DataFrame(1).serialize()
+    answered = 0
+    with pytest.raises(Http2Error) as ei:
+        for _ in range(3000):  # never flushed(): the socket is not draining
+            s.receive(empty)
+            answered += sum(1 for t, _, _ in _parse_frames(s.data_to_send()) if t == 0x3)
+    assert ei.value.stat == "outbound_control_flood"
+    assert ei.value.code == h2c.ENHANCE_YOUR_CALM
+    assert 900 <= answered <= 1000  # the RST answers went out until the limit, then GOAWAY
+    assert _goaway_codes(s.data_to_send()) == [h2c.ENHANCE_YOUR_CALM]
+
+
+def test_control_frame_count_restarts_when_flushed() -> None:
+    s, pre = raw_client()
+    enc = Encoder()
+    rst = RstStreamFrame(1)
+    rst.error_code = h2c.CANCEL
+    s.receive(pre + headers_frame(enc, 1, REQ, end=False) + rst.serialize())
+    for _ in range(5):
+        s.receive(DataFrame(1).serialize() * 1)
+        s.receive(b"".join([DataFrame(1).serialize()] * 1))
+    for _ in range(3):
+        for _ in range(900):
+            s.receive(DataFrame(1).serialize())
+        s.data_to_send()
+        s.flushed()  # the answers reached the socket: 2,700 answers in all, no flood
+    assert s.ctrl_queued == 0
+
+
+def test_outbound_frames_limit_counts_every_frame_kind() -> None:
+    # Envoy's max_outbound_frames: frames of any kind queued and not written, DATA included.
+    s = Http2Codec(False, Http2Options(max_outbound_frames=50))
+    s.initiate()
+    s.data_to_send()
+    enc = Encoder()
+    s.receive(h2c.PREFACE + SettingsFrame(0).serialize() + headers_frame(enc, 1, GET))
+    s.send_headers(1, [(b":status", b"200")], False)
+    for _ in range(40):
+        s.send_data(1, b"x", False)
+    assert s.data_to_send() and s.error is None
+    for _ in range(20):
+        s.send_data(1, b"x", False)
+    data = s.data_to_send()
+    assert s.error is not None and s.error.stat == "outbound_flood"
+    assert _goaway_codes(data) == [h2c.ENHANCE_YOUR_CALM]
+    # Written and flushed, the same number is fine.
+    s = Http2Codec(False, Http2Options(max_outbound_frames=50))
+    s.initiate()
+    s.receive(h2c.PREFACE + SettingsFrame(0).serialize() + headers_frame(Encoder(), 1, GET))
+    s.send_headers(1, [(b":status", b"200")], False)
+    for _ in range(60):
+        s.send_data(1, b"x", False)
+        s.data_to_send()
+        s.flushed()
+    assert s.error is None
+
+
+def test_outbound_frames_limit_in_receive() -> None:
+    s = Http2Codec(False, Http2Options(max_outbound_frames=100))
+    s.initiate()
+    s.data_to_send()
+    ping = PingFrame(0)
+    ping.opaque_data = b"12345678"
+    with pytest.raises(Http2Error) as ei:
+        s.receive(h2c.PREFACE + SettingsFrame(0).serialize() + ping.serialize() * 120)
+    assert ei.value.stat == "outbound_flood"
+
+
+def test_outbound_limits_from_proto() -> None:
+    p = protocol_pb2.Http2ProtocolOptions()
+    p.max_outbound_frames.value = 77
+    p.max_outbound_control_frames.value = 8
+    o, err = Http2Options.from_proto(p, "h2")
+    assert err is None and (o.max_outbound_frames, o.max_outbound_control_frames) == (77, 8)
+    assert Http2Options().max_outbound_frames == 10000
+    p.max_outbound_frames.value = 0
+    assert Http2Options.from_proto(p, "h2")[1] == ("h2.max_outbound_frames", "must be at least 1")
+
+
+BAD_BLOCKS = [
+    pytest.param([*GET, (b"X-Upper", b"1")], id="uppercase-name"),
+    pytest.param([*GET, (b"connection", b"close")], id="connection-specific"),
+    pytest.param([(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"x")], id="no-path"),
+    pytest.param([*GET, (b":bogus", b"1")], id="unknown-pseudo"),
+    pytest.param([*GET, (b"content-length", b"abc")], id="bad-content-length"),
+]
+
+
+@pytest.mark.parametrize("block", BAD_BLOCKS)
+def test_invalid_headers_end_the_connection_by_default(block: list[tuple[bytes, bytes]]) -> None:
+    # Envoy's default (stream_error_on_invalid_http_messaging false): GOAWAY PROTOCOL_ERROR.
+    s, pre = raw_client()
+    enc = Encoder()
+    s.receive(pre + headers_frame(enc, 1, GET))
+    s.data_to_send()
+    with pytest.raises(Http2Error) as ei:
+        s.receive(headers_frame(enc, 3, block))
+    assert ei.value.code == h2c.PROTOCOL_ERROR and ei.value.stat == "rx_messaging_error"
+    assert _goaway_codes(s.data_to_send()) == [h2c.PROTOCOL_ERROR]
+
+
+def _stream_error_server() -> tuple[Http2Codec, bytes]:
+    s = Http2Codec(False, Http2Options(stream_error_on_invalid_http_messaging=True))
+    s.initiate()
+    s.data_to_send()
+    return s, h2c.PREFACE + SettingsFrame(0).serialize()
+
+
+@pytest.mark.parametrize("block", BAD_BLOCKS)
+def test_invalid_headers_reset_only_their_stream_with_stream_errors(block: list[tuple[bytes, bytes]]) -> None:
+    s, pre = _stream_error_server()
+    enc = Encoder()
+    ev = s.receive(pre + headers_frame(enc, 1, GET, end=False))
+    assert kinds(ev, h2c.HEADERS)
+    s.data_to_send()
+    ev = s.receive(headers_frame(enc, 3, block, end=False) + DataFrame(3, data=b"zz").serialize())
+    assert [e[:2] for e in ev] == [(h2c.MALFORMED, 3)]
+    frames = _parse_frames(s.data_to_send())
+    rst = [(sid, int.from_bytes(p, "big")) for t, sid, p in frames if t == 0x3]
+    assert rst[0] == (3, h2c.PROTOCOL_ERROR)  # (the DATA after it gets h2's STREAM_CLOSED answer)
+    assert not _goaway_codes(b"".join(p for _, _, p in frames))
+    # The connection and its other stream go on; the HPACK state is intact.
+    ev = s.receive(DataFrame(1, data=b"ok", flags=["END_STREAM"]).serialize() + headers_frame(enc, 5, GET))
+    assert [e[0] for e in ev] == [h2c.DATA, h2c.HEADERS]
+    # More frames on the reset stream get RST_STREAM, not a connection error.
+    s.receive(DataFrame(3, data=b"late").serialize())
+
+
+def test_content_length_mismatch_is_a_stream_error_with_stream_errors() -> None:
+    s, pre = _stream_error_server()
+    enc = Encoder()
+    req = [*REQ, (b"content-length", b"2")]
+    ev = s.receive(pre + headers_frame(enc, 1, req, end=False))
+    assert kinds(ev, h2c.HEADERS)
+    ev = s.receive(DataFrame(1, data=b"toolong", flags=["END_STREAM"]).serialize())
+    assert [e[:2] for e in ev] == [(h2c.MALFORMED, 1)]
+    s2, pre = raw_client()
+    s2.receive(pre + headers_frame(Encoder(), 1, req, end=False))
+    with pytest.raises(Http2Error) as ei:
+        s2.receive(DataFrame(1, data=b"toolong", flags=["END_STREAM"]).serialize())
+    assert ei.value.stat == "rx_messaging_error"
+
+
+def test_invalid_response_headers_on_the_client_side() -> None:
+    c, s = pair(client_opts=Http2Options(stream_error_on_invalid_http_messaging=True))
+    sid = c.next_stream_id()
+    c.send_headers(sid, GET, True)
+    shuttle(c, s)
+    # A response with an uppercase header name (h2's server side sends what it is given).
+    s.h2.config.validate_outbound_headers = False
+    s.h2.config.normalize_outbound_headers = False
+    s.send_headers(sid, [(b":status", b"200"), (b"X-Bad", b"1")], True)
+    ce, _ = shuttle(c, s)
+    assert [e[:2] for e in ce] == [(h2c.MALFORMED, sid)]
+
+
+def test_stream_error_option_precedence() -> None:
+    # Envoy: the options' override_stream_error_on_invalid_http_message, else the HCM's
+    # stream_error_on_invalid_http_message, else the deprecated stream_error_on_invalid_http_messaging.
+    p = protocol_pb2.Http2ProtocolOptions()
+    assert Http2Options.from_proto(p, "h2")[0].stream_error_on_invalid_http_messaging is False
+    p.stream_error_on_invalid_http_messaging = True
+    assert Http2Options.from_proto(p, "h2")[0].stream_error_on_invalid_http_messaging is True
+    assert (
+        Http2Options.from_proto(p, "h2", hcm_stream_error=False)[0].stream_error_on_invalid_http_messaging
+        is False
+    )
+    p.override_stream_error_on_invalid_http_message.value = False
+    assert (
+        Http2Options.from_proto(p, "h2", hcm_stream_error=True)[0].stream_error_on_invalid_http_messaging
+        is False
+    )
+    assert (
+        Http2Options.from_proto(None, "h2", hcm_stream_error=True)[0].stream_error_on_invalid_http_messaging
+        is True
+    )
+
+
+def test_peer_stream_limit_is_100_until_its_settings_arrive() -> None:
+    c = Http2Codec(True)
+    c.initiate()
+    assert c.peer_max_concurrent_streams == 100
+    s = Http2Codec(False, Http2Options(max_concurrent_streams=250))
+    s.initiate()
+    c.receive(s.data_to_send())
+    assert c.peer_max_concurrent_streams == 250
