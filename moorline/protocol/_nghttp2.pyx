@@ -244,7 +244,7 @@ cdef class NgCodec:
     cdef readonly bint client_side
     cdef readonly bint goaway_received
     cdef readonly bint goaway_sent
-    cdef readonly object error      # an outbound limit passed by frames from send_* (data_to_send)
+    cdef public object error        # an outbound limit passed by frames from send_* (data_to_send)
     cdef bint _got_settings
     cdef public long ctrl_queued
     cdef public long frames_queued
@@ -873,7 +873,11 @@ cdef int _on_stream_close(nghttp2_session *session, int32_t sid, uint32_t code, 
             c._local_resets.discard(sid)
             return 0
         c._open_local.discard(sid)
-        if code != 0 and sid not in c._drop:
+        if code == PROTOCOL_ERROR:
+            # nghttp2 reset the stream for breaking HTTP/2's messaging rules where it calls no
+            # invalid-frame callback: DATA past or short of content-length (RFC 9113 8.1.1).
+            c._events.append((EV_MALFORMED, sid, "content-length mismatch"))
+        elif code != 0 and sid not in c._drop:
             # nghttp2 ended the stream itself (a stream error, or above a GOAWAY's last id).
             c._events.append((EV_RESET, sid, code))
         return 0

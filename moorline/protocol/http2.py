@@ -125,6 +125,7 @@ MALFORMED = 9
 NO_ERROR = 0
 PROTOCOL_ERROR = 1
 INTERNAL_ERROR = 2
+STREAM_CLOSED = 5
 FRAME_SIZE_ERROR = 6
 REFUSED_STREAM = 7
 CANCEL = 8
@@ -731,7 +732,6 @@ class Http2Codec:
         """Reset ``sid`` (its header block is past the limit); its later frames are dropped."""
         self._open_local.discard(sid)
         self._out.pop(sid, None)
-        self.ctrl_queued += 1
         try:
             self.h2.reset_stream(sid, INTERNAL_ERROR)
         except (StreamClosedError, ProtocolError, KeyError):

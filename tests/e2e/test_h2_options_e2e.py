@@ -21,6 +21,7 @@ import h2.events
 import h2.settings
 import pytest
 
+from moorline.protocol import http2_backends
 from moorline.protocol.http2 import _KeepOpenStateMachine
 from moorline.testing import procs
 
@@ -313,6 +314,13 @@ def test_rst_answers_to_a_client_that_does_not_read(env: Env) -> None:
             s.sendall(chunk)
             sent += 5000
     s.close()
-    procs.wait_until(lambda: env.proc.stat("http2.outbound_control_flood") > before, "outbound_control_flood")
+    if http2_backends.BACKEND == "nghttp2":
+        # nghttp2 answers the first DATA on the closed stream with GOAWAY STREAM_CLOSED: no
+        # answers to pile up at all.
+        assert env.proc.stat("http2.outbound_control_flood") == before
+    else:
+        procs.wait_until(
+            lambda: env.proc.stat("http2.outbound_control_flood") > before, "outbound_control_flood"
+        )
     assert sent < 3_000_000, "moorline accepted every frame"
     assert env.proc.alive()

@@ -479,10 +479,22 @@ def _goaway_codes(data: bytes) -> list[int]:
     return [int.from_bytes(p[4:8], "big") for t, _, p in _parse_frames(data) if t == 0x7]
 
 
-def test_rst_answers_on_a_reset_stream_count_as_control_frames() -> None:
+def test_rst_answers_on_a_reset_stream_count_as_control_frames(backend: str) -> None:
     # Issue 11's probe: each empty DATA frame on a stream the client reset gets an RST_STREAM back
-    # from h2; a client that never reads made the server queue them without limit.
+    # from h2; a client that never reads made the server queue them without limit. nghttp2
+    # answers the first such frame with GOAWAY STREAM_CLOSED (RFC 9113 5.1): nothing to amplify.
     s, pre = raw_client()
+    if backend == "nghttp2":
+        enc = Encoder()
+        rst = RstStreamFrame(1)
+        rst.error_code = h2c.CANCEL
+        s.receive(pre + headers_frame(enc, 1, REQ, end=False) + rst.serialize())
+        s.data_to_send()
+        with pytest.raises(Http2Error) as ei:
+            s.receive(DataFrame(1).serialize())
+        assert ei.value.code == h2c.STREAM_CLOSED
+        assert _goaway_codes(s.data_to_send()) == [h2c.STREAM_CLOSED]
+        return
     enc = Encoder()
     rst = RstStreamFrame(1)
     rst.error_code = h2c.CANCEL
@@ -501,7 +513,19 @@ def test_rst_answers_on_a_reset_stream_count_as_control_frames() -> None:
     assert _goaway_codes(s.data_to_send()) == [h2c.ENHANCE_YOUR_CALM]
 
 
-def test_control_frame_count_restarts_when_flushed() -> None:
+def test_control_frame_count_restarts_when_flushed(backend: str) -> None:
+    if backend == "nghttp2":
+        # No RST answers to count there (see above): PING answers are control frames too.
+        s, pre = raw_client()
+        s.receive(pre)
+        ping = PingFrame(0)
+        ping.opaque_data = b"12345678"
+        for _ in range(3):
+            s.receive(ping.serialize() * 900)
+            s.data_to_send()
+            s.flushed()
+        assert s.ctrl_queued == 0
+        return
     s, pre = raw_client()
     enc = Encoder()
     rst = RstStreamFrame(1)
@@ -526,12 +550,14 @@ def test_outbound_frames_limit_counts_every_frame_kind() -> None:
     enc = Encoder()
     s.receive(h2c.PREFACE + SettingsFrame(0).serialize() + headers_frame(enc, 1, GET))
     s.send_headers(1, [(b":status", b"200")], False)
+    # Each write of the glue makes a frame (nghttp2 would coalesce chunks queued together).
     for _ in range(40):
         s.send_data(1, b"x", False)
-    assert s.data_to_send() and s.error is None
+        assert s.data_to_send() and s.error is None
+    data = b""
     for _ in range(20):
         s.send_data(1, b"x", False)
-    data = s.data_to_send()
+        data += s.data_to_send()
     assert s.error is not None and s.error.stat == "outbound_flood"
     assert _goaway_codes(data) == [h2c.ENHANCE_YOUR_CALM]
     # Written and flushed, the same number is fine.
@@ -617,7 +643,7 @@ def test_invalid_headers_reset_only_their_stream_with_stream_errors(block: list[
     s.receive(DataFrame(3, data=b"late").serialize())
 
 
-def test_content_length_mismatch_is_a_stream_error_with_stream_errors() -> None:
+def test_content_length_mismatch_is_a_stream_error_with_stream_errors(backend: str) -> None:
     s, pre = _stream_error_server()
     enc = Encoder()
     req = [*REQ, (b"content-length", b"2")]
@@ -627,6 +653,12 @@ def test_content_length_mismatch_is_a_stream_error_with_stream_errors() -> None:
     assert [e[:2] for e in ev] == [(h2c.MALFORMED, 1)]
     s2, pre = raw_client()
     s2.receive(pre + headers_frame(Encoder(), 1, req, end=False))
+    if backend == "nghttp2":
+        # nghttp2 checks content-length on DATA itself and resets only the stream whatever the
+        # option (Envoy, on nghttp2, behaves the same): the glue still sees MALFORMED.
+        ev = s2.receive(DataFrame(1, data=b"toolong", flags=["END_STREAM"]).serialize())
+        assert [e[:2] for e in ev] == [(h2c.MALFORMED, 1)]
+        return
     with pytest.raises(Http2Error) as ei:
         s2.receive(DataFrame(1, data=b"toolong", flags=["END_STREAM"]).serialize())
     assert ei.value.stat == "rx_messaging_error"
@@ -637,11 +669,8 @@ def test_invalid_response_headers_on_the_client_side() -> None:
     sid = c.next_stream_id()
     c.send_headers(sid, GET, True)
     shuttle(c, s)
-    # A response with an uppercase header name (h2's server side sends what it is given).
-    s.h2.config.validate_outbound_headers = False
-    s.h2.config.normalize_outbound_headers = False
-    s.send_headers(sid, [(b":status", b"200"), (b"X-Bad", b"1")], True)
-    ce, _ = shuttle(c, s)
+    # A response with an uppercase header name, encoded by hand (both codecs lower-case theirs).
+    ce = c.receive(headers_frame(Encoder(), sid, [(b":status", b"200"), (b"X-Bad", b"1")]))
     assert [e[:2] for e in ce] == [(h2c.MALFORMED, sid)]
 
 

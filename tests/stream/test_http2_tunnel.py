@@ -23,7 +23,6 @@ from moorline.config.context import BuildContext
 from moorline.extensions import register_builtin
 from moorline.net.conn_info import ConnInfo
 from moorline.observability.stats import Store
-from moorline.protocol import http2_backends
 from moorline.protocol.headers import RequestHeaders, ResponseHeaders
 from moorline.proxy.hcm import HcmConfig
 from moorline.stream.http2_client import tunnel_request_headers
@@ -313,18 +312,14 @@ def test_refused_upgrade_is_an_ordinary_response(loop: Any) -> None:
     assert sid not in p.server.streams  # ended with the response, as any refused request
 
 
-def test_extended_connect_without_allow_connect_is_reset_protocol_error(loop: Any) -> None:
+def test_extended_connect_without_allow_connect_ends_the_connection(loop: Any) -> None:
     p = Pair(allow_connect=False)
     sid = p.client.get_next_available_stream_id()
     p.client.send_headers(sid, EXT)
     ev = p.pump()
-    if http2_backends.BACKEND == "nghttp2":
-        # An invalid message for nghttp2: the connection ends (Envoy's default).
-        (term,) = _of(ev, h2.events.ConnectionTerminated)
-        assert term.error_code == 1 and not p.recs
-        return
-    (rst,) = _of(ev, h2.events.StreamReset)
-    assert rst.error_code == 1 and not p.recs
+    # An invalid message: the connection ends (Envoy's default).
+    (term,) = _of(ev, h2.events.ConnectionTerminated)
+    assert term.error_code == 1 and not p.recs
 
 
 def test_tunnel_output_beyond_the_client_window_pauses_the_upstream(loop: Any) -> None:
