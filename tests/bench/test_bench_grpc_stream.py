@@ -56,8 +56,8 @@ def test_bench_grpc_stream_moorline_and_direct(tmp_path: Path) -> None:
 
     (path,) = out_dir.glob("*-grpc-stream.json")
     doc = json.loads(path.read_text())
-    assert doc["proxies"] == ["moorline", "direct"]
-    for v in ("moorline", "direct"):
+    assert doc["proxies"] == ["moorline", "moorline-h2", "direct"]
+    for v in ("moorline", "moorline-h2", "direct"):
         (s,) = doc["samples"][v]
         assert s["ok"] is True, (v, s.get("error"))
         assert s["requests"] > 0 and s["succeeded"] == s["requests"]

@@ -18,7 +18,7 @@ import yaml
 
 from moorline import __version__
 from moorline.observability import logging as mlog
-from moorline.protocol import http1
+from moorline.protocol import http1, http2_backends
 from moorline.testing import procs
 from moorline.testing.procs import free_port
 
@@ -97,8 +97,9 @@ def test_startup_log_shows_every_notice_at_info(tmp_path: Path) -> None:
     ], lines
     ready = "[info][main] moorline " + __version__ + " ready (HTTP/1.1 parsers: "
     assert any(ready in ln for ln in lines), lines
-    backend = "compiled, llhttp)" if http1.NATIVE else "pure Python on httptools)"
-    assert any(ln.endswith(backend) for ln in lines if ready in ln), lines
+    backend = "compiled, llhttp" if http1.NATIVE else "pure Python on httptools"
+    h2 = "libnghttp2" if http2_backends.BACKEND == "nghttp2" else "pure Python h2"
+    assert any(ln.endswith(f"{backend}; HTTP/2 codec: {h2})") for ln in lines if ready in ln), lines
 
 
 def _record(msg: str, name: str = "moorline.upstream", level: int = logging.INFO) -> logging.LogRecord:
