@@ -134,6 +134,8 @@ cdef extern from "nghttp2/nghttp2.h":
     int32_t nghttp2_session_get_next_stream_id(nghttp2_session *)
     int32_t nghttp2_session_get_last_proc_stream_id(nghttp2_session *)
     int32_t nghttp2_session_get_stream_remote_window_size(nghttp2_session *, int32_t)
+    int nghttp2_session_want_read(nghttp2_session *)
+    int nghttp2_session_want_write(nghttp2_session *)
 
     int nghttp2_submit_settings(nghttp2_session *, uint8_t, const nghttp2_settings_entry *, size_t)
     int32_t nghttp2_submit_request(nghttp2_session *, const void *, const nghttp2_nv *, size_t,
@@ -381,6 +383,12 @@ cdef class NgCodec:
         cdef uint32_t v = nghttp2_session_get_remote_settings(self.s, NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS)
         # Until the peer's first SETTINGS, 100 (nghttp2 holds further streams back itself).
         return v if self._got_settings or v < 100 else 100
+
+    @property
+    def finished(self):
+        """nghttp2 will neither read nor write again (say, the peer's GOAWAY arrived and no
+        stream is open): the glue closes the connection, as Envoy does."""
+        return not nghttp2_session_want_read(self.s) and not nghttp2_session_want_write(self.s)
 
     @property
     def peer_allows_connect(self):

@@ -537,6 +537,12 @@ class Http2Codec:
         return v if self._peer_settings else min(v, _INITIAL_PEER_STREAMS)
 
     @property
+    def finished(self) -> bool:
+        """The codec will neither read nor write again (nghttp2 says so after the peer's GOAWAY
+        with no stream open); h2's connection stays usable, so never here."""
+        return False
+
+    @property
     def peer_allows_connect(self) -> bool:
         """The peer advertised SETTINGS_ENABLE_CONNECT_PROTOCOL = 1 (RFC 8441): extended
         CONNECT requests may be sent to it."""

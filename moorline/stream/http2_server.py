@@ -507,7 +507,7 @@ class Http2ServerConnection(asyncio.Protocol):
         finally:
             self.in_batch = False
         self._flush_now()
-        if self.goaway_sent and not self.streams:
+        if (self.goaway_sent or self.codec.finished) and not self.streams:
             self.close()
 
     def eof_received(self) -> bool | None:
