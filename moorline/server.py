@@ -286,6 +286,8 @@ class Server:
         # bench/: gc_collect_main fell from ~8% of proxy CPU). MOORLINE_GC_GEN0 overrides.
         gc.set_threshold(int(os.environ.get("MOORLINE_GC_GEN0", "20000")), 50, 100)
         uptime_task = loop.create_task(self._tick())
+        if http2_backends.FALLBACK:
+            log.warning("notice: HTTP/2 runs on the pure-Python h2 backend: %s", http2_backends.FALLBACK)
         log.info(
             "moorline %s ready (HTTP/1.1 parsers: %s; HTTP/2 codec: %s)",
             __version__,

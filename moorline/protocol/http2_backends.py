@@ -27,12 +27,15 @@ if not _want and os.environ.get("MOORLINE_PURE_PYTHON"):
 
 Codec: Any = Http2Codec
 BACKEND = "h2"
+# Why the h2 backend runs when it was not asked for (the startup log says it), else "".
+FALLBACK = ""
 if _want != "h2":
     try:
         from moorline.protocol._nghttp2 import NgCodec  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
+    except ImportError as e:
         if _want == "nghttp2" or os.environ.get("MOORLINE_REQUIRE_NATIVE"):
             raise
+        FALLBACK = f"the libnghttp2 codec is not built ({e}; scripts/build-native.py builds it)"
     else:
         Codec = NgCodec
         BACKEND = "nghttp2"
