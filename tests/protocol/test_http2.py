@@ -704,3 +704,27 @@ def test_peer_stream_limit_is_100_until_its_settings_arrive() -> None:
     s.initiate()
     c.receive(s.data_to_send())
     assert c.peer_max_concurrent_streams == 250
+
+
+def test_hpack_bomb_is_bounded(backend: str) -> None:
+    # One 4 KB table entry referenced 10,000 times (one byte each): a 10 KB frame that decodes
+    # to 40 MB. Neither backend keeps it: h2's decoder stops at hard_header_cap (connection
+    # error), nghttp2 resets that stream alone and the next request is served.
+    s, pre = raw_client()
+    enc = Encoder()
+    first = headers_frame(enc, 1, [*GET, (b"x-bomb", b"b" * 4000)])  # indexes the 4 KB field
+    s.receive(pre + first)
+    s.data_to_send()
+    f = HeadersFrame(3)
+    f.data = enc.encode(GET) + b"\xbe" * 10_000  # 0xbe: dynamic table index 62, the bomb
+    f.flags.add("END_HEADERS")
+    f.flags.add("END_STREAM")
+    if backend == "h2":
+        with pytest.raises(Http2Error) as ei:
+            s.receive(f.serialize())
+        assert ei.value.stat == "header_overflow"
+        return
+    ev = s.receive(f.serialize())
+    assert kinds(ev, h2c.OVERSIZED) == [(h2c.OVERSIZED, 3)]
+    ev = s.receive(headers_frame(enc, 5, GET))
+    assert [e[1] for e in kinds(ev, h2c.HEADERS)] == [5]
