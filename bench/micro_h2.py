@@ -1,0 +1,151 @@
+"""Python cost of one proxied HTTP/2 request (h2c downstream, HTTP/1.1 upstream), without the
+kernel: the counterpart of ``bench.micro_h1``.
+
+The real connection manager, router, pool and codecs run on in-memory transports. The client is
+a second codec of the same backend, driven in the same process; ``peer`` runs the same exchange
+between two bare codecs, so ``proxy - peer`` is what moorline adds. Process CPU time, not wall
+time. Run:
+
+    python -m bench.micro_h2 [N]          # MOORLINE_HTTP2_BACKEND=h2 for the reference backend
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import sys
+import time
+
+from bench.micro_h1 import CONFIG, RESPONSE, MemTransport
+from moorline.config.loader import load_bootstrap
+from moorline.net.conn_info import ConnInfo
+from moorline.protocol import http2 as h2c
+from moorline.protocol import http2_backends
+from moorline.stream.http1_client import Http1ClientConnection, pool_for
+
+REQUEST = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"127.0.0.1:10000"), (b":path", b"/")]
+BATCH = 10  # streams per client write, as h2load -m 10
+
+
+def _client_round(client: object, write: object, down_t: MemTransport) -> int:
+    """Send BATCH requests in one write; returns the stream ids."""
+    c = client
+    sids = []
+    for _ in range(BATCH):
+        sid = c.next_stream_id()  # type: ignore[attr-defined]
+        c.send_headers(sid, REQUEST, True)  # type: ignore[attr-defined]
+        sids.append(sid)
+    write(c.data_to_send())  # type: ignore[attr-defined,operator]
+    c.flushed()  # type: ignore[attr-defined]
+    return len(sids)
+
+
+def run(n: int) -> float:
+    import uvloop
+
+    from moorline.server import Server
+    from moorline.stream.http2_server import Http2ServerConnection
+
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    server = Server(load_bootstrap(yaml_text=CONFIG), "bench")
+    hcm = server.listeners[0].selector.chains[0].terminal
+    cluster = server.cluster_manager.get("be")
+    assert cluster is not None
+    pool = pool_for(cluster.hosts[0], loop)
+    ups = []
+    for _ in range(BATCH):
+        up = Http1ClientConnection(pool)
+        up.connection_made(MemTransport())
+        pool.total += 1
+        cluster.stats.upstream_cx_active.value += 1
+        pool.idle.append(up)
+        ups.append(up)
+    info = ConnInfo(("127.0.0.1", 10000), ("127.0.0.1", 40000), "l")
+    down = Http2ServerConnection(hcm, info)
+    down_t = MemTransport()
+    down.connection_made(down_t)
+    client = http2_backends.Codec(True, None)
+    client.initiate()
+    down.data_received(client.data_to_send())
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20000, 50, 100)
+
+    async def one_round() -> int:
+        """One batch through the proxy; returns the number of 200 responses that ended."""
+        _client_round(client, down.data_received, down_t)
+        for up in ups:  # each pooled connection got one request
+            up.data_received(RESPONSE)
+        await asyncio.sleep(0)  # the glue's flush runs as a loop callback
+        data = b"".join(down_t.out)
+        down_t.out.clear()
+        ok = 0
+        for ev in client.receive(data):
+            if ev[0] == h2c.DATA:
+                if ev[3]:
+                    client.ack(ev[1], ev[3])
+                ok += ev[4]
+            elif ev[0] == h2c.HEADERS and ev[2][0] != (b":status", b"200"):
+                raise AssertionError(f"unexpected response {ev[2]}")
+        out = client.data_to_send()
+        client.flushed()
+        if out:
+            down.data_received(out)
+        return ok
+
+    async def measure() -> float:
+        done = 0
+        for _ in range(50):
+            done += await one_round()
+        assert done == 50 * BATCH, f"{done} of {50 * BATCH} responses completed"
+        t0 = time.process_time()
+        for _ in range(n // BATCH):
+            await one_round()
+        return time.process_time() - t0
+
+    dt = loop.run_until_complete(measure())
+    loop.close()
+    return dt / n * 1e6
+
+
+def peer(n: int) -> float:
+    """The same exchange between two bare codecs: the client's share of ``run``."""
+    client = http2_backends.Codec(True, None)
+    srv = http2_backends.Codec(False, None)
+    client.initiate()
+    srv.initiate()
+    srv.receive(client.data_to_send())
+    client.receive(srv.data_to_send())
+    t0 = time.process_time()
+    for _ in range(n // BATCH):
+        sids = []
+        for _ in range(BATCH):
+            sid = client.next_stream_id()
+            client.send_headers(sid, REQUEST, True)
+            sids.append(sid)
+        client.flushed()
+        srv.flushed()
+        for ev in srv.receive(client.data_to_send()):
+            if ev[0] == h2c.HEADERS:
+                srv.send_headers(ev[1], [(b":status", b"200"), (b"content-length", b"13")], False)
+                srv.send_data(ev[1], b"hello, world\n", True)
+        for ev in client.receive(srv.data_to_send()):
+            if ev[0] == h2c.DATA and ev[3]:
+                client.ack(ev[1], ev[3])
+        srv.receive(client.data_to_send())
+    return (time.process_time() - t0) / n * 1e6
+
+
+def main() -> None:
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 20000
+    runs = sorted(run(n) for _ in range(3))
+    p = sorted(peer(n) for _ in range(3))[1]
+    print(
+        f"{http2_backends.BACKEND}: python cost per proxied HTTP/2 request: median {runs[1]:.1f} us "
+        f"(min {runs[0]:.1f}, max {runs[2]:.1f}); two bare codecs, one exchange: {p:.1f} us"
+    )
+
+
+if __name__ == "__main__":
+    main()
