@@ -46,6 +46,8 @@ cdef extern from "nghttp2/nghttp2.h":
         pass
     ctypedef struct nghttp2_session_callbacks:
         pass
+    ctypedef struct nghttp2_stream:
+        pass
 
     ctypedef struct nghttp2_nv:
         uint8_t *name
@@ -131,11 +133,14 @@ cdef extern from "nghttp2/nghttp2.h":
     int nghttp2_session_set_local_window_size(nghttp2_session *, uint8_t, int32_t, int32_t)
     int nghttp2_session_terminate_session(nghttp2_session *, uint32_t)
     uint32_t nghttp2_session_get_remote_settings(nghttp2_session *, int)
-    int32_t nghttp2_session_get_next_stream_id(nghttp2_session *)
+    uint32_t nghttp2_session_get_next_stream_id(nghttp2_session *)
     int32_t nghttp2_session_get_last_proc_stream_id(nghttp2_session *)
     int32_t nghttp2_session_get_stream_remote_window_size(nghttp2_session *, int32_t)
     int nghttp2_session_want_read(nghttp2_session *)
     int nghttp2_session_want_write(nghttp2_session *)
+    nghttp2_stream *nghttp2_session_find_stream(nghttp2_session *, int32_t)
+    int nghttp2_stream_get_state(nghttp2_stream *)
+    int nghttp2_session_consume_connection(nghttp2_session *, size_t)
 
     int nghttp2_submit_settings(nghttp2_session *, uint8_t, const nghttp2_settings_entry *, size_t)
     int32_t nghttp2_submit_request(nghttp2_session *, const void *, const nghttp2_nv *, size_t,
@@ -180,6 +185,8 @@ cdef extern from "nghttp2/nghttp2.h":
         NGHTTP2_ERR_BAD_CLIENT_MAGIC = -903
         NGHTTP2_ERR_FLOODED = -904
         NGHTTP2_ERR_TOO_MANY_CONTINUATIONS = -905
+        NGHTTP2_STREAM_STATE_IDLE = 1
+        NGHTTP2_STREAM_STATE_CLOSED = 7
 
 
 # Event kinds and error codes: the values of moorline.protocol.http2 (a test pins them equal).
@@ -267,6 +274,7 @@ cdef class NgCodec:
     cdef long _wu_frames
     cdef long _in_streams
     cdef long _data_frames
+    cdef int32_t _last_request_sent
     cdef int _goaway_expected
     cdef object _error          # Http2Error found by a callback, raised after mem_recv
     cdef object _exc            # a Python exception inside a callback (a bug): re-raised
@@ -401,7 +409,7 @@ cdef class NgCodec:
     def next_stream_id(self):
         return nghttp2_session_get_next_stream_id(self.s)
 
-    def goaway(self, int code=NO_ERROR, last_stream_id=None, bytes detail=b""):
+    def goaway(self, int code=NO_ERROR, last_stream_id=None, bytes detail not None=b""):
         self.goaway_sent = True
         cdef int32_t last = nghttp2_session_get_last_proc_stream_id(self.s) if last_stream_id is None else last_stream_id
         self._goaway_expected += 1
@@ -409,12 +417,12 @@ cdef class NgCodec:
                                  <const uint8_t *>PyBytes_AS_STRING(detail), PyBytes_GET_SIZE(detail)) != 0:
             self._goaway_expected -= 1
 
-    def ping(self, bytes opaque=b"moorline"):
+    def ping(self, bytes opaque not None=b"moorline"):
         cdef bytes o8 = opaque[:8].ljust(8, b"\0")
         nghttp2_submit_ping(self.s, NGHTTP2_FLAG_NONE, <const uint8_t *>PyBytes_AS_STRING(o8))
 
     # -- receiving ------------------------------------------------------------------------
-    def receive(self, bytes data):
+    def receive(self, bytes data not None):
         """Feed bytes; returns event tuples. Raises ``Http2Error`` (GOAWAY queued)."""
         cdef list out = self._events  # may hold events produced since the last call
         cdef ssize_t rv = nghttp2_session_mem_recv(
@@ -462,7 +470,14 @@ cdef class NgCodec:
         self._drop = set()
         self.closed_streams += len(drop)
         self.premature_resets += len(drop)
-        return [ev for ev in out if ev[0] >= EV_GOAWAY or ev[1] not in drop]
+        keep = []
+        for ev in out:
+            if ev[0] >= EV_GOAWAY or ev[1] not in drop:
+                keep.append(ev)
+            elif ev[0] == EV_DATA and ev[3]:
+                # Nobody will ack these bytes: hand them back to the connection window now.
+                nghttp2_session_consume_connection(self.s, ev[3])
+        return keep
 
     cdef int _error_calm(self, str detail, str stat) except -1:
         # A flood seen inside a callback: GOAWAY now, raised once mem_recv returns.
@@ -567,7 +582,7 @@ cdef class NgCodec:
         finally:
             free(nva)
 
-    def send_data(self, int32_t sid, bytes data, bint end_stream):
+    def send_data(self, int32_t sid, bytes data not None, bint end_stream):
         """Queue ``data``; nghttp2 sends it within the peer's windows (see ``pending``)."""
         cdef _Out q = self._out.get(sid)
         if q is None:
@@ -598,13 +613,15 @@ cdef class NgCodec:
         cdef _Out q = self._out.get(sid)
         if q is None:
             return 0
-        if q.size and not q.deferred:
+        if (q.size or q.end) and not q.deferred:
             self._pump()
-            if q.size:
-                q.blocked = True
-        elif q.end and not q.deferred:
-            self._pump()
-        return q.size
+            if self._out.get(sid) is not q:
+                return 0  # all sent, END_STREAM (or trailers) too
+            q.blocked = True
+        # END_STREAM or trailers still unsent (the stream window is 0, so nghttp2 does not ask
+        # for even an empty DATA frame) count as one byte: the glue must not forget or reset the
+        # stream yet, WRITABLE tells it when they left.
+        return q.size if q.size or not q.end else 1
 
     def reset(self, int32_t sid, int code=CANCEL):
         if code == NO_ERROR:
@@ -613,7 +630,10 @@ cdef class NgCodec:
             self._pump()
         self._out.pop(sid, None)
         self._open_local.discard(sid)
-        self._local_resets.add(sid)
+        if _live(self.s, sid) or (self.client_side and sid > self._last_request_sent
+                                  and <uint32_t>sid < nghttp2_session_get_next_stream_id(self.s)):
+            # Open, or a request nghttp2 still holds back (it closes that one when it drops it).
+            self._local_resets.add(sid)
         nghttp2_submit_rst_stream(self.s, NGHTTP2_FLAG_NONE, sid, code)
 
     def forget(self, int32_t sid):
@@ -657,6 +677,16 @@ cdef class NgCodec:
             self._exc = None
             raise e
         return 0
+
+
+cdef inline bint _live(nghttp2_session *s, int32_t sid) noexcept:
+    # nghttp2 calls on_stream_close only for streams it still has open: a reset or RST_STREAM
+    # on any other stream must leave no entry behind in the sets on_stream_close prunes.
+    cdef nghttp2_stream *st = nghttp2_session_find_stream(s, sid)
+    if st == NULL:
+        return False
+    cdef int state = nghttp2_stream_get_state(st)
+    return state != NGHTTP2_STREAM_STATE_IDLE and state != NGHTTP2_STREAM_STATE_CLOSED
 
 
 cdef size_t _fill_nva(nghttp2_nv *nva, headers, list keep) except? 0:
@@ -726,9 +756,13 @@ cdef ssize_t _read_cb(nghttp2_session *session, int32_t sid, uint8_t *buf, size_
                     q.trailers = None
                     keep = []
                     nva = <nghttp2_nv *>malloc((len(trailers) or 1) * sizeof(nghttp2_nv))
-                    tn = _fill_nva(nva, trailers, keep)
-                    nghttp2_submit_trailer(session, sid, nva, tn)
-                    free(nva)
+                    if nva == NULL:
+                        raise MemoryError()
+                    try:
+                        tn = _fill_nva(nva, trailers, keep)
+                        nghttp2_submit_trailer(session, sid, nva, tn)
+                    finally:
+                        free(nva)
                 if not c.client_side:
                     c._ended(sid)
                 del c._out[sid]
@@ -831,6 +865,8 @@ cdef int _on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, vo
                 ev.append((EV_TRAILERS, sid, hs))
         elif t == NGHTTP2_RST_STREAM:
             c._out.pop(sid, None)
+            if not _live(session, sid):
+                return 0  # a stream already closed: nothing to tell, no close callback follows
             c._remote_resets.add(sid)
             if not c.client_side:
                 if sid in c._opened_now:
@@ -902,6 +938,9 @@ cdef int _on_frame_send(nghttp2_session *session, const nghttp2_frame *frame, vo
         c._data_frames += 1
     elif t == NGHTTP2_RST_STREAM or t == NGHTTP2_PING or t == NGHTTP2_SETTINGS:
         c.ctrl_queued += 1
+    elif t == NGHTTP2_HEADERS:
+        if frame.headers.cat == NGHTTP2_HCAT_REQUEST and frame.hd.stream_id > c._last_request_sent:
+            c._last_request_sent = frame.hd.stream_id
     elif t == NGHTTP2_GOAWAY:
         c.ctrl_queued += 1
         if c._goaway_expected:

@@ -161,6 +161,12 @@ class H2UpstreamStream:
         if conn.closed or self.closed:
             conn.loop.call_soon(self._fail_later, ResetReason.CONNECTION_TERMINATION)
             return
+        if conn.goaway:
+            # A handle given out before the upstream's GOAWAY: the stream would be refused (by
+            # nghttp2 itself, with the RESET reported only on the next upstream read; or ignored
+            # by the peer): refuse it here, retryable like the streams the GOAWAY cut.
+            conn.loop.call_soon(self._fail_later, ResetReason.REMOTE_REFUSED_STREAM)
+            return
         codec = conn.codec
         sid = self.sid = codec.next_stream_id()
         conn.streams[sid] = self

@@ -728,3 +728,46 @@ def test_hpack_bomb_is_bounded(backend: str) -> None:
     assert kinds(ev, h2c.OVERSIZED) == [(h2c.OVERSIZED, 3)]
     ev = s.receive(headers_frame(enc, 5, GET))
     assert [e[1] for e in kinds(ev, h2c.HEADERS)] == [5]
+
+
+def test_trailers_behind_a_full_stream_window_stay_pending_until_sent() -> None:
+    # The body fills the client's stream window exactly; the trailers (or END_STREAM) then wait
+    # on nghttp2 for a window update. pending() must not say 0 meanwhile: the glues forget or
+    # reset (NO_ERROR) a stream whose pending() is 0, which lost the trailers and reset it.
+    small = Http2Options(initial_stream_window_size=65535, initial_connection_window_size=65535)
+    c, s = pair(client_opts=small)
+    sid = c.next_stream_id()
+    c.send_headers(sid, GET, True)
+    shuttle(c, s)
+    s.send_headers(sid, [(b":status", b"200")], False)
+    s.send_data(sid, b"x" * 65535, False)
+    assert s.pending(sid) == 0  # all within the window (the glue asks after each send_data)
+    s.send_trailers(sid, [(b"grpc-status", b"0")])
+    forgotten = False
+    if not s.pending(sid):  # what the server glue does once the response ended
+        s.forget(sid)
+        forgotten = True
+    ce, se = shuttle(c, s)
+    c.ack(sid, sum(e[3] for e in kinds(ce, h2c.DATA)))
+    ce2, se2 = shuttle(c, s)
+    ce += ce2
+    if not forgotten:
+        assert kinds(se + se2, h2c.WRITABLE) == [(h2c.WRITABLE, sid)]
+        assert s.pending(sid) == 0
+    assert kinds(ce, h2c.TRAILERS) == [(h2c.TRAILERS, sid, [(b"grpc-status", b"0")])]
+    assert not kinds(ce, h2c.RESET)
+
+
+def test_dropped_rapid_reset_streams_hand_their_data_back_to_the_connection_window() -> None:
+    s, preface = raw_client()
+    enc = Encoder()
+    b = preface + SettingsFrame(0, flags=["ACK"]).serialize()
+    for sid in (1, 3, 5):  # 3 x 196608 bytes: past half the 1 MiB connection window
+        b += headers_frame(enc, sid, REQ, end=False)
+        for _ in range(12):
+            b += DataFrame(sid, b"y" * 16384).serialize()
+        b += RstStreamFrame(sid, error_code=h2c.CANCEL).serialize()
+    events = s.receive(b)
+    assert not [e for e in events if e[0] in (h2c.HEADERS, h2c.DATA)]
+    updates = [p for t, sid, p in _parse_frames(s.data_to_send()) if t == 0x8 and sid == 0]
+    assert sum(int.from_bytes(p, "big") for p in updates) >= 512 * 1024  # h2 and nghttp2 update at half
