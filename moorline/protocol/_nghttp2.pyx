@@ -810,8 +810,12 @@ cdef int _on_header(nghttp2_session *session, const nghttp2_frame *frame, const 
             # block, so the connection's HPACK state stays right); nothing more is kept of it.
             c._hdrs = None
             c._events.append((EV_OVERSIZED, frame.hd.stream_id))
-            if not c.client_side:
-                c._local_resets.add(frame.hd.stream_id)  # OVERSIZED says it; no RESET too
+            # OVERSIZED says it (both sides): no RESET when nghttp2 closes the stream. The
+            # stream is open here (a request's block opens it), so the close callback will
+            # come and take the id out again.
+            c._local_resets.add(frame.hd.stream_id)
+            c._open_local.discard(frame.hd.stream_id)
+            c._out.pop(frame.hd.stream_id, None)
             return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE
         c._hdrs.append((PyBytes_FromStringAndSize(<const char *>name, namelen),
                         PyBytes_FromStringAndSize(<const char *>value, valuelen)))

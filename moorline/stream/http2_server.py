@@ -499,7 +499,7 @@ class Http2ServerConnection(asyncio.Protocol):
                     # (RFC 9113 6.8: the connection stays until it closes it or an idle timeout).
                     pass
                 elif kind == h2c.OVERSIZED:
-                    self._on_oversized()
+                    self._on_oversized(ev[1])
                 elif kind == h2c.MALFORMED:
                     self._on_malformed(ev[1])
                 if self.closed:
@@ -598,10 +598,13 @@ class Http2ServerConnection(asyncio.Protocol):
         if self.cfg.runtime.draining and not self.goaway_sent:
             self._send_goaway(h2c.NO_ERROR)
 
-    def _on_oversized(self) -> None:
-        # A request header block past max_header_list_size: the codec reset that stream, as
-        # Envoy's codec does; it never reached the proxy.
+    def _on_oversized(self, sid: int) -> None:
+        # A header block past max_header_list_size: the codec reset that stream, as Envoy's
+        # codec does. A request head never reached the proxy; trailers end a proxied stream.
         self.stats_h2.header_overflow.value += 1
+        if sid in self.streams:
+            self._on_reset(sid, remote=False)
+            return
         self.stats.downstream_rq_total.value += 1
         self.stats.downstream_rq_4xx.value += 1
 

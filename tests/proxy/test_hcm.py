@@ -291,6 +291,26 @@ def test_h2_request_over_the_header_count_limit_is_reset_not_forwarded(make: Any
     assert h.response(ok).status == 200
 
 
+def test_h2_trailers_past_the_header_list_limit_reset_only_that_stream(make: Any) -> None:
+    # The trailers of a proxied request decode past max_request_headers_kb: the codec resets
+    # that stream (http2.header_overflow), the proxied request ends instead of hanging, and the
+    # connection serves the next request.
+    pair = make()
+    h = pair.connect_h2()
+    sid = h.request("POST", "/", "example.com", body=b"abc", end_stream=False)
+    up = pair.upstream.accept()  # the body is on its way upstream; the request is not complete
+    h.send_trailers(sid, [(f"x-t{i}", "v" * 1000) for i in range(70)])  # 70 KB > 60 KiB
+    r = h.response(sid)
+    assert r.reset_code == 2 and r.headers is None  # INTERNAL_ERROR
+    assert pair.stat("http2.header_overflow") == 1
+    assert up.closed  # the half-sent upstream request was abandoned, not left open
+    ok = h.request("GET", "/", "example.com")
+    up2 = pair.upstream.accept()
+    up2.request()
+    up2.respond(200)
+    assert h.response(ok).status == 200
+
+
 def test_h2_window_update_flood_ends_the_connection(make: Any) -> None:
     # One client sending WINDOW_UPDATEs with nothing to update them for stalled every other
     # client of the loop: past Envoy's limit the connection gets GOAWAY ENHANCE_YOUR_CALM.
