@@ -180,7 +180,7 @@ class H2UpstreamStream:
             block, self.protocol = t
             self.tunnel = True
         codec.send_headers(sid, block, end_stream)
-        conn.flush()
+        conn.flush_soon()
 
     def _fail_later(self, reason: ResetReason) -> None:
         req = self.req
@@ -200,14 +200,14 @@ class H2UpstreamStream:
             self.window_paused = True
             if self.req is not None:
                 self.req.on_upstream_write_paused()
-        conn.flush()
+        conn.flush_soon()
 
     def send_trailers(self, trailers: HeaderMap) -> None:
         if self.closed or self.local_end or not self.sid:
             return
         self.local_end = True
         self.conn.codec.send_trailers(self.sid, [p for p in trailers._h if p[0] not in _DROP])
-        self.conn.flush()
+        self.conn.flush_soon()
 
     def pause_reading(self) -> None:
         self.read_paused = True
@@ -219,7 +219,7 @@ class H2UpstreamStream:
             if n and not self.closed:
                 self.unacked = 0
                 self.conn.codec.ack(self.sid, n)
-                self.conn.flush()
+                self.conn.flush_soon()
 
     def release(self) -> None:
         """The response is complete (or the router gave up before sending): free the slot."""
@@ -228,7 +228,7 @@ class H2UpstreamStream:
         if self.sid and (not self.local_end or self.conn.codec.pending(self.sid)):
             # The response ended before the request: tell the upstream to stop waiting for it.
             self.conn.codec.reset(self.sid, h2c.NO_ERROR)
-            self.conn.flush()
+            self.conn.flush_soon()
         self._detach()
 
     def abort(self) -> None:
@@ -239,7 +239,7 @@ class H2UpstreamStream:
         if self.sid and not self.remote_end:
             self.conn.h2stats.tx_reset.value += 1
             self.conn.codec.reset(self.sid, h2c.CANCEL)
-            self.conn.flush()
+            self.conn.flush_soon()
         self._detach()
 
     def _detach(self) -> None:
@@ -248,7 +248,7 @@ class H2UpstreamStream:
             # Bytes held while paused: the stream is gone, give them back to the connection window.
             self.conn.codec.ack(self.sid, self.unacked)
             self.unacked = 0
-            self.conn.flush()
+            self.conn.flush_soon()
         self.conn.stream_done(self)
 
 
@@ -272,6 +272,7 @@ class Http2ClientConnection(asyncio.Protocol):
         self.goaway = False
         self.write_paused = False
         self.in_batch = False
+        self.flush_scheduled = False
         self.idle_since = 0.0
 
     # -- capacity ---------------------------------------------------------------------------
@@ -499,6 +500,19 @@ class Http2ClientConnection(asyncio.Protocol):
                 s.req.on_upstream_write_resumed()
 
     # -- writing and control -----------------------------------------------------------------
+    def flush_soon(self) -> None:
+        """Write once the current loop callback returns: the HEADERS, DATA and END_STREAM a
+        downstream read produces for this connection (a gRPC request is all three) leave in one
+        write instead of one each."""
+        if self.in_batch or self.flush_scheduled or self.transport is None or self.closed:
+            return
+        self.flush_scheduled = True
+        self.loop.call_soon(self._flush_scheduled)
+
+    def _flush_scheduled(self) -> None:
+        self.flush_scheduled = False
+        self.flush()
+
     def flush(self) -> None:
         if self.in_batch or self.transport is None or self.closed:
             return
