@@ -6,7 +6,10 @@ a second codec of the same backend, driven in the same process; ``peer`` runs th
 between two bare codecs, so ``proxy - peer`` is what moorline adds. Process CPU time, not wall
 time. Run:
 
-    python -m bench.micro_h2 [N]          # MOORLINE_HTTP2_BACKEND=h2 for the reference backend
+    python -m bench.micro_h2 [N] [grpc]   # MOORLINE_HTTP2_BACKEND=h2 for the reference backend
+
+``grpc``: gRPC unary calls (HEADERS + DATA, answered HEADERS + DATA + trailers) with an HTTP/2
+upstream, whose server side is a third bare codec in the same process.
 """
 
 from __future__ import annotations
@@ -24,6 +27,25 @@ from moorline.protocol import http2_backends
 from moorline.stream.http1_client import Http1ClientConnection, pool_for
 
 REQUEST = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"127.0.0.1:10000"), (b":path", b"/")]
+GRPC_REQUEST = [
+    (b":method", b"POST"),
+    (b":scheme", b"http"),
+    (b":authority", b"127.0.0.1:10000"),
+    (b":path", b"/bench.Echo/Unary"),
+    (b"content-type", b"application/grpc"),
+    (b"te", b"trailers"),
+]
+GRPC_MESSAGE = b"\x00\x00\x00\x00\x0dhello, world\n"
+GRPC_CONFIG = CONFIG.replace(
+    """    type: STATIC
+    load_assignment:""",
+    """    type: STATIC
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {http2_protocol_options: {}}
+    load_assignment:""",
+)
 BATCH = 10  # streams per client write, as h2load -m 10
 
 
@@ -109,6 +131,102 @@ def run(n: int) -> float:
     return dt / n * 1e6
 
 
+def run_grpc(n: int) -> float:
+    """gRPC unary through the proxy, HTTP/2 on both sides; microseconds of CPU per call."""
+    import uvloop
+
+    from moorline.server import Server
+    from moorline.stream.http2_client import Http2ClientConnection
+    from moorline.stream.http2_client import pool_for as h2_pool_for
+    from moorline.stream.http2_server import Http2ServerConnection
+
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    server = Server(load_bootstrap(yaml_text=GRPC_CONFIG), "bench")
+    hcm = server.listeners[0].selector.chains[0].terminal
+    cluster = server.cluster_manager.get("be")
+    assert cluster is not None
+    pool = h2_pool_for(cluster.hosts[0], loop)
+    up = Http2ClientConnection(pool)
+    up_t = MemTransport()
+    up.connection_made(up_t)
+    up.connected = True
+    pool.conns.append(up)
+    cluster.stats.upstream_cx_active.value += 1
+    backend = http2_backends.Codec(False, None)
+    backend.initiate()
+    info = ConnInfo(("127.0.0.1", 10000), ("127.0.0.1", 40000), "l")
+    down = Http2ServerConnection(hcm, info)
+    down_t = MemTransport()
+    down.connection_made(down_t)
+    client = http2_backends.Codec(True, None)
+    client.initiate()
+    down.data_received(client.data_to_send())
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20000, 50, 100)
+
+    def to_backend() -> None:
+        data = b"".join(up_t.out)
+        up_t.out.clear()
+        if not data:
+            return
+        for ev in backend.receive(data):
+            if ev[0] == h2c.DATA:
+                if ev[3]:
+                    backend.ack(ev[1], ev[3])
+                if ev[4]:
+                    sid = ev[1]
+                    backend.send_headers(
+                        sid, [(b":status", b"200"), (b"content-type", b"application/grpc")], False
+                    )
+                    backend.send_data(sid, GRPC_MESSAGE, False)
+                    backend.send_trailers(sid, [(b"grpc-status", b"0")])
+        out = backend.data_to_send()
+        backend.flushed()
+        if out:
+            up.data_received(out)
+
+    async def one_round() -> int:
+        for _ in range(BATCH):
+            sid = client.next_stream_id()
+            client.send_headers(sid, GRPC_REQUEST, False)
+            client.send_data(sid, GRPC_MESSAGE, True)
+        down.data_received(client.data_to_send())
+        client.flushed()
+        await asyncio.sleep(0)  # the upstream write leaves after the downstream read
+        to_backend()
+        await asyncio.sleep(0)  # the downstream write leaves after the upstream read
+        data = b"".join(down_t.out)
+        down_t.out.clear()
+        ok = 0
+        for ev in client.receive(data):
+            if ev[0] == h2c.DATA and ev[3]:
+                client.ack(ev[1], ev[3])
+            elif ev[0] == h2c.TRAILERS:
+                ok += ev[2] == [(b"grpc-status", b"0")]
+        out = client.data_to_send()
+        client.flushed()
+        if out:
+            down.data_received(out)
+        to_backend()
+        return ok
+
+    async def measure() -> float:
+        done = 0
+        for _ in range(50):
+            done += await one_round()
+        assert done == 50 * BATCH, f"{done} of {50 * BATCH} calls completed"
+        t0 = time.process_time()
+        for _ in range(n // BATCH):
+            await one_round()
+        return time.process_time() - t0
+
+    dt = loop.run_until_complete(measure())
+    loop.close()
+    return dt / n * 1e6
+
+
 def peer(n: int) -> float:
     """The same exchange between two bare codecs: the client's share of ``run``."""
     client = http2_backends.Codec(True, None)
@@ -139,6 +257,13 @@ def peer(n: int) -> float:
 
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 20000
+    if sys.argv[2:] == ["grpc"]:
+        runs = sorted(run_grpc(n) for _ in range(3))
+        print(
+            f"{http2_backends.BACKEND}: python cost per proxied gRPC unary call: median {runs[1]:.1f} us "
+            f"(min {runs[0]:.1f}, max {runs[2]:.1f}); the client and backend codecs are included"
+        )
+        return
     runs = sorted(run(n) for _ in range(3))
     p = sorted(peer(n) for _ in range(3))[1]
     print(
