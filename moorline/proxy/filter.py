@@ -64,6 +64,12 @@ class FilterCallbacks(Protocol):
 
     def clear_route_cache(self) -> None: ...
 
+    def bridge_to_grpc(self) -> None:
+        """The request now goes upstream as gRPC (a protocol bridge such as grpc_web rewrote
+        it): the router applies its gRPC handling to it (grpc-timeout and max_grpc_timeout,
+        outlier detection by grpc-status), as Envoy's router judges the rewritten headers. Local
+        replies stay what the downstream protocol gets."""
+
     def route_config(self, filter_name: str) -> Any:
         """The matched route's ``typed_per_filter_config`` for ``filter_name``, compiled at load
         by the filter's per-route factory (most specific level wins); None if not set."""

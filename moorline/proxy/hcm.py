@@ -36,6 +36,7 @@ from moorline.net.tls import serve_accepted
 from moorline.observability import stream_info as flags
 from moorline.observability.stats import Counter, Gauge, Histogram
 from moorline.observability.stream_info import StreamInfo
+from moorline.protocol.grpc import grpc_status_for_http, percent_encode
 from moorline.protocol.headers import HeaderMap, RequestHeaders, ResponseHeaders
 from moorline.protocol.http1 import Limits
 from moorline.proxy.filter_manager import FilterManager
@@ -715,6 +716,7 @@ class ActiveStream:
         "router",
         "routes",
         "upgrade",
+        "upstream_grpc",
     )
 
     def __init__(self, conn: Any, cfg: Any) -> None:
@@ -739,6 +741,7 @@ class ActiveStream:
         self.last_activity = loop_time
         self.idle_mark = 0  # bytes moved at the last sweep (progress either way resets the idle timer)
         self.is_grpc = False
+        self.upstream_grpc = False
         self.upgrade = False
         # A local reply ended the request side: the decoder filters see nothing more. (An
         # upstream response does not: a full-duplex request body keeps flowing.)
@@ -898,7 +901,9 @@ class ActiveStream:
         info.request_id_bytes = rid
         # gRPC is application/grpc, +proto / +json, or with parameters; grpc-web is not (Envoy:
         # Grpc::Common::hasGrpcContentType).
-        self.is_grpc = ct is not None and ct.startswith(b"application/grpc") and ct[16:17] in b"+;"
+        self.upstream_grpc = self.is_grpc = (
+            ct is not None and ct.startswith(b"application/grpc") and ct[16:17] in b"+;"
+        )
         self.headers_only = end_stream
         factories = cfg.filter_factories
         gates = cfg.route_gates
@@ -938,6 +943,9 @@ class ActiveStream:
     def clear_route_cache(self) -> None:
         self.route_cached = False
         self.route = None
+
+    def bridge_to_grpc(self) -> None:
+        self.upstream_grpc = True
 
     def route_config(self, filter_name: str) -> Any:
         route = self._match_route()
@@ -1264,7 +1272,7 @@ class ActiveStream:
                     b"grpc-status",
                     _grpc_status_for(status, details) if grpc_status is None else b"%d" % grpc_status,
                 ),
-                (b"grpc-message", _grpc_percent_encode(body)),
+                (b"grpc-message", percent_encode(body)),
             ]
             status = 200
             body = b""
@@ -1390,16 +1398,6 @@ class ActiveStream:
 
 
 # gRPC status for an HTTP status, as Envoy maps local replies (grpc_utility.cc).
-_GRPC_FOR_HTTP = {
-    400: b"13",
-    401: b"16",
-    403: b"7",
-    404: b"12",
-    429: b"14",
-    502: b"14",
-    503: b"14",
-    504: b"14",
-}
 
 
 # Router timeouts answer a gRPC request DEADLINE_EXCEEDED (4), not the UNAVAILABLE that 504 maps
@@ -1409,14 +1407,7 @@ _GRPC_FOR_HTTP = {
 _GRPC_DEADLINE_DETAILS = frozenset(("upstream_response_timeout", "upstream_per_try_timeout"))
 
 
-def _grpc_percent_encode(msg: bytes) -> bytes:
-    """grpc-message is percent-encoded: bytes outside printable ASCII, and '%' itself."""
-    if all(0x20 <= c <= 0x7E and c != 0x25 for c in msg):
-        return msg
-    return b"".join(bytes((c,)) if 0x20 <= c <= 0x7E and c != 0x25 else b"%%%02X" % c for c in msg)
-
-
 def _grpc_status_for(status: int, details: str | None = None) -> bytes:
     if details in _GRPC_DEADLINE_DETAILS:
         return b"4"
-    return _GRPC_FOR_HTTP.get(status, b"2")
+    return grpc_status_for_http(status)

@@ -191,7 +191,7 @@ class Router:
             route.apply_request_headers(headers, name)
             if route.mirrors is not None and not (self.tunnel or stream.upgrade):
                 self.shadows = start_shadows(self, route.mirrors, headers, end_stream)
-        if stream.is_grpc and route.max_grpc_timeout is not None:
+        if stream.upstream_grpc and route.max_grpc_timeout is not None:
             gt = headers.get(b"grpc-timeout")
             t = _grpc_timeout_s(gt) if gt else None
             if t is None or t <= 0:
@@ -417,7 +417,7 @@ class Router:
         cluster, host = self.cluster, self.host
         od = cluster.outlier
         if od is not None:
-            gs = headers.get(b"grpc-status") if self.stream.is_grpc else None
+            gs = headers.get(b"grpc-status") if self.stream.upstream_grpc else None
             # A trailers-only gRPC answer is judged by its grpc-status, as Envoy does (a status
             # in trailers is not: the headers decided already).
             od.put_http(host, _od_grpc_http(int(gs)) if gs is not None and gs.isdigit() else status)

@@ -97,6 +97,10 @@ class Callbacks:
         self.decoded: bytes | None = None
         self.encoded: bytes | None = None
         self.replies: list[tuple[int, bytes, str | None]] = []
+        self.bridged = False
+
+    def bridge_to_grpc(self) -> None:
+        self.bridged = True
 
     def set_decoded_data(self, data: bytes) -> None:
         self.decoded = data
@@ -133,9 +137,10 @@ def web_request(ct: bytes = b"application/grpc-web+proto", accept: bytes | None 
     ],
 )
 def test_request_headers_become_grpc(ct: bytes) -> None:
-    f, _ = make_filter()
+    f, cb = make_filter()
     h = web_request(ct)
     assert f.decode_headers(h, False) == CONTINUE
+    assert cb.bridged  # the router gives it its gRPC handling
     assert h.get(b"content-type") == b"application/grpc"  # Envoy sets the bare type
     assert h.get(b"te") == b"trailers"
     assert h.get(b"content-length") is None
@@ -512,3 +517,30 @@ def test_plain_grpc_through_the_same_listener_is_untouched(pair: Pair) -> None:
     assert resp.body == HELLO and resp.trailer("grpc-status") == b"0"
     assert pair.stat("cluster.grpc.grpc-web.pkg.Svc.Call.total") == 0
     pair.assert_settled()
+
+
+def test_the_router_treats_a_bridged_call_as_grpc() -> None:
+    # Envoy's router judges the headers grpc_web rewrote: a grpc-timeout under max_grpc_timeout
+    # is the call's deadline for a browser's call too (before, the 15 s route timeout applied).
+    boot = bootstrap_yaml(
+        routes=[{"match": {"prefix": "/"}, "route": {"cluster": "grpc", "max_grpc_timeout": "0s"}}],
+        http_filters=[FILTER],
+        clusters=[cluster("grpc", [("10.0.0.1", 80)], http2_protocol_options={})],
+    )
+    p = Pair(boot)
+    try:
+        c = p.connect()
+        c.send(
+            b"POST /pkg.Svc/Call HTTP/1.1\r\nhost: a\r\ncontent-type: application/grpc-web+proto\r\n"
+            b"grpc-timeout: 200m\r\ncontent-length: %d\r\n\r\n" % len(HELLO) + HELLO
+        )
+        h2 = p.upstream.accept().h2()
+        rq = h2.request()
+        assert rq.header("content-type") == b"application/grpc"
+        p.advance(0.5)  # past the call's 200 ms, far from the route's 15 s
+        r = c.response()
+        assert r.status == 504
+        # The router's 504 is a non-gRPC answer for grpc_web, mapped as Envoy maps 504.
+        assert r.header("grpc-status") == b"14"
+    finally:
+        p.close()

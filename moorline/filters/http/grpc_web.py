@@ -58,6 +58,7 @@ import binascii
 from typing import Any
 
 from moorline.config import registry
+from moorline.protocol.grpc import grpc_status_for_http, percent_encode
 from moorline.protocol.headers import HeaderMap, RequestHeaders, ResponseHeaders
 from moorline.proxy.filter import CONTINUE, STOP_ITERATION, STOP_ITERATION_NO_BUFFER, HttpFilter
 
@@ -77,25 +78,6 @@ _REQUEST_TYPES = frozenset((GRPC_WEB, GRPC_WEB_PROTO, GRPC_WEB_TEXT, GRPC_WEB_TE
 _TEXT_TYPES = frozenset((GRPC_WEB_TEXT, GRPC_WEB_TEXT_PROTO))
 _GRPC_ACCEPT_ENCODING = b"identity,deflate,gzip"
 BAD_BASE64 = b"Bad gRPC-web request, invalid base64 data."
-
-# Envoy's Grpc::Utility::httpToGrpcStatus; anything else is UNKNOWN (2).
-_GRPC_FOR_HTTP = {
-    400: b"13",
-    401: b"16",
-    403: b"7",
-    404: b"12",
-    429: b"14",
-    502: b"14",
-    503: b"14",
-    504: b"14",
-}
-
-
-def percent_encode(msg: bytes) -> bytes:
-    """grpc-message encoding: bytes outside printable ASCII, and '%' itself, as %XX."""
-    if all(0x20 <= c <= 0x7E and c != 0x25 for c in msg):
-        return msg
-    return b"".join(bytes((c,)) if 0x20 <= c <= 0x7E and c != 0x25 else b"%%%02X" % c for c in msg)
 
 
 def b64decode_groups(s: bytes) -> bytes | None:
@@ -242,6 +224,8 @@ class GrpcWebFilter(HttpFilter):
         headers.set(b"te", b"trailers")
         if b"grpc-accept-encoding" not in headers:
             headers.add(b"grpc-accept-encoding", _GRPC_ACCEPT_ENCODING)
+        assert self.callbacks is not None
+        self.callbacks.bridge_to_grpc()  # grpc-timeout, outlier detection by grpc-status
         return CONTINUE
 
     def decode_data(self, data: bytes, end_stream: bool) -> int:
@@ -361,7 +345,7 @@ class GrpcWebFilter(HttpFilter):
         self.held = None
         self.body = None
         h.set(b"grpc-message", percent_encode(bytes(body)))
-        h.set(b"grpc-status", _GRPC_FOR_HTTP.get(h.status, b"2"))
+        h.set(b"grpc-status", grpc_status_for_http(h.status))
         h.set(b"content-length", b"0")
 
     def _charge(self, headers: HeaderMap) -> None:
