@@ -52,10 +52,12 @@ class FilterCallbacks(Protocol):
         body: bytes = b"",
         flag: str | None = None,
         details: str | None = None,
+        *,
         grpc_status: int | None = None,
         extra: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
-        """Answer locally. A gRPC request gets a trailers-only reply whose grpc-status is
+        """Answer locally (``grpc_status`` and ``extra`` by keyword: ``ActiveStream`` takes
+        other arguments between them). A gRPC request gets a trailers-only reply whose grpc-status is
         ``grpc_status`` when given, else the one mapped from ``status``; ``extra`` headers go on
         the reply (a CORS preflight's allow-* ones)."""
 
