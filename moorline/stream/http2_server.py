@@ -408,6 +408,10 @@ class H2ServerStream:
 
     def _detach(self) -> None:
         self.closed = True
+        # The stream and this object refer to each other: let go of it here, so a finished
+        # exchange is freed by reference counting instead of waiting for the cycle collector
+        # (which cost a fifth of the CPU of a gRPC call).
+        self.stream = None
         conn = self.conn
         if self.unacked:
             conn.codec.ack(self.sid, self.unacked)

@@ -16,3 +16,26 @@ from bench import micro_h2  # noqa: E402
 def test_micro_h2_runs_and_every_response_completes() -> None:
     assert micro_h2.run(200) > 0
     assert micro_h2.peer(200) > 0
+
+
+def test_a_finished_http2_exchange_is_freed_by_reference_counting(monkeypatch: object) -> None:
+    # The downstream stream and its ActiveStream referred to each other until the cycle
+    # collector found them: ~19 objects of cyclic garbage per request, and gc_collect_main a
+    # fifth of the CPU of a gRPC call under load. Now none, for plain and gRPC requests.
+    import gc
+
+    import pytest
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(gc, "set_threshold", lambda *a: None)  # run() tunes the collector; keep it off
+    try:
+        for fn in (micro_h2.run, micro_h2.run_grpc):
+            gc.disable()
+            fn(100)
+            gc.collect()
+            gc.disable()
+            fn(2000)
+            assert gc.collect() < 200, fn.__name__  # one-off loop objects, not 15+ per request
+    finally:
+        mp.undo()
+        gc.enable()
