@@ -534,8 +534,10 @@ class Router:
         if conn is not None:
             conn.abort()
         od = self.cluster.outlier
-        if od is not None and self.host is not None:
-            od.put_result(self.host, _OD_CONNECT_FAILED)  # Envoy counts a reset as one
+        if od is not None and self.host is not None and detail != GOAWAY_REFUSED:
+            # Envoy counts a reset as one. Not a stream above a GOAWAY's last stream id: that is
+            # the upstream draining a connection (nginx every keepalive_requests), not failing.
+            od.put_result(self.host, _OD_CONNECT_FAILED)
         self._end_attempt()
         stream = self.stream
         if self.response_started:

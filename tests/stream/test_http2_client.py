@@ -92,3 +92,36 @@ def test_goaway_every_few_requests_loses_no_request() -> None:
         assert pair.cluster_stat("be", "http2.goaway_received") == 4
         assert pair.cluster_stat("be", "upstream_rq_retry") == 5 + 3 + 1
         pair.assert_settled()
+
+
+def test_goaway_refusals_do_not_count_against_the_host() -> None:
+    # A GOAWAY is the upstream draining a connection, not failing: the streams it refused are
+    # sent again and are no outlier-detection failures (with consecutive failures of 2, the
+    # nine refusals below would otherwise eject the only host).
+    c = cluster(
+        "be",
+        [UP],
+        http2_protocol_options={},
+        outlier_detection={"consecutive_5xx": 2, "consecutive_gateway_failure": 2, "interval": "10s"},
+    )
+    with Pair(bootstrap_yaml(clusters=[c])) as pair:
+        clients = gets(pair, 7)
+        served = 0
+        for _ in range(10):
+            up = pair.upstream.attempt().accept().h2()
+            up.h2.state_machine = _KeepOpenStateMachine()
+            up.poll()
+            sids = sorted(up.requests)
+            if not sids:
+                break
+            first = sids[:2]
+            up.goaway(0, last_stream_id=first[-1])
+            for sid in first:
+                up.respond(sid, 200, body=b"ok")
+                served += 1
+            up.conn.close()
+            if served == 7:
+                break
+        assert all(c.response().status == 200 for c in clients)
+        assert pair.cluster_stat("be", "upstream_rq_retry") == 9
+        assert pair.cluster_stat("be", "outlier_detection.ejections_enforced_total") == 0
