@@ -961,9 +961,9 @@ cdef int _on_invalid_frame(nghttp2_session *session, const nghttp2_frame *frame,
     cdef int32_t sid = frame.hd.stream_id if frame != NULL else 0
     try:
         if lib_error == NGHTTP2_ERR_HTTP_HEADER or lib_error == NGHTTP2_ERR_HTTP_MESSAGING:
-            c._err_stat = "rx_messaging_error"
-            c._err_detail = "invalid HTTP/2 message"
             if not c.client_side and not c._stream_error_on_invalid:
+                c._err_stat = "rx_messaging_error"
+                c._err_detail = "invalid HTTP/2 message"
                 # Envoy's default downstream: an invalid message ends the connection.
                 c.goaway_sent = True
                 c._goaway_expected += 1
@@ -973,7 +973,7 @@ cdef int _on_invalid_frame(nghttp2_session *session, const nghttp2_frame *frame,
                 # Only this stream: nghttp2 resets it (PROTOCOL_ERROR); MALFORMED tells the glue.
                 c._local_resets.add(sid)
                 c._open_local.discard(sid)
-                c._events.append((EV_MALFORMED, sid, c._err_detail))
+                c._events.append((EV_MALFORMED, sid, "invalid HTTP/2 message"))
         return 0
     except BaseException as e:
         c._exc = e
