@@ -18,6 +18,8 @@ import asyncio
 import gc
 import sys
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from bench.micro_h1 import CONFIG, RESPONSE, MemTransport
 from moorline.config.loader import load_bootstrap
@@ -49,40 +51,25 @@ GRPC_CONFIG = CONFIG.replace(
 BATCH = 10  # streams per client write, as h2load -m 10
 
 
-def _client_round(client: object, write: object, down_t: MemTransport) -> int:
-    """Send BATCH requests in one write; returns the stream ids."""
-    c = client
-    sids = []
-    for _ in range(BATCH):
-        sid = c.next_stream_id()  # type: ignore[attr-defined]
-        c.send_headers(sid, REQUEST, True)  # type: ignore[attr-defined]
-        sids.append(sid)
-    write(c.data_to_send())  # type: ignore[attr-defined,operator]
-    c.flushed()  # type: ignore[attr-defined]
-    return len(sids)
-
-
-def run(n: int) -> float:
+def _server(config: str) -> tuple[Any, Any, Any]:
+    """A new loop, a server on ``config``; returns (loop, the HCM config, cluster ``be``)."""
     import uvloop
 
     from moorline.server import Server
-    from moorline.stream.http2_server import Http2ServerConnection
 
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
-    server = Server(load_bootstrap(yaml_text=CONFIG), "bench")
-    hcm = server.listeners[0].selector.chains[0].terminal
+    server = Server(load_bootstrap(yaml_text=config), "bench")
     cluster = server.cluster_manager.get("be")
     assert cluster is not None
-    pool = pool_for(cluster.hosts[0], loop)
-    ups = []
-    for _ in range(BATCH):
-        up = Http1ClientConnection(pool)
-        up.connection_made(MemTransport())
-        pool.total += 1
-        cluster.stats.upstream_cx_active.value += 1
-        pool.idle.append(up)
-        ups.append(up)
+    return loop, server.listeners[0].selector.chains[0].terminal, cluster
+
+
+def _downstream(hcm: Any) -> tuple[Any, MemTransport, Any]:
+    """An h2c downstream connection and its client codec, past the preface; then the GC is set
+    up as the server does it (the setup's objects frozen)."""
+    from moorline.stream.http2_server import Http2ServerConnection
+
     info = ConnInfo(("127.0.0.1", 10000), ("127.0.0.1", 40000), "l")
     down = Http2ServerConnection(hcm, info)
     down_t = MemTransport()
@@ -93,10 +80,46 @@ def run(n: int) -> float:
     gc.collect()
     gc.freeze()
     gc.set_threshold(20000, 50, 100)
+    return down, down_t, client
+
+
+def _measure(loop: Any, one_round: Callable[[], Awaitable[int]], n: int, what: str) -> float:
+    """Warm up (every exchange of 50 rounds must complete), then CPU microseconds per exchange."""
+
+    async def measure() -> float:
+        done = 0
+        for _ in range(50):
+            done += await one_round()
+        assert done == 50 * BATCH, f"{done} of {50 * BATCH} {what} completed"
+        t0 = time.process_time()
+        for _ in range(n // BATCH):
+            await one_round()
+        return time.process_time() - t0
+
+    dt = loop.run_until_complete(measure())
+    loop.close()
+    return dt / n * 1e6
+
+
+def run(n: int) -> float:
+    loop, hcm, cluster = _server(CONFIG)
+    pool = pool_for(cluster.hosts[0], loop)
+    ups = []
+    for _ in range(BATCH):
+        up = Http1ClientConnection(pool)
+        up.connection_made(MemTransport())
+        pool.total += 1
+        cluster.stats.upstream_cx_active.value += 1
+        pool.idle.append(up)
+        ups.append(up)
+    down, down_t, client = _downstream(hcm)
 
     async def one_round() -> int:
         """One batch through the proxy; returns the number of 200 responses that ended."""
-        _client_round(client, down.data_received, down_t)
+        for _ in range(BATCH):
+            client.send_headers(client.next_stream_id(), REQUEST, True)
+        down.data_received(client.data_to_send())
+        client.flushed()
         for up in ups:  # each pooled connection got one request
             up.data_received(RESPONSE)
         await asyncio.sleep(0)  # the glue's flush runs as a loop callback
@@ -116,36 +139,15 @@ def run(n: int) -> float:
             down.data_received(out)
         return ok
 
-    async def measure() -> float:
-        done = 0
-        for _ in range(50):
-            done += await one_round()
-        assert done == 50 * BATCH, f"{done} of {50 * BATCH} responses completed"
-        t0 = time.process_time()
-        for _ in range(n // BATCH):
-            await one_round()
-        return time.process_time() - t0
-
-    dt = loop.run_until_complete(measure())
-    loop.close()
-    return dt / n * 1e6
+    return _measure(loop, one_round, n, "responses")
 
 
 def run_grpc(n: int) -> float:
     """gRPC unary through the proxy, HTTP/2 on both sides; microseconds of CPU per call."""
-    import uvloop
-
-    from moorline.server import Server
     from moorline.stream.http2_client import Http2ClientConnection
     from moorline.stream.http2_client import pool_for as h2_pool_for
-    from moorline.stream.http2_server import Http2ServerConnection
 
-    loop = uvloop.new_event_loop()
-    asyncio.set_event_loop(loop)
-    server = Server(load_bootstrap(yaml_text=GRPC_CONFIG), "bench")
-    hcm = server.listeners[0].selector.chains[0].terminal
-    cluster = server.cluster_manager.get("be")
-    assert cluster is not None
+    loop, hcm, cluster = _server(GRPC_CONFIG)
     pool = h2_pool_for(cluster.hosts[0], loop)
     up = Http2ClientConnection(pool)
     up_t = MemTransport()
@@ -155,16 +157,7 @@ def run_grpc(n: int) -> float:
     cluster.stats.upstream_cx_active.value += 1
     backend = http2_backends.Codec(False, None)
     backend.initiate()
-    info = ConnInfo(("127.0.0.1", 10000), ("127.0.0.1", 40000), "l")
-    down = Http2ServerConnection(hcm, info)
-    down_t = MemTransport()
-    down.connection_made(down_t)
-    client = http2_backends.Codec(True, None)
-    client.initiate()
-    down.data_received(client.data_to_send())
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(20000, 50, 100)
+    down, down_t, client = _downstream(hcm)
 
     def to_backend() -> None:
         data = b"".join(up_t.out)
@@ -212,19 +205,7 @@ def run_grpc(n: int) -> float:
         to_backend()
         return ok
 
-    async def measure() -> float:
-        done = 0
-        for _ in range(50):
-            done += await one_round()
-        assert done == 50 * BATCH, f"{done} of {50 * BATCH} calls completed"
-        t0 = time.process_time()
-        for _ in range(n // BATCH):
-            await one_round()
-        return time.process_time() - t0
-
-    dt = loop.run_until_complete(measure())
-    loop.close()
-    return dt / n * 1e6
+    return _measure(loop, one_round, n, "calls")
 
 
 def peer(n: int) -> float:

@@ -384,40 +384,26 @@ class Http2ClientConnection(asyncio.Protocol):
                         code = hs[0][1] if hs and hs[0][0] == b":status" else b"100"
                         s.req.on_upstream_1xx(ResponseHeaders.make(int(code), _regular(hs)))
                 elif kind == h2c.RESET:
-                    s = streams.get(ev[1])
                     self.h2stats.rx_reset.value += 1
-                    if s is None:
-                        continue
-                    req = s.req
-                    s.req = None
-                    s.remote_end = True
-                    s._detach()
-                    touched.pop(ev[1], None)
-                    if req is not None:
-                        req.on_upstream_reset(
-                            ResetReason.REMOTE_REFUSED_STREAM
-                            if ev[2] == h2c.REFUSED_STREAM
-                            else ResetReason.REMOTE_RESET
-                        )
+                    self._stream_reset(
+                        ev[1],
+                        touched,
+                        ResetReason.REMOTE_REFUSED_STREAM
+                        if ev[2] == h2c.REFUSED_STREAM
+                        else ResetReason.REMOTE_RESET,
+                    )
                 elif kind == h2c.OVERSIZED or kind == h2c.MALFORMED:
                     # The response's header block was past our max_header_list_size, or broke
                     # HTTP/2's messaging rules: the codec reset that stream alone; the request
                     # fails as an upstream protocol error (502), the connection goes on.
-                    s = streams.get(ev[1])
                     if kind == h2c.OVERSIZED:
                         self.h2stats.header_overflow.value += 1
-                    if s is None:
-                        continue
-                    req = s.req
-                    s.req = None
-                    s.remote_end = True
-                    s._detach()
-                    touched.pop(ev[1], None)
-                    if req is not None:
-                        req.on_upstream_reset(
-                            ResetReason.PROTOCOL_ERROR,
-                            "response headers too large" if kind == h2c.OVERSIZED else str(ev[2]),
-                        )
+                    self._stream_reset(
+                        ev[1],
+                        touched,
+                        ResetReason.PROTOCOL_ERROR,
+                        "response headers too large" if kind == h2c.OVERSIZED else str(ev[2]),
+                    )
                 elif kind == h2c.WRITABLE:
                     s = streams.get(ev[1])
                     if s is not None and s.window_paused:
@@ -449,6 +435,19 @@ class Http2ClientConnection(asyncio.Protocol):
         req.on_upstream_headers(ResponseHeaders.make(code, regular), False)
         if s.req is req and not s.closed:
             req.on_upstream_upgrade(b"")
+
+    def _stream_reset(self, sid: int, touched: dict[int, Any], reason: ResetReason, detail: str = "") -> None:
+        """``sid`` was reset (by the upstream or by the codec): its request fails with ``reason``."""
+        s = self.streams.get(sid)
+        if s is None:
+            return
+        req = s.req
+        s.req = None
+        s.remote_end = True
+        s._detach()
+        touched.pop(sid, None)
+        if req is not None:
+            req.on_upstream_reset(reason, detail)
 
     def _on_goaway(self, last_stream_id: int) -> None:
         self.goaway = True

@@ -343,20 +343,8 @@ class H2ServerStream:
     def encode_tunnel(self, data: bytes, end_stream: bool) -> None:
         """Upstream tunnel bytes as DATA; ``end_stream`` (the upstream half-closed) is
         END_STREAM. Beyond the client's windows the codec queues them; above ``_HIGH_WATER``
-        the upstream's reads are paused until WRITABLE."""
-        if self.closed:
-            return
-        conn = self.conn
-        codec = conn.codec
-        codec.send_data(self.sid, data, end_stream)
-        if end_stream:
-            self._response_ended()
-        elif not self.window_paused and codec.pending(self.sid) > _HIGH_WATER:
-            self.window_paused = True
-            s = self.stream
-            if s is not None:
-                s.on_write_paused()
-        conn.flush()
+        the upstream's reads are paused until WRITABLE: the same as a body's DATA."""
+        self.encode_data(data, end_stream)
 
     def stream_ended(self) -> None:
         self.stream = None
@@ -645,9 +633,21 @@ class Http2ServerConnection(asyncio.Protocol):
     def _on_reset(self, sid: int, remote: bool = True) -> None:
         if remote:
             self.stats_h2.rx_reset.value += 1
+        self._end_reset(sid, ResetReason.REMOTE_RESET)
+
+    def _on_malformed(self, sid: int) -> None:
+        """The codec reset ``sid`` for an invalid message (stream_error_on_invalid_http_messaging)."""
+        self.stats_h2.rx_messaging_error.value += 1
+        if not self._end_reset(sid, ResetReason.PROTOCOL_ERROR):
+            self.stats.downstream_rq_total.value += 1
+            self.stats.downstream_rq_4xx.value += 1
+
+    def _end_reset(self, sid: int, reason: ResetReason) -> bool:
+        """``sid`` was reset (by the client or by the codec): end its exchange with ``reason``.
+        False when no proxied stream had that id."""
         ss = self.streams.pop(sid, None)
         if ss is None:
-            return
+            return False
         self.stats_h2.streams_active.value -= 1
         ss.closed = True
         if ss.unacked:
@@ -657,25 +657,8 @@ class Http2ServerConnection(asyncio.Protocol):
         self.codec.forget(sid)
         s = ss.stream
         if s is not None:
-            s.on_reset(ResetReason.REMOTE_RESET)
-
-    def _on_malformed(self, sid: int) -> None:
-        """The codec reset ``sid`` for an invalid message (stream_error_on_invalid_http_messaging)."""
-        self.stats_h2.rx_messaging_error.value += 1
-        ss = self.streams.pop(sid, None)
-        if ss is None:
-            self.stats.downstream_rq_total.value += 1
-            self.stats.downstream_rq_4xx.value += 1
-            return
-        self.stats_h2.streams_active.value -= 1
-        ss.closed = True
-        if ss.unacked:
-            self.codec.ack(sid, ss.unacked)
-            ss.unacked = 0
-        self.codec.forget(sid)
-        s = ss.stream
-        if s is not None:
-            s.on_reset(ResetReason.PROTOCOL_ERROR)
+            s.on_reset(reason)
+        return True
 
     def _on_writable(self, sid: int) -> None:
         ss = self.streams.get(sid)
