@@ -56,6 +56,22 @@ class PeerMissingError(RuntimeError):
     """A peer program a test drives (nginx, curl, ...) is not on this machine."""
 
 
+def processes_mentioning(text: str) -> list[str]:
+    """``"<pid>: <command line>"`` of every process but this one whose command line contains
+    ``text`` (say, a work directory that should have no process left in it)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmd:
+            found.append(f"{entry.name}: {cmd}")
+    return found
+
+
 def require_binary(name: str) -> str:
     """The path of program ``name`` (a command, an absolute path, or a :data:`REQUIRED_PEERS`
     key); raises :class:`PeerMissingError` naming the package that provides it.

@@ -17,25 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from moorline.testing.procs import require_binary
+from moorline.testing.procs import processes_mentioning, require_binary
 
 pytestmark = pytest.mark.e2e
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def _leftovers(text: str) -> list[str]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmd:
-            found.append(f"{entry.name}: {cmd}")
-    return found
 
 
 def test_bench_grpc_stream_moorline_and_direct(tmp_path: Path) -> None:
@@ -50,7 +36,7 @@ def test_bench_grpc_stream_moorline_and_direct(tmp_path: Path) -> None:
     m = re.search(r"work directory kept: (\S+)", res.stderr)
     assert m, res.stderr[-2000:]
     try:
-        assert _leftovers(m.group(1)) == []  # the Node backend, moorline, h2load
+        assert processes_mentioning(m.group(1)) == []  # the Node backend, moorline, h2load
     finally:
         shutil.rmtree(m.group(1), ignore_errors=True)
 

@@ -19,25 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from moorline.testing.procs import require_binary
+from moorline.testing.procs import processes_mentioning, require_binary
 
 pytestmark = pytest.mark.e2e
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def _processes_mentioning(text: str) -> list[str]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmd:
-            found.append(f"{entry.name}: {cmd}")
-    return found
 
 
 def test_bench_h1_small_moorline_and_floor(tmp_path: Path) -> None:
@@ -69,7 +55,7 @@ def test_bench_h1_small_moorline_and_floor(tmp_path: Path) -> None:
     assert m, res.stderr[-2000:]
     workdir = m.group(1)
     try:
-        assert _processes_mentioning(workdir) == []
+        assert processes_mentioning(workdir) == []
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
