@@ -499,7 +499,7 @@ class Http2ServerConnection(asyncio.Protocol):
         finally:
             self.in_batch = False
         self._flush_now()
-        if (self.goaway_sent or self.codec.finished) and not self.streams:
+        if not self.streams and (self.goaway_sent or self.codec.finished):
             self.close()
 
     def eof_received(self) -> bool | None:

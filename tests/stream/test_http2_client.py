@@ -35,6 +35,29 @@ def gets(pair: Pair, n: int) -> list[Any]:
     return out
 
 
+def serve_two_then_goaway(pair: Pair, n: int) -> int:
+    """Upstream connections that each answer two streams, then GOAWAY with the second as last
+    stream id and close (nginx keepalive_requests 2), until ``n`` were answered; returns how
+    many were."""
+    served = 0
+    for _ in range(10):
+        up = pair.upstream.attempt().accept().h2()
+        up.h2.state_machine = _KeepOpenStateMachine()  # streams go on after its GOAWAY
+        up.poll()
+        sids = sorted(up.requests)
+        if not sids:
+            break
+        first = sids[:2]
+        up.goaway(0, last_stream_id=first[-1])
+        for sid in first:
+            up.respond(sid, 200, body=b"ok")
+            served += 1
+        up.conn.close()
+        if served == n:
+            break
+    return served
+
+
 def test_upstream_streams_follow_the_peers_limit_by_default() -> None:
     # Envoy's default max_concurrent_streams is 2147483647: 150 requests share one connection
     # when the upstream allows 150 (moorline's own downstream default, 100, is not applied).
@@ -69,24 +92,7 @@ def test_goaway_every_few_requests_loses_no_request() -> None:
     # an RST REFUSED_STREAM), until all are answered.
     with make() as pair:
         clients = gets(pair, 7)
-        served = 0
-        for _ in range(10):
-            attempt = pair.upstream.attempt()
-            up = attempt.accept().h2()
-            up.h2.state_machine = _KeepOpenStateMachine()  # streams go on after its GOAWAY
-            up.poll()
-            sids = sorted(up.requests)
-            if not sids:
-                break
-            first = sids[:2]
-            up.goaway(0, last_stream_id=first[-1])
-            for sid in first:
-                up.respond(sid, 200, body=b"ok")
-                served += 1
-            up.conn.close()
-            if served == 7:
-                break
-        assert served == 7
+        assert serve_two_then_goaway(pair, 7) == 7
         assert all(c.response().status == 200 for c in clients)
         assert pair.cluster_stat("be", "upstream_cx_total") == 4
         assert pair.cluster_stat("be", "http2.goaway_received") == 4
@@ -106,22 +112,7 @@ def test_goaway_refusals_do_not_count_against_the_host() -> None:
     )
     with Pair(bootstrap_yaml(clusters=[c])) as pair:
         clients = gets(pair, 7)
-        served = 0
-        for _ in range(10):
-            up = pair.upstream.attempt().accept().h2()
-            up.h2.state_machine = _KeepOpenStateMachine()
-            up.poll()
-            sids = sorted(up.requests)
-            if not sids:
-                break
-            first = sids[:2]
-            up.goaway(0, last_stream_id=first[-1])
-            for sid in first:
-                up.respond(sid, 200, body=b"ok")
-                served += 1
-            up.conn.close()
-            if served == 7:
-                break
+        assert serve_two_then_goaway(pair, 7) == 7
         assert all(c.response().status == 200 for c in clients)
         assert pair.cluster_stat("be", "upstream_rq_retry") == 9
         assert pair.cluster_stat("be", "outlier_detection.ejections_enforced_total") == 0
